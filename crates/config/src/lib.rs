@@ -1,0 +1,421 @@
+//! MoltBot's configuration. One file holds every service's section; each service reads its own and the shared
+//! ones (`queue`, `model_provider`). Layers, later winning: built-in defaults → the `--config` YAML file →
+//! `model_provider.yaml` beside it (the seed's file, its keys at the top level) → `MOLTBOT_…` environment
+//! variables with `__` between nested keys. Unknown keys and bad values are rejected with their path.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Yaml},
+};
+use serde::{Deserialize, Serialize};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration file {path} cannot be read: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub dialogue_manager: DialogueManagerConfig,
+    pub session_store: SessionStoreConfig,
+    pub inference_worker: InferenceWorkerConfig,
+    pub model_provider: ModelProviderConfig,
+    pub queue: QueueConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            gateway: GatewayConfig::default(),
+            dialogue_manager: DialogueManagerConfig::default(),
+            session_store: SessionStoreConfig::default(),
+            inference_worker: InferenceWorkerConfig::default(),
+            model_provider: ModelProviderConfig::default(),
+            queue: QueueConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    /// gRPC address of the dialogue-manager.
+    pub dialogue_manager_url: String,
+    /// Requests in flight before new ones get 429.
+    pub max_concurrent_requests: usize,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds a request may take end to end before 504.
+    pub request_timeout: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8000).into(),
+            metrics_listen: ([127, 0, 0, 1], 8001).into(),
+            dialogue_manager_url: "http://127.0.0.1:50051".into(),
+            max_concurrent_requests: 64,
+            max_body_bytes: 1024 * 1024,
+            request_timeout: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DialogueManagerConfig {
+    pub listen: SocketAddr,
+    /// gRPC address of the session-store.
+    pub session_store_url: String,
+    /// Seconds without any event from a running job's worker before it counts as dead.
+    pub worker_timeout: u64,
+    /// How often a job whose worker died before streaming is queued again.
+    pub max_retries: u32,
+}
+
+impl Default for DialogueManagerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 50051).into(),
+            session_store_url: "http://127.0.0.1:50052".into(),
+            worker_timeout: 10,
+            max_retries: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStoreType {
+    Redis,
+    Memory,
+    Persistent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionStoreConfig {
+    pub listen: SocketAddr,
+    pub session_store_type: SessionStoreType,
+    /// Seconds a session lives after its last use (sliding).
+    pub session_ttl: u64,
+    pub redis: RedisConfig,
+    /// File of the embedded durable store (`persistent`).
+    pub path: PathBuf,
+}
+
+impl Default for SessionStoreConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 50052).into(),
+            session_store_type: SessionStoreType::Redis,
+            session_ttl: 1800,
+            redis: RedisConfig::default(),
+            path: data_dir().join("sessions.redb"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    pub pool_size: usize,
+    /// Prefix of every key MoltBot writes.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".into(), pool_size: 16, key_prefix: "moltbot".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceWorkerConfig {
+    pub listen: SocketAddr,
+    /// Names this worker in events and logs; host name and a random suffix when empty.
+    pub worker_id: String,
+}
+
+impl Default for InferenceWorkerConfig {
+    fn default() -> Self {
+        Self { listen: ([127, 0, 0, 1], 50053).into(), worker_id: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderType {
+    LocalLlm,
+    RemoteApi,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelProviderConfig {
+    /// `local_llm` or `remote_api`; `provider_type` (the seed's name) is the same key.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ProviderType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_type: Option<ProviderType>,
+    /// The name clients put in `model`; every service of a deployment reads the same value.
+    pub model_name: String,
+    /// GGUF file; empty means the default model in the user's cache.
+    pub model_path: PathBuf,
+    /// Most tokens generated for one answer; requests may ask for fewer.
+    pub max_tokens: u32,
+    /// Layers on the GPU: 0 runs on the CPU, any other value on CUDA device 0 (all layers; needs the `cuda` build).
+    pub gpu_layers: u32,
+    /// Only `none` today: GGUF files carry their own quantization.
+    pub quantization: String,
+    /// Caps the context window below the model's own (0: the model's).
+    pub context_length: u32,
+    /// Remote API (not served yet; the keys are accepted so one file serves both).
+    pub endpoint_url: String,
+    pub auth: ProviderAuth,
+}
+
+impl Default for ModelProviderConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            provider_type: None,
+            model_name: DEFAULT_MODEL_NAME.into(),
+            model_path: PathBuf::new(),
+            max_tokens: 2048,
+            gpu_layers: 0,
+            quantization: "none".into(),
+            context_length: 0,
+            endpoint_url: String::new(),
+            auth: ProviderAuth::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderAuth {
+    pub api_key: String,
+    pub organization: String,
+}
+
+impl ModelProviderConfig {
+    /// `type`, else `provider_type`, else `local_llm`.
+    pub fn provider(&self) -> ProviderType {
+        self.kind.or(self.provider_type).unwrap_or(ProviderType::LocalLlm)
+    }
+
+    /// The GGUF file to load: `model_path`, or the default model in the user's cache.
+    pub fn resolved_model_path(&self) -> PathBuf {
+        if self.model_path.as_os_str().is_empty() { default_model_path() } else { self.model_path.clone() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// NATS server; the dialogue-manager and workers use JetStream on it.
+    pub nats_url: String,
+    /// Jobs waiting in the queue before new ones are refused (429).
+    pub max_pending_jobs: i64,
+    /// Seconds a job may wait plus run before it is dropped (504).
+    pub job_timeout: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { nats_url: "nats://127.0.0.1:4222".into(), max_pending_jobs: 1024, job_timeout: 300 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `moltbot_engine=debug,info`; RUST_LOG wins when set.
+    pub level: String,
+    /// One JSON object per line instead of text.
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), json: false }
+    }
+}
+
+/// Where MoltBot keeps downloaded models: `$XDG_CACHE_HOME/moltbot` or `~/.cache/moltbot`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+        .join("moltbot")
+}
+
+/// Where MoltBot keeps its own data (the embedded session store): `$XDG_DATA_HOME/moltbot` or
+/// `~/.local/share/moltbot`.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from(".local/share"))
+        .join("moltbot")
+}
+
+pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+pub fn default_model_path() -> PathBuf {
+    cache_dir().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+impl Config {
+    /// The layers MoltBot reads: defaults, the config file (and `model_provider.yaml` beside it), environment.
+    pub fn figment(path: Option<&Path>) -> Result<Figment> {
+        Self::figment_over(Config::default(), path)
+    }
+
+    /// Like [`Config::figment`] with other built-in defaults (`moltbot serve` defaults to the embedded store).
+    pub fn figment_over(base: Config, path: Option<&Path>) -> Result<Figment> {
+        let mut figment = Figment::from(Serialized::defaults(base));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(Error::File {
+                    path: path.into(),
+                    message: "no such file (copy config/config.example.yaml to start one)".into(),
+                });
+            }
+            figment = figment.merge(Yaml::file_exact(path));
+            let beside = path.with_file_name("model_provider.yaml");
+            if beside.is_file() {
+                let text = std::fs::read_to_string(&beside)
+                    .map_err(|e| Error::File { path: beside.clone(), message: e.to_string() })?;
+                let value: serde_yaml::Value = serde_yaml::from_str(&text)
+                    .map_err(|e| Error::File { path: beside.clone(), message: e.to_string() })?;
+                figment = figment.merge(Serialized::global("model_provider", value));
+            }
+        }
+        Ok(figment.merge(Env::prefixed("MOLTBOT_").split("__")))
+    }
+
+    /// Extracts and validates a configuration from any figment (tests build one from strings).
+    pub fn from_figment(figment: &Figment) -> Result<Self> {
+        let config: Config = figment.extract().map_err(|e| {
+            Error::Invalid(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        Self::from_figment(&Self::figment(path)?)
+    }
+
+    /// Rules across fields that serde cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
+        if self.gateway.max_concurrent_requests == 0 {
+            return bad("gateway.max_concurrent_requests", "must be at least 1");
+        }
+        if self.gateway.max_body_bytes < 1024 {
+            return bad("gateway.max_body_bytes", "must be at least 1024");
+        }
+        if self.session_store.session_ttl == 0 {
+            return bad("session_store.session_ttl", "must be at least 1 second");
+        }
+        if self.model_provider.model_name.is_empty() {
+            return bad("model_provider.model_name", "must not be empty");
+        }
+        if self.model_provider.max_tokens == 0 {
+            return bad("model_provider.max_tokens", "must be at least 1");
+        }
+        if let (Some(a), Some(b)) = (self.model_provider.kind, self.model_provider.provider_type) {
+            if a != b {
+                return bad("model_provider.type", "disagrees with model_provider.provider_type; set one of them");
+            }
+        }
+        if self.model_provider.provider() == ProviderType::RemoteApi {
+            return bad("model_provider.type", "remote_api is not available yet; use local_llm");
+        }
+        if !matches!(self.model_provider.quantization.as_str(), "none" | "") {
+            return bad(
+                "model_provider.quantization",
+                "GGUF models carry their own quantization; pick a quantized GGUF file (e.g. Q4_1) and set `none`",
+            );
+        }
+        if self.queue.max_pending_jobs < 1 {
+            return bad("queue.max_pending_jobs", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str) -> Result<Config> {
+        Config::from_figment(&Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_ports() {
+        let c = load("").unwrap();
+        assert_eq!(c.gateway.listen.port(), 8000);
+        assert_eq!(c.gateway.metrics_listen.port(), 8001);
+        assert_eq!(c.session_store.session_ttl, 1800);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let err = load("gateway:\n  listn: 1").unwrap_err().to_string();
+        assert!(err.contains("listn") && err.contains("gateway"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_allowed_ones() {
+        let err = load("session_store:\n  session_store_type: mongo").unwrap_err().to_string();
+        assert!(err.contains("session_store_type") && err.contains("redis"), "{err}");
+        let err = load("gateway:\n  max_concurrent_requests: 0").unwrap_err().to_string();
+        assert!(err.contains("gateway.max_concurrent_requests"), "{err}");
+    }
+
+    #[test]
+    fn seed_keys_keep_their_names() {
+        let c = load("model_provider:\n  provider_type: local_llm\n  max_tokens: 512\n  gpu_layers: 24").unwrap();
+        assert_eq!((c.model_provider.max_tokens, c.model_provider.gpu_layers), (512, 24));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MOLTBOT_SESSION_STORE__SESSION_TTL", "60");
+            jail.create_file("moltbot.yaml", "gateway:\n  listen: 127.0.0.1:9000\n")?;
+            jail.create_file("model_provider.yaml", "provider_type: local_llm\nmax_tokens: 99\n")?;
+            let c = Config::load(Some(Path::new("moltbot.yaml"))).unwrap();
+            assert_eq!(c.session_store.session_ttl, 60);
+            assert_eq!(c.gateway.listen.port(), 9000);
+            assert_eq!(c.model_provider.max_tokens, 99);
+            Ok(())
+        });
+    }
+}

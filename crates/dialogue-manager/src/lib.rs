@@ -1,0 +1,75 @@
+//! The dialogue-manager: runs one conversation turn per `Chat` call. It picks the dialogue mode (S3), loads
+//! the session from the session-store, queues a generation job, streams the answer back, and saves the turn.
+//! It never talks to Redis or to a worker directly: only to the session-store (gRPC) and the queue.
+
+mod turn;
+
+use std::{future::Future, time::Duration};
+
+use moltbot_config::Config;
+use moltbot_proto::{
+    dialogue::v1::{ChatEvent, ChatRequest, ListModelsRequest, ListModelsResponse, ModelCard, dialogue_server::Dialogue},
+    session::v1::session_store_client::SessionStoreClient,
+};
+use moltbot_queue::JobQueue;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, transport::Channel};
+
+/// Connects to the session-store, failing fast with what to do when it is not there.
+pub async fn connect_session_store(url: &str) -> anyhow::Result<SessionStoreClient<Channel>> {
+    let endpoint = Channel::from_shared(url.to_owned())
+        .map_err(|e| anyhow::anyhow!("dialogue_manager.session_store_url `{url}` is not a valid URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| {
+        anyhow::anyhow!("the session-store at {url} is not reachable ({e}); start it or set dialogue_manager.session_store_url")
+    })?;
+    Ok(SessionStoreClient::new(channel))
+}
+
+#[derive(Clone)]
+pub struct DialogueService {
+    sessions: SessionStoreClient<Channel>,
+    queue: JobQueue,
+    model: String,
+    max_tokens: u32,
+    job_timeout: Duration,
+    worker_timeout: Duration,
+    max_retries: u32,
+}
+
+impl DialogueService {
+    pub fn new(config: &Config, sessions: SessionStoreClient<Channel>, queue: JobQueue) -> Self {
+        Self {
+            sessions,
+            queue,
+            model: config.model_provider.model_name.clone(),
+            max_tokens: config.model_provider.max_tokens,
+            job_timeout: Duration::from_secs(config.queue.job_timeout),
+            worker_timeout: Duration::from_secs(config.dialogue_manager.worker_timeout),
+            max_retries: config.dialogue_manager.max_retries,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Dialogue for DialogueService {
+    type ChatStream = ReceiverStream<Result<ChatEvent, Status>>;
+
+    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+        let turn = turn::Turn::prepare(self.clone(), request.into_inner()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(turn.run(tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse { models: vec![ModelCard { id: self.model.clone(), context_length: 0 }] }))
+    }
+}
+
+/// Serves the dialogue service on `listener` until `shutdown` resolves.
+pub async fn run(listener: TcpListener, service: DialogueService, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let server = moltbot_proto::dialogue::v1::dialogue_server::DialogueServer::new(service);
+    Ok(moltbot_proto::server::serve(listener, server, shutdown).await?)
+}

@@ -1,0 +1,27 @@
+//! The engine's error type.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ModelLoadError: model file {path} not found; run `cargo xtask model` to fetch the default model or set model_provider.model_path")]
+    ModelNotFound { path: PathBuf },
+    #[error("ModelLoadError: cannot read {path}: {message}")]
+    ModelLoad { path: PathBuf, message: String },
+    #[error("ModelLoadError: {0}")]
+    UnsupportedModel(String),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("prompt has {prompt_tokens} tokens but the model's context window is {context_length}")]
+    PromptTooLong { prompt_tokens: usize, context_length: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("model execution failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}

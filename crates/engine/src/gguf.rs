@@ -1,0 +1,82 @@
+//! Reads what the engine needs from a GGUF file's metadata: architecture, sizes, tokenizer and chat template.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use crate::{Error, Result};
+
+/// The model facts the engine uses, mirrored from GGUF metadata keys (`general.*`, `llama.*`,
+/// `tokenizer.ggml.*`, `tokenizer.chat_template`).
+#[derive(Debug, Clone)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub architecture: String,
+    pub context_length: usize,
+    pub tokenizer_model: String,
+    pub pre_tokenizer: Option<String>,
+    pub tokens: Vec<String>,
+    pub token_types: Vec<i32>,
+    pub scores: Vec<f32>,
+    pub merges: Vec<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub add_bos_token: bool,
+    pub chat_template: Option<String>,
+}
+
+impl ModelMetadata {
+    pub fn from_gguf(content: &Content) -> Result<Self> {
+        let md = &content.metadata;
+        let architecture = string(md, "general.architecture").unwrap_or_default();
+        if architecture != "llama" {
+            return Err(Error::UnsupportedModel(format!(
+                "architecture `{architecture}` is not supported; use a Llama-family GGUF (general.architecture = llama)"
+            )));
+        }
+        let tokens = md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| Error::UnsupportedModel("the GGUF file has no tokenizer.ggml.tokens".into()))?
+            .iter()
+            .map(|v| v.to_string().cloned().unwrap_or_default())
+            .collect();
+        let ints = |key: &str| -> Vec<i32> {
+            md.get(key)
+                .and_then(|v| v.to_vec().ok())
+                .map(|vs| vs.iter().filter_map(|v| v.to_i32().ok()).collect())
+                .unwrap_or_default()
+        };
+        Ok(Self {
+            name: string(md, "general.name").unwrap_or_else(|| "model".into()),
+            context_length: md.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize,
+            tokenizer_model: string(md, "tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
+            pre_tokenizer: string(md, "tokenizer.ggml.pre"),
+            tokens,
+            token_types: ints("tokenizer.ggml.token_type"),
+            scores: md
+                .get("tokenizer.ggml.scores")
+                .and_then(|v| v.to_vec().ok())
+                .map(|vs| vs.iter().filter_map(|v| v.to_f32().ok()).collect())
+                .unwrap_or_default(),
+            merges: md
+                .get("tokenizer.ggml.merges")
+                .and_then(|v| v.to_vec().ok())
+                .map(|vs| vs.iter().filter_map(|v| v.to_string().ok().cloned()).collect())
+                .unwrap_or_default(),
+            bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+            eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
+            add_bos_token: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            chat_template: string(md, "tokenizer.chat_template"),
+            architecture,
+        })
+    }
+
+    pub fn token(&self, id: Option<u32>) -> Option<&str> {
+        id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str)
+    }
+}
+
+fn string(md: &HashMap<String, Value>, key: &str) -> Option<String> {
+    md.get(key).and_then(|v| v.to_string().ok()).cloned()
+}

@@ -1,0 +1,281 @@
+//! The gateway: MoltBot's only public surface. It turns HTTP requests into dialogue-manager `Chat` calls and
+//! streams the answers back as JSON or server-sent events. **The gateway holds no conversation state and never
+//! talks to Redis or the queue.**
+
+mod error;
+mod native;
+mod openai;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    http::HeaderMap,
+    routing::{get, post},
+};
+use moltbot_config::GatewayConfig;
+use moltbot_proto::dialogue::v1::{ChatEvent, ChatRequest, DialogueMode, ListModelsRequest, dialogue_client::DialogueClient};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tonic::transport::Channel;
+
+pub use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    dialogue: DialogueClient<Channel>,
+    slots: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+/// A client of the dialogue-manager at `url`; it connects lazily, so the gateway starts before its backend
+/// and `/ready` tells whether it is there.
+pub fn dialogue_client(url: &str) -> anyhow::Result<DialogueClient<Channel>> {
+    let channel = Channel::from_shared(url.to_owned())
+        .map_err(|e| anyhow::anyhow!("gateway.dialogue_manager_url `{url}` is not a valid URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(DialogueClient::new(channel))
+}
+
+pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Router {
+    let state = AppState {
+        dialogue,
+        slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        timeout: Duration::from_secs(config.request_timeout),
+    };
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/api/chat", post(native::chat))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: &GatewayConfig,
+    dialogue: DialogueClient<Channel>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
+    axum::serve(listener, router(config, dialogue)).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when the dialogue-manager answers.
+async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut dialogue = state.dialogue.clone();
+    tokio::time::timeout(Duration::from_secs(3), dialogue.list_models(ListModelsRequest {}))
+        .await
+        .map_err(|_| ApiError::unavailable("the dialogue-manager did not answer in time"))??;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// The conversation headers: `X-Session-Id`, `X-Dialogue-Mode`, `X-User-Id`.
+struct DialogueHeaders {
+    session_id: String,
+    mode: Option<DialogueMode>,
+    user_id: String,
+}
+
+impl DialogueHeaders {
+    fn parse(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let text = |name: &str| -> Result<String, ApiError> {
+            headers
+                .get(name)
+                .map(|v| v.to_str().map(|s| s.trim().to_owned()))
+                .transpose()
+                .map_err(|_| ApiError::bad_request(format!("header {name} is not valid text"), Some(name)))
+                .map(Option::unwrap_or_default)
+        };
+        let mode = match text("x-dialogue-mode")?.to_ascii_lowercase().as_str() {
+            "" => None,
+            "single" => Some(DialogueMode::Single),
+            "multi" => Some(DialogueMode::Multi),
+            "hybrid" => Some(DialogueMode::Hybrid),
+            other => {
+                return Err(ApiError::bad_request(
+                    format!("X-Dialogue-Mode `{other}` is not one of single, multi, hybrid"),
+                    Some("X-Dialogue-Mode"),
+                ));
+            }
+        };
+        Ok(Self { session_id: text("x-session-id")?, mode, user_id: text("x-user-id")? })
+    }
+}
+
+/// A started dialogue turn: the admission slot is held until the stream ends.
+struct TurnStream {
+    stream: tonic::Streaming<ChatEvent>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+}
+
+impl TurnStream {
+    async fn next(&mut self) -> Result<Option<ChatEvent>, ApiError> {
+        match tokio::time::timeout_at(self.deadline, self.stream.message()).await {
+            Ok(message) => Ok(message?),
+            Err(_) => Err(ApiError::timeout()),
+        }
+    }
+}
+
+impl AppState {
+    /// Admits the request (429 when full) and starts the turn on the dialogue-manager.
+    async fn start_turn(&self, request: ChatRequest) -> Result<TurnStream, ApiError> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
+        let mut dialogue = self.dialogue.clone();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let stream = tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
+        Ok(TurnStream { stream: stream.into_inner(), _slot: slot, deadline })
+    }
+}
+
+/// Sampling fields shared by `/api/chat` and `/v1/chat/completions`; unknown fields are ignored as OpenAI
+/// clients send many.
+#[derive(Debug, Default, serde::Deserialize)]
+struct SamplingFields {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    repetition_penalty: Option<f32>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    stop: Option<StopField>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl SamplingFields {
+    fn to_proto(&self) -> Result<moltbot_proto::common::v1::SamplingParams, ApiError> {
+        let check = |ok: bool, param: &str, why: &str| {
+            if ok { Ok(()) } else { Err(ApiError::bad_request(format!("{param} {why}"), Some(param))) }
+        };
+        if let Some(t) = self.temperature {
+            check((0.0..=2.0).contains(&t), "temperature", "must be between 0 and 2")?;
+        }
+        if let Some(p) = self.top_p {
+            check(p > 0.0 && p <= 1.0, "top_p", "must be greater than 0 and at most 1")?;
+        }
+        if let Some(r) = self.repetition_penalty {
+            check(r > 0.0 && r <= 10.0, "repetition_penalty", "must be greater than 0 and at most 10")?;
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(m) = max_tokens {
+            check(m > 0, "max_tokens", "must be at least 1")?;
+        }
+        let stop = match &self.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        check(stop.len() <= 4 && stop.iter().all(|s| !s.is_empty()), "stop", "takes at most 4 non-empty strings")?;
+        Ok(moltbot_proto::common::v1::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty,
+            max_tokens,
+            stop,
+        })
+    }
+}
+
+/// A chat message as clients send it: `content` is text or OpenAI's list of parts.
+#[derive(Debug, serde::Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<serde_json::Value>,
+}
+
+fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::common::v1::ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("messages must contain at least one message", Some("messages")));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}].content");
+            let content = match m.content {
+                None | Some(serde_json::Value::Null) => String::new(),
+                Some(serde_json::Value::String(s)) => s,
+                Some(serde_json::Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
+                        (Some("text"), Some(text)) => Ok(text.to_owned()),
+                        _ => Err(ApiError::bad_request("only text content parts are supported", Some(&param))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("\n"),
+                Some(_) => return Err(ApiError::bad_request("content must be a string or a list of parts", Some(&param))),
+            };
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
+                let param = format!("messages[{i}].role");
+                return Err(ApiError::bad_request(
+                    format!("role `{}` is not one of system, user, assistant, tool", m.role),
+                    Some(&param),
+                ));
+            }
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role };
+            Ok(moltbot_proto::common::v1::ChatMessage { role, content, created_at_ms: 0 })
+        })
+        .collect()
+}
+
+/// A whole answer, for non-streaming responses.
+struct Answer {
+    started: moltbot_proto::dialogue::v1::TurnStarted,
+    finished: moltbot_proto::dialogue::v1::TurnFinished,
+}
+
+impl TurnStream {
+    async fn collect(mut self) -> Result<Answer, ApiError> {
+        use moltbot_proto::dialogue::v1::chat_event::Event;
+        let mut started = None;
+        while let Some(event) = self.next().await? {
+            match event.event {
+                Some(Event::Started(s)) => started = Some(s),
+                Some(Event::Finished(finished)) => {
+                    return Ok(Answer { started: started.unwrap_or_default(), finished });
+                }
+                Some(Event::Delta(_)) | None => {}
+            }
+        }
+        Err(ApiError::unavailable("the dialogue-manager ended the answer early"))
+    }
+}
+
+fn finish_reason(reason: i32) -> &'static str {
+    use moltbot_proto::common::v1::FinishReason;
+    match FinishReason::try_from(reason).unwrap_or(FinishReason::Unspecified) {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn mode_name(mode: i32) -> &'static str {
+    match DialogueMode::try_from(mode).unwrap_or(DialogueMode::Unspecified) {
+        DialogueMode::Multi => "multi",
+        DialogueMode::Single => "single",
+        _ => "hybrid",
+    }
+}

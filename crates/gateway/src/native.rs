@@ -1,0 +1,116 @@
+//! `POST /api/chat`: MoltBot's own chat API. Without headers a request is multi-turn: the first one creates
+//! a session and later ones continue it with `X-Session-Id` (or `session_id` in the body).
+
+use std::convert::Infallible;
+
+use axum::{
+    Json,
+    extract::{State, rejection::JsonRejection},
+    http::HeaderMap,
+    response::{IntoResponse, Response, Sse, sse::Event},
+};
+use moltbot_proto::dialogue::v1::{ChatRequest, DialogueMode, chat_event};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, mode_name, to_proto_messages};
+
+#[derive(Debug, Deserialize)]
+pub struct NativeChat {
+    /// One user message; shorthand for `messages: [{role: user, content}]`.
+    message: Option<String>,
+    messages: Option<Vec<InMessage>>,
+    session_id: Option<String>,
+    model: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+pub async fn chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<NativeChat>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let dh = DialogueHeaders::parse(&headers)?;
+    let messages = match (body.message, body.messages) {
+        (Some(text), None) => to_proto_messages(vec![InMessage { role: "user".into(), content: Some(text.into()) }])?,
+        (None, Some(messages)) => to_proto_messages(messages)?,
+        _ => return Err(ApiError::bad_request("give either `message` or `messages`", Some("message"))),
+    };
+    let request = ChatRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        user_id: dh.user_id,
+        session_id: if dh.session_id.is_empty() { body.session_id.unwrap_or_default() } else { dh.session_id },
+        mode: dh.mode.unwrap_or(DialogueMode::Multi).into(),
+        model: body.model.unwrap_or_default(),
+        messages,
+        sampling: Some(body.sampling.to_proto()?),
+    };
+    let mut turn = state.start_turn(request).await?;
+    if !body.stream {
+        let answer = turn.collect().await?;
+        return Ok(Json(answer_json(&answer.started, &answer.finished)).into_response());
+    }
+    let events = async_stream(move |tx| async move {
+        let mut started = Default::default();
+        loop {
+            let event = match turn.next().await {
+                Ok(Some(event)) => event.event,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Event::default().event("error").json_data(e.body()).unwrap_or_default()).await;
+                    break;
+                }
+            };
+            let sse = match event {
+                Some(chat_event::Event::Started(s)) => {
+                    let data = json!({ "session_id": s.session_id, "mode": mode_name(s.mode), "model": s.model });
+                    started = s;
+                    Event::default().event("start").json_data(data)
+                }
+                Some(chat_event::Event::Delta(d)) => Event::default().event("delta").json_data(json!({ "text": d.text })),
+                Some(chat_event::Event::Finished(f)) => Event::default().event("done").json_data(answer_json(&started, &f)),
+                None => continue,
+            };
+            if tx.send(sse.unwrap_or_default()).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Sse::new(events).into_response())
+}
+
+fn answer_json(s: &moltbot_proto::dialogue::v1::TurnStarted, f: &moltbot_proto::dialogue::v1::TurnFinished) -> serde_json::Value {
+    let message = f.message.clone().unwrap_or_default();
+    let usage = f.usage.unwrap_or_default();
+    json!({
+        "session_id": (!s.session_id.is_empty()).then_some(&s.session_id),
+        "mode": mode_name(s.mode),
+        "model": s.model,
+        "message": { "role": message.role, "content": message.content },
+        "finish_reason": finish_reason(f.finish_reason),
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        },
+    })
+}
+
+/// An SSE body fed by a task; the task stops when the client goes away (the channel closes).
+pub(crate) fn async_stream<F, Fut>(produce: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    futures::StreamExt::map(tokio_stream_from(rx), Ok)
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Event>) -> impl futures::Stream<Item = Event> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,162 @@
+//! `POST /v1/chat/completions` and `GET /v1/models`, compatible with the official OpenAI clients. Without
+//! conversation headers a request is single-turn: the client sends the whole conversation, as with OpenAI.
+
+use axum::{
+    Json,
+    extract::{State, rejection::JsonRejection},
+    http::HeaderMap,
+    response::{IntoResponse, Response, Sse, sse::Event},
+};
+use moltbot_proto::dialogue::v1::{ChatRequest, DialogueMode, ListModelsRequest, chat_event};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, native::async_stream, to_proto_messages};
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    model: Option<String>,
+    messages: Option<Vec<InMessage>>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let dh = DialogueHeaders::parse(&headers)?;
+    if body.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
+    }
+    let messages = to_proto_messages(
+        body.messages.ok_or_else(|| ApiError::bad_request("messages is required", Some("messages")))?,
+    )?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let request = ChatRequest {
+        request_id: id.clone(),
+        user_id: dh.user_id,
+        session_id: dh.session_id,
+        mode: dh.mode.unwrap_or(DialogueMode::Hybrid).into(),
+        model: body.model.unwrap_or_default(),
+        messages,
+        sampling: Some(body.sampling.to_proto()?),
+    };
+    let mut turn = state.start_turn(request).await?;
+    let created = unix_now();
+    if !body.stream {
+        let answer = turn.collect().await?;
+        let message = answer.finished.message.unwrap_or_default();
+        let usage = answer.finished.usage.unwrap_or_default();
+        let mut response = Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": answer.started.model,
+            "choices": [{
+                "index": 0,
+                "message": { "role": "assistant", "content": message.content },
+                "finish_reason": finish_reason(answer.finished.finish_reason),
+                "logprobs": null,
+            }],
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            },
+        }))
+        .into_response();
+        session_header(&mut response, &answer.started.session_id);
+        return Ok(response);
+    }
+    // The first event tells the session (if any) so it can go into a header before the body starts.
+    let first = turn.next().await?;
+    let (model, session_id) = match first.as_ref().and_then(|e| e.event.as_ref()) {
+        Some(chat_event::Event::Started(s)) => (s.model.clone(), s.session_id.clone()),
+        _ => (String::new(), String::new()),
+    };
+    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+    let events = async_stream(move |tx| async move {
+        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null }],
+            })
+        };
+        let send = |value: serde_json::Value| {
+            let tx = tx.clone();
+            async move { tx.send(Event::default().json_data(value).unwrap_or_default()).await.is_ok() }
+        };
+        if !send(chunk(json!({ "role": "assistant", "content": "" }), None)).await {
+            return;
+        }
+        loop {
+            let event = match turn.next().await {
+                Ok(Some(event)) => event.event,
+                Ok(None) => break,
+                Err(e) => {
+                    send(e.body()).await;
+                    return;
+                }
+            };
+            match event {
+                Some(chat_event::Event::Delta(d)) => {
+                    if !send(chunk(json!({ "content": d.text }), None)).await {
+                        return;
+                    }
+                }
+                Some(chat_event::Event::Finished(f)) => {
+                    send(chunk(json!({}), Some(finish_reason(f.finish_reason)))).await;
+                    if include_usage {
+                        let usage = f.usage.unwrap_or_default();
+                        let mut last = chunk(json!({}), None);
+                        last["choices"] = json!([]);
+                        last["usage"] = json!({
+                            "prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                        });
+                        send(last).await;
+                    }
+                    break;
+                }
+                Some(chat_event::Event::Started(_)) | None => {}
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    let mut response = Sse::new(events).into_response();
+    session_header(&mut response, &session_id);
+    Ok(response)
+}
+
+fn session_header(response: &mut Response, session_id: &str) {
+    if let Ok(value) = session_id.parse() {
+        if !session_id.is_empty() {
+            response.headers_mut().insert("x-session-id", value);
+        }
+    }
+}
+
+pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let models = state.dialogue.clone().list_models(ListModelsRequest {}).await?.into_inner().models;
+    let data: Vec<_> =
+        models.iter().map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "moltbot" })).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}

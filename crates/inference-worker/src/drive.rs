@@ -1,0 +1,125 @@
+//! Runs one generation request on the engine and turns its progress into `GenerateEvent`s, with heartbeats.
+
+use std::time::Duration;
+
+use moltbot_engine::{ChatMessage, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
+use moltbot_proto::{
+    common::v1::{FinishReason, Usage},
+    inference::v1::{
+        Error as ErrorEvent, Finished, GenerateEvent, GenerateRequest, Heartbeat, Started, Token, generate_event::Event,
+        generate_request::Input,
+    },
+};
+use tokio::sync::mpsc::Sender;
+use tokio_util::sync::CancellationToken;
+
+use crate::Worker;
+
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// google.rpc.Code numbers carried in error events.
+const INVALID_ARGUMENT: i32 = 3;
+const DEADLINE_EXCEEDED: i32 = 4;
+const INTERNAL: i32 = 13;
+
+fn event(e: Event) -> GenerateEvent {
+    GenerateEvent { event: Some(e) }
+}
+
+fn error(code: i32, message: impl Into<String>) -> GenerateEvent {
+    event(Event::Error(ErrorEvent { code, message: message.into() }))
+}
+
+/// Translates a wire request into an engine request, applying the worker's defaults and caps.
+pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<GenerationRequest, String> {
+    let prompt = match request.input {
+        Some(Input::Prompt(text)) => Prompt::Text(text),
+        Some(Input::Chat(chat)) => {
+            Prompt::Chat(chat.messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect())
+        }
+        None => return Err("the request has no input".into()),
+    };
+    let defaults = SamplingParams::default();
+    let s = request.sampling.unwrap_or_default();
+    let sampling = SamplingParams {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_p: s.top_p.unwrap_or(defaults.top_p),
+        top_k: s.top_k.unwrap_or(defaults.top_k),
+        seed: s.seed,
+        repetition_penalty: s.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+        max_tokens: s.max_tokens.unwrap_or(max_tokens_cap).min(max_tokens_cap),
+        stop: s.stop,
+    };
+    Ok(GenerationRequest { prompt, sampling })
+}
+
+/// Generates `request` and sends its events to `out` until it finishes, fails, passes `deadline_ms` (0: none),
+/// `cancelled` fires, or `out` is closed.
+pub async fn drive(
+    worker: Worker,
+    request: GenerateRequest,
+    deadline_ms: i64,
+    cancelled: CancellationToken,
+    out: Sender<GenerateEvent>,
+) {
+    let request_id = request.request_id.clone();
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    if deadline_ms > 0 && now_ms() > deadline_ms {
+        tracing::info!(%request_id, "dropping a job past its deadline");
+        let _ = out.send(error(DEADLINE_EXCEEDED, "the request's deadline passed while it waited in the queue")).await;
+        return;
+    }
+    if !request.model.is_empty() && request.model != worker.engine.name() {
+        let message = format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.engine.name());
+        let _ = out.send(error(INVALID_ARGUMENT, message)).await;
+        return;
+    }
+    let submitted = engine_request(request, worker.max_tokens).and_then(|r| worker.engine.submit(r).map_err(|e| e.to_string()));
+    let mut generation = match submitted {
+        Ok(g) => g,
+        Err(message) => {
+            let _ = out.send(error(INVALID_ARGUMENT, message)).await;
+            return;
+        }
+    };
+    let started = Started { worker_id: worker.id.clone(), prompt_tokens: generation.prompt_tokens };
+    if out.send(event(Event::Started(started))).await.is_err() {
+        return;
+    }
+    let deadline = if deadline_ms > 0 {
+        tokio::time::Instant::now() + Duration::from_millis((deadline_ms - now_ms()).max(0) as u64)
+    } else {
+        tokio::time::Instant::now() + Duration::from_secs(24 * 3600)
+    };
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.tick().await;
+    loop {
+        let (next, last) = tokio::select! {
+            e = generation.next() => match e {
+                Some(GenerationEvent::Token { text, id }) => (event(Event::Token(Token { text, token_id: id })), false),
+                Some(GenerationEvent::Finished { reason, usage }) => {
+                    let finish_reason = match reason {
+                        moltbot_engine::FinishReason::Stop => FinishReason::Stop,
+                        moltbot_engine::FinishReason::Length => FinishReason::Length,
+                        moltbot_engine::FinishReason::Cancelled => FinishReason::Cancelled,
+                    };
+                    let usage = Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens };
+                    (event(Event::Finished(Finished { finish_reason: finish_reason.into(), usage: Some(usage) })), true)
+                }
+                Some(GenerationEvent::Failed(message)) => (error(INTERNAL, message), true),
+                None => (error(INTERNAL, "the engine stopped"), true),
+            },
+            _ = heartbeat.tick() => (event(Event::Heartbeat(Heartbeat { worker_id: worker.id.clone() })), false),
+            () = cancelled.cancelled() => {
+                tracing::info!(%request_id, "cancelled");
+                return;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                (error(DEADLINE_EXCEEDED, "the request's deadline passed during generation"), true)
+            }
+        };
+        if out.send(next).await.is_err() || last {
+            return;
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The inference worker: takes generation jobs from the queue only when the engine has a free slot, streams
+//! token events back (with a heartbeat every second), obeys cancels and deadlines, and serves the
+//! `moltbot.inference.v1.Inference` gRPC service (model info, tokenize, direct generation).
+
+mod drive;
+mod service;
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use moltbot_config::{Config, InferenceWorkerConfig};
+use moltbot_engine::{DeviceChoice, Engine, EngineConfig};
+use moltbot_queue::JobQueue;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use drive::drive;
+pub use service::InferenceService;
+
+/// Loads the configured model.
+pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
+    let provider = &config.model_provider;
+    Engine::load(EngineConfig {
+        model_path: provider.resolved_model_path(),
+        name: Some(model_name(config)),
+        device: if provider.gpu_layers > 0 { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu },
+        max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
+    })
+}
+
+/// The name clients use for the configured model.
+pub fn model_name(config: &Config) -> String {
+    config.model_provider.model_name.clone()
+}
+
+/// A worker: one engine, its identity and counters.
+#[derive(Clone)]
+pub struct Worker {
+    pub engine: Engine,
+    pub id: String,
+    pub max_tokens: u32,
+    jobs_completed: Arc<AtomicU64>,
+}
+
+impl Worker {
+    pub fn new(engine: Engine, config: &InferenceWorkerConfig, max_tokens: u32) -> Self {
+        let id = if config.worker_id.is_empty() {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+            format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+        } else {
+            config.worker_id.clone()
+        };
+        Self { engine, id, max_tokens, jobs_completed: Arc::default() }
+    }
+
+    pub fn jobs_completed(&self) -> u64 {
+        self.jobs_completed.load(Ordering::Relaxed)
+    }
+
+    /// Takes jobs from the queue until `shutdown` is cancelled; running jobs finish first.
+    pub async fn consume(self, queue: JobQueue, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut consumer = queue.consumer(self.engine.name()).await?;
+        let slots = Arc::new(Semaphore::new(self.engine.max_sequences()));
+        tracing::info!(worker_id = %self.id, model = %self.engine.name(), slots = self.engine.max_sequences(), "taking jobs");
+        loop {
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => permit?,
+            };
+            let job = tokio::select! {
+                () = shutdown.cancelled() => break,
+                job = consumer.next_job() => job,
+            };
+            let job = match job {
+                Ok(job) => job,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a job; retrying in 1 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let worker = self.clone();
+            tokio::spawn(async move {
+                worker.run_job(job).await;
+                drop(permit);
+            });
+        }
+        // Wait for running jobs before returning.
+        let _ = slots.acquire_many(self.engine.max_sequences() as u32).await;
+        Ok(())
+    }
+
+    async fn run_job(&self, received: moltbot_queue::ReceivedJob) {
+        let Some(request) = received.job.request.clone() else { return };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let driver = drive(self.clone(), request, received.job.deadline_ms, received.cancelled.clone(), tx);
+        let forward = async {
+            while let Some(event) = rx.recv().await {
+                if let Err(e) = received.publish(event).await {
+                    tracing::warn!(error = %e, "cannot publish an event; cancelling the job");
+                    received.cancelled.cancel();
+                    break;
+                }
+            }
+        };
+        tokio::join!(driver, forward);
+        self.jobs_completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves the worker: the gRPC service on `listener` and the queue consumer, until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    worker: Worker,
+    queue: JobQueue,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
+    let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
+    let grpc = moltbot_proto::server::serve(listener, service, {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    });
+    let served = grpc.await;
+    stop.cancel();
+    consumer.await??;
+    Ok(served?)
+}

@@ -1,0 +1,133 @@
+//! `moltbot bench`: tokens per second of the engine alone and, with `--url`, of streaming chats through a
+//! running gateway. `cargo xtask bench` runs it in release mode.
+
+use std::{path::PathBuf, time::Instant};
+
+use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF model; the default model when unset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens to generate per sequence.
+    #[arg(long, default_value_t = 64)]
+    tokens: u32,
+    /// Concurrent sequences / chats.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Also stream `concurrency` chats through the gateway at this URL (e.g. http://127.0.0.1:8000).
+    #[arg(long)]
+    url: Option<String>,
+    /// Skip the engine measurements.
+    #[arg(long)]
+    http_only: bool,
+}
+
+fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams { temperature: 0.0, repetition_penalty: 1.0, max_tokens, ..Default::default() }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.http_only {
+        engine(&args).await?;
+    }
+    if let Some(url) = &args.url {
+        http(url, &args).await?;
+    }
+    Ok(())
+}
+
+async fn engine(args: &Args) -> anyhow::Result<()> {
+    let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
+    let engine = Engine::load(EngineConfig { model_path, name: None, device: Default::default(), max_context: None })?;
+    // A 64-token prompt, as in the brief's reference figures.
+    let words = "the quick brown fox jumps over the lazy dog while a bird sings ".repeat(8);
+    let ids = engine.tokenizer().encode(&words)?;
+    let prompt = engine.tokenizer().decode(&ids[..64], false)?;
+    let warm = engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?;
+    warm.collect().await?;
+
+    let start = Instant::now();
+    let mut g = engine.submit(GenerationRequest { prompt: Prompt::Text(prompt.clone()), sampling: greedy(args.tokens) })?;
+    let prompt_tokens = g.prompt_tokens;
+    let mut first = None;
+    let mut produced = 0u32;
+    while let Some(event) = g.next().await {
+        match event {
+            GenerationEvent::Token { id: Some(_), .. } => {
+                first.get_or_insert_with(|| start.elapsed());
+                produced += 1;
+            }
+            GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
+            GenerationEvent::Token { .. } => {}
+        }
+    }
+    let total = start.elapsed();
+    let first = first.unwrap_or(total);
+    println!("engine prompt processing: {prompt_tokens} tokens in {:.3} s = {:.1} tok/s", first.as_secs_f64(), f64::from(prompt_tokens) / first.as_secs_f64());
+    let decode = (total - first).as_secs_f64();
+    println!("engine decode, 1 sequence: {} tokens in {decode:.3} s = {:.1} tok/s", produced - 1, f64::from(produced - 1) / decode);
+
+    let start = Instant::now();
+    let runs: Vec<_> = (0..args.concurrency)
+        .map(|i| {
+            let r = GenerationRequest { prompt: Prompt::Text(format!("Story number {i}:")), sampling: greedy(args.tokens) };
+            engine.submit(r).map(|g| g.collect())
+        })
+        .collect::<Result<_, _>>()?;
+    let mut tokens = 0;
+    for run in futures::future::join_all(runs).await {
+        tokens += run?.2.completion_tokens;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("engine decode, {} sequences: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate", args.concurrency, f64::from(tokens) / secs);
+    Ok(())
+}
+
+async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    let chats = (0..args.concurrency).map(|i| {
+        let client = client.clone();
+        let body = serde_json::json!({
+            "messages": [{ "role": "user", "content": format!("Tell me a story about the number {i}.") }],
+            "max_tokens": args.tokens, "temperature": 0, "stream": true, "stream_options": { "include_usage": true },
+        });
+        let url = format!("{url}/v1/chat/completions");
+        async move {
+            let sent = Instant::now();
+            let mut response = client.post(url).json(&body).send().await?.error_for_status()?;
+            let (mut ttft, mut tokens, mut buffer) = (None, 0u64, String::new());
+            while let Some(chunk) = response.chunk().await? {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let event: String = buffer.drain(..end + 2).collect();
+                    let Some(data) = event.strip_prefix("data: ") else { continue };
+                    let Ok(value) = serde_json::from_str::<serde_json::Value>(data.trim()) else { continue };
+                    if value["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+                        ttft.get_or_insert_with(|| sent.elapsed());
+                    }
+                    if let Some(n) = value["usage"]["completion_tokens"].as_u64() {
+                        tokens = n;
+                    }
+                }
+            }
+            anyhow::Ok((ttft.unwrap_or_else(|| sent.elapsed()), tokens))
+        }
+    });
+    let results = futures::future::join_all(chats).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens: u64 = results.iter().map(|r| r.1).sum();
+    let mut ttfts: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64()).collect();
+    ttfts.sort_by(f64::total_cmp);
+    let pick = |q: f64| ttfts[((ttfts.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "http streaming, {} concurrent chats: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate; time to first token p50 {:.3} s, p99 {:.3} s",
+        args.concurrency,
+        tokens as f64 / secs,
+        pick(0.5),
+        pick(0.99)
+    );
+    Ok(())
+}

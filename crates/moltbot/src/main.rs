@@ -1,0 +1,51 @@
+//! The `moltbot` command. `moltbot serve` runs all of MoltBot in one process (the laptop shape).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "MoltBot: a self-hosted chat assistant service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in one process: gateway on gateway.listen (default 127.0.0.1:8000), embedded store.
+    Serve {
+        /// YAML configuration file (see config/config.example.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Measure the engine alone and (with --url) a running gateway; prints tokens/s.
+    Bench(moltbot::bench::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { config } => serve(config).await,
+        Command::Bench(args) => moltbot::bench::run(args).await,
+    }
+}
+
+async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    // The one-process shape keeps sessions in the embedded durable store unless the config says otherwise.
+    let mut base = moltbot_config::Config::default();
+    base.session_store.session_store_type = moltbot_config::SessionStoreType::Persistent;
+    let figment = moltbot_config::Config::figment_over(base, path.as_deref())?;
+    let config = moltbot_config::Config::from_figment(&figment)?;
+    moltbot_telemetry::init_logging(&config.log);
+    let listen = config.gateway.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set gateway.listen or MOLTBOT_GATEWAY__LISTEN)"))?;
+    let mut moltbot = moltbot::start(config, listener).await?;
+    tracing::info!("MoltBot is up: try `curl http://{}/health`", moltbot.gateway_addr);
+    tokio::select! {
+        result = moltbot.wait() => result,
+        () = moltbot_telemetry::shutdown_signal() => moltbot.stop().await,
+    }
+}

@@ -1,0 +1,32 @@
+//! MoltBot's contracts: gRPC services and the messages carried over the NATS queue, generated from `proto/`.
+
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("moltbot.common.v1");
+    }
+}
+
+pub mod session {
+    pub mod v1 {
+        tonic::include_proto!("moltbot.session.v1");
+    }
+}
+
+pub mod inference {
+    pub mod v1 {
+        tonic::include_proto!("moltbot.inference.v1");
+    }
+}
+
+pub mod dialogue {
+    pub mod v1 {
+        tonic::include_proto!("moltbot.dialogue.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every MoltBot proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
+
+pub use prost::{DecodeError, Message};
+
+pub mod server;

@@ -1,0 +1,133 @@
+//! The job queue that decouples the dialogue-manager from the inference workers (S11).
+//!
+//! Two backends with one contract:
+//! - **NATS**: jobs go to the JetStream work-queue stream `MOLTBOT_JOBS` (subject `moltbot.jobs.<model>`,
+//!   bounded, de-duplicated by `Nats-Msg-Id`); workers pull one job per free slot from the durable consumer
+//!   `workers-<model>`; events return on core subject `moltbot.events.<request_id>`; cancels go to
+//!   `moltbot.cancel.<request_id>`.
+//! - **Local**: a bounded in-process channel with the same semantics, for `moltbot serve`.
+//!
+//! A worker acknowledges a job when it takes it; from then on the dialogue-manager watches the job's events
+//! (including heartbeats) to notice a dead worker.
+
+mod local;
+mod nats;
+
+use std::time::Duration;
+
+use futures::{StreamExt, stream::BoxStream};
+use moltbot_proto::inference::v1::{GenerateEvent, InferenceJob};
+use tokio_util::sync::CancellationToken;
+
+pub use local::LocalQueue;
+pub use nats::NatsQueue;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the job queue is full ({0} jobs waiting); retry later")]
+    Full(i64),
+    #[error("NATS at {url} is not reachable: {message}; start it with `nats-server -js` or set queue.nats_url")]
+    Connect { url: String, message: String },
+    #[error("job queue error: {0}")]
+    Nats(String),
+    #[error("malformed queue message: {0}")]
+    Decode(#[from] moltbot_proto::DecodeError),
+    #[error("the job queue is closed")]
+    Closed,
+}
+
+/// Subject a model's jobs are published to.
+pub fn job_subject(model: &str) -> String {
+    format!("moltbot.jobs.{}", subject_token(model))
+}
+
+/// Model names may hold characters NATS subjects cannot (`.`, `*`, `>`, spaces).
+fn subject_token(model: &str) -> String {
+    model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// A queue either backend serves; cheap to clone.
+#[derive(Clone)]
+pub enum JobQueue {
+    Nats(NatsQueue),
+    Local(LocalQueue),
+}
+
+impl JobQueue {
+    /// Queues a job and returns its events. Dropping the events cancels the job.
+    pub async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
+        match self {
+            Self::Nats(q) => q.submit(job).await,
+            Self::Local(q) => q.submit(job),
+        }
+    }
+
+    /// A consumer of `model`'s jobs, for a worker.
+    pub async fn consumer(&self, model: &str) -> Result<JobConsumer> {
+        match self {
+            Self::Nats(q) => Ok(JobConsumer::Nats(q.consumer(model).await?)),
+            Self::Local(q) => Ok(JobConsumer::Local(q.clone())),
+        }
+    }
+}
+
+/// The events of one submitted job, in order.
+pub struct JobEvents {
+    stream: BoxStream<'static, Result<GenerateEvent>>,
+    /// Cancelled when these events are dropped before the job finished.
+    _cancel_on_drop: tokio_util::sync::DropGuard,
+}
+
+impl JobEvents {
+    /// The next event, or `None` when none came within `timeout` (`Some(Err)` on a broken queue).
+    pub async fn next_within(&mut self, timeout: Duration) -> Option<Result<GenerateEvent>> {
+        tokio::time::timeout(timeout, self.stream.next()).await.unwrap_or(None)
+    }
+
+    /// Wait without a time limit (the caller enforces its own).
+    pub async fn next(&mut self) -> Option<Result<GenerateEvent>> {
+        self.stream.next().await
+    }
+}
+
+/// A worker's view of the queue.
+pub enum JobConsumer {
+    Nats(nats::NatsConsumer),
+    Local(LocalQueue),
+}
+
+impl JobConsumer {
+    /// Takes the next job, waiting for one. Call it only with a free slot: that is what spreads load.
+    pub async fn next_job(&mut self) -> Result<ReceivedJob> {
+        match self {
+            Self::Nats(c) => c.next_job().await,
+            Self::Local(q) => q.next_job().await,
+        }
+    }
+}
+
+/// A job a worker took, with where its events go and a token cancelled when the requester gives up.
+pub struct ReceivedJob {
+    pub job: InferenceJob,
+    pub cancelled: CancellationToken,
+    sink: EventSink,
+}
+
+enum EventSink {
+    Nats { client: async_nats::Client, subject: String },
+    Local(tokio::sync::mpsc::UnboundedSender<Result<GenerateEvent>>),
+}
+
+impl ReceivedJob {
+    pub async fn publish(&self, event: GenerateEvent) -> Result<()> {
+        match &self.sink {
+            EventSink::Nats { client, subject } => client
+                .publish(subject.clone(), moltbot_proto::Message::encode_to_vec(&event).into())
+                .await
+                .map_err(|e| Error::Nats(e.to_string())),
+            EventSink::Local(tx) => tx.send(Ok(event)).map_err(|_| Error::Closed),
+        }
+    }
+}

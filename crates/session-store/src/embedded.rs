@@ -1,0 +1,183 @@
+//! Embedded backend on redb: `persistent` keeps sessions in a file that survives restarts, `memory` keeps them
+//! in RAM. A session is one JSON record; expired records read as missing and are removed when next written.
+
+use std::{path::Path, sync::Arc};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, backends::InMemoryBackend};
+
+use crate::{Error, Result, SessionRecord, StoredMessage, backend::now_ms};
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// Key `user_id \0 session_id`: the user's sessions.
+const BY_USER: TableDefinition<&str, ()> = TableDefinition::new("sessions_by_user");
+
+#[derive(Clone)]
+pub struct EmbeddedBackend {
+    db: Arc<Database>,
+    ttl_ms: i64,
+}
+
+impl EmbeddedBackend {
+    pub fn open(path: &Path, ttl: u64) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?;
+        Self::init(db, ttl)
+    }
+
+    pub fn in_memory(ttl: u64) -> Result<Self> {
+        let db = Database::builder().create_with_backend(InMemoryBackend::new()).map_err(storage)?;
+        Self::init(db, ttl)
+    }
+
+    fn init(db: Database, ttl: u64) -> Result<Self> {
+        let tx = db.begin_write().map_err(storage)?;
+        tx.open_table(SESSIONS).map_err(storage)?;
+        tx.open_table(BY_USER).map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        Ok(Self { db: Arc::new(db), ttl_ms: ttl as i64 * 1000 })
+    }
+
+    /// Runs blocking redb work off the async runtime.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Database, i64) -> Result<T> + Send + 'static) -> Result<T> {
+        let (db, ttl) = (self.db.clone(), self.ttl_ms);
+        tokio::task::spawn_blocking(move || f(&db, ttl)).await.map_err(|e| Error::Storage(e.to_string()))?
+    }
+
+    pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        self.blocking(move |db, ttl| {
+            let tx = db.begin_write().map_err(storage)?;
+            let record = {
+                let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
+                if live(sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?).is_some() {
+                    return Err(Error::AlreadyExists(id));
+                }
+                let now = now_ms();
+                let record = SessionRecord {
+                    id: id.clone(),
+                    user_id: user_id.clone(),
+                    created_at_ms: now,
+                    updated_at_ms: now,
+                    expires_at_ms: now + ttl,
+                    message_count: 0,
+                    messages: vec![],
+                };
+                sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
+                tx.open_table(BY_USER).map_err(storage)?.insert(user_key(&user_id, &id).as_str(), ()).map_err(storage)?;
+                record
+            };
+            tx.commit().map_err(storage)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        self.blocking(move |db, _| {
+            let tx = db.begin_read().map_err(storage)?;
+            let sessions = tx.open_table(SESSIONS).map_err(storage)?;
+            let record = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
+            owned(live(record), &id, &user_id)
+        })
+        .await
+    }
+
+    pub async fn list(&self, user_id: &str, limit: usize) -> Result<Vec<SessionRecord>> {
+        let user_id = user_id.to_owned();
+        self.blocking(move |db, _| {
+            let tx = db.begin_read().map_err(storage)?;
+            let sessions = tx.open_table(SESSIONS).map_err(storage)?;
+            let by_user = tx.open_table(BY_USER).map_err(storage)?;
+            let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
+            let mut out = vec![];
+            for entry in by_user.range(from.as_str()..to.as_str()).map_err(storage)? {
+                let key = entry.map_err(storage)?.0.value().to_owned();
+                let id = &key[from.len()..];
+                if let Some(mut s) = live(sessions.get(id).map_err(storage)?.map(|v| decode(v.value())).transpose()?) {
+                    s.messages.clear();
+                    out.push(s);
+                }
+            }
+            out.sort_by_key(|s| std::cmp::Reverse(s.updated_at_ms));
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
+        let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        self.blocking(move |db, ttl| {
+            // redb runs one write transaction at a time: concurrent appends serialize here.
+            let tx = db.begin_write().map_err(storage)?;
+            let record = {
+                let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
+                let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
+                let mut record = owned(live(current), &id, &user_id)?;
+                let now = now_ms();
+                record.messages.extend(messages);
+                record.message_count = record.messages.len() as u32;
+                record.updated_at_ms = now;
+                record.expires_at_ms = now + ttl;
+                sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
+                record
+            };
+            tx.commit().map_err(storage)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    pub async fn delete(&self, id: &str, user_id: &str) -> Result<bool> {
+        let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        self.blocking(move |db, _| {
+            let tx = db.begin_write().map_err(storage)?;
+            let deleted = {
+                let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
+                let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
+                match current {
+                    Some(r) if r.user_id == user_id => {
+                        sessions.remove(id.as_str()).map_err(storage)?;
+                        tx.open_table(BY_USER).map_err(storage)?.remove(user_key(&user_id, &id).as_str()).map_err(storage)?;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            tx.commit().map_err(storage)?;
+            Ok(deleted)
+        })
+        .await
+    }
+
+    pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
+        Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
+    }
+}
+
+fn user_key(user_id: &str, id: &str) -> String {
+    format!("{user_id}\0{id}")
+}
+
+fn live(record: Option<SessionRecord>) -> Option<SessionRecord> {
+    record.filter(|r| r.expires_at_ms > now_ms())
+}
+
+fn owned(record: Option<SessionRecord>, id: &str, user_id: &str) -> Result<SessionRecord> {
+    record.filter(|r| r.user_id == user_id).ok_or_else(|| Error::NotFound(id.into()))
+}
+
+fn encode(record: &SessionRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec(record).map_err(|e| Error::Storage(e.to_string()))
+}
+
+fn decode(bytes: &[u8]) -> Result<SessionRecord> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Storage(format!("corrupt session record: {e}")))
+}
+
+fn storage(e: impl std::fmt::Display) -> Error {
+    Error::Storage(e.to_string())
+}

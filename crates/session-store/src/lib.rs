@@ -1,0 +1,60 @@
+//! The session-store service: serves the `moltbot.session.v1.SessionStore` gRPC contract over one of three
+//! backends (`redis`, `memory`, `persistent`). The contract is the seed's "custom storage strategy" interface:
+//! anything that implements it can stand in for this service.
+
+mod backend;
+mod embedded;
+mod redis;
+mod service;
+
+use std::future::Future;
+
+use moltbot_config::{SessionStoreConfig, SessionStoreType};
+use tokio::net::TcpListener;
+
+pub use backend::{Backend, SessionRecord, StoredMessage};
+pub use service::SessionStoreService;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("session {0} not found")]
+    NotFound(String),
+    #[error("session {0} already exists")]
+    AlreadyExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("Redis at {url} is not reachable: {message}; start it (`redis-server`) or set session_store.redis.url")]
+    RedisUnreachable { url: String, message: String },
+    #[error("session storage failed: {0}")]
+    Storage(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::NotFound(_) => tonic::Status::not_found(message),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(message),
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            Error::RedisUnreachable { .. } | Error::Storage(_) => tonic::Status::unavailable(message),
+        }
+    }
+}
+
+/// Opens the configured backend; fails fast when it is unreachable.
+pub async fn open_backend(config: &SessionStoreConfig) -> Result<Backend> {
+    let ttl = config.session_ttl;
+    Ok(match config.session_store_type {
+        SessionStoreType::Redis => Backend::Redis(redis::RedisBackend::connect(&config.redis, ttl).await?),
+        SessionStoreType::Memory => Backend::Embedded(embedded::EmbeddedBackend::in_memory(ttl)?),
+        SessionStoreType::Persistent => Backend::Embedded(embedded::EmbeddedBackend::open(&config.path, ttl)?),
+    })
+}
+
+/// Serves the session store on `listener` until `shutdown` resolves.
+pub async fn run(listener: TcpListener, backend: Backend, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let service = moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
+    Ok(moltbot_proto::server::serve(listener, service, shutdown).await?)
+}

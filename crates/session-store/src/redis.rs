@@ -1,0 +1,186 @@
+//! Redis backend (deadpool-redis). Layout, with `p` the configured key prefix:
+//! - `p:session:<id>` — hash: id, user_id, created_at_ms, updated_at_ms
+//! - `p:session:<id>:messages` — list of JSON messages, oldest first
+//! - `p:user:<user_id>:sessions` — sorted set of session ids by updated_at_ms
+//!
+//! Every key expires `session_ttl` seconds after the last write or touch. Writes that check the owner run as
+//! Lua scripts, so concurrent appends to one session never interleave half-way or revive an expired one.
+
+use std::collections::HashMap;
+
+use deadpool_redis::{
+    Pool, Runtime,
+    redis::{AsyncCommands, Script},
+};
+use moltbot_config::RedisConfig;
+
+use crate::{
+    Error, Result, SessionRecord, StoredMessage,
+    backend::now_ms,
+};
+
+const CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'user_id', ARGV[2], 'created_at_ms', ARGV[3], 'updated_at_ms', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1";
+
+const APPEND: &str = r"
+if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return -1 end
+for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return redis.call('LLEN', KEYS[2])";
+
+const DELETE: &str = r"
+if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1";
+
+pub struct RedisBackend {
+    pool: Pool,
+    prefix: String,
+    ttl: u64,
+}
+
+impl RedisBackend {
+    pub async fn connect(config: &RedisConfig, ttl: u64) -> Result<Self> {
+        let unreachable = |message: String| Error::RedisUnreachable { url: config.url.clone(), message };
+        let mut cfg = deadpool_redis::Config::from_url(&config.url);
+        cfg.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size));
+        let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| unreachable(e.to_string()))?;
+        let mut conn = tokio::time::timeout(std::time::Duration::from_secs(5), pool.get())
+            .await
+            .map_err(|_| unreachable("no answer within 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _: String = deadpool_redis::redis::cmd("PING").query_async(&mut conn).await.map_err(|e| unreachable(e.to_string()))?;
+        Ok(Self { pool, prefix: config.key_prefix.clone(), ttl })
+    }
+
+    fn session_key(&self, id: &str) -> String {
+        format!("{}:session:{id}", self.prefix)
+    }
+
+    fn messages_key(&self, id: &str) -> String {
+        format!("{}:session:{id}:messages", self.prefix)
+    }
+
+    fn user_key(&self, user_id: &str) -> String {
+        format!("{}:user:{user_id}:sessions", self.prefix)
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection> {
+        self.pool.get().await.map_err(|e| Error::Storage(format!("redis: {e}")))
+    }
+
+    pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        let now = now_ms();
+        let created: i64 = Script::new(CREATE)
+            .key(self.session_key(id))
+            .key(self.user_key(user_id))
+            .arg(id)
+            .arg(user_id)
+            .arg(now)
+            .arg(self.ttl)
+            .invoke_async(&mut self.conn().await?)
+            .await
+            .map_err(storage)?;
+        if created == 0 {
+            return Err(Error::AlreadyExists(id.into()));
+        }
+        self.get(id, user_id).await
+    }
+
+    pub async fn get(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        let mut record = self.meta(id, user_id).await?;
+        let raw: Vec<String> = self.conn().await?.lrange(self.messages_key(id), 0, -1).await.map_err(storage)?;
+        record.messages =
+            raw.iter().map(|m| serde_json::from_str(m).map_err(|e| Error::Storage(e.to_string()))).collect::<Result<_>>()?;
+        record.message_count = record.messages.len() as u32;
+        Ok(record)
+    }
+
+    /// The session without its messages; `NotFound` when missing or not the user's.
+    async fn meta(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        let mut conn = self.conn().await?;
+        let (hash, count, pttl): (HashMap<String, String>, u32, i64) = deadpool_redis::redis::pipe()
+            .hgetall(self.session_key(id))
+            .llen(self.messages_key(id))
+            .pttl(self.session_key(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
+        if hash.get("user_id").map(String::as_str) != Some(user_id) {
+            return Err(Error::NotFound(id.into()));
+        }
+        let int = |k: &str| hash.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(SessionRecord {
+            id: id.into(),
+            user_id: user_id.into(),
+            created_at_ms: int("created_at_ms"),
+            updated_at_ms: int("updated_at_ms"),
+            expires_at_ms: now_ms() + pttl.max(0),
+            message_count: count,
+            messages: vec![],
+        })
+    }
+
+    pub async fn list(&self, user_id: &str, limit: usize) -> Result<Vec<SessionRecord>> {
+        let ids: Vec<String> =
+            self.conn().await?.zrevrange(self.user_key(user_id), 0, limit as isize - 1).await.map_err(storage)?;
+        let mut sessions = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.meta(&id, user_id).await {
+                Ok(s) => sessions.push(s),
+                Err(Error::NotFound(_)) => {
+                    let _: () = self.conn().await?.zrem(self.user_key(user_id), &id).await.map_err(storage)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sessions)
+    }
+
+    pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
+        let script = Script::new(APPEND);
+        let mut invocation = script.key(self.session_key(id));
+        invocation.key(self.messages_key(id)).key(self.user_key(user_id)).arg(user_id).arg(now_ms()).arg(self.ttl).arg(id);
+        for m in &messages {
+            invocation.arg(serde_json::to_string(m).map_err(|e| Error::Storage(e.to_string()))?);
+        }
+        let len: i64 = invocation.invoke_async(&mut self.conn().await?).await.map_err(storage)?;
+        if len < 0 {
+            return Err(Error::NotFound(id.into()));
+        }
+        self.get(id, user_id).await
+    }
+
+    pub async fn delete(&self, id: &str, user_id: &str) -> Result<bool> {
+        let deleted: i64 = Script::new(DELETE)
+            .key(self.session_key(id))
+            .key(self.messages_key(id))
+            .key(self.user_key(user_id))
+            .arg(user_id)
+            .arg(id)
+            .invoke_async(&mut self.conn().await?)
+            .await
+            .map_err(storage)?;
+        Ok(deleted == 1)
+    }
+
+    pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
+        // Appending nothing refreshes every TTL under the same ownership check.
+        let record = self.append(id, user_id, vec![]).await?;
+        Ok(record.expires_at_ms)
+    }
+}
+
+fn storage(e: deadpool_redis::redis::RedisError) -> Error {
+    Error::Storage(format!("redis: {e}"))
+}
