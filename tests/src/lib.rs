@@ -13,8 +13,14 @@ use serde_json::Value;
 
 /// The default model; panics with what to run when it is missing.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("MOLTBOT_MODEL_PATH").map(PathBuf::from).unwrap_or_else(moltbot_config::default_model_path);
-    assert!(path.is_file(), "model missing at {}: run `cargo xtask model` (cargo xtask test does)", path.display());
+    let path = std::env::var_os("MOLTBOT_MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(moltbot_config::default_model_path);
+    assert!(
+        path.is_file(),
+        "model missing at {}: run `cargo xtask model` (cargo xtask test does)",
+        path.display()
+    );
     path
 }
 
@@ -30,11 +36,16 @@ pub fn test_config(dir: &std::path::Path) -> Config {
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 pub async fn listener() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port")
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port")
 }
 
 /// A server process killed on drop, with its data directory.
@@ -60,23 +71,49 @@ fn spawn(program: &str, args: &[&str], port: u16, dir: tempfile::TempDir) -> Ser
         .unwrap_or_else(|e| panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{program} did not listen on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "{program} did not listen on port {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    Server { child, port, _dir: dir }
+    Server {
+        child,
+        port,
+        _dir: dir,
+    }
 }
 
 impl Server {
     pub fn redis() -> Self {
         let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
         let (p, d) = (port.to_string(), dir.path().display().to_string());
-        spawn("redis-server", &["--port", &p, "--bind", "127.0.0.1", "--save", "", "--dir", &d], port, dir)
+        spawn(
+            "redis-server",
+            &[
+                "--port",
+                &p,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                &d,
+            ],
+            port,
+            dir,
+        )
     }
 
     pub fn nats() -> Self {
         let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
         let (p, d) = (port.to_string(), dir.path().display().to_string());
-        spawn("nats-server", &["-js", "-a", "127.0.0.1", "-p", &p, "-sd", &d], port, dir)
+        spawn(
+            "nats-server",
+            &["-js", "-a", "127.0.0.1", "-p", &p, "-sd", &d],
+            port,
+            dir,
+        )
     }
 
     pub fn redis_url(&self) -> String {
@@ -96,23 +133,47 @@ pub struct Http {
 
 impl Http {
     pub fn new(addr: std::net::SocketAddr) -> Self {
-        Self { base: format!("http://{addr}"), client: reqwest::Client::new() }
+        Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+        }
     }
 
     /// POSTs JSON with headers; returns status, headers and the body as JSON (or as a string).
-    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut request = self.client.post(format!("{}{path}", self.base)).header("content-type", "application/json");
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request.body(body.to_owned()).send().await.expect("gateway answers");
+        let response = request
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("gateway answers");
         let (status, headers) = (response.status().as_u16(), response.headers().clone());
         let text = response.text().await.expect("a body");
-        (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self.client.get(format!("{}{path}", self.base)).send().await.expect("gateway answers");
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("gateway answers");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -120,34 +181,72 @@ impl Http {
 
 /// The `data:` payloads of an SSE body.
 pub fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n").filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned)).collect()
+    body.split("\n\n")
+        .filter_map(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// The checks both shapes must pass: a two-turn conversation whose second prompt holds the first turn.
 /// Returns the session id.
 pub async fn two_turn_conversation(http: &Http) -> String {
-    let (status, _, first) =
-        http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"What is 2+2?","temperature":0}"#).await;
+    let (status, _, first) = http
+        .post(
+            "/api/chat",
+            &[("x-user-id", "alice")],
+            r#"{"message":"What is 2+2?","temperature":0}"#,
+        )
+        .await;
     assert_eq!(status, 200, "{first}");
-    let session = first["session_id"].as_str().expect("a session id").to_owned();
-    assert!(!first["message"]["content"].as_str().unwrap().is_empty(), "{first}");
+    let session = first["session_id"]
+        .as_str()
+        .expect("a session id")
+        .to_owned();
+    assert!(
+        !first["message"]["content"].as_str().unwrap().is_empty(),
+        "{first}"
+    );
     let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
     let first_answer = first["usage"]["completion_tokens"].as_u64().unwrap();
 
     // The second turn goes through the OpenAI endpoint with the session header, streaming.
     let body = r#"{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"And 3+3?"}],"stream":true,"temperature":0,"stream_options":{"include_usage":true}}"#;
-    let (status, headers, streamed) =
-        http.post("/v1/chat/completions", &[("x-user-id", "alice"), ("x-session-id", &session)], body).await;
+    let (status, headers, streamed) = http
+        .post(
+            "/v1/chat/completions",
+            &[("x-user-id", "alice"), ("x-session-id", &session)],
+            body,
+        )
+        .await;
     assert_eq!(status, 200, "{streamed}");
     assert_eq!(headers["content-type"], "text/event-stream");
     let events = sse_data(streamed.as_str().unwrap());
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
-    let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str(e).ok())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert!(!text.is_empty(), "{events:?}");
-    let usage = chunks.iter().find_map(|c| c.get("usage").filter(|u| !u.is_null())).expect("a usage chunk");
+    let usage = chunks
+        .iter()
+        .find_map(|c| c.get("usage").filter(|u| !u.is_null()))
+        .expect("a usage chunk");
     // The second prompt holds the first question and answer, plus the new question.
     let second_prompt = usage["prompt_tokens"].as_u64().unwrap();
-    assert!(second_prompt > first_prompt + first_answer, "turn 2 prompt {second_prompt} vs turn 1 {first_prompt}+{first_answer}");
+    assert!(
+        second_prompt > first_prompt + first_answer,
+        "turn 2 prompt {second_prompt} vs turn 1 {first_prompt}+{first_answer}"
+    );
     session
 }

@@ -23,51 +23,86 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
     };
     let mut tasks = vec![];
 
-    let backend = moltbot_session_store::open_backend(&config.session_store).await.unwrap();
+    let backend = moltbot_session_store::open_backend(&config.session_store)
+        .await
+        .unwrap();
     let session_listener = listener().await;
     let session_url = format!("http://{}", session_listener.local_addr().unwrap());
-    tasks.push(tokio::spawn(moltbot_session_store::run(session_listener, backend, stopped())));
+    tasks.push(tokio::spawn(moltbot_session_store::run(
+        session_listener,
+        backend,
+        stopped(),
+    )));
 
     let mut worker_urls = vec![];
     for name in ["worker-a", "worker-b"] {
         let mut worker_config = config.inference_worker.clone();
         worker_config.worker_id = name.into();
         let engine = moltbot_inference_worker::load_engine(&config).unwrap();
-        let worker = moltbot_inference_worker::Worker::new(engine, &worker_config, config.model_provider.max_tokens);
-        let queue = JobQueue::Nats(NatsQueue::connect(&config.queue.nats_url, 64).await.unwrap());
+        let worker = moltbot_inference_worker::Worker::new(
+            engine,
+            &worker_config,
+            config.model_provider.max_tokens,
+        );
+        let queue = JobQueue::nats(&config.queue.nats_url, 64).await.unwrap();
         let l = listener().await;
         worker_urls.push(format!("http://{}", l.local_addr().unwrap()));
-        tasks.push(tokio::spawn(moltbot_inference_worker::run(l, worker, queue, stopped())));
+        tasks.push(tokio::spawn(moltbot_inference_worker::run(
+            l,
+            worker,
+            queue,
+            stopped(),
+        )));
     }
 
-    let sessions = moltbot_dialogue_manager::connect_session_store(&session_url).await.unwrap();
-    let queue = JobQueue::Nats(NatsQueue::connect(&config.queue.nats_url, 64).await.unwrap());
+    let sessions = moltbot_dialogue_manager::connect_session_store(&session_url)
+        .await
+        .unwrap();
+    let queue = JobQueue::nats(&config.queue.nats_url, 64).await.unwrap();
     let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
     let dm_listener = listener().await;
     let dm_url = format!("http://{}", dm_listener.local_addr().unwrap());
-    tasks.push(tokio::spawn(moltbot_dialogue_manager::run(dm_listener, dialogue, stopped())));
+    tasks.push(tokio::spawn(moltbot_dialogue_manager::run(
+        dm_listener,
+        dialogue,
+        stopped(),
+    )));
 
     let gw_listener = listener().await;
     let http = Http::new(gw_listener.local_addr().unwrap());
     let client = moltbot_gateway::dialogue_client(&dm_url).unwrap();
     let gateway_config = config.gateway.clone();
     let gw_stop = stopped();
-    tasks.push(tokio::spawn(async move { moltbot_gateway::run(gw_listener, &gateway_config, client, gw_stop).await }));
+    tasks.push(tokio::spawn(async move {
+        moltbot_gateway::run(gw_listener, &gateway_config, client, gw_stop).await
+    }));
 
     let session = two_turn_conversation(&http).await;
 
     // The session is in Redis, readable by anyone who looks: both questions and both answers, in order.
     let redis = redis::Client::open(redis_server.redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let owner: String = conn.hget(format!("moltbot:session:{session}"), "user_id").await.unwrap();
+    let owner: String = conn
+        .hget(format!("moltbot:session:{session}"), "user_id")
+        .await
+        .unwrap();
     assert_eq!(owner, "alice");
-    let stored: Vec<String> = conn.lrange(format!("moltbot:session:{session}:messages"), 0, -1).await.unwrap();
-    let stored: Vec<serde_json::Value> = stored.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
+    let stored: Vec<String> = conn
+        .lrange(format!("moltbot:session:{session}:messages"), 0, -1)
+        .await
+        .unwrap();
+    let stored: Vec<serde_json::Value> = stored
+        .iter()
+        .map(|m| serde_json::from_str(m).unwrap())
+        .collect();
     let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert_eq!(stored[0]["content"], "What is 2+2?");
     assert_eq!(stored[2]["content"], "And 3+3?");
-    let ttl: i64 = conn.ttl(format!("moltbot:session:{session}")).await.unwrap();
+    let ttl: i64 = conn
+        .ttl(format!("moltbot:session:{session}"))
+        .await
+        .unwrap();
     assert!(ttl > 0 && ttl <= 1800, "sessions expire (ttl {ttl})");
 
     // Concurrent chats spread over both workers: each pulls only when it has a free slot.
@@ -79,8 +114,16 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
     }
     for url in &worker_urls {
         let mut client = InferenceClient::connect(url.clone()).await.unwrap();
-        let info = client.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner();
-        assert!(info.jobs_completed >= 1, "{} took no job: {info:?}", info.worker_id);
+        let info = client
+            .get_model_info(GetModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            info.jobs_completed >= 1,
+            "{} took no job: {info:?}",
+            info.worker_id
+        );
     }
 
     stop.cancel();
@@ -93,9 +136,23 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
 async fn unreachable_redis_and_nats_fail_start_up_with_the_fix() {
     let mut config = moltbot_config::Config::default();
     config.session_store.redis.url = format!("redis://127.0.0.1:{}", moltbot_tests::free_port());
-    let err = moltbot_session_store::open_backend(&config.session_store).await.err().expect("redis is down").to_string();
-    assert!(err.contains("not reachable") && err.contains("redis-server"), "{err}");
+    let err = moltbot_session_store::open_backend(&config.session_store)
+        .await
+        .err()
+        .expect("redis is down")
+        .to_string();
+    assert!(
+        err.contains("not reachable") && err.contains("redis-server"),
+        "{err}"
+    );
     let url = format!("nats://127.0.0.1:{}", moltbot_tests::free_port());
-    let err = NatsQueue::connect(&url, 8).await.err().expect("nats is down").to_string();
-    assert!(err.contains("not reachable") && err.contains("nats-server -js"), "{err}");
+    let err = NatsQueue::connect(&url, 8)
+        .await
+        .err()
+        .expect("nats is down")
+        .to_string();
+    assert!(
+        err.contains("not reachable") && err.contains("nats-server -js"),
+        "{err}"
+    );
 }

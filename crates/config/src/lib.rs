@@ -24,7 +24,7 @@ pub enum Error {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub gateway: GatewayConfig,
@@ -34,20 +34,6 @@ pub struct Config {
     pub model_provider: ModelProviderConfig,
     pub queue: QueueConfig,
     pub log: LogConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            gateway: GatewayConfig::default(),
-            dialogue_manager: DialogueManagerConfig::default(),
-            session_store: SessionStoreConfig::default(),
-            inference_worker: InferenceWorkerConfig::default(),
-            model_provider: ModelProviderConfig::default(),
-            queue: QueueConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,7 +130,11 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".into(), pool_size: 16, key_prefix: "moltbot".into() }
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            pool_size: 16,
+            key_prefix: "moltbot".into(),
+        }
     }
 }
 
@@ -158,7 +148,10 @@ pub struct InferenceWorkerConfig {
 
 impl Default for InferenceWorkerConfig {
     fn default() -> Self {
-        Self { listen: ([127, 0, 0, 1], 50053).into(), worker_id: String::new() }
+        Self {
+            listen: ([127, 0, 0, 1], 50053).into(),
+            worker_id: String::new(),
+        }
     }
 }
 
@@ -221,12 +214,18 @@ pub struct ProviderAuth {
 impl ModelProviderConfig {
     /// `type`, else `provider_type`, else `local_llm`.
     pub fn provider(&self) -> ProviderType {
-        self.kind.or(self.provider_type).unwrap_or(ProviderType::LocalLlm)
+        self.kind
+            .or(self.provider_type)
+            .unwrap_or(ProviderType::LocalLlm)
     }
 
     /// The GGUF file to load: `model_path`, or the default model in the user's cache.
     pub fn resolved_model_path(&self) -> PathBuf {
-        if self.model_path.as_os_str().is_empty() { default_model_path() } else { self.model_path.clone() }
+        if self.model_path.as_os_str().is_empty() {
+            default_model_path()
+        } else {
+            self.model_path.clone()
+        }
     }
 }
 
@@ -243,7 +242,11 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { nats_url: "nats://127.0.0.1:4222".into(), max_pending_jobs: 1024, job_timeout: 300 }
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            max_pending_jobs: 1024,
+            job_timeout: 300,
+        }
     }
 }
 
@@ -258,7 +261,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), json: false }
+        Self {
+            level: "info".into(),
+            json: false,
+        }
     }
 }
 
@@ -307,10 +313,15 @@ impl Config {
             figment = figment.merge(Yaml::file_exact(path));
             let beside = path.with_file_name("model_provider.yaml");
             if beside.is_file() {
-                let text = std::fs::read_to_string(&beside)
-                    .map_err(|e| Error::File { path: beside.clone(), message: e.to_string() })?;
-                let value: serde_yaml::Value = serde_yaml::from_str(&text)
-                    .map_err(|e| Error::File { path: beside.clone(), message: e.to_string() })?;
+                let text = std::fs::read_to_string(&beside).map_err(|e| Error::File {
+                    path: beside.clone(),
+                    message: e.to_string(),
+                })?;
+                let value: serde_yaml::Value =
+                    serde_yaml::from_str(&text).map_err(|e| Error::File {
+                        path: beside.clone(),
+                        message: e.to_string(),
+                    })?;
                 figment = figment.merge(Serialized::global("model_provider", value));
             }
         }
@@ -320,7 +331,12 @@ impl Config {
     /// Extracts and validates a configuration from any figment (tests build one from strings).
     pub fn from_figment(figment: &Figment) -> Result<Self> {
         let config: Config = figment.extract().map_err(|e| {
-            Error::Invalid(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+            Error::Invalid(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -348,13 +364,19 @@ impl Config {
         if self.model_provider.max_tokens == 0 {
             return bad("model_provider.max_tokens", "must be at least 1");
         }
-        if let (Some(a), Some(b)) = (self.model_provider.kind, self.model_provider.provider_type) {
-            if a != b {
-                return bad("model_provider.type", "disagrees with model_provider.provider_type; set one of them");
-            }
+        if let (Some(a), Some(b)) = (self.model_provider.kind, self.model_provider.provider_type)
+            && a != b
+        {
+            return bad(
+                "model_provider.type",
+                "disagrees with model_provider.provider_type; set one of them",
+            );
         }
         if self.model_provider.provider() == ProviderType::RemoteApi {
-            return bad("model_provider.type", "remote_api is not available yet; use local_llm");
+            return bad(
+                "model_provider.type",
+                "remote_api is not available yet; use local_llm",
+            );
         }
         if !matches!(self.model_provider.quantization.as_str(), "none" | "") {
             return bad(
@@ -374,7 +396,9 @@ mod tests {
     use super::*;
 
     fn load(yaml: &str) -> Result<Config> {
-        Config::from_figment(&Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)))
+        Config::from_figment(
+            &Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)),
+        )
     }
 
     #[test]
@@ -393,24 +417,41 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key_and_the_allowed_ones() {
-        let err = load("session_store:\n  session_store_type: mongo").unwrap_err().to_string();
-        assert!(err.contains("session_store_type") && err.contains("redis"), "{err}");
-        let err = load("gateway:\n  max_concurrent_requests: 0").unwrap_err().to_string();
+        let err = load("session_store:\n  session_store_type: mongo")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("session_store_type") && err.contains("redis"),
+            "{err}"
+        );
+        let err = load("gateway:\n  max_concurrent_requests: 0")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gateway.max_concurrent_requests"), "{err}");
     }
 
     #[test]
     fn seed_keys_keep_their_names() {
-        let c = load("model_provider:\n  provider_type: local_llm\n  max_tokens: 512\n  gpu_layers: 24").unwrap();
-        assert_eq!((c.model_provider.max_tokens, c.model_provider.gpu_layers), (512, 24));
+        let c = load(
+            "model_provider:\n  provider_type: local_llm\n  max_tokens: 512\n  gpu_layers: 24",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.model_provider.max_tokens, c.model_provider.gpu_layers),
+            (512, 24)
+        );
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MOLTBOT_SESSION_STORE__SESSION_TTL", "60");
             jail.create_file("moltbot.yaml", "gateway:\n  listen: 127.0.0.1:9000\n")?;
-            jail.create_file("model_provider.yaml", "provider_type: local_llm\nmax_tokens: 99\n")?;
+            jail.create_file(
+                "model_provider.yaml",
+                "provider_type: local_llm\nmax_tokens: 99\n",
+            )?;
             let c = Config::load(Some(Path::new("moltbot.yaml"))).unwrap();
             assert_eq!(c.session_store.session_ttl, 60);
             assert_eq!(c.gateway.listen.port(), 9000);

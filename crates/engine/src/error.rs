@@ -6,7 +6,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("ModelLoadError: model file {path} not found; run `cargo xtask model` to fetch the default model or set model_provider.model_path")]
+    #[error(
+        "ModelLoadError: model file {path} not found; run `cargo xtask model` to fetch the default model or set model_provider.model_path"
+    )]
     ModelNotFound { path: PathBuf },
     #[error("ModelLoadError: cannot read {path}: {message}")]
     ModelLoad { path: PathBuf, message: String },
@@ -19,7 +21,10 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("prompt has {prompt_tokens} tokens but the model's context window is {context_length}")]
-    PromptTooLong { prompt_tokens: usize, context_length: usize },
+    PromptTooLong {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
     #[error("the engine has stopped")]
     Stopped,
     #[error("model execution failed: {0}")]

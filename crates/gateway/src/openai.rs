@@ -11,7 +11,10 @@ use moltbot_proto::dialogue::v1::{ChatRequest, DialogueMode, ListModelsRequest, 
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, native::async_stream, to_proto_messages};
+use crate::{
+    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason,
+    native::async_stream, to_proto_messages,
+};
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
@@ -32,7 +35,9 @@ pub struct StreamOptions {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub async fn chat_completions(
@@ -46,7 +51,8 @@ pub async fn chat_completions(
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
     }
     let messages = to_proto_messages(
-        body.messages.ok_or_else(|| ApiError::bad_request("messages is required", Some("messages")))?,
+        body.messages
+            .ok_or_else(|| ApiError::bad_request("messages is required", Some("messages")))?,
     )?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = ChatRequest {
@@ -101,7 +107,11 @@ pub async fn chat_completions(
         };
         let send = |value: serde_json::Value| {
             let tx = tx.clone();
-            async move { tx.send(Event::default().json_data(value).unwrap_or_default()).await.is_ok() }
+            async move {
+                tx.send(Event::default().json_data(value).unwrap_or_default())
+                    .await
+                    .is_ok()
+            }
         };
         if !send(chunk(json!({ "role": "assistant", "content": "" }), None)).await {
             return;
@@ -147,16 +157,24 @@ pub async fn chat_completions(
 }
 
 fn session_header(response: &mut Response, session_id: &str) {
-    if let Ok(value) = session_id.parse() {
-        if !session_id.is_empty() {
-            response.headers_mut().insert("x-session-id", value);
-        }
+    if !session_id.is_empty()
+        && let Ok(value) = session_id.parse()
+    {
+        response.headers_mut().insert("x-session-id", value);
     }
 }
 
 pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let models = state.dialogue.clone().list_models(ListModelsRequest {}).await?.into_inner().models;
-    let data: Vec<_> =
-        models.iter().map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "moltbot" })).collect();
+    let models = state
+        .dialogue
+        .clone()
+        .list_models(ListModelsRequest {})
+        .await?
+        .into_inner()
+        .models;
+    let data: Vec<_> = models
+        .iter()
+        .map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "moltbot" }))
+        .collect();
     Ok(Json(json!({ "object": "list", "data": data })))
 }

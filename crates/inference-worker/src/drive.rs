@@ -6,8 +6,8 @@ use moltbot_engine::{ChatMessage, GenerationEvent, GenerationRequest, Prompt, Sa
 use moltbot_proto::{
     common::v1::{FinishReason, Usage},
     inference::v1::{
-        Error as ErrorEvent, Finished, GenerateEvent, GenerateRequest, Heartbeat, Started, Token, generate_event::Event,
-        generate_request::Input,
+        Error as ErrorEvent, Finished, GenerateEvent, GenerateRequest, Heartbeat, Started, Token,
+        generate_event::Event, generate_request::Input,
     },
 };
 use tokio::sync::mpsc::Sender;
@@ -27,16 +27,25 @@ fn event(e: Event) -> GenerateEvent {
 }
 
 fn error(code: i32, message: impl Into<String>) -> GenerateEvent {
-    event(Event::Error(ErrorEvent { code, message: message.into() }))
+    event(Event::Error(ErrorEvent {
+        code,
+        message: message.into(),
+    }))
 }
 
 /// Translates a wire request into an engine request, applying the worker's defaults and caps.
-pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<GenerationRequest, String> {
+pub fn engine_request(
+    request: GenerateRequest,
+    max_tokens_cap: u32,
+) -> Result<GenerationRequest, String> {
     let prompt = match request.input {
         Some(Input::Prompt(text)) => Prompt::Text(text),
-        Some(Input::Chat(chat)) => {
-            Prompt::Chat(chat.messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect())
-        }
+        Some(Input::Chat(chat)) => Prompt::Chat(
+            chat.messages
+                .into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content))
+                .collect(),
+        ),
         None => return Err("the request has no input".into()),
     };
     let defaults = SamplingParams::default();
@@ -63,18 +72,32 @@ pub async fn drive(
     out: Sender<GenerateEvent>,
 ) {
     let request_id = request.request_id.clone();
-    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
     if deadline_ms > 0 && now_ms() > deadline_ms {
         tracing::info!(%request_id, "dropping a job past its deadline");
-        let _ = out.send(error(DEADLINE_EXCEEDED, "the request's deadline passed while it waited in the queue")).await;
+        let _ = out
+            .send(error(
+                DEADLINE_EXCEEDED,
+                "the request's deadline passed while it waited in the queue",
+            ))
+            .await;
         return;
     }
     if !request.model.is_empty() && request.model != worker.engine.name() {
-        let message = format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.engine.name());
+        let message = format!(
+            "model `{}` is not served by this worker (it serves `{}`)",
+            request.model,
+            worker.engine.name()
+        );
         let _ = out.send(error(INVALID_ARGUMENT, message)).await;
         return;
     }
-    let submitted = engine_request(request, worker.max_tokens).and_then(|r| worker.engine.submit(r).map_err(|e| e.to_string()));
+    let submitted = engine_request(request, worker.max_tokens)
+        .and_then(|r| worker.engine.submit(r).map_err(|e| e.to_string()));
     let mut generation = match submitted {
         Ok(g) => g,
         Err(message) => {
@@ -82,7 +105,10 @@ pub async fn drive(
             return;
         }
     };
-    let started = Started { worker_id: worker.id.clone(), prompt_tokens: generation.prompt_tokens };
+    let started = Started {
+        worker_id: worker.id.clone(),
+        prompt_tokens: generation.prompt_tokens,
+    };
     if out.send(event(Event::Started(started))).await.is_err() {
         return;
     }

@@ -28,7 +28,11 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
     Engine::load(EngineConfig {
         model_path: provider.resolved_model_path(),
         name: Some(model_name(config)),
-        device: if provider.gpu_layers > 0 { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu },
+        device: if provider.gpu_layers > 0 {
+            DeviceChoice::Cuda(0)
+        } else {
+            DeviceChoice::Cpu
+        },
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
     })
 }
@@ -55,7 +59,12 @@ impl Worker {
         } else {
             config.worker_id.clone()
         };
-        Self { engine, id, max_tokens, jobs_completed: Arc::default() }
+        Self {
+            engine,
+            id,
+            max_tokens,
+            jobs_completed: Arc::default(),
+        }
     }
 
     pub fn jobs_completed(&self) -> u64 {
@@ -96,9 +105,17 @@ impl Worker {
     }
 
     async fn run_job(&self, received: moltbot_queue::ReceivedJob) {
-        let Some(request) = received.job.request.clone() else { return };
+        let Some(request) = received.job.request.clone() else {
+            return;
+        };
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let driver = drive(self.clone(), request, received.job.deadline_ms, received.cancelled.clone(), tx);
+        let driver = drive(
+            self.clone(),
+            request,
+            received.job.deadline_ms,
+            received.cancelled.clone(),
+            tx,
+        );
         let forward = async {
             while let Some(event) = rx.recv().await {
                 if let Err(e) = received.publish(event).await {
@@ -122,7 +139,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
-    let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
+    let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(
+        InferenceService::new(worker),
+    );
     let grpc = moltbot_proto::server::serve(listener, service, {
         let stop = stop.clone();
         async move {

@@ -3,7 +3,9 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
+use moltbot_engine::{
+    Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,7 +27,12 @@ pub struct Args {
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams { temperature: 0.0, repetition_penalty: 1.0, max_tokens, ..Default::default() }
+    SamplingParams {
+        temperature: 0.0,
+        repetition_penalty: 1.0,
+        max_tokens,
+        ..Default::default()
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -39,17 +46,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
-    let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
-    let engine = Engine::load(EngineConfig { model_path, name: None, device: Default::default(), max_context: None })?;
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(moltbot_config::default_model_path);
+    let engine = Engine::load(EngineConfig {
+        model_path,
+        name: None,
+        device: Default::default(),
+        max_context: None,
+    })?;
     // A 64-token prompt, as in the brief's reference figures.
     let words = "the quick brown fox jumps over the lazy dog while a bird sings ".repeat(8);
     let ids = engine.tokenizer().encode(&words)?;
     let prompt = engine.tokenizer().decode(&ids[..64], false)?;
-    let warm = engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?;
+    let warm = engine.submit(GenerationRequest {
+        prompt: Prompt::Text("Hi".into()),
+        sampling: greedy(2),
+    })?;
     warm.collect().await?;
 
     let start = Instant::now();
-    let mut g = engine.submit(GenerationRequest { prompt: Prompt::Text(prompt.clone()), sampling: greedy(args.tokens) })?;
+    let mut g = engine.submit(GenerationRequest {
+        prompt: Prompt::Text(prompt.clone()),
+        sampling: greedy(args.tokens),
+    })?;
     let prompt_tokens = g.prompt_tokens;
     let mut first = None;
     let mut produced = 0u32;
@@ -65,14 +86,25 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     }
     let total = start.elapsed();
     let first = first.unwrap_or(total);
-    println!("engine prompt processing: {prompt_tokens} tokens in {:.3} s = {:.1} tok/s", first.as_secs_f64(), f64::from(prompt_tokens) / first.as_secs_f64());
+    println!(
+        "engine prompt processing: {prompt_tokens} tokens in {:.3} s = {:.1} tok/s",
+        first.as_secs_f64(),
+        f64::from(prompt_tokens) / first.as_secs_f64()
+    );
     let decode = (total - first).as_secs_f64();
-    println!("engine decode, 1 sequence: {} tokens in {decode:.3} s = {:.1} tok/s", produced - 1, f64::from(produced - 1) / decode);
+    println!(
+        "engine decode, 1 sequence: {} tokens in {decode:.3} s = {:.1} tok/s",
+        produced - 1,
+        f64::from(produced - 1) / decode
+    );
 
     let start = Instant::now();
     let runs: Vec<_> = (0..args.concurrency)
         .map(|i| {
-            let r = GenerationRequest { prompt: Prompt::Text(format!("Story number {i}:")), sampling: greedy(args.tokens) };
+            let r = GenerationRequest {
+                prompt: Prompt::Text(format!("Story number {i}:")),
+                sampling: greedy(args.tokens),
+            };
             engine.submit(r).map(|g| g.collect())
         })
         .collect::<Result<_, _>>()?;
@@ -81,7 +113,11 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         tokens += run?.2.completion_tokens;
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("engine decode, {} sequences: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate", args.concurrency, f64::from(tokens) / secs);
+    println!(
+        "engine decode, {} sequences: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate",
+        args.concurrency,
+        f64::from(tokens) / secs
+    );
     Ok(())
 }
 
@@ -116,7 +152,10 @@ async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
             anyhow::Ok((ttft.unwrap_or_else(|| sent.elapsed()), tokens))
         }
     });
-    let results = futures::future::join_all(chats).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let results = futures::future::join_all(chats)
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let secs = start.elapsed().as_secs_f64();
     let tokens: u64 = results.iter().map(|r| r.1).sum();
     let mut ttfts: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64()).collect();

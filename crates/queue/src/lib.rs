@@ -28,7 +28,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("the job queue is full ({0} jobs waiting); retry later")]
     Full(i64),
-    #[error("NATS at {url} is not reachable: {message}; start it with `nats-server -js` or set queue.nats_url")]
+    #[error(
+        "NATS at {url} is not reachable: {message}; start it with `nats-server -js` or set queue.nats_url"
+    )]
     Connect { url: String, message: String },
     #[error("job queue error: {0}")]
     Nats(String),
@@ -45,17 +47,38 @@ pub fn job_subject(model: &str) -> String {
 
 /// Model names may hold characters NATS subjects cannot (`.`, `*`, `>`, spaces).
 fn subject_token(model: &str) -> String {
-    model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// A queue either backend serves; cheap to clone.
 #[derive(Clone)]
 pub enum JobQueue {
-    Nats(NatsQueue),
+    Nats(Box<NatsQueue>),
     Local(LocalQueue),
 }
 
 impl JobQueue {
+    /// The NATS backend: connects and makes sure the job stream exists.
+    pub async fn nats(url: &str, max_pending_jobs: i64) -> Result<Self> {
+        Ok(Self::Nats(Box::new(
+            NatsQueue::connect(url, max_pending_jobs).await?,
+        )))
+    }
+
+    /// The in-process backend.
+    pub fn local(max_pending_jobs: i64) -> Self {
+        Self::Local(LocalQueue::new(max_pending_jobs))
+    }
+
     /// Queues a job and returns its events. Dropping the events cancels the job.
     pub async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
         match self {
@@ -67,7 +90,7 @@ impl JobQueue {
     /// A consumer of `model`'s jobs, for a worker.
     pub async fn consumer(&self, model: &str) -> Result<JobConsumer> {
         match self {
-            Self::Nats(q) => Ok(JobConsumer::Nats(q.consumer(model).await?)),
+            Self::Nats(q) => Ok(JobConsumer::Nats(Box::new(q.consumer(model).await?))),
             Self::Local(q) => Ok(JobConsumer::Local(q.clone())),
         }
     }
@@ -83,7 +106,9 @@ pub struct JobEvents {
 impl JobEvents {
     /// The next event, or `None` when none came within `timeout` (`Some(Err)` on a broken queue).
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Result<GenerateEvent>> {
-        tokio::time::timeout(timeout, self.stream.next()).await.unwrap_or(None)
+        tokio::time::timeout(timeout, self.stream.next())
+            .await
+            .unwrap_or(None)
     }
 
     /// Wait without a time limit (the caller enforces its own).
@@ -94,7 +119,7 @@ impl JobEvents {
 
 /// A worker's view of the queue.
 pub enum JobConsumer {
-    Nats(nats::NatsConsumer),
+    Nats(Box<nats::NatsConsumer>),
     Local(LocalQueue),
 }
 
@@ -116,7 +141,10 @@ pub struct ReceivedJob {
 }
 
 enum EventSink {
-    Nats { client: async_nats::Client, subject: String },
+    Nats {
+        client: async_nats::Client,
+        subject: String,
+    },
     Local(tokio::sync::mpsc::UnboundedSender<Result<GenerateEvent>>),
 }
 
@@ -124,7 +152,10 @@ impl ReceivedJob {
     pub async fn publish(&self, event: GenerateEvent) -> Result<()> {
         match &self.sink {
             EventSink::Nats { client, subject } => client
-                .publish(subject.clone(), moltbot_proto::Message::encode_to_vec(&event).into())
+                .publish(
+                    subject.clone(),
+                    moltbot_proto::Message::encode_to_vec(&event).into(),
+                )
                 .await
                 .map_err(|e| Error::Nats(e.to_string())),
             EventSink::Local(tx) => tx.send(Ok(event)).map_err(|_| Error::Closed),

@@ -27,7 +27,10 @@ pub struct NatsQueue {
 impl NatsQueue {
     /// Connects and makes sure the job stream exists.
     pub async fn connect(url: &str, max_pending: i64) -> Result<Self> {
-        let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: url.into(), message: e.to_string() };
+        let connect_err = |e: &dyn std::fmt::Display| Error::Connect {
+            url: url.into(),
+            message: e.to_string(),
+        };
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(Some(3))
@@ -54,40 +57,68 @@ impl NatsQueue {
             url: url.into(),
             message: format!("JetStream is not usable ({e}); run nats-server with -js"),
         })?;
-        Ok(Self { client, js, max_pending })
+        Ok(Self {
+            client,
+            js,
+            max_pending,
+        })
     }
 
     pub(crate) async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
-        let request = job.request.as_ref().ok_or(Error::Nats("job without a request".into()))?;
+        let request = job
+            .request
+            .as_ref()
+            .ok_or(Error::Nats("job without a request".into()))?;
         let request_id = request.request_id.clone();
         let subject = job_subject(&request.model);
         let mut job = job;
         job.reply_subject = format!("moltbot.events.{}", subject_token(&request_id));
         // Subscribe before publishing so that no event can be missed.
-        let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let events = self
+            .client
+            .subscribe(job.reply_subject.clone())
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
         let publish = jetstream::message::PublishMessage::build()
             .payload(job.encode_to_vec().into())
             .message_id(format!("{request_id}-{}", job.attempt));
-        let ack = self.js.send_publish(subject, publish).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let ack = self
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
         ack.await.map_err(|e| match e.kind() {
-            PublishErrorKind::Other if e.to_string().contains("maximum messages") => Error::Full(self.max_pending),
+            PublishErrorKind::Other if e.to_string().contains("maximum messages") => {
+                Error::Full(self.max_pending)
+            }
             _ => Error::Nats(e.to_string()),
         })?;
         let cancelled = CancellationToken::new();
         let (client, token) = (self.client.clone(), cancelled.clone());
         tokio::spawn(async move {
             token.cancelled().await;
-            let cancel = CancelJob { request_id: request_id.clone() };
+            let cancel = CancelJob {
+                request_id: request_id.clone(),
+            };
             let subject = format!("moltbot.cancel.{}", subject_token(&request_id));
             let _ = client.publish(subject, cancel.encode_to_vec().into()).await;
         });
-        let stream = events.map(|m| GenerateEvent::decode(m.payload).map_err(Error::from)).boxed();
-        Ok(JobEvents { stream, _cancel_on_drop: cancelled.drop_guard() })
+        let stream = events
+            .map(|m| GenerateEvent::decode(m.payload).map_err(Error::from))
+            .boxed();
+        Ok(JobEvents {
+            stream,
+            _cancel_on_drop: cancelled.drop_guard(),
+        })
     }
 
     pub(crate) async fn consumer(&self, model: &str) -> Result<NatsConsumer> {
         let name = format!("workers-{}", subject_token(model));
-        let stream = self.js.get_stream(STREAM).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let stream = self
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
         let consumer = stream
             .get_or_create_consumer(
                 &name,
@@ -101,7 +132,10 @@ impl NatsQueue {
             )
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
-        Ok(NatsConsumer { client: self.client.clone(), consumer })
+        Ok(NatsConsumer {
+            client: self.client.clone(),
+            consumer,
+        })
     }
 }
 
@@ -121,10 +155,15 @@ impl NatsConsumer {
                 .messages()
                 .await
                 .map_err(|e| Error::Nats(e.to_string()))?;
-            let Some(message) = batch.next().await else { continue };
+            let Some(message) = batch.next().await else {
+                continue;
+            };
             let message = message.map_err(|e| Error::Nats(e.to_string()))?;
             // Taken: the dialogue-manager watches liveness from here on.
-            message.ack().await.map_err(|e| Error::Nats(e.to_string()))?;
+            message
+                .ack()
+                .await
+                .map_err(|e| Error::Nats(e.to_string()))?;
             let job = match InferenceJob::decode(message.payload.clone()) {
                 Ok(job) => job,
                 Err(e) => {
@@ -132,7 +171,11 @@ impl NatsConsumer {
                     continue;
                 }
             };
-            let request_id = job.request.as_ref().map(|r| r.request_id.clone()).unwrap_or_default();
+            let request_id = job
+                .request
+                .as_ref()
+                .map(|r| r.request_id.clone())
+                .unwrap_or_default();
             let cancelled = CancellationToken::new();
             let mut cancels = self
                 .client
@@ -146,8 +189,15 @@ impl NatsConsumer {
                     () = token.cancelled() => {}
                 }
             });
-            let sink = EventSink::Nats { client: self.client.clone(), subject: job.reply_subject.clone() };
-            return Ok(ReceivedJob { job, cancelled, sink });
+            let sink = EventSink::Nats {
+                client: self.client.clone(),
+                subject: job.reply_subject.clone(),
+            };
+            return Ok(ReceivedJob {
+                job,
+                cancelled,
+                sink,
+            });
         }
     }
 }
