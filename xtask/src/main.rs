@@ -165,10 +165,11 @@ fn dev() -> anyhow::Result<()> {
     model()?;
     require("redis-server")?;
     require("nats-server")?;
-    status(cargo().args(["build", "--release", "--bins"]))?;
+    // The dev profile optimizes dependencies and the engine, and shares artifacts with `cargo xtask test`.
+    status(cargo().args(["build", "--bins"]))?;
     let state = root().join(".moltbot-dev");
     std::fs::create_dir_all(state.join("nats"))?;
-    let bin = |name: &str| root().join("target/release").join(name);
+    let bin = |name: &str| root().join("target/debug").join(name);
     let config = root().join("config/config.example.yaml");
     let mut children = Children(vec![]);
     children.0.push(
