@@ -13,14 +13,10 @@ use serde_json::Value;
 
 /// The default model; panics with what to run when it is missing.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("MOLTBOT_MODEL_PATH")
+    let path = std::env::var_os("MOLTBOT_MODEL_PROVIDER__MODEL_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(moltbot_config::default_model_path);
-    assert!(
-        path.is_file(),
-        "model missing at {}: run `cargo xtask model` (cargo xtask test does)",
-        path.display()
-    );
+    assert!(path.is_file(), "model missing at {}: run `cargo xtask model` (cargo xtask test does)", path.display());
     path
 }
 
@@ -36,16 +32,11 @@ pub fn test_config(dir: &std::path::Path) -> Config {
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 pub async fn listener() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port")
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port")
 }
 
 /// A server process killed on drop, with its data directory.
@@ -63,57 +54,29 @@ impl Drop for Server {
 }
 
 fn spawn(program: &str, args: &[&str], port: u16, dir: tempfile::TempDir) -> Server {
-    let child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server"));
+    let child =
+        Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+            panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server")
+        });
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{program} did not listen on port {port}"
-        );
+        assert!(Instant::now() < deadline, "{program} did not listen on port {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Server {
-        child,
-        port,
-        _dir: dir,
-    }
+    Server { child, port, _dir: dir }
 }
 
 impl Server {
     pub fn redis() -> Self {
         let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
         let (p, d) = (port.to_string(), dir.path().display().to_string());
-        spawn(
-            "redis-server",
-            &[
-                "--port",
-                &p,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                &d,
-            ],
-            port,
-            dir,
-        )
+        spawn("redis-server", &["--port", &p, "--bind", "127.0.0.1", "--save", "", "--dir", &d], port, dir)
     }
 
     pub fn nats() -> Self {
         let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
         let (p, d) = (port.to_string(), dir.path().display().to_string());
-        spawn(
-            "nats-server",
-            &["-js", "-a", "127.0.0.1", "-p", &p, "-sd", &d],
-            port,
-            dir,
-        )
+        spawn("nats-server", &["-js", "-a", "127.0.0.1", "-p", &p, "-sd", &d], port, dir)
     }
 
     pub fn redis_url(&self) -> String {
@@ -126,6 +89,7 @@ impl Server {
 }
 
 /// A client for one gateway.
+#[derive(Clone)]
 pub struct Http {
     pub base: String,
     pub client: reqwest::Client,
@@ -133,10 +97,7 @@ pub struct Http {
 
 impl Http {
     pub fn new(addr: std::net::SocketAddr) -> Self {
-        Self {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
-        }
+        Self { base: format!("http://{addr}"), client: reqwest::Client::new() }
     }
 
     /// POSTs JSON with headers; returns status, headers and the body as JSON (or as a string).
@@ -146,34 +107,18 @@ impl Http {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut request = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json");
+        let mut request = self.client.post(format!("{}{path}", self.base)).header("content-type", "application/json");
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request
-            .body(body.to_owned())
-            .send()
-            .await
-            .expect("gateway answers");
+        let response = request.body(body.to_owned()).send().await.expect("gateway answers");
         let (status, headers) = (response.status().as_u16(), response.headers().clone());
         let text = response.text().await.expect("a body");
-        (
-            status,
-            headers,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("gateway answers");
+        let response = self.client.get(format!("{}{path}", self.base)).send().await.expect("gateway answers");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -181,67 +126,32 @@ impl Http {
 
 /// The `data:` payloads of an SSE body.
 pub fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|e| {
-            e.lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .map(str::to_owned)
-        })
-        .collect()
+    body.split("\n\n").filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned)).collect()
 }
 
 /// The checks both shapes must pass: a two-turn conversation whose second prompt holds the first turn.
 /// Returns the session id.
 pub async fn two_turn_conversation(http: &Http) -> String {
-    let (status, _, first) = http
-        .post(
-            "/api/chat",
-            &[("x-user-id", "alice")],
-            r#"{"message":"What is 2+2?","temperature":0}"#,
-        )
-        .await;
+    let (status, _, first) =
+        http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"What is 2+2?","temperature":0}"#).await;
     assert_eq!(status, 200, "{first}");
-    let session = first["session_id"]
-        .as_str()
-        .expect("a session id")
-        .to_owned();
-    assert!(
-        !first["message"]["content"].as_str().unwrap().is_empty(),
-        "{first}"
-    );
+    let session = first["session_id"].as_str().expect("a session id").to_owned();
+    assert!(!first["message"]["content"].as_str().unwrap().is_empty(), "{first}");
     let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
     let first_answer = first["usage"]["completion_tokens"].as_u64().unwrap();
 
     // The second turn goes through the OpenAI endpoint with the session header, streaming.
     let body = r#"{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"And 3+3?"}],"stream":true,"temperature":0,"stream_options":{"include_usage":true}}"#;
-    let (status, headers, streamed) = http
-        .post(
-            "/v1/chat/completions",
-            &[("x-user-id", "alice"), ("x-session-id", &session)],
-            body,
-        )
-        .await;
+    let (status, headers, streamed) =
+        http.post("/v1/chat/completions", &[("x-user-id", "alice"), ("x-session-id", &session)], body).await;
     assert_eq!(status, 200, "{streamed}");
     assert_eq!(headers["content-type"], "text/event-stream");
     let events = sse_data(streamed.as_str().unwrap());
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{events:?}"
-    );
-    let chunks: Vec<Value> = events
-        .iter()
-        .filter_map(|e| serde_json::from_str(e).ok())
-        .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert!(!text.is_empty(), "{events:?}");
-    let usage = chunks
-        .iter()
-        .find_map(|c| c.get("usage").filter(|u| !u.is_null()))
-        .expect("a usage chunk");
+    let usage = chunks.iter().find_map(|c| c.get("usage").filter(|u| !u.is_null())).expect("a usage chunk");
     // The second prompt holds the first question and answer, plus the new question.
     let second_prompt = usage["prompt_tokens"].as_u64().unwrap();
     assert!(
@@ -249,4 +159,103 @@ pub async fn two_turn_conversation(http: &Http) -> String {
         "turn 2 prompt {second_prompt} vs turn 1 {first_prompt}+{first_answer}"
     );
     session
+}
+
+/// The distributed shape in one test process: every service its own server on its own port, the
+/// session-store on a real Redis, workers pulling from a real NATS JetStream.
+pub struct Cluster {
+    pub http: Http,
+    pub config: Config,
+    pub worker_urls: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub redis: Server,
+    pub nats: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts Redis, NATS, the session-store, `workers` inference workers, the dialogue-manager and the gateway.
+    pub async fn start(workers: usize, configure: impl FnOnce(&mut Config)) -> Self {
+        let (redis, nats, dir) = (Server::redis(), Server::nats(), tempfile::tempdir().expect("temp dir"));
+        let mut config = test_config(dir.path());
+        config.session_store.session_store_type = moltbot_config::SessionStoreType::Redis;
+        config.session_store.redis.url = redis.redis_url();
+        config.queue.nats_url = nats.nats_url();
+        configure(&mut config);
+        let mut cluster = Self {
+            http: Http { base: String::new(), client: reqwest::Client::new() },
+            config,
+            worker_urls: vec![],
+            stop: tokio_util::sync::CancellationToken::new(),
+            tasks: vec![],
+            redis,
+            nats,
+            _dir: dir,
+        };
+        let config = cluster.config.clone();
+
+        let backend = moltbot_session_store::open_backend(&config.session_store).await.expect("Redis is up");
+        let session_listener = listener().await;
+        let session_url = format!("http://{}", session_listener.local_addr().unwrap());
+        cluster.spawn(|stop| moltbot_session_store::run(session_listener, backend, stop));
+        for i in 0..workers {
+            cluster.add_worker(&format!("worker-{i}")).await;
+        }
+        let sessions =
+            moltbot_dialogue_manager::connect_session_store(&session_url).await.expect("session-store is up");
+        let queue =
+            moltbot_queue::JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await.expect("NATS");
+        let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
+        let dm_listener = listener().await;
+        let dm_url = format!("http://{}", dm_listener.local_addr().unwrap());
+        cluster.spawn(|stop| moltbot_dialogue_manager::run(dm_listener, dialogue, stop));
+        let gw_listener = listener().await;
+        cluster.http = Http::new(gw_listener.local_addr().unwrap());
+        let client = moltbot_gateway::dialogue_client(&dm_url).unwrap();
+        let gateway_config = config.gateway.clone();
+        cluster.spawn(|stop| async move { moltbot_gateway::run(gw_listener, &gateway_config, client, stop).await });
+        cluster
+    }
+
+    fn spawn<F, Fut>(&mut self, service: F)
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(service(Box::pin(async move { stop.cancelled().await }))));
+    }
+
+    /// Starts one more inference worker with its own gRPC port.
+    pub async fn add_worker(&mut self, id: &str) {
+        let mut worker_config = self.config.inference_worker.clone();
+        worker_config.worker_id = id.into();
+        let engine = moltbot_inference_worker::load_engine(&self.config).expect("the model loads");
+        let worker =
+            moltbot_inference_worker::Worker::new(engine, &worker_config, self.config.model_provider.max_tokens);
+        let queue = moltbot_queue::JobQueue::nats(&self.config.queue.nats_url, 64).await.expect("NATS");
+        let l = listener().await;
+        self.worker_urls.push(format!("http://{}", l.local_addr().unwrap()));
+        self.spawn(|stop| moltbot_inference_worker::run(l, worker, queue, stop));
+    }
+
+    /// Each worker's model info and counters, asked over gRPC.
+    pub async fn worker_info(&self) -> Vec<moltbot_proto::inference::v1::ModelInfo> {
+        use moltbot_proto::inference::v1::{GetModelInfoRequest, inference_client::InferenceClient};
+        let mut out = vec![];
+        for url in &self.worker_urls {
+            let mut client = InferenceClient::connect(url.clone()).await.expect("worker gRPC");
+            out.push(client.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner());
+        }
+        out
+    }
+
+    /// Stops every service gracefully; any service error fails the test.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await.expect("service task").expect("service stops cleanly");
+        }
+    }
 }

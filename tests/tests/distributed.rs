@@ -1,108 +1,32 @@
 //! The distributed shape: real redis-server and nats-server -js processes, and every service as its own
-//! server on its own port — session-store on Redis, two inference workers pulling from JetStream, the
+//! server on its own port — session-store on Redis, inference workers pulling from JetStream, the
 //! dialogue-manager and the gateway — talking over gRPC and NATS.
 
-use moltbot_proto::inference::v1::{GetModelInfoRequest, inference_client::InferenceClient};
+use std::time::Duration;
+
+use moltbot_proto::inference::v1::{GenerateEvent, Started, Token, generate_event::Event};
 use moltbot_queue::{JobQueue, NatsQueue};
-use moltbot_tests::{Http, Server, listener, test_config, two_turn_conversation};
+use moltbot_tests::{Cluster, sse_data, two_turn_conversation};
 use redis::AsyncCommands;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_turns_through_redis_and_nats_with_two_workers() {
-    let (redis_server, nats_server) = (Server::redis(), Server::nats());
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.session_store.session_store_type = moltbot_config::SessionStoreType::Redis;
-    config.session_store.redis.url = redis_server.redis_url();
-    config.queue.nats_url = nats_server.nats_url();
-    let stop = CancellationToken::new();
-    let stopped = || {
-        let stop = stop.clone();
-        async move { stop.cancelled().await }
-    };
-    let mut tasks = vec![];
-
-    let backend = moltbot_session_store::open_backend(&config.session_store)
-        .await
-        .unwrap();
-    let session_listener = listener().await;
-    let session_url = format!("http://{}", session_listener.local_addr().unwrap());
-    tasks.push(tokio::spawn(moltbot_session_store::run(
-        session_listener,
-        backend,
-        stopped(),
-    )));
-
-    let mut worker_urls = vec![];
-    for name in ["worker-a", "worker-b"] {
-        let mut worker_config = config.inference_worker.clone();
-        worker_config.worker_id = name.into();
-        let engine = moltbot_inference_worker::load_engine(&config).unwrap();
-        let worker = moltbot_inference_worker::Worker::new(
-            engine,
-            &worker_config,
-            config.model_provider.max_tokens,
-        );
-        let queue = JobQueue::nats(&config.queue.nats_url, 64).await.unwrap();
-        let l = listener().await;
-        worker_urls.push(format!("http://{}", l.local_addr().unwrap()));
-        tasks.push(tokio::spawn(moltbot_inference_worker::run(
-            l,
-            worker,
-            queue,
-            stopped(),
-        )));
-    }
-
-    let sessions = moltbot_dialogue_manager::connect_session_store(&session_url)
-        .await
-        .unwrap();
-    let queue = JobQueue::nats(&config.queue.nats_url, 64).await.unwrap();
-    let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
-    let dm_listener = listener().await;
-    let dm_url = format!("http://{}", dm_listener.local_addr().unwrap());
-    tasks.push(tokio::spawn(moltbot_dialogue_manager::run(
-        dm_listener,
-        dialogue,
-        stopped(),
-    )));
-
-    let gw_listener = listener().await;
-    let http = Http::new(gw_listener.local_addr().unwrap());
-    let client = moltbot_gateway::dialogue_client(&dm_url).unwrap();
-    let gateway_config = config.gateway.clone();
-    let gw_stop = stopped();
-    tasks.push(tokio::spawn(async move {
-        moltbot_gateway::run(gw_listener, &gateway_config, client, gw_stop).await
-    }));
-
-    let session = two_turn_conversation(&http).await;
+    let cluster = Cluster::start(2, |_| {}).await;
+    let http = &cluster.http;
+    let session = two_turn_conversation(http).await;
 
     // The session is in Redis, readable by anyone who looks: both questions and both answers, in order.
-    let redis = redis::Client::open(redis_server.redis_url()).unwrap();
+    let redis = redis::Client::open(cluster.redis.redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let owner: String = conn
-        .hget(format!("moltbot:session:{session}"), "user_id")
-        .await
-        .unwrap();
+    let owner: String = conn.hget(format!("moltbot:session:{session}"), "user_id").await.unwrap();
     assert_eq!(owner, "alice");
-    let stored: Vec<String> = conn
-        .lrange(format!("moltbot:session:{session}:messages"), 0, -1)
-        .await
-        .unwrap();
-    let stored: Vec<serde_json::Value> = stored
-        .iter()
-        .map(|m| serde_json::from_str(m).unwrap())
-        .collect();
+    let stored: Vec<String> = conn.lrange(format!("moltbot:session:{session}:messages"), 0, -1).await.unwrap();
+    let stored: Vec<serde_json::Value> = stored.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
     let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert_eq!(stored[0]["content"], "What is 2+2?");
     assert_eq!(stored[2]["content"], "And 3+3?");
-    let ttl: i64 = conn
-        .ttl(format!("moltbot:session:{session}"))
-        .await
-        .unwrap();
+    let ttl: i64 = conn.ttl(format!("moltbot:session:{session}")).await.unwrap();
     assert!(ttl > 0 && ttl <= 1800, "sessions expire (ttl {ttl})");
 
     // Concurrent chats spread over both workers: each pulls only when it has a free slot.
@@ -112,47 +36,116 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["object"], "chat.completion");
     }
-    for url in &worker_urls {
-        let mut client = InferenceClient::connect(url.clone()).await.unwrap();
-        let info = client
-            .get_model_info(GetModelInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            info.jobs_completed >= 1,
-            "{} took no job: {info:?}",
-            info.worker_id
-        );
-    }
+    let jobs: Vec<u64> = cluster.worker_info().await.iter().map(|w| w.jobs_completed).collect();
+    assert!(jobs.iter().all(|&n| n >= 1), "every worker takes jobs: {jobs:?}");
+    cluster.stop().await;
+}
 
-    stop.cancel();
-    for task in tasks {
-        task.await.unwrap().unwrap();
+/// Takes the next job like a worker would, reports it started (and optionally a token), then "dies":
+/// no more events, no heartbeats.
+async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
+    let queue = JobQueue::nats(nats_url, 64).await.unwrap();
+    let mut consumer = queue.consumer(model).await.unwrap();
+    let job = consumer.next_job().await.unwrap();
+    let started = Started { worker_id: "doomed".into(), prompt_tokens: 1 };
+    job.publish(GenerateEvent { event: Some(Event::Started(started)) }).await.unwrap();
+    if let Some(text) = token {
+        let token = Token { text: text.into(), token_id: Some(1) };
+        job.publish(GenerateEvent { event: Some(Event::Token(token)) }).await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_answer_is_a_503() {
+    let mut cluster = Cluster::start(0, |c| c.dialogue_manager.worker_timeout = 2).await;
+    let (nats, model) = (cluster.nats.nats_url(), cluster.config.model_provider.model_name.clone());
+    let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4}"#;
+
+    // Dies before streaming anything: the dialogue-manager queues the job again and a live worker answers.
+    let doomed = tokio::spawn({
+        let (nats, model) = (nats.clone(), model.clone());
+        async move { take_job_and_die(&nats, &model, None).await }
+    });
+    let http = cluster.http.clone();
+    let request = http.post("/v1/chat/completions", &[], body);
+    let (result, _) = tokio::join!(request, async {
+        doomed.await.unwrap();
+        cluster.add_worker("rescuer").await;
+    });
+    let (status, _, answer) = result;
+    assert_eq!(status, 200, "{answer}");
+    assert!(!answer["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{answer}");
+
+    // Dies after streaming a token: the answer cannot be completed, so the client gets a clear 503 — within
+    // the worker timeout, not a hang. (The live worker is kept busy so the doomed one takes the job.)
+    let stream_body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#;
+    let (busy_tx, busy) = tokio::sync::oneshot::channel::<()>();
+    let cluster_http = &cluster.http;
+    let keep_busy = async {
+        let long = r#"{"messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":24}"#;
+        let _ = busy_tx.send(());
+        cluster_http.post("/v1/chat/completions", &[], long).await
+    };
+    let doomed = async {
+        busy.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let request = cluster_http.post("/v1/chat/completions", &[], stream_body);
+        let (response, ()) = tokio::join!(request, take_job_and_die(&nats, &model, Some("Hel")));
+        response
+    };
+    let (_, (status, _, streamed)) = tokio::join!(keep_busy, doomed);
+    assert_eq!(status, 200, "streaming had begun: {streamed}");
+    let events = sse_data(streamed.as_str().unwrap());
+    let error = events.iter().find(|e| e.contains("\"error\"")).expect("an error event ends the stream");
+    assert!(error.contains("503") && error.contains("stopped responding"), "{error}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_its_generation() {
+    let cluster = Cluster::start(1, |c| c.model_provider.max_tokens = 3000).await;
+    // Greedy counting runs far longer than this test waits: only a cancel can end the job early.
+    let body = r#"{"messages":[{"role":"user","content":"Count from 1 to 1000, separated by commas."}],"max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}"#;
+    let mut response = cluster
+        .http
+        .client
+        .post(format!("{}/v1/chat/completions", cluster.http.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Read a few tokens, then hang up.
+    let mut seen = String::new();
+    while seen.matches("\"content\":\"").count() < 4 {
+        seen.push_str(&String::from_utf8_lossy(&response.chunk().await.unwrap().expect("more of the stream")));
+    }
+    drop(response);
+    let mut info = cluster.worker_info().await;
+    for _ in 0..100 {
+        if info[0].jobs_completed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = cluster.worker_info().await;
+    }
+    assert_eq!(
+        (info[0].jobs_completed, info[0].jobs_cancelled),
+        (1, 1),
+        "the worker should stop for a departed client"
+    );
+    cluster.stop().await;
 }
 
 #[tokio::test]
 async fn unreachable_redis_and_nats_fail_start_up_with_the_fix() {
     let mut config = moltbot_config::Config::default();
     config.session_store.redis.url = format!("redis://127.0.0.1:{}", moltbot_tests::free_port());
-    let err = moltbot_session_store::open_backend(&config.session_store)
-        .await
-        .err()
-        .expect("redis is down")
-        .to_string();
-    assert!(
-        err.contains("not reachable") && err.contains("redis-server"),
-        "{err}"
-    );
+    let err =
+        moltbot_session_store::open_backend(&config.session_store).await.err().expect("redis is down").to_string();
+    assert!(err.contains("not reachable") && err.contains("redis-server"), "{err}");
     let url = format!("nats://127.0.0.1:{}", moltbot_tests::free_port());
-    let err = NatsQueue::connect(&url, 8)
-        .await
-        .err()
-        .expect("nats is down")
-        .to_string();
-    assert!(
-        err.contains("not reachable") && err.contains("nats-server -js"),
-        "{err}"
-    );
+    let err = NatsQueue::connect(&url, 8).await.err().expect("nats is down").to_string();
+    assert!(err.contains("not reachable") && err.contains("nats-server -js"), "{err}");
 }

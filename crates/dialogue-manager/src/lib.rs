@@ -9,8 +9,7 @@ use std::{future::Future, time::Duration};
 use moltbot_config::Config;
 use moltbot_proto::{
     dialogue::v1::{
-        ChatEvent, ChatRequest, ListModelsRequest, ListModelsResponse, ModelCard,
-        dialogue_server::Dialogue,
+        ChatEvent, ChatRequest, ListModelsRequest, ListModelsResponse, ModelCard, dialogue_server::Dialogue,
     },
     session::v1::session_store_client::SessionStoreClient,
 };
@@ -22,12 +21,12 @@ use tonic::{Request, Response, Status, transport::Channel};
 /// Connects to the session-store, failing fast with what to do when it is not there.
 pub async fn connect_session_store(url: &str) -> anyhow::Result<SessionStoreClient<Channel>> {
     let endpoint = Channel::from_shared(url.to_owned())
-        .map_err(|e| {
-            anyhow::anyhow!("dialogue_manager.session_store_url `{url}` is not a valid URL: {e}")
-        })?
+        .map_err(|e| anyhow::anyhow!("dialogue_manager.session_store_url `{url}` is not a valid URL: {e}"))?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!("the session-store at {url} is not reachable ({e}); start it or set dialogue_manager.session_store_url")
+        anyhow::anyhow!(
+            "the session-store at {url} is not reachable ({e}); start it or set dialogue_manager.session_store_url"
+        )
     })?;
     Ok(SessionStoreClient::new(channel))
 }
@@ -61,26 +60,15 @@ impl DialogueService {
 impl Dialogue for DialogueService {
     type ChatStream = ReceiverStream<Result<ChatEvent, Status>>;
 
-    async fn chat(
-        &self,
-        request: Request<ChatRequest>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
+    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let turn = turn::Turn::prepare(self.clone(), request.into_inner()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(turn.run(tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn list_models(
-        &self,
-        _: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
-        Ok(Response::new(ListModelsResponse {
-            models: vec![ModelCard {
-                id: self.model.clone(),
-                context_length: 0,
-            }],
-        }))
+    async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse { models: vec![ModelCard { id: self.model.clone(), context_length: 0 }] }))
     }
 }
 

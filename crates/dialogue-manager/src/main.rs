@@ -18,14 +18,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     moltbot_telemetry::init_logging(&config.log);
-    let sessions =
-        moltbot_dialogue_manager::connect_session_store(&config.dialogue_manager.session_store_url)
-            .await?;
+    let sessions = moltbot_dialogue_manager::connect_session_store(&config.dialogue_manager.session_store_url).await?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let service = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
     let listen = config.dialogue_manager.listen;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {listen}: {e} (set dialogue_manager.listen)")
-    })?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set dialogue_manager.listen)"))?;
     moltbot_dialogue_manager::run(listener, service, moltbot_telemetry::shutdown_signal()).await
 }

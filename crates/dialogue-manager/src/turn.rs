@@ -2,12 +2,8 @@
 
 use moltbot_proto::{
     common::v1::{ChatMessage, FinishReason, SamplingParams, Usage},
-    dialogue::v1::{
-        ChatEvent, ChatRequest, Delta, DialogueMode, TurnFinished, TurnStarted, chat_event,
-    },
-    inference::v1::{
-        ChatInput, GenerateRequest, InferenceJob, generate_event::Event, generate_request::Input,
-    },
+    dialogue::v1::{ChatEvent, ChatRequest, Delta, DialogueMode, TurnFinished, TurnStarted, chat_event},
+    inference::v1::{ChatInput, GenerateRequest, InferenceJob, generate_event::Event, generate_request::Input},
     session::v1::{AppendMessagesRequest, CreateSessionRequest, GetSessionRequest},
 };
 use tokio::sync::mpsc::Sender;
@@ -35,9 +31,7 @@ fn resolve_mode(requested: DialogueMode, session_id: &str) -> DialogueMode {
     match requested {
         DialogueMode::Single => DialogueMode::Single,
         DialogueMode::Multi => DialogueMode::Multi,
-        DialogueMode::Hybrid | DialogueMode::Unspecified if !session_id.is_empty() => {
-            DialogueMode::Multi
-        }
+        DialogueMode::Hybrid | DialogueMode::Unspecified if !session_id.is_empty() => DialogueMode::Multi,
         DialogueMode::Hybrid | DialogueMode::Unspecified => DialogueMode::Single,
     }
 }
@@ -46,19 +40,10 @@ impl Turn {
     /// Validates the request and loads what the turn needs. Errors here reach the client as the call's status.
     pub async fn prepare(service: DialogueService, request: ChatRequest) -> Result<Self, Status> {
         if request.messages.is_empty() {
-            return Err(Status::invalid_argument(
-                "messages must contain at least one message",
-            ));
+            return Err(Status::invalid_argument("messages must contain at least one message"));
         }
-        if let Some(m) = request
-            .messages
-            .iter()
-            .find(|m| !ROLES.contains(&m.role.as_str()))
-        {
-            return Err(Status::invalid_argument(format!(
-                "messages: role `{}` is not one of {ROLES:?}",
-                m.role
-            )));
+        if let Some(m) = request.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
+            return Err(Status::invalid_argument(format!("messages: role `{}` is not one of {ROLES:?}", m.role)));
         }
         if !request.model.is_empty() && request.model != service.model {
             return Err(Status::not_found(format!(
@@ -67,29 +52,19 @@ impl Turn {
             )));
         }
         let mode = resolve_mode(request.mode(), &request.session_id);
-        let user_id = if request.user_id.is_empty() {
-            "anonymous".to_owned()
-        } else {
-            request.user_id
-        };
+        let user_id = if request.user_id.is_empty() { "anonymous".to_owned() } else { request.user_id };
         let mut sessions = service.sessions.clone();
         let (session_id, history) = match mode {
             DialogueMode::Multi if request.session_id.is_empty() => {
                 let created = sessions
-                    .create_session(CreateSessionRequest {
-                        user_id: user_id.clone(),
-                        session_id: String::new(),
-                    })
+                    .create_session(CreateSessionRequest { user_id: user_id.clone(), session_id: String::new() })
                     .await?
                     .into_inner();
                 (created.id, vec![])
             }
             DialogueMode::Multi => {
                 let session = sessions
-                    .get_session(GetSessionRequest {
-                        session_id: request.session_id.clone(),
-                        user_id: user_id.clone(),
-                    })
+                    .get_session(GetSessionRequest { session_id: request.session_id.clone(), user_id: user_id.clone() })
                     .await?
                     .into_inner();
                 (session.id, session.messages)
@@ -97,31 +72,11 @@ impl Turn {
             _ => (String::new(), vec![]),
         };
         let mut sampling = request.sampling.unwrap_or_default();
-        sampling.max_tokens = Some(
-            sampling
-                .max_tokens
-                .unwrap_or(service.max_tokens)
-                .min(service.max_tokens),
-        );
-        let request_id = if request.request_id.is_empty() {
-            uuid::Uuid::new_v4().to_string()
-        } else {
-            request.request_id
-        };
-        let prompt = history
-            .into_iter()
-            .chain(request.messages.iter().cloned())
-            .collect();
-        Ok(Self {
-            service,
-            request_id,
-            user_id,
-            session_id,
-            mode,
-            new_messages: request.messages,
-            prompt,
-            sampling,
-        })
+        sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens).min(service.max_tokens));
+        let request_id =
+            if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id };
+        let prompt = history.into_iter().chain(request.messages.iter().cloned()).collect();
+        Ok(Self { service, request_id, user_id, session_id, mode, new_messages: request.messages, prompt, sampling })
     }
 
     /// Streams the turn to `out`; a closed `out` (client gone) cancels the job.
@@ -134,9 +89,7 @@ impl Turn {
 
     async fn generate(&self, out: &Sender<Result<ChatEvent, Status>>) -> Result<(), Status> {
         let send = |event: chat_event::Event| async {
-            out.send(Ok(ChatEvent { event: Some(event) }))
-                .await
-                .map_err(|_| Status::cancelled("the client went away"))
+            out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
         };
         let deadline = tokio::time::Instant::now() + self.service.job_timeout;
         let deadline_ms = now_ms() + self.service.job_timeout.as_millis() as i64;
@@ -147,9 +100,7 @@ impl Turn {
                 request: Some(GenerateRequest {
                     request_id: self.request_id.clone(),
                     model: self.service.model.clone(),
-                    input: Some(Input::Chat(ChatInput {
-                        messages: self.prompt.clone(),
-                    })),
+                    input: Some(Input::Chat(ChatInput { messages: self.prompt.clone() })),
                     sampling: Some(self.sampling.clone()),
                 }),
                 deadline_ms,
@@ -168,9 +119,7 @@ impl Turn {
                 };
                 let Some(event) = events.next_within(wait).await else {
                     if !started {
-                        return Err(Status::deadline_exceeded(
-                            "no worker took the request before its deadline",
-                        ));
+                        return Err(Status::deadline_exceeded("no worker took the request before its deadline"));
                     }
                     if text.is_empty() && attempt < self.service.max_retries {
                         attempt += 1;
@@ -207,9 +156,7 @@ impl Turn {
                         return Err(Status::new(Code::from(e.code), e.message));
                     }
                     Some(Event::Finished(f)) => {
-                        return self
-                            .finish(text, f.usage.unwrap_or_default(), f.finish_reason(), &send)
-                            .await;
+                        return self.finish(text, f.usage.unwrap_or_default(), f.finish_reason(), &send).await;
                     }
                 }
             }
@@ -227,28 +174,12 @@ impl Turn {
         F: Fn(chat_event::Event) -> Fut,
         Fut: std::future::Future<Output = Result<(), Status>>,
     {
-        let answer = ChatMessage {
-            role: "assistant".into(),
-            content: text,
-            created_at_ms: now_ms(),
-        };
+        let answer = ChatMessage { role: "assistant".into(), content: text, created_at_ms: now_ms() };
         if self.mode == DialogueMode::Multi {
-            let messages = self
-                .new_messages
-                .iter()
-                .cloned()
-                .chain([answer.clone()])
-                .collect();
-            let request = AppendMessagesRequest {
-                session_id: self.session_id.clone(),
-                user_id: self.user_id.clone(),
-                messages,
-            };
-            self.service
-                .sessions
-                .clone()
-                .append_messages(request)
-                .await?;
+            let messages = self.new_messages.iter().cloned().chain([answer.clone()]).collect();
+            let request =
+                AppendMessagesRequest { session_id: self.session_id.clone(), user_id: self.user_id.clone(), messages };
+            self.service.sessions.clone().append_messages(request).await?;
         }
         send(chat_event::Event::Finished(TurnFinished {
             message: Some(answer),
@@ -267,7 +198,5 @@ fn queue_status(e: moltbot_queue::Error) -> Status {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

@@ -13,8 +13,8 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::{
-    ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result,
-    SamplingParams, StopMatcher, Tokenizer, Usage, sampling::Sampler,
+    ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
+    Tokenizer, Usage, sampling::Sampler,
 };
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,10 +114,7 @@ impl Engine {
     /// Loads the model and starts the compute thread.
     pub fn load(config: EngineConfig) -> Result<Self> {
         let path = &config.model_path;
-        let load_err = |e: &dyn std::fmt::Display| Error::ModelLoad {
-            path: path.clone(),
-            message: e.to_string(),
-        };
+        let load_err = |e: &dyn std::fmt::Display| Error::ModelLoad { path: path.clone(), message: e.to_string() };
         if !path.is_file() {
             return Err(Error::ModelNotFound { path: path.clone() });
         }
@@ -131,34 +128,19 @@ impl Engine {
             metadata.token(metadata.eos_token_id).unwrap_or_default(),
         )?;
         let device = select_device(config.device)?;
-        let model =
-            ModelWeights::from_gguf(content, &mut file, &device).map_err(|e| load_err(&e))?;
-        let context_length = [
-            Some(metadata.context_length),
-            Some(MAX_SEQ_LEN),
-            config.max_context,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(MAX_SEQ_LEN);
+        let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(|e| load_err(&e))?;
+        let context_length = [Some(metadata.context_length), Some(MAX_SEQ_LEN), config.max_context]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(MAX_SEQ_LEN);
         let eos: Vec<u32> = metadata
             .eos_token_id
             .into_iter()
-            .chain(
-                ["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"]
-                    .iter()
-                    .filter_map(|t| tokenizer.token_id(t)),
-            )
+            .chain(["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"].iter().filter_map(|t| tokenizer.token_id(t)))
             .collect();
         let (jobs, queue) = mpsc::channel();
-        let compute = Compute {
-            model,
-            device: device.clone(),
-            tokenizer: tokenizer.clone(),
-            eos,
-            context_length,
-        };
+        let compute = Compute { model, device: device.clone(), tokenizer: tokenizer.clone(), eos, context_length };
         thread::Builder::new()
             .name("moltbot-engine".into())
             .spawn(move || compute.run(queue))
@@ -230,18 +212,8 @@ impl Engine {
         }
         let prompt_tokens = tokens.len() as u32;
         let (events, rx) = unbounded_channel();
-        self.inner
-            .jobs
-            .send(Job {
-                tokens,
-                sampling: request.sampling,
-                events,
-            })
-            .map_err(|_| Error::Stopped)?;
-        Ok(Generation {
-            prompt_tokens,
-            events: rx,
-        })
+        self.inner.jobs.send(Job { tokens, sampling: request.sampling, events }).map_err(|_| Error::Stopped)?;
+        Ok(Generation { prompt_tokens, events: rx })
     }
 }
 
@@ -285,11 +257,7 @@ impl Compute {
 
     /// Runs one request to its end; `None` when the caller went away.
     fn generate(&mut self, job: Job) -> Result<Option<(FinishReason, Usage)>> {
-        let Job {
-            tokens,
-            sampling,
-            events,
-        } = job;
+        let Job { tokens, sampling, events } = job;
         let prompt_tokens = tokens.len();
         let max_new = (sampling.max_tokens as usize).min(self.context_length - prompt_tokens);
         let mut sampler = Sampler::new(&sampling);
@@ -312,13 +280,7 @@ impl Compute {
             generated += 1;
             context.push(next);
             let (text, hit) = stops.push(&detok.push(&self.tokenizer, next)?);
-            if events
-                .send(GenerationEvent::Token {
-                    text,
-                    id: Some(next),
-                })
-                .is_err()
-            {
+            if events.send(GenerationEvent::Token { text, id: Some(next) }).is_err() {
                 return Ok(None);
             }
             if hit {
@@ -332,17 +294,8 @@ impl Compute {
         }
         let rest = stops.flush();
         if !rest.is_empty() {
-            let _ = events.send(GenerationEvent::Token {
-                text: rest,
-                id: None,
-            });
+            let _ = events.send(GenerationEvent::Token { text: rest, id: None });
         }
-        Ok(Some((
-            reason,
-            Usage {
-                prompt_tokens: prompt_tokens as u32,
-                completion_tokens: generated as u32,
-            },
-        )))
+        Ok(Some((reason, Usage { prompt_tokens: prompt_tokens as u32, completion_tokens: generated as u32 })))
     }
 }

@@ -21,10 +21,7 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("prompt has {prompt_tokens} tokens but the model's context window is {context_length}")]
-    PromptTooLong {
-        prompt_tokens: usize,
-        context_length: usize,
-    },
+    PromptTooLong { prompt_tokens: usize, context_length: usize },
     #[error("the engine has stopped")]
     Stopped,
     #[error("model execution failed: {0}")]

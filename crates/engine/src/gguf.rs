@@ -37,9 +37,7 @@ impl ModelMetadata {
         let tokens = md
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| {
-                Error::UnsupportedModel("the GGUF file has no tokenizer.ggml.tokens".into())
-            })?
+            .ok_or_else(|| Error::UnsupportedModel("the GGUF file has no tokenizer.ggml.tokens".into()))?
             .iter()
             .map(|v| v.to_string().cloned().unwrap_or_default())
             .collect();
@@ -51,10 +49,7 @@ impl ModelMetadata {
         };
         Ok(Self {
             name: string(md, "general.name").unwrap_or_else(|| "model".into()),
-            context_length: md
-                .get("llama.context_length")
-                .and_then(|v| v.to_u32().ok())
-                .unwrap_or(2048) as usize,
+            context_length: md.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize,
             tokenizer_model: string(md, "tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
             pre_tokenizer: string(md, "tokenizer.ggml.pre"),
             tokens,
@@ -67,30 +62,18 @@ impl ModelMetadata {
             merges: md
                 .get("tokenizer.ggml.merges")
                 .and_then(|v| v.to_vec().ok())
-                .map(|vs| {
-                    vs.iter()
-                        .filter_map(|v| v.to_string().ok().cloned())
-                        .collect()
-                })
+                .map(|vs| vs.iter().filter_map(|v| v.to_string().ok().cloned()).collect())
                 .unwrap_or_default(),
-            bos_token_id: md
-                .get("tokenizer.ggml.bos_token_id")
-                .and_then(|v| v.to_u32().ok()),
-            eos_token_id: md
-                .get("tokenizer.ggml.eos_token_id")
-                .and_then(|v| v.to_u32().ok()),
-            add_bos_token: md
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
+            bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+            eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
+            add_bos_token: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
             chat_template: string(md, "tokenizer.chat_template"),
             architecture,
         })
     }
 
     pub fn token(&self, id: Option<u32>) -> Option<&str> {
-        id.and_then(|id| self.tokens.get(id as usize))
-            .map(String::as_str)
+        id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str)
     }
 }
 

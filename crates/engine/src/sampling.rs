@@ -98,11 +98,7 @@ impl Sampler {
         let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
         let logits = if (self.repetition_penalty - 1.0).abs() > f32::EPSILON {
             let recent = &context[context.len().saturating_sub(REPEAT_LAST_N)..];
-            candle_transformers::utils::apply_repeat_penalty(
-                &logits,
-                self.repetition_penalty,
-                recent,
-            )?
+            candle_transformers::utils::apply_repeat_penalty(&logits, self.repetition_penalty, recent)?
         } else {
             logits
         };
@@ -120,21 +116,14 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self {
-            stops,
-            ..Self::default()
-        }
+        Self { stops, ..Self::default() }
     }
 
     /// Adds generated text; returns the text safe to emit and whether a stop string was hit.
     pub fn push(&mut self, piece: &str) -> (String, bool) {
         let search_from = self.emitted;
         self.text.push_str(piece);
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()))
-            .min();
+        let hit = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str())).min();
         if let Some(pos) = hit {
             let out = self.text[self.emitted..search_from + pos].to_owned();
             self.emitted = self.text.len();
@@ -180,12 +169,7 @@ mod tests {
     fn stop_strings() {
         check(&[], &["a", "b"], &[("a", false), ("b", false)], "");
         check(&["\n\n"], &["x\n", "\ny"], &[("x", false), ("", true)], "");
-        check(
-            &["END"],
-            &["ab", "E", "N", "x"],
-            &[("ab", false), ("", false), ("", false), ("ENx", false)],
-            "",
-        );
+        check(&["END"], &["ab", "E", "N", "x"], &[("ab", false), ("", false), ("", false), ("ENx", false)], "");
         check(&["END"], &["abE", "NDzz"], &[("ab", false), ("", true)], "");
         check(&["stop"], &["st"], &[("", false)], "st");
         check(&["é!"], &["aé"], &[("a", false)], "é");
@@ -193,20 +177,9 @@ mod tests {
 
     #[test]
     fn invalid_params_are_named() {
-        let p = SamplingParams {
-            temperature: 3.0,
-            ..Default::default()
-        };
-        assert!(
-            p.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("temperature")
-        );
-        let p = SamplingParams {
-            max_tokens: 0,
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 3.0, ..Default::default() };
+        assert!(p.validate().unwrap_err().to_string().contains("temperature"));
+        let p = SamplingParams { max_tokens: 0, ..Default::default() };
         assert!(p.validate().unwrap_err().to_string().contains("max_tokens"));
     }
 }

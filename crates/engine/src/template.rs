@@ -16,10 +16,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -34,19 +31,12 @@ impl ChatTemplate {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_template_owned("chat", source.unwrap_or(CHATML).to_owned())
             .map_err(|e| Error::Template(e.to_string()))?;
-        Ok(Self {
-            env,
-            bos: bos.to_owned(),
-            eos: eos.to_owned(),
-        })
+        Ok(Self { env, bos: bos.to_owned(), eos: eos.to_owned() })
     }
 
     /// The prompt for `messages`, ending with the opening of the assistant's turn.
@@ -54,10 +44,7 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err(Error::InvalidRequest("messages must not be empty".into()));
         }
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
+        let template = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,
@@ -76,12 +63,7 @@ mod tests {
     #[test]
     fn chatml_fallback_renders_every_turn_and_opens_the_assistant() {
         let t = ChatTemplate::new(None, "", "").unwrap();
-        let out = t
-            .render(&[
-                ChatMessage::new("user", "hi"),
-                ChatMessage::new("assistant", "hello"),
-            ])
-            .unwrap();
+        let out = t.render(&[ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "hello")]).unwrap();
         assert_eq!(
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>assistant\n"
@@ -90,12 +72,7 @@ mod tests {
 
     #[test]
     fn template_exceptions_become_errors() {
-        let t = ChatTemplate::new(
-            Some("{{ raise_exception('roles must alternate') }}"),
-            "",
-            "",
-        )
-        .unwrap();
+        let t = ChatTemplate::new(Some("{{ raise_exception('roles must alternate') }}"), "", "").unwrap();
         let err = t.render(&[ChatMessage::new("user", "x")]).unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
     }

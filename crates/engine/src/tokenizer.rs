@@ -3,10 +3,7 @@
 
 use tokenizers::{
     AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PreTokenizerWrapper,
-    decoders::{
-        byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse,
-        strip::Strip,
-    },
+    decoders::{byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse, strip::Strip},
     models::{bpe::BPE, unigram::Unigram},
     normalizers::{prepend::Prepend, replace::Replace},
     pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence},
@@ -43,24 +40,16 @@ impl Tokenizer {
             .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
             .filter_map(|(id, t)| {
                 let content = md.tokens.get(id)?;
-                (!content.is_empty())
-                    .then(|| AddedToken::from(content.clone(), *t == TOKEN_TYPE_CONTROL))
+                (!content.is_empty()).then(|| AddedToken::from(content.clone(), *t == TOKEN_TYPE_CONTROL))
             })
             .collect();
         inner.add_special_tokens(&special);
-        Ok(Self {
-            inner,
-            bos: md.bos_token_id,
-            add_bos: md.add_bos_token,
-        })
+        Ok(Self { inner, bos: md.bos_token_id, add_bos: md.add_bos_token })
     }
 
     /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if let (true, Some(bos)) = (self.add_bos, self.bos)
             && encoding.get_ids().first() != Some(&bos)
@@ -72,9 +61,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -94,18 +81,11 @@ fn gpt2(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
         .map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                .ok_or_else(|| {
-                    Error::Tokenizer(format!("malformed merge `{m}` in tokenizer.ggml.merges"))
-                })
+                .ok_or_else(|| Error::Tokenizer(format!("malformed merge `{m}` in tokenizer.ggml.merges")))
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
-        .vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            merges,
-        )
+        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
         .build()
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(bpe));
@@ -113,12 +93,10 @@ fn gpt2(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
     // Pre-tokenizers whose GGUF name llama.cpp maps to a digit-splitting regex (SmolLM, StarCoder) split
     // digits one by one before the GPT-2 regex.
     let pre = match md.pre_tokenizer.as_deref() {
-        Some("smollm" | "starcoder" | "refact") => {
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                PreTokenizerWrapper::Digits(Digits::new(true)),
-                byte_level,
-            ]))
-        }
+        Some("smollm" | "starcoder" | "refact") => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level,
+        ])),
         _ => byte_level,
     };
     tok.with_pre_tokenizer(Some(pre));
@@ -127,38 +105,25 @@ fn gpt2(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
 }
 
 fn sentencepiece(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
-    let vocab: Vec<(String, f64)> = md
-        .tokens
-        .iter()
-        .cloned()
-        .zip(
-            md.scores
-                .iter()
-                .map(|s| *s as f64)
-                .chain(std::iter::repeat(0.0)),
-        )
-        .collect();
+    let vocab: Vec<(String, f64)> =
+        md.tokens.iter().cloned().zip(md.scores.iter().map(|s| *s as f64).chain(std::iter::repeat(0.0))).collect();
     let unk = md.tokens.iter().position(|t| t == "<unk>");
     let unigram = Unigram::from(vocab, unk, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut tok = tokenizers::Tokenizer::new(ModelWrapper::Unigram(unigram));
     let replace = Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
-    tok.with_normalizer(Some(NormalizerWrapper::Sequence(
-        tokenizers::normalizers::Sequence::new(vec![
-            NormalizerWrapper::Prepend(Prepend::new("▁".into())),
-            NormalizerWrapper::Replace(replace),
-        ]),
-    )));
+    tok.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(vec![
+        NormalizerWrapper::Prepend(Prepend::new("▁".into())),
+        NormalizerWrapper::Replace(replace),
+    ]))));
     let replace_back = tokenizers::decoders::DecoderWrapper::Replace(
         Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?,
     );
-    tok.with_decoder(Some(DecoderWrapper::Sequence(
-        tokenizers::decoders::sequence::Sequence::new(vec![
-            replace_back,
-            DecoderWrapper::ByteFallback(ByteFallback::new()),
-            DecoderWrapper::Fuse(Fuse::new()),
-            DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
-        ]),
-    )));
+    tok.with_decoder(Some(DecoderWrapper::Sequence(tokenizers::decoders::sequence::Sequence::new(vec![
+        replace_back,
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
+    ]))));
     Ok(tok)
 }
 
@@ -174,21 +139,14 @@ impl Detokenizer {
     pub fn new(context: &[u32]) -> Self {
         let ids = context[context.len().saturating_sub(4)..].to_vec();
         let n = ids.len();
-        Self {
-            ids,
-            prefix_offset: 0,
-            read_offset: n,
-        }
+        Self { ids, prefix_offset: 0, read_offset: n }
     }
 
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             Ok(full[prefix.len()..].to_owned())

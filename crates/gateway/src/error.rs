@@ -17,18 +17,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            param: None,
-        }
+        Self { status, message: message.into(), param: None }
     }
 
     pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
-        Self {
-            param: param.map(str::to_owned),
-            ..Self::new(StatusCode::BAD_REQUEST, message)
-        }
+        Self { param: param.map(str::to_owned), ..Self::new(StatusCode::BAD_REQUEST, message) }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -40,25 +33,19 @@ impl ApiError {
     }
 
     pub fn overloaded() -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many requests in flight; retry shortly",
-        )
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "too many requests in flight; retry shortly")
     }
 
     pub fn timeout() -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "the request took longer than gateway.request_timeout",
-        )
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "the request took longer than gateway.request_timeout")
     }
 
     /// OpenAI's `error.type` for this status.
     fn kind(&self) -> &'static str {
         match self.status {
-            StatusCode::BAD_REQUEST
-            | StatusCode::PAYLOAD_TOO_LARGE
-            | StatusCode::UNSUPPORTED_MEDIA_TYPE => "invalid_request_error",
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                "invalid_request_error"
+            }
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",
@@ -76,12 +63,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS
-            || self.status == StatusCode::SERVICE_UNAVAILABLE
-        {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -91,9 +74,7 @@ impl From<tonic::Status> for ApiError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
         let status = match s.code() {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                StatusCode::BAD_REQUEST
-            }
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::AlreadyExists => StatusCode::CONFLICT,
             Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,

@@ -34,9 +34,7 @@ pub struct AppState {
 /// and `/ready` tells whether it is there.
 pub fn dialogue_client(url: &str) -> anyhow::Result<DialogueClient<Channel>> {
     let channel = Channel::from_shared(url.to_owned())
-        .map_err(|e| {
-            anyhow::anyhow!("gateway.dialogue_manager_url `{url}` is not a valid URL: {e}")
-        })?
+        .map_err(|e| anyhow::anyhow!("gateway.dialogue_manager_url `{url}` is not a valid URL: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     Ok(DialogueClient::new(channel))
@@ -68,9 +66,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
-    axum::serve(listener, router(config, dialogue))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(listener, router(config, dialogue)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
@@ -81,12 +77,9 @@ async fn health() -> Json<serde_json::Value> {
 /// Ready when the dialogue-manager answers.
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let mut dialogue = state.dialogue.clone();
-    tokio::time::timeout(
-        Duration::from_secs(3),
-        dialogue.list_models(ListModelsRequest {}),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("the dialogue-manager did not answer in time"))??;
+    tokio::time::timeout(Duration::from_secs(3), dialogue.list_models(ListModelsRequest {}))
+        .await
+        .map_err(|_| ApiError::unavailable("the dialogue-manager did not answer in time"))??;
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
@@ -104,9 +97,7 @@ impl DialogueHeaders {
                 .get(name)
                 .map(|v| v.to_str().map(|s| s.trim().to_owned()))
                 .transpose()
-                .map_err(|_| {
-                    ApiError::bad_request(format!("header {name} is not valid text"), Some(name))
-                })
+                .map_err(|_| ApiError::bad_request(format!("header {name} is not valid text"), Some(name)))
                 .map(Option::unwrap_or_default)
         };
         let mode = match text("x-dialogue-mode")?.to_ascii_lowercase().as_str() {
@@ -121,11 +112,7 @@ impl DialogueHeaders {
                 ));
             }
         };
-        Ok(Self {
-            session_id: text("x-session-id")?,
-            mode,
-            user_id: text("x-user-id")?,
-        })
+        Ok(Self { session_id: text("x-session-id")?, mode, user_id: text("x-user-id")? })
     }
 }
 
@@ -148,21 +135,12 @@ impl TurnStream {
 impl AppState {
     /// Admits the request (429 when full) and starts the turn on the dialogue-manager.
     async fn start_turn(&self, request: ChatRequest) -> Result<TurnStream, ApiError> {
-        let slot = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::overloaded())?;
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
         let mut dialogue = self.dialogue.clone();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let stream = tokio::time::timeout_at(deadline, dialogue.chat(request))
-            .await
-            .map_err(|_| ApiError::timeout())??;
-        Ok(TurnStream {
-            stream: stream.into_inner(),
-            _slot: slot,
-            deadline,
-        })
+        let stream =
+            tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
+        Ok(TurnStream { stream: stream.into_inner(), _slot: slot, deadline })
     }
 }
 
@@ -190,32 +168,16 @@ enum StopField {
 impl SamplingFields {
     fn to_proto(&self) -> Result<moltbot_proto::common::v1::SamplingParams, ApiError> {
         let check = |ok: bool, param: &str, why: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(ApiError::bad_request(format!("{param} {why}"), Some(param)))
-            }
+            if ok { Ok(()) } else { Err(ApiError::bad_request(format!("{param} {why}"), Some(param))) }
         };
         if let Some(t) = self.temperature {
-            check(
-                (0.0..=2.0).contains(&t),
-                "temperature",
-                "must be between 0 and 2",
-            )?;
+            check((0.0..=2.0).contains(&t), "temperature", "must be between 0 and 2")?;
         }
         if let Some(p) = self.top_p {
-            check(
-                p > 0.0 && p <= 1.0,
-                "top_p",
-                "must be greater than 0 and at most 1",
-            )?;
+            check(p > 0.0 && p <= 1.0, "top_p", "must be greater than 0 and at most 1")?;
         }
         if let Some(r) = self.repetition_penalty {
-            check(
-                r > 0.0 && r <= 10.0,
-                "repetition_penalty",
-                "must be greater than 0 and at most 10",
-            )?;
+            check(r > 0.0 && r <= 10.0, "repetition_penalty", "must be greater than 0 and at most 10")?;
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
@@ -226,11 +188,7 @@ impl SamplingFields {
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        check(
-            stop.len() <= 4 && stop.iter().all(|s| !s.is_empty()),
-            "stop",
-            "takes at most 4 non-empty strings",
-        )?;
+        check(stop.len() <= 4 && stop.iter().all(|s| !s.is_empty()), "stop", "takes at most 4 non-empty strings")?;
         Ok(moltbot_proto::common::v1::SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -251,14 +209,9 @@ struct InMessage {
     content: Option<serde_json::Value>,
 }
 
-fn to_proto_messages(
-    messages: Vec<InMessage>,
-) -> Result<Vec<moltbot_proto::common::v1::ChatMessage>, ApiError> {
+fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::common::v1::ChatMessage>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::bad_request(
-            "messages must contain at least one message",
-            Some("messages"),
-        ));
+        return Err(ApiError::bad_request("messages must contain at least one message", Some("messages")));
     }
     messages
         .into_iter()
@@ -270,50 +223,25 @@ fn to_proto_messages(
                 Some(serde_json::Value::String(s)) => s,
                 Some(serde_json::Value::Array(parts)) => parts
                     .iter()
-                    .map(|p| {
-                        match (
-                            p.get("type").and_then(|t| t.as_str()),
-                            p.get("text").and_then(|t| t.as_str()),
-                        ) {
-                            (Some("text"), Some(text)) => Ok(text.to_owned()),
-                            _ => Err(ApiError::bad_request(
-                                "only text content parts are supported",
-                                Some(&param),
-                            )),
-                        }
+                    .map(|p| match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
+                        (Some("text"), Some(text)) => Ok(text.to_owned()),
+                        _ => Err(ApiError::bad_request("only text content parts are supported", Some(&param))),
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .join("\n"),
                 Some(_) => {
-                    return Err(ApiError::bad_request(
-                        "content must be a string or a list of parts",
-                        Some(&param),
-                    ));
+                    return Err(ApiError::bad_request("content must be a string or a list of parts", Some(&param)));
                 }
             };
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "tool" | "developer"
-            ) {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
                 let param = format!("messages[{i}].role");
                 return Err(ApiError::bad_request(
-                    format!(
-                        "role `{}` is not one of system, user, assistant, tool",
-                        m.role
-                    ),
+                    format!("role `{}` is not one of system, user, assistant, tool", m.role),
                     Some(&param),
                 ));
             }
-            let role = if m.role == "developer" {
-                "system".to_owned()
-            } else {
-                m.role
-            };
-            Ok(moltbot_proto::common::v1::ChatMessage {
-                role,
-                content,
-                created_at_ms: 0,
-            })
+            let role = if m.role == "developer" { "system".to_owned() } else { m.role };
+            Ok(moltbot_proto::common::v1::ChatMessage { role, content, created_at_ms: 0 })
         })
         .collect()
 }
@@ -332,17 +260,12 @@ impl TurnStream {
             match event.event {
                 Some(Event::Started(s)) => started = Some(s),
                 Some(Event::Finished(finished)) => {
-                    return Ok(Answer {
-                        started: started.unwrap_or_default(),
-                        finished,
-                    });
+                    return Ok(Answer { started: started.unwrap_or_default(), finished });
                 }
                 Some(Event::Delta(_)) | None => {}
             }
         }
-        Err(ApiError::unavailable(
-            "the dialogue-manager ended the answer early",
-        ))
+        Err(ApiError::unavailable("the dialogue-manager ended the answer early"))
     }
 }
 

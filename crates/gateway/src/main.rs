@@ -22,11 +22,5 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set gateway.listen)"))?;
-    moltbot_gateway::run(
-        listener,
-        &config.gateway,
-        dialogue,
-        moltbot_telemetry::shutdown_signal(),
-    )
-    .await
+    moltbot_gateway::run(listener, &config.gateway, dialogue, moltbot_telemetry::shutdown_signal()).await
 }

@@ -14,8 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, mode_name,
-    to_proto_messages,
+    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, mode_name, to_proto_messages,
 };
 
 #[derive(Debug, Deserialize)]
@@ -39,26 +38,16 @@ pub async fn chat(
     let Json(body) = body?;
     let dh = DialogueHeaders::parse(&headers)?;
     let messages = match (body.message, body.messages) {
-        (Some(text), None) => to_proto_messages(vec![InMessage {
-            role: "user".into(),
-            content: Some(text.into()),
-        }])?,
+        (Some(text), None) => to_proto_messages(vec![InMessage { role: "user".into(), content: Some(text.into()) }])?,
         (None, Some(messages)) => to_proto_messages(messages)?,
         _ => {
-            return Err(ApiError::bad_request(
-                "give either `message` or `messages`",
-                Some("message"),
-            ));
+            return Err(ApiError::bad_request("give either `message` or `messages`", Some("message")));
         }
     };
     let request = ChatRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         user_id: dh.user_id,
-        session_id: if dh.session_id.is_empty() {
-            body.session_id.unwrap_or_default()
-        } else {
-            dh.session_id
-        },
+        session_id: if dh.session_id.is_empty() { body.session_id.unwrap_or_default() } else { dh.session_id },
         mode: dh.mode.unwrap_or(DialogueMode::Multi).into(),
         model: body.model.unwrap_or_default(),
         messages,
@@ -76,14 +65,7 @@ pub async fn chat(
                 Ok(Some(event)) => event.event,
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx
-                        .send(
-                            Event::default()
-                                .event("error")
-                                .json_data(e.body())
-                                .unwrap_or_default(),
-                        )
-                        .await;
+                    let _ = tx.send(Event::default().event("error").json_data(e.body()).unwrap_or_default()).await;
                     break;
                 }
             };
@@ -93,12 +75,12 @@ pub async fn chat(
                     started = s;
                     Event::default().event("start").json_data(data)
                 }
-                Some(chat_event::Event::Delta(d)) => Event::default()
-                    .event("delta")
-                    .json_data(json!({ "text": d.text })),
-                Some(chat_event::Event::Finished(f)) => Event::default()
-                    .event("done")
-                    .json_data(answer_json(&started, &f)),
+                Some(chat_event::Event::Delta(d)) => {
+                    Event::default().event("delta").json_data(json!({ "text": d.text }))
+                }
+                Some(chat_event::Event::Finished(f)) => {
+                    Event::default().event("done").json_data(answer_json(&started, &f))
+                }
                 None => continue,
             };
             if tx.send(sse.unwrap_or_default()).await.is_err() {
@@ -130,9 +112,7 @@ fn answer_json(
 }
 
 /// An SSE body fed by a task; the task stops when the client goes away (the channel closes).
-pub(crate) fn async_stream<F, Fut>(
-    produce: F,
-) -> impl futures::Stream<Item = Result<Event, Infallible>>
+pub(crate) fn async_stream<F, Fut>(produce: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -142,8 +122,6 @@ where
     futures::StreamExt::map(tokio_stream_from(rx), Ok)
 }
 
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Event>,
-) -> impl futures::Stream<Item = Event> {
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Event>) -> impl futures::Stream<Item = Event> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason,
-    native::async_stream, to_proto_messages,
+    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, native::async_stream,
+    to_proto_messages,
 };
 
 #[derive(Debug, Deserialize)]
@@ -35,9 +35,7 @@ pub struct StreamOptions {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub async fn chat_completions(
@@ -51,8 +49,7 @@ pub async fn chat_completions(
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));
     }
     let messages = to_proto_messages(
-        body.messages
-            .ok_or_else(|| ApiError::bad_request("messages is required", Some("messages")))?,
+        body.messages.ok_or_else(|| ApiError::bad_request("messages is required", Some("messages")))?,
     )?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = ChatRequest {
@@ -107,11 +104,7 @@ pub async fn chat_completions(
         };
         let send = |value: serde_json::Value| {
             let tx = tx.clone();
-            async move {
-                tx.send(Event::default().json_data(value).unwrap_or_default())
-                    .await
-                    .is_ok()
-            }
+            async move { tx.send(Event::default().json_data(value).unwrap_or_default()).await.is_ok() }
         };
         if !send(chunk(json!({ "role": "assistant", "content": "" }), None)).await {
             return;
@@ -165,16 +158,8 @@ fn session_header(response: &mut Response, session_id: &str) {
 }
 
 pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let models = state
-        .dialogue
-        .clone()
-        .list_models(ListModelsRequest {})
-        .await?
-        .into_inner()
-        .models;
-    let data: Vec<_> = models
-        .iter()
-        .map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "moltbot" }))
-        .collect();
+    let models = state.dialogue.clone().list_models(ListModelsRequest {}).await?.into_inner().models;
+    let data: Vec<_> =
+        models.iter().map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "moltbot" })).collect();
     Ok(Json(json!({ "object": "list", "data": data })))
 }

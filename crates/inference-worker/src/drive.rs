@@ -27,25 +27,16 @@ fn event(e: Event) -> GenerateEvent {
 }
 
 fn error(code: i32, message: impl Into<String>) -> GenerateEvent {
-    event(Event::Error(ErrorEvent {
-        code,
-        message: message.into(),
-    }))
+    event(Event::Error(ErrorEvent { code, message: message.into() }))
 }
 
 /// Translates a wire request into an engine request, applying the worker's defaults and caps.
-pub fn engine_request(
-    request: GenerateRequest,
-    max_tokens_cap: u32,
-) -> Result<GenerationRequest, String> {
+pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<GenerationRequest, String> {
     let prompt = match request.input {
         Some(Input::Prompt(text)) => Prompt::Text(text),
-        Some(Input::Chat(chat)) => Prompt::Chat(
-            chat.messages
-                .into_iter()
-                .map(|m| ChatMessage::new(m.role, m.content))
-                .collect(),
-        ),
+        Some(Input::Chat(chat)) => {
+            Prompt::Chat(chat.messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect())
+        }
         None => return Err("the request has no input".into()),
     };
     let defaults = SamplingParams::default();
@@ -63,54 +54,40 @@ pub fn engine_request(
 }
 
 /// Generates `request` and sends its events to `out` until it finishes, fails, passes `deadline_ms` (0: none),
-/// `cancelled` fires, or `out` is closed.
+/// `cancelled` fires, or `out` is closed. Returns whether it stopped because of a cancel.
 pub async fn drive(
     worker: Worker,
     request: GenerateRequest,
     deadline_ms: i64,
     cancelled: CancellationToken,
     out: Sender<GenerateEvent>,
-) {
+) -> bool {
     let request_id = request.request_id.clone();
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-    };
+    let now_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     if deadline_ms > 0 && now_ms() > deadline_ms {
         tracing::info!(%request_id, "dropping a job past its deadline");
-        let _ = out
-            .send(error(
-                DEADLINE_EXCEEDED,
-                "the request's deadline passed while it waited in the queue",
-            ))
-            .await;
-        return;
+        let _ = out.send(error(DEADLINE_EXCEEDED, "the request's deadline passed while it waited in the queue")).await;
+        return false;
     }
     if !request.model.is_empty() && request.model != worker.engine.name() {
-        let message = format!(
-            "model `{}` is not served by this worker (it serves `{}`)",
-            request.model,
-            worker.engine.name()
-        );
+        let message =
+            format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.engine.name());
         let _ = out.send(error(INVALID_ARGUMENT, message)).await;
-        return;
+        return false;
     }
-    let submitted = engine_request(request, worker.max_tokens)
-        .and_then(|r| worker.engine.submit(r).map_err(|e| e.to_string()));
+    let submitted =
+        engine_request(request, worker.max_tokens).and_then(|r| worker.engine.submit(r).map_err(|e| e.to_string()));
     let mut generation = match submitted {
         Ok(g) => g,
         Err(message) => {
             let _ = out.send(error(INVALID_ARGUMENT, message)).await;
-            return;
+            return false;
         }
     };
-    let started = Started {
-        worker_id: worker.id.clone(),
-        prompt_tokens: generation.prompt_tokens,
-    };
+    let started = Started { worker_id: worker.id.clone(), prompt_tokens: generation.prompt_tokens };
     if out.send(event(Event::Started(started))).await.is_err() {
-        return;
+        return false;
     }
     let deadline = if deadline_ms > 0 {
         tokio::time::Instant::now() + Duration::from_millis((deadline_ms - now_ms()).max(0) as u64)
@@ -138,14 +115,17 @@ pub async fn drive(
             _ = heartbeat.tick() => (event(Event::Heartbeat(Heartbeat { worker_id: worker.id.clone() })), false),
             () = cancelled.cancelled() => {
                 tracing::info!(%request_id, "cancelled");
-                return;
+                return true;
             }
             () = tokio::time::sleep_until(deadline) => {
                 (error(DEADLINE_EXCEEDED, "the request's deadline passed during generation"), true)
             }
         };
-        if out.send(next).await.is_err() || last {
-            return;
+        if out.send(next).await.is_err() {
+            return true;
+        }
+        if last {
+            return false;
         }
     }
 }

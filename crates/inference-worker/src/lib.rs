@@ -28,11 +28,7 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
     Engine::load(EngineConfig {
         model_path: provider.resolved_model_path(),
         name: Some(model_name(config)),
-        device: if provider.gpu_layers > 0 {
-            DeviceChoice::Cuda(0)
-        } else {
-            DeviceChoice::Cpu
-        },
+        device: if provider.gpu_layers > 0 { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu },
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
     })
 }
@@ -49,6 +45,7 @@ pub struct Worker {
     pub id: String,
     pub max_tokens: u32,
     jobs_completed: Arc<AtomicU64>,
+    jobs_cancelled: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -59,16 +56,15 @@ impl Worker {
         } else {
             config.worker_id.clone()
         };
-        Self {
-            engine,
-            id,
-            max_tokens,
-            jobs_completed: Arc::default(),
-        }
+        Self { engine, id, max_tokens, jobs_completed: Arc::default(), jobs_cancelled: Arc::default() }
     }
 
     pub fn jobs_completed(&self) -> u64 {
         self.jobs_completed.load(Ordering::Relaxed)
+    }
+
+    pub fn jobs_cancelled(&self) -> u64 {
+        self.jobs_cancelled.load(Ordering::Relaxed)
     }
 
     /// Takes jobs from the queue until `shutdown` is cancelled; running jobs finish first.
@@ -109,13 +105,7 @@ impl Worker {
             return;
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let driver = drive(
-            self.clone(),
-            request,
-            received.job.deadline_ms,
-            received.cancelled.clone(),
-            tx,
-        );
+        let driver = drive(self.clone(), request, received.job.deadline_ms, received.cancelled.clone(), tx);
         let forward = async {
             while let Some(event) = rx.recv().await {
                 if let Err(e) = received.publish(event).await {
@@ -125,7 +115,10 @@ impl Worker {
                 }
             }
         };
-        tokio::join!(driver, forward);
+        let (cancelled, ()) = tokio::join!(driver, forward);
+        if cancelled {
+            self.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+        }
         self.jobs_completed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -139,9 +132,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
-    let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(
-        InferenceService::new(worker),
-    );
+    let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
     let grpc = moltbot_proto::server::serve(listener, service, {
         let stop = stop.clone();
         async move {

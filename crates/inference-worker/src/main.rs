@@ -19,21 +19,12 @@ async fn main() -> anyhow::Result<()> {
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     moltbot_telemetry::init_logging(&config.log);
     let engine = moltbot_inference_worker::load_engine(&config)?;
-    let worker = moltbot_inference_worker::Worker::new(
-        engine,
-        &config.inference_worker,
-        config.model_provider.max_tokens,
-    );
+    let worker =
+        moltbot_inference_worker::Worker::new(engine, &config.inference_worker, config.model_provider.max_tokens);
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let listen = config.inference_worker.listen;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {listen}: {e} (set inference_worker.listen)")
-    })?;
-    moltbot_inference_worker::run(
-        listener,
-        worker,
-        queue,
-        moltbot_telemetry::shutdown_signal(),
-    )
-    .await
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set inference_worker.listen)"))?;
+    moltbot_inference_worker::run(listener, worker, queue, moltbot_telemetry::shutdown_signal()).await
 }

@@ -2,8 +2,8 @@
 
 use moltbot_engine::Prompt;
 use moltbot_proto::inference::v1::{
-    GenerateEvent, GenerateRequest, GetModelInfoRequest, ModelInfo, TokenizeRequest,
-    TokenizeResponse, inference_server::Inference, tokenize_request::Input,
+    GenerateEvent, GenerateRequest, GetModelInfoRequest, ModelInfo, TokenizeRequest, TokenizeResponse,
+    inference_server::Inference, tokenize_request::Input,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +23,7 @@ impl InferenceService {
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    async fn get_model_info(
-        &self,
-        _: Request<GetModelInfoRequest>,
-    ) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model_info(&self, _: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let engine = &self.worker.engine;
         Ok(Response::new(ModelInfo {
             name: engine.name().to_owned(),
@@ -36,52 +33,34 @@ impl Inference for InferenceService {
             max_sequences: engine.max_sequences() as u32,
             worker_id: self.worker.id.clone(),
             jobs_completed: self.worker.jobs_completed(),
+            jobs_cancelled: self.worker.jobs_cancelled(),
             device: engine.device().to_owned(),
         }))
     }
 
-    async fn tokenize(
-        &self,
-        request: Request<TokenizeRequest>,
-    ) -> Result<Response<TokenizeResponse>, Status> {
+    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let engine = &self.worker.engine;
         let text = match request.into_inner().input {
             Some(Input::Text(text)) => text,
             Some(Input::Chat(chat)) => {
-                let messages: Vec<_> = chat
-                    .messages
-                    .into_iter()
-                    .map(|m| moltbot_engine::ChatMessage::new(m.role, m.content))
-                    .collect();
-                engine
-                    .render(&messages)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+                let messages: Vec<_> =
+                    chat.messages.into_iter().map(|m| moltbot_engine::ChatMessage::new(m.role, m.content)).collect();
+                engine.render(&messages).map_err(|e| Status::invalid_argument(e.to_string()))?
             }
             None => return Err(Status::invalid_argument("input is required")),
         };
-        let ids = engine
-            .tokenize(&Prompt::Text(text.clone()))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ids = engine.tokenize(&Prompt::Text(text.clone())).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(TokenizeResponse { ids, text }))
     }
 
     type GenerateStream = ReceiverStream<Result<GenerateEvent, Status>>;
 
-    async fn generate(
-        &self,
-        request: Request<GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(64);
         let worker = self.worker.clone();
         let cancelled = CancellationToken::new();
-        tokio::spawn(drive(
-            worker,
-            request.into_inner(),
-            0,
-            cancelled.clone(),
-            events_tx,
-        ));
+        tokio::spawn(drive(worker, request.into_inner(), 0, cancelled.clone(), events_tx));
         tokio::spawn(async move {
             // Stops the generation when the client goes away.
             let _guard = cancelled.drop_guard();

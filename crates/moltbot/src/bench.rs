@@ -3,9 +3,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use moltbot_engine::{
-    Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
-};
+use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,12 +25,7 @@ pub struct Args {
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        repetition_penalty: 1.0,
-        max_tokens,
-        ..Default::default()
-    }
+    SamplingParams { temperature: 0.0, repetition_penalty: 1.0, max_tokens, ..Default::default() }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -46,31 +39,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
-    let model_path = args
-        .model
-        .clone()
-        .unwrap_or_else(moltbot_config::default_model_path);
-    let engine = Engine::load(EngineConfig {
-        model_path,
-        name: None,
-        device: Default::default(),
-        max_context: None,
-    })?;
+    let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
+    let engine = Engine::load(EngineConfig { model_path, name: None, device: Default::default(), max_context: None })?;
     // A 64-token prompt, as in the brief's reference figures.
     let words = "the quick brown fox jumps over the lazy dog while a bird sings ".repeat(8);
     let ids = engine.tokenizer().encode(&words)?;
     let prompt = engine.tokenizer().decode(&ids[..64], false)?;
-    let warm = engine.submit(GenerationRequest {
-        prompt: Prompt::Text("Hi".into()),
-        sampling: greedy(2),
-    })?;
+    let warm = engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?;
     warm.collect().await?;
 
     let start = Instant::now();
-    let mut g = engine.submit(GenerationRequest {
-        prompt: Prompt::Text(prompt.clone()),
-        sampling: greedy(args.tokens),
-    })?;
+    let mut g =
+        engine.submit(GenerationRequest { prompt: Prompt::Text(prompt.clone()), sampling: greedy(args.tokens) })?;
     let prompt_tokens = g.prompt_tokens;
     let mut first = None;
     let mut produced = 0u32;
@@ -101,10 +81,8 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let runs: Vec<_> = (0..args.concurrency)
         .map(|i| {
-            let r = GenerationRequest {
-                prompt: Prompt::Text(format!("Story number {i}:")),
-                sampling: greedy(args.tokens),
-            };
+            let r =
+                GenerationRequest { prompt: Prompt::Text(format!("Story number {i}:")), sampling: greedy(args.tokens) };
             engine.submit(r).map(|g| g.collect())
         })
         .collect::<Result<_, _>>()?;
@@ -152,10 +130,7 @@ async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
             anyhow::Ok((ttft.unwrap_or_else(|| sent.elapsed()), tokens))
         }
     });
-    let results = futures::future::join_all(chats)
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let results = futures::future::join_all(chats).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let secs = start.elapsed().as_secs_f64();
     let tokens: u64 = results.iter().map(|r| r.1).sum();
     let mut ttfts: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64()).collect();

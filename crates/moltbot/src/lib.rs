@@ -53,11 +53,7 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
 
     let backend = moltbot_session_store::open_backend(&config.session_store).await?;
     let (listener, session_url) = loopback().await?;
-    tasks.push(tokio::spawn(moltbot_session_store::run(
-        listener,
-        backend,
-        stopped(&shutdown),
-    )));
+    tasks.push(tokio::spawn(moltbot_session_store::run(listener, backend, stopped(&shutdown))));
 
     let engine = moltbot_inference_worker::load_engine(&config)?;
     let queue = JobQueue::local(config.queue.max_pending_jobs);
@@ -65,38 +61,19 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
     if worker_config.worker_id.is_empty() {
         worker_config.worker_id = "embedded".into();
     }
-    let worker = moltbot_inference_worker::Worker::new(
-        engine,
-        &worker_config,
-        config.model_provider.max_tokens,
-    );
+    let worker = moltbot_inference_worker::Worker::new(engine, &worker_config, config.model_provider.max_tokens);
     let (listener, _) = loopback().await?;
-    tasks.push(tokio::spawn(moltbot_inference_worker::run(
-        listener,
-        worker,
-        queue.clone(),
-        stopped(&shutdown),
-    )));
+    tasks.push(tokio::spawn(moltbot_inference_worker::run(listener, worker, queue.clone(), stopped(&shutdown))));
 
     let sessions = moltbot_dialogue_manager::connect_session_store(&session_url).await?;
     let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
     let (listener, dialogue_url) = loopback().await?;
-    tasks.push(tokio::spawn(moltbot_dialogue_manager::run(
-        listener,
-        dialogue,
-        stopped(&shutdown),
-    )));
+    tasks.push(tokio::spawn(moltbot_dialogue_manager::run(listener, dialogue, stopped(&shutdown))));
 
     let gateway_addr = gateway.local_addr()?;
     let client = moltbot_gateway::dialogue_client(&dialogue_url)?;
     let gateway_config = config.gateway.clone();
     let stop = stopped(&shutdown);
-    tasks.push(tokio::spawn(async move {
-        moltbot_gateway::run(gateway, &gateway_config, client, stop).await
-    }));
-    Ok(Embedded {
-        gateway_addr,
-        shutdown,
-        tasks,
-    })
+    tasks.push(tokio::spawn(async move { moltbot_gateway::run(gateway, &gateway_config, client, stop).await }));
+    Ok(Embedded { gateway_addr, shutdown, tasks })
 }

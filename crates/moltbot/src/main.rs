@@ -40,15 +40,10 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     moltbot_telemetry::init_logging(&config.log);
     let listen = config.gateway.listen;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {listen}: {e} (set gateway.listen or MOLTBOT_GATEWAY__LISTEN)"
-        )
+        anyhow::anyhow!("cannot listen on {listen}: {e} (set gateway.listen or MOLTBOT_GATEWAY__LISTEN)")
     })?;
     let mut moltbot = moltbot::start(config, listener).await?;
-    tracing::info!(
-        "MoltBot is up: try `curl http://{}/health`",
-        moltbot.gateway_addr
-    );
+    tracing::info!("MoltBot is up: try `curl http://{}/health`", moltbot.gateway_addr);
     tokio::select! {
         result = moltbot.wait() => result,
         () = moltbot_telemetry::shutdown_signal() => moltbot.stop().await,

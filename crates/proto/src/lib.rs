@@ -25,8 +25,7 @@ pub mod dialogue {
 }
 
 /// The encoded `FileDescriptorSet` of every MoltBot proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
 
 pub use prost::{DecodeError, Message};
 

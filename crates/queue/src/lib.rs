@@ -28,9 +28,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("the job queue is full ({0} jobs waiting); retry later")]
     Full(i64),
-    #[error(
-        "NATS at {url} is not reachable: {message}; start it with `nats-server -js` or set queue.nats_url"
-    )]
+    #[error("NATS at {url} is not reachable: {message}; start it with `nats-server -js` or set queue.nats_url")]
     Connect { url: String, message: String },
     #[error("job queue error: {0}")]
     Nats(String),
@@ -47,16 +45,7 @@ pub fn job_subject(model: &str) -> String {
 
 /// Model names may hold characters NATS subjects cannot (`.`, `*`, `>`, spaces).
 fn subject_token(model: &str) -> String {
-    model
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 /// A queue either backend serves; cheap to clone.
@@ -69,9 +58,7 @@ pub enum JobQueue {
 impl JobQueue {
     /// The NATS backend: connects and makes sure the job stream exists.
     pub async fn nats(url: &str, max_pending_jobs: i64) -> Result<Self> {
-        Ok(Self::Nats(Box::new(
-            NatsQueue::connect(url, max_pending_jobs).await?,
-        )))
+        Ok(Self::Nats(Box::new(NatsQueue::connect(url, max_pending_jobs).await?)))
     }
 
     /// The in-process backend.
@@ -106,9 +93,7 @@ pub struct JobEvents {
 impl JobEvents {
     /// The next event, or `None` when none came within `timeout` (`Some(Err)` on a broken queue).
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Result<GenerateEvent>> {
-        tokio::time::timeout(timeout, self.stream.next())
-            .await
-            .unwrap_or(None)
+        tokio::time::timeout(timeout, self.stream.next()).await.unwrap_or(None)
     }
 
     /// Wait without a time limit (the caller enforces its own).
@@ -141,10 +126,7 @@ pub struct ReceivedJob {
 }
 
 enum EventSink {
-    Nats {
-        client: async_nats::Client,
-        subject: String,
-    },
+    Nats { client: async_nats::Client, subject: String },
     Local(tokio::sync::mpsc::UnboundedSender<Result<GenerateEvent>>),
 }
 
@@ -152,10 +134,7 @@ impl ReceivedJob {
     pub async fn publish(&self, event: GenerateEvent) -> Result<()> {
         match &self.sink {
             EventSink::Nats { client, subject } => client
-                .publish(
-                    subject.clone(),
-                    moltbot_proto::Message::encode_to_vec(&event).into(),
-                )
+                .publish(subject.clone(), moltbot_proto::Message::encode_to_vec(&event).into())
                 .await
                 .map_err(|e| Error::Nats(e.to_string())),
             EventSink::Local(tx) => tx.send(Ok(event)).map_err(|_| Error::Closed),

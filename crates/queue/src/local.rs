@@ -25,31 +25,18 @@ pub struct LocalQueue {
 impl LocalQueue {
     pub fn new(max_pending_jobs: i64) -> Self {
         let (tx, rx) = mpsc::channel(max_pending_jobs.max(1) as usize);
-        Self {
-            tx,
-            rx: Arc::new(Mutex::new(rx)),
-            capacity: max_pending_jobs,
-        }
+        Self { tx, rx: Arc::new(Mutex::new(rx)), capacity: max_pending_jobs }
     }
 
     pub(crate) fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
         let (events, rx) = mpsc::unbounded_channel();
         let cancelled = CancellationToken::new();
-        self.tx
-            .try_send(Queued {
-                job,
-                events,
-                cancelled: cancelled.clone(),
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => Error::Full(self.capacity),
-                mpsc::error::TrySendError::Closed(_) => Error::Closed,
-            })?;
+        self.tx.try_send(Queued { job, events, cancelled: cancelled.clone() }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Full(self.capacity),
+            mpsc::error::TrySendError::Closed(_) => Error::Closed,
+        })?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed();
-        Ok(JobEvents {
-            stream,
-            _cancel_on_drop: cancelled.drop_guard(),
-        })
+        Ok(JobEvents { stream, _cancel_on_drop: cancelled.drop_guard() })
     }
 
     pub(crate) async fn next_job(&self) -> Result<ReceivedJob> {

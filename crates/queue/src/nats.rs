@@ -27,10 +27,7 @@ pub struct NatsQueue {
 impl NatsQueue {
     /// Connects and makes sure the job stream exists.
     pub async fn connect(url: &str, max_pending: i64) -> Result<Self> {
-        let connect_err = |e: &dyn std::fmt::Display| Error::Connect {
-            url: url.into(),
-            message: e.to_string(),
-        };
+        let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: url.into(), message: e.to_string() };
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(Some(3))
@@ -57,68 +54,41 @@ impl NatsQueue {
             url: url.into(),
             message: format!("JetStream is not usable ({e}); run nats-server with -js"),
         })?;
-        Ok(Self {
-            client,
-            js,
-            max_pending,
-        })
+        Ok(Self { client, js, max_pending })
     }
 
     pub(crate) async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
-        let request = job
-            .request
-            .as_ref()
-            .ok_or(Error::Nats("job without a request".into()))?;
+        let request = job.request.as_ref().ok_or(Error::Nats("job without a request".into()))?;
         let request_id = request.request_id.clone();
         let subject = job_subject(&request.model);
+        // One key per attempt: a retried job's events and cancels never mix with those of an earlier attempt.
+        let key = attempt_key(&request_id, job.attempt);
         let mut job = job;
-        job.reply_subject = format!("moltbot.events.{}", subject_token(&request_id));
+        job.reply_subject = format!("moltbot.events.{key}");
         // Subscribe before publishing so that no event can be missed.
-        let events = self
-            .client
-            .subscribe(job.reply_subject.clone())
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(job.encode_to_vec().into())
-            .message_id(format!("{request_id}-{}", job.attempt));
-        let ack = self
-            .js
-            .send_publish(subject, publish)
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+        let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let publish =
+            jetstream::message::PublishMessage::build().payload(job.encode_to_vec().into()).message_id(key.clone());
+        let ack = self.js.send_publish(subject, publish).await.map_err(|e| Error::Nats(e.to_string()))?;
         ack.await.map_err(|e| match e.kind() {
-            PublishErrorKind::Other if e.to_string().contains("maximum messages") => {
-                Error::Full(self.max_pending)
-            }
+            PublishErrorKind::Other if e.to_string().contains("maximum messages") => Error::Full(self.max_pending),
             _ => Error::Nats(e.to_string()),
         })?;
         let cancelled = CancellationToken::new();
         let (client, token) = (self.client.clone(), cancelled.clone());
         tokio::spawn(async move {
             token.cancelled().await;
-            let cancel = CancelJob {
-                request_id: request_id.clone(),
-            };
-            let subject = format!("moltbot.cancel.{}", subject_token(&request_id));
+            let cancel = CancelJob { request_id: request_id.clone() };
+            let subject = format!("moltbot.cancel.{key}");
             let _ = client.publish(subject, cancel.encode_to_vec().into()).await;
         });
-        let stream = events
-            .map(|m| GenerateEvent::decode(m.payload).map_err(Error::from))
-            .boxed();
-        Ok(JobEvents {
-            stream,
-            _cancel_on_drop: cancelled.drop_guard(),
-        })
+        let stream = events.map(|m| GenerateEvent::decode(m.payload).map_err(Error::from)).boxed();
+        Ok(JobEvents { stream, _cancel_on_drop: cancelled.drop_guard() })
     }
 
     pub(crate) async fn consumer(&self, model: &str) -> Result<NatsConsumer> {
         let name = format!("workers-{}", subject_token(model));
-        let stream = self
-            .js
-            .get_stream(STREAM)
-            .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
+        let stream = self.js.get_stream(STREAM).await.map_err(|e| Error::Nats(e.to_string()))?;
         let consumer = stream
             .get_or_create_consumer(
                 &name,
@@ -132,11 +102,13 @@ impl NatsQueue {
             )
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
-        Ok(NatsConsumer {
-            client: self.client.clone(),
-            consumer,
-        })
+        Ok(NatsConsumer { client: self.client.clone(), consumer })
     }
+}
+
+/// `<request_id>-<attempt>`, safe as a subject token: the job's message id and its event and cancel subjects.
+fn attempt_key(request_id: &str, attempt: u32) -> String {
+    subject_token(&format!("{request_id}-{attempt}"))
 }
 
 pub struct NatsConsumer {
@@ -160,10 +132,7 @@ impl NatsConsumer {
             };
             let message = message.map_err(|e| Error::Nats(e.to_string()))?;
             // Taken: the dialogue-manager watches liveness from here on.
-            message
-                .ack()
-                .await
-                .map_err(|e| Error::Nats(e.to_string()))?;
+            message.ack().await.map_err(|e| Error::Nats(e.to_string()))?;
             let job = match InferenceJob::decode(message.payload.clone()) {
                 Ok(job) => job,
                 Err(e) => {
@@ -171,15 +140,11 @@ impl NatsConsumer {
                     continue;
                 }
             };
-            let request_id = job
-                .request
-                .as_ref()
-                .map(|r| r.request_id.clone())
-                .unwrap_or_default();
+            let request_id = job.request.as_ref().map(|r| r.request_id.clone()).unwrap_or_default();
             let cancelled = CancellationToken::new();
             let mut cancels = self
                 .client
-                .subscribe(format!("moltbot.cancel.{}", subject_token(&request_id)))
+                .subscribe(format!("moltbot.cancel.{}", attempt_key(&request_id, job.attempt)))
                 .await
                 .map_err(|e| Error::Nats(e.to_string()))?;
             let token = cancelled.clone();
@@ -189,15 +154,8 @@ impl NatsConsumer {
                     () = token.cancelled() => {}
                 }
             });
-            let sink = EventSink::Nats {
-                client: self.client.clone(),
-                subject: job.reply_subject.clone(),
-            };
-            return Ok(ReceivedJob {
-                job,
-                cancelled,
-                sink,
-            });
+            let sink = EventSink::Nats { client: self.client.clone(), subject: job.reply_subject.clone() };
+            return Ok(ReceivedJob { job, cancelled, sink });
         }
     }
 }

@@ -52,12 +52,7 @@ impl Backend {
         dispatch!(self, b => b.list(user_id, limit).await)
     }
 
-    pub async fn append(
-        &self,
-        id: &str,
-        user_id: &str,
-        messages: Vec<StoredMessage>,
-    ) -> Result<SessionRecord> {
+    pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
         dispatch!(self, b => b.append(id, user_id, messages).await)
     }
 
@@ -71,7 +66,5 @@ impl Backend {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

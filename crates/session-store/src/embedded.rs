@@ -23,15 +23,12 @@ impl EmbeddedBackend {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path)
-            .map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?;
         Self::init(db, ttl)
     }
 
     pub fn in_memory(ttl: u64) -> Result<Self> {
-        let db = Database::builder()
-            .create_with_backend(InMemoryBackend::new())
-            .map_err(storage)?;
+        let db = Database::builder().create_with_backend(InMemoryBackend::new()).map_err(storage)?;
         Self::init(db, ttl)
     }
 
@@ -40,10 +37,7 @@ impl EmbeddedBackend {
         tx.open_table(SESSIONS).map_err(storage)?;
         tx.open_table(BY_USER).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(Self {
-            db: Arc::new(db),
-            ttl_ms: ttl as i64 * 1000,
-        })
+        Ok(Self { db: Arc::new(db), ttl_ms: ttl as i64 * 1000 })
     }
 
     /// Runs blocking redb work off the async runtime.
@@ -52,9 +46,7 @@ impl EmbeddedBackend {
         f: impl FnOnce(&Database, i64) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (db, ttl) = (self.db.clone(), self.ttl_ms);
-        tokio::task::spawn_blocking(move || f(&db, ttl))
-            .await
-            .map_err(|e| Error::Storage(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&db, ttl)).await.map_err(|e| Error::Storage(e.to_string()))?
     }
 
     pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
@@ -63,15 +55,7 @@ impl EmbeddedBackend {
             let tx = db.begin_write().map_err(storage)?;
             let record = {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
-                if live(
-                    sessions
-                        .get(id.as_str())
-                        .map_err(storage)?
-                        .map(|v| decode(v.value()))
-                        .transpose()?,
-                )
-                .is_some()
-                {
+                if live(sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?).is_some() {
                     return Err(Error::AlreadyExists(id));
                 }
                 let now = now_ms();
@@ -84,9 +68,7 @@ impl EmbeddedBackend {
                     message_count: 0,
                     messages: vec![],
                 };
-                sessions
-                    .insert(id.as_str(), encode(&record)?.as_slice())
-                    .map_err(storage)?;
+                sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
                 tx.open_table(BY_USER)
                     .map_err(storage)?
                     .insert(user_key(&user_id, &id).as_str(), ())
@@ -104,11 +86,7 @@ impl EmbeddedBackend {
         self.blocking(move |db, _| {
             let tx = db.begin_read().map_err(storage)?;
             let sessions = tx.open_table(SESSIONS).map_err(storage)?;
-            let record = sessions
-                .get(id.as_str())
-                .map_err(storage)?
-                .map(|v| decode(v.value()))
-                .transpose()?;
+            let record = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
             owned(live(record), &id, &user_id)
         })
         .await
@@ -125,13 +103,7 @@ impl EmbeddedBackend {
             for entry in by_user.range(from.as_str()..to.as_str()).map_err(storage)? {
                 let key = entry.map_err(storage)?.0.value().to_owned();
                 let id = &key[from.len()..];
-                if let Some(mut s) = live(
-                    sessions
-                        .get(id)
-                        .map_err(storage)?
-                        .map(|v| decode(v.value()))
-                        .transpose()?,
-                ) {
+                if let Some(mut s) = live(sessions.get(id).map_err(storage)?.map(|v| decode(v.value())).transpose()?) {
                     s.messages.clear();
                     out.push(s);
                 }
@@ -143,32 +115,21 @@ impl EmbeddedBackend {
         .await
     }
 
-    pub async fn append(
-        &self,
-        id: &str,
-        user_id: &str,
-        messages: Vec<StoredMessage>,
-    ) -> Result<SessionRecord> {
+    pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
         self.blocking(move |db, ttl| {
             // redb runs one write transaction at a time: concurrent appends serialize here.
             let tx = db.begin_write().map_err(storage)?;
             let record = {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
-                let current = sessions
-                    .get(id.as_str())
-                    .map_err(storage)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?;
+                let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
                 let mut record = owned(live(current), &id, &user_id)?;
                 let now = now_ms();
                 record.messages.extend(messages);
                 record.message_count = record.messages.len() as u32;
                 record.updated_at_ms = now;
                 record.expires_at_ms = now + ttl;
-                sessions
-                    .insert(id.as_str(), encode(&record)?.as_slice())
-                    .map_err(storage)?;
+                sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
                 record
             };
             tx.commit().map_err(storage)?;
@@ -183,11 +144,7 @@ impl EmbeddedBackend {
             let tx = db.begin_write().map_err(storage)?;
             let deleted = {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
-                let current = sessions
-                    .get(id.as_str())
-                    .map_err(storage)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?;
+                let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
                 match current {
                     Some(r) if r.user_id == user_id => {
                         sessions.remove(id.as_str()).map_err(storage)?;
@@ -220,9 +177,7 @@ fn live(record: Option<SessionRecord>) -> Option<SessionRecord> {
 }
 
 fn owned(record: Option<SessionRecord>, id: &str, user_id: &str) -> Result<SessionRecord> {
-    record
-        .filter(|r| r.user_id == user_id)
-        .ok_or_else(|| Error::NotFound(id.into()))
+    record.filter(|r| r.user_id == user_id).ok_or_else(|| Error::NotFound(id.into()))
 }
 
 fn encode(record: &SessionRecord) -> Result<Vec<u8>> {
@@ -230,8 +185,7 @@ fn encode(record: &SessionRecord) -> Result<Vec<u8>> {
 }
 
 fn decode(bytes: &[u8]) -> Result<SessionRecord> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::Storage(format!("corrupt session record: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Error::Storage(format!("corrupt session record: {e}")))
 }
 
 fn storage(e: impl std::fmt::Display) -> Error {

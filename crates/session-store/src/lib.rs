@@ -25,9 +25,7 @@ pub enum Error {
     AlreadyExists(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    #[error(
-        "Redis at {url} is not reachable: {message}; start it (`redis-server`) or set session_store.redis.url"
-    )]
+    #[error("Redis at {url} is not reachable: {message}; start it (`redis-server`) or set session_store.redis.url")]
     RedisUnreachable { url: String, message: String },
     #[error("session storage failed: {0}")]
     Storage(String),
@@ -40,9 +38,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
-            Error::RedisUnreachable { .. } | Error::Storage(_) => {
-                tonic::Status::unavailable(message)
-            }
+            Error::RedisUnreachable { .. } | Error::Storage(_) => tonic::Status::unavailable(message),
         }
     }
 }
@@ -51,13 +47,9 @@ impl From<Error> for tonic::Status {
 pub async fn open_backend(config: &SessionStoreConfig) -> Result<Backend> {
     let ttl = config.session_ttl;
     Ok(match config.session_store_type {
-        SessionStoreType::Redis => {
-            Backend::Redis(redis::RedisBackend::connect(&config.redis, ttl).await?)
-        }
+        SessionStoreType::Redis => Backend::Redis(redis::RedisBackend::connect(&config.redis, ttl).await?),
         SessionStoreType::Memory => Backend::Embedded(embedded::EmbeddedBackend::in_memory(ttl)?),
-        SessionStoreType::Persistent => {
-            Backend::Embedded(embedded::EmbeddedBackend::open(&config.path, ttl)?)
-        }
+        SessionStoreType::Persistent => Backend::Embedded(embedded::EmbeddedBackend::open(&config.path, ttl)?),
     })
 }
 
@@ -67,8 +59,7 @@ pub async fn run(
     backend: Backend,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let service = moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(
-        SessionStoreService::new(backend),
-    );
+    let service =
+        moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
     Ok(moltbot_proto::server::serve(listener, service, shutdown).await?)
 }

@@ -18,13 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     moltbot_telemetry::init_logging(&config.log);
     let backend = moltbot_session_store::open_backend(&config.session_store).await?;
-    let listener = tokio::net::TcpListener::bind(config.session_store.listen)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {}: {e} (set session_store.listen)",
-                config.session_store.listen
-            )
-        })?;
+    let listener = tokio::net::TcpListener::bind(config.session_store.listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {}: {e} (set session_store.listen)", config.session_store.listen)
+    })?;
     moltbot_session_store::run(listener, backend, moltbot_telemetry::shutdown_signal()).await
 }

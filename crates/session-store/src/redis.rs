@@ -48,28 +48,17 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     pub async fn connect(config: &RedisConfig, ttl: u64) -> Result<Self> {
-        let unreachable = |message: String| Error::RedisUnreachable {
-            url: config.url.clone(),
-            message,
-        };
+        let unreachable = |message: String| Error::RedisUnreachable { url: config.url.clone(), message };
         let mut cfg = deadpool_redis::Config::from_url(&config.url);
         cfg.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size));
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| unreachable(e.to_string()))?;
+        let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| unreachable(e.to_string()))?;
         let mut conn = tokio::time::timeout(std::time::Duration::from_secs(5), pool.get())
             .await
             .map_err(|_| unreachable("no answer within 5 s".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
-        let _: String = deadpool_redis::redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        Ok(Self {
-            pool,
-            prefix: config.key_prefix.clone(),
-            ttl,
-        })
+        let _: String =
+            deadpool_redis::redis::cmd("PING").query_async(&mut conn).await.map_err(|e| unreachable(e.to_string()))?;
+        Ok(Self { pool, prefix: config.key_prefix.clone(), ttl })
     }
 
     fn session_key(&self, id: &str) -> String {
@@ -85,10 +74,7 @@ impl RedisBackend {
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| Error::Storage(format!("redis: {e}")))
+        self.pool.get().await.map_err(|e| Error::Storage(format!("redis: {e}")))
     }
 
     pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
@@ -111,12 +97,7 @@ impl RedisBackend {
 
     pub async fn get(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
         let mut record = self.meta(id, user_id).await?;
-        let raw: Vec<String> = self
-            .conn()
-            .await?
-            .lrange(self.messages_key(id), 0, -1)
-            .await
-            .map_err(storage)?;
+        let raw: Vec<String> = self.conn().await?.lrange(self.messages_key(id), 0, -1).await.map_err(storage)?;
         record.messages = raw
             .iter()
             .map(|m| serde_json::from_str(m).map_err(|e| Error::Storage(e.to_string())))
@@ -128,14 +109,13 @@ impl RedisBackend {
     /// The session without its messages; `NotFound` when missing or not the user's.
     async fn meta(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
         let mut conn = self.conn().await?;
-        let (hash, count, pttl): (HashMap<String, String>, u32, i64) =
-            deadpool_redis::redis::pipe()
-                .hgetall(self.session_key(id))
-                .llen(self.messages_key(id))
-                .pttl(self.session_key(id))
-                .query_async(&mut conn)
-                .await
-                .map_err(storage)?;
+        let (hash, count, pttl): (HashMap<String, String>, u32, i64) = deadpool_redis::redis::pipe()
+            .hgetall(self.session_key(id))
+            .llen(self.messages_key(id))
+            .pttl(self.session_key(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(storage)?;
         if hash.get("user_id").map(String::as_str) != Some(user_id) {
             return Err(Error::NotFound(id.into()));
         }
@@ -152,23 +132,14 @@ impl RedisBackend {
     }
 
     pub async fn list(&self, user_id: &str, limit: usize) -> Result<Vec<SessionRecord>> {
-        let ids: Vec<String> = self
-            .conn()
-            .await?
-            .zrevrange(self.user_key(user_id), 0, limit as isize - 1)
-            .await
-            .map_err(storage)?;
+        let ids: Vec<String> =
+            self.conn().await?.zrevrange(self.user_key(user_id), 0, limit as isize - 1).await.map_err(storage)?;
         let mut sessions = Vec::with_capacity(ids.len());
         for id in ids {
             match self.meta(&id, user_id).await {
                 Ok(s) => sessions.push(s),
                 Err(Error::NotFound(_)) => {
-                    let _: () = self
-                        .conn()
-                        .await?
-                        .zrem(self.user_key(user_id), &id)
-                        .await
-                        .map_err(storage)?;
+                    let _: () = self.conn().await?.zrem(self.user_key(user_id), &id).await.map_err(storage)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -176,12 +147,7 @@ impl RedisBackend {
         Ok(sessions)
     }
 
-    pub async fn append(
-        &self,
-        id: &str,
-        user_id: &str,
-        messages: Vec<StoredMessage>,
-    ) -> Result<SessionRecord> {
+    pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
         let script = Script::new(APPEND);
         let mut invocation = script.key(self.session_key(id));
         invocation
@@ -194,10 +160,7 @@ impl RedisBackend {
         for m in &messages {
             invocation.arg(serde_json::to_string(m).map_err(|e| Error::Storage(e.to_string()))?);
         }
-        let len: i64 = invocation
-            .invoke_async(&mut self.conn().await?)
-            .await
-            .map_err(storage)?;
+        let len: i64 = invocation.invoke_async(&mut self.conn().await?).await.map_err(storage)?;
         if len < 0 {
             return Err(Error::NotFound(id.into()));
         }

@@ -3,9 +3,9 @@
 use moltbot_proto::{
     common::v1::ChatMessage,
     session::v1::{
-        AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse,
-        GetSessionRequest, ListSessionsRequest, ListSessionsResponse, Session, TouchSessionRequest,
-        TouchSessionResponse, session_store_server::SessionStore,
+        AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest,
+        ListSessionsRequest, ListSessionsResponse, Session, TouchSessionRequest, TouchSessionResponse,
+        session_store_server::SessionStore,
     },
 };
 use tonic::{Request, Response, Status};
@@ -29,15 +29,11 @@ impl SessionStoreService {
 fn check_id(what: &str, id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!(
-            "{what} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9-_.@]"
-        )))
+        Err(Error::InvalidArgument(format!("{what} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9-_.@]")))
     }
 }
 
@@ -52,43 +48,25 @@ fn to_proto(r: SessionRecord) -> Session {
         messages: r
             .messages
             .into_iter()
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content,
-                created_at_ms: m.created_at_ms,
-            })
+            .map(|m| ChatMessage { role: m.role, content: m.content, created_at_ms: m.created_at_ms })
             .collect(),
     }
 }
 
 #[tonic::async_trait]
 impl SessionStore for SessionStoreService {
-    async fn create_session(
-        &self,
-        request: Request<CreateSessionRequest>,
-    ) -> Result<Response<Session>, Status> {
+    async fn create_session(&self, request: Request<CreateSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
         check_id("user_id", &r.user_id)?;
-        let id = if r.session_id.is_empty() {
-            uuid::Uuid::new_v4().to_string()
-        } else {
-            r.session_id
-        };
+        let id = if r.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { r.session_id };
         check_id("session_id", &id)?;
-        Ok(Response::new(to_proto(
-            self.backend.create(&id, &r.user_id).await?,
-        )))
+        Ok(Response::new(to_proto(self.backend.create(&id, &r.user_id).await?)))
     }
 
-    async fn get_session(
-        &self,
-        request: Request<GetSessionRequest>,
-    ) -> Result<Response<Session>, Status> {
+    async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
         check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
-        Ok(Response::new(to_proto(
-            self.backend.get(&r.session_id, &r.user_id).await?,
-        )))
+        Ok(Response::new(to_proto(self.backend.get(&r.session_id, &r.user_id).await?)))
     }
 
     async fn list_sessions(
@@ -98,20 +76,11 @@ impl SessionStore for SessionStoreService {
         let r = request.into_inner();
         check_id("user_id", &r.user_id)?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) } as usize;
-        let sessions = self
-            .backend
-            .list(&r.user_id, limit)
-            .await?
-            .into_iter()
-            .map(to_proto)
-            .collect();
+        let sessions = self.backend.list(&r.user_id, limit).await?.into_iter().map(to_proto).collect();
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 
-    async fn append_messages(
-        &self,
-        request: Request<AppendMessagesRequest>,
-    ) -> Result<Response<Session>, Status> {
+    async fn append_messages(&self, request: Request<AppendMessagesRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
         check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
         if r.messages.is_empty() {
@@ -123,28 +92,13 @@ impl SessionStore for SessionStoreService {
             .into_iter()
             .map(|m| {
                 if !VALID_ROLES.contains(&m.role.as_str()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "role `{}` is not one of {VALID_ROLES:?}",
-                        m.role
-                    )));
+                    return Err(Error::InvalidArgument(format!("role `{}` is not one of {VALID_ROLES:?}", m.role)));
                 }
-                let created_at_ms = if m.created_at_ms > 0 {
-                    m.created_at_ms
-                } else {
-                    now
-                };
-                Ok(StoredMessage {
-                    role: m.role,
-                    content: m.content,
-                    created_at_ms,
-                })
+                let created_at_ms = if m.created_at_ms > 0 { m.created_at_ms } else { now };
+                Ok(StoredMessage { role: m.role, content: m.content, created_at_ms })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Response::new(to_proto(
-            self.backend
-                .append(&r.session_id, &r.user_id, messages)
-                .await?,
-        )))
+        Ok(Response::new(to_proto(self.backend.append(&r.session_id, &r.user_id, messages).await?)))
     }
 
     async fn delete_session(

@@ -5,16 +5,9 @@ use tracing_subscriber::EnvFilter;
 
 /// Structured logs to stderr: text or JSON lines; `RUST_LOG` overrides the configured level.
 pub fn init_logging(config: &LogConfig) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if config.json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if config.json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
