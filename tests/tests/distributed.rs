@@ -46,7 +46,10 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
 async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
     let queue = JobQueue::nats(nats_url, 64).await.unwrap();
     let mut consumer = queue.consumer(model).await.unwrap();
-    let job = consumer.next_job().await.unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(30), consumer.next_job())
+        .await
+        .expect("the doomed worker got no job within 30 s")
+        .unwrap();
     let started = Started { worker_id: "doomed".into(), prompt_tokens: 1 };
     job.publish(GenerateEvent { event: Some(Event::Started(started)) }).await.unwrap();
     if let Some(text) = token {
@@ -57,7 +60,12 @@ async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_answer_is_a_503() {
-    let mut cluster = Cluster::start(0, |c| c.dialogue_manager.worker_timeout = 2).await;
+    // Single-slot workers, so that a busy live worker leaves the next job to the doomed one.
+    let mut cluster = Cluster::start(0, |c| {
+        c.dialogue_manager.worker_timeout = 2;
+        c.inference_worker.max_batch_size = 1;
+    })
+    .await;
     let (nats, model) = (cluster.nats.nats_url(), cluster.config.model_provider.model_name.clone());
     let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4}"#;
 

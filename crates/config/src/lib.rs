@@ -140,11 +140,20 @@ pub struct InferenceWorkerConfig {
     pub listen: SocketAddr,
     /// Names this worker in events and logs; host name and a random suffix when empty.
     pub worker_id: String,
+    /// Sequences the engine generates together; the worker takes this many jobs at once.
+    pub max_batch_size: usize,
+    /// Tokens in one forward pass (one per generating sequence plus prompt chunks).
+    pub max_batch_tokens: usize,
 }
 
 impl Default for InferenceWorkerConfig {
     fn default() -> Self {
-        Self { listen: ([127, 0, 0, 1], 50053).into(), worker_id: String::new() }
+        Self {
+            listen: ([127, 0, 0, 1], 50053).into(),
+            worker_id: String::new(),
+            max_batch_size: 16,
+            max_batch_tokens: 512,
+        }
     }
 }
 
@@ -347,6 +356,9 @@ impl Config {
                 "model_provider.quantization",
                 "GGUF models carry their own quantization; pick a quantized GGUF file (e.g. Q4_1) and set `none`",
             );
+        }
+        if self.inference_worker.max_batch_size == 0 || self.inference_worker.max_batch_tokens == 0 {
+            return bad("inference_worker.max_batch_size", "max_batch_size and max_batch_tokens must be at least 1");
         }
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");

@@ -2,20 +2,25 @@
 //! `Generation` cancels it. The model lives on one thread that runs requests in arrival order.
 
 use std::{
+    collections::VecDeque,
     fs::File,
     path::PathBuf,
     sync::{Arc, mpsc},
     thread,
 };
 
-use candle_core::{Device, Tensor, quantized::gguf_file};
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
+use candle_core::quantized::gguf_file;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::{
     ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
-    Tokenizer, Usage, sampling::Sampler,
+    Tokenizer, Usage,
+    model::{KvCache, Llama, Step},
+    sampling::Sampler,
 };
+
+/// The longest context the engine keeps, whatever the model supports.
+pub const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -34,6 +39,24 @@ pub struct EngineConfig {
     pub device: DeviceChoice,
     /// Caps the context window below the model's own.
     pub max_context: Option<usize>,
+    /// Sequences generating together in one batch.
+    pub max_batch_size: usize,
+    /// Tokens (decode tokens plus prompt chunks) in one forward pass.
+    pub max_batch_tokens: usize,
+}
+
+impl EngineConfig {
+    /// The defaults for a model file.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            name: None,
+            device: DeviceChoice::default(),
+            max_context: None,
+            max_batch_size: 16,
+            max_batch_tokens: 512,
+        }
+    }
 }
 
 pub enum Prompt {
@@ -107,6 +130,7 @@ struct Inner {
     name: String,
     metadata: ModelMetadata,
     context_length: usize,
+    max_sequences: usize,
     device: String,
 }
 
@@ -127,36 +151,41 @@ impl Engine {
             metadata.token(metadata.bos_token_id).unwrap_or_default(),
             metadata.token(metadata.eos_token_id).unwrap_or_default(),
         )?;
-        let device = select_device(config.device)?;
-        let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(|e| load_err(&e))?;
-        let context_length = [Some(metadata.context_length), Some(MAX_SEQ_LEN), config.max_context]
+        if matches!(config.device, DeviceChoice::Cuda(_)) {
+            return Err(Error::UnsupportedModel(
+                "the batched engine runs on the CPU only for now; set model_provider.gpu_layers to 0".into(),
+            ));
+        }
+        let context_length = [Some(metadata.context_length), Some(MAX_CONTEXT), config.max_context]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(MAX_SEQ_LEN);
+            .unwrap_or(MAX_CONTEXT);
+        let model = Llama::load(&content, &mut file, context_length)?;
         let eos: Vec<u32> = metadata
             .eos_token_id
             .into_iter()
             .chain(["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"].iter().filter_map(|t| tokenizer.token_id(t)))
             .collect();
         let (jobs, queue) = mpsc::channel();
-        let compute = Compute { model, device: device.clone(), tokenizer: tokenizer.clone(), eos, context_length };
+        let max_sequences = config.max_batch_size.max(1);
+        let compute = Compute {
+            model,
+            tokenizer: tokenizer.clone(),
+            eos,
+            context_length,
+            max_batch_size: max_sequences,
+            max_batch_tokens: config.max_batch_tokens.max(1),
+        };
         thread::Builder::new()
             .name("moltbot-engine".into())
             .spawn(move || compute.run(queue))
             .map_err(|e| load_err(&e))?;
+        let device = "cpu".to_owned();
         let name = config.name.unwrap_or_else(|| metadata.name.clone());
-        tracing::info!(model = %name, path = %path.display(), context_length, device = ?device, "model loaded");
+        tracing::info!(model = %name, path = %path.display(), context_length, max_sequences, "model loaded");
         Ok(Self {
-            inner: Arc::new(Inner {
-                jobs,
-                tokenizer,
-                template,
-                name,
-                metadata,
-                context_length,
-                device: format!("{device:?}"),
-            }),
+            inner: Arc::new(Inner { jobs, tokenizer, template, name, metadata, context_length, max_sequences, device }),
         })
     }
 
@@ -178,7 +207,7 @@ impl Engine {
 
     /// How many sequences generate at once.
     pub fn max_sequences(&self) -> usize {
-        1
+        self.inner.max_sequences
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -217,85 +246,145 @@ impl Engine {
     }
 }
 
-fn select_device(choice: DeviceChoice) -> Result<Device> {
-    Ok(match choice {
-        DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda(ordinal) => Device::new_cuda(ordinal)?,
-        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => Device::new_cuda(0)?,
-        DeviceChoice::Auto => Device::Cpu,
-    })
+/// A sequence in the running set.
+struct Active {
+    events: UnboundedSender<GenerationEvent>,
+    sampler: Sampler,
+    stops: StopMatcher,
+    detok: Detokenizer,
+    /// Prompt and generated tokens; those past `cache.len()` are still to be fed to the model.
+    tokens: Vec<u32>,
+    cache: KvCache,
+    prompt_tokens: usize,
+    generated: usize,
+    max_new: usize,
 }
 
 struct Compute {
-    model: ModelWeights,
-    device: Device,
+    model: Llama,
     tokenizer: Tokenizer,
     eos: Vec<u32>,
     context_length: usize,
+    max_batch_size: usize,
+    max_batch_tokens: usize,
 }
 
 impl Compute {
+    /// The scheduler: every step admits waiting requests (first come, first served) while there is room, drops
+    /// cancelled ones, and runs one forward pass over a decode token of every generating sequence plus chunks
+    /// of prompts, within `max_batch_tokens`.
     fn run(mut self, queue: mpsc::Receiver<Job>) {
-        while let Ok(job) = queue.recv() {
-            if job.events.is_closed() {
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut running: Vec<Active> = Vec::new();
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                match queue.recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(_) => break,
+                }
+            }
+            waiting.extend(queue.try_iter());
+            waiting.retain(|job| !job.events.is_closed());
+            while running.len() < self.max_batch_size {
+                let Some(job) = waiting.pop_front() else { break };
+                running.push(self.admit(job));
+            }
+            // A request whose caller went away leaves the batch now; its cache is freed with it.
+            running.retain(|a| !a.events.is_closed());
+            if running.is_empty() {
                 continue;
             }
-            let events = job.events.clone();
-            let result = self.generate(job);
-            let event = match result {
-                Ok(Some((reason, usage))) => GenerationEvent::Finished { reason, usage },
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "generation failed");
-                    GenerationEvent::Failed(e.to_string())
+            if let Err(e) = self.step(&mut running) {
+                tracing::error!(error = %e, "generation step failed");
+                for a in running.drain(..) {
+                    let _ = a.events.send(GenerationEvent::Failed(e.to_string()));
                 }
-            };
-            let _ = events.send(event);
+            }
         }
         tracing::debug!("engine compute thread stopped");
     }
 
-    /// Runs one request to its end; `None` when the caller went away.
-    fn generate(&mut self, job: Job) -> Result<Option<(FinishReason, Usage)>> {
+    fn admit(&self, job: Job) -> Active {
         let Job { tokens, sampling, events } = job;
         let prompt_tokens = tokens.len();
-        let max_new = (sampling.max_tokens as usize).min(self.context_length - prompt_tokens);
-        let mut sampler = Sampler::new(&sampling);
-        let mut stops = StopMatcher::new(sampling.stop.clone());
-        let mut detok = Detokenizer::new(&tokens);
-        let mut context = tokens;
-        let input = Tensor::new(context.as_slice(), &self.device)?.unsqueeze(0)?;
-        let mut logits = self.model.forward(&input, 0)?;
-        let mut reason = FinishReason::Length;
-        let mut generated = 0;
-        while generated < max_new {
-            if events.is_closed() {
-                return Ok(None);
+        Active {
+            events,
+            sampler: Sampler::new(&sampling),
+            stops: StopMatcher::new(sampling.stop.clone()),
+            detok: Detokenizer::new(&tokens),
+            max_new: (sampling.max_tokens as usize).min(self.context_length - prompt_tokens),
+            tokens,
+            cache: KvCache::new(&self.model.config),
+            prompt_tokens,
+            generated: 0,
+        }
+    }
+
+    /// One forward pass and one sampled token for every sequence whose whole prompt is in.
+    fn step(&mut self, running: &mut Vec<Active>) -> Result<()> {
+        // Generating sequences first (one token each), then prompt chunks in arrival order.
+        let mut budget = self.max_batch_tokens;
+        let mut order: Vec<usize> = (0..running.len()).collect();
+        order.sort_by_key(|&i| running[i].cache.len() < running[i].prompt_tokens);
+        let mut take = vec![0usize; running.len()];
+        for &i in &order {
+            let pending = running[i].tokens.len() - running[i].cache.len();
+            take[i] = pending.min(budget);
+            budget -= take[i];
+        }
+        let mut fed = vec![];
+        let mut steps: Vec<Step<'_>> = running
+            .iter_mut()
+            .zip(&take)
+            .enumerate()
+            .filter(|(_, (_, n))| **n > 0)
+            .map(|(i, (a, &n))| {
+                let start = a.cache.len();
+                let logits = start + n == a.tokens.len();
+                fed.push((i, logits));
+                Step { tokens: &a.tokens[start..start + n], cache: &mut a.cache, logits }
+            })
+            .collect();
+        let logits = self.model.forward(&mut steps)?;
+        drop(steps);
+        let mut logits = logits.into_iter();
+        let mut finished = vec![];
+        for (i, wants) in fed {
+            if !wants {
+                continue;
             }
-            let next = sampler.sample(&logits, &context)?;
-            if self.eos.contains(&next) {
-                reason = FinishReason::Stop;
-                break;
-            }
-            generated += 1;
-            context.push(next);
-            let (text, hit) = stops.push(&detok.push(&self.tokenizer, next)?);
-            if events.send(GenerationEvent::Token { text, id: Some(next) }).is_err() {
-                return Ok(None);
-            }
-            if hit {
-                reason = FinishReason::Stop;
-                break;
-            }
-            if generated < max_new {
-                let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-                logits = self.model.forward(&input, context.len() - 1)?;
+            let row = logits.next().expect("one logits row per sequence that asked");
+            if let Some(reason) = self.advance(&mut running[i], &row)? {
+                finished.push((i, reason));
             }
         }
-        let rest = stops.flush();
-        if !rest.is_empty() {
-            let _ = events.send(GenerationEvent::Token { text: rest, id: None });
+        for (i, reason) in finished.into_iter().rev() {
+            let a = running.swap_remove(i);
+            let usage = Usage { prompt_tokens: a.prompt_tokens as u32, completion_tokens: a.generated as u32 };
+            let rest = a.stops.flush_owned();
+            if !rest.is_empty() {
+                let _ = a.events.send(GenerationEvent::Token { text: rest, id: None });
+            }
+            let _ = a.events.send(GenerationEvent::Finished { reason, usage });
         }
-        Ok(Some((reason, Usage { prompt_tokens: prompt_tokens as u32, completion_tokens: generated as u32 })))
+        Ok(())
+    }
+
+    /// Samples the next token of `a`; returns why it finished, if it did.
+    fn advance(&self, a: &mut Active, logits: &[f32]) -> Result<Option<FinishReason>> {
+        let next = a.sampler.sample(logits, &a.tokens)?;
+        if self.eos.contains(&next) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        a.generated += 1;
+        a.tokens.push(next);
+        let (text, hit) = a.stops.push(&a.detok.push(&self.tokenizer, next)?);
+        if a.events.send(GenerationEvent::Token { text, id: Some(next) }).is_err() {
+            return Ok(Some(FinishReason::Cancelled));
+        }
+        if hit {
+            return Ok(Some(FinishReason::Stop));
+        }
+        Ok((a.generated >= a.max_new).then_some(FinishReason::Length))
     }
 }

@@ -8,6 +8,8 @@
 mod engine;
 mod error;
 mod gguf;
+pub mod kernels;
+pub mod model;
 mod sampling;
 mod template;
 mod tokenizer;

@@ -94,8 +94,8 @@ impl Sampler {
     }
 
     /// Samples from the logits of one position; `context` is every token so far (prompt and output).
-    pub fn sample(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
-        let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32> {
+        let logits = Tensor::new(logits, &candle_core::Device::Cpu)?;
         let logits = if (self.repetition_penalty - 1.0).abs() > f32::EPSILON {
             let recent = &context[context.len().saturating_sub(REPEAT_LAST_N)..];
             candle_transformers::utils::apply_repeat_penalty(&logits, self.repetition_penalty, recent)?
@@ -134,6 +134,11 @@ impl StopMatcher {
         let out = self.text[self.emitted..safe].to_owned();
         self.emitted = safe;
         (out, false)
+    }
+
+    /// Whatever was held back, at the end of generation, consuming the matcher.
+    pub fn flush_owned(mut self) -> String {
+        self.flush()
     }
 
     /// Whatever was held back, at the end of generation.

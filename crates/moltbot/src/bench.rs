@@ -40,63 +40,77 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
     let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
-    let engine = Engine::load(EngineConfig { model_path, name: None, device: Default::default(), max_context: None })?;
-    // A 64-token prompt, as in the brief's reference figures.
-    let words = "the quick brown fox jumps over the lazy dog while a bird sings ".repeat(8);
+    let engine =
+        Engine::load(EngineConfig { max_batch_size: args.concurrency.max(16), ..EngineConfig::new(model_path) })?;
+    engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?.collect().await?;
+
+    // Prompt processing: time to the first token of a prompt of exactly n tokens.
+    let words = "the quick brown fox jumps over the lazy dog while a bird sings ".repeat(80);
     let ids = engine.tokenizer().encode(&words)?;
-    let prompt = engine.tokenizer().decode(&ids[..64], false)?;
-    let warm = engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?;
-    warm.collect().await?;
-
-    let start = Instant::now();
-    let mut g =
-        engine.submit(GenerationRequest { prompt: Prompt::Text(prompt.clone()), sampling: greedy(args.tokens) })?;
-    let prompt_tokens = g.prompt_tokens;
-    let mut first = None;
-    let mut produced = 0u32;
-    while let Some(event) = g.next().await {
-        match event {
-            GenerationEvent::Token { id: Some(_), .. } => {
-                first.get_or_insert_with(|| start.elapsed());
-                produced += 1;
+    for n in [64, 512] {
+        let prompt = engine.tokenizer().decode(&ids[..n], false)?;
+        let start = Instant::now();
+        let mut g = engine.submit(GenerationRequest { prompt: Prompt::Text(prompt), sampling: greedy(1) })?;
+        let prompt_tokens = g.prompt_tokens;
+        while let Some(event) = g.next().await {
+            if matches!(event, GenerationEvent::Finished { .. } | GenerationEvent::Failed(_)) {
+                break;
             }
-            GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
-            GenerationEvent::Token { .. } => {}
         }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "engine prompt processing, {prompt_tokens} tokens: {secs:.3} s = {:.1} tok/s",
+            f64::from(prompt_tokens) / secs
+        );
     }
-    let total = start.elapsed();
-    let first = first.unwrap_or(total);
-    println!(
-        "engine prompt processing: {prompt_tokens} tokens in {:.3} s = {:.1} tok/s",
-        first.as_secs_f64(),
-        f64::from(prompt_tokens) / first.as_secs_f64()
-    );
-    let decode = (total - first).as_secs_f64();
-    println!(
-        "engine decode, 1 sequence: {} tokens in {decode:.3} s = {:.1} tok/s",
-        produced - 1,
-        f64::from(produced - 1) / decode
-    );
 
-    let start = Instant::now();
-    let runs: Vec<_> = (0..args.concurrency)
-        .map(|i| {
-            let r =
-                GenerationRequest { prompt: Prompt::Text(format!("Story number {i}:")), sampling: greedy(args.tokens) };
-            engine.submit(r).map(|g| g.collect())
-        })
-        .collect::<Result<_, _>>()?;
-    let mut tokens = 0;
-    for run in futures::future::join_all(runs).await {
-        tokens += run?.2.completion_tokens;
+    // Decode: n sequences together, short prompts, `tokens` each; time from the first token to the last.
+    for n in [1, 4, args.concurrency] {
+        let runs: Vec<_> = (0..n)
+            .map(|i| {
+                let r = GenerationRequest {
+                    prompt: Prompt::Text(format!("Story number {i}:")),
+                    sampling: greedy(args.tokens),
+                };
+                engine.submit(r)
+            })
+            .collect::<Result<_, _>>()?;
+        let start = Instant::now();
+        let mut first = None;
+        let mut tokens = 0u32;
+        for mut g in runs {
+            while let Some(event) = g.next().await {
+                match event {
+                    GenerationEvent::Token { id: Some(_), .. } => {
+                        first.get_or_insert_with(Instant::now);
+                        tokens += 1;
+                    }
+                    GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
+                    GenerationEvent::Token { .. } => {}
+                }
+            }
+        }
+        let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-9);
+        let ttft = first.map_or(0.0, |f| (f - start).as_secs_f64());
+        println!(
+            "engine decode, {n} sequences: {tokens} tokens, {:.1} tok/s aggregate; first token after {ttft:.3} s",
+            f64::from(tokens.saturating_sub(n as u32)) / secs
+        );
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "engine decode, {} sequences: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate",
-        args.concurrency,
-        f64::from(tokens) / secs
-    );
+    println!("peak RSS: {} MiB", peak_rss_mib());
     Ok(())
+}
+
+/// The process's peak resident memory (Linux), 0 elsewhere.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok()))
+        })
+        .flatten()
+        .map_or(0, |kb| kb / 1024)
 }
 
 async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
