@@ -3,7 +3,7 @@
 //! - `test`: fetch the model, then run the whole suite (tests start their own redis-server and nats-server)
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
-//! - `bench`: engine and HTTP tokens/s (release build)
+//! - `bench engine` / `bench http`: engine and HTTP tokens/s (release build)
 
 use std::{
     path::{Path, PathBuf},
@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         Some("bench") => bench(rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench [bench args]>"
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http> [bench args]>"
             );
             std::process::exit(2);
         }
@@ -117,9 +117,23 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     status(cargo().args(["run", "--release", "--package", "moltbot", "--", "serve"]).args(args))
 }
 
+/// `bench engine [args]`: the engine alone; `bench http [--url URL] [args]`: a running gateway
+/// (default http://127.0.0.1:8000); `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     model()?;
-    status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(args))
+    let mut forwarded: Vec<String> = vec![];
+    match args.first().map(String::as_str) {
+        Some("engine") => forwarded.extend(args[1..].iter().cloned()),
+        Some("http") => {
+            forwarded.push("--http-only".into());
+            if !args.iter().any(|a| a == "--url") {
+                forwarded.extend(["--url".into(), "http://127.0.0.1:8000".into()]);
+            }
+            forwarded.extend(args[1..].iter().cloned());
+        }
+        _ => forwarded.extend(args.iter().cloned()),
+    }
+    status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded))
 }
 
 /// Kills the dev processes when `dev` ends.

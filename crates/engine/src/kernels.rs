@@ -14,8 +14,9 @@ pub const QK: usize = 32;
 const Q4_1_BYTES: usize = 20; // f16 d, f16 m, 16 bytes of nibbles
 const Q8_0_BYTES: usize = 34; // f16 d, 32 i8
 
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
+/// Fewest weight rows per parallel task; tasks are sized so each thread gets a few of them per matmul.
+const MIN_ROWS_PER_TASK: usize = 16;
+const TASKS_PER_THREAD: usize = 4;
 /// Activation rows processed together against one loaded weight block.
 const TILE: usize = 4;
 
@@ -82,8 +83,9 @@ impl Matrix {
         // Each task owns ROWS_PER_TASK weight rows and writes them for all activation rows (transposed), so
         // tasks write disjoint memory; the result is transposed into `out` afterwards.
         let mut transposed = vec![0f32; n_rows * t_rows];
-        transposed.par_chunks_mut(ROWS_PER_TASK * t_rows).enumerate().for_each(|(task, chunk)| {
-            let first = task * ROWS_PER_TASK;
+        let per_task = n_rows.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+        transposed.par_chunks_mut(per_task * t_rows).enumerate().for_each(|(task, chunk)| {
+            let first = task * per_task;
             for (i, row_out) in chunk.chunks_exact_mut(t_rows).enumerate() {
                 self.row_dot(first + i, x, row_out);
             }
@@ -193,7 +195,7 @@ mod simd {
     pub fn q4_1_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
-            // SAFETY: AVX2 and FMA were detected at run time.
+            // SAFETY: AVX2, FMA and F16C were detected at run time.
             return unsafe { x86::q4_1_row(row, x, out) };
         }
         scalar::q4_1_row(row, x, out)
@@ -202,7 +204,7 @@ mod simd {
     pub fn q8_0_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
-            // SAFETY: AVX2 and FMA were detected at run time.
+            // SAFETY: AVX2, FMA and F16C were detected at run time.
             return unsafe { x86::q8_0_row(row, x, out) };
         }
         scalar::q8_0_row(row, x, out)
@@ -216,6 +218,7 @@ mod simd {
             std::env::var_os("MOLTBOT_ENGINE_NO_SIMD").is_none()
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
         })
     }
 
@@ -226,7 +229,7 @@ mod simd {
         use super::super::*;
 
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn hsum(v: __m256) -> f32 {
             let lo = _mm256_castps256_ps128(v);
             let hi = _mm256_extractf128_ps(v, 1);
@@ -236,15 +239,24 @@ mod simd {
             _mm_cvtss_f32(s)
         }
 
+        /// The two f16 values at the start of a block (`d`, and `m` for Q4_1), converted in hardware.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn f16_pair(block: &[u8]) -> (f32, f32) {
+            let bits = i32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+        }
+
         /// Sum of `a · b` for 32 unsigned bytes `a` and 32 signed bytes `b`, as 8 floats.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
             let pairs = _mm256_maddubs_epi16(a, b);
             _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
 
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q4_1_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
             let blocks = x.cols / QK;
             let mask = _mm_set1_epi8(0x0f);
@@ -254,7 +266,7 @@ mod simd {
                 let mut offset = [0f32; TILE];
                 for b in 0..blocks {
                     let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
-                    let (d, m) = (f16_at(w, 0), f16_at(w, 2));
+                    let (d, m) = f16_pair(w);
                     // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
                     let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
                     let lo = _mm_and_si128(packed, mask);
@@ -275,7 +287,7 @@ mod simd {
             }
         }
 
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn q8_0_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
             let blocks = x.cols / QK;
             for t0 in (0..x.rows).step_by(TILE) {
@@ -283,7 +295,7 @@ mod simd {
                 let mut acc = [_mm256_setzero_ps(); TILE];
                 for b in 0..blocks {
                     let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                    let d = f16_at(w, 0);
+                    let d = f16_pair(w).0;
                     // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
                     let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
                     let w_abs = _mm256_sign_epi8(wq, wq);
