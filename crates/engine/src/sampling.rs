@@ -1,9 +1,11 @@
 //! Sampling parameters, the token sampler, and stop-string matching over streamed text.
 
-use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{Error, Result};
+
+/// Candidates sorted for top-p before falling back to sorting the whole vocabulary.
+const TOP_P_CANDIDATES: usize = 1024;
 
 /// How many recent tokens the repetition penalty looks at.
 const REPEAT_LAST_N: usize = 64;
@@ -71,38 +73,79 @@ pub struct Usage {
 }
 
 pub(crate) struct Sampler {
-    processor: LogitsProcessor,
+    rng: StdRng,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
     repetition_penalty: f32,
 }
 
 impl Sampler {
     pub fn new(params: &SamplingParams) -> Self {
-        let temperature = f64::from(params.temperature);
-        let (k, p) = (params.top_k as usize, f64::from(params.top_p));
-        let sampling = match (temperature <= 0.0, k > 0, p < 1.0) {
-            (true, _, _) => Sampling::ArgMax,
-            (false, true, true) => Sampling::TopKThenTopP { k, p, temperature },
-            (false, true, false) => Sampling::TopK { k, temperature },
-            (false, false, true) => Sampling::TopP { p, temperature },
-            (false, false, false) => Sampling::All { temperature },
-        };
-        let seed = params.seed.unwrap_or_else(rand::random);
         Self {
-            processor: LogitsProcessor::from_sampling(seed, sampling),
+            rng: StdRng::seed_from_u64(params.seed.unwrap_or_else(rand::random)),
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k as usize,
             repetition_penalty: params.repetition_penalty,
         }
     }
 
     /// Samples from the logits of one position; `context` is every token so far (prompt and output).
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32> {
-        let logits = Tensor::new(logits, &candle_core::Device::Cpu)?;
-        let logits = if (self.repetition_penalty - 1.0).abs() > f32::EPSILON {
-            let recent = &context[context.len().saturating_sub(REPEAT_LAST_N)..];
-            candle_transformers::utils::apply_repeat_penalty(&logits, self.repetition_penalty, recent)?
-        } else {
-            logits
-        };
-        Ok(self.processor.sample(&logits)?)
+        let mut logits = logits.to_vec();
+        if (self.repetition_penalty - 1.0).abs() > f32::EPSILON {
+            let mut recent = context[context.len().saturating_sub(REPEAT_LAST_N)..].to_vec();
+            recent.sort_unstable();
+            recent.dedup();
+            for &t in &recent {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l >= 0.0 { *l / self.repetition_penalty } else { *l * self.repetition_penalty };
+                }
+            }
+        }
+        let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
+        if self.temperature <= 0.0 || self.top_k == 1 {
+            return Ok(argmax());
+        }
+        // Probabilities at this temperature.
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let mut probs: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, l)| (i as u32, ((l - max) / self.temperature).exp())).collect();
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        // The most likely candidates, sorted: top-k, then as many as top-p needs.
+        let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+        let limit = if self.top_k > 0 { self.top_k.min(probs.len()) } else { probs.len() };
+        let mut keep = limit.min(TOP_P_CANDIDATES);
+        if keep < probs.len() {
+            probs.select_nth_unstable_by(keep - 1, by_prob);
+        }
+        probs[..keep].sort_unstable_by(by_prob);
+        let mass = |n: usize, probs: &[(u32, f32)]| probs[..n].iter().map(|p| p.1).sum::<f32>() / total;
+        if keep < limit && mass(keep, &probs) < self.top_p {
+            // Rare: a flat distribution; sort everything the limit allows.
+            probs.sort_unstable_by(by_prob);
+            keep = limit;
+        }
+        let mut cumulative = 0.0;
+        let mut cut = keep;
+        for (i, p) in probs[..keep].iter().enumerate() {
+            cumulative += p.1 / total;
+            if cumulative >= self.top_p {
+                cut = i + 1;
+                break;
+            }
+        }
+        let kept = &probs[..cut];
+        let kept_total: f32 = kept.iter().map(|p| p.1).sum();
+        let mut r = self.rng.random::<f32>() * kept_total;
+        for p in kept {
+            r -= p.1;
+            if r <= 0.0 {
+                return Ok(p.0);
+            }
+        }
+        Ok(kept.last().map_or_else(argmax, |p| p.0))
     }
 }
 
@@ -178,6 +221,47 @@ mod tests {
         check(&["END"], &["abE", "NDzz"], &[("ab", false), ("", true)], "");
         check(&["stop"], &["st"], &[("", false)], "st");
         check(&["é!"], &["aé"], &[("a", false)], "é");
+    }
+
+    fn sampler(temperature: f32, top_p: f32, top_k: u32, seed: u64) -> Sampler {
+        Sampler::new(&SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: Some(seed),
+            repetition_penalty: 1.0,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn sampling_is_reproducible_and_respects_its_limits() {
+        let logits: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 5000) as f32 / 500.0).collect();
+        let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+        let draw = |mut s: Sampler| (0..50).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>();
+        // The same seed draws the same tokens; another seed other ones.
+        assert_eq!(draw(sampler(1.0, 0.95, 0, 7)), draw(sampler(1.0, 0.95, 0, 7)));
+        assert_ne!(draw(sampler(1.0, 0.95, 0, 7)), draw(sampler(1.0, 0.95, 0, 8)));
+        // Greedy, top-k 1 and a tiny top-p all pick the most likely token.
+        for s in [sampler(0.0, 1.0, 0, 1), sampler(1.0, 1.0, 1, 1), sampler(1.0, 1e-6, 0, 1)] {
+            assert!(draw(s).iter().all(|&t| t == best));
+        }
+        // Top-k 3 only draws among the 3 most likely tokens.
+        let mut top3: Vec<u32> = (0..5000u32).collect();
+        top3.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        assert!(draw(sampler(5.0, 1.0, 3, 1)).iter().all(|t| top3[..3].contains(t)));
+        // A flat distribution with top-p 1 can draw beyond the pre-sorted candidates.
+        let flat = vec![0f32; 5000];
+        let mut s = sampler(1.0, 1.0, 0, 3);
+        assert!((0..200).map(|_| s.sample(&flat, &[]).unwrap()).any(|t| t as usize >= TOP_P_CANDIDATES));
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_recent_tokens() {
+        let logits = vec![1.0f32, 0.9, 0.1];
+        let mut s = Sampler::new(&SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() });
+        assert_eq!(s.sample(&logits, &[0]).unwrap(), 1);
+        assert_eq!(s.sample(&logits, &[]).unwrap(), 0);
     }
 
     #[test]
