@@ -1,5 +1,5 @@
-//! The engine handle and its compute thread. Callers `submit` a request and read its events; dropping the
-//! `Generation` cancels it. The model lives on one thread that runs requests in arrival order.
+//! The engine handle and its scheduler thread. Callers `submit` a request and read its events; dropping the
+//! `Generation` cancels it. The model lives on one thread that batches every running request into each step.
 
 use std::{
     collections::VecDeque,
@@ -24,7 +24,7 @@ pub const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DeviceChoice {
-    /// CUDA device 0 when built with the `cuda` feature and a GPU is present, otherwise CPU.
+    /// The CPU today (the batched engine has no CUDA path yet).
     #[default]
     Auto,
     Cpu,

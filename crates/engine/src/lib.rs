@@ -1,9 +1,7 @@
 //! MoltBot's inference engine: loads a GGUF Llama-family model, builds its tokenizer and chat template from the
-//! GGUF metadata, and generates text on a compute thread of its own. It knows nothing about networking: the
+//! GGUF metadata, and generates text for many requests at once on a compute thread of its own (continuous
+//! batching over its own forward pass and SIMD kernels). It knows nothing about networking: the
 //! inference-worker wraps it.
-//!
-//! The forward pass is candle-transformers' `quantized_llama` (Touvron et al., "LLaMA", 2023; reference:
-//! llama.cpp), one sequence at a time. Requests queue in FIFO order behind the running one.
 
 mod engine;
 mod error;
