@@ -107,14 +107,24 @@ impl Http {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
+        self.try_post(path, headers, body).await.expect("gateway answers")
+    }
+
+    /// Like `post`, but returns transport errors instead of panicking.
+    pub async fn try_post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Value), reqwest::Error> {
         let mut request = self.client.post(format!("{}{path}", self.base)).header("content-type", "application/json");
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = request.body(body.to_owned()).send().await.expect("gateway answers");
+        let response = request.body(body.to_owned()).send().await?;
         let (status, headers) = (response.status().as_u16(), response.headers().clone());
-        let text = response.text().await.expect("a body");
-        (status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let text = response.text().await?;
+        Ok((status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
