@@ -85,23 +85,23 @@ async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_a
     assert!(!answer["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{answer}");
 
     // Dies after streaming a token: the answer cannot be completed, so the client gets a clear 503 — within
-    // the worker timeout, not a hang. (The live worker is kept busy so the doomed one takes the job.)
+    // the worker timeout, not a hang. The live (single-slot) worker is made busy first: a streaming response
+    // only starts once a worker has reported the job started, so after `send` it cannot take the next job.
+    let long = r#"{"messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":24,"stream":true}"#;
+    let busy = cluster
+        .http
+        .client
+        .post(format!("{}/v1/chat/completions", cluster.http.base))
+        .header("content-type", "application/json")
+        .body(long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 200);
     let stream_body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#;
-    let (busy_tx, busy) = tokio::sync::oneshot::channel::<()>();
-    let cluster_http = &cluster.http;
-    let keep_busy = async {
-        let long = r#"{"messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":24}"#;
-        let _ = busy_tx.send(());
-        cluster_http.post("/v1/chat/completions", &[], long).await
-    };
-    let doomed = async {
-        busy.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let request = cluster_http.post("/v1/chat/completions", &[], stream_body);
-        let (response, ()) = tokio::join!(request, take_job_and_die(&nats, &model, Some("Hel")));
-        response
-    };
-    let (_, (status, _, streamed)) = tokio::join!(keep_busy, doomed);
+    let request = cluster.http.post("/v1/chat/completions", &[], stream_body);
+    let ((status, _, streamed), ()) = tokio::join!(request, take_job_and_die(&nats, &model, Some("Hel")));
+    assert!(busy.text().await.unwrap().contains("[DONE]"), "the live worker finishes its own answer");
     assert_eq!(status, 200, "streaming had begun: {streamed}");
     let events = sse_data(streamed.as_str().unwrap());
     let error = events.iter().find(|e| e.contains("\"error\"")).expect("an error event ends the stream");
