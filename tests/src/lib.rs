@@ -127,6 +127,17 @@ impl Http {
         Ok((status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
+    /// POSTs JSON and returns the response as soon as its headers arrive, for reading a stream piece by piece.
+    pub async fn stream(&self, path: &str, body: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let response = self.client.get(format!("{}{path}", self.base)).send().await.expect("gateway answers");
         let status = response.status().as_u16();

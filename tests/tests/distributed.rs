@@ -88,15 +88,7 @@ async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_a
     // the worker timeout, not a hang. The live (single-slot) worker is made busy first: a streaming response
     // only starts once a worker has reported the job started, so after `send` it cannot take the next job.
     let long = r#"{"messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":24,"stream":true}"#;
-    let busy = cluster
-        .http
-        .client
-        .post(format!("{}/v1/chat/completions", cluster.http.base))
-        .header("content-type", "application/json")
-        .body(long)
-        .send()
-        .await
-        .unwrap();
+    let busy = cluster.http.stream("/v1/chat/completions", long).await;
     assert_eq!(busy.status(), 200);
     let stream_body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#;
     let request = cluster.http.post("/v1/chat/completions", &[], stream_body);
@@ -114,15 +106,7 @@ async fn a_client_that_disconnects_cancels_its_generation() {
     let cluster = Cluster::start(1, |c| c.model_provider.max_tokens = 3000).await;
     // Greedy counting runs far longer than this test waits: only a cancel can end the job early.
     let body = r#"{"messages":[{"role":"user","content":"Count from 1 to 1000, separated by commas."}],"max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}"#;
-    let mut response = cluster
-        .http
-        .client
-        .post(format!("{}/v1/chat/completions", cluster.http.base))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let mut response = cluster.http.stream("/v1/chat/completions", body).await;
     assert_eq!(response.status(), 200);
     // Read a few tokens, then hang up.
     let mut seen = String::new();
