@@ -40,19 +40,19 @@ pub struct Matrix {
 }
 
 /// Activation rows quantized to 8 bits per block of 32, with the block scale `d` and `s = d · Σq`.
-pub struct Quantized {
+pub struct Quantized<'a> {
     pub rows: usize,
     pub cols: usize,
     d: Vec<f32>,
     s: Vec<f32>,
     q: Vec<i8>,
     /// The original floats, for F32 weights.
-    f: Vec<f32>,
+    f: &'a [f32],
 }
 
-impl Quantized {
+impl<'a> Quantized<'a> {
     /// Quantizes `x`, `rows` rows of `cols` floats (`cols` a multiple of 32).
-    pub fn new(x: &[f32], rows: usize, cols: usize) -> Self {
+    pub fn new(x: &'a [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(x.len(), rows * cols);
         assert_eq!(cols % QK, 0, "row length must be a multiple of {QK}");
         let blocks = rows * cols / QK;
@@ -70,13 +70,13 @@ impl Quantized {
             d[b] = scale;
             s[b] = scale * sum as f32;
         }
-        Self { rows, cols, d, s, q, f: x.to_vec() }
+        Self { rows, cols, d, s, q, f: x }
     }
 }
 
 impl Matrix {
     /// `out[t][n] = Σ_k x[t][k] · w[n][k]` for every activation row `t`; `out` is `x.rows × self.rows`.
-    pub fn matmul(&self, x: &Quantized, out: &mut [f32]) {
+    pub fn matmul(&self, x: &Quantized<'_>, out: &mut [f32]) {
         assert_eq!(x.cols, self.cols, "inner dimensions differ");
         assert_eq!(out.len(), x.rows * self.rows);
         let (t_rows, n_rows) = (x.rows, self.rows);
@@ -98,7 +98,7 @@ impl Matrix {
     }
 
     /// Dot products of weight row `n` with every activation row.
-    fn row_dot(&self, n: usize, x: &Quantized, out: &mut [f32]) {
+    fn row_dot(&self, n: usize, x: &Quantized<'_>, out: &mut [f32]) {
         let blocks = self.cols / QK;
         match &self.data {
             WeightData::Q4_1(bytes) => {
@@ -154,45 +154,43 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 mod scalar {
     use super::*;
 
-    pub fn q4_1_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
+    /// Σ over blocks of `block_dot(weight block, activation block index)`, for every activation row.
+    fn rows(
+        row: &[u8],
+        block_bytes: usize,
+        x: &Quantized<'_>,
+        out: &mut [f32],
+        block_dot: impl Fn(&[u8], usize) -> f32,
+    ) {
         let blocks = x.cols / QK;
         for (t, o) in out.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for b in 0..blocks {
-                let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
-                let xb = t * blocks + b;
-                let q = &x.q[xb * QK..][..QK];
-                let mut isum = 0i32;
-                for j in 0..16 {
-                    isum +=
-                        i32::from(w[4 + j] & 0x0f) * i32::from(q[j]) + i32::from(w[4 + j] >> 4) * i32::from(q[j + 16]);
-                }
-                acc += f16_at(w, 0) * x.d[xb] * isum as f32 + f16_at(w, 2) * x.s[xb];
-            }
-            *o = acc;
+            *o = (0..blocks).map(|b| block_dot(&row[b * block_bytes..][..block_bytes], t * blocks + b)).sum();
         }
     }
 
-    pub fn q8_0_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
-        let blocks = x.cols / QK;
-        for (t, o) in out.iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for b in 0..blocks {
-                let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                let xb = t * blocks + b;
-                let q = &x.q[xb * QK..][..QK];
-                let isum: i32 = (0..QK).map(|j| i32::from(w[2 + j] as i8) * i32::from(q[j])).sum();
-                acc += f16_at(w, 0) * x.d[xb] * isum as f32;
-            }
-            *o = acc;
-        }
+    pub fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        rows(row, Q4_1_BYTES, x, out, |w, xb| {
+            let q = &x.q[xb * QK..][..QK];
+            let isum: i32 = (0..16)
+                .map(|j| i32::from(w[4 + j] & 0x0f) * i32::from(q[j]) + i32::from(w[4 + j] >> 4) * i32::from(q[j + 16]))
+                .sum();
+            f16_at(w, 0) * x.d[xb] * isum as f32 + f16_at(w, 2) * x.s[xb]
+        })
+    }
+
+    pub fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        rows(row, Q8_0_BYTES, x, out, |w, xb| {
+            let q = &x.q[xb * QK..][..QK];
+            let isum: i32 = (0..QK).map(|j| i32::from(w[2 + j] as i8) * i32::from(q[j])).sum();
+            f16_at(w, 0) * x.d[xb] * isum as f32
+        })
     }
 }
 
 mod simd {
     use super::*;
 
-    pub fn q4_1_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
+    pub fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: AVX2, FMA and F16C were detected at run time.
@@ -201,7 +199,7 @@ mod simd {
         scalar::q4_1_row(row, x, out)
     }
 
-    pub fn q8_0_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
+    pub fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: AVX2, FMA and F16C were detected at run time.
@@ -257,7 +255,7 @@ mod simd {
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn q4_1_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
+        pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
             let blocks = x.cols / QK;
             let mask = _mm_set1_epi8(0x0f);
             for t0 in (0..x.rows).step_by(TILE) {
@@ -288,7 +286,7 @@ mod simd {
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn q8_0_row(row: &[u8], x: &Quantized, out: &mut [f32]) {
+        pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
             let blocks = x.cols / QK;
             for t0 in (0..x.rows).step_by(TILE) {
                 let tiles = (x.rows - t0).min(TILE);

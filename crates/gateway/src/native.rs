@@ -119,9 +119,5 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(produce(tx));
-    futures::StreamExt::map(tokio_stream_from(rx), Ok)
-}
-
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Event>) -> impl futures::Stream<Item = Event> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }

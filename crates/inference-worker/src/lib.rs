@@ -26,18 +26,13 @@ pub use service::InferenceService;
 pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
     let provider = &config.model_provider;
     Engine::load(EngineConfig {
-        name: Some(model_name(config)),
+        name: Some(config.model_provider.model_name.clone()),
         device: if provider.gpu_layers > 0 { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu },
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
         max_batch_size: config.inference_worker.max_batch_size,
         max_batch_tokens: config.inference_worker.max_batch_tokens,
         ..EngineConfig::new(provider.resolved_model_path())
     })
-}
-
-/// The name clients use for the configured model.
-pub fn model_name(config: &Config) -> String {
-    config.model_provider.model_name.clone()
 }
 
 /// A worker: one engine, its identity and counters.

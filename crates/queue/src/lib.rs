@@ -95,11 +95,6 @@ impl JobEvents {
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Result<GenerateEvent>> {
         tokio::time::timeout(timeout, self.stream.next()).await.unwrap_or(None)
     }
-
-    /// Wait without a time limit (the caller enforces its own).
-    pub async fn next(&mut self) -> Option<Result<GenerateEvent>> {
-        self.stream.next().await
-    }
 }
 
 /// A worker's view of the queue.
