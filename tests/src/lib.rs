@@ -53,30 +53,79 @@ impl Drop for Server {
     }
 }
 
-fn spawn(program: &str, args: &[&str], port: u16, dir: tempfile::TempDir) -> Server {
-    let child =
-        Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
-            panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server")
-        });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{program} did not listen on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
+/// Starts `program` on a free port and returns once the server answering there is this one: `identify` gets a fresh
+/// connection and says whether the server on it is ours. A port lost to a race (another server took it, or a probe
+/// connected to itself) makes the child exit or fail `identify`; then it is retried on another port.
+fn spawn(
+    program: &str,
+    args: impl Fn(u16, &str) -> Vec<String>,
+    identify: impl Fn(&mut std::net::TcpStream, &str) -> bool,
+) -> Server {
+    for _ in 0..5 {
+        let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
+        let tag = dir.path().file_name().and_then(|n| n.to_str()).expect("a UTF-8 temp dir").to_owned();
+        let child = Command::new(program)
+            .args(args(port, &dir.path().display().to_string()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server")
+            });
+        let mut server = Server { child, port, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(server.child.try_wait(), Ok(None)) {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                stream.set_read_timeout(Some(Duration::from_secs(1))).expect("a read timeout");
+                if identify(&mut stream, &tag) {
+                    return server;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    Server { child, port, _dir: dir }
+    panic!("{program} did not start listening on a free port in 5 tries");
+}
+
+/// Reads from `stream` until `needle` shows up, the peer stops, or the read times out.
+fn reply_contains(stream: &mut std::net::TcpStream, needle: &str) -> bool {
+    use std::io::Read;
+    let (mut seen, mut buf) = (Vec::new(), [0u8; 1024]);
+    while let Ok(n @ 1..) = stream.read(&mut buf) {
+        seen.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&seen).contains(needle) {
+            return true;
+        }
+    }
+    false
 }
 
 impl Server {
+    /// Redis without persistence; ours when `CONFIG GET dir` names our temp dir.
     pub fn redis() -> Self {
-        let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
-        let (p, d) = (port.to_string(), dir.path().display().to_string());
-        spawn("redis-server", &["--port", &p, "--bind", "127.0.0.1", "--save", "", "--dir", &d], port, dir)
+        spawn(
+            "redis-server",
+            |port, dir| {
+                ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir", dir].map(Into::into).into()
+            },
+            |stream, tag| {
+                use std::io::Write;
+                stream.write_all(b"CONFIG GET dir\r\n").is_ok() && reply_contains(stream, tag)
+            },
+        )
     }
 
+    /// NATS with JetStream; ours when its greeting carries our server name.
     pub fn nats() -> Self {
-        let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
-        let (p, d) = (port.to_string(), dir.path().display().to_string());
-        spawn("nats-server", &["-js", "-a", "127.0.0.1", "-p", &p, "-sd", &d], port, dir)
+        spawn(
+            "nats-server",
+            |port, dir| {
+                let name =
+                    std::path::Path::new(dir).file_name().expect("a temp dir name").to_string_lossy().into_owned();
+                ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", dir, "-n", &name].map(Into::into).into()
+            },
+            |stream, tag| reply_contains(stream, &format!("\"server_name\":\"{tag}\"")),
+        )
     }
 
     pub fn redis_url(&self) -> String {
