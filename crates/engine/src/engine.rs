@@ -5,7 +5,11 @@ use std::{
     collections::VecDeque,
     fs::File,
     path::PathBuf,
-    sync::{Arc, mpsc},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        mpsc,
+    },
     thread,
 };
 
@@ -15,7 +19,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::{
     ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
     Tokenizer, Usage,
-    model::{KvCache, Llama, Step},
+    model::{BLOCK_SIZE, KvCache, KvPool, Llama, Step},
     sampling::Sampler,
 };
 
@@ -43,6 +47,42 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// Tokens (decode tokens plus prompt chunks) in one forward pass.
     pub max_batch_tokens: usize,
+    /// Compute threads; all cores when unset.
+    pub threads: Option<usize>,
+    /// Memory for the KV cache; the context window shrinks to fit when it cannot hold one whole context.
+    pub kv_cache: KvBudget,
+    /// Requests that may wait for a place in the batch; `submit` refuses more with `Error::Overloaded`.
+    pub max_waiting: usize,
+}
+
+/// How big the KV-cache pool is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvBudget {
+    Bytes(usize),
+    /// Exactly this many blocks of `model::BLOCK_SIZE` positions.
+    Blocks(usize),
+}
+
+/// A snapshot of the scheduler, refreshed after every step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub kv_blocks_total: usize,
+    pub kv_blocks_free: usize,
+    pub running: usize,
+    pub waiting: usize,
+    /// Sequences evicted from the batch (and later recomputed) because the KV cache ran out, since start.
+    pub preemptions: u64,
+}
+
+#[derive(Default)]
+struct SharedStats {
+    kv_blocks_total: AtomicUsize,
+    kv_blocks_free: AtomicUsize,
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    preemptions: AtomicU64,
+    /// Submitted requests not yet admitted to the batch for the first time.
+    queued: AtomicUsize,
 }
 
 impl EngineConfig {
@@ -55,6 +95,9 @@ impl EngineConfig {
             max_context: None,
             max_batch_size: 16,
             max_batch_tokens: 512,
+            threads: None,
+            kv_cache: KvBudget::Bytes(1 << 30),
+            max_waiting: 1024,
         }
     }
 }
@@ -131,7 +174,9 @@ struct Inner {
     metadata: ModelMetadata,
     context_length: usize,
     max_sequences: usize,
+    max_waiting: usize,
     device: String,
+    stats: Arc<SharedStats>,
 }
 
 impl Engine {
@@ -156,12 +201,33 @@ impl Engine {
                 "the batched engine runs on the CPU only for now; set model_provider.gpu_layers to 0".into(),
             ));
         }
-        let context_length = [Some(metadata.context_length), Some(MAX_CONTEXT), config.max_context]
+        let mut context_length = [Some(metadata.context_length), Some(MAX_CONTEXT), config.max_context]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or(MAX_CONTEXT);
-        let model = Llama::load(&content, &mut file, context_length)?;
+        let mut model = Llama::load(&content, &mut file, context_length)?;
+        let blocks = match config.kv_cache {
+            KvBudget::Blocks(n) => n,
+            KvBudget::Bytes(bytes) => bytes / KvPool::block_bytes(&model.config),
+        };
+        if blocks * BLOCK_SIZE < context_length {
+            // One sequence must always fit whole, or the oldest sequence could not finish.
+            tracing::warn!(
+                kv_blocks = blocks,
+                context_length,
+                "the KV cache cannot hold a whole context window; the window shrinks to fit"
+            );
+            context_length = blocks * BLOCK_SIZE;
+            model = Llama::load(&content, &mut file, context_length)?;
+        }
+        if context_length < 2 {
+            return Err(load_err(&"the KV cache is too small for even one block; raise its budget"));
+        }
+        let pool = KvPool::new(&model.config, blocks);
+        let stats = Arc::new(SharedStats::default());
+        stats.kv_blocks_total.store(blocks, Relaxed);
+        stats.kv_blocks_free.store(blocks, Relaxed);
         let eos: Vec<u32> = metadata
             .eos_token_id
             .into_iter()
@@ -171,21 +237,49 @@ impl Engine {
         let max_sequences = config.max_batch_size.max(1);
         let compute = Compute {
             model,
+            pool,
+            stats: stats.clone(),
+            arrivals: 0,
             tokenizer: tokenizer.clone(),
             eos,
             context_length,
             max_batch_size: max_sequences,
             max_batch_tokens: config.max_batch_tokens.max(1),
         };
+        // The scheduler runs on a worker of the engine's own pool, so each step's parallel work starts on the
+        // thread that asks for it instead of being handed across threads.
+        let threads = config.threads.filter(|&n| n > 0).unwrap_or_else(|| {
+            thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1)
+        });
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("moltbot-engine-{i}"))
+            .build()
+            .map_err(|e| load_err(&e))?;
         thread::Builder::new()
             .name("moltbot-engine".into())
-            .spawn(move || compute.run(queue))
+            .spawn(move || pool.install(move || compute.run(queue)))
             .map_err(|e| load_err(&e))?;
         let device = "cpu".to_owned();
         let name = config.name.unwrap_or_else(|| metadata.name.clone());
-        tracing::info!(model = %name, path = %path.display(), context_length, max_sequences, "model loaded");
+        tracing::info!(
+            model = %name, path = %path.display(), context_length, max_sequences, kv_blocks = blocks, threads,
+            "model loaded"
+        );
+        let max_waiting = config.max_waiting.max(1);
         Ok(Self {
-            inner: Arc::new(Inner { jobs, tokenizer, template, name, metadata, context_length, max_sequences, device }),
+            inner: Arc::new(Inner {
+                jobs,
+                tokenizer,
+                template,
+                name,
+                metadata,
+                context_length,
+                max_sequences,
+                max_waiting,
+                device,
+                stats,
+            }),
         })
     }
 
@@ -208,6 +302,18 @@ impl Engine {
     /// How many sequences generate at once.
     pub fn max_sequences(&self) -> usize {
         self.inner.max_sequences
+    }
+
+    /// The scheduler's state after its last step.
+    pub fn stats(&self) -> EngineStats {
+        let s = &self.inner.stats;
+        EngineStats {
+            kv_blocks_total: s.kv_blocks_total.load(Relaxed),
+            kv_blocks_free: s.kv_blocks_free.load(Relaxed),
+            running: s.running.load(Relaxed),
+            waiting: s.waiting.load(Relaxed),
+            preemptions: s.preemptions.load(Relaxed),
+        }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -240,13 +346,22 @@ impl Engine {
             });
         }
         let prompt_tokens = tokens.len() as u32;
+        let queued = &self.inner.stats.queued;
+        let waiting = queued.fetch_add(1, Relaxed);
+        if waiting >= self.inner.max_waiting {
+            queued.fetch_sub(1, Relaxed);
+            return Err(Error::Overloaded { waiting });
+        }
         let (events, rx) = unbounded_channel();
-        self.inner.jobs.send(Job { tokens, sampling: request.sampling, events }).map_err(|_| Error::Stopped)?;
+        if self.inner.jobs.send(Job { tokens, sampling: request.sampling, events }).is_err() {
+            queued.fetch_sub(1, Relaxed);
+            return Err(Error::Stopped);
+        }
         Ok(Generation { prompt_tokens, events: rx })
     }
 }
 
-/// A sequence in the running set.
+/// A sequence in the waiting queue or the running set.
 struct Active {
     events: UnboundedSender<GenerationEvent>,
     sampler: Sampler,
@@ -258,10 +373,17 @@ struct Active {
     prompt_tokens: usize,
     generated: usize,
     max_new: usize,
+    /// Arrival order: older sequences are scheduled first and preempted last.
+    arrival: u64,
+    /// Still counted against `max_waiting` (never admitted yet).
+    queued: bool,
 }
 
 struct Compute {
     model: Llama,
+    pool: KvPool,
+    stats: Arc<SharedStats>,
+    arrivals: u64,
     tokenizer: Tokenizer,
     eos: Vec<u32>,
     context_length: usize,
@@ -270,43 +392,64 @@ struct Compute {
 }
 
 impl Compute {
-    /// The scheduler: every step admits waiting requests (first come, first served) while there is room, drops
-    /// cancelled ones, and runs one forward pass over a decode token of every generating sequence plus chunks
-    /// of prompts, within `max_batch_tokens`.
+    /// The scheduler. Every step it drops cancelled requests (freeing their KV blocks), gives every running
+    /// sequence the blocks its next tokens need (preempting the newest sequences when the pool runs dry),
+    /// admits waiting requests first come, first served while the batch and the pool have room, and runs one
+    /// forward pass over a decode token of every generating sequence plus chunks of prompts, within
+    /// `max_batch_tokens`.
     fn run(mut self, queue: mpsc::Receiver<Job>) {
-        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut waiting: VecDeque<Active> = VecDeque::new();
         let mut running: Vec<Active> = Vec::new();
         loop {
             if running.is_empty() && waiting.is_empty() {
                 match queue.recv() {
-                    Ok(job) => waiting.push_back(job),
+                    Ok(job) => waiting.push_back(self.accept(job)),
                     Err(_) => break,
                 }
             }
-            waiting.extend(queue.try_iter());
-            waiting.retain(|job| !job.events.is_closed());
-            while running.len() < self.max_batch_size {
-                let Some(job) = waiting.pop_front() else { break };
-                running.push(self.admit(job));
+            for job in queue.try_iter() {
+                waiting.push_back(self.accept(job));
             }
-            // A request whose caller went away leaves the batch now; its cache is freed with it.
+            // A request whose caller went away leaves now, and its blocks go back to the pool.
+            for a in waiting.iter_mut().chain(running.iter_mut()).filter(|a| a.events.is_closed()) {
+                self.retire(a);
+            }
+            waiting.retain(|a| !a.events.is_closed());
             running.retain(|a| !a.events.is_closed());
-            if running.is_empty() {
-                continue;
+            running.sort_by_key(|a| a.arrival);
+            self.grow(&mut running, &mut waiting);
+            while running.len() < self.max_batch_size {
+                let Some(front) = waiting.front_mut() else { break };
+                let needed = front.tokens.len();
+                if !front.cache.reserve(&mut self.pool, needed) {
+                    break;
+                }
+                let mut a = waiting.pop_front().expect("the front exists");
+                if std::mem::take(&mut a.queued) {
+                    self.stats.queued.fetch_sub(1, Relaxed);
+                }
+                running.push(a);
             }
-            if let Err(e) = self.step(&mut running) {
+            if !running.is_empty()
+                && let Err(e) = self.step(&mut running)
+            {
                 tracing::error!(error = %e, "generation step failed");
-                for a in running.drain(..) {
+                for mut a in running.drain(..) {
+                    a.cache.release(&mut self.pool);
                     let _ = a.events.send(GenerationEvent::Failed(e.to_string()));
                 }
             }
+            self.stats.kv_blocks_free.store(self.pool.free_blocks(), Relaxed);
+            self.stats.running.store(running.len(), Relaxed);
+            self.stats.waiting.store(waiting.len(), Relaxed);
         }
         tracing::debug!("engine compute thread stopped");
     }
 
-    fn admit(&self, job: Job) -> Active {
+    fn accept(&mut self, job: Job) -> Active {
         let Job { tokens, sampling, events } = job;
         let prompt_tokens = tokens.len();
+        self.arrivals += 1;
         Active {
             events,
             sampler: Sampler::new(&sampling),
@@ -314,18 +457,48 @@ impl Compute {
             detok: Detokenizer::new(&tokens),
             max_new: (sampling.max_tokens as usize).min(self.context_length - prompt_tokens),
             tokens,
-            cache: KvCache::new(&self.model.config),
+            cache: KvCache::new(),
             prompt_tokens,
             generated: 0,
+            arrival: self.arrivals,
+            queued: true,
         }
     }
 
-    /// One forward pass and one sampled token for every sequence whose whole prompt is in.
+    /// Frees what a sequence that leaves holds.
+    fn retire(&mut self, a: &mut Active) {
+        a.cache.release(&mut self.pool);
+        if std::mem::take(&mut a.queued) {
+            self.stats.queued.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Gives each running sequence (oldest first) blocks for its pending tokens. When the pool is dry, the newest
+    /// running sequence is preempted: its blocks are freed and it goes back to the front of the waiting queue, to
+    /// be recomputed from its tokens later (vLLM's recompute preemption). The pool holds at least one whole
+    /// context, so the oldest sequence always fits.
+    fn grow(&mut self, running: &mut Vec<Active>, waiting: &mut VecDeque<Active>) {
+        let mut i = 0;
+        while i < running.len() {
+            let pending = running[i].tokens.len() - running[i].cache.len();
+            if running[i].cache.reserve(&mut self.pool, pending) {
+                i += 1;
+                continue;
+            }
+            let mut victim = running.pop().expect("running is not empty");
+            victim.cache.release(&mut self.pool);
+            self.stats.preemptions.fetch_add(1, Relaxed);
+            tracing::debug!(arrival = victim.arrival, tokens = victim.tokens.len(), "preempted: KV cache full");
+            waiting.push_front(victim);
+        }
+    }
+
+    /// One forward pass and one sampled token for every sequence whose tokens are all in.
     fn step(&mut self, running: &mut Vec<Active>) -> Result<()> {
         // Generating sequences first (one token each), then prompt chunks in arrival order.
         let mut budget = self.max_batch_tokens;
         let mut order: Vec<usize> = (0..running.len()).collect();
-        order.sort_by_key(|&i| running[i].cache.len() < running[i].prompt_tokens);
+        order.sort_by_key(|&i| running[i].tokens.len() - running[i].cache.len() > 1);
         let mut take = vec![0usize; running.len()];
         for &i in &order {
             let pending = running[i].tokens.len() - running[i].cache.len();
@@ -345,7 +518,7 @@ impl Compute {
                 Step { tokens: &a.tokens[start..start + n], cache: &mut a.cache, logits }
             })
             .collect();
-        let logits = self.model.forward(&mut steps)?;
+        let logits = self.model.forward(&mut self.pool, &mut steps)?;
         drop(steps);
         let mut logits = logits.into_iter();
         let mut finished = vec![];
@@ -359,7 +532,8 @@ impl Compute {
             }
         }
         for (i, reason) in finished.into_iter().rev() {
-            let a = running.swap_remove(i);
+            let mut a = running.swap_remove(i);
+            self.retire(&mut a);
             let usage = Usage { prompt_tokens: a.prompt_tokens as u32, completion_tokens: a.generated as u32 };
             let rest = a.stops.flush_owned();
             if !rest.is_empty() {

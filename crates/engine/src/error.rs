@@ -22,6 +22,10 @@ pub enum Error {
     InvalidRequest(String),
     #[error("prompt has {prompt_tokens} tokens but the model's context window is {context_length}")]
     PromptTooLong { prompt_tokens: usize, context_length: usize },
+    #[error("the engine is overloaded: {waiting} requests are already waiting; retry later")]
+    Overloaded { waiting: usize },
+    #[error("internal engine error: {0}")]
+    Internal(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("model execution failed: {0}")]

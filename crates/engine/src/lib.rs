@@ -12,7 +12,9 @@ mod sampling;
 mod template;
 mod tokenizer;
 
-pub use engine::{DeviceChoice, Engine, EngineConfig, Generation, GenerationEvent, GenerationRequest, Prompt};
+pub use engine::{
+    DeviceChoice, Engine, EngineConfig, EngineStats, Generation, GenerationEvent, GenerationRequest, KvBudget, Prompt,
+};
 pub use error::{Error, Result};
 pub use gguf::ModelMetadata;
 pub use sampling::{FinishReason, SamplingParams, StopMatcher, Usage};

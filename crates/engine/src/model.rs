@@ -94,16 +94,64 @@ pub struct Llama {
     max_positions: usize,
 }
 
-/// One sequence's keys and values, per layer, `len × kv_dim` each.
+/// Positions per KV-cache block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// The keys and values of every sequence, in fixed-size blocks from one pool whose size is set at start-up
+/// (paged attention: Kwon et al., "Efficient Memory Management for Large Language Model Serving with
+/// PagedAttention", 2023). A block holds `BLOCK_SIZE` positions of keys and values for every layer. The pool is
+/// allocated zeroed, so the operating system only commits the pages a block has used.
+pub struct KvPool {
+    data: Vec<f32>,
+    free: Vec<u32>,
+    blocks: usize,
+    n_layer: usize,
+    kv_dim: usize,
+}
+
+impl KvPool {
+    /// A pool of `blocks` blocks for `config`'s model.
+    pub fn new(config: &LlamaConfig, blocks: usize) -> Self {
+        let per_block = config.n_layer * 2 * BLOCK_SIZE * config.kv_dim();
+        // Reversed, so blocks are handed out from the start of the pool.
+        let free = (0..blocks as u32).rev().collect();
+        Self { data: vec![0f32; blocks * per_block], free, blocks, n_layer: config.n_layer, kv_dim: config.kv_dim() }
+    }
+
+    /// Bytes one block takes.
+    pub fn block_bytes(config: &LlamaConfig) -> usize {
+        config.n_layer * 2 * BLOCK_SIZE * config.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Where block `block`'s keys (`value` false) or values of layer `layer` start.
+    fn offset(&self, block: u32, layer: usize, value: bool) -> usize {
+        ((block as usize * self.n_layer + layer) * 2 + usize::from(value)) * BLOCK_SIZE * self.kv_dim
+    }
+
+    /// The `BLOCK_SIZE × kv_dim` keys or values of one block and layer.
+    fn block(&self, block: u32, layer: usize, value: bool) -> &[f32] {
+        &self.data[self.offset(block, layer, value)..][..BLOCK_SIZE * self.kv_dim]
+    }
+}
+
+/// One sequence's place in the pool: its block table and how many positions are filled.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    blocks: Vec<u32>,
     len: usize,
 }
 
 impl KvCache {
-    pub fn new(config: &LlamaConfig) -> Self {
-        Self { k: vec![vec![]; config.n_layer], v: vec![vec![]; config.n_layer], len: 0 }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Positions already in the cache.
@@ -115,9 +163,32 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
+    /// Blocks held.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks needed to hold `positions` positions.
+    pub fn blocks_for(positions: usize) -> usize {
+        positions.div_ceil(BLOCK_SIZE)
+    }
+
+    /// Takes blocks from the pool until `len + n` positions fit; takes none and returns false when the pool
+    /// has too few free blocks.
+    pub fn reserve(&mut self, pool: &mut KvPool, n: usize) -> bool {
+        let missing = Self::blocks_for(self.len + n).saturating_sub(self.blocks.len());
+        if missing > pool.free.len() {
+            return false;
+        }
+        let from = pool.free.len() - missing;
+        self.blocks.extend(pool.free.drain(from..).rev());
+        true
+    }
+
+    /// Gives every block back to the pool and empties the cache.
+    pub fn release(&mut self, pool: &mut KvPool) {
+        pool.free.extend(self.blocks.drain(..).rev());
+        self.len = 0;
     }
 }
 
@@ -212,7 +283,9 @@ impl Llama {
     }
 
     /// Runs one step over every sequence's new tokens; returns the last-token logits of each step that asked.
-    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+    ///
+    /// Each step's cache must hold blocks for its new tokens already (`KvCache::reserve`).
+    pub fn forward(&self, pool: &mut KvPool, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (d, kv_dim) = (c.n_embd, c.kv_dim());
         // Row r of the step belongs to sequence `owner[r]` at position `pos[r]`.
@@ -223,6 +296,9 @@ impl Llama {
                     prompt_tokens: step.cache.len + step.tokens.len(),
                     context_length: self.max_positions,
                 });
+            }
+            if step.cache.blocks.len() * BLOCK_SIZE < step.cache.len + step.tokens.len() {
+                return Err(Error::Internal("a sequence was scheduled without KV-cache blocks for its tokens".into()));
             }
             for i in 0..step.tokens.len() {
                 owner.push(s);
@@ -251,18 +327,22 @@ impl Llama {
                 self.rotate(&mut q[r * d..(r + 1) * d], pos[r]);
                 self.rotate(&mut k[r * kv_dim..(r + 1) * kv_dim], pos[r]);
             }
-            // Append this step's keys and values, then attend: rows of a prompt chunk see earlier rows.
-            let mut first_row = 0;
-            for step in steps.iter_mut() {
-                let n = step.tokens.len();
-                step.cache.k[l].extend_from_slice(&k[first_row * kv_dim..(first_row + n) * kv_dim]);
-                step.cache.v[l].extend_from_slice(&v[first_row * kv_dim..(first_row + n) * kv_dim]);
-                first_row += n;
+            // Write this step's keys and values into the pool, then attend: rows of a prompt chunk see earlier
+            // rows. Every (row, head) pair is one parallel task.
+            for (r, (kr, vr)) in k.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim)).enumerate() {
+                let table = &steps[owner[r]].cache.blocks;
+                let (block, slot) = (table[pos[r] / BLOCK_SIZE], pos[r] % BLOCK_SIZE);
+                let at = pool.offset(block, l, false) + slot * kv_dim;
+                pool.data[at..at + kv_dim].copy_from_slice(kr);
+                let at = pool.offset(block, l, true) + slot * kv_dim;
+                pool.data[at..at + kv_dim].copy_from_slice(vr);
             }
-            let caches: Vec<(&[f32], &[f32])> = steps.iter().map(|s| (&s.cache.k[l][..], &s.cache.v[l][..])).collect();
-            attn.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-                let (keys, values) = caches[owner[r]];
-                self.attend(&q[r * d..(r + 1) * d], keys, values, pos[r] + 1, out);
+            let pool = &*pool;
+            let hd = c.head_dim;
+            attn.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (r, h) = (i / c.n_head, i % c.n_head);
+                let table = &steps[owner[r]].cache.blocks;
+                self.attend(pool, l, table, &q[r * d + h * hd..][..hd], h, pos[r] + 1, out);
             });
             layer.wo.matmul(&Quantized::new(&attn, rows, d), &mut proj);
             add(&mut x, &proj);
@@ -309,37 +389,53 @@ impl Llama {
         }
     }
 
-    /// Causal attention of one query row over the first `visible` cached positions, all heads.
-    fn attend(&self, q: &[f32], keys: &[f32], values: &[f32], visible: usize, out: &mut [f32]) {
+    /// Causal attention of head `h` of one query row over the first `visible` positions of a sequence's blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(&self, pool: &KvPool, layer: usize, table: &[u32], q: &[f32], h: usize, visible: usize, out: &mut [f32]) {
         let c = &self.config;
-        let (hd, kv_dim, group) = (c.head_dim, c.kv_dim(), c.n_head / c.n_kv_head);
+        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+        let kv = (h / (c.n_head / c.n_kv_head)) * hd;
         let scale = 1.0 / (hd as f32).sqrt();
+        let blocks = || table.iter().take(visible.div_ceil(BLOCK_SIZE)).enumerate();
         let mut scores = vec![0f32; visible];
-        for h in 0..c.n_head {
-            let kv = (h / group) * hd;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kj = &keys[j * kv_dim + kv..j * kv_dim + kv + hd];
-                *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(*s);
+        for (b, &block) in blocks() {
+            let keys = pool.block(block, layer, false);
+            let n = (visible - b * BLOCK_SIZE).min(BLOCK_SIZE);
+            for (j, s) in scores[b * BLOCK_SIZE..][..n].iter_mut().enumerate() {
+                *s = dot(q, &keys[j * kv_dim + kv..][..hd]) * scale;
             }
-            let mut total = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for (j, s) in scores.iter().enumerate() {
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        out.fill(0.0);
+        for (b, &block) in blocks() {
+            let values = pool.block(block, layer, true);
+            let n = (visible - b * BLOCK_SIZE).min(BLOCK_SIZE);
+            for (j, s) in scores[b * BLOCK_SIZE..][..n].iter().enumerate() {
                 let w = s / total;
-                let vj = &values[j * kv_dim + kv..j * kv_dim + kv + hd];
-                for (o, vv) in oh.iter_mut().zip(vj) {
-                    *o += w * vv;
+                for (o, v) in out.iter_mut().zip(&values[j * kv_dim + kv..][..hd]) {
+                    *o += w * v;
                 }
             }
         }
     }
+}
+
+/// A dot product the compiler vectorizes: eight independent partial sums.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {

@@ -136,7 +136,7 @@ async fn batched_greedy_output_equals_one_sequence_at_a_time() {
 fn logits_match_candle_quantized_llama() {
     use candle_core::{Device, Tensor, quantized::gguf_file::Content};
     use candle_transformers::models::quantized_llama::ModelWeights;
-    use moltbot_engine::model::{KvCache, Llama, Step};
+    use moltbot_engine::model::{KvCache, KvPool, Llama, Step};
 
     let path = model_path();
     let engine = Engine::load(EngineConfig::new(&path)).unwrap();
@@ -147,13 +147,16 @@ fn logits_match_candle_quantized_llama() {
     let ours = Llama::load(&content, &mut file, 512).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
 
-    let mut cache = KvCache::new(&ours.config);
+    let mut pool = KvPool::new(&ours.config, 512 / moltbot_engine::model::BLOCK_SIZE);
+    let mut cache = KvCache::new();
     let mut tokens = ids.clone();
     let mut position = 0;
     // The prompt, then three greedy tokens, compared at every step.
     for step in 0..4 {
         let new = &tokens[position..];
-        let got = ours.forward(&mut [Step { tokens: new, cache: &mut cache, logits: true }]).unwrap().remove(0);
+        assert!(cache.reserve(&mut pool, new.len()));
+        let one = Step { tokens: new, cache: &mut cache, logits: true };
+        let got = ours.forward(&mut pool, &mut [one]).unwrap().remove(0);
         let input = Tensor::new(new, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let want = reference.forward(&input, position).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
