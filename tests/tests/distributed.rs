@@ -116,7 +116,7 @@ async fn a_client_that_disconnects_cancels_its_generation() {
     drop(response);
     let mut info = cluster.worker_info().await;
     for _ in 0..100 {
-        if info[0].jobs_completed == 1 {
+        if info[0].jobs_completed == 1 && info[0].kv_blocks_free == info[0].kv_blocks_total {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -127,6 +127,8 @@ async fn a_client_that_disconnects_cancels_its_generation() {
         (1, 1),
         "the worker should stop for a departed client"
     );
+    assert_eq!(info[0].kv_blocks_free, info[0].kv_blocks_total, "the cancelled sequence's KV blocks are freed");
+    assert_eq!((info[0].running, info[0].waiting), (0, 0));
     cluster.stop().await;
 }
 

@@ -144,6 +144,12 @@ pub struct InferenceWorkerConfig {
     pub max_batch_size: usize,
     /// Tokens in one forward pass (one per generating sequence plus prompt chunks).
     pub max_batch_tokens: usize,
+    /// Memory for the paged KV cache, in MiB; the context window shrinks when one whole window does not fit.
+    pub kv_cache_mib: usize,
+    /// Requests the engine queues beyond its batch before refusing more (429).
+    pub max_waiting: usize,
+    /// Compute threads for the engine; 0 means every core.
+    pub threads: usize,
 }
 
 impl Default for InferenceWorkerConfig {
@@ -153,6 +159,9 @@ impl Default for InferenceWorkerConfig {
             worker_id: String::new(),
             max_batch_size: 16,
             max_batch_tokens: 512,
+            kv_cache_mib: 1024,
+            max_waiting: 256,
+            threads: 0,
         }
     }
 }
@@ -359,6 +368,9 @@ impl Config {
         }
         if self.inference_worker.max_batch_size == 0 || self.inference_worker.max_batch_tokens == 0 {
             return bad("inference_worker.max_batch_size", "max_batch_size and max_batch_tokens must be at least 1");
+        }
+        if self.inference_worker.kv_cache_mib == 0 || self.inference_worker.max_waiting == 0 {
+            return bad("inference_worker.kv_cache_mib", "kv_cache_mib and max_waiting must be at least 1");
         }
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");

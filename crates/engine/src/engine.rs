@@ -248,9 +248,10 @@ impl Engine {
         };
         // The scheduler runs on a worker of the engine's own pool, so each step's parallel work starts on the
         // thread that asks for it instead of being handed across threads.
-        let threads = config.threads.filter(|&n| n > 0).unwrap_or_else(|| {
-            thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1)
-        });
+        let threads = config
+            .threads
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("moltbot-engine-{i}"))

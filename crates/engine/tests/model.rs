@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use moltbot_engine::{ChatMessage, Engine, EngineConfig, FinishReason, GenerationRequest, Prompt, SamplingParams};
+use moltbot_engine::{
+    ChatMessage, Engine, EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvBudget, Prompt,
+    SamplingParams,
+};
 
 /// The model `cargo xtask model` caches, or the one `MOLTBOT_MODEL_PROVIDER__MODEL_PATH` names.
 fn model_path() -> PathBuf {
@@ -105,31 +108,99 @@ fn mixed_prompts() -> Vec<Prompt> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_greedy_output_equals_one_sequence_at_a_time() {
-    let path = model_path();
-    let single = Engine::load(EngineConfig { max_batch_size: 1, ..EngineConfig::new(&path) }).unwrap();
-    // A small token budget forces long prompts into chunks that share steps with other sequences' decoding.
-    let batched =
-        Engine::load(EngineConfig { max_batch_size: 4, max_batch_tokens: 48, ..EngineConfig::new(&path) }).unwrap();
-    let sampling = greedy(20);
-    let mut expected = vec![];
+type Answer = (String, FinishReason, moltbot_engine::Usage);
+
+/// Greedy answers to `mixed_prompts`, one request at a time on an unconstrained engine.
+async fn one_at_a_time(sampling: &SamplingParams) -> Vec<Answer> {
+    let single = Engine::load(EngineConfig { max_batch_size: 1, ..EngineConfig::new(model_path()) }).unwrap();
+    let mut answers = vec![];
     for prompt in mixed_prompts() {
         let g = single.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap();
-        expected.push(g.collect().await.unwrap());
+        answers.push(g.collect().await.unwrap());
     }
+    answers
+}
+
+/// Submits every prompt at once, so the engine batches them; awaiting in order only reads the results.
+async fn all_at_once(engine: &Engine, sampling: &SamplingParams) -> Vec<Answer> {
     let runs: Vec<_> = mixed_prompts()
         .into_iter()
-        .map(|prompt| batched.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap().collect())
+        .map(|prompt| engine.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap().collect())
         .collect();
-    // Every request is already queued, so the engine batches them; awaiting in order only reads the results.
-    let mut got = vec![];
+    let mut answers = vec![];
     for run in runs {
-        got.push(run.await.unwrap());
+        answers.push(run.await.unwrap());
     }
-    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+    answers
+}
+
+fn assert_same(got: &[Answer], expected: &[Answer]) {
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
         assert_eq!(g, e, "prompt {i}: batched output differs from one-at-a-time");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_greedy_output_equals_one_sequence_at_a_time() {
+    // A small token budget forces long prompts into chunks that share steps with other sequences' decoding.
+    let config = EngineConfig { max_batch_size: 4, max_batch_tokens: 48, ..EngineConfig::new(model_path()) };
+    let batched = Engine::load(config).unwrap();
+    let sampling = greedy(20);
+    assert_same(&all_at_once(&batched, &sampling).await, &one_at_a_time(&sampling).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_under_a_tiny_kv_budget_finishes_every_sequence_correctly() {
+    // 12 blocks of 16 positions: the longest prompt and its answer (~150 positions) fit alone, but the five
+    // sequences together need about twice the pool, so the scheduler must evict and recompute to finish them.
+    let config = EngineConfig {
+        max_batch_size: 5,
+        max_batch_tokens: 64,
+        kv_cache: KvBudget::Blocks(12),
+        ..EngineConfig::new(model_path())
+    };
+    let tight = Engine::load(config).unwrap();
+    assert_eq!(tight.context_length(), 12 * 16, "the window shrinks to what the pool holds");
+    let sampling = greedy(20);
+    assert_same(&all_at_once(&tight, &sampling).await, &one_at_a_time(&sampling).await);
+    let stats = tight.stats();
+    assert!(stats.preemptions > 0, "the pool was never short: {stats:?}");
+    assert_eq!(stats.kv_blocks_free, stats.kv_blocks_total, "finished sequences hold no blocks: {stats:?}");
+}
+
+/// Waits until the engine's KV pool is whole again.
+async fn until_every_block_is_free(engine: &Engine) -> EngineStats {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stats = engine.stats();
+        if stats.kv_blocks_free == stats.kv_blocks_total && stats.running == 0 {
+            return stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "blocks still held: {stats:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_waiting_queue_is_refused_and_cancelling_frees_kv_blocks() {
+    let config = EngineConfig { max_batch_size: 1, max_waiting: 1, ..EngineConfig::new(model_path()) };
+    let engine = Engine::load(config).unwrap();
+    let request = || GenerationRequest { prompt: Prompt::Text("Once upon a time".into()), sampling: greedy(2000) };
+    let mut running = engine.submit(request()).unwrap();
+    assert!(matches!(running.next().await, Some(GenerationEvent::Token { .. })));
+    assert!(engine.stats().kv_blocks_free < engine.stats().kv_blocks_total, "a running sequence holds blocks");
+    // The batch is full, so the next request waits and fills the queue; one more is refused.
+    let waiting = engine.submit(request()).unwrap();
+    let err = engine.submit(request()).err().expect("the queue is full");
+    assert!(matches!(err, moltbot_engine::Error::Overloaded { .. }), "{err}");
+    drop(running);
+    drop(waiting);
+    until_every_block_is_free(&engine).await;
+    // With the queue drained, requests are taken again.
+    let (text, _, _) =
+        engine.submit(GenerationRequest { sampling: greedy(3), ..request() }).unwrap().collect().await.unwrap();
+    assert!(!text.is_empty());
+    until_every_block_is_free(&engine).await;
 }
 
 #[test]

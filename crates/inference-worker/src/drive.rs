@@ -20,7 +20,20 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// google.rpc.Code numbers carried in error events.
 const INVALID_ARGUMENT: i32 = 3;
 const DEADLINE_EXCEEDED: i32 = 4;
+const RESOURCE_EXHAUSTED: i32 = 8;
 const INTERNAL: i32 = 13;
+const UNAVAILABLE: i32 = 14;
+
+/// The google.rpc.Code for an engine error: the caller's fault, a full engine, or the engine's own.
+fn code(e: &moltbot_engine::Error) -> i32 {
+    use moltbot_engine::Error;
+    match e {
+        Error::Overloaded { .. } => RESOURCE_EXHAUSTED,
+        Error::Stopped => UNAVAILABLE,
+        Error::Internal(_) | Error::Candle(_) => INTERNAL,
+        _ => INVALID_ARGUMENT,
+    }
+}
 
 fn event(e: Event) -> GenerateEvent {
     GenerateEvent { event: Some(e) }
@@ -76,12 +89,13 @@ pub async fn drive(
         let _ = out.send(error(INVALID_ARGUMENT, message)).await;
         return false;
     }
-    let submitted =
-        engine_request(request, worker.max_tokens).and_then(|r| worker.engine.submit(r).map_err(|e| e.to_string()));
+    let submitted = engine_request(request, worker.max_tokens)
+        .map_err(|message| (INVALID_ARGUMENT, message))
+        .and_then(|r| worker.engine.submit(r).map_err(|e| (code(&e), e.to_string())));
     let mut generation = match submitted {
         Ok(g) => g,
-        Err(message) => {
-            let _ = out.send(error(INVALID_ARGUMENT, message)).await;
+        Err((code, message)) => {
+            let _ = out.send(error(code, message)).await;
             return false;
         }
     };

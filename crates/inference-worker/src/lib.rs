@@ -14,7 +14,7 @@ use std::{
 };
 
 use moltbot_config::{Config, InferenceWorkerConfig};
-use moltbot_engine::{DeviceChoice, Engine, EngineConfig};
+use moltbot_engine::{DeviceChoice, Engine, EngineConfig, KvBudget};
 use moltbot_queue::JobQueue;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,9 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
         max_batch_size: config.inference_worker.max_batch_size,
         max_batch_tokens: config.inference_worker.max_batch_tokens,
+        kv_cache: KvBudget::Bytes(config.inference_worker.kv_cache_mib << 20),
+        max_waiting: config.inference_worker.max_waiting,
+        threads: (config.inference_worker.threads > 0).then_some(config.inference_worker.threads),
         ..EngineConfig::new(provider.resolved_model_path())
     })
 }

@@ -25,6 +25,7 @@ impl InferenceService {
 impl Inference for InferenceService {
     async fn get_model_info(&self, _: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let engine = &self.worker.engine;
+        let stats = engine.stats();
         Ok(Response::new(ModelInfo {
             name: engine.name().to_owned(),
             architecture: engine.metadata().architecture.clone(),
@@ -35,6 +36,11 @@ impl Inference for InferenceService {
             jobs_completed: self.worker.jobs_completed(),
             jobs_cancelled: self.worker.jobs_cancelled(),
             device: engine.device().to_owned(),
+            kv_blocks_total: stats.kv_blocks_total as u64,
+            kv_blocks_free: stats.kv_blocks_free as u64,
+            preemptions: stats.preemptions,
+            running: stats.running as u32,
+            waiting: stats.waiting as u32,
         }))
     }
 
