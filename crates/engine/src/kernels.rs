@@ -190,41 +190,85 @@ mod scalar {
 mod simd {
     use super::*;
 
-    pub fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    /// The instruction sets a kernel can use, best first; detected once per process.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Level {
+        /// AVX-512 VNNI on 256-bit registers: one `vpdpbusd` per block instead of `vpmaddubsw` + `vpmaddwd`.
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2, FMA and F16C were detected at run time.
-            return unsafe { x86::q4_1_row(row, x, out) };
+        Avx512Vnni,
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        Scalar,
+    }
+
+    /// Every level this CPU runs, best first (for tests).
+    #[cfg(test)]
+    pub fn levels() -> Vec<Level> {
+        let all = [
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2,
+            Level::Scalar,
+        ];
+        all.into_iter().skip_while(|l| *l != level()).collect()
+    }
+
+    pub fn level() -> Level {
+        use std::sync::OnceLock;
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if std::env::var_os("MOLTBOT_ENGINE_NO_SIMD").is_some() {
+                return Level::Scalar;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+                return if vnni && std::env::var_os("MOLTBOT_ENGINE_NO_AVX512").is_none() {
+                    Level::Avx512Vnni
+                } else {
+                    Level::Avx2
+                };
+            }
+            Level::Scalar
+        })
+    }
+
+    pub fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        q4_1_row_at(level(), row, x, out)
+    }
+
+    /// `q4_1_row` on `level`, which must be `level()` or below it.
+    pub fn q4_1_row_at(level: Level, row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        match level {
+            // SAFETY: the features each kernel needs were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => unsafe { x86::vnni::q4_1_row(row, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { x86::avx2::q4_1_row(row, x, out) },
+            Level::Scalar => scalar::q4_1_row(row, x, out),
         }
-        scalar::q4_1_row(row, x, out)
     }
 
     pub fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: AVX2, FMA and F16C were detected at run time.
-            return unsafe { x86::q8_0_row(row, x, out) };
-        }
-        scalar::q8_0_row(row, x, out)
+        q8_0_row_at(level(), row, x, out)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    fn avx2() -> bool {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        *AVX2.get_or_init(|| {
-            std::env::var_os("MOLTBOT_ENGINE_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
+    /// `q8_0_row` on `level`, which must be `level()` or below it.
+    pub fn q8_0_row_at(level: Level, row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        match level {
+            // SAFETY: the features each kernel needs were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => unsafe { x86::vnni::q8_0_row(row, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { x86::avx2::q8_0_row(row, x, out) },
+            Level::Scalar => scalar::q8_0_row(row, x, out),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::arch::x86_64::*;
-
-        use super::super::*;
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -246,72 +290,95 @@ mod simd {
             (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
         }
 
-        /// Sum of `a · b` for 32 unsigned bytes `a` and 32 signed bytes `b`, as 8 floats.
+        /// Sum of `a · b` for 32 unsigned bytes `a` and 32 signed bytes `b`, as 8 floats (AVX2).
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
+        fn dot_u8_i8_avx2(a: __m256i, b: __m256i) -> __m256 {
             let pairs = _mm256_maddubs_epi16(a, b);
             _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
 
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
-            let blocks = x.cols / QK;
-            let mask = _mm_set1_epi8(0x0f);
-            for t0 in (0..x.rows).step_by(TILE) {
-                let tiles = (x.rows - t0).min(TILE);
-                let mut acc = [_mm256_setzero_ps(); TILE];
-                let mut offset = [0f32; TILE];
-                for b in 0..blocks {
-                    let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
-                    let (d, m) = f16_pair(w);
-                    // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
-                    let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
-                    let lo = _mm_and_si128(packed, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                    let nibbles = _mm256_set_m128i(hi, lo);
-                    for i in 0..tiles {
-                        let xb = (t0 + i) * blocks + b;
-                        // SAFETY: block `xb` has 32 quantized values.
-                        let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                        let scale = _mm256_set1_ps(d * x.d[xb]);
-                        acc[i] = _mm256_fmadd_ps(scale, dot_u8_i8(nibbles, q), acc[i]);
-                        offset[i] += m * x.s[xb];
-                    }
-                }
-                for i in 0..tiles {
-                    out[t0 + i] = hsum(acc[i]) + offset[i];
-                }
-            }
+        /// The same with one VNNI instruction, which also cannot saturate.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        fn dot_u8_i8_vnni(a: __m256i, b: __m256i) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b))
         }
 
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
-            let blocks = x.cols / QK;
-            for t0 in (0..x.rows).step_by(TILE) {
-                let tiles = (x.rows - t0).min(TILE);
-                let mut acc = [_mm256_setzero_ps(); TILE];
-                for b in 0..blocks {
-                    let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                    let d = f16_pair(w).0;
-                    // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
-                    let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
-                    let w_abs = _mm256_sign_epi8(wq, wq);
-                    for i in 0..tiles {
-                        let xb = (t0 + i) * blocks + b;
-                        // SAFETY: block `xb` has 32 quantized values.
-                        let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                        // |w| · (q · sign(w)) = w · q, with the unsigned operand first as maddubs wants.
-                        let q_signed = _mm256_sign_epi8(q, wq);
-                        let scale = _mm256_set1_ps(d * x.d[xb]);
-                        acc[i] = _mm256_fmadd_ps(scale, dot_u8_i8(w_abs, q_signed), acc[i]);
+        /// The row kernels, stamped out once per instruction set: `$dot` is the byte dot product and
+        /// `$features` what the compiler may use.
+        macro_rules! kernels {
+            ($name:ident, $features:literal, $dot:ident) => {
+                pub mod $name {
+                    use std::arch::x86_64::*;
+
+                    use super::super::super::*;
+                    use super::{$dot, f16_pair, hsum};
+
+                    #[target_feature(enable = $features)]
+                    pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                        let blocks = x.cols / QK;
+                        let mask = _mm_set1_epi8(0x0f);
+                        for t0 in (0..x.rows).step_by(TILE) {
+                            let tiles = (x.rows - t0).min(TILE);
+                            let mut acc = [_mm256_setzero_ps(); TILE];
+                            let mut offset = [0f32; TILE];
+                            for b in 0..blocks {
+                                let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
+                                let (d, m) = f16_pair(w);
+                                // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
+                                let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
+                                let lo = _mm_and_si128(packed, mask);
+                                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                                let nibbles = _mm256_set_m128i(hi, lo);
+                                for i in 0..tiles {
+                                    let xb = (t0 + i) * blocks + b;
+                                    // SAFETY: block `xb` has 32 quantized values.
+                                    let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
+                                    let scale = _mm256_set1_ps(d * x.d[xb]);
+                                    acc[i] = _mm256_fmadd_ps(scale, $dot(nibbles, q), acc[i]);
+                                    offset[i] += m * x.s[xb];
+                                }
+                            }
+                            for i in 0..tiles {
+                                out[t0 + i] = hsum(acc[i]) + offset[i];
+                            }
+                        }
+                    }
+
+                    #[target_feature(enable = $features)]
+                    pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                        let blocks = x.cols / QK;
+                        for t0 in (0..x.rows).step_by(TILE) {
+                            let tiles = (x.rows - t0).min(TILE);
+                            let mut acc = [_mm256_setzero_ps(); TILE];
+                            for b in 0..blocks {
+                                let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
+                                let d = f16_pair(w).0;
+                                // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
+                                let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
+                                let w_abs = _mm256_sign_epi8(wq, wq);
+                                for i in 0..tiles {
+                                    let xb = (t0 + i) * blocks + b;
+                                    // SAFETY: block `xb` has 32 quantized values.
+                                    let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
+                                    // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                    let q_signed = _mm256_sign_epi8(q, wq);
+                                    let scale = _mm256_set1_ps(d * x.d[xb]);
+                                    acc[i] = _mm256_fmadd_ps(scale, $dot(w_abs, q_signed), acc[i]);
+                                }
+                            }
+                            for i in 0..tiles {
+                                out[t0 + i] = hsum(acc[i]);
+                            }
+                        }
                     }
                 }
-                for i in 0..tiles {
-                    out[t0 + i] = hsum(acc[i]);
-                }
-            }
+            };
         }
+
+        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2);
+        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni);
     }
 }
 
@@ -384,27 +451,33 @@ mod tests {
         let q = Quantized::new(&x, rows, k);
         let mut got = vec![0f32; rows * n];
         m.matmul(&q, &mut got);
-        let mut scalar = vec![0f32; rows];
         // The error bound comes from quantizing activations to 8 bits: |x| < 1, so per element ≤ d/2 ≈ 1/254.
         let tol = 0.01 * (k as f32).sqrt();
         for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
             assert!((a - b).abs() < tol, "{kind} {rows}x{n}x{k} [{i}]: {a} vs {b}");
         }
-        // The SIMD path and the portable path agree closely (same integer sums, float rounding aside).
+        // Every SIMD level this CPU has agrees closely with the portable path (same integer sums, float
+        // rounding aside).
         let rowsz = k / QK * if kind == "q4_1" { Q4_1_BYTES } else { Q8_0_BYTES };
-        for nn in [0, n - 1] {
-            match &m.data {
-                WeightData::Q4_1(b) => scalar::q4_1_row(&b[nn * rowsz..(nn + 1) * rowsz], &q, &mut scalar),
-                WeightData::Q8_0(b) => scalar::q8_0_row(&b[nn * rowsz..(nn + 1) * rowsz], &q, &mut scalar),
-                WeightData::F32(_) => return,
-            }
-            for t in 0..rows {
-                let simd = got[t * n + nn];
-                assert!(
-                    (simd - scalar[t]).abs() <= 1e-3 * (1.0 + scalar[t].abs()),
-                    "{kind}: simd {simd} vs scalar {}",
-                    scalar[t]
-                );
+        let (mut scalar, mut simd) = (vec![0f32; rows], vec![0f32; rows]);
+        for level in simd::levels() {
+            for nn in [0, n / 2, n - 1] {
+                let row = |b: &[u8]| b[nn * rowsz..(nn + 1) * rowsz].to_vec();
+                match &m.data {
+                    WeightData::Q4_1(b) => {
+                        scalar::q4_1_row(&row(b), &q, &mut scalar);
+                        simd::q4_1_row_at(level, &row(b), &q, &mut simd);
+                    }
+                    WeightData::Q8_0(b) => {
+                        scalar::q8_0_row(&row(b), &q, &mut scalar);
+                        simd::q8_0_row_at(level, &row(b), &q, &mut simd);
+                    }
+                    WeightData::F32(_) => return,
+                }
+                for t in 0..rows {
+                    let (a, b) = (simd[t], scalar[t]);
+                    assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{kind} {level:?}: {a} vs scalar {b}");
+                }
             }
         }
     }

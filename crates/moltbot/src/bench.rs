@@ -97,7 +97,40 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
             f64::from(tokens.saturating_sub(n as u32)) / secs
         );
     }
-    println!("peak RSS: {} MiB", peak_rss_mib());
+    ttft_under_load(&engine, &ids[..64], args).await?;
+    let stats = engine.stats();
+    println!(
+        "peak RSS: {} MiB (KV cache: {} blocks of {} positions, {} preemptions)",
+        peak_rss_mib(),
+        stats.kv_blocks_total,
+        moltbot_engine::model::BLOCK_SIZE,
+        stats.preemptions
+    );
+    Ok(())
+}
+
+/// Time to the first token of a `prompt` submitted while `concurrency - 1` sequences are decoding, so it
+/// joins a running batch (chunked prefill beside decode) instead of waiting for a place.
+async fn ttft_under_load(engine: &Engine, prompt: &[u32], args: &Args) -> anyhow::Result<()> {
+    let busy = args.concurrency.saturating_sub(1).max(1);
+    let mut load: Vec<_> = (0..busy)
+        .map(|i| {
+            let r = GenerationRequest { prompt: Prompt::Text(format!("Tale {i}:")), sampling: greedy(args.tokens * 4) };
+            engine.submit(r)
+        })
+        .collect::<Result<_, _>>()?;
+    for g in &mut load {
+        g.next().await;
+    }
+    let prompt = engine.tokenizer().decode(prompt, false)?;
+    let start = Instant::now();
+    let mut g = engine.submit(GenerationRequest { prompt: Prompt::Text(prompt), sampling: greedy(1) })?;
+    let prompt_tokens = g.prompt_tokens;
+    g.next().await;
+    let ttft = start.elapsed().as_secs_f64();
+    println!(
+        "engine time to first token under load, {prompt_tokens}-token prompt beside {busy} decoding sequences: {ttft:.3} s"
+    );
     Ok(())
 }
 
