@@ -313,7 +313,7 @@ mod simd {
                     use std::arch::x86_64::*;
 
                     use super::super::super::*;
-                    use super::{$dot, f16_pair, hsum};
+                    use super::{f16_pair, hsum, $dot};
 
                     #[target_feature(enable = $features)]
                     pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
