@@ -1,8 +1,8 @@
 //! CPU kernels for the forward pass: matrix multiplication of GGUF-quantized weights (Q4_1, Q8_0; F32 for
 //! everything else) by a batch of activation rows quantized to 8 bits, the way llama.cpp does it (ggml's
 //! `vec_dot_q4_1_q8_1`). Each weight block is read once for every row of a step (tiled over rows), rows of the
-//! weight matrix are spread over the machine's cores, and the SIMD path (AVX2 + FMA) is chosen at run time with
-//! a portable fallback, so a plain release build is fast.
+//! weight matrix are spread over the machine's cores, and the SIMD path (AVX-512 VNNI, AVX2 + FMA, or NEON) is
+//! chosen at run time with a portable fallback, so a plain release build is fast.
 #![allow(unsafe_code)] // SIMD intrinsics, behind run-time feature detection.
 #![allow(clippy::needless_range_loop)] // Kernels index several arrays by the same tile row.
 
@@ -198,6 +198,9 @@ mod simd {
         Avx512Vnni,
         #[cfg(target_arch = "x86_64")]
         Avx2,
+        /// Every aarch64 CPU has NEON (Advanced SIMD).
+        #[cfg(target_arch = "aarch64")]
+        Neon,
         Scalar,
     }
 
@@ -209,6 +212,8 @@ mod simd {
             Level::Avx512Vnni,
             #[cfg(target_arch = "x86_64")]
             Level::Avx2,
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon,
             Level::Scalar,
         ];
         all.into_iter().skip_while(|l| *l != level()).collect()
@@ -230,6 +235,9 @@ mod simd {
                     Level::Avx2
                 };
             }
+            #[cfg(target_arch = "aarch64")]
+            return Level::Neon;
+            #[allow(unreachable_code)]
             Level::Scalar
         })
     }
@@ -246,6 +254,8 @@ mod simd {
             Level::Avx512Vnni => unsafe { x86::vnni::q4_1_row(row, x, out) },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => unsafe { x86::avx2::q4_1_row(row, x, out) },
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => unsafe { arm::q4_1_row(row, x, out) },
             Level::Scalar => scalar::q4_1_row(row, x, out),
         }
     }
@@ -262,6 +272,8 @@ mod simd {
             Level::Avx512Vnni => unsafe { x86::vnni::q8_0_row(row, x, out) },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => unsafe { x86::avx2::q8_0_row(row, x, out) },
+            #[cfg(target_arch = "aarch64")]
+            Level::Neon => unsafe { arm::q8_0_row(row, x, out) },
             Level::Scalar => scalar::q8_0_row(row, x, out),
         }
     }
@@ -379,6 +391,83 @@ mod simd {
 
         kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2);
         kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni);
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    mod arm {
+        use std::arch::aarch64::*;
+
+        use super::super::*;
+
+        /// Σ a·b over 16 signed bytes, added pairwise into four 32-bit lanes of `acc`.
+        #[inline]
+        #[target_feature(enable = "neon")]
+        fn dot16(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+            let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+            let hi = vmull_high_s8(a, b);
+            vpadalq_s16(vpadalq_s16(acc, lo), hi)
+        }
+
+        #[target_feature(enable = "neon")]
+        pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+            let blocks = x.cols / QK;
+            for t0 in (0..x.rows).step_by(TILE) {
+                let tiles = (x.rows - t0).min(TILE);
+                let mut acc = [vdupq_n_f32(0.0); TILE];
+                let mut offset = [0f32; TILE];
+                for b in 0..blocks {
+                    let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
+                    let (d, m) = (f16_at(w, 0), f16_at(w, 2));
+                    // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
+                    let packed = unsafe { vld1q_u8(w.as_ptr().add(4)) };
+                    // Nibbles are 0..16, so reading them as signed bytes keeps their values.
+                    let lo = vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f)));
+                    let hi = vreinterpretq_s8_u8(vshrq_n_u8(packed, 4));
+                    for i in 0..tiles {
+                        let xb = (t0 + i) * blocks + b;
+                        // SAFETY: block `xb` has 32 quantized values.
+                        let (q0, q1) = unsafe {
+                            let q = x.q.as_ptr().add(xb * QK);
+                            (vld1q_s8(q), vld1q_s8(q.add(16)))
+                        };
+                        let isum = dot16(dot16(vdupq_n_s32(0), lo, q0), hi, q1);
+                        acc[i] = vmlaq_n_f32(acc[i], vcvtq_f32_s32(isum), d * x.d[xb]);
+                        offset[i] += m * x.s[xb];
+                    }
+                }
+                for i in 0..tiles {
+                    out[t0 + i] = vaddvq_f32(acc[i]) + offset[i];
+                }
+            }
+        }
+
+        #[target_feature(enable = "neon")]
+        pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+            let blocks = x.cols / QK;
+            for t0 in (0..x.rows).step_by(TILE) {
+                let tiles = (x.rows - t0).min(TILE);
+                let mut acc = [vdupq_n_f32(0.0); TILE];
+                for b in 0..blocks {
+                    let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
+                    let d = f16_at(w, 0);
+                    // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
+                    let (w0, w1) = unsafe { (vld1q_s8(w.as_ptr().add(2).cast()), vld1q_s8(w.as_ptr().add(18).cast())) };
+                    for i in 0..tiles {
+                        let xb = (t0 + i) * blocks + b;
+                        // SAFETY: block `xb` has 32 quantized values.
+                        let (q0, q1) = unsafe {
+                            let q = x.q.as_ptr().add(xb * QK);
+                            (vld1q_s8(q), vld1q_s8(q.add(16)))
+                        };
+                        let isum = dot16(dot16(vdupq_n_s32(0), w0, q0), w1, q1);
+                        acc[i] = vmlaq_n_f32(acc[i], vcvtq_f32_s32(isum), d * x.d[xb]);
+                    }
+                }
+                for i in 0..tiles {
+                    out[t0 + i] = vaddvq_f32(acc[i]);
+                }
+            }
+        }
     }
 }
 
