@@ -19,6 +19,8 @@ const MIN_ROWS_PER_TASK: usize = 16;
 const TASKS_PER_THREAD: usize = 4;
 /// Activation rows processed together against one loaded weight block.
 const TILE: usize = 4;
+/// The same on 512-bit registers, where 32 of them leave room for more accumulators.
+const WIDE_TILE: usize = 8;
 
 /// How a weight matrix is stored.
 #[derive(Debug, Clone)]
@@ -228,7 +230,9 @@ mod simd {
             }
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-                let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+                let vnni = is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq");
                 return if vnni && std::env::var_os("MOLTBOT_ENGINE_NO_AVX512").is_none() {
                     Level::Avx512Vnni
                 } else {
@@ -251,7 +255,7 @@ mod simd {
         match level {
             // SAFETY: the features each kernel needs were detected at run time.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni => unsafe { x86::vnni::q4_1_row(row, x, out) },
+            Level::Avx512Vnni => unsafe { x86::avx512::q4_1_row(row, x, out) },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => unsafe { x86::avx2::q4_1_row(row, x, out) },
             #[cfg(target_arch = "aarch64")]
@@ -319,78 +323,162 @@ mod simd {
 
         /// The row kernels, stamped out once per instruction set: `$dot` is the byte dot product and
         /// `$features` what the compiler may use.
+        /// The row kernels, stamped out per instruction set: `$dot` is the byte dot product, `$features` what the
+        /// compiler may use, and the list which kernels the set gets.
         macro_rules! kernels {
-            ($name:ident, $features:literal, $dot:ident) => {
+            ($name:ident, $features:literal, $dot:ident, $($kernel:ident),+) => {
                 pub mod $name {
                     use std::arch::x86_64::*;
 
                     use super::super::super::*;
-                    use super::{f16_pair, hsum, $dot};
+                    use super::{$dot, f16_pair, hsum};
 
-                    #[target_feature(enable = $features)]
-                    pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
-                        let blocks = x.cols / QK;
-                        let mask = _mm_set1_epi8(0x0f);
-                        for t0 in (0..x.rows).step_by(TILE) {
-                            let tiles = (x.rows - t0).min(TILE);
-                            let mut acc = [_mm256_setzero_ps(); TILE];
-                            let mut offset = [0f32; TILE];
-                            for b in 0..blocks {
-                                let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
-                                let (d, m) = f16_pair(w);
-                                // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
-                                let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
-                                let lo = _mm_and_si128(packed, mask);
-                                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                                let nibbles = _mm256_set_m128i(hi, lo);
-                                for i in 0..tiles {
-                                    let xb = (t0 + i) * blocks + b;
-                                    // SAFETY: block `xb` has 32 quantized values.
-                                    let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                                    let scale = _mm256_set1_ps(d * x.d[xb]);
-                                    acc[i] = _mm256_fmadd_ps(scale, $dot(nibbles, q), acc[i]);
-                                    offset[i] += m * x.s[xb];
-                                }
-                            }
+                    $(kernels!(@$kernel, $features, $dot);)+
+                }
+            };
+            (@q4_1, $features:literal, $dot:ident) => {
+                #[target_feature(enable = $features)]
+                pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                    let blocks = x.cols / QK;
+                    let mask = _mm_set1_epi8(0x0f);
+                    for t0 in (0..x.rows).step_by(TILE) {
+                        let tiles = (x.rows - t0).min(TILE);
+                        let mut acc = [_mm256_setzero_ps(); TILE];
+                        let mut offset = [0f32; TILE];
+                        for b in 0..blocks {
+                            let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
+                            let (d, m) = f16_pair(w);
+                            // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
+                            let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
+                            let lo = _mm_and_si128(packed, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                            let nibbles = _mm256_set_m128i(hi, lo);
                             for i in 0..tiles {
-                                out[t0 + i] = hsum(acc[i]) + offset[i];
+                                let xb = (t0 + i) * blocks + b;
+                                // SAFETY: block `xb` has 32 quantized values.
+                                let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
+                                let scale = _mm256_set1_ps(d * x.d[xb]);
+                                acc[i] = _mm256_fmadd_ps(scale, $dot(nibbles, q), acc[i]);
+                                offset[i] += m * x.s[xb];
                             }
                         }
+                        for i in 0..tiles {
+                            out[t0 + i] = hsum(acc[i]) + offset[i];
+                        }
                     }
-
-                    #[target_feature(enable = $features)]
-                    pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
-                        let blocks = x.cols / QK;
-                        for t0 in (0..x.rows).step_by(TILE) {
-                            let tiles = (x.rows - t0).min(TILE);
-                            let mut acc = [_mm256_setzero_ps(); TILE];
-                            for b in 0..blocks {
-                                let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                                let d = f16_pair(w).0;
-                                // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
-                                let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
-                                let w_abs = _mm256_sign_epi8(wq, wq);
-                                for i in 0..tiles {
-                                    let xb = (t0 + i) * blocks + b;
-                                    // SAFETY: block `xb` has 32 quantized values.
-                                    let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                                    // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
-                                    let q_signed = _mm256_sign_epi8(q, wq);
-                                    let scale = _mm256_set1_ps(d * x.d[xb]);
-                                    acc[i] = _mm256_fmadd_ps(scale, $dot(w_abs, q_signed), acc[i]);
-                                }
-                            }
+                }
+            };
+            (@q8_0, $features:literal, $dot:ident) => {
+                #[target_feature(enable = $features)]
+                pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                    let blocks = x.cols / QK;
+                    for t0 in (0..x.rows).step_by(TILE) {
+                        let tiles = (x.rows - t0).min(TILE);
+                        let mut acc = [_mm256_setzero_ps(); TILE];
+                        for b in 0..blocks {
+                            let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
+                            let d = f16_pair(w).0;
+                            // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
+                            let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
+                            let w_abs = _mm256_sign_epi8(wq, wq);
                             for i in 0..tiles {
-                                out[t0 + i] = hsum(acc[i]);
+                                let xb = (t0 + i) * blocks + b;
+                                // SAFETY: block `xb` has 32 quantized values.
+                                let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
+                                // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                let q_signed = _mm256_sign_epi8(q, wq);
+                                let scale = _mm256_set1_ps(d * x.d[xb]);
+                                acc[i] = _mm256_fmadd_ps(scale, $dot(w_abs, q_signed), acc[i]);
                             }
+                        }
+                        for i in 0..tiles {
+                            out[t0 + i] = hsum(acc[i]);
                         }
                     }
                 }
             };
         }
 
-        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2);
-        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni);
+        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1, q8_0);
+        // Q4_1 has its own 512-bit kernel below.
+        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni, q8_0);
+
+        /// Q4_1 on 512-bit registers: two blocks per instruction. The activations of consecutive blocks of a row
+        /// are adjacent, so one load takes both; the weight nibbles of the pair are unpacked once per tile.
+        pub mod avx512 {
+            use std::arch::x86_64::*;
+
+            use super::super::super::*;
+            use super::{f16_pair, hsum};
+
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c,avx512dq")]
+            fn hsum512(v: __m512) -> f32 {
+                hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)))
+            }
+
+            /// The 32 weights of a Q4_1 block as bytes 0..16, elements in order, and its `d` and `m`.
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c,avx512dq")]
+            fn unpack(w: &[u8]) -> (__m256i, f32, f32) {
+                let (d, m) = f16_pair(w);
+                // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
+                let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(packed, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+                (_mm256_set_m128i(hi, lo), d, m)
+            }
+
+            #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c,avx512dq")]
+            pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                let blocks = x.cols / QK;
+                let pairs = blocks / 2;
+                // Lane i of a pair's scales comes from block i / 8 of the pair.
+                let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                for t0 in (0..x.rows).step_by(WIDE_TILE) {
+                    let tiles = (x.rows - t0).min(WIDE_TILE);
+                    let mut acc = [_mm512_setzero_ps(); WIDE_TILE];
+                    let mut offset = [0f32; WIDE_TILE];
+                    for p in 0..pairs {
+                        let (w0, d0, m0) = unpack(&row[2 * p * Q4_1_BYTES..][..Q4_1_BYTES]);
+                        let (w1, d1, m1) = unpack(&row[(2 * p + 1) * Q4_1_BYTES..][..Q4_1_BYTES]);
+                        let weights = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
+                        let wd =
+                            _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1));
+                        for i in 0..tiles {
+                            let xb = (t0 + i) * blocks + 2 * p;
+                            // SAFETY: blocks `xb` and `xb + 1` of the same row are 64 adjacent quantized values,
+                            // and their two scales are adjacent in `d`.
+                            let (q, xd) = unsafe {
+                                let q = _mm512_loadu_si512(x.q.as_ptr().add(xb * QK).cast());
+                                let xd = _mm_castsi128_ps(_mm_loadl_epi64(x.d.as_ptr().add(xb).cast()));
+                                (q, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(xd)))
+                            };
+                            let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, q));
+                            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(wd, xd), sums, acc[i]);
+                            offset[i] += m0 * x.s[xb] + m1 * x.s[xb + 1];
+                        }
+                    }
+                    if blocks % 2 == 1 {
+                        let b = blocks - 1;
+                        let (w, d, m) = unpack(&row[b * Q4_1_BYTES..][..Q4_1_BYTES]);
+                        for i in 0..tiles {
+                            let xb = (t0 + i) * blocks + b;
+                            // SAFETY: block `xb` has 32 quantized values.
+                            let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
+                            let sums = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, q));
+                            let part = _mm256_mul_ps(_mm256_set1_ps(d * x.d[xb]), sums);
+                            acc[i] = _mm512_add_ps(acc[i], _mm512_castps256_ps512(part));
+                            offset[i] += m * x.s[xb];
+                        }
+                    }
+                    for i in 0..tiles {
+                        out[t0 + i] = hsum512(acc[i]) + offset[i];
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "aarch64")]
