@@ -143,7 +143,10 @@ impl Turn {
                             .await?;
                         }
                         started = true;
-                        tracing::debug!(request_id = %self.request_id, worker_id = %s.worker_id, "job started");
+                        tracing::debug!(
+                            request_id = %self.request_id, worker_id = %s.worker_id, prompt_tokens = s.prompt_tokens,
+                            trimmed_messages = s.trimmed_messages, "job started"
+                        );
                     }
                     Some(Event::Token(t)) => {
                         if !t.text.is_empty() {

@@ -131,6 +131,8 @@ pub enum GenerationEvent {
 /// A running generation. Dropping it cancels the request.
 pub struct Generation {
     pub prompt_tokens: u32,
+    /// Oldest chat messages left out so the conversation fits the context window.
+    pub trimmed_messages: u32,
     events: UnboundedReceiver<GenerationEvent>,
 }
 
@@ -333,10 +335,53 @@ impl Engine {
         }
     }
 
-    /// Validates and queues a request. Errors here (bad parameters, prompt too long) are the caller's.
+    /// Fits a conversation into the context window, leaving room for a reply of `max_tokens` (at most half the
+    /// window): the oldest turns go first, a turn being a user message and everything after it up to the next
+    /// one, so a tool call never loses its result. Leading system messages and the last message always stay;
+    /// when they alone do not fit, the prompt is too long. Returns the kept messages' tokens and how many
+    /// messages were left out.
+    pub fn fit_chat(&self, messages: &[ChatMessage], max_tokens: u32) -> Result<(Vec<u32>, usize)> {
+        let budget = self.inner.context_length - (max_tokens as usize).clamp(1, self.inner.context_length / 2);
+        let system = messages.iter().take_while(|m| m.role == "system").count();
+        // Where each droppable turn starts: every user message after the system prompt, save the last message.
+        let cuts: Vec<usize> = (system + 1..messages.len().saturating_sub(1))
+            .filter(|&i| messages[i].role == "user")
+            .chain(std::iter::once(messages.len().saturating_sub(1)).filter(|&last| last > system))
+            .collect();
+        let render = |drop_to: usize| -> Result<Vec<u32>> {
+            let kept: Vec<ChatMessage> = messages[..system].iter().chain(&messages[drop_to..]).cloned().collect();
+            self.inner.tokenizer.encode(&self.render(&kept)?)
+        };
+        let all = render(system)?;
+        if all.len() <= budget || cuts.is_empty() {
+            return Ok((all, 0));
+        }
+        // Binary search for the fewest dropped turns that fit; fewer kept messages never take more tokens.
+        let (mut lo, mut hi) = (0, cuts.len() - 1);
+        let mut best = render(cuts[hi])?;
+        if best.len() > budget {
+            return Ok((best, cuts[hi] - system));
+        }
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let tokens = render(cuts[mid])?;
+            if tokens.len() <= budget {
+                (hi, best) = (mid, tokens);
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok((best, cuts[hi] - system))
+    }
+
+    /// Validates and queues a request. Errors here (bad parameters, prompt too long) are the caller's. A chat
+    /// longer than the context window loses its oldest turns first (`fit_chat`).
     pub fn submit(&self, request: GenerationRequest) -> Result<Generation> {
         request.sampling.validate()?;
-        let tokens = self.tokenize(&request.prompt)?;
+        let (tokens, trimmed_messages) = match &request.prompt {
+            Prompt::Chat(messages) => self.fit_chat(messages, request.sampling.max_tokens)?,
+            Prompt::Text(_) => (self.tokenize(&request.prompt)?, 0),
+        };
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
@@ -358,7 +403,7 @@ impl Engine {
             queued.fetch_sub(1, Relaxed);
             return Err(Error::Stopped);
         }
-        Ok(Generation { prompt_tokens, events: rx })
+        Ok(Generation { prompt_tokens, trimmed_messages: trimmed_messages as u32, events: rx })
     }
 }
 

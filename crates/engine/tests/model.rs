@@ -246,3 +246,34 @@ fn logits_match_candle_quantized_llama() {
         tokens.push(argmax(&got));
     }
 }
+
+#[tokio::test]
+async fn a_long_conversation_keeps_its_newest_turns_within_the_window() {
+    let engine = Engine::load(EngineConfig { max_context: Some(256), ..EngineConfig::new(model_path()) }).unwrap();
+    let mut messages = vec![ChatMessage::new("system", "You are terse.")];
+    for k in 1..=30 {
+        messages.push(ChatMessage::new("user", format!("Question {k}: what comes after {k}?")));
+        messages.push(ChatMessage::new("assistant", format!("Answer {k}: {}.", k + 1)));
+    }
+    messages.push(ChatMessage::new("user", "What is 2+2?"));
+    let (tokens, trimmed) = engine.fit_chat(&messages, 24).unwrap();
+    assert!(tokens.len() <= 256 - 24, "{} tokens leave no room for the reply", tokens.len());
+    assert!(trimmed > 0 && trimmed % 2 == 0, "whole turns are dropped: {trimmed}");
+    let text = engine.tokenizer().decode(&tokens, false).unwrap();
+    assert!(text.contains("You are terse.") && text.contains("What is 2+2?"), "{text}");
+    let first_kept = trimmed / 2 + 1;
+    assert!(text.contains(&format!("Question {first_kept}:")) && text.contains("Answer 30: 31."), "{text}");
+    assert!(!text.contains(&format!("Question {}:", first_kept - 1)), "an older turn survived a newer one: {text}");
+    // One more turn would not have fitted: the fewest turns are dropped.
+    let one_more: Vec<ChatMessage> = messages[..1].iter().chain(&messages[trimmed - 1..]).cloned().collect();
+    assert!(engine.fit_chat(&one_more, 24).unwrap().1 > 0);
+
+    let prompt = Prompt::Chat(messages);
+    let g = engine.submit(GenerationRequest { prompt, sampling: greedy(8) }).unwrap();
+    assert_eq!(g.trimmed_messages as usize, trimmed);
+    g.collect().await.unwrap();
+    // The system prompt and the new message alone must fit.
+    let huge = vec![ChatMessage::new("user", "hello ".repeat(400))];
+    let err = engine.submit(GenerationRequest { prompt: Prompt::Chat(huge), sampling: greedy(8) }).err().unwrap();
+    assert!(matches!(err, moltbot_engine::Error::PromptTooLong { .. }), "{err}");
+}

@@ -99,7 +99,11 @@ pub async fn drive(
             return false;
         }
     };
-    let started = Started { worker_id: worker.id.clone(), prompt_tokens: generation.prompt_tokens };
+    let started = Started {
+        worker_id: worker.id.clone(),
+        prompt_tokens: generation.prompt_tokens,
+        trimmed_messages: generation.trimmed_messages,
+    };
     if out.send(event(Event::Started(started))).await.is_err() {
         return false;
     }
