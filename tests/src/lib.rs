@@ -237,6 +237,7 @@ pub struct Cluster {
     pub http: Http,
     pub config: Config,
     pub worker_urls: Vec<String>,
+    pub session_store_url: String,
     stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub redis: Server,
@@ -257,6 +258,7 @@ impl Cluster {
             http: Http { base: String::new(), client: reqwest::Client::new() },
             config,
             worker_urls: vec![],
+            session_store_url: String::new(),
             stop: tokio_util::sync::CancellationToken::new(),
             tasks: vec![],
             redis,
@@ -268,6 +270,7 @@ impl Cluster {
         let backend = moltbot_session_store::open_backend(&config.session_store).await.expect("Redis is up");
         let session_listener = listener().await;
         let session_url = format!("http://{}", session_listener.local_addr().unwrap());
+        cluster.session_store_url = session_url.clone();
         cluster.spawn(|stop| moltbot_session_store::run(session_listener, backend, stop));
         for i in 0..workers {
             cluster.add_worker(&format!("worker-{i}")).await;

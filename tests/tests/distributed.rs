@@ -50,7 +50,7 @@ async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
         .await
         .expect("the doomed worker got no job within 30 s")
         .unwrap();
-    let started = Started { worker_id: "doomed".into(), prompt_tokens: 1 };
+    let started = Started { worker_id: "doomed".into(), prompt_tokens: 1, ..Default::default() };
     job.publish(GenerateEvent { event: Some(Event::Started(started)) }).await.unwrap();
     if let Some(text) = token {
         let token = Token { text: text.into(), token_id: Some(1) };
@@ -142,4 +142,54 @@ async fn unreachable_redis_and_nats_fail_start_up_with_the_fix() {
     let url = format!("nats://127.0.0.1:{}", moltbot_tests::free_port());
     let err = NatsQueue::connect(&url, 8).await.err().expect("nats is down").to_string();
     assert!(err.contains("not reachable") && err.contains("nats-server -js"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost() {
+    let cluster = Cluster::start(1, |c| {
+        // A small window keeps each turn's prompt short however long the conversation grows: the history is
+        // trimmed to its newest turns, which this test exercises too.
+        c.model_provider.context_length = 160;
+        c.model_provider.max_tokens = 2;
+        c.gateway.max_concurrent_requests = 64;
+        c.gateway.request_timeout = 600;
+        c.dialogue_manager.session_lock_wait = 600;
+    })
+    .await;
+    let alice = [("x-user-id", "alice")];
+    let (status, _, first) = cluster.http.post("/api/chat", &alice, r#"{"message":"Hi","max_tokens":1}"#).await;
+    assert_eq!(status, 200, "{first}");
+    let session = first["session_id"].as_str().unwrap().to_owned();
+
+    let turns = (1..50).map(|i| {
+        let (http, session) = (cluster.http.clone(), session.clone());
+        tokio::spawn(async move {
+            let headers = [("x-user-id", "alice"), ("x-session-id", session.as_str())];
+            let body = format!(r#"{{"message":"Turn {i}","temperature":0}}"#);
+            http.post("/api/chat", &headers, &body).await
+        })
+    });
+    let mut longest_prompt = 0;
+    for turn in futures::future::join_all(turns).await {
+        let (status, _, body) = turn.unwrap();
+        assert_eq!(status, 200, "{body}");
+        longest_prompt = longest_prompt.max(body["usage"]["prompt_tokens"].as_u64().unwrap());
+    }
+    // Turns read the history only once the previous turn is saved: later turns see many earlier ones (until the
+    // window trims them). Without the lock, all would have read the same one-turn history at once.
+    assert!(longest_prompt > 100, "no turn saw the turns before it: at most {longest_prompt} prompt tokens");
+
+    let info = cluster.worker_info().await;
+    assert_eq!(info[0].jobs_completed, 50);
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let request = moltbot_proto::session::v1::GetSessionRequest { session_id: session, user_id: "alice".into() };
+    let messages = store.get_session(request).await.unwrap().into_inner().messages;
+    assert_eq!(messages.len(), 100, "every turn saved exactly once");
+    let mut seen = std::collections::BTreeSet::new();
+    for (k, pair) in messages.chunks_exact(2).enumerate() {
+        assert_eq!((pair[0].role.as_str(), pair[1].role.as_str()), ("user", "assistant"), "turn {k} interleaved");
+        assert!(seen.insert(pair[0].content.clone()), "{} saved twice", pair[0].content);
+    }
+    assert!(seen.contains("Hi") && (1..50).all(|i| seen.contains(&format!("Turn {i}"))));
+    cluster.stop().await;
 }

@@ -74,6 +74,8 @@ pub struct DialogueManagerConfig {
     pub worker_timeout: u64,
     /// How often a job whose worker died before streaming is queued again.
     pub max_retries: u32,
+    /// Seconds a turn waits for the previous turn of the same session to finish before it is refused (409).
+    pub session_lock_wait: u64,
 }
 
 impl Default for DialogueManagerConfig {
@@ -83,6 +85,7 @@ impl Default for DialogueManagerConfig {
             session_store_url: "http://127.0.0.1:50052".into(),
             worker_timeout: 10,
             max_retries: 2,
+            session_lock_wait: 30,
         }
     }
 }

@@ -40,6 +40,7 @@ pub struct DialogueService {
     job_timeout: Duration,
     worker_timeout: Duration,
     max_retries: u32,
+    session_lock_wait: Duration,
 }
 
 impl DialogueService {
@@ -52,6 +53,7 @@ impl DialogueService {
             job_timeout: Duration::from_secs(config.queue.job_timeout),
             worker_timeout: Duration::from_secs(config.dialogue_manager.worker_timeout),
             max_retries: config.dialogue_manager.max_retries,
+            session_lock_wait: Duration::from_secs(config.dialogue_manager.session_lock_wait),
         }
     }
 }

@@ -4,7 +4,10 @@ use moltbot_proto::{
     common::v1::{ChatMessage, FinishReason, SamplingParams, Usage},
     dialogue::v1::{ChatEvent, ChatRequest, Delta, DialogueMode, TurnFinished, TurnStarted, chat_event},
     inference::v1::{ChatInput, GenerateRequest, InferenceJob, generate_event::Event, generate_request::Input},
-    session::v1::{AppendMessagesRequest, CreateSessionRequest, GetSessionRequest},
+    session::v1::{
+        AppendMessagesRequest, CreateSessionRequest, GetSessionRequest, LockSessionRequest, UnlockSessionRequest,
+        session_store_client::SessionStoreClient,
+    },
 };
 use tokio::sync::mpsc::Sender;
 use tonic::{Code, Status};
@@ -24,6 +27,44 @@ pub struct Turn {
     /// What the model sees: the stored history and the new messages.
     prompt: Vec<ChatMessage>,
     sampling: SamplingParams,
+    /// Held from before the history is read until the turn is saved or abandoned.
+    _lock: Option<SessionLock>,
+}
+
+/// A session's turn lock, given back when dropped, whatever ended the turn. Its lease frees it should this
+/// process die first.
+struct SessionLock {
+    sessions: SessionStoreClient<tonic::transport::Channel>,
+    session_id: String,
+    token: String,
+}
+
+impl SessionLock {
+    async fn acquire(service: &DialogueService, session_id: &str, user_id: &str) -> Result<Self, Status> {
+        let mut sessions = service.sessions.clone();
+        let request = LockSessionRequest {
+            session_id: session_id.to_owned(),
+            user_id: user_id.to_owned(),
+            lease_ms: (service.job_timeout + std::time::Duration::from_secs(60)).as_millis() as u64,
+            wait_ms: service.session_lock_wait.as_millis() as u64,
+        };
+        let token = sessions.lock_session(request).await?.into_inner().token;
+        Ok(Self { sessions, session_id: session_id.to_owned(), token })
+    }
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        let (mut sessions, session_id, token) =
+            (self.sessions.clone(), std::mem::take(&mut self.session_id), std::mem::take(&mut self.token));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = sessions.unlock_session(UnlockSessionRequest { session_id, token }).await {
+                    tracing::warn!(error = %e, "could not release a session lock; its lease will");
+                }
+            });
+        }
+    }
 }
 
 /// Multi-turn when a session is named or the client asked for it; hybrid picks by the session id.
@@ -54,29 +95,41 @@ impl Turn {
         let mode = resolve_mode(request.mode(), &request.session_id);
         let user_id = if request.user_id.is_empty() { "anonymous".to_owned() } else { request.user_id };
         let mut sessions = service.sessions.clone();
-        let (session_id, history) = match mode {
+        let (session_id, history, lock) = match mode {
             DialogueMode::Multi if request.session_id.is_empty() => {
                 let created = sessions
                     .create_session(CreateSessionRequest { user_id: user_id.clone(), session_id: String::new() })
                     .await?
                     .into_inner();
-                (created.id, vec![])
+                (created.id, vec![], None)
             }
             DialogueMode::Multi => {
+                // One turn at a time per session: the lock comes before the read, so this turn sees the last.
+                let lock = SessionLock::acquire(&service, &request.session_id, &user_id).await?;
                 let session = sessions
                     .get_session(GetSessionRequest { session_id: request.session_id.clone(), user_id: user_id.clone() })
                     .await?
                     .into_inner();
-                (session.id, session.messages)
+                (session.id, session.messages, Some(lock))
             }
-            _ => (String::new(), vec![]),
+            _ => (String::new(), vec![], None),
         };
         let mut sampling = request.sampling.unwrap_or_default();
         sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens).min(service.max_tokens));
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id };
         let prompt = history.into_iter().chain(request.messages.iter().cloned()).collect();
-        Ok(Self { service, request_id, user_id, session_id, mode, new_messages: request.messages, prompt, sampling })
+        Ok(Self {
+            service,
+            request_id,
+            user_id,
+            session_id,
+            mode,
+            new_messages: request.messages,
+            prompt,
+            sampling,
+            _lock: lock,
+        })
     }
 
     /// Streams the turn to `out`; a closed `out` (client gone) cancels the job.

@@ -168,17 +168,21 @@ async fn preemption_under_a_tiny_kv_budget_finishes_every_sequence_correctly() {
     assert_eq!(stats.kv_blocks_free, stats.kv_blocks_total, "finished sequences hold no blocks: {stats:?}");
 }
 
-/// Waits until the engine's KV pool is whole again.
-async fn until_every_block_is_free(engine: &Engine) -> EngineStats {
+/// Waits until the scheduler's stats (published after each step) satisfy `done`.
+async fn wait_for(engine: &Engine, what: &str, done: impl Fn(&EngineStats) -> bool) -> EngineStats {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let stats = engine.stats();
-        if stats.kv_blocks_free == stats.kv_blocks_total && stats.running == 0 {
+        if done(&stats) {
             return stats;
         }
-        assert!(std::time::Instant::now() < deadline, "blocks still held: {stats:?}");
+        assert!(std::time::Instant::now() < deadline, "{what}: {stats:?}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+async fn until_every_block_is_free(engine: &Engine) -> EngineStats {
+    wait_for(engine, "blocks still held", |s| s.kv_blocks_free == s.kv_blocks_total && s.running == 0).await
 }
 
 #[tokio::test]
@@ -188,7 +192,7 @@ async fn a_full_waiting_queue_is_refused_and_cancelling_frees_kv_blocks() {
     let request = || GenerationRequest { prompt: Prompt::Text("Once upon a time".into()), sampling: greedy(2000) };
     let mut running = engine.submit(request()).unwrap();
     assert!(matches!(running.next().await, Some(GenerationEvent::Token { .. })));
-    assert!(engine.stats().kv_blocks_free < engine.stats().kv_blocks_total, "a running sequence holds blocks");
+    wait_for(&engine, "a running sequence holds blocks", |s| s.kv_blocks_free < s.kv_blocks_total).await;
     // The batch is full, so the next request waits and fills the queue; one more is refused.
     let waiting = engine.submit(request()).unwrap();
     let err = engine.submit(request()).err().expect("the queue is full");

@@ -47,6 +47,7 @@ impl ApiError {
                 "invalid_request_error"
             }
             StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::CONFLICT => "conflict_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
@@ -76,7 +77,7 @@ impl From<tonic::Status> for ApiError {
         let status = match s.code() {
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
-            Code::AlreadyExists => StatusCode::CONFLICT,
+            Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
             Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,

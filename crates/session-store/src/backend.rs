@@ -63,6 +63,16 @@ impl Backend {
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         dispatch!(self, b => b.touch(id, user_id).await)
     }
+
+    /// Takes session `id`'s lock for `lease_ms` with `token` unless someone holds it; true when taken.
+    pub async fn try_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
+        dispatch!(self, b => b.try_lock(id, token, lease_ms).await)
+    }
+
+    /// Releases the lock if `token` still holds it; true when it did.
+    pub async fn unlock(&self, id: &str, token: &str) -> Result<bool> {
+        dispatch!(self, b => b.unlock(id, token).await)
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {

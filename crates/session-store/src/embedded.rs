@@ -15,6 +15,8 @@ const BY_USER: TableDefinition<&str, ()> = TableDefinition::new("sessions_by_use
 pub struct EmbeddedBackend {
     db: Arc<Database>,
     ttl_ms: i64,
+    /// Turn locks: session id → (token, lease end). One process owns an embedded store, so they live in memory.
+    locks: Arc<std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>>,
 }
 
 impl EmbeddedBackend {
@@ -37,7 +39,7 @@ impl EmbeddedBackend {
         tx.open_table(SESSIONS).map_err(storage)?;
         tx.open_table(BY_USER).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(Self { db: Arc::new(db), ttl_ms: ttl as i64 * 1000 })
+        Ok(Self { db: Arc::new(db), ttl_ms: ttl as i64 * 1000, locks: Default::default() })
     }
 
     /// Runs blocking redb work off the async runtime.
@@ -190,4 +192,26 @@ fn decode(bytes: &[u8]) -> Result<SessionRecord> {
 
 fn storage(e: impl std::fmt::Display) -> Error {
     Error::Storage(e.to_string())
+}
+
+impl EmbeddedBackend {
+    pub async fn try_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
+        let now = now_ms();
+        let mut locks = self.locks.lock().map_err(|_| Error::Storage("the lock table is poisoned".into()))?;
+        locks.retain(|_, (_, until)| *until > now);
+        if locks.contains_key(id) {
+            return Ok(false);
+        }
+        locks.insert(id.to_owned(), (token.to_owned(), now + lease_ms.max(1) as i64));
+        Ok(true)
+    }
+
+    pub async fn unlock(&self, id: &str, token: &str) -> Result<bool> {
+        let mut locks = self.locks.lock().map_err(|_| Error::Storage("the lock table is poisoned".into()))?;
+        let held = locks.get(id).is_some_and(|(t, until)| t == token && *until > now_ms());
+        if held {
+            locks.remove(id);
+        }
+        Ok(held)
+    }
 }

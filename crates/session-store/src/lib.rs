@@ -25,6 +25,8 @@ pub enum Error {
     AlreadyExists(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("another turn of session {0} is still running; retry when it has finished")]
+    Busy(String),
     #[error("Redis at {url} is not reachable: {message}; start it (`redis-server`) or set session_store.redis.url")]
     RedisUnreachable { url: String, message: String },
     #[error("session storage failed: {0}")]
@@ -38,6 +40,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            Error::Busy(_) => tonic::Status::aborted(message),
             Error::RedisUnreachable { .. } | Error::Storage(_) => tonic::Status::unavailable(message),
         }
     }

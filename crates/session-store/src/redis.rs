@@ -40,6 +40,11 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return 1";
 
+/// Deletes the lock only for the token that holds it.
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
 pub struct RedisBackend {
     pool: Pool,
     prefix: String,
@@ -67,6 +72,10 @@ impl RedisBackend {
 
     fn messages_key(&self, id: &str) -> String {
         format!("{}:session:{id}:messages", self.prefix)
+    }
+
+    fn lock_key(&self, id: &str) -> String {
+        format!("{}:lock:{id}", self.prefix)
     }
 
     fn user_key(&self, user_id: &str) -> String {
@@ -184,6 +193,32 @@ impl RedisBackend {
         // Appending nothing refreshes every TTL under the same ownership check.
         let record = self.append(id, user_id, vec![]).await?;
         Ok(record.expires_at_ms)
+    }
+}
+
+impl RedisBackend {
+    /// `SET key token NX PX lease`: atomic, and the lease frees the lock of a holder that died.
+    pub async fn try_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
+        let set: Option<String> = deadpool_redis::redis::cmd("SET")
+            .arg(self.lock_key(id))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease_ms.max(1))
+            .query_async(&mut self.conn().await?)
+            .await
+            .map_err(storage)?;
+        Ok(set.is_some())
+    }
+
+    pub async fn unlock(&self, id: &str, token: &str) -> Result<bool> {
+        let deleted: i64 = Script::new(UNLOCK)
+            .key(self.lock_key(id))
+            .arg(token)
+            .invoke_async(&mut self.conn().await?)
+            .await
+            .map_err(storage)?;
+        Ok(deleted == 1)
     }
 }
 

@@ -4,7 +4,8 @@ use moltbot_proto::{
     common::v1::ChatMessage,
     session::v1::{
         AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest,
-        ListSessionsRequest, ListSessionsResponse, Session, TouchSessionRequest, TouchSessionResponse,
+        ListSessionsRequest, ListSessionsResponse, LockSessionRequest, LockSessionResponse, Session,
+        TouchSessionRequest, TouchSessionResponse, UnlockSessionRequest, UnlockSessionResponse,
         session_store_server::SessionStore,
     },
 };
@@ -58,7 +59,7 @@ impl SessionStore for SessionStoreService {
     async fn create_session(&self, request: Request<CreateSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
         check_id("user_id", &r.user_id)?;
-        let id = if r.session_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { r.session_id };
+        let id = if r.session_id.is_empty() { new_id() } else { r.session_id };
         check_id("session_id", &id)?;
         Ok(Response::new(to_proto(self.backend.create(&id, &r.user_id).await?)))
     }
@@ -118,4 +119,47 @@ impl SessionStore for SessionStoreService {
         let expires_at_ms = self.backend.touch(&r.session_id, &r.user_id).await?;
         Ok(Response::new(TouchSessionResponse { expires_at_ms }))
     }
+
+    async fn lock_session(
+        &self,
+        request: Request<LockSessionRequest>,
+    ) -> Result<Response<LockSessionResponse>, Status> {
+        let r = request.into_inner();
+        check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
+        // Only the owner of a live session may take its lock.
+        self.backend.get(&r.session_id, &r.user_id).await?;
+        let token = new_id();
+        let lease_ms = if r.lease_ms == 0 { 60_000 } else { r.lease_ms.min(3_600_000) };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(r.wait_ms.min(600_000));
+        // Polls with a growing, jittered pause: turns are seconds long, so a few probes per turn are enough.
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            if self.backend.try_lock(&r.session_id, &token, lease_ms).await? {
+                return Ok(Response::new(LockSessionResponse { token }));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Busy(r.session_id).into());
+            }
+            let jitter = std::time::Duration::from_micros(rand::random_range(0..=pause.as_micros() as u64 / 2));
+            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        }
+    }
+
+    async fn unlock_session(
+        &self,
+        request: Request<UnlockSessionRequest>,
+    ) -> Result<Response<UnlockSessionResponse>, Status> {
+        let r = request.into_inner();
+        let released = self.backend.unlock(&r.session_id, &r.token).await?;
+        Ok(Response::new(UnlockSessionResponse { released }))
+    }
+}
+
+/// A new session id or lock token: 128 bits from the operating system's CSPRNG-seeded generator, as 32
+/// lowercase hex digits (URL-safe).
+pub fn new_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
