@@ -39,11 +39,16 @@ pub async fn listener() -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port")
 }
 
+type Identify = fn(&mut std::net::TcpStream, &str) -> bool;
+
 /// A server process killed on drop, with its data directory.
 pub struct Server {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    program: &'static str,
+    args: Vec<String>,
+    identify: Identify,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -53,35 +58,53 @@ impl Drop for Server {
     }
 }
 
-/// Starts `program` on a free port and returns once the server answering there is this one: `identify` gets a fresh
-/// connection and says whether the server on it is ours. A port lost to a race (another server took it, or a probe
-/// connected to itself) makes the child exit or fail `identify`; then it is retried on another port.
-fn spawn(
-    program: &str,
-    args: impl Fn(u16, &str) -> Vec<String>,
-    identify: impl Fn(&mut std::net::TcpStream, &str) -> bool,
-) -> Server {
-    for _ in 0..5 {
-        let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
-        let tag = dir.path().file_name().and_then(|n| n.to_str()).expect("a UTF-8 temp dir").to_owned();
-        let child = Command::new(program)
-            .args(args(port, &dir.path().display().to_string()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server")
-            });
-        let mut server = Server { child, port, _dir: dir };
+fn start(program: &str, args: &[String]) -> Child {
+    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+        panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server")
+    })
+}
+
+impl Server {
+    /// The temp dir's name, which the server reports back to prove it is ours.
+    fn tag(&self) -> String {
+        self.dir.path().file_name().and_then(|n| n.to_str()).expect("a UTF-8 temp dir").to_owned()
+    }
+
+    /// Waits up to 10 s for this server to answer on its port; false when it exited or never answered.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(server.child.try_wait(), Ok(None)) {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 stream.set_read_timeout(Some(Duration::from_secs(1))).expect("a read timeout");
-                if identify(&mut stream, &tag) {
-                    return server;
+                if (self.identify)(&mut stream, &self.tag()) {
+                    return true;
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Kills the server without warning (SIGKILL, as a crash would) and starts it again on the same port and
+    /// data directory.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = start(self.program, &self.args);
+        assert!(self.wait_ready(), "{} did not come back on port {}", self.program, self.port);
+    }
+}
+
+/// Starts `program` on a free port and returns once the server answering there is this one: `identify` gets a fresh
+/// connection and says whether the server on it is ours. A port lost to a race (another server took it, or a probe
+/// connected to itself) makes the child exit or fail `identify`; then it is retried on another port.
+fn spawn(program: &'static str, args: impl Fn(u16, &str) -> Vec<String>, identify: Identify) -> Server {
+    for _ in 0..5 {
+        let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
+        let args = args(port, &dir.path().display().to_string());
+        let mut server = Server { child: start(program, &args), port, program, args, identify, dir };
+        if server.wait_ready() {
+            return server;
         }
     }
     panic!("{program} did not start listening on a free port in 5 tries");
@@ -103,10 +126,22 @@ fn reply_contains(stream: &mut std::net::TcpStream, needle: &str) -> bool {
 impl Server {
     /// Redis without persistence; ours when `CONFIG GET dir` names our temp dir.
     pub fn redis() -> Self {
+        Self::redis_with(&["--save", ""])
+    }
+
+    /// Redis with append-only-file persistence, fsynced on every write: what keeps sessions across a restart.
+    pub fn redis_with_aof() -> Self {
+        Self::redis_with(&["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    fn redis_with(extra: &'static [&'static str]) -> Self {
         spawn(
             "redis-server",
-            |port, dir| {
-                ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir", dir].map(Into::into).into()
+            move |port, dir| {
+                let mut args: Vec<String> =
+                    ["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir", dir].map(Into::into).into();
+                args.extend(extra.iter().map(|a| a.to_string()));
+                args
             },
             |stream, tag| {
                 use std::io::Write;
@@ -246,9 +281,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts Redis, NATS, the session-store, `workers` inference workers, the dialogue-manager and the gateway.
+    /// Starts Redis (with AOF persistence), NATS, the session-store, `workers` inference workers, the dialogue-manager and the gateway.
     pub async fn start(workers: usize, configure: impl FnOnce(&mut Config)) -> Self {
-        let (redis, nats, dir) = (Server::redis(), Server::nats(), tempfile::tempdir().expect("temp dir"));
+        let (redis, nats, dir) = (Server::redis_with_aof(), Server::nats(), tempfile::tempdir().expect("temp dir"));
         let mut config = test_config(dir.path());
         config.session_store.session_store_type = moltbot_config::SessionStoreType::Redis;
         config.session_store.redis.url = redis.redis_url();

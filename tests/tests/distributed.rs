@@ -193,3 +193,67 @@ async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost()
     assert!(seen.contains("Hi") && (1..50).all(|i| seen.contains(&format!("Turn {i}"))));
     cluster.stop().await;
 }
+
+/// One `/api/chat` turn of alice's in `session`; returns the status and body.
+async fn alice_says(cluster: &Cluster, session: &str, message: &str) -> (u16, serde_json::Value) {
+    let headers = [("x-user-id", "alice"), ("x-session-id", session)];
+    let body = serde_json::json!({ "message": message, "max_tokens": 2 }).to_string();
+    let (status, _, body) = cluster.http.post("/api/chat", &headers, &body).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_session_lives_while_it_is_used_and_expires_when_idle() {
+    let cluster = Cluster::start(1, |c| c.session_store.session_ttl = 2).await;
+    let (status, _, first) =
+        cluster.http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 200, "{first}");
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    // Two turns 1.2 s apart: together longer than the 2 s TTL, each within it, so the TTL slides.
+    for message in ["Still here", "And again"] {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let (status, body) = alice_says(&cluster, &session, message).await;
+        assert_eq!(status, 200, "an active session expired: {body}");
+    }
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let (status, body) = alice_says(&cluster, &session, "Anyone?").await;
+    assert_eq!(status, 404, "an idle session must expire, not start over: {body}");
+    assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_survive_a_redis_crash_with_aof() {
+    let mut cluster = Cluster::start(1, |_| {}).await;
+    let (status, _, first) =
+        cluster.http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 200, "{first}");
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(alice_says(&cluster, &session, "Second").await.0, 200);
+
+    cluster.redis.crash_and_restart();
+    // The session-store's pooled connections died with Redis; the pool replaces them on the next calls.
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let request =
+        moltbot_proto::session::v1::GetSessionRequest { session_id: session.clone(), user_id: "alice".into() };
+    let mut messages = None;
+    for _ in 0..50 {
+        match store.get_session(request.clone()).await {
+            Ok(s) => {
+                messages = Some(s.into_inner().messages);
+                break;
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("the session is gone after the restart: {status}"),
+        }
+    }
+    let messages = messages.expect("the session-store reconnects to Redis");
+    let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(messages.len(), 4, "{contents:?}");
+    assert_eq!((contents[0], contents[2]), ("Hi", "Second"));
+    let (status, body) = alice_says(&cluster, &session, "Third").await;
+    assert_eq!(status, 200, "{body}");
+    cluster.stop().await;
+}

@@ -27,8 +27,9 @@ pub struct Turn {
     /// What the model sees: the stored history and the new messages.
     prompt: Vec<ChatMessage>,
     sampling: SamplingParams,
-    /// Held from before the history is read until the turn is saved or abandoned.
-    _lock: Option<SessionLock>,
+    /// Held from before the history is read until the turn is saved (released before the client hears the turn
+    /// is done, so its next turn finds the session free) or abandoned (released on drop).
+    lock: std::sync::Mutex<Option<SessionLock>>,
 }
 
 /// A session's turn lock, given back when dropped, whatever ended the turn. Its lease frees it should this
@@ -53,8 +54,22 @@ impl SessionLock {
     }
 }
 
+impl SessionLock {
+    /// Gives the lock back now; a failure leaves it to the lease.
+    async fn release(mut self) {
+        let request =
+            UnlockSessionRequest { session_id: self.session_id.clone(), token: std::mem::take(&mut self.token) };
+        if let Err(e) = self.sessions.unlock_session(request).await {
+            tracing::warn!(error = %e, session_id = %self.session_id, "could not release a session lock; its lease will");
+        }
+    }
+}
+
 impl Drop for SessionLock {
     fn drop(&mut self) {
+        if self.token.is_empty() {
+            return;
+        }
         let (mut sessions, session_id, token) =
             (self.sessions.clone(), std::mem::take(&mut self.session_id), std::mem::take(&mut self.token));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -128,7 +143,7 @@ impl Turn {
             new_messages: request.messages,
             prompt,
             sampling,
-            _lock: lock,
+            lock: std::sync::Mutex::new(lock),
         })
     }
 
@@ -236,6 +251,10 @@ impl Turn {
             let request =
                 AppendMessagesRequest { session_id: self.session_id.clone(), user_id: self.user_id.clone(), messages };
             self.service.sessions.clone().append_messages(request).await?;
+        }
+        let lock = self.lock.lock().ok().and_then(|mut held| held.take());
+        if let Some(lock) = lock {
+            lock.release().await;
         }
         send(chat_event::Event::Finished(TurnFinished {
             message: Some(answer),
