@@ -182,7 +182,11 @@ async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost()
     let info = cluster.worker_info().await;
     assert_eq!(info[0].jobs_completed, 50);
     let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
-    let request = moltbot_proto::session::v1::GetSessionRequest { session_id: session, user_id: "alice".into() };
+    let request = moltbot_proto::session::v1::GetSessionRequest {
+        session_id: session,
+        user_id: "alice".into(),
+        ..Default::default()
+    };
     let messages = store.get_session(request).await.unwrap().into_inner().messages;
     assert_eq!(messages.len(), 100, "every turn saved exactly once");
     let mut seen = std::collections::BTreeSet::new();
@@ -234,8 +238,11 @@ async fn sessions_survive_a_redis_crash_with_aof() {
     cluster.redis.crash_and_restart();
     // The session-store's pooled connections died with Redis; the pool replaces them on the next calls.
     let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
-    let request =
-        moltbot_proto::session::v1::GetSessionRequest { session_id: session.clone(), user_id: "alice".into() };
+    let request = moltbot_proto::session::v1::GetSessionRequest {
+        session_id: session.clone(),
+        user_id: "alice".into(),
+        ..Default::default()
+    };
     let mut messages = None;
     for _ in 0..50 {
         match store.get_session(request.clone()).await {
@@ -255,5 +262,64 @@ async fn sessions_survive_a_redis_crash_with_aof() {
     assert_eq!((contents[0], contents[2]), ("Hi", "Second"));
     let (status, body) = alice_says(&cluster, &session, "Third").await;
     assert_eq!(status, 200, "{body}");
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn the_sessions_api_pages_and_hides_other_users_sessions() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    let http = &cluster.http;
+    let (alice, bob) = ([("x-user-id", "alice")], [("x-user-id", "bob")]);
+    let (status, created) = http.call("POST", "/api/sessions", &alice, None).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(id.len() >= 32 && id.chars().all(|c| c.is_ascii_hexdigit()), "128 random bits, URL-safe: {id}");
+    assert_eq!(created["messages"], serde_json::json!([]));
+    let (status, _) = http.call("POST", "/api/sessions", &alice, Some(r#"{"id":"alice-notes"}"#)).await;
+    assert_eq!(status, 201);
+    let (status, body) = http.call("POST", "/api/sessions", &alice, Some(r#"{"id":"alice-notes"}"#)).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = http.call("POST", "/api/sessions", &alice, Some("{not json")).await;
+    assert_eq!(status, 400, "{body}");
+
+    assert_eq!(alice_says(&cluster, &id, "Hello").await.0, 200);
+    assert_eq!(alice_says(&cluster, &id, "Goodbye").await.0, 200);
+    let path = format!("/api/sessions/{id}");
+    let (status, session) = http.call("GET", &path, &alice, None).await;
+    assert_eq!(status, 200, "{session}");
+    assert_eq!(session["message_count"], 4);
+    let roles: Vec<&str> =
+        session["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+    let (_, page) = http.call("GET", &format!("{path}?offset=2&limit=1"), &alice, None).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["messages"][0]["content"], "Goodbye");
+    assert_eq!(page["message_count"], 4, "the count is the whole session's");
+    let (status, body) = http.call("GET", &format!("{path}?limit=0"), &alice, None).await;
+    assert_eq!(status, 400, "{body}");
+
+    // Most recently used first, paged.
+    let (_, listed) = http.call("GET", "/api/sessions", &alice, None).await;
+    let ids: Vec<&str> = listed["sessions"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [id.as_str(), "alice-notes"], "{listed}");
+    let (_, second) = http.call("GET", "/api/sessions?offset=1&limit=1", &alice, None).await;
+    assert_eq!(second["sessions"][0]["id"], "alice-notes");
+
+    // Bob sees nothing of Alice's: every route answers as if the session did not exist.
+    let (_, listed) = http.call("GET", "/api/sessions", &bob, None).await;
+    assert_eq!(listed["sessions"], serde_json::json!([]));
+    assert_eq!(http.call("GET", &path, &bob, None).await.0, 404);
+    assert_eq!(http.call("DELETE", &path, &bob, None).await.0, 404);
+    let bob_in_alices = [("x-user-id", "bob"), ("x-session-id", id.as_str())];
+    let (status, _, body) = http.post("/api/chat", &bob_in_alices, r#"{"message":"Hi"}"#).await;
+    assert_eq!(status, 404, "{body}");
+    let openai = r#"{"messages":[{"role":"user","content":"Hi"}]}"#;
+    let (status, _, body) = http.post("/v1/chat/completions", &bob_in_alices, openai).await;
+    assert_eq!(status, 404, "{body}");
+
+    assert_eq!(http.call("DELETE", &path, &alice, None).await.0, 204);
+    assert_eq!(http.call("GET", &path, &alice, None).await.0, 404);
+    assert_eq!(http.call("DELETE", &path, &alice, None).await.0, 404);
+    assert_eq!(alice_says(&cluster, &id, "Still there?").await.0, 404, "a deleted session never restarts");
     cluster.stop().await;
 }

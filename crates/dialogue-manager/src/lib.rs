@@ -11,7 +11,10 @@ use moltbot_proto::{
     dialogue::v1::{
         ChatEvent, ChatRequest, ListModelsRequest, ListModelsResponse, ModelCard, dialogue_server::Dialogue,
     },
-    session::v1::session_store_client::SessionStoreClient,
+    session::v1::{
+        CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest, ListSessionsRequest,
+        ListSessionsResponse, Session, session_store_client::SessionStoreClient,
+    },
 };
 use moltbot_queue::JobQueue;
 use tokio::net::TcpListener;
@@ -72,6 +75,41 @@ impl Dialogue for DialogueService {
     async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         Ok(Response::new(ListModelsResponse { models: vec![ModelCard { id: self.model.clone(), context_length: 0 }] }))
     }
+
+    async fn create_session(&self, request: Request<CreateSessionRequest>) -> Result<Response<Session>, Status> {
+        let mut r = request.into_inner();
+        r.user_id = user_or_anonymous(r.user_id);
+        self.sessions.clone().create_session(r).await
+    }
+
+    async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
+        let mut r = request.into_inner();
+        r.user_id = user_or_anonymous(r.user_id);
+        self.sessions.clone().get_session(r).await
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        let mut r = request.into_inner();
+        r.user_id = user_or_anonymous(r.user_id);
+        self.sessions.clone().list_sessions(r).await
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<DeleteSessionRequest>,
+    ) -> Result<Response<DeleteSessionResponse>, Status> {
+        let mut r = request.into_inner();
+        r.user_id = user_or_anonymous(r.user_id);
+        self.sessions.clone().delete_session(r).await
+    }
+}
+
+/// Requests without a user belong to the anonymous user.
+pub(crate) fn user_or_anonymous(user_id: String) -> String {
+    if user_id.is_empty() { "anonymous".to_owned() } else { user_id }
 }
 
 /// Serves the dialogue service on `listener` until `shutdown` resolves.

@@ -108,7 +108,7 @@ impl Turn {
             )));
         }
         let mode = resolve_mode(request.mode(), &request.session_id);
-        let user_id = if request.user_id.is_empty() { "anonymous".to_owned() } else { request.user_id };
+        let user_id = crate::user_or_anonymous(request.user_id);
         let mut sessions = service.sessions.clone();
         let (session_id, history, lock) = match mode {
             DialogueMode::Multi if request.session_id.is_empty() => {
@@ -122,7 +122,11 @@ impl Turn {
                 // One turn at a time per session: the lock comes before the read, so this turn sees the last.
                 let lock = SessionLock::acquire(&service, &request.session_id, &user_id).await?;
                 let session = sessions
-                    .get_session(GetSessionRequest { session_id: request.session_id.clone(), user_id: user_id.clone() })
+                    .get_session(GetSessionRequest {
+                        session_id: request.session_id.clone(),
+                        user_id: user_id.clone(),
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 (session.id, session.messages, Some(lock))

@@ -5,6 +5,7 @@
 mod error;
 mod native;
 mod openai;
+mod sessions;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -52,6 +53,8 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
         .route("/api/chat", post(native::chat))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/api/sessions", post(sessions::create).get(sessions::list))
+        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -48,8 +48,9 @@ impl Backend {
         dispatch!(self, b => b.get(id, user_id).await)
     }
 
-    pub async fn list(&self, user_id: &str, limit: usize) -> Result<Vec<SessionRecord>> {
-        dispatch!(self, b => b.list(user_id, limit).await)
+    /// The user's live sessions, most recently updated first, without their messages.
+    pub async fn list(&self, user_id: &str, offset: usize, limit: usize) -> Result<Vec<SessionRecord>> {
+        dispatch!(self, b => b.list(user_id, offset, limit).await)
     }
 
     pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {

@@ -94,7 +94,7 @@ impl EmbeddedBackend {
         .await
     }
 
-    pub async fn list(&self, user_id: &str, limit: usize) -> Result<Vec<SessionRecord>> {
+    pub async fn list(&self, user_id: &str, offset: usize, limit: usize) -> Result<Vec<SessionRecord>> {
         let user_id = user_id.to_owned();
         self.blocking(move |db, _| {
             let tx = db.begin_read().map_err(storage)?;
@@ -111,8 +111,7 @@ impl EmbeddedBackend {
                 }
             }
             out.sort_by_key(|s| std::cmp::Reverse(s.updated_at_ms));
-            out.truncate(limit);
-            Ok(out)
+            Ok(out.into_iter().skip(offset).take(limit).collect())
         })
         .await
     }

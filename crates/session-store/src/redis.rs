@@ -140,9 +140,10 @@ impl RedisBackend {
         })
     }
 
-    pub async fn list(&self, user_id: &str, limit: usize) -> Result<Vec<SessionRecord>> {
+    pub async fn list(&self, user_id: &str, offset: usize, limit: usize) -> Result<Vec<SessionRecord>> {
+        let (first, last) = (offset as isize, (offset + limit) as isize - 1);
         let ids: Vec<String> =
-            self.conn().await?.zrevrange(self.user_key(user_id), 0, limit as isize - 1).await.map_err(storage)?;
+            self.conn().await?.zrevrange(self.user_key(user_id), first, last).await.map_err(storage)?;
         let mut sessions = Vec::with_capacity(ids.len());
         for id in ids {
             match self.meta(&id, user_id).await {

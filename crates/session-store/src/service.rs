@@ -67,7 +67,12 @@ impl SessionStore for SessionStoreService {
     async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
         check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
-        Ok(Response::new(to_proto(self.backend.get(&r.session_id, &r.user_id).await?)))
+        let mut record = self.backend.get(&r.session_id, &r.user_id).await?;
+        if r.message_offset > 0 || r.message_limit > 0 {
+            let limit = if r.message_limit == 0 { usize::MAX } else { r.message_limit as usize };
+            record.messages = record.messages.into_iter().skip(r.message_offset as usize).take(limit).collect();
+        }
+        Ok(Response::new(to_proto(record)))
     }
 
     async fn list_sessions(
@@ -77,7 +82,8 @@ impl SessionStore for SessionStoreService {
         let r = request.into_inner();
         check_id("user_id", &r.user_id)?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) } as usize;
-        let sessions = self.backend.list(&r.user_id, limit).await?.into_iter().map(to_proto).collect();
+        let sessions =
+            self.backend.list(&r.user_id, r.offset as usize, limit).await?.into_iter().map(to_proto).collect();
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 

@@ -1,0 +1,135 @@
+//! `/api/sessions`: create, read (messages paginated), list (paginated), delete. Every call goes to the
+//! dialogue-manager, which asks the session-store; a session is visible only to its user (`X-User-Id`), and
+//! anyone else's session is a 404 like a missing one.
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use moltbot_proto::session::v1::{
+    CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, ListSessionsRequest, Session,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{ApiError, AppState, DialogueHeaders};
+
+/// A page: `limit` items (default 100, at most 1000) after skipping `offset`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    limit: Option<u32>,
+    offset: Option<u32>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n @ 1..=1000) => Ok(n),
+            Some(_) => Err(ApiError::bad_request("limit must be between 1 and 1000", Some("limit"))),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    /// A client-chosen id (1-128 of [A-Za-z0-9-_.@]); a random 128-bit one when absent.
+    id: Option<String>,
+}
+
+fn session_json(s: Session, with_messages: bool) -> Value {
+    let mut body = json!({
+        "id": s.id,
+        "object": "session",
+        "user_id": s.user_id,
+        "created_at_ms": s.created_at_ms,
+        "updated_at_ms": s.updated_at_ms,
+        "expires_at_ms": s.expires_at_ms,
+        "message_count": s.message_count,
+    });
+    if with_messages {
+        body["messages"] = s
+            .messages
+            .into_iter()
+            .map(|m| json!({ "role": m.role, "content": m.content, "created_at_ms": m.created_at_ms }))
+            .collect();
+    }
+    body
+}
+
+/// `POST /api/sessions` → 201 and the new session. The body is optional.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: NewSession = if body.iter().all(u8::is_ascii_whitespace) {
+        NewSession::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not a valid session request: {e}"), None))?
+    };
+    let user_id = DialogueHeaders::parse(&headers)?.user_id;
+    let request = CreateSessionRequest { user_id, session_id: body.id.unwrap_or_default() };
+    let session = state.dialogue.clone().create_session(request).await?.into_inner();
+    Ok((StatusCode::CREATED, Json(session_json(session, true))).into_response())
+}
+
+/// `GET /api/sessions/{id}?limit=&offset=` → the session with a page of its messages, oldest first.
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(page) = page.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
+    let request = GetSessionRequest {
+        session_id: id,
+        user_id: DialogueHeaders::parse(&headers)?.user_id,
+        message_offset: page.offset.unwrap_or(0),
+        message_limit: page.limit()?,
+    };
+    let session = state.dialogue.clone().get_session(request).await?.into_inner();
+    let (offset, limit) = (page.offset.unwrap_or(0), page.limit()?);
+    let mut body = session_json(session, true);
+    body["offset"] = offset.into();
+    body["limit"] = limit.into();
+    Ok(Json(body))
+}
+
+/// `GET /api/sessions?limit=&offset=` → `{"sessions": [...]}`, the caller's, most recently used first.
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(page) = page.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
+    let request = ListSessionsRequest {
+        user_id: DialogueHeaders::parse(&headers)?.user_id,
+        limit: page.limit()?,
+        offset: page.offset.unwrap_or(0),
+    };
+    let sessions = state.dialogue.clone().list_sessions(request).await?.into_inner().sessions;
+    let sessions: Vec<Value> = sessions.into_iter().map(|s| session_json(s, false)).collect();
+    Ok(Json(
+        json!({ "object": "list", "sessions": sessions, "offset": page.offset.unwrap_or(0), "limit": page.limit()? }),
+    ))
+}
+
+/// `DELETE /api/sessions/{id}` → 204, or 404 when there is no such session of the caller's.
+pub async fn delete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let request = DeleteSessionRequest { session_id: id.clone(), user_id: DialogueHeaders::parse(&headers)?.user_id };
+    if state.dialogue.clone().delete_session(request).await?.into_inner().deleted {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("session {id} not found")))
+    }
+}
