@@ -4,6 +4,7 @@
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
 //! - `bench engine` / `bench http`: engine and HTTP tokens/s (release build)
+//! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 
 use std::{
     path::{Path, PathBuf},
@@ -25,9 +26,12 @@ fn main() -> anyhow::Result<()> {
         Some("run") => run(rest),
         Some("dev") => dev(),
         Some("bench") => bench(rest),
+        Some("conformance") => {
+            status(cargo().args(["run", "--quiet", "--package", "moltbot", "--", "conformance"]).args(rest))
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http> [bench args]>"
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http> [bench args] | conformance session-store <endpoint>>"
             );
             std::process::exit(2);
         }

@@ -21,6 +21,17 @@ enum Command {
     },
     /// Measure the engine alone and (with --url) a running gateway; prints tokens/s.
     Bench(moltbot::bench::Args),
+    /// Check that a service honours its contract; exits non-zero when a check fails.
+    Conformance {
+        #[command(subcommand)]
+        target: Conformance,
+    },
+}
+
+#[derive(Subcommand)]
+enum Conformance {
+    /// A SessionStore gRPC endpoint, built in or your own (e.g. http://127.0.0.1:50052).
+    SessionStore { endpoint: String },
 }
 
 #[tokio::main]
@@ -28,6 +39,21 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { config } => serve(config).await,
         Command::Bench(args) => moltbot::bench::run(args).await,
+        Command::Conformance { target: Conformance::SessionStore { endpoint } } => {
+            let results = moltbot_session_store::conformance::run(&endpoint).await?;
+            let failed = results.iter().filter(|r| r.outcome.is_err()).count();
+            for r in &results {
+                match &r.outcome {
+                    Ok(()) => println!("ok      {}", r.name),
+                    Err(why) => println!("FAILED  {}: {why}", r.name),
+                }
+            }
+            println!("{} checks, {failed} failed", results.len());
+            if failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! anything that implements it can stand in for this service.
 
 mod backend;
+pub mod conformance;
 mod embedded;
 mod redis;
 mod service;
