@@ -253,8 +253,13 @@ pub fn sse_data(body: &str) -> Vec<String> {
 /// The checks both shapes must pass: a two-turn conversation whose second prompt holds the first turn.
 /// Returns the session id.
 pub async fn two_turn_conversation(http: &Http) -> String {
-    let (status, _, first) =
-        http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"What is 2+2?","temperature":0}"#).await;
+    let (status, _, first) = http
+        .post(
+            "/api/chat",
+            &[("x-user-id", "alice"), ("x-dialogue-mode", "multi")],
+            r#"{"message":"What is 2+2?","temperature":0}"#,
+        )
+        .await;
     assert_eq!(status, 200, "{first}");
     let session = first["session_id"].as_str().expect("a session id").to_owned();
     assert!(!first["message"]["content"].as_str().unwrap().is_empty(), "{first}");

@@ -156,7 +156,7 @@ async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost()
         c.dialogue_manager.session_lock_wait = 600;
     })
     .await;
-    let alice = [("x-user-id", "alice")];
+    let alice = [("x-user-id", "alice"), ("x-dialogue-mode", "multi")];
     let (status, _, first) = cluster.http.post("/api/chat", &alice, r#"{"message":"Hi","max_tokens":1}"#).await;
     assert_eq!(status, 200, "{first}");
     let session = first["session_id"].as_str().unwrap().to_owned();
@@ -209,8 +209,14 @@ async fn alice_says(cluster: &Cluster, session: &str, message: &str) -> (u16, se
 #[tokio::test]
 async fn a_session_lives_while_it_is_used_and_expires_when_idle() {
     let cluster = Cluster::start(1, |c| c.session_store.session_ttl = 2).await;
-    let (status, _, first) =
-        cluster.http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"Hi","max_tokens":2}"#).await;
+    let (status, _, first) = cluster
+        .http
+        .post(
+            "/api/chat",
+            &[("x-user-id", "alice"), ("x-dialogue-mode", "multi")],
+            r#"{"message":"Hi","max_tokens":2}"#,
+        )
+        .await;
     assert_eq!(status, 200, "{first}");
     let session = first["session_id"].as_str().unwrap().to_owned();
     // Two turns 1.2 s apart: together longer than the 2 s TTL, each within it, so the TTL slides.
@@ -229,8 +235,14 @@ async fn a_session_lives_while_it_is_used_and_expires_when_idle() {
 #[tokio::test]
 async fn sessions_survive_a_redis_crash_with_aof() {
     let mut cluster = Cluster::start(1, |_| {}).await;
-    let (status, _, first) =
-        cluster.http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"Hi","max_tokens":2}"#).await;
+    let (status, _, first) = cluster
+        .http
+        .post(
+            "/api/chat",
+            &[("x-user-id", "alice"), ("x-dialogue-mode", "multi")],
+            r#"{"message":"Hi","max_tokens":2}"#,
+        )
+        .await;
     assert_eq!(status, 200, "{first}");
     let session = first["session_id"].as_str().unwrap().to_owned();
     assert_eq!(alice_says(&cluster, &session, "Second").await.0, 200);

@@ -84,3 +84,85 @@ async fn a_missing_model_file_says_what_to_run() {
     let message = format!("{err:#}");
     assert!(message.contains("ModelLoadError") && message.contains("cargo xtask model"), "{message}");
 }
+
+/// Each dialogue-mode rule of the README, on both chat endpoints: the mode the answer reports, whether a session
+/// id comes back, whether the history was read (prompt tokens), and whether the turn was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dialogue_mode_rule_holds_on_both_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let moltbot = moltbot::start(test_config(dir.path()), listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    let native = |headers: &[(&str, &str)]| {
+        let (http, headers): (Http, Vec<(String, String)>) =
+            (http.clone(), headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let (status, _, body) = http.post("/api/chat", &h, r#"{"message":"Hi","max_tokens":2}"#).await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let count = |id: String| {
+        let http = http.clone();
+        async move {
+            http.call("GET", &format!("/api/sessions/{id}"), &[("x-user-id", "rules")], None).await.1["message_count"]
+                .clone()
+        }
+    };
+    let user = ("x-user-id", "rules");
+
+    // No session, no mode: hybrid answers single-turn and stores nothing.
+    let fresh = native(&[user]).await;
+    assert_eq!((fresh["mode"].as_str(), &fresh["session_id"]), (Some("single"), &serde_json::Value::Null));
+    let (_, listed) = http.call("GET", "/api/sessions", &[user], None).await;
+    assert_eq!(listed["sessions"], serde_json::json!([]), "single-turn stored a session");
+    let fresh_prompt = fresh["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    // `X-Dialogue-Mode: multi` without a session starts one.
+    let started = native(&[user, ("x-dialogue-mode", "multi")]).await;
+    assert_eq!(started["mode"], "multi");
+    let id = started["session_id"].as_str().expect("multi returns the new session's id").to_owned();
+    assert_eq!(count(id.clone()).await, 2);
+
+    // A session header alone (hybrid) continues it: the history is read and the turn stored.
+    let continued = native(&[user, ("x-session-id", &id)]).await;
+    assert_eq!((continued["mode"].as_str(), continued["session_id"].as_str()), (Some("multi"), Some(id.as_str())));
+    assert!(continued["usage"]["prompt_tokens"].as_u64().unwrap() > fresh_prompt, "the history was not read");
+    assert_eq!(count(id.clone()).await, 4);
+    // So does an explicit `hybrid`, and `session_id` in the body of /api/chat.
+    assert_eq!(native(&[user, ("x-session-id", &id), ("x-dialogue-mode", "hybrid")]).await["mode"], "multi");
+    let in_body = serde_json::json!({ "message": "Hi", "max_tokens": 2, "session_id": id }).to_string();
+    let (status, _, body) = http.post("/api/chat", &[user], &in_body).await;
+    assert_eq!((status, body["mode"].as_str()), (200, Some("multi")), "{body}");
+    assert_eq!(count(id.clone()).await, 8);
+
+    // `single` overrides a session header: nothing read, nothing stored.
+    let single = native(&[user, ("x-session-id", &id), ("x-dialogue-mode", "single")]).await;
+    assert_eq!(single["mode"], "single");
+    assert_eq!(single["usage"]["prompt_tokens"].as_u64().unwrap(), fresh_prompt);
+    assert_eq!(count(id.clone()).await, 8);
+
+    // The same headers on the OpenAI endpoint: no session → single; a session → multi, named in a header.
+    let openai = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#;
+    let (status, headers, body) = http.post("/v1/chat/completions", &[user], openai).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("x-session-id").is_none());
+    let (status, headers, body) = http.post("/v1/chat/completions", &[user, ("x-session-id", &id)], openai).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers.get("x-session-id").and_then(|v| v.to_str().ok()), Some(id.as_str()));
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > fresh_prompt);
+    assert_eq!(count(id.clone()).await, 10);
+    let (_, headers, _) = http.post("/v1/chat/completions", &[user, ("x-dialogue-mode", "multi")], openai).await;
+    let new_id = headers.get("x-session-id").and_then(|v| v.to_str().ok()).expect("multi starts a session").to_owned();
+    assert_eq!(count(new_id).await, 2);
+    let (status, _, _) =
+        http.post("/v1/chat/completions", &[user, ("x-session-id", &id), ("x-dialogue-mode", "single")], openai).await;
+    assert_eq!(status, 200);
+    assert_eq!(count(id.clone()).await, 10);
+
+    // An unknown session is a 404 on both, never a new conversation.
+    let unknown = [user, ("x-session-id", "never-created")];
+    assert_eq!(http.post("/api/chat", &unknown, r#"{"message":"Hi"}"#).await.0, 404);
+    assert_eq!(http.post("/v1/chat/completions", &unknown, openai).await.0, 404);
+    moltbot.stop().await.unwrap();
+}

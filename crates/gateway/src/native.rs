@@ -1,5 +1,6 @@
-//! `POST /api/chat`: MoltBot's own chat API. Without headers a request is multi-turn: the first one creates
-//! a session and later ones continue it with `X-Session-Id` (or `session_id` in the body).
+//! `POST /api/chat`: MoltBot's own chat API. The mode is hybrid unless `X-Dialogue-Mode` says otherwise: a session
+//! id (`X-Session-Id`, or `session_id` in the body) continues that session, none answers single-turn. Start a
+//! conversation with `X-Dialogue-Mode: multi` (or `POST /api/sessions`) to get a session id.
 
 use std::convert::Infallible;
 
@@ -48,7 +49,7 @@ pub async fn chat(
         request_id: uuid::Uuid::new_v4().to_string(),
         user_id: dh.user_id,
         session_id: if dh.session_id.is_empty() { body.session_id.unwrap_or_default() } else { dh.session_id },
-        mode: dh.mode.unwrap_or(DialogueMode::Multi).into(),
+        mode: dh.mode.unwrap_or(DialogueMode::Hybrid).into(),
         model: body.model.unwrap_or_default(),
         messages,
         sampling: Some(body.sampling.to_proto()?),
