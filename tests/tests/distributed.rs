@@ -294,7 +294,8 @@ async fn the_sessions_api_pages_and_hides_other_users_sessions() {
     let (status, body) = http.call("POST", "/api/sessions", &alice, Some("{not json")).await;
     assert_eq!(status, 400, "{body}");
 
-    assert_eq!(alice_says(&cluster, &id, "Hello").await.0, 200);
+    let (status, hello) = alice_says(&cluster, &id, "Hello").await;
+    assert_eq!(status, 200, "{hello}");
     assert_eq!(alice_says(&cluster, &id, "Goodbye").await.0, 200);
     let path = format!("/api/sessions/{id}");
     let (status, session) = http.call("GET", &path, &alice, None).await;
@@ -328,6 +329,39 @@ async fn the_sessions_api_pages_and_hides_other_users_sessions() {
     let openai = r#"{"messages":[{"role":"user","content":"Hi"}]}"#;
     let (status, _, body) = http.post("/v1/chat/completions", &bob_in_alices, openai).await;
     assert_eq!(status, 404, "{body}");
+
+    // Settings: metadata, a system prompt that leads every turn, and the session's own lifetime.
+    let body = r#"{"id":"alice-brief","metadata":{"topic":"maths"},"system_prompt":"Answer in one word.","ttl":600}"#;
+    let (status, brief) = http.call("POST", "/api/sessions", &alice, Some(body)).await;
+    assert_eq!(status, 201, "{brief}");
+    assert_eq!(
+        (&brief["metadata"]["topic"], &brief["system_prompt"], &brief["ttl"]),
+        (&"maths".into(), &"Answer in one word.".into(), &600.into())
+    );
+    let (status, with_prompt) = alice_says(&cluster, "alice-brief", "Hello").await;
+    assert_eq!(status, 200, "{with_prompt}");
+    // The same first message, but the session's system prompt replaced the template's default one.
+    assert_ne!(
+        with_prompt["usage"]["prompt_tokens"], hello["usage"]["prompt_tokens"],
+        "the system prompt was not used"
+    );
+    let (_, plain) = http.call("GET", &path, &alice, None).await;
+    let first_plain = plain["messages"][0]["tokens"].as_u64().unwrap();
+    assert!(first_plain > 0 && plain["messages"][1]["tokens"].as_u64().unwrap() > 0, "token counts: {plain}");
+    let (_, stored) = http.call("GET", "/api/sessions/alice-brief", &alice, None).await;
+    assert_eq!(stored["message_count"], 2, "the system prompt is a setting, not a stored message: {stored}");
+    let patch = r#"{"metadata":{"stage":"two"},"ttl":1}"#;
+    let (status, patched) = http.call("PATCH", "/api/sessions/alice-brief", &alice, Some(patch)).await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        (&patched["metadata"], &patched["system_prompt"]),
+        (&serde_json::json!({"stage":"two"}), &"Answer in one word.".into())
+    );
+    let (status, body) = http.call("PATCH", "/api/sessions/alice-brief", &alice, Some(r#"{"ttl":"soon"}"#)).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("ttl")), "{body}");
+    assert_eq!(http.call("PATCH", "/api/sessions/alice-brief", &bob, Some(patch)).await.0, 404);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(http.call("GET", "/api/sessions/alice-brief", &alice, None).await.0, 404, "the 1 s TTL applies");
 
     assert_eq!(http.call("DELETE", &path, &alice, None).await.0, 204);
     assert_eq!(http.call("GET", &path, &alice, None).await.0, 404);

@@ -13,7 +13,7 @@ use moltbot_proto::{
     },
     session::v1::{
         CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest, ListSessionsRequest,
-        ListSessionsResponse, Session, session_store_client::SessionStoreClient,
+        ListSessionsResponse, Session, UpdateSessionRequest, session_store_client::SessionStoreClient,
     },
 };
 use moltbot_queue::JobQueue;
@@ -104,6 +104,12 @@ impl Dialogue for DialogueService {
         let mut r = request.into_inner();
         r.user_id = user_or_anonymous(r.user_id);
         self.sessions.clone().delete_session(r).await
+    }
+
+    async fn update_session(&self, request: Request<UpdateSessionRequest>) -> Result<Response<Session>, Status> {
+        let mut r = request.into_inner();
+        r.user_id = user_or_anonymous(r.user_id);
+        self.sessions.clone().update_session(r).await
     }
 }
 

@@ -113,7 +113,7 @@ impl Turn {
         let (session_id, history, lock) = match mode {
             DialogueMode::Multi if request.session_id.is_empty() => {
                 let created = sessions
-                    .create_session(CreateSessionRequest { user_id: user_id.clone(), session_id: String::new() })
+                    .create_session(CreateSessionRequest { user_id: user_id.clone(), ..Default::default() })
                     .await?
                     .into_inner();
                 (created.id, vec![], None)
@@ -129,7 +129,14 @@ impl Turn {
                     })
                     .await?
                     .into_inner();
-                (session.id, session.messages, Some(lock))
+                // The session's system prompt leads unless the turn brings its own.
+                let mut history = session.messages;
+                if !session.system_prompt.is_empty() && !request.messages.iter().any(|m| m.role == "system") {
+                    let system =
+                        ChatMessage { role: "system".into(), content: session.system_prompt, ..Default::default() };
+                    history.insert(0, system);
+                }
+                (session.id, history, Some(lock))
             }
             _ => (String::new(), vec![], None),
         };
@@ -181,6 +188,7 @@ impl Turn {
             };
             let mut events = self.service.queue.submit(job).await.map_err(queue_status)?;
             let mut started = false;
+            let mut message_tokens = vec![];
             loop {
                 // Before a worker starts the job it may wait in the queue until the deadline; after, the worker
                 // must show signs of life (events or heartbeats) every `worker_timeout`.
@@ -215,6 +223,7 @@ impl Turn {
                             .await?;
                         }
                         started = true;
+                        message_tokens = s.message_tokens.clone();
                         tracing::debug!(
                             request_id = %self.request_id, worker_id = %s.worker_id, prompt_tokens = s.prompt_tokens,
                             trimmed_messages = s.trimmed_messages, "job started"
@@ -231,7 +240,8 @@ impl Turn {
                         return Err(Status::new(Code::from(e.code), e.message));
                     }
                     Some(Event::Finished(f)) => {
-                        return self.finish(text, f.usage.unwrap_or_default(), f.finish_reason(), &send).await;
+                        let usage = f.usage.unwrap_or_default();
+                        return self.finish(text, usage, &message_tokens, f.finish_reason(), &send).await;
                     }
                 }
             }
@@ -242,6 +252,7 @@ impl Turn {
         &self,
         text: String,
         usage: Usage,
+        message_tokens: &[u32],
         finish_reason: FinishReason,
         send: &F,
     ) -> Result<(), Status>
@@ -249,9 +260,22 @@ impl Turn {
         F: Fn(chat_event::Event) -> Fut,
         Fut: std::future::Future<Output = Result<(), Status>>,
     {
-        let answer = ChatMessage { role: "assistant".into(), content: text, created_at_ms: now_ms() };
+        let answer = ChatMessage {
+            role: "assistant".into(),
+            content: text,
+            created_at_ms: now_ms(),
+            tokens: usage.completion_tokens,
+        };
         if self.mode == DialogueMode::Multi {
-            let messages = self.new_messages.iter().cloned().chain([answer.clone()]).collect();
+            // The worker counted every prompt message; this turn's own are the last ones.
+            let counts = message_tokens.iter().rev().take(self.new_messages.len()).rev();
+            let mut new_messages = self.new_messages.clone();
+            if message_tokens.len() >= new_messages.len() {
+                for (m, &tokens) in new_messages.iter_mut().zip(counts) {
+                    m.tokens = tokens;
+                }
+            }
+            let messages = new_messages.into_iter().chain([answer.clone()]).collect();
             let request =
                 AppendMessagesRequest { session_id: self.session_id.clone(), user_id: self.user_id.clone(), messages };
             self.service.sessions.clone().append_messages(request).await?;

@@ -103,6 +103,16 @@ impl From<JsonRejection> for ApiError {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             _ => StatusCode::BAD_REQUEST,
         };
-        Self::new(status, r.body_text())
+        // A type error names the field's path first: "...target type: messages[0].role: invalid type ...".
+        let text = r.body_text();
+        let param = match &r {
+            JsonRejection::JsonDataError(_) => text
+                .split_once("target type: ")
+                .and_then(|(_, rest)| rest.split_once(": "))
+                .map(|(path, _)| path.to_owned())
+                .filter(|p| !p.contains(' ')),
+            _ => None,
+        };
+        Self { param, ..Self::new(status, text) }
     }
 }

@@ -54,7 +54,7 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .route("/api/sessions", post(sessions::create).get(sessions::list))
-        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete))
+        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -244,7 +244,7 @@ fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::comm
                 ));
             }
             let role = if m.role == "developer" { "system".to_owned() } else { m.role };
-            Ok(moltbot_proto::common::v1::ChatMessage { role, content, created_at_ms: 0 })
+            Ok(moltbot_proto::common::v1::ChatMessage { role, content, ..Default::default() })
         })
         .collect()
 }

@@ -1,6 +1,8 @@
-//! `/api/sessions`: create, read (messages paginated), list (paginated), delete. Every call goes to the
+//! `/api/sessions`: create, read (messages paginated), list (paginated), update, delete. Every call goes to the
 //! dialogue-manager, which asks the session-store; a session is visible only to its user (`X-User-Id`), and
 //! anyone else's session is a 404 like a missing one.
+
+use std::collections::HashMap;
 
 use axum::{
     Json,
@@ -9,7 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use moltbot_proto::session::v1::{
-    CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, ListSessionsRequest, Session,
+    CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, ListSessionsRequest, Session, UpdateSessionRequest,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +41,34 @@ impl Page {
 pub struct NewSession {
     /// A client-chosen id (1-128 of [A-Za-z0-9-_.@]); a random 128-bit one when absent.
     id: Option<String>,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+    #[serde(default)]
+    system_prompt: String,
+    /// Idle lifetime in seconds; the configured `session_ttl` when absent.
+    ttl: Option<u64>,
+}
+
+/// `PATCH` fields: each one present replaces what the session has (`metadata` as a whole).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionUpdate {
+    metadata: Option<HashMap<String, String>>,
+    system_prompt: Option<String>,
+    ttl: Option<u64>,
+}
+
+/// A JSON body, where an empty one means all defaults.
+fn json_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let mut json = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let param = e.path().to_string();
+        let param = (param != ".").then_some(param);
+        ApiError::bad_request(format!("the body is not valid: {e}"), param.as_deref())
+    })
 }
 
 fn session_json(s: Session, with_messages: bool) -> Value {
@@ -50,12 +80,15 @@ fn session_json(s: Session, with_messages: bool) -> Value {
         "updated_at_ms": s.updated_at_ms,
         "expires_at_ms": s.expires_at_ms,
         "message_count": s.message_count,
+        "metadata": s.metadata,
+        "system_prompt": s.system_prompt,
+        "ttl": (s.ttl_seconds > 0).then_some(s.ttl_seconds),
     });
     if with_messages {
         body["messages"] = s
             .messages
             .into_iter()
-            .map(|m| json!({ "role": m.role, "content": m.content, "created_at_ms": m.created_at_ms }))
+            .map(|m| json!({ "role": m.role, "content": m.content, "created_at_ms": m.created_at_ms, "tokens": m.tokens }))
             .collect();
     }
     body
@@ -67,14 +100,15 @@ pub async fn create(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body: NewSession = if body.iter().all(u8::is_ascii_whitespace) {
-        NewSession::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not a valid session request: {e}"), None))?
-    };
+    let body: NewSession = json_body(&body)?;
     let user_id = DialogueHeaders::parse(&headers)?.user_id;
-    let request = CreateSessionRequest { user_id, session_id: body.id.unwrap_or_default() };
+    let request = CreateSessionRequest {
+        user_id,
+        session_id: body.id.unwrap_or_default(),
+        metadata: body.metadata,
+        system_prompt: body.system_prompt,
+        ttl_seconds: body.ttl.unwrap_or(0),
+    };
     let session = state.dialogue.clone().create_session(request).await?.into_inner();
     Ok((StatusCode::CREATED, Json(session_json(session, true))).into_response())
 }
@@ -118,6 +152,29 @@ pub async fn list(
     Ok(Json(
         json!({ "object": "list", "sessions": sessions, "offset": page.offset.unwrap_or(0), "limit": page.limit()? }),
     ))
+}
+
+/// `PATCH /api/sessions/{id}` → the updated session (without messages); its lifetime restarts.
+pub async fn update(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: SessionUpdate = json_body(&body)?;
+    if body.ttl == Some(0) {
+        return Err(ApiError::bad_request("ttl must be at least 1 second", Some("ttl")));
+    }
+    let request = UpdateSessionRequest {
+        session_id: id,
+        user_id: DialogueHeaders::parse(&headers)?.user_id,
+        set_metadata: body.metadata.is_some(),
+        metadata: body.metadata.unwrap_or_default(),
+        system_prompt: body.system_prompt,
+        ttl_seconds: body.ttl,
+    };
+    let session = state.dialogue.clone().update_session(request).await?.into_inner();
+    Ok(Json(session_json(session, false)))
 }
 
 /// `DELETE /api/sessions/{id}` → 204, or 404 when there is no such session of the caller's.

@@ -89,6 +89,14 @@ pub async fn drive(
         let _ = out.send(error(INVALID_ARGUMENT, message)).await;
         return false;
     }
+    let message_tokens: Vec<u32> = match &request.input {
+        Some(Input::Chat(chat)) => chat
+            .messages
+            .iter()
+            .map(|m| worker.engine.tokenizer().encode(&m.content).map_or(0, |t| t.len() as u32))
+            .collect(),
+        _ => vec![],
+    };
     let submitted = engine_request(request, worker.max_tokens)
         .map_err(|message| (INVALID_ARGUMENT, message))
         .and_then(|r| worker.engine.submit(r).map_err(|e| (code(&e), e.to_string())));
@@ -103,6 +111,7 @@ pub async fn drive(
         worker_id: worker.id.clone(),
         prompt_tokens: generation.prompt_tokens,
         trimmed_messages: generation.trimmed_messages,
+        message_tokens,
     };
     if out.send(event(Event::Started(started))).await.is_err() {
         return false;

@@ -1,5 +1,7 @@
 //! The storage backends behind the service, and the session record they keep.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, embedded::EmbeddedBackend, redis::RedisBackend};
@@ -9,6 +11,48 @@ pub struct StoredMessage {
     pub role: String,
     pub content: String,
     pub created_at_ms: i64,
+    #[serde(default)]
+    pub tokens: u32,
+}
+
+/// What a client may set on a session: at creation, and later through an update.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionSettings {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub system_prompt: String,
+    /// Idle lifetime in seconds; 0: the store's `session_ttl`.
+    #[serde(default)]
+    pub ttl_seconds: u64,
+}
+
+/// An update: `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SessionPatch {
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub system_prompt: Option<String>,
+    pub ttl_seconds: Option<u64>,
+}
+
+impl SessionSettings {
+    pub fn apply(&mut self, patch: SessionPatch) {
+        if let Some(m) = patch.metadata {
+            self.metadata = m;
+        }
+        if let Some(p) = patch.system_prompt {
+            self.system_prompt = p;
+        }
+        if let Some(t) = patch.ttl_seconds {
+            self.ttl_seconds = t;
+        }
+    }
+
+    /// The idle lifetime in milliseconds, given the store's default in seconds.
+    pub fn ttl_ms(&self, default_ttl_s: u64) -> i64 {
+        let ttl = if self.ttl_seconds > 0 { self.ttl_seconds } else { default_ttl_s };
+        ttl as i64 * 1000
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +65,8 @@ pub struct SessionRecord {
     pub message_count: u32,
     /// Empty when listed.
     pub messages: Vec<StoredMessage>,
+    #[serde(default, flatten)]
+    pub settings: SessionSettings,
 }
 
 pub enum Backend {
@@ -39,8 +85,13 @@ macro_rules! dispatch {
 }
 
 impl Backend {
-    pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
-        dispatch!(self, b => b.create(id, user_id).await)
+    pub async fn create(&self, id: &str, user_id: &str, settings: SessionSettings) -> Result<SessionRecord> {
+        dispatch!(self, b => b.create(id, user_id, settings).await)
+    }
+
+    /// Changes a session's settings and restarts its lifetime; `NotFound` as for `get`.
+    pub async fn update(&self, id: &str, user_id: &str, patch: SessionPatch) -> Result<SessionRecord> {
+        dispatch!(self, b => b.update(id, user_id, patch).await)
     }
 
     /// `NotFound` also when the session belongs to someone else: its existence is not revealed.

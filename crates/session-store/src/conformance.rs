@@ -9,7 +9,7 @@ use moltbot_proto::{
     common::v1::ChatMessage,
     session::v1::{
         AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, ListSessionsRequest,
-        LockSessionRequest, Session, TouchSessionRequest, UnlockSessionRequest,
+        LockSessionRequest, Session, TouchSessionRequest, UnlockSessionRequest, UpdateSessionRequest,
         session_store_client::SessionStoreClient,
     },
 };
@@ -39,7 +39,8 @@ impl Ctx {
     }
 
     async fn create(&self, user: &str, id: &str) -> Result<Session, String> {
-        let request = CreateSessionRequest { user_id: self.user(user), session_id: id.to_owned() };
+        let request =
+            CreateSessionRequest { user_id: self.user(user), session_id: id.to_owned(), ..Default::default() };
         self.client.clone().create_session(request).await.map(|r| r.into_inner()).map_err(|s| format!("create: {s}"))
     }
 
@@ -51,7 +52,11 @@ impl Ctx {
     async fn append(&self, user: &str, id: &str, messages: &[(&str, &str)]) -> Result<Session, tonic::Status> {
         let messages = messages
             .iter()
-            .map(|(role, content)| ChatMessage { role: (*role).into(), content: (*content).into(), created_at_ms: 0 })
+            .map(|(role, content)| ChatMessage {
+                role: (*role).into(),
+                content: (*content).into(),
+                ..Default::default()
+            })
             .collect();
         let request = AppendMessagesRequest { session_id: id.to_owned(), user_id: self.user(user), messages };
         self.client.clone().append_messages(request).await.map(|r| r.into_inner())
@@ -101,14 +106,15 @@ async fn chosen_ids_are_kept_and_unique(ctx: Ctx) -> Outcome {
     let id = format!("{}-chosen", ctx.prefix);
     let s = ctx.create("a", &id).await?;
     expect(s.id == id, || format!("asked for {id}, got {}", s.id))?;
-    let again = CreateSessionRequest { user_id: ctx.user("b"), session_id: id };
+    let again = CreateSessionRequest { user_id: ctx.user("b"), session_id: id, ..Default::default() };
     expect_code(ctx.client.clone().create_session(again).await, Code::AlreadyExists, "the same id twice")
 }
 
 async fn bad_ids_are_invalid_arguments(ctx: Ctx) -> Outcome {
-    let request = CreateSessionRequest { user_id: ctx.user("a"), session_id: "not a valid id!".into() };
+    let request =
+        CreateSessionRequest { user_id: ctx.user("a"), session_id: "not a valid id!".into(), ..Default::default() };
     expect_code(ctx.client.clone().create_session(request).await, Code::InvalidArgument, "an id with spaces")?;
-    let request = CreateSessionRequest { user_id: String::new(), session_id: String::new() };
+    let request = CreateSessionRequest { user_id: String::new(), session_id: String::new(), ..Default::default() };
     expect_code(ctx.client.clone().create_session(request).await, Code::InvalidArgument, "an empty user id")
 }
 
@@ -248,6 +254,52 @@ async fn locks_are_exclusive_and_leased(ctx: Ctx) -> Outcome {
     expect(waited.is_ok(), || format!("the lease did not expire: {waited:?}"))
 }
 
+async fn settings_are_kept_and_updated(ctx: Ctx) -> Outcome {
+    let metadata: std::collections::HashMap<String, String> = [("topic".into(), "tests".into())].into();
+    let request = CreateSessionRequest {
+        user_id: ctx.user("a"),
+        metadata: metadata.clone(),
+        system_prompt: "Be brief.".into(),
+        ttl_seconds: 600,
+        ..Default::default()
+    };
+    let s = ctx.client.clone().create_session(request).await.map_err(|e| format!("create: {e}"))?.into_inner();
+    let got = ctx.get("a", &s.id).await.map_err(|e| e.to_string())?;
+    expect(got.metadata == metadata && got.system_prompt == "Be brief." && got.ttl_seconds == 600, || {
+        format!("settings at creation: {got:?}")
+    })?;
+    expect(got.expires_at_ms <= now_ms() + 600_000 + 5_000, || "the session's own TTL is not used".into())?;
+    // Only what is set changes; the metadata is replaced as a whole.
+    let patch = UpdateSessionRequest {
+        session_id: s.id.clone(),
+        user_id: ctx.user("a"),
+        metadata: [("stage".into(), "two".into())].into(),
+        set_metadata: true,
+        system_prompt: None,
+        ttl_seconds: Some(1200),
+    };
+    let updated = ctx.client.clone().update_session(patch.clone()).await.map_err(|e| format!("update: {e}"))?;
+    let updated = updated.into_inner();
+    let stage_two = updated.metadata.get("stage").map(String::as_str) == Some("two") && updated.metadata.len() == 1;
+    expect(stage_two && updated.system_prompt == "Be brief." && updated.ttl_seconds == 1200, || {
+        format!("after the update: {updated:?}")
+    })?;
+    expect(updated.expires_at_ms > got.expires_at_ms, || "the new TTL did not restart the lifetime".into())?;
+    let foreign = UpdateSessionRequest { user_id: ctx.user("intruder"), ..patch.clone() };
+    expect_code(ctx.client.clone().update_session(foreign).await, Code::NotFound, "an update by another user")?;
+    let too_long = UpdateSessionRequest { ttl_seconds: Some(u64::MAX), ..patch };
+    expect_code(ctx.client.clone().update_session(too_long).await, Code::InvalidArgument, "an absurd TTL")
+}
+
+async fn message_token_counts_are_kept(ctx: Ctx) -> Outcome {
+    let s = ctx.create("a", "").await?;
+    let message = ChatMessage { role: "user".into(), content: "two words".into(), tokens: 2, ..Default::default() };
+    let request = AppendMessagesRequest { session_id: s.id.clone(), user_id: ctx.user("a"), messages: vec![message] };
+    ctx.client.clone().append_messages(request).await.map_err(|e| e.to_string())?;
+    let got = ctx.get("a", &s.id).await.map_err(|e| e.to_string())?;
+    expect(got.messages.first().is_some_and(|m| m.tokens == 2), || format!("{got:?}"))
+}
+
 const CHECKS: &[(&str, Check)] = &[
     ("fresh sessions are empty, owned and unguessable", |c| {
         Box::pin(fresh_sessions_are_empty_owned_and_unguessable(c))
@@ -264,6 +316,8 @@ const CHECKS: &[(&str, Check)] = &[
     ("deleted sessions are gone", |c| Box::pin(deleted_sessions_are_gone(c))),
     ("touch extends the lifetime", |c| Box::pin(touch_extends_the_lifetime(c))),
     ("locks are exclusive and leased", |c| Box::pin(locks_are_exclusive_and_leased(c))),
+    ("settings are kept and updated", |c| Box::pin(settings_are_kept_and_updated(c))),
+    ("message token counts are kept", |c| Box::pin(message_token_counts_are_kept(c))),
 ];
 
 /// Runs every check against the `SessionStore` at `endpoint` (e.g. `http://127.0.0.1:50052`).

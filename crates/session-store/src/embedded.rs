@@ -5,7 +5,10 @@ use std::{path::Path, sync::Arc};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, backends::InMemoryBackend};
 
-use crate::{Error, Result, SessionRecord, StoredMessage, backend::now_ms};
+use crate::{
+    Error, Result, SessionRecord, StoredMessage,
+    backend::{SessionPatch, SessionSettings, now_ms},
+};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// Key `user_id \0 session_id`: the user's sessions.
@@ -51,7 +54,7 @@ impl EmbeddedBackend {
         tokio::task::spawn_blocking(move || f(&db, ttl)).await.map_err(|e| Error::Storage(e.to_string()))?
     }
 
-    pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+    pub async fn create(&self, id: &str, user_id: &str, settings: SessionSettings) -> Result<SessionRecord> {
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
         self.blocking(move |db, ttl| {
             let tx = db.begin_write().map_err(storage)?;
@@ -66,9 +69,10 @@ impl EmbeddedBackend {
                     user_id: user_id.clone(),
                     created_at_ms: now,
                     updated_at_ms: now,
-                    expires_at_ms: now + ttl,
+                    expires_at_ms: now + ttl_of(&settings, ttl),
                     message_count: 0,
                     messages: vec![],
+                    settings,
                 };
                 sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
                 tx.open_table(BY_USER)
@@ -129,7 +133,28 @@ impl EmbeddedBackend {
                 record.messages.extend(messages);
                 record.message_count = record.messages.len() as u32;
                 record.updated_at_ms = now;
-                record.expires_at_ms = now + ttl;
+                record.expires_at_ms = now + ttl_of(&record.settings, ttl);
+                sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
+                record
+            };
+            tx.commit().map_err(storage)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    pub async fn update(&self, id: &str, user_id: &str, patch: SessionPatch) -> Result<SessionRecord> {
+        let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        self.blocking(move |db, ttl| {
+            let tx = db.begin_write().map_err(storage)?;
+            let record = {
+                let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
+                let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
+                let mut record = owned(live(current), &id, &user_id)?;
+                record.settings.apply(patch);
+                let now = now_ms();
+                record.updated_at_ms = now;
+                record.expires_at_ms = now + ttl_of(&record.settings, ttl);
                 sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
                 record
             };
@@ -167,6 +192,11 @@ impl EmbeddedBackend {
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
     }
+}
+
+/// A session's idle lifetime in ms: its own, or the store's `default_ms`.
+fn ttl_of(settings: &SessionSettings, default_ms: i64) -> i64 {
+    if settings.ttl_seconds > 0 { settings.ttl_seconds as i64 * 1000 } else { default_ms }
 }
 
 fn user_key(user_id: &str, id: &str) -> String {

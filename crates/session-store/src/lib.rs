@@ -13,7 +13,7 @@ use std::future::Future;
 use moltbot_config::{SessionStoreConfig, SessionStoreType};
 use tokio::net::TcpListener;
 
-pub use backend::{Backend, SessionRecord, StoredMessage};
+pub use backend::{Backend, SessionPatch, SessionRecord, SessionSettings, StoredMessage};
 pub use service::SessionStoreService;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,5 +1,6 @@
 //! Redis backend (deadpool-redis). Layout, with `p` the configured key prefix:
-//! - `p:session:<id>` — hash: id, user_id, created_at_ms, updated_at_ms
+//! - `p:session:<id>` — hash: id, user_id, created_at_ms, updated_at_ms, settings (JSON: metadata, system
+//!   prompt, TTL), ttl (the session's lifetime in seconds, for the scripts)
 //! - `p:session:<id>:messages` — list of JSON messages, oldest first
 //! - `p:user:<user_id>:sessions` — sorted set of session ids by updated_at_ms
 //!
@@ -14,25 +15,40 @@ use deadpool_redis::{
 };
 use moltbot_config::RedisConfig;
 
-use crate::{Error, Result, SessionRecord, StoredMessage, backend::now_ms};
+use crate::{
+    Error, Result, SessionRecord, StoredMessage,
+    backend::{SessionPatch, SessionSettings, now_ms},
+};
 
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'user_id', ARGV[2], 'created_at_ms', ARGV[3], 'updated_at_ms', ARGV[3])
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'user_id', ARGV[2], 'created_at_ms', ARGV[3], 'updated_at_ms', ARGV[3],
+  'settings', ARGV[5], 'ttl', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[2])))
 return 1";
 
 const APPEND: &str = r"
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return -1 end
+local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[3]
 for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], math.max(tonumber(ttl), redis.call('TTL', KEYS[3])))
 return redis.call('LLEN', KEYS[2])";
+
+/// Replaces the settings and restarts every TTL under the owner check.
+const UPDATE: &str = r"
+if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[2], 'settings', ARGV[3], 'ttl', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[3])))
+return 1";
 
 const DELETE: &str = r"
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return 0 end
@@ -86,7 +102,7 @@ impl RedisBackend {
         self.pool.get().await.map_err(|e| Error::Storage(format!("redis: {e}")))
     }
 
-    pub async fn create(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+    pub async fn create(&self, id: &str, user_id: &str, settings: SessionSettings) -> Result<SessionRecord> {
         let now = now_ms();
         let created: i64 = Script::new(CREATE)
             .key(self.session_key(id))
@@ -94,7 +110,8 @@ impl RedisBackend {
             .arg(id)
             .arg(user_id)
             .arg(now)
-            .arg(self.ttl)
+            .arg(settings.ttl_ms(self.ttl) / 1000)
+            .arg(serde_json::to_string(&settings).map_err(|e| Error::Storage(e.to_string()))?)
             .invoke_async(&mut self.conn().await?)
             .await
             .map_err(storage)?;
@@ -129,6 +146,10 @@ impl RedisBackend {
             return Err(Error::NotFound(id.into()));
         }
         let int = |k: &str| hash.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let settings = match hash.get("settings") {
+            Some(json) => serde_json::from_str(json).map_err(|e| Error::Storage(format!("corrupt settings: {e}")))?,
+            None => SessionSettings::default(),
+        };
         Ok(SessionRecord {
             id: id.into(),
             user_id: user_id.into(),
@@ -137,6 +158,7 @@ impl RedisBackend {
             expires_at_ms: now_ms() + pttl.max(0),
             message_count: count,
             messages: vec![],
+            settings,
         })
     }
 
@@ -172,6 +194,27 @@ impl RedisBackend {
         }
         let len: i64 = invocation.invoke_async(&mut self.conn().await?).await.map_err(storage)?;
         if len < 0 {
+            return Err(Error::NotFound(id.into()));
+        }
+        self.get(id, user_id).await
+    }
+
+    pub async fn update(&self, id: &str, user_id: &str, patch: SessionPatch) -> Result<SessionRecord> {
+        let mut settings = self.meta(id, user_id).await?.settings;
+        settings.apply(patch);
+        let updated: i64 = Script::new(UPDATE)
+            .key(self.session_key(id))
+            .key(self.messages_key(id))
+            .key(self.user_key(user_id))
+            .arg(user_id)
+            .arg(now_ms())
+            .arg(serde_json::to_string(&settings).map_err(|e| Error::Storage(e.to_string()))?)
+            .arg(settings.ttl_ms(self.ttl) / 1000)
+            .arg(id)
+            .invoke_async(&mut self.conn().await?)
+            .await
+            .map_err(storage)?;
+        if updated < 0 {
             return Err(Error::NotFound(id.into()));
         }
         self.get(id, user_id).await

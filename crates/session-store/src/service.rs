@@ -5,13 +5,41 @@ use moltbot_proto::{
     session::v1::{
         AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest,
         ListSessionsRequest, ListSessionsResponse, LockSessionRequest, LockSessionResponse, Session,
-        TouchSessionRequest, TouchSessionResponse, UnlockSessionRequest, UnlockSessionResponse,
+        TouchSessionRequest, TouchSessionResponse, UnlockSessionRequest, UnlockSessionResponse, UpdateSessionRequest,
         session_store_server::SessionStore,
     },
 };
 use tonic::{Request, Response, Status};
 
-use crate::{Backend, Error, SessionRecord, StoredMessage, backend::now_ms};
+use crate::{Backend, Error, SessionPatch, SessionRecord, SessionSettings, StoredMessage, backend::now_ms};
+
+/// Bounds on what a client may store beside the conversation.
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+const MAX_SYSTEM_PROMPT_BYTES: usize = 64 * 1024;
+const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+
+fn check_settings(
+    metadata: Option<&std::collections::HashMap<String, String>>,
+    system_prompt: Option<&str>,
+    ttl_seconds: Option<u64>,
+) -> Result<(), Error> {
+    if let Some(m) = metadata {
+        let bytes: usize = m.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if m.len() > MAX_METADATA_ENTRIES || bytes > MAX_METADATA_BYTES || m.keys().any(String::is_empty) {
+            return Err(Error::InvalidArgument(format!(
+                "metadata must have at most {MAX_METADATA_ENTRIES} entries with non-empty keys, {MAX_METADATA_BYTES} bytes in all"
+            )));
+        }
+    }
+    if system_prompt.is_some_and(|p| p.len() > MAX_SYSTEM_PROMPT_BYTES) {
+        return Err(Error::InvalidArgument(format!("system_prompt must be at most {MAX_SYSTEM_PROMPT_BYTES} bytes")));
+    }
+    if ttl_seconds.is_some_and(|t| t > MAX_TTL_SECONDS) {
+        return Err(Error::InvalidArgument(format!("ttl_seconds must be at most {MAX_TTL_SECONDS} (a year)")));
+    }
+    Ok(())
+}
 
 /// Longest id accepted for sessions and users.
 const MAX_ID_LEN: usize = 128;
@@ -49,8 +77,11 @@ fn to_proto(r: SessionRecord) -> Session {
         messages: r
             .messages
             .into_iter()
-            .map(|m| ChatMessage { role: m.role, content: m.content, created_at_ms: m.created_at_ms })
+            .map(|m| ChatMessage { role: m.role, content: m.content, created_at_ms: m.created_at_ms, tokens: m.tokens })
             .collect(),
+        metadata: r.settings.metadata.into_iter().collect(),
+        system_prompt: r.settings.system_prompt,
+        ttl_seconds: r.settings.ttl_seconds,
     }
 }
 
@@ -61,7 +92,25 @@ impl SessionStore for SessionStoreService {
         check_id("user_id", &r.user_id)?;
         let id = if r.session_id.is_empty() { new_id() } else { r.session_id };
         check_id("session_id", &id)?;
-        Ok(Response::new(to_proto(self.backend.create(&id, &r.user_id).await?)))
+        check_settings(Some(&r.metadata), Some(&r.system_prompt), Some(r.ttl_seconds))?;
+        let settings = SessionSettings {
+            metadata: r.metadata.into_iter().collect(),
+            system_prompt: r.system_prompt,
+            ttl_seconds: r.ttl_seconds,
+        };
+        Ok(Response::new(to_proto(self.backend.create(&id, &r.user_id, settings).await?)))
+    }
+
+    async fn update_session(&self, request: Request<UpdateSessionRequest>) -> Result<Response<Session>, Status> {
+        let r = request.into_inner();
+        check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
+        check_settings(r.set_metadata.then_some(&r.metadata), r.system_prompt.as_deref(), r.ttl_seconds)?;
+        let patch = SessionPatch {
+            metadata: r.set_metadata.then(|| r.metadata.into_iter().collect()),
+            system_prompt: r.system_prompt,
+            ttl_seconds: r.ttl_seconds,
+        };
+        Ok(Response::new(to_proto(self.backend.update(&r.session_id, &r.user_id, patch).await?)))
     }
 
     async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
@@ -102,7 +151,7 @@ impl SessionStore for SessionStoreService {
                     return Err(Error::InvalidArgument(format!("role `{}` is not one of {VALID_ROLES:?}", m.role)));
                 }
                 let created_at_ms = if m.created_at_ms > 0 { m.created_at_ms } else { now };
-                Ok(StoredMessage { role: m.role, content: m.content, created_at_ms })
+                Ok(StoredMessage { role: m.role, content: m.content, created_at_ms, tokens: m.tokens })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(to_proto(self.backend.append(&r.session_id, &r.user_id, messages).await?)))
