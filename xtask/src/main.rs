@@ -3,7 +3,8 @@
 //! - `test`: fetch the model, then run the whole suite (tests start their own redis-server and nats-server)
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
-//! - `bench engine` / `bench http`: engine and HTTP tokens/s (release build)
+//! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
+//!   ops/s, the cost of a session per turn (release build)
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 
 use std::{
@@ -31,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http> [bench args] | conformance session-store <endpoint>>"
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns> [bench args] | conformance session-store <endpoint>>"
             );
             std::process::exit(2);
         }
@@ -122,7 +123,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// `bench engine [args]`: the engine alone; `bench http [--url URL] [args]`: a running gateway
-/// (default http://127.0.0.1:8000); `bench [args]`: passes the arguments to `moltbot bench` as they are.
+/// (default http://127.0.0.1:8000); `bench sessions [--sessions-redis URL]`: SessionStore gRPC ops/s on a Redis
+/// (default redis://127.0.0.1:6379); `bench turns [--url URL]`: what a session adds to a turn's latency;
+/// `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     model()?;
     let mut forwarded: Vec<String> = vec![];
@@ -130,6 +133,20 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         Some("engine") => forwarded.extend(args[1..].iter().cloned()),
         Some("http") => {
             forwarded.push("--http-only".into());
+            if !args.iter().any(|a| a == "--url") {
+                forwarded.extend(["--url".into(), "http://127.0.0.1:8000".into()]);
+            }
+            forwarded.extend(args[1..].iter().cloned());
+        }
+        Some("sessions") => {
+            forwarded.push("--http-only".into());
+            if !args.iter().any(|a| a == "--sessions-redis") {
+                forwarded.extend(["--sessions-redis".into(), "redis://127.0.0.1:6379".into()]);
+            }
+            forwarded.extend(args[1..].iter().cloned());
+        }
+        Some("turns") => {
+            forwarded.extend(["--http-only".into(), "--mode-overhead".into(), "50".into()]);
             if !args.iter().any(|a| a == "--url") {
                 forwarded.extend(["--url".into(), "http://127.0.0.1:8000".into()]);
             }

@@ -22,6 +22,13 @@ pub struct Args {
     /// Skip the engine measurements.
     #[arg(long)]
     http_only: bool,
+    /// Also measure SessionStore gRPC operations/s through an in-process session-store on this Redis.
+    #[arg(long)]
+    sessions_redis: Option<String>,
+    /// With --url: time this many single-turn and multi-turn turns one after the other and print what the session
+    /// (lock, read, save) adds to a turn.
+    #[arg(long)]
+    mode_overhead: Option<usize>,
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
@@ -33,8 +40,120 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         engine(&args).await?;
     }
     if let Some(url) = &args.url {
-        http(url, &args).await?;
+        if let Some(turns) = args.mode_overhead {
+            mode_overhead(url, turns).await?;
+        } else {
+            http(url, &args).await?;
+        }
     }
+    if let Some(redis) = &args.sessions_redis {
+        session_store(redis, args.concurrency).await?;
+    }
+    Ok(())
+}
+
+/// The value at quantile `q` of sorted `values`.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Conversations of 20 turns (read the session, save two messages) by `concurrency` clients for 5 s, through
+/// the SessionStore gRPC service on Redis; prints operations/s and their latency.
+async fn session_store(redis_url: &str, concurrency: usize) -> anyhow::Result<()> {
+    use moltbot_proto::session::v1::{
+        AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, GetSessionRequest,
+    };
+    let mut config = moltbot_config::SessionStoreConfig {
+        session_store_type: moltbot_config::SessionStoreType::Redis,
+        ..Default::default()
+    };
+    config.redis.url = redis_url.to_owned();
+    config.redis.pool_size = concurrency.max(1);
+    let backend = moltbot_session_store::open_backend(&config).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(moltbot_session_store::run(listener, backend, stop.clone().cancelled_owned()));
+    let client = moltbot_dialogue_manager::connect_session_store(&url).await?;
+    let until = Instant::now() + std::time::Duration::from_secs(5);
+    let workers = (0..concurrency.max(1)).map(|w| {
+        let mut client = client.clone();
+        async move {
+            let mut latencies = vec![];
+            let user_id = format!("bench-{w}");
+            while Instant::now() < until {
+                let create = CreateSessionRequest { user_id: user_id.clone(), ..Default::default() };
+                let id = client.create_session(create).await?.into_inner().id;
+                for turn in 0..20 {
+                    let t = Instant::now();
+                    let get =
+                        GetSessionRequest { session_id: id.clone(), user_id: user_id.clone(), ..Default::default() };
+                    client.get_session(get).await?;
+                    latencies.push(t.elapsed().as_secs_f64());
+                    let message = |role: &str| moltbot_proto::common::v1::ChatMessage {
+                        role: role.into(),
+                        content: format!("message {turn} of a benchmark conversation"),
+                        ..Default::default()
+                    };
+                    let t = Instant::now();
+                    let messages = vec![message("user"), message("assistant")];
+                    let append = AppendMessagesRequest { session_id: id.clone(), user_id: user_id.clone(), messages };
+                    client.append_messages(append).await?;
+                    latencies.push(t.elapsed().as_secs_f64());
+                }
+                client.delete_session(DeleteSessionRequest { session_id: id, user_id: user_id.clone() }).await?;
+            }
+            anyhow::Ok(latencies)
+        }
+    });
+    let started = Instant::now();
+    let results = futures::future::join_all(workers).await;
+    let secs = started.elapsed().as_secs_f64();
+    let mut latencies: Vec<f64> = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?.concat();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "session-store over gRPC on Redis, {concurrency} clients: {:.0} ops/s (reads and appends of 20-turn conversations); latency p50 {:.2} ms, p99 {:.2} ms",
+        latencies.len() as f64 / secs,
+        quantile(&latencies, 0.5) * 1e3,
+        quantile(&latencies, 0.99) * 1e3
+    );
+    stop.cancel();
+    server.await??;
+    Ok(())
+}
+
+/// Sequential turns with the same one-message prompt and a one-token answer: single-turn, then multi-turn in a
+/// fresh session (created beforehand, untimed), so the difference is what the session costs a turn.
+async fn mode_overhead(url: &str, turns: usize) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({ "message": "Hi", "max_tokens": 1, "temperature": 0 });
+    let (mut single, mut multi) = (vec![], vec![]);
+    for _ in 0..turns.max(1) {
+        let t = Instant::now();
+        let request = client.post(format!("{url}/api/chat")).header("x-dialogue-mode", "single").json(&body);
+        request.send().await?.error_for_status()?.bytes().await?;
+        single.push(t.elapsed().as_secs_f64());
+        let session: serde_json::Value =
+            client.post(format!("{url}/api/sessions")).send().await?.error_for_status()?.json().await?;
+        let id = session["id"].as_str().unwrap_or_default().to_owned();
+        let t = Instant::now();
+        let request = client.post(format!("{url}/api/chat")).header("x-session-id", &id).json(&body);
+        request.send().await?.error_for_status()?.bytes().await?;
+        multi.push(t.elapsed().as_secs_f64());
+        client.delete(format!("{url}/api/sessions/{id}")).send().await?;
+    }
+    single.sort_by(f64::total_cmp);
+    multi.sort_by(f64::total_cmp);
+    let ms = |v: &[f64], q| quantile(v, q) * 1e3;
+    println!(
+        "turn latency over {turns} turns: single-turn p50 {:.1} ms p99 {:.1} ms; multi-turn p50 {:.1} ms p99 {:.1} ms; the session adds p50 {:.1} ms, p99 {:.1} ms",
+        ms(&single, 0.5),
+        ms(&single, 0.99),
+        ms(&multi, 0.5),
+        ms(&multi, 0.99),
+        ms(&multi, 0.5) - ms(&single, 0.5),
+        ms(&multi, 0.99) - ms(&single, 0.99)
+    );
     Ok(())
 }
 
@@ -182,7 +301,7 @@ async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
     let tokens: u64 = results.iter().map(|r| r.1).sum();
     let mut ttfts: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64()).collect();
     ttfts.sort_by(f64::total_cmp);
-    let pick = |q: f64| ttfts[((ttfts.len() - 1) as f64 * q).round() as usize];
+    let pick = |q: f64| quantile(&ttfts, q);
     println!(
         "http streaming, {} concurrent chats: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate; time to first token p50 {:.3} s, p99 {:.3} s",
         args.concurrency,
