@@ -166,3 +166,48 @@ async fn every_dialogue_mode_rule_holds_on_both_endpoints() {
     assert_eq!(http.post("/v1/chat/completions", &unknown, openai).await.0, 404);
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_everything_but_health_and_each_key_is_its_own_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let (key_a, key_b) = ("alpha-0123456789abcdef", "bravo-0123456789abcdef");
+    config.gateway.auth.api_keys = vec![key_a.into(), key_b.into()];
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    assert_eq!(http.get("/health").await.0, 200);
+    assert_eq!(http.get("/ready").await.0, 200);
+
+    let chat = r#"{"message":"Hi","max_tokens":2}"#;
+    let (bearer_a, bearer_b) = (format!("Bearer {key_a}"), format!("Bearer {key_b}"));
+    for headers in [vec![], vec![("authorization", "Bearer wrong-key-0123456789")], vec![("authorization", key_a)]] {
+        let (status, response_headers, body) = http.post("/api/chat", &headers, chat).await;
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert_eq!(body["error"]["type"], "authentication_error");
+        assert_eq!(response_headers.get("www-authenticate").unwrap(), "Bearer");
+    }
+    assert_eq!(http.call("GET", "/v1/models", &[], None).await.0, 401);
+    assert_eq!(http.call("GET", "/api/sessions", &[], None).await.0, 401);
+    assert_eq!(http.call("GET", "/v1/models", &[("authorization", &bearer_a)], None).await.0, 200);
+
+    // A's session is A's: B (even claiming A's X-User-Id) cannot see it.
+    let (status, session) = http.call("POST", "/api/sessions", &[("authorization", &bearer_a)], None).await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap();
+    assert!(session["user_id"].as_str().unwrap().starts_with("key-"), "{session}");
+    let a_user = session["user_id"].as_str().unwrap();
+    let as_b = [("authorization", bearer_b.as_str()), ("x-user-id", a_user)];
+    assert_eq!(http.call("GET", &format!("/api/sessions/{id}"), &as_b, None).await.0, 404);
+    let with_session = [("authorization", bearer_a.as_str()), ("x-session-id", id)];
+    assert_eq!(http.post("/api/chat", &with_session, chat).await.0, 200);
+    moltbot.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_gateway_beyond_loopback_without_keys_refuses_to_start() {
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let client = moltbot_gateway::dialogue_client("http://127.0.0.1:1").unwrap();
+    let config = moltbot_config::GatewayConfig::default();
+    let err = moltbot_gateway::run(listener, &config, client, std::future::pending()).await.unwrap_err().to_string();
+    assert!(err.contains("gateway.auth.api_keys") && err.contains("127.0.0.1"), "{err}");
+}

@@ -49,6 +49,23 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Seconds a request may take end to end before 504.
     pub request_timeout: u64,
+    pub auth: AuthConfig,
+}
+
+/// API keys for the gateway. Empty: auth is off, which the gateway allows only on a loopback address.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted as `Authorization: Bearer <key>`; each key is its own user. Set them from the environment, e.g.
+    /// `MOLTBOT_GATEWAY__AUTH__API_KEYS='["k1","k2"]'`.
+    pub api_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    /// Never prints a key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig").field("api_keys", &format_args!("[{} hidden]", self.api_keys.len())).finish()
+    }
 }
 
 impl Default for GatewayConfig {
@@ -60,6 +77,7 @@ impl Default for GatewayConfig {
             max_concurrent_requests: 64,
             max_body_bytes: 1024 * 1024,
             request_timeout: 300,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -375,6 +393,9 @@ impl Config {
         if self.inference_worker.kv_cache_mib == 0 || self.inference_worker.max_waiting == 0 {
             return bad("inference_worker.kv_cache_mib", "kv_cache_mib and max_waiting must be at least 1");
         }
+        if self.gateway.auth.api_keys.iter().any(|k| k.trim().len() < 16) {
+            return bad("gateway.auth.api_keys", "every API key must have at least 16 characters");
+        }
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");
         }
@@ -423,12 +444,15 @@ mod tests {
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MOLTBOT_SESSION_STORE__SESSION_TTL", "60");
+            jail.set_env("MOLTBOT_GATEWAY__AUTH__API_KEYS", r#"["k1-0123456789abcdef","k2-0123456789abcdef"]"#);
             jail.create_file("moltbot.yaml", "gateway:\n  listen: 127.0.0.1:9000\n")?;
             jail.create_file("model_provider.yaml", "provider_type: local_llm\nmax_tokens: 99\n")?;
             let c = Config::load(Some(Path::new("moltbot.yaml"))).unwrap();
             assert_eq!(c.session_store.session_ttl, 60);
             assert_eq!(c.gateway.listen.port(), 9000);
             assert_eq!(c.model_provider.max_tokens, 99);
+            assert_eq!(c.gateway.auth.api_keys, ["k1-0123456789abcdef", "k2-0123456789abcdef"]);
+            assert!(!format!("{c:?}").contains("k1-0123"), "keys never show in debug output");
             Ok(())
         });
     }

@@ -3,7 +3,10 @@
 use axum::{
     Json,
     extract::rejection::JsonRejection,
-    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
+    http::{
+        HeaderValue, StatusCode,
+        header::{RETRY_AFTER, WWW_AUTHENTICATE},
+    },
     response::{IntoResponse, Response},
 };
 use serde_json::json;
@@ -32,6 +35,13 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown API key: send `Authorization: Bearer <key>` with a key from gateway.auth.api_keys",
+        )
+    }
+
     pub fn overloaded() -> Self {
         Self::new(StatusCode::TOO_MANY_REQUESTS, "too many requests in flight; retry shortly")
     }
@@ -47,6 +57,7 @@ impl ApiError {
                 "invalid_request_error"
             }
             StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::CONFLICT => "conflict_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::GATEWAY_TIMEOUT => "timeout_error",
@@ -66,6 +77,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

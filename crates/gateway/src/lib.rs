@@ -2,6 +2,7 @@
 //! streams the answers back as JSON or server-sent events. **The gateway holds no conversation state and never
 //! talks to Redis or the queue.**
 
+mod auth;
 mod error;
 mod native;
 mod openai;
@@ -47,14 +48,20 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
         slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         timeout: Duration::from_secs(config.request_timeout),
     };
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
+    let mut api = Router::new()
         .route("/api/chat", post(native::chat))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .route("/api/sessions", post(sessions::create).get(sessions::list))
-        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update))
+        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update));
+    let keys = auth::Keys::new(&config.auth.api_keys);
+    if !keys.is_empty() {
+        api = api.route_layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
+    }
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .merge(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -68,7 +75,14 @@ pub async fn run(
     dialogue: DialogueClient<Channel>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
+    let addr = listener.local_addr()?;
+    if config.auth.api_keys.is_empty() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "the gateway listens on {addr}, beyond this machine, without API keys; set gateway.auth.api_keys \
+             (e.g. MOLTBOT_GATEWAY__AUTH__API_KEYS='[\"<a long random key>\"]') or listen on 127.0.0.1"
+        );
+    }
+    tracing::info!(%addr, auth = !config.auth.api_keys.is_empty(), "gateway listening");
     axum::serve(listener, router(config, dialogue)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
