@@ -440,6 +440,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/config.example.yaml");
+        let figment = Config::figment_over(Config::default(), Some(&path)).unwrap();
+        let example = Config::from_figment(&figment).unwrap();
+        assert_eq!(example.gateway, Config::default().gateway);
+        assert_eq!(example.inference_worker, Config::default().inference_worker);
+        assert_eq!(example.dialogue_manager, Config::default().dialogue_manager);
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {
