@@ -32,6 +32,35 @@ async fn two_turns_survive_a_restart_and_bad_input_gets_clear_errors() {
             400,
             "temperature",
         ),
+        (
+            "/v1/chat/completions",
+            &[],
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100}"#,
+            400,
+            "limit of 24",
+        ),
+        (
+            "/v1/chat/completions",
+            &[],
+            r#"{"messages":[{"role":"user","content":"hi"}],"frequency_penalty":0.5}"#,
+            400,
+            "repetition_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            &[],
+            r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}"#,
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            &[],
+            r#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#,
+            400,
+            "temperature",
+        ),
+        ("/v1/chat/completions", &[], r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#, 400, "n = 1"),
         ("/api/chat", &[("x-session-id", "no-such-session")], r#"{"message":"hi"}"#, 404, "no-such-session"),
         ("/api/chat", &[("x-dialogue-mode", "sideways")], r#"{"message":"hi"}"#, 400, "X-Dialogue-Mode"),
         // Another user's session is not found, not forbidden: its existence is not revealed.
@@ -42,6 +71,9 @@ async fn two_turns_survive_a_restart_and_bad_input_gets_clear_errors() {
         assert_eq!(got, *status, "{path} {body}: {error}");
         let message = error["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{path} {body}: `{message}` should mention `{needle}`");
+        if body.contains("\"temperature\":\"hot\"") {
+            assert_eq!(error["error"]["param"], "temperature", "a wrong type names its parameter: {error}");
+        }
     }
     // Just over the 1 MiB limit. The gateway answers 413 without reading the rest and closes the connection,
     // so a client still writing can see a broken pipe instead of the answer (HTTP/1.1 has no way around that

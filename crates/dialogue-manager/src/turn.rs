@@ -141,7 +141,13 @@ impl Turn {
             _ => (String::new(), vec![], None),
         };
         let mut sampling = request.sampling.unwrap_or_default();
-        sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens).min(service.max_tokens));
+        if let Some(asked) = sampling.max_tokens.filter(|&n| n > service.max_tokens) {
+            return Err(Status::invalid_argument(format!(
+                "max_tokens {asked} is above this server's limit of {} (model_provider.max_tokens)",
+                service.max_tokens
+            )));
+        }
+        sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens));
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id };
         let prompt = history.into_iter().chain(request.messages.iter().cloned()).collect();

@@ -2,7 +2,6 @@
 
 use axum::{
     Json,
-    extract::rejection::JsonRejection,
     http::{
         HeaderValue, StatusCode,
         header::{RETRY_AFTER, WWW_AUTHENTICATE},
@@ -107,26 +106,5 @@ impl From<tonic::Status> for ApiError {
             _ => s.message().to_owned(),
         };
         Self::new(status, message)
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        let status = match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        // A type error names the field's path first: "...target type: messages[0].role: invalid type ...".
-        let text = r.body_text();
-        let param = match &r {
-            JsonRejection::JsonDataError(_) => text
-                .split_once("target type: ")
-                .and_then(|(_, rest)| rest.split_once(": "))
-                .map(|(path, _)| path.to_owned())
-                .filter(|p| !p.contains(' ')),
-            _ => None,
-        };
-        Self { param, ..Self::new(status, text) }
     }
 }

@@ -3,6 +3,7 @@
 //! talks to Redis or the queue.**
 
 mod auth;
+mod body;
 mod error;
 mod native;
 mod openai;
@@ -173,6 +174,9 @@ struct SamplingFields {
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     stop: Option<StopField>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    tools: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -196,6 +200,17 @@ impl SamplingFields {
         if let Some(r) = self.repetition_penalty {
             check(r > 0.0 && r <= 10.0, "repetition_penalty", "must be greater than 0 and at most 10")?;
         }
+        // OpenAI's additive penalties have no faithful counterpart in this engine; zero (their default) is fine.
+        for (param, value) in
+            [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
+        {
+            check(
+                value.is_none_or(|v| v == 0.0),
+                param,
+                "is not supported; use repetition_penalty (1.0 = off, 1.1 = mild)",
+            )?;
+        }
+        check(self.tools.as_ref().is_none_or(Vec::is_empty), "tools", "are not supported yet")?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
             check(m > 0, "max_tokens", "must be at least 1")?;

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use axum::{
     Json,
-    extract::{State, rejection::JsonRejection},
+    extract::State,
     http::HeaderMap,
     response::{IntoResponse, Response, Sse, sse::Event},
 };
@@ -34,9 +34,8 @@ pub struct NativeChat {
 pub async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<NativeChat>, JsonRejection>,
+    crate::body::JsonBody(body): crate::body::JsonBody<NativeChat>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body?;
     let dh = DialogueHeaders::parse(&headers)?;
     let messages = match (body.message, body.messages) {
         (Some(text), None) => to_proto_messages(vec![InMessage { role: "user".into(), content: Some(text.into()) }])?,

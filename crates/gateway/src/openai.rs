@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{State, rejection::JsonRejection},
+    extract::State,
     http::HeaderMap,
     response::{IntoResponse, Response, Sse, sse::Event},
 };
@@ -41,9 +41,8 @@ fn unix_now() -> u64 {
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    crate::body::JsonBody(body): crate::body::JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body?;
     let dh = DialogueHeaders::parse(&headers)?;
     if body.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("only n = 1 is supported", Some("n")));

@@ -60,15 +60,7 @@ pub struct SessionUpdate {
 
 /// A JSON body, where an empty one means all defaults.
 fn json_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    let mut json = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut json).map_err(|e| {
-        let param = e.path().to_string();
-        let param = (param != ".").then_some(param);
-        ApiError::bad_request(format!("the body is not valid: {e}"), param.as_deref())
-    })
+    if body.iter().all(u8::is_ascii_whitespace) { Ok(T::default()) } else { crate::body::parse(body) }
 }
 
 fn session_json(s: Session, with_messages: bool) -> Value {
