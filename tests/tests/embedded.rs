@@ -243,3 +243,26 @@ async fn a_gateway_beyond_loopback_without_keys_refuses_to_start() {
     let err = moltbot_gateway::run(listener, &config, client, std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains("gateway.auth.api_keys") && err.contains("127.0.0.1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_user_has_a_rate_limit_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.gateway.rate_limit.requests_per_minute = 2;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    let as_user = |user: &'static str| [("x-user-id", user)];
+    for _ in 0..2 {
+        assert_eq!(http.call("GET", "/v1/models", &as_user("ann"), None).await.0, 200);
+    }
+    let response = http.client.get(format!("{}/v1/models", http.base)).header("x-user-id", "ann").send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry_after), "one request every 30 s: Retry-After {retry_after}");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    // Another user has their own budget; health checks have none.
+    assert_eq!(http.call("GET", "/v1/models", &as_user("ben"), None).await.0, 200);
+    assert_eq!(http.get("/health").await.0, 200);
+    moltbot.stop().await.unwrap();
+}

@@ -50,6 +50,17 @@ pub struct GatewayConfig {
     /// Seconds a request may take end to end before 504.
     pub request_timeout: u64,
     pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Requests per user (API key, or `X-User-Id` without auth) before 429.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained rate; 0 turns the limit off.
+    pub requests_per_minute: u32,
+    /// Requests allowed at once after a quiet spell; 0: as many as `requests_per_minute`.
+    pub burst: u32,
 }
 
 /// API keys for the gateway. Empty: auth is off, which the gateway allows only on a loopback address.
@@ -78,6 +89,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 1024 * 1024,
             request_timeout: 300,
             auth: AuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }

@@ -15,11 +15,13 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub param: Option<String>,
+    /// Seconds for `Retry-After` on 429 and 503 (1 when unset).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None }
+        Self { status, message: message.into(), param: None, retry_after: None }
     }
 
     pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
@@ -39,6 +41,14 @@ impl ApiError {
             StatusCode::UNAUTHORIZED,
             "missing or unknown API key: send `Authorization: Bearer <key>` with a key from gateway.auth.api_keys",
         )
+    }
+
+    pub fn rate_limited(wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs_f64().ceil() as u64;
+        Self {
+            retry_after: Some(seconds),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, format!("rate limit reached; retry in {seconds} s"))
+        }
     }
 
     pub fn overloaded() -> Self {
@@ -75,7 +85,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(self.retry_after.unwrap_or(1).max(1)));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

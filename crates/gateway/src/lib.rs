@@ -5,6 +5,7 @@
 mod auth;
 mod body;
 mod error;
+mod limits;
 mod native;
 mod openai;
 mod sessions;
@@ -55,6 +56,10 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
         .route("/v1/models", get(openai::models))
         .route("/api/sessions", post(sessions::create).get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update));
+    // Layers run outside in: auth (which names the user) before the rate limit (which counts per user).
+    if let Some(limit) = limits::RateLimit::new(&config.rate_limit) {
+        api = api.route_layer(axum::middleware::from_fn_with_state(limit, limits::limit));
+    }
     let keys = auth::Keys::new(&config.auth.api_keys);
     if !keys.is_empty() {
         api = api.route_layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
