@@ -266,3 +266,44 @@ async fn each_user_has_a_rate_limit_with_retry_after() {
     assert_eq!(http.get("/health").await.0, 200);
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_serves_deterministic_single_turns_and_never_across_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let (key_a, key_b) = ("alpha-0123456789abcdef", "bravo-0123456789abcdef");
+    config.gateway.auth.api_keys = vec![key_a.into(), key_b.into()];
+    config.gateway.cache_config.enabled = true;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    let (a, b) = (format!("Bearer {key_a}"), format!("Bearer {key_b}"));
+    let cache_of = |headers: &reqwest::header::HeaderMap| {
+        headers.get("x-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_else(|| "none".into())
+    };
+    let greedy = r#"{"messages":[{"role":"user","content":"Name a color."}],"temperature":0,"max_tokens":4}"#;
+
+    let (status, headers, first) = http.post("/v1/chat/completions", &[("authorization", &a)], greedy).await;
+    assert_eq!((status, cache_of(&headers).as_str()), (200, "MISS"), "{first}");
+    let (status, headers, again) = http.post("/v1/chat/completions", &[("authorization", &a)], greedy).await;
+    assert_eq!((status, cache_of(&headers).as_str()), (200, "HIT"));
+    assert_eq!(again, first, "a hit is the stored answer");
+    // Another key asks the same: its own miss, never A's entry.
+    let (_, headers, _) = http.post("/v1/chat/completions", &[("authorization", &b)], greedy).await;
+    assert_eq!(cache_of(&headers), "MISS");
+    // The native API is cached the same way.
+    let native = r#"{"message":"Name a color.","temperature":0,"max_tokens":4}"#;
+    assert_eq!(cache_of(&http.post("/api/chat", &[("authorization", &a)], native).await.1), "MISS");
+    assert_eq!(cache_of(&http.post("/api/chat", &[("authorization", &a)], native).await.1), "HIT");
+
+    // Never cached: sampled answers, streams, multi-turn.
+    let sampled = r#"{"messages":[{"role":"user","content":"Name a color."}],"temperature":0.8,"max_tokens":4}"#;
+    let streamed =
+        r#"{"messages":[{"role":"user","content":"Name a color."}],"temperature":0,"max_tokens":4,"stream":true}"#;
+    let multi = [("authorization", a.as_str()), ("x-dialogue-mode", "multi")];
+    for _ in 0..2 {
+        assert_eq!(cache_of(&http.post("/v1/chat/completions", &[("authorization", &a)], sampled).await.1), "none");
+        assert_eq!(cache_of(&http.post("/v1/chat/completions", &[("authorization", &a)], streamed).await.1), "none");
+        assert_eq!(cache_of(&http.post("/v1/chat/completions", &multi, greedy).await.1), "none");
+    }
+    moltbot.stop().await.unwrap();
+}

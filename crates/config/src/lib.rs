@@ -51,6 +51,26 @@ pub struct GatewayConfig {
     pub request_timeout: u64,
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
+    pub cache_config: CacheConfig,
+}
+
+/// The response cache (S11): answers to single-turn, deterministic requests are served again without the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Megabytes of cached response bodies.
+    pub max_size: u64,
+    /// Seconds an answer stays cached.
+    pub ttl: u64,
+    /// Request headers that are part of the cache key (the caller's user always is).
+    pub include_headers: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { enabled: false, max_size: 1024, ttl: 3600, include_headers: vec!["Authorization".into()] }
+    }
 }
 
 /// Requests per user (API key, or `X-User-Id` without auth) before 429.
@@ -90,6 +110,7 @@ impl Default for GatewayConfig {
             request_timeout: 300,
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            cache_config: CacheConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod auth;
 mod body;
+mod cache;
 mod error;
 mod limits;
 mod native;
@@ -50,13 +51,20 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
         slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         timeout: Duration::from_secs(config.request_timeout),
     };
-    let mut api = Router::new()
-        .route("/api/chat", post(native::chat))
-        .route("/v1/chat/completions", post(openai::chat_completions))
+    let mut api: Router<AppState> = Router::new()
         .route("/v1/models", get(openai::models))
         .route("/api/sessions", post(sessions::create).get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update));
-    // Layers run outside in: auth (which names the user) before the rate limit (which counts per user).
+    // Layers run outside in: auth (which names the user), the rate limit (which counts per user), the cache.
+    if let Some(cache) = cache::ResponseCache::new(&config.cache_config, config.max_body_bytes) {
+        let chat = Router::new()
+            .route("/api/chat", post(native::chat))
+            .route("/v1/chat/completions", post(openai::chat_completions))
+            .route_layer(axum::middleware::from_fn_with_state(cache, cache::serve));
+        api = api.merge(chat);
+    } else {
+        api = api.route("/api/chat", post(native::chat)).route("/v1/chat/completions", post(openai::chat_completions));
+    }
     if let Some(limit) = limits::RateLimit::new(&config.rate_limit) {
         api = api.route_layer(axum::middleware::from_fn_with_state(limit, limits::limit));
     }
