@@ -114,7 +114,34 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     model()?;
     require("redis-server")?;
     require("nats-server")?;
-    status(cargo().args(["test", "--workspace", "--all-targets"]).args(args))
+    let pythonpath = openai_client()?;
+    status(cargo().args(["test", "--workspace", "--all-targets"]).args(args).env("PYTHONPATH", pythonpath))
+}
+
+/// The official OpenAI Python client for the compatibility test, installed with pip into the cache (no
+/// virtualenv or system packages needed); returns the directory to put on PYTHONPATH.
+fn openai_client() -> anyhow::Result<PathBuf> {
+    let dir = moltbot_config::default_model_path()
+        .parent()
+        .and_then(Path::parent)
+        .context("the cache directory")?
+        .join("python");
+    let importable = Command::new("python3")
+        .args(["-c", "import openai"])
+        .env("PYTHONPATH", &dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !importable {
+        eprintln!("tests: installing the openai Python package into {}", dir.display());
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+                .arg(&dir)
+                .arg("openai"),
+        )
+        .context("pip could not install the openai package; check that python3 and pip work and PyPI is reachable")?;
+    }
+    Ok(dir)
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {

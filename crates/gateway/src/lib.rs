@@ -97,6 +97,12 @@ pub async fn run(
         );
     }
     tracing::info!(%addr, auth = !config.auth.api_keys.is_empty(), "gateway listening");
+    // Streamed tokens are small writes: Nagle's algorithm would hold each one back for a delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(config, dialogue)).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

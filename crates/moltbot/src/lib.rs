@@ -3,6 +3,7 @@
 //! of Redis. Internal gRPC servers listen on ephemeral loopback ports.
 
 pub mod bench;
+pub mod chat;
 
 use std::net::SocketAddr;
 

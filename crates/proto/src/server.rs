@@ -33,10 +33,17 @@ where
         .build_v1()
         .expect("the descriptor set compiled into this crate is valid");
     tracing::info!(service = S::NAME, addr = ?listener.local_addr().ok(), "gRPC server listening");
+    // Small request/response messages must not wait for Nagle's algorithm (40 ms against delayed ACKs).
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        if let Ok(stream) = &s {
+            let _ = stream.set_nodelay(true);
+        }
+        s
+    });
     Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
