@@ -198,6 +198,14 @@ async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost()
     cluster.stop().await;
 }
 
+/// Alice's first turn, which starts a session; returns its id.
+async fn alice_starts(cluster: &Cluster) -> String {
+    let headers = [("x-user-id", "alice"), ("x-dialogue-mode", "multi")];
+    let (status, _, first) = cluster.http.post("/api/chat", &headers, r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 200, "{first}");
+    first["session_id"].as_str().expect("a session id").to_owned()
+}
+
 /// One `/api/chat` turn of alice's in `session`; returns the status and body.
 async fn alice_says(cluster: &Cluster, session: &str, message: &str) -> (u16, serde_json::Value) {
     let headers = [("x-user-id", "alice"), ("x-session-id", session)];
@@ -209,16 +217,7 @@ async fn alice_says(cluster: &Cluster, session: &str, message: &str) -> (u16, se
 #[tokio::test]
 async fn a_session_lives_while_it_is_used_and_expires_when_idle() {
     let cluster = Cluster::start(1, |c| c.session_store.session_ttl = 2).await;
-    let (status, _, first) = cluster
-        .http
-        .post(
-            "/api/chat",
-            &[("x-user-id", "alice"), ("x-dialogue-mode", "multi")],
-            r#"{"message":"Hi","max_tokens":2}"#,
-        )
-        .await;
-    assert_eq!(status, 200, "{first}");
-    let session = first["session_id"].as_str().unwrap().to_owned();
+    let session = alice_starts(&cluster).await;
     // Two turns 1.2 s apart: together longer than the 2 s TTL, each within it, so the TTL slides.
     for message in ["Still here", "And again"] {
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -235,16 +234,7 @@ async fn a_session_lives_while_it_is_used_and_expires_when_idle() {
 #[tokio::test]
 async fn sessions_survive_a_redis_crash_with_aof() {
     let mut cluster = Cluster::start(1, |_| {}).await;
-    let (status, _, first) = cluster
-        .http
-        .post(
-            "/api/chat",
-            &[("x-user-id", "alice"), ("x-dialogue-mode", "multi")],
-            r#"{"message":"Hi","max_tokens":2}"#,
-        )
-        .await;
-    assert_eq!(status, 200, "{first}");
-    let session = first["session_id"].as_str().unwrap().to_owned();
+    let session = alice_starts(&cluster).await;
     assert_eq!(alice_says(&cluster, &session, "Second").await.0, 200);
 
     cluster.redis.crash_and_restart();

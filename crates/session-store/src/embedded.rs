@@ -121,29 +121,25 @@ impl EmbeddedBackend {
     }
 
     pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
-        let (id, user_id) = (id.to_owned(), user_id.to_owned());
-        self.blocking(move |db, ttl| {
-            // redb runs one write transaction at a time: concurrent appends serialize here.
-            let tx = db.begin_write().map_err(storage)?;
-            let record = {
-                let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
-                let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
-                let mut record = owned(live(current), &id, &user_id)?;
-                let now = now_ms();
-                record.messages.extend(messages);
-                record.message_count = record.messages.len() as u32;
-                record.updated_at_ms = now;
-                record.expires_at_ms = now + ttl_of(&record.settings, ttl);
-                sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
-                record
-            };
-            tx.commit().map_err(storage)?;
-            Ok(record)
+        self.modify(id, user_id, move |record| {
+            record.messages.extend(messages);
+            record.message_count = record.messages.len() as u32;
         })
         .await
     }
 
     pub async fn update(&self, id: &str, user_id: &str, patch: SessionPatch) -> Result<SessionRecord> {
+        self.modify(id, user_id, move |record| record.settings.apply(patch)).await
+    }
+
+    /// Changes the user's live session with `change` in one write transaction and restarts its lifetime.
+    /// redb runs one write transaction at a time, so concurrent changes to a session serialize here.
+    async fn modify(
+        &self,
+        id: &str,
+        user_id: &str,
+        change: impl FnOnce(&mut SessionRecord) + Send + 'static,
+    ) -> Result<SessionRecord> {
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
         self.blocking(move |db, ttl| {
             let tx = db.begin_write().map_err(storage)?;
@@ -151,7 +147,7 @@ impl EmbeddedBackend {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
                 let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
                 let mut record = owned(live(current), &id, &user_id)?;
-                record.settings.apply(patch);
+                change(&mut record);
                 let now = now_ms();
                 record.updated_at_ms = now;
                 record.expires_at_ms = now + ttl_of(&record.settings, ttl);
