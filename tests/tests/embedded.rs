@@ -307,3 +307,19 @@ async fn the_response_cache_serves_deterministic_single_turns_and_never_across_k
     }
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_a_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.model_provider.max_tokens = 2000;
+    config.gateway.request_timeout = 1;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    // Greedy counting to 1000 takes far longer than the 1 s deadline.
+    let body = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0}"#;
+    let (status, _, error) = http.post("/api/chat", &[], body).await;
+    assert_eq!(status, 504, "{error}");
+    assert_eq!(error["error"]["type"], "timeout_error", "{error}");
+    moltbot.stop().await.unwrap();
+}
