@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns> [bench args] | conformance session-store <endpoint>>"
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway> [bench args] | conformance session-store <endpoint>>"
             );
             std::process::exit(2);
         }
@@ -152,6 +152,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// `bench engine [args]`: the engine alone; `bench http [--url URL] [args]`: a running gateway
 /// (default http://127.0.0.1:8000); `bench sessions [--sessions-redis URL]`: SessionStore gRPC ops/s on a Redis
 /// (default redis://127.0.0.1:6379); `bench turns [--url URL]`: what a session adds to a turn's latency;
+/// `bench gateway`: what the gateway adds to a request (MoltBot started in-process);
 /// `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     model()?;
@@ -170,6 +171,10 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             if !args.iter().any(|a| a == "--sessions-redis") {
                 forwarded.extend(["--sessions-redis".into(), "redis://127.0.0.1:6379".into()]);
             }
+            forwarded.extend(args[1..].iter().cloned());
+        }
+        Some("gateway") => {
+            forwarded.extend(["--http-only".into(), "--gateway-overhead".into(), "200".into()]);
             forwarded.extend(args[1..].iter().cloned());
         }
         Some("turns") => {

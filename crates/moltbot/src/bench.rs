@@ -25,6 +25,10 @@ pub struct Args {
     /// Also measure SessionStore gRPC operations/s through an in-process session-store on this Redis.
     #[arg(long)]
     sessions_redis: Option<String>,
+    /// Start MoltBot in this process and time this many requests through the gateway and straight to the
+    /// dialogue-manager (gRPC): what the gateway adds.
+    #[arg(long)]
+    gateway_overhead: Option<usize>,
     /// With --url: time this many single-turn and multi-turn turns one after the other and print what the session
     /// (lock, read, save) adds to a turn.
     #[arg(long)]
@@ -45,6 +49,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         } else {
             http(url, &args).await?;
         }
+    }
+    if let Some(n) = args.gateway_overhead {
+        gateway_overhead(n).await?;
     }
     if let Some(redis) = &args.sessions_redis {
         session_store(redis, args.concurrency).await?;
@@ -120,6 +127,67 @@ async fn session_store(redis_url: &str, concurrency: usize) -> anyhow::Result<()
     stop.cancel();
     server.await??;
     Ok(())
+}
+
+/// Sequential requests through the gateway and straight to the dialogue-manager: `ListModels` (no model work:
+/// HTTP, JSON and the extra hop only) and a one-token single-turn chat.
+async fn gateway_overhead(n: usize) -> anyhow::Result<()> {
+    use moltbot_proto::dialogue::v1::{ChatRequest, DialogueMode, ListModelsRequest, dialogue_client::DialogueClient};
+    let dir = std::env::temp_dir().join(format!("moltbot-bench-{}", std::process::id()));
+    let mut config = moltbot_config::Config::default();
+    config.session_store.session_store_type = moltbot_config::SessionStoreType::Memory;
+    config.session_store.path = dir.join("unused.redb");
+    let moltbot = crate::start(config, tokio::net::TcpListener::bind("127.0.0.1:0").await?).await?;
+    let url = format!("http://{}", moltbot.gateway_addr);
+    let http = reqwest::Client::new();
+    let mut dm = DialogueClient::connect(moltbot.dialogue_url.clone()).await?;
+    let chat_body = serde_json::json!({ "message": "Hi", "max_tokens": 1, "temperature": 0 });
+    let chat_request = || ChatRequest {
+        mode: DialogueMode::Single.into(),
+        messages: vec![moltbot_proto::common::v1::ChatMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+            ..Default::default()
+        }],
+        sampling: Some(moltbot_proto::common::v1::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (mut via_gateway, mut direct, mut chat_gateway, mut chat_direct) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..n.max(1) {
+        let t = Instant::now();
+        http.get(format!("{url}/v1/models")).send().await?.error_for_status()?.bytes().await?;
+        via_gateway.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        dm.list_models(ListModelsRequest {}).await?;
+        direct.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        http.post(format!("{url}/api/chat")).json(&chat_body).send().await?.error_for_status()?.bytes().await?;
+        chat_gateway.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut stream = dm.chat(chat_request()).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        chat_direct.push(t.elapsed().as_secs_f64());
+    }
+    for v in [&mut via_gateway, &mut direct, &mut chat_gateway, &mut chat_direct] {
+        v.sort_by(f64::total_cmp);
+    }
+    let ms = |v: &[f64], q| quantile(v, q) * 1e3;
+    for (what, gw, dm) in [("list models", &via_gateway, &direct), ("one-token chat", &chat_gateway, &chat_direct)] {
+        println!(
+            "gateway overhead, {what} ({n} sequential): through the gateway p50 {:.2} ms p99 {:.2} ms; dialogue-manager direct p50 {:.2} ms p99 {:.2} ms; the gateway adds p50 {:.2} ms, p99 {:.2} ms",
+            ms(gw, 0.5),
+            ms(gw, 0.99),
+            ms(dm, 0.5),
+            ms(dm, 0.99),
+            ms(gw, 0.5) - ms(dm, 0.5),
+            ms(gw, 0.99) - ms(dm, 0.99)
+        );
+    }
+    moltbot.stop().await
 }
 
 /// Sequential turns with the same one-message prompt and a one-token answer: single-turn, then multi-turn in a

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 /// A running embedded MoltBot.
 pub struct Embedded {
     pub gateway_addr: SocketAddr,
+    /// The in-process dialogue-manager's gRPC address (loopback, ephemeral port).
+    pub dialogue_url: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -73,8 +75,9 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
 
     let gateway_addr = gateway.local_addr()?;
     let client = moltbot_gateway::dialogue_client(&dialogue_url)?;
+    let dm_url = dialogue_url.clone();
     let gateway_config = config.gateway.clone();
     let stop = stopped(&shutdown);
     tasks.push(tokio::spawn(async move { moltbot_gateway::run(gateway, &gateway_config, client, stop).await }));
-    Ok(Embedded { gateway_addr, shutdown, tasks })
+    Ok(Embedded { gateway_addr, dialogue_url: dm_url, shutdown, tasks })
 }
