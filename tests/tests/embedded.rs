@@ -323,3 +323,34 @@ async fn a_request_past_its_deadline_is_a_504() {
     assert_eq!(error["error"]["type"], "timeout_error", "{error}");
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_gateway_answers_429_and_a_non_json_body_415() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.gateway.max_concurrent_requests = 1;
+    config.model_provider.max_tokens = 2000;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    // A long streamed answer holds the only slot while it runs.
+    let long = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0,"stream":true}"#;
+    let mut busy = http.stream("/api/chat", long).await;
+    assert_eq!(busy.status(), 200);
+    busy.chunk().await.unwrap().expect("the stream has begun");
+    let (status, headers, body) = http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    drop(busy);
+
+    let response = http
+        .client
+        .post(format!("{}/api/chat", http.base))
+        .header("content-type", "text/plain")
+        .body("Hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    moltbot.stop().await.unwrap();
+}
