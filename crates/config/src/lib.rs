@@ -212,7 +212,7 @@ impl Default for InferenceWorkerConfig {
             listen: ([127, 0, 0, 1], 50053).into(),
             worker_id: String::new(),
             max_batch_size: 16,
-            max_batch_tokens: 512,
+            max_batch_tokens: 1024,
             kv_cache_mib: 1024,
             max_waiting: 256,
             threads: 0,

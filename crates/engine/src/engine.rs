@@ -94,7 +94,7 @@ impl EngineConfig {
             device: DeviceChoice::default(),
             max_context: None,
             max_batch_size: 16,
-            max_batch_tokens: 512,
+            max_batch_tokens: 1024,
             threads: None,
             kv_cache: KvBudget::Bytes(1 << 30),
             max_waiting: 1024,

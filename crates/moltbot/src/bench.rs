@@ -22,6 +22,9 @@ pub struct Args {
     /// Skip the engine measurements.
     #[arg(long)]
     http_only: bool,
+    /// Runs of each engine measurement; the median is printed (the machines are shared and noisy).
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
     /// Also measure SessionStore gRPC operations/s through an in-process session-store on this Redis.
     #[arg(long)]
     sessions_redis: Option<String>,
@@ -230,58 +233,73 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     let engine =
         Engine::load(EngineConfig { max_batch_size: args.concurrency.max(16), ..EngineConfig::new(model_path) })?;
     engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?.collect().await?;
+    let repeat = args.repeat.max(1);
+    println!("engine figures are medians of {repeat} runs each (--repeat)");
 
     // Prompt processing: time to the first token of a prompt of exactly n tokens.
     let words = "the quick brown fox jumps over the lazy dog while a bird sings ".repeat(80);
     let ids = engine.tokenizer().encode(&words)?;
     for n in [64, 512] {
         let prompt = engine.tokenizer().decode(&ids[..n], false)?;
-        let start = Instant::now();
-        let mut g = engine.submit(GenerationRequest { prompt: Prompt::Text(prompt), sampling: greedy(1) })?;
-        let prompt_tokens = g.prompt_tokens;
-        while let Some(event) = g.next().await {
-            if matches!(event, GenerationEvent::Finished { .. } | GenerationEvent::Failed(_)) {
-                break;
+        let mut rates = vec![];
+        let mut prompt_tokens = 0;
+        for _ in 0..repeat {
+            let start = Instant::now();
+            let mut g =
+                engine.submit(GenerationRequest { prompt: Prompt::Text(prompt.clone()), sampling: greedy(1) })?;
+            prompt_tokens = g.prompt_tokens;
+            while let Some(event) = g.next().await {
+                if matches!(event, GenerationEvent::Finished { .. } | GenerationEvent::Failed(_)) {
+                    break;
+                }
             }
+            rates.push(f64::from(prompt_tokens) / start.elapsed().as_secs_f64());
         }
-        let secs = start.elapsed().as_secs_f64();
+        rates.sort_by(f64::total_cmp);
         println!(
-            "engine prompt processing, {prompt_tokens} tokens: {secs:.3} s = {:.1} tok/s",
-            f64::from(prompt_tokens) / secs
+            "engine prompt processing, {prompt_tokens} tokens: {:.1} tok/s (runs from {:.1} to {:.1})",
+            quantile(&rates, 0.5),
+            rates[0],
+            rates[rates.len() - 1]
         );
     }
 
     // Decode: n sequences together, short prompts, `tokens` each; time from the first token to the last.
     for n in [1, 4, args.concurrency] {
-        let runs: Vec<_> = (0..n)
-            .map(|i| {
-                let r = GenerationRequest {
-                    prompt: Prompt::Text(format!("Story number {i}:")),
-                    sampling: greedy(args.tokens),
-                };
-                engine.submit(r)
-            })
-            .collect::<Result<_, _>>()?;
-        let start = Instant::now();
-        let mut first = None;
-        let mut tokens = 0u32;
-        for mut g in runs {
-            while let Some(event) = g.next().await {
-                match event {
-                    GenerationEvent::Token { id: Some(_), .. } => {
-                        first.get_or_insert_with(Instant::now);
-                        tokens += 1;
+        let mut rates = vec![];
+        for _ in 0..repeat {
+            let runs: Vec<_> = (0..n)
+                .map(|i| {
+                    let r = GenerationRequest {
+                        prompt: Prompt::Text(format!("Story number {i}:")),
+                        sampling: greedy(args.tokens),
+                    };
+                    engine.submit(r)
+                })
+                .collect::<Result<_, _>>()?;
+            let mut first = None;
+            let mut tokens = 0u32;
+            for mut g in runs {
+                while let Some(event) = g.next().await {
+                    match event {
+                        GenerationEvent::Token { id: Some(_), .. } => {
+                            first.get_or_insert_with(Instant::now);
+                            tokens += 1;
+                        }
+                        GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
+                        GenerationEvent::Token { .. } => {}
                     }
-                    GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
-                    GenerationEvent::Token { .. } => {}
                 }
             }
+            let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-9);
+            rates.push(f64::from(tokens.saturating_sub(n as u32)) / secs);
         }
-        let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-9);
-        let ttft = first.map_or(0.0, |f| (f - start).as_secs_f64());
+        rates.sort_by(f64::total_cmp);
         println!(
-            "engine decode, {n} sequences: {tokens} tokens, {:.1} tok/s aggregate; first token after {ttft:.3} s",
-            f64::from(tokens.saturating_sub(n as u32)) / secs
+            "engine decode, {n} sequences: {:.1} tok/s aggregate (runs from {:.1} to {:.1})",
+            quantile(&rates, 0.5),
+            rates[0],
+            rates[rates.len() - 1]
         );
     }
     ttft_under_load(&engine, &ids[..64], args).await?;
