@@ -354,3 +354,28 @@ async fn a_full_gateway_answers_429_and_a_non_json_body_415() {
     assert_eq!(response.status(), 415);
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_that_waits_too_long_for_its_session_is_a_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.model_provider.max_tokens = 2000;
+    config.dialogue_manager.session_lock_wait = 1;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let http = Http::new(moltbot.gateway_addr);
+    let (status, session) = http.call("POST", "/api/sessions", &[], None).await;
+    assert_eq!(status, 201);
+    let id = session["id"].as_str().unwrap();
+    // A long streamed turn holds the session's lock while it runs.
+    let long = format!(
+        r#"{{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0,"stream":true,"session_id":"{id}"}}"#
+    );
+    let mut busy = http.stream("/api/chat", &long).await;
+    assert_eq!(busy.status(), 200);
+    busy.chunk().await.unwrap().expect("the stream has begun");
+    let (status, _, body) = http.post("/api/chat", &[("x-session-id", id)], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["type"], "conflict_error", "{body}");
+    drop(busy);
+    moltbot.stop().await.unwrap();
+}
