@@ -308,17 +308,40 @@ async fn the_response_cache_serves_deterministic_single_turns_and_never_across_k
     moltbot.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_past_its_deadline_is_a_504() {
+/// MoltBot answering up to 2000 tokens, with `configure` applied; greedy counting to 1000 (`counting`) runs
+/// far longer than these tests wait.
+async fn long_answers(
+    configure: impl FnOnce(&mut moltbot_config::Config),
+) -> (moltbot::Embedded, Http, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.model_provider.max_tokens = 2000;
-    config.gateway.request_timeout = 1;
+    configure(&mut config);
     let moltbot = moltbot::start(config, listener().await).await.unwrap();
     let http = Http::new(moltbot.gateway_addr);
-    // Greedy counting to 1000 takes far longer than the 1 s deadline.
-    let body = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0}"#;
-    let (status, _, error) = http.post("/api/chat", &[], body).await;
+    (moltbot, http, dir)
+}
+
+/// A request for the long greedy count, with `extra` JSON fields (e.g. `,"stream":true`).
+fn counting(extra: &str) -> String {
+    format!(
+        r#"{{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0{extra}}}"#
+    )
+}
+
+/// Starts a streamed counting answer and returns once its first bytes arrived; it holds its slot and its
+/// session's lock until dropped.
+async fn busy_stream(http: &Http, extra: &str) -> reqwest::Response {
+    let mut busy = http.stream("/api/chat", &counting(&format!(r#","stream":true{extra}"#))).await;
+    assert_eq!(busy.status(), 200);
+    busy.chunk().await.unwrap().expect("the stream has begun");
+    busy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_a_504() {
+    let (moltbot, http, _dir) = long_answers(|c| c.gateway.request_timeout = 1).await;
+    let (status, _, error) = http.post("/api/chat", &[], &counting("")).await;
     assert_eq!(status, 504, "{error}");
     assert_eq!(error["error"]["type"], "timeout_error", "{error}");
     moltbot.stop().await.unwrap();
@@ -326,17 +349,9 @@ async fn a_request_past_its_deadline_is_a_504() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_gateway_answers_429_and_a_non_json_body_415() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.gateway.max_concurrent_requests = 1;
-    config.model_provider.max_tokens = 2000;
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
-    let http = Http::new(moltbot.gateway_addr);
+    let (moltbot, http, _dir) = long_answers(|c| c.gateway.max_concurrent_requests = 1).await;
     // A long streamed answer holds the only slot while it runs.
-    let long = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0,"stream":true}"#;
-    let mut busy = http.stream("/api/chat", long).await;
-    assert_eq!(busy.status(), 200);
-    busy.chunk().await.unwrap().expect("the stream has begun");
+    let busy = busy_stream(&http, "").await;
     let (status, headers, body) = http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(headers.get("retry-after").unwrap(), "1");
@@ -357,22 +372,12 @@ async fn a_full_gateway_answers_429_and_a_non_json_body_415() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_that_waits_too_long_for_its_session_is_a_409() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.model_provider.max_tokens = 2000;
-    config.dialogue_manager.session_lock_wait = 1;
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
-    let http = Http::new(moltbot.gateway_addr);
+    let (moltbot, http, _dir) = long_answers(|c| c.dialogue_manager.session_lock_wait = 1).await;
     let (status, session) = http.call("POST", "/api/sessions", &[], None).await;
     assert_eq!(status, 201);
     let id = session["id"].as_str().unwrap();
     // A long streamed turn holds the session's lock while it runs.
-    let long = format!(
-        r#"{{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0,"stream":true,"session_id":"{id}"}}"#
-    );
-    let mut busy = http.stream("/api/chat", &long).await;
-    assert_eq!(busy.status(), 200);
-    busy.chunk().await.unwrap().expect("the stream has begun");
+    let busy = busy_stream(&http, &format!(r#","session_id":"{id}""#)).await;
     let (status, _, body) = http.post("/api/chat", &[("x-session-id", id)], r#"{"message":"Hi","max_tokens":2}"#).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["type"], "conflict_error", "{body}");

@@ -417,12 +417,23 @@ struct Active {
     tokens: Vec<u32>,
     cache: KvCache,
     prompt_tokens: usize,
-    generated: usize,
     max_new: usize,
     /// Arrival order: older sequences are scheduled first and preempted last.
     arrival: u64,
     /// Still counted against `max_waiting` (never admitted yet).
     queued: bool,
+}
+
+impl Active {
+    /// Tokens sampled so far.
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_tokens
+    }
+
+    /// Tokens not in the KV cache yet: one while decoding, more for a prompt or a recomputation.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
 }
 
 struct Compute {
@@ -505,7 +516,6 @@ impl Compute {
             tokens,
             cache: KvCache::new(),
             prompt_tokens,
-            generated: 0,
             arrival: self.arrivals,
             queued: true,
         }
@@ -526,7 +536,7 @@ impl Compute {
     fn grow(&mut self, running: &mut Vec<Active>, waiting: &mut VecDeque<Active>) {
         let mut i = 0;
         while i < running.len() {
-            let pending = running[i].tokens.len() - running[i].cache.len();
+            let pending = running[i].pending();
             if running[i].cache.reserve(&mut self.pool, pending) {
                 i += 1;
                 continue;
@@ -544,11 +554,10 @@ impl Compute {
         // Generating sequences first (one token each), then prompt chunks in arrival order.
         let mut budget = self.max_batch_tokens;
         let mut order: Vec<usize> = (0..running.len()).collect();
-        order.sort_by_key(|&i| running[i].tokens.len() - running[i].cache.len() > 1);
+        order.sort_by_key(|&i| running[i].pending() > 1);
         let mut take = vec![0usize; running.len()];
         for &i in &order {
-            let pending = running[i].tokens.len() - running[i].cache.len();
-            take[i] = pending.min(budget);
+            take[i] = running[i].pending().min(budget);
             budget -= take[i];
         }
         let mut fed = vec![];
@@ -580,7 +589,7 @@ impl Compute {
         for (i, reason) in finished.into_iter().rev() {
             let mut a = running.swap_remove(i);
             self.retire(&mut a);
-            let usage = Usage { prompt_tokens: a.prompt_tokens as u32, completion_tokens: a.generated as u32 };
+            let usage = Usage { prompt_tokens: a.prompt_tokens as u32, completion_tokens: a.generated() as u32 };
             let rest = a.stops.flush_owned();
             if !rest.is_empty() {
                 let _ = a.events.send(GenerationEvent::Token { text: rest, id: None });
@@ -596,7 +605,6 @@ impl Compute {
         if self.eos.contains(&next) {
             return Ok(Some(FinishReason::Stop));
         }
-        a.generated += 1;
         a.tokens.push(next);
         let (text, hit) = a.stops.push(&a.detok.push(&self.tokenizer, next)?);
         if a.events.send(GenerationEvent::Token { text, id: Some(next) }).is_err() {
@@ -605,6 +613,6 @@ impl Compute {
         if hit {
             return Ok(Some(FinishReason::Stop));
         }
-        Ok((a.generated >= a.max_new).then_some(FinishReason::Length))
+        Ok((a.generated() >= a.max_new).then_some(FinishReason::Length))
     }
 }

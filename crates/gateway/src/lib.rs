@@ -56,15 +56,13 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
         .route("/api/sessions", post(sessions::create).get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update));
     // Layers run outside in: auth (which names the user), the rate limit (which counts per user), the cache.
+    let mut chat: Router<AppState> = Router::new()
+        .route("/api/chat", post(native::chat))
+        .route("/v1/chat/completions", post(openai::chat_completions));
     if let Some(cache) = cache::ResponseCache::new(&config.cache_config, config.max_body_bytes) {
-        let chat = Router::new()
-            .route("/api/chat", post(native::chat))
-            .route("/v1/chat/completions", post(openai::chat_completions))
-            .route_layer(axum::middleware::from_fn_with_state(cache, cache::serve));
-        api = api.merge(chat);
-    } else {
-        api = api.route("/api/chat", post(native::chat)).route("/v1/chat/completions", post(openai::chat_completions));
+        chat = chat.route_layer(axum::middleware::from_fn_with_state(cache, cache::serve));
     }
+    api = api.merge(chat);
     if let Some(limit) = limits::RateLimit::new(&config.rate_limit) {
         api = api.route_layer(axum::middleware::from_fn_with_state(limit, limits::limit));
     }

@@ -89,12 +89,13 @@ pub async fn drive(
         let _ = out.send(error(INVALID_ARGUMENT, message)).await;
         return false;
     }
+    // Stored history already carries its counts; only new messages are tokenized here.
+    let count = |m: &moltbot_proto::common::v1::ChatMessage| match m.tokens {
+        0 => worker.engine.tokenizer().encode(&m.content).map_or(0, |t| t.len() as u32),
+        known => known,
+    };
     let message_tokens: Vec<u32> = match &request.input {
-        Some(Input::Chat(chat)) => chat
-            .messages
-            .iter()
-            .map(|m| worker.engine.tokenizer().encode(&m.content).map_or(0, |t| t.len() as u32))
-            .collect(),
+        Some(Input::Chat(chat)) => chat.messages.iter().map(count).collect(),
         _ => vec![],
     };
     let submitted = engine_request(request, worker.max_tokens)

@@ -100,6 +100,11 @@ impl Backend {
     }
 
     /// The user's live sessions, most recently updated first, without their messages.
+    /// The session without its messages; `NotFound` as for `get`.
+    pub async fn meta(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        dispatch!(self, b => b.meta(id, user_id).await)
+    }
+
     pub async fn list(&self, user_id: &str, offset: usize, limit: usize) -> Result<Vec<SessionRecord>> {
         dispatch!(self, b => b.list(user_id, offset, limit).await)
     }

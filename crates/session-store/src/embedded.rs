@@ -98,6 +98,13 @@ impl EmbeddedBackend {
         .await
     }
 
+    /// One JSON record holds a session and its messages, so this decodes it whole and drops the messages.
+    pub async fn meta(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+        let mut record = self.get(id, user_id).await?;
+        record.messages.clear();
+        Ok(record)
+    }
+
     pub async fn list(&self, user_id: &str, offset: usize, limit: usize) -> Result<Vec<SessionRecord>> {
         let user_id = user_id.to_owned();
         self.blocking(move |db, _| {

@@ -133,7 +133,7 @@ impl RedisBackend {
     }
 
     /// The session without its messages; `NotFound` when missing or not the user's.
-    async fn meta(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
+    pub async fn meta(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
         let mut conn = self.conn().await?;
         let (hash, count, pttl): (HashMap<String, String>, u32, i64) = deadpool_redis::redis::pipe()
             .hgetall(self.session_key(id))

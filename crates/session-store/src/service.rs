@@ -66,6 +66,11 @@ fn check_id(what: &str, id: &str) -> Result<(), Error> {
     }
 }
 
+/// An id that could never have been created names no session: NOT_FOUND, like a missing one.
+fn existing_id(id: &str) -> Result<(), Error> {
+    check_id("session_id", id).map_err(|_| Error::NotFound(id.to_owned()))
+}
+
 fn to_proto(r: SessionRecord) -> Session {
     Session {
         id: r.id,
@@ -103,7 +108,7 @@ impl SessionStore for SessionStoreService {
 
     async fn update_session(&self, request: Request<UpdateSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
-        check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
+        existing_id(&r.session_id)?;
         check_settings(r.set_metadata.then_some(&r.metadata), r.system_prompt.as_deref(), r.ttl_seconds)?;
         let patch = SessionPatch {
             metadata: r.set_metadata.then(|| r.metadata.into_iter().collect()),
@@ -115,7 +120,7 @@ impl SessionStore for SessionStoreService {
 
     async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
-        check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
+        existing_id(&r.session_id)?;
         let mut record = self.backend.get(&r.session_id, &r.user_id).await?;
         if r.message_offset > 0 || r.message_limit > 0 {
             let limit = if r.message_limit == 0 { usize::MAX } else { r.message_limit as usize };
@@ -138,7 +143,7 @@ impl SessionStore for SessionStoreService {
 
     async fn append_messages(&self, request: Request<AppendMessagesRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
-        check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
+        existing_id(&r.session_id)?;
         if r.messages.is_empty() {
             return Err(Error::InvalidArgument("messages must not be empty".into()).into());
         }
@@ -180,9 +185,9 @@ impl SessionStore for SessionStoreService {
         request: Request<LockSessionRequest>,
     ) -> Result<Response<LockSessionResponse>, Status> {
         let r = request.into_inner();
-        check_id("session_id", &r.session_id).map_err(|_| Error::NotFound(r.session_id.clone()))?;
-        // Only the owner of a live session may take its lock.
-        self.backend.get(&r.session_id, &r.user_id).await?;
+        existing_id(&r.session_id)?;
+        // Only the owner of a live session may take its lock; its messages are not needed for that.
+        self.backend.meta(&r.session_id, &r.user_id).await?;
         let token = new_id();
         let lease_ms = if r.lease_ms == 0 { 60_000 } else { r.lease_ms.min(3_600_000) };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(r.wait_ms.min(600_000));
