@@ -60,7 +60,10 @@ impl Drop for Server {
 
 fn start(program: &str, args: &[String]) -> Child {
     Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
-        panic!("cannot start {program} ({e}); install it: apt-get install -y redis-server nats-server")
+        panic!(
+            "cannot start {program} ({e}); install it: \
+             apt-get install -y redis-server nats-server chromium chromium-driver (.ci/run does)"
+        )
     })
 }
 
@@ -169,6 +172,58 @@ impl Server {
 
     pub fn nats_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A headless Chromium driven over WebDriver (`chromedriver` on a free port). Call `close` at the end of a
+/// test: it ends the browser; dropping only kills the driver.
+pub struct Browser {
+    pub page: fantoccini::Client,
+    _driver: Server,
+}
+
+impl Browser {
+    pub async fn start() -> Self {
+        let driver = spawn(
+            "chromedriver",
+            |port, _| vec![format!("--port={port}")],
+            |stream, _| {
+                use std::io::Write;
+                let status = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+                stream.write_all(status).is_ok() && reply_contains(stream, "ChromeDriver ready")
+            },
+        );
+        let mut capabilities = serde_json::Map::new();
+        let args =
+            ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"];
+        capabilities.insert("goog:chromeOptions".into(), serde_json::json!({ "args": args }));
+        let page = fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", driver.port))
+            .await
+            .unwrap_or_else(|e| panic!("chromedriver could not start chromium ({e}); apt-get install -y chromium"));
+        Self { page, _driver: driver }
+    }
+
+    /// Runs `script` (a function body) in the page every 50 ms until it returns something other than null,
+    /// false or undefined, and returns that; panics after `secs` seconds with `what` and what the page shows.
+    pub async fn until(&self, secs: u64, what: &str, script: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let value = self.page.execute(script, vec![]).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+            if !matches!(value, Value::Null | Value::Bool(false)) {
+                return value;
+            }
+            if Instant::now() > deadline {
+                let shown = self.page.execute("return document.body.innerText", vec![]).await.ok();
+                panic!("{what}: not within {secs} s; the page shows {shown:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn close(self) {
+        self.page.close().await.expect("the browser closes");
     }
 }
 

@@ -102,15 +102,20 @@ async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_disconnects_cancels_its_generation() {
+async fn a_client_that_disconnects_cancels_its_generation_and_its_session_keeps_what_it_saw() {
     let cluster = Cluster::start(1, |c| c.model_provider.max_tokens = 3000).await;
+    let (status, session) = cluster.http.call("POST", "/api/sessions", &[], None).await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap();
     // Greedy counting runs far longer than this test waits: only a cancel can end the job early.
-    let body = r#"{"messages":[{"role":"user","content":"Count from 1 to 1000, separated by commas."}],"max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}"#;
-    let mut response = cluster.http.stream("/v1/chat/completions", body).await;
+    let body = format!(
+        r#"{{"session_id":"{id}","message":"Count from 1 to 1000, separated by commas.","max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}}"#
+    );
+    let mut response = cluster.http.stream("/api/chat", &body).await;
     assert_eq!(response.status(), 200);
     // Read a few tokens, then hang up.
     let mut seen = String::new();
-    while seen.matches("\"content\":\"").count() < 4 {
+    while seen.matches("event: delta").count() < 4 {
         seen.push_str(&String::from_utf8_lossy(&response.chunk().await.unwrap().expect("more of the stream")));
     }
     drop(response);
@@ -129,6 +134,23 @@ async fn a_client_that_disconnects_cancels_its_generation() {
     );
     assert_eq!(info[0].kv_blocks_free, info[0].kv_blocks_total, "the cancelled sequence's KV blocks are freed");
     assert_eq!((info[0].running, info[0].waiting), (0, 0));
+
+    // The stopped turn stays in the session: the question and the answer as far as it was streamed.
+    let (status, session) = cluster.http.get(&format!("/api/sessions/{id}")).await;
+    assert_eq!(status, 200, "{session}");
+    let messages = session["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{session}");
+    assert_eq!(messages[0]["content"], "Count from 1 to 1000, separated by commas.");
+    let answer = messages[1]["content"].as_str().unwrap();
+    let streamed: String = moltbot_tests::sse_data(&seen)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok()?["text"].as_str().map(str::to_owned))
+        .collect();
+    assert!(answer.starts_with(&streamed) && answer.len() < 3000, "saw {streamed:?}, kept {answer:?}");
+    // Its lock is gone: the session takes the next turn at once.
+    let next = format!(r#"{{"session_id":"{id}","message":"Stop.","max_tokens":2}}"#);
+    let (status, _, answer) = cluster.http.post("/api/chat", &[], &next).await;
+    assert_eq!(status, 200, "{answer}");
     cluster.stop().await;
 }
 

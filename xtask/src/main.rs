@@ -102,18 +102,24 @@ fn sha256(path: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn require(program: &str) -> anyhow::Result<()> {
+/// Fails with the install command when `program` (from Debian's `package`) is missing.
+fn require(program: &str, package: &str) -> anyhow::Result<()> {
     let found = Command::new(program).arg("--version").output().is_ok();
     if !found {
-        bail!("{program} is not installed; install it with `apt-get install -y redis-server nats-server`");
+        bail!(
+            "{program} is not installed; install it with `apt-get install -y {package}` (the suite needs \
+             redis-server nats-server chromium chromium-driver)"
+        );
     }
     Ok(())
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     model()?;
-    require("redis-server")?;
-    require("nats-server")?;
+    require("redis-server", "redis-server")?;
+    require("nats-server", "nats-server")?;
+    require("chromium", "chromium")?;
+    require("chromedriver", "chromium-driver")?;
     let pythonpath = openai_client()?;
     status(cargo().args(["test", "--workspace", "--all-targets"]).args(args).env("PYTHONPATH", pythonpath))
 }
@@ -203,8 +209,10 @@ impl Drop for Children {
 
 fn dev() -> anyhow::Result<()> {
     model()?;
-    require("redis-server")?;
-    require("nats-server")?;
+    require("redis-server", "redis-server")?;
+    require("nats-server", "nats-server")?;
+    require("chromium", "chromium")?;
+    require("chromedriver", "chromium-driver")?;
     // The dev profile optimizes dependencies and the engine, and shares artifacts with `cargo xtask test`.
     status(cargo().args(["build", "--bins"]))?;
     let state = root().join(".moltbot-dev");

@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Seconds a request may take end to end before 504.
     pub request_timeout: u64,
+    /// Serve the chat page at `/` (the API is there either way).
+    pub web_ui: bool,
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub cache_config: CacheConfig,
@@ -108,6 +110,7 @@ impl Default for GatewayConfig {
             max_concurrent_requests: 64,
             max_body_bytes: 1024 * 1024,
             request_timeout: 300,
+            web_ui: true,
             auth: AuthConfig::default(),
             rate_limit: RateLimitConfig::default(),
             cache_config: CacheConfig::default(),

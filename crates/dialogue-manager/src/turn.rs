@@ -236,10 +236,18 @@ impl Turn {
                         );
                     }
                     Some(Event::Token(t)) => {
-                        if !t.text.is_empty() {
-                            text.push_str(&t.text);
-                            send(chat_event::Event::Delta(Delta { text: t.text })).await?;
+                        if t.text.is_empty() {
+                            continue;
                         }
+                        if let Err(gone) = send(chat_event::Event::Delta(Delta { text: t.text.clone() })).await {
+                            // A stopped answer stays in the session as far as the client saw it, as a chat
+                            // app's stop button leaves it; an answer stopped before its first word leaves none.
+                            if !text.is_empty() {
+                                self.save(text, 0, &message_tokens).await?;
+                            }
+                            return Err(gone);
+                        }
+                        text.push_str(&t.text);
                     }
                     Some(Event::Heartbeat(_)) | None => {}
                     Some(Event::Error(e)) => {
@@ -266,12 +274,23 @@ impl Turn {
         F: Fn(chat_event::Event) -> Fut,
         Fut: std::future::Future<Output = Result<(), Status>>,
     {
-        let answer = ChatMessage {
-            role: "assistant".into(),
-            content: text,
-            created_at_ms: now_ms(),
-            tokens: usage.completion_tokens,
-        };
+        let answer = self.save(text, usage.completion_tokens, message_tokens).await?;
+        let lock = self.lock.lock().ok().and_then(|mut held| held.take());
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        send(chat_event::Event::Finished(TurnFinished {
+            message: Some(answer),
+            usage: Some(usage),
+            finish_reason: finish_reason.into(),
+        }))
+        .await
+    }
+
+    /// Appends the turn (its messages and `text`, the answer of `tokens` tokens, 0 when not counted) to a multi
+    /// turn's session, and returns the answer.
+    async fn save(&self, text: String, tokens: u32, message_tokens: &[u32]) -> Result<ChatMessage, Status> {
+        let answer = ChatMessage { role: "assistant".into(), content: text, created_at_ms: now_ms(), tokens };
         if self.mode == DialogueMode::Multi {
             // The worker counted every prompt message; this turn's own are the last ones.
             let counts = message_tokens.iter().rev().take(self.new_messages.len()).rev();
@@ -286,16 +305,7 @@ impl Turn {
                 AppendMessagesRequest { session_id: self.session_id.clone(), user_id: self.user_id.clone(), messages };
             self.service.sessions.clone().append_messages(request).await?;
         }
-        let lock = self.lock.lock().ok().and_then(|mut held| held.take());
-        if let Some(lock) = lock {
-            lock.release().await;
-        }
-        send(chat_event::Event::Finished(TurnFinished {
-            message: Some(answer),
-            usage: Some(usage),
-            finish_reason: finish_reason.into(),
-        }))
-        .await
+        Ok(answer)
     }
 }
 

@@ -10,6 +10,7 @@ mod limits;
 mod native;
 mod openai;
 mod sessions;
+mod web;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -70,9 +71,11 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
     if !keys.is_empty() {
         api = api.route_layer(axum::middleware::from_fn_with_state(keys, auth::require_key));
     }
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
+    let mut public = Router::new().route("/health", get(health)).route("/ready", get(ready));
+    if config.web_ui {
+        public = public.merge(web::routes());
+    }
+    public
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))

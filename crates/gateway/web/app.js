@@ -1,0 +1,268 @@
+"use strict";
+// MoltBot's chat page. It is a client of the public API like any other: it lists the caller's sessions
+// (/api/sessions), streams answers from /api/chat over server-sent events, and stops an answer by closing the
+// request, which cancels the generation on the server. Text is only ever set as text, never parsed as HTML.
+
+const $ = (id) => document.getElementById(id);
+const KEY = "moltbot.api_key";
+const TITLE_CHARS = 60;
+
+const state = {
+  key: localStorage.getItem(KEY) || "",
+  session: null, // the open conversation's id; null for a new chat not yet sent
+  controller: null, // aborts the answer being streamed
+};
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function headers() {
+  const h = { "content-type": "application/json" };
+  if (state.key) h.authorization = `Bearer ${state.key}`;
+  return h;
+}
+
+async function errorOf(response) {
+  const body = await response.json().catch(() => null);
+  return new ApiError(response.status, body?.error?.message || `the server answered ${response.status}`);
+}
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: headers(),
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!response.ok) throw await errorOf(response);
+  return response.status === 204 ? null : response.json();
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function report(error) {
+  if (error.status === 401) askForKey(error.message);
+  else setStatus(error.message, true);
+}
+
+// --- API key ------------------------------------------------------------------------------------------------
+
+function askForKey(reason) {
+  $("key-reason").textContent = reason || "This MoltBot asks for an API key.";
+  $("key-input").value = state.key;
+  if (!$("key-dialog").open) $("key-dialog").showModal();
+}
+
+// On submit rather than on the dialog's close event, which comes a task later: a message sent in between
+// would be cleared away by the key change.
+$("key-form").addEventListener("submit", (event) => {
+  if (event.submitter?.value !== "save") return;
+  const key = $("key-input").value.trim();
+  if (key !== state.key) {
+    state.key = key;
+    if (key) localStorage.setItem(KEY, key);
+    else localStorage.removeItem(KEY);
+    newChat(); // the conversations shown belong to the previous key
+  }
+  setStatus("");
+  loadConversations();
+});
+$("key-button").addEventListener("click", () => askForKey());
+
+// --- Conversations ------------------------------------------------------------------------------------------
+
+async function loadConversations() {
+  let list;
+  try {
+    list = await api("GET", "/api/sessions?limit=100");
+  } catch (error) {
+    report(error);
+    return;
+  }
+  $("conversations").replaceChildren(...list.sessions.map(conversationItem));
+}
+
+function conversationItem(session) {
+  const item = document.createElement("div");
+  item.className = "conversation";
+  item.dataset.id = session.id;
+  item.classList.toggle("active", session.id === state.session);
+
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "open";
+  open.textContent = session.metadata?.title || "Untitled conversation";
+  open.title = `${session.message_count} messages, last ${new Date(session.updated_at_ms).toLocaleString()}`;
+  open.addEventListener("click", () => openConversation(session.id));
+
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "delete quiet";
+  remove.textContent = "×";
+  remove.title = "Delete this conversation";
+  remove.addEventListener("click", () => deleteConversation(session.id));
+
+  item.append(open, remove);
+  return item;
+}
+
+function markActive() {
+  for (const item of document.querySelectorAll(".conversation")) {
+    item.classList.toggle("active", item.dataset.id === state.session);
+  }
+}
+
+async function openConversation(id) {
+  if (state.controller) return; // an answer is still streaming
+  try {
+    const session = await api("GET", `/api/sessions/${encodeURIComponent(id)}?limit=1000`);
+    state.session = session.id;
+    $("messages").replaceChildren();
+    for (const m of session.messages) {
+      if (m.role === "user" || m.role === "assistant") addBubble(m.role, m.content, "done");
+    }
+    setStatus("");
+    markActive();
+  } catch (error) {
+    report(error);
+    if (error.status === 404) loadConversations();
+  }
+}
+
+async function deleteConversation(id) {
+  if (!confirm("Delete this conversation?")) return;
+  try {
+    await api("DELETE", `/api/sessions/${encodeURIComponent(id)}`);
+  } catch (error) {
+    if (error.status !== 404) return report(error);
+  }
+  if (state.session === id) newChat();
+  loadConversations();
+}
+
+function newChat() {
+  if (state.controller) state.controller.abort();
+  state.session = null;
+  $("messages").replaceChildren();
+  setStatus("");
+  markActive();
+  $("input").focus();
+}
+
+// --- Chat ---------------------------------------------------------------------------------------------------
+
+function addBubble(role, text, phase) {
+  const bubble = document.createElement("div");
+  bubble.className = `message ${role}`;
+  bubble.dataset.phase = phase; // streaming | done | stopped | failed
+  bubble.textContent = text;
+  $("messages").append(bubble);
+  bubble.scrollIntoView({ block: "end" });
+  return bubble;
+}
+
+function setBusy(busy) {
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  $("input").disabled = busy;
+}
+
+/** Yields `{event, data}` for each server-sent event of `response`. */
+async function* serverEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replaceAll("\r\n", "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+    }
+  }
+}
+
+async function send(text) {
+  setStatus("");
+  setBusy(true);
+  state.controller = new AbortController();
+  const question = addBubble("user", text, "done");
+  const answer = addBubble("assistant", "", "streaming");
+  try {
+    if (!state.session) {
+      const title = text.length > TITLE_CHARS ? `${text.slice(0, TITLE_CHARS - 1)}…` : text;
+      const session = await api("POST", "/api/sessions", { metadata: { title } });
+      state.session = session.id;
+      loadConversations();
+    }
+    const response = await fetch("/api/chat", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ session_id: state.session, message: text, stream: true }),
+      signal: state.controller.signal,
+    });
+    if (!response.ok) throw await errorOf(response);
+    for await (const { event, data } of serverEvents(response)) {
+      if (event === "delta") {
+        answer.textContent += data.text;
+        answer.scrollIntoView({ block: "end" });
+      } else if (event === "done") {
+        answer.textContent = data.message.content;
+        answer.dataset.phase = "done";
+        answer.dataset.finishReason = data.finish_reason;
+        if (data.finish_reason === "length") setStatus("The answer reached the length limit.");
+      } else if (event === "error") {
+        throw new ApiError(data.error?.code, data.error?.message || "the answer failed");
+      }
+    }
+    if (answer.dataset.phase === "streaming") throw new ApiError(0, "the connection closed before the answer ended");
+  } catch (error) {
+    const stopped = error.name === "AbortError";
+    answer.dataset.phase = stopped ? "stopped" : "failed";
+    // An answer that ends before its first word is not kept by the server either: take the question back.
+    if (!answer.textContent) {
+      question.remove();
+      answer.remove();
+      $("input").value = text;
+    }
+    if (!stopped) report(error);
+  } finally {
+    state.controller = null;
+    setBusy(false);
+    $("input").focus();
+    loadConversations();
+  }
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || state.controller) return;
+  $("input").value = "";
+  send(text);
+});
+$("input").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => state.controller?.abort());
+$("new-chat").addEventListener("click", newChat);
+
+loadConversations();
+$("input").focus();

@@ -1,0 +1,135 @@
+//! The chat page at `/` in a real headless Chromium (Debian's `chromium` and `chromium-driver`), driven over
+//! WebDriver against `moltbot serve`'s embedded shape with an API key configured.
+
+use fantoccini::Locator;
+use moltbot_tests::{Browser, listener, test_config};
+use serde_json::Value;
+
+const KEY: &str = "browser-test-key-0123456789";
+const COUNT: &str = "Count from 1 to 1000, separated by commas.";
+
+/// The page's messages as `[role, phase, text]`.
+const MESSAGES: &str = "return [...document.querySelectorAll('.message')]
+    .map(m => [m.classList.contains('user') ? 'user' : 'assistant', m.dataset.phase, m.textContent])";
+
+/// The last answer's text once its phase is `phase`, else null.
+fn last_answer_when(phase: &str) -> String {
+    format!(
+        "const a = [...document.querySelectorAll('.message.assistant')].pop();
+         return a && a.dataset.phase === '{phase}' ? a.textContent : null"
+    )
+}
+
+async fn type_message(browser: &Browser, text: &str) {
+    let input = browser.page.find(Locator::Css("#input")).await.expect("the message box");
+    // As a user would: click into the box, then type (chromedriver types into nothing after a modal closed).
+    input.click().await.expect("the message box takes a click");
+    input.send_keys(text).await.expect("typing");
+    browser.page.find(Locator::Css("#send")).await.expect("the send button").click().await.expect("send");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_asks_for_the_key_streams_stops_and_remembers_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.model_provider.max_tokens = 2000;
+    config.gateway.auth.api_keys = vec![KEY.into()];
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let browser = Browser::start().await;
+    browser.page.goto(&format!("http://{}/", moltbot.gateway_addr)).await.expect("the page loads");
+
+    // The API wants a key, so the page asks for one.
+    browser.until(10, "the key dialog", "return document.getElementById('key-dialog').open").await;
+    let key_input = browser.page.find(Locator::Css("#key-input")).await.unwrap();
+    key_input.send_keys(KEY).await.unwrap();
+    browser.page.find(Locator::Css("#key-save")).await.unwrap().click().await.unwrap();
+    browser.until(10, "the dialog closes", "return !document.getElementById('key-dialog').open").await;
+
+    // A long answer streams in word by word while Stop shows; Stop ends it where it is.
+    type_message(&browser, COUNT).await;
+    let early = browser.until(60, "the first words of the answer", &streaming_text_longer_than(0)).await;
+    let early = early.as_str().unwrap().to_owned();
+    browser.until(60, "the answer grows while it streams", &streaming_text_longer_than(early.len() + 8)).await;
+    browser.until(5, "the stop button", "return !document.getElementById('stop').hidden").await;
+    browser.page.find(Locator::Css("#stop")).await.unwrap().click().await.unwrap();
+    let stopped = browser.until(10, "the stopped answer", &last_answer_when("stopped")).await;
+    let stopped = stopped.as_str().unwrap().to_owned();
+    assert!(stopped.starts_with(&early) && stopped.len() < 4000, "{early:?} then {stopped:?}");
+    browser.until(5, "the send button is back", "return !document.getElementById('send').hidden").await;
+
+    // The conversation goes on: a second question is answered to its end, the key travelling with it.
+    type_message(&browser, "Thanks. Now say hello.").await;
+    let done = browser.until(120, "the second answer", &last_answer_when("done")).await;
+    assert!(!done.as_str().unwrap().is_empty());
+    let before = browser.page.execute(MESSAGES, vec![]).await.unwrap();
+
+    // After a reload the conversation is listed under its first message; opening it shows what the server
+    // kept: both questions, the stopped answer as far as it came, and the finished one.
+    browser.page.refresh().await.unwrap();
+    let title = browser
+        .until(10, "the conversation list", "return document.querySelector('.conversation .open')?.textContent")
+        .await;
+    assert_eq!(title, COUNT);
+    browser.page.find(Locator::Css(".conversation .open")).await.unwrap().click().await.unwrap();
+    let after = browser
+        .until(
+            10,
+            "the conversation's messages",
+            &format!("const m = (() => {{ {MESSAGES} }})(); return m.length === 4 ? m : null"),
+        )
+        .await;
+    let (before, after) = (before.as_array().unwrap(), after.as_array().unwrap());
+    let roles = |m: &[Value]| m.iter().map(|m| m[0].clone()).collect::<Vec<_>>();
+    assert_eq!(roles(before), ["user", "assistant", "user", "assistant"]);
+    assert_eq!(roles(after), roles(before));
+    assert!(after.iter().all(|m| m[1] == "done"), "{after:?}");
+    for i in [0, 2, 3] {
+        assert_eq!(after[i][2], before[i][2], "message {i}");
+    }
+    // The server may have sent a token or two more than the page showed when it stopped reading.
+    let kept = after[1][2].as_str().unwrap();
+    assert!(kept.starts_with(&stopped) && kept.len() < stopped.len() + 40, "showed {stopped:?}, kept {kept:?}");
+
+    browser.close().await;
+    moltbot.stop().await.unwrap();
+}
+
+/// The streaming answer's text once it is longer than `chars`, else null.
+fn streaming_text_longer_than(chars: usize) -> String {
+    format!(
+        "const a = [...document.querySelectorAll('.message.assistant')].pop();
+         return a && a.dataset.phase === 'streaming' && a.textContent.length > {chars} ? a.textContent : null"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_comes_from_the_binary_under_a_strict_policy_and_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.gateway.auth.api_keys = vec![KEY.into()];
+    let moltbot = moltbot::start(config.clone(), listener().await).await.unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", moltbot.gateway_addr);
+    // No key is needed for the page itself; every API call it makes needs one.
+    for (path, kind, needle) in [
+        ("/", "text/html", "/assets/app.js"),
+        ("/assets/app.js", "text/javascript", "/api/chat"),
+        ("/assets/app.css", "text/css", ".message"),
+    ] {
+        let response = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let header = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+        assert!(header("content-type").starts_with(kind), "{path}: {}", header("content-type"));
+        assert!(header("content-security-policy").contains("script-src 'self'"), "{path}");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert!(response.text().await.unwrap().contains(needle), "{path}");
+    }
+    assert_eq!(client.get(format!("{base}/api/sessions")).send().await.unwrap().status(), 401);
+    moltbot.stop().await.unwrap();
+
+    config.gateway.web_ui = false;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let response = client.get(format!("http://{}/", moltbot.gateway_addr)).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    moltbot.stop().await.unwrap();
+}
