@@ -6,7 +6,9 @@ use moltbot_tests::{Browser, listener, test_config};
 use serde_json::Value;
 
 const KEY: &str = "browser-test-key-0123456789";
-const COUNT: &str = "Count from 1 to 1000, separated by commas.";
+/// Greedy decoding answers this with hundreds of tokens: long enough to watch it grow and stop it.
+const ESSAY: &str = "Write a long essay about the history of Rome.";
+const SYSTEM: &str = "You are a historian who writes at length.";
 
 /// The page's messages as `[role, phase, text]`.
 const MESSAGES: &str = "return [...document.querySelectorAll('.message')]
@@ -20,11 +22,16 @@ fn last_answer_when(phase: &str) -> String {
     )
 }
 
+/// Clicks into the field `css` and types `text`, as a user would (chromedriver types into nothing after a
+/// modal closed unless the field is clicked first).
+async fn type_into(browser: &Browser, css: &str, text: &str) {
+    let field = browser.page.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
+    field.click().await.unwrap_or_else(|e| panic!("{css} takes a click: {e}"));
+    field.send_keys(text).await.unwrap_or_else(|e| panic!("typing into {css}: {e}"));
+}
+
 async fn type_message(browser: &Browser, text: &str) {
-    let input = browser.page.find(Locator::Css("#input")).await.expect("the message box");
-    // As a user would: click into the box, then type (chromedriver types into nothing after a modal closed).
-    input.click().await.expect("the message box takes a click");
-    input.send_keys(text).await.expect("typing");
+    type_into(browser, "#input", text).await;
     browser.page.find(Locator::Css("#send")).await.expect("the send button").click().await.expect("send");
 }
 
@@ -45,8 +52,13 @@ async fn the_chat_page_asks_for_the_key_streams_stops_and_remembers_the_conversa
     browser.page.find(Locator::Css("#key-save")).await.unwrap().click().await.unwrap();
     browser.until(10, "the dialog closes", "return !document.getElementById('key-dialog').open").await;
 
+    // Settings: greedy answers, and a system prompt for new conversations.
+    browser.page.find(Locator::Css("#settings summary")).await.unwrap().click().await.unwrap();
+    type_into(&browser, "#temperature", "0").await;
+    type_into(&browser, "#system-prompt", SYSTEM).await;
+
     // A long answer streams in word by word while Stop shows; Stop ends it where it is.
-    type_message(&browser, COUNT).await;
+    type_message(&browser, ESSAY).await;
     let early = browser.until(60, "the first words of the answer", &streaming_text_longer_than(0)).await;
     let early = early.as_str().unwrap().to_owned();
     browser.until(60, "the answer grows while it streams", &streaming_text_longer_than(early.len() + 8)).await;
@@ -69,7 +81,7 @@ async fn the_chat_page_asks_for_the_key_streams_stops_and_remembers_the_conversa
     let title = browser
         .until(10, "the conversation list", "return document.querySelector('.conversation .open')?.textContent")
         .await;
-    assert_eq!(title, COUNT);
+    assert_eq!(title, ESSAY);
     browser.page.find(Locator::Css(".conversation .open")).await.unwrap().click().await.unwrap();
     let after = browser
         .until(
@@ -89,6 +101,23 @@ async fn the_chat_page_asks_for_the_key_streams_stops_and_remembers_the_conversa
     // The server may have sent a token or two more than the page showed when it stopped reading.
     let kept = after[1][2].as_str().unwrap();
     assert!(kept.starts_with(&stopped) && kept.len() < stopped.len() + 40, "showed {stopped:?}, kept {kept:?}");
+
+    // The conversation was created with the system prompt from the settings, which survive the reload.
+    let id = browser
+        .until(5, "the open conversation", "return document.querySelector('.conversation.active')?.dataset.id")
+        .await;
+    let session: Value = reqwest::Client::new()
+        .get(format!("http://{}/api/sessions/{}", moltbot.gateway_addr, id.as_str().unwrap()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["system_prompt"], SYSTEM);
+    let temperature = browser.until(5, "the settings", "return document.getElementById('temperature').value").await;
+    assert_eq!(temperature, "0");
 
     browser.close().await;
     moltbot.stop().await.unwrap();

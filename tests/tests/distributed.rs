@@ -154,6 +154,42 @@ async fn a_client_that_disconnects_cancels_its_generation_and_its_session_keeps_
     cluster.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_while_its_job_waits_cancels_it_before_any_work() {
+    let cluster = Cluster::start(1, |c| {
+        c.model_provider.max_tokens = 3000;
+        c.inference_worker.max_batch_size = 1;
+    })
+    .await;
+    let counting = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}"#;
+    // The worker's one slot is busy, so the next job waits in the queue; its client hangs up there.
+    let mut busy = cluster.http.stream("/api/chat", counting).await;
+    busy.chunk().await.unwrap().expect("the first answer has begun");
+    let waiting = cluster.http.stream("/api/chat", counting).await;
+    assert_eq!(waiting.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(waiting);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = cluster.worker_info().await;
+    assert_eq!((info[0].running, info[0].jobs_completed), (1, 0), "the second job still waits in the queue");
+    // The slot frees; the worker takes the waiting job and drops it at once.
+    drop(busy);
+    let mut info = cluster.worker_info().await;
+    for _ in 0..100 {
+        if info[0].jobs_completed == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = cluster.worker_info().await;
+    }
+    assert_eq!(
+        (info[0].jobs_completed, info[0].jobs_cancelled, info[0].jobs_cancelled_in_queue),
+        (2, 2, 1),
+        "both jobs end by cancel, the second before any work"
+    );
+    cluster.stop().await;
+}
+
 #[tokio::test]
 async fn unreachable_redis_and_nats_fail_start_up_with_the_fix() {
     let mut config = moltbot_config::Config::default();

@@ -203,7 +203,12 @@ impl Turn {
                 } else {
                     deadline.saturating_duration_since(tokio::time::Instant::now())
                 };
-                let Some(event) = events.next_within(wait).await else {
+                // A client that goes away while the job waits in the queue cancels it there, before any work.
+                let next = tokio::select! {
+                    next = events.next_within(wait) => next,
+                    () = out.closed() => return self.stopped(text, &message_tokens).await,
+                };
+                let Some(event) = next else {
                     if !started {
                         return Err(Status::deadline_exceeded("no worker took the request before its deadline"));
                     }
@@ -239,13 +244,8 @@ impl Turn {
                         if t.text.is_empty() {
                             continue;
                         }
-                        if let Err(gone) = send(chat_event::Event::Delta(Delta { text: t.text.clone() })).await {
-                            // A stopped answer stays in the session as far as the client saw it, as a chat
-                            // app's stop button leaves it; an answer stopped before its first word leaves none.
-                            if !text.is_empty() {
-                                self.save(text, 0, &message_tokens).await?;
-                            }
-                            return Err(gone);
+                        if send(chat_event::Event::Delta(Delta { text: t.text.clone() })).await.is_err() {
+                            return self.stopped(text, &message_tokens).await;
                         }
                         text.push_str(&t.text);
                     }
@@ -285,6 +285,16 @@ impl Turn {
             finish_reason: finish_reason.into(),
         }))
         .await
+    }
+
+    /// Ends a turn whose client went away after `text` of the answer. Its job is cancelled when the caller drops
+    /// the job's events. The answer stays in the session as far as it was streamed, as a chat app's stop button
+    /// leaves it; an answer stopped before its first word leaves nothing.
+    async fn stopped(&self, text: String, message_tokens: &[u32]) -> Result<(), Status> {
+        if !text.is_empty() {
+            self.save(text, 0, message_tokens).await?;
+        }
+        Err(Status::cancelled("the client went away"))
     }
 
     /// Appends the turn (its messages and `text`, the answer of `tokens` tokens, 0 when not counted) to a multi

@@ -111,13 +111,21 @@ fn answer_json(
     })
 }
 
-/// An SSE body fed by a task; the task stops when the client goes away (the channel closes).
+/// An SSE body fed by a task. The task is dropped the moment the client goes away (the body, and with it the
+/// channel, closes), even while it waits for a first token: that drops the turn, which cancels its job.
 pub(crate) fn async_stream<F, Fut>(produce: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(produce(tx));
+    let watch = tx.clone();
+    let produce = produce(tx);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = produce => {}
+            () = watch.closed() => {}
+        }
+    });
     futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }

@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY = "moltbot.api_key";
+const SETTINGS = "moltbot.settings";
 const TITLE_CHARS = 60;
 
 const state = {
@@ -74,6 +75,22 @@ $("key-form").addEventListener("submit", (event) => {
   loadConversations();
 });
 $("key-button").addEventListener("click", () => askForKey());
+
+// --- Settings: sent with each message (temperature) or given to each new conversation (system prompt) -------
+
+function restoreSettings() {
+  const saved = JSON.parse(localStorage.getItem(SETTINGS) || "{}");
+  $("temperature").value = saved.temperature ?? "";
+  $("system-prompt").value = saved.systemPrompt ?? "";
+}
+
+function saveSettings() {
+  const settings = { temperature: $("temperature").value, systemPrompt: $("system-prompt").value };
+  localStorage.setItem(SETTINGS, JSON.stringify(settings));
+}
+
+$("temperature").addEventListener("change", saveSettings);
+$("system-prompt").addEventListener("change", saveSettings);
 
 // --- Conversations ------------------------------------------------------------------------------------------
 
@@ -205,14 +222,18 @@ async function send(text) {
   try {
     if (!state.session) {
       const title = text.length > TITLE_CHARS ? `${text.slice(0, TITLE_CHARS - 1)}…` : text;
-      const session = await api("POST", "/api/sessions", { metadata: { title } });
+      const system_prompt = $("system-prompt").value.trim();
+      const session = await api("POST", "/api/sessions", { metadata: { title }, system_prompt });
       state.session = session.id;
       loadConversations();
     }
+    const body = { session_id: state.session, message: text, stream: true };
+    // Empty means the server's default; anything else the server checks (and names in a 400 when wrong).
+    if ($("temperature").value !== "") body.temperature = Number($("temperature").value);
     const response = await fetch("/api/chat", {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify({ session_id: state.session, message: text, stream: true }),
+      body: JSON.stringify(body),
       signal: state.controller.signal,
     });
     if (!response.ok) throw await errorOf(response);
@@ -264,5 +285,6 @@ $("input").addEventListener("keydown", (event) => {
 $("stop").addEventListener("click", () => state.controller?.abort());
 $("new-chat").addEventListener("click", newChat);
 
+restoreSettings();
 loadConversations();
 $("input").focus();

@@ -44,8 +44,16 @@ pub struct Worker {
     pub engine: Engine,
     pub id: String,
     pub max_tokens: u32,
-    jobs_completed: Arc<AtomicU64>,
-    jobs_cancelled: Arc<AtomicU64>,
+    jobs: Arc<JobCounts>,
+}
+
+/// Jobs since start: finished (any outcome); of those, stopped by a cancel; of those, cancelled while they waited
+/// in the queue and dropped before any work.
+#[derive(Default)]
+struct JobCounts {
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    cancelled_in_queue: AtomicU64,
 }
 
 impl Worker {
@@ -56,15 +64,19 @@ impl Worker {
         } else {
             config.worker_id.clone()
         };
-        Self { engine, id, max_tokens, jobs_completed: Arc::default(), jobs_cancelled: Arc::default() }
+        Self { engine, id, max_tokens, jobs: Arc::default() }
     }
 
     pub fn jobs_completed(&self) -> u64 {
-        self.jobs_completed.load(Ordering::Relaxed)
+        self.jobs.completed.load(Ordering::Relaxed)
     }
 
     pub fn jobs_cancelled(&self) -> u64 {
-        self.jobs_cancelled.load(Ordering::Relaxed)
+        self.jobs.cancelled.load(Ordering::Relaxed)
+    }
+
+    pub fn jobs_cancelled_in_queue(&self) -> u64 {
+        self.jobs.cancelled_in_queue.load(Ordering::Relaxed)
     }
 
     /// Takes jobs from the queue until `shutdown` is cancelled; running jobs finish first.
@@ -104,6 +116,13 @@ impl Worker {
         let Some(request) = received.job.request.clone() else {
             return;
         };
+        if received.cancelled.is_cancelled() {
+            tracing::info!(request_id = %request.request_id, "dropping a job cancelled while it waited in the queue");
+            self.jobs.cancelled_in_queue.fetch_add(1, Ordering::Relaxed);
+            self.jobs.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.jobs.completed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let driver = drive(self.clone(), request, received.job.deadline_ms, received.cancelled.clone(), tx);
         let forward = async {
@@ -117,9 +136,9 @@ impl Worker {
         };
         let (cancelled, ()) = tokio::join!(driver, forward);
         if cancelled {
-            self.jobs_cancelled.fetch_add(1, Ordering::Relaxed);
+            self.jobs.cancelled.fetch_add(1, Ordering::Relaxed);
         }
-        self.jobs_completed.fetch_add(1, Ordering::Relaxed);
+        self.jobs.completed.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -35,6 +35,7 @@ impl Inference for InferenceService {
             worker_id: self.worker.id.clone(),
             jobs_completed: self.worker.jobs_completed(),
             jobs_cancelled: self.worker.jobs_cancelled(),
+            jobs_cancelled_in_queue: self.worker.jobs_cancelled_in_queue(),
             device: engine.device().to_owned(),
             kv_blocks_total: stats.kv_blocks_total as u64,
             kv_blocks_free: stats.kv_blocks_free as u64,

@@ -1,4 +1,8 @@
-//! The NATS backend: JetStream work queue for jobs, core subjects for events and cancels.
+//! The NATS backend: JetStream work queue for jobs, core subjects for events, and cancels on subjects that a small
+//! stream also keeps. A cancel published while its job waits in the queue has no subscriber yet; the stream keeps
+//! it for the worker that takes the job later. The requester publishes through JetStream (the stream has it
+//! before the publish is acknowledged), and a worker subscribes before it asks the stream, so every cancel reaches
+//! its job one way or the other.
 
 use std::time::Duration;
 
@@ -13,6 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{Error, EventSink, JobEvents, ReceivedJob, Result, job_subject, subject_token};
 
 pub const STREAM: &str = "MOLTBOT_JOBS";
+/// The stream that remembers cancels (`moltbot.cancel.<attempt key>`).
+pub const CANCELS: &str = "MOLTBOT_CANCELS";
+/// How long a cancel is remembered: longer than any job may wait in the queue (a worker drops a job past its
+/// deadline anyway).
+const CANCEL_MEMORY: Duration = Duration::from_secs(3600);
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long one pull request waits for a job before asking again.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
@@ -21,6 +30,7 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 pub struct NatsQueue {
     client: async_nats::Client,
     js: jetstream::Context,
+    cancels: stream::Stream,
     max_pending: i64,
 }
 
@@ -54,7 +64,21 @@ impl NatsQueue {
             url: url.into(),
             message: format!("JetStream is not usable ({e}); run nats-server with -js"),
         })?;
-        Ok(Self { client, js, max_pending })
+        let cancels = js
+            .get_or_create_stream(stream::Config {
+                name: CANCELS.into(),
+                subjects: vec!["moltbot.cancel.>".into()],
+                max_messages_per_subject: 1,
+                max_age: CANCEL_MEMORY,
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Connect {
+                url: url.into(),
+                message: format!("cannot make the {CANCELS} stream: {e}"),
+            })?;
+        Ok(Self { client, js, cancels, max_pending })
     }
 
     pub(crate) async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
@@ -75,12 +99,17 @@ impl NatsQueue {
             _ => Error::Nats(e.to_string()),
         })?;
         let cancelled = CancellationToken::new();
-        let (client, token) = (self.client.clone(), cancelled.clone());
+        let (js, token) = (self.js.clone(), cancelled.clone());
         tokio::spawn(async move {
             token.cancelled().await;
             let cancel = CancelJob { request_id: request_id.clone() };
-            let subject = format!("moltbot.cancel.{key}");
-            let _ = client.publish(subject, cancel.encode_to_vec().into()).await;
+            let published = js.publish(format!("moltbot.cancel.{key}"), cancel.encode_to_vec().into()).await;
+            if let Err(e) = match published {
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
+            } {
+                tracing::warn!(error = %e, %key, "cannot publish a cancel; the job may run for nobody");
+            }
         });
         let stream = events.map(|m| GenerateEvent::decode(m.payload).map_err(Error::from)).boxed();
         Ok(JobEvents { stream, _cancel_on_drop: cancelled.drop_guard() })
@@ -102,7 +131,7 @@ impl NatsQueue {
             )
             .await
             .map_err(|e| Error::Nats(e.to_string()))?;
-        Ok(NatsConsumer { client: self.client.clone(), consumer })
+        Ok(NatsConsumer { client: self.client.clone(), cancels: self.cancels.clone(), consumer })
     }
 }
 
@@ -113,6 +142,7 @@ fn attempt_key(request_id: &str, attempt: u32) -> String {
 
 pub struct NatsConsumer {
     client: async_nats::Client,
+    cancels: stream::Stream,
     consumer: jetstream::consumer::Consumer<pull::Config>,
 }
 
@@ -141,12 +171,16 @@ impl NatsConsumer {
                 }
             };
             let request_id = job.request.as_ref().map(|r| r.request_id.clone()).unwrap_or_default();
+            let key = attempt_key(&request_id, job.attempt);
             let cancelled = CancellationToken::new();
-            let mut cancels = self
-                .client
-                .subscribe(format!("moltbot.cancel.{}", attempt_key(&request_id, job.attempt)))
-                .await
-                .map_err(|e| Error::Nats(e.to_string()))?;
+            let mut cancels =
+                self.client.subscribe(format!("moltbot.cancel.{key}")).await.map_err(|e| Error::Nats(e.to_string()))?;
+            // Cancelled while it waited in the queue: the worker ends it before any work.
+            match self.cancels.get_last_raw_message_by_subject(&format!("moltbot.cancel.{key}")).await {
+                Ok(_) => cancelled.cancel(),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => tracing::warn!(error = %e, %key, "cannot ask the cancel stream; running the job"),
+            }
             let token = cancelled.clone();
             tokio::spawn(async move {
                 tokio::select! {
