@@ -187,6 +187,60 @@ async fn a_client_that_gives_up_while_its_job_waits_cancels_it_before_any_work()
         (2, 2, 1),
         "both jobs end by cancel, the second before any work"
     );
+
+    // The same on /v1, whose streamed response has not even begun while its job waits: the client hangs up
+    // before it has a status line.
+    let mut busy = cluster.http.stream("/api/chat", counting).await;
+    busy.chunk().await.unwrap().expect("the third answer has begun");
+    let http = cluster.http.clone();
+    let openai = r#"{"messages":[{"role":"user","content":"Count to 1000."}],"max_tokens":3000,"stream":true}"#;
+    let waiting = tokio::spawn(async move { http.stream("/v1/chat/completions", openai).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    waiting.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(busy);
+    let mut info = cluster.worker_info().await;
+    for _ in 0..100 {
+        if info[0].jobs_completed == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = cluster.worker_info().await;
+    }
+    assert_eq!((info[0].jobs_completed, info[0].jobs_cancelled_in_queue), (4, 2));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_that_outlasts_its_lock_lease_keeps_the_session_to_itself() {
+    // A one-second lease, renewed every third of a second; the first turn runs for several.
+    let cluster = Cluster::start(1, |c| {
+        c.model_provider.max_tokens = 300;
+        c.dialogue_manager.session_lock_lease = 1;
+    })
+    .await;
+    let (status, session) = cluster.http.call("POST", "/api/sessions", &[], None).await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap().to_owned();
+    let count = "Count from 1 to 1000, separated by commas.";
+    let long = format!(
+        r#"{{"session_id":"{id}","message":"{count}","max_tokens":300,"temperature":0,"repetition_penalty":1.0}}"#
+    );
+    let http = cluster.http.clone();
+    let first = tokio::spawn(async move { http.post("/api/chat", &[], &long).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let short = format!(r#"{{"session_id":"{id}","message":"Stop.","max_tokens":2}}"#);
+    let (status, _, second) = cluster.http.post("/api/chat", &[], &short).await;
+    assert_eq!(status, 200, "{second}");
+    let (status, _, first) = first.await.unwrap();
+    assert_eq!((status, first["finish_reason"].as_str()), (200, Some("length")), "{first}");
+    // The second turn waited for the first to be saved: the session holds them in order, not interleaved.
+    let (_, session) = cluster.http.get(&format!("/api/sessions/{id}")).await;
+    let contents: Vec<&str> =
+        session["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    let expected =
+        [count, first["message"]["content"].as_str().unwrap(), "Stop.", second["message"]["content"].as_str().unwrap()];
+    assert_eq!(contents, expected);
     cluster.stop().await;
 }
 

@@ -130,6 +130,9 @@ pub struct DialogueManagerConfig {
     pub max_retries: u32,
     /// Seconds a turn waits for the previous turn of the same session to finish before it is refused (409).
     pub session_lock_wait: u64,
+    /// Seconds a turn's session lock outlives its holder: the holder renews it every third of that while the turn
+    /// runs, so a dialogue-manager that dies mid-turn frees its session within this long.
+    pub session_lock_lease: u64,
 }
 
 impl Default for DialogueManagerConfig {
@@ -140,6 +143,7 @@ impl Default for DialogueManagerConfig {
             worker_timeout: 10,
             max_retries: 2,
             session_lock_wait: 30,
+            session_lock_lease: 15,
         }
     }
 }
@@ -431,6 +435,9 @@ impl Config {
         }
         if self.gateway.auth.api_keys.iter().any(|k| k.trim().len() < 16) {
             return bad("gateway.auth.api_keys", "every API key must have at least 16 characters");
+        }
+        if self.dialogue_manager.session_lock_lease == 0 {
+            return bad("dialogue_manager.session_lock_lease", "must be at least 1 second");
         }
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");

@@ -44,6 +44,7 @@ pub struct DialogueService {
     worker_timeout: Duration,
     max_retries: u32,
     session_lock_wait: Duration,
+    session_lock_lease: Duration,
 }
 
 impl DialogueService {
@@ -57,6 +58,7 @@ impl DialogueService {
             worker_timeout: Duration::from_secs(config.dialogue_manager.worker_timeout),
             max_retries: config.dialogue_manager.max_retries,
             session_lock_wait: Duration::from_secs(config.dialogue_manager.session_lock_wait),
+            session_lock_lease: Duration::from_secs(config.dialogue_manager.session_lock_lease),
         }
     }
 }

@@ -5,8 +5,8 @@ use moltbot_proto::{
     dialogue::v1::{ChatEvent, ChatRequest, Delta, DialogueMode, TurnFinished, TurnStarted, chat_event},
     inference::v1::{ChatInput, GenerateRequest, InferenceJob, generate_event::Event, generate_request::Input},
     session::v1::{
-        AppendMessagesRequest, CreateSessionRequest, GetSessionRequest, LockSessionRequest, UnlockSessionRequest,
-        session_store_client::SessionStoreClient,
+        AppendMessagesRequest, CreateSessionRequest, GetSessionRequest, LockSessionRequest, RenewSessionLockRequest,
+        UnlockSessionRequest, session_store_client::SessionStoreClient,
     },
 };
 use tokio::sync::mpsc::Sender;
@@ -32,12 +32,13 @@ pub struct Turn {
     lock: std::sync::Mutex<Option<SessionLock>>,
 }
 
-/// A session's turn lock, given back when dropped, whatever ended the turn. Its lease frees it should this
-/// process die first.
+/// A session's turn lock, given back when dropped, whatever ended the turn. Its lease is short and renewed while
+/// the turn runs, so a dialogue-manager that dies mid-turn frees the session within one lease.
 struct SessionLock {
     sessions: SessionStoreClient<tonic::transport::Channel>,
     session_id: String,
     token: String,
+    renewal: tokio::task::JoinHandle<()>,
 }
 
 impl SessionLock {
@@ -46,17 +47,47 @@ impl SessionLock {
         let request = LockSessionRequest {
             session_id: session_id.to_owned(),
             user_id: user_id.to_owned(),
-            lease_ms: (service.job_timeout + std::time::Duration::from_secs(60)).as_millis() as u64,
+            lease_ms: service.session_lock_lease.as_millis() as u64,
             wait_ms: service.session_lock_wait.as_millis() as u64,
         };
         let token = sessions.lock_session(request).await?.into_inner().token;
-        Ok(Self { sessions, session_id: session_id.to_owned(), token })
+        let lease = service.session_lock_lease;
+        let renewal = tokio::spawn(renew(sessions.clone(), session_id.to_owned(), token.clone(), lease));
+        Ok(Self { sessions, session_id: session_id.to_owned(), token, renewal })
+    }
+}
+
+/// Renews the lock `token` holds every third of its `lease` until aborted, or until the lock is found lost.
+async fn renew(
+    mut sessions: SessionStoreClient<tonic::transport::Channel>,
+    session_id: String,
+    token: String,
+    lease: std::time::Duration,
+) {
+    let mut every = tokio::time::interval(lease / 3);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let request = RenewSessionLockRequest {
+            session_id: session_id.clone(),
+            token: token.clone(),
+            lease_ms: lease.as_millis() as u64,
+        };
+        match sessions.renew_session_lock(request).await.map(|r| r.into_inner().renewed) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%session_id, "lost a session lock (its lease ran out); another turn may overlap this one");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, %session_id, "could not renew a session lock; trying again"),
+        }
     }
 }
 
 impl SessionLock {
     /// Gives the lock back now; a failure leaves it to the lease.
     async fn release(mut self) {
+        self.renewal.abort();
         let request =
             UnlockSessionRequest { session_id: self.session_id.clone(), token: std::mem::take(&mut self.token) };
         if let Err(e) = self.sessions.unlock_session(request).await {
@@ -67,6 +98,7 @@ impl SessionLock {
 
 impl Drop for SessionLock {
     fn drop(&mut self) {
+        self.renewal.abort();
         if self.token.is_empty() {
             return;
         }

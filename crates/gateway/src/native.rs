@@ -8,7 +8,10 @@ use axum::{
     Json,
     extract::State,
     http::HeaderMap,
-    response::{IntoResponse, Response, Sse, sse::Event},
+    response::{
+        IntoResponse, Response, Sse,
+        sse::{Event, KeepAlive},
+    },
 };
 use moltbot_proto::dialogue::v1::{ChatRequest, DialogueMode, chat_event};
 use serde::Deserialize;
@@ -58,7 +61,7 @@ pub async fn chat(
         let answer = turn.collect().await?;
         return Ok(Json(answer_json(&answer.started, &answer.finished)).into_response());
     }
-    let events = async_stream(move |tx| async move {
+    let events = sse_from_task(move |tx| async move {
         let mut started = Default::default();
         loop {
             let event = match turn.next().await {
@@ -88,7 +91,7 @@ pub async fn chat(
             }
         }
     });
-    Ok(Sse::new(events).into_response())
+    Ok(events.into_response())
 }
 
 fn answer_json(
@@ -111,9 +114,10 @@ fn answer_json(
     })
 }
 
-/// An SSE body fed by a task. The task is dropped the moment the client goes away (the body, and with it the
-/// channel, closes), even while it waits for a first token: that drops the turn, which cancels its job.
-pub(crate) fn async_stream<F, Fut>(produce: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
+/// An SSE response fed by a task. The task is dropped the moment the client goes away (the body, and with it the
+/// channel, closes), even while it waits for a first token: that drops the turn, which cancels its job. A comment
+/// line every 15 s keeps proxies from closing a stream that waits in the queue.
+pub(crate) fn sse_from_task<F, Fut>(produce: F) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -127,5 +131,6 @@ where
             () = watch.closed() => {}
         }
     });
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+    let events = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok);
+    Sse::new(events).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
 }

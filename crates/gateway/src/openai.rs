@@ -5,14 +5,14 @@ use axum::{
     Json,
     extract::State,
     http::HeaderMap,
-    response::{IntoResponse, Response, Sse, sse::Event},
+    response::{IntoResponse, Response, sse::Event},
 };
 use moltbot_proto::dialogue::v1::{ChatRequest, DialogueMode, ListModelsRequest, chat_event};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, native::async_stream,
+    ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, native::sse_from_task,
     to_proto_messages,
 };
 
@@ -94,7 +94,7 @@ pub async fn chat_completions(
         _ => (String::new(), String::new()),
     };
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    let events = async_stream(move |tx| async move {
+    let events = sse_from_task(move |tx| async move {
         let chunk = |delta: serde_json::Value, finish: Option<&str>| {
             json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -143,7 +143,7 @@ pub async fn chat_completions(
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
-    let mut response = Sse::new(events).into_response();
+    let mut response = events.into_response();
     session_header(&mut response, &session_id);
     Ok(response)
 }

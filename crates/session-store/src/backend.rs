@@ -130,6 +130,11 @@ impl Backend {
     pub async fn unlock(&self, id: &str, token: &str) -> Result<bool> {
         dispatch!(self, b => b.unlock(id, token).await)
     }
+
+    /// Sets the lease of the lock `token` holds to `lease_ms` from now; false when `token` no longer holds it.
+    pub async fn renew_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
+        dispatch!(self, b => b.renew_lock(id, token, lease_ms).await)
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -9,8 +9,8 @@ use moltbot_proto::{
     common::v1::ChatMessage,
     session::v1::{
         AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, GetSessionRequest, ListSessionsRequest,
-        LockSessionRequest, Session, TouchSessionRequest, UnlockSessionRequest, UpdateSessionRequest,
-        session_store_client::SessionStoreClient,
+        LockSessionRequest, RenewSessionLockRequest, Session, TouchSessionRequest, UnlockSessionRequest,
+        UpdateSessionRequest, session_store_client::SessionStoreClient,
     },
 };
 use tonic::{Code, transport::Channel};
@@ -65,6 +65,12 @@ impl Ctx {
     async fn lock(&self, user: &str, id: &str, lease_ms: u64, wait_ms: u64) -> Result<String, tonic::Status> {
         let request = LockSessionRequest { session_id: id.to_owned(), user_id: self.user(user), lease_ms, wait_ms };
         self.client.clone().lock_session(request).await.map(|r| r.into_inner().token)
+    }
+
+    async fn renew(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool, String> {
+        let request = RenewSessionLockRequest { session_id: id.to_owned(), token: token.to_owned(), lease_ms };
+        let response = self.client.clone().renew_session_lock(request).await.map_err(|s| format!("renew: {s}"))?;
+        Ok(response.into_inner().renewed)
     }
 
     async fn unlock(&self, id: &str, token: &str) -> Result<bool, String> {
@@ -255,6 +261,18 @@ async fn locks_are_exclusive_and_leased(ctx: Ctx) -> Outcome {
     expect(waited.is_ok(), || format!("the lease did not expire: {waited:?}"))
 }
 
+async fn a_lease_is_renewed_by_its_holder_only(ctx: Ctx) -> Outcome {
+    let s = ctx.create("a", "").await?;
+    let token = ctx.lock("a", &s.id, 1_000, 0).await.map_err(|e| format!("a free lock: {e}"))?;
+    expect(!ctx.renew(&s.id, "not-the-token", 60_000).await?, || "a wrong token renewed the lock".into())?;
+    expect(ctx.renew(&s.id, &token, 5_000).await?, || "the holder could not renew its lock".into())?;
+    // Past the first lease the renewed lock still holds.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    expect_code(ctx.lock("a", &s.id, 60_000, 0).await, Code::Aborted, "a renewed lock past its first lease")?;
+    expect(ctx.unlock(&s.id, &token).await?, || "the holder's token did not release the renewed lock".into())?;
+    expect(!ctx.renew(&s.id, &token, 5_000).await?, || "a released lock was renewed".into())
+}
+
 async fn settings_are_kept_and_updated(ctx: Ctx) -> Outcome {
     let metadata: std::collections::HashMap<String, String> = [("topic".into(), "tests".into())].into();
     let request = CreateSessionRequest {
@@ -317,6 +335,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("deleted sessions are gone", |c| Box::pin(deleted_sessions_are_gone(c))),
     ("touch extends the lifetime", |c| Box::pin(touch_extends_the_lifetime(c))),
     ("locks are exclusive and leased", |c| Box::pin(locks_are_exclusive_and_leased(c))),
+    ("a lease is renewed by its holder only", |c| Box::pin(a_lease_is_renewed_by_its_holder_only(c))),
     ("settings are kept and updated", |c| Box::pin(settings_are_kept_and_updated(c))),
     ("message token counts are kept", |c| Box::pin(message_token_counts_are_kept(c))),
 ];

@@ -246,4 +246,16 @@ impl EmbeddedBackend {
         }
         Ok(held)
     }
+
+    pub async fn renew_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
+        let now = now_ms();
+        let mut locks = self.locks.lock().map_err(|_| Error::Storage("the lock table is poisoned".into()))?;
+        match locks.get_mut(id) {
+            Some((held, until)) if held == token && *until > now => {
+                *until = now + lease_ms.max(1) as i64;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }

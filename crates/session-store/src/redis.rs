@@ -61,6 +61,11 @@ const UNLOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
 
+/// Extends the lock's lease only for the token that holds it.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0";
+
 pub struct RedisBackend {
     pool: Pool,
     prefix: String,
@@ -263,6 +268,17 @@ impl RedisBackend {
             .await
             .map_err(storage)?;
         Ok(deleted == 1)
+    }
+
+    pub async fn renew_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
+        let renewed: i64 = Script::new(RENEW)
+            .key(self.lock_key(id))
+            .arg(token)
+            .arg(lease_ms.max(1))
+            .invoke_async(&mut self.conn().await?)
+            .await
+            .map_err(storage)?;
+        Ok(renewed == 1)
     }
 }
 

@@ -4,9 +4,9 @@ use moltbot_proto::{
     common::v1::ChatMessage,
     session::v1::{
         AppendMessagesRequest, CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest,
-        ListSessionsRequest, ListSessionsResponse, LockSessionRequest, LockSessionResponse, Session,
-        TouchSessionRequest, TouchSessionResponse, UnlockSessionRequest, UnlockSessionResponse, UpdateSessionRequest,
-        session_store_server::SessionStore,
+        ListSessionsRequest, ListSessionsResponse, LockSessionRequest, LockSessionResponse, RenewSessionLockRequest,
+        RenewSessionLockResponse, Session, TouchSessionRequest, TouchSessionResponse, UnlockSessionRequest,
+        UnlockSessionResponse, UpdateSessionRequest, session_store_server::SessionStore,
     },
 };
 use tonic::{Request, Response, Status};
@@ -18,6 +18,8 @@ const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 const MAX_SYSTEM_PROMPT_BYTES: usize = 64 * 1024;
 const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+/// The longest lock lease a request may ask for.
+const MAX_LEASE_MS: u64 = 3_600_000;
 
 fn check_settings(
     metadata: Option<&std::collections::HashMap<String, String>>,
@@ -189,7 +191,7 @@ impl SessionStore for SessionStoreService {
         // Only the owner of a live session may take its lock; its messages are not needed for that.
         self.backend.meta(&r.session_id, &r.user_id).await?;
         let token = new_id();
-        let lease_ms = if r.lease_ms == 0 { 60_000 } else { r.lease_ms.min(3_600_000) };
+        let lease_ms = if r.lease_ms == 0 { 60_000 } else { r.lease_ms.min(MAX_LEASE_MS) };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(r.wait_ms.min(600_000));
         // Polls with a growing, jittered pause: turns are seconds long, so a few probes per turn are enough.
         let mut pause = std::time::Duration::from_millis(5);
@@ -214,6 +216,18 @@ impl SessionStore for SessionStoreService {
         let r = request.into_inner();
         let released = self.backend.unlock(&r.session_id, &r.token).await?;
         Ok(Response::new(UnlockSessionResponse { released }))
+    }
+
+    async fn renew_session_lock(
+        &self,
+        request: Request<RenewSessionLockRequest>,
+    ) -> Result<Response<RenewSessionLockResponse>, Status> {
+        let r = request.into_inner();
+        if r.lease_ms == 0 {
+            return Err(Status::invalid_argument("lease_ms must be at least 1"));
+        }
+        let renewed = self.backend.renew_lock(&r.session_id, &r.token, r.lease_ms.min(MAX_LEASE_MS)).await?;
+        Ok(Response::new(RenewSessionLockResponse { renewed }))
     }
 }
 
