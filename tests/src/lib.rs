@@ -435,6 +435,22 @@ impl Cluster {
         out
     }
 
+    /// The first worker's info once `done` holds for it, or after 10 s (the caller's asserts then say what is
+    /// wrong).
+    pub async fn first_worker_when(
+        &self,
+        done: impl Fn(&moltbot_proto::inference::v1::ModelInfo) -> bool,
+    ) -> moltbot_proto::inference::v1::ModelInfo {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = self.worker_info().await.swap_remove(0);
+            if done(&info) || Instant::now() > deadline {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops every service gracefully; any service error fails the test.
     pub async fn stop(self) {
         self.stop.cancel();

@@ -36,7 +36,7 @@ async fn type_message(browser: &Browser, text: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chat_page_asks_for_the_key_streams_stops_and_remembers_the_conversation() {
+async fn the_chat_page_asks_for_the_key_streams_stops_remembers_and_deletes_a_conversation() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.model_provider.max_tokens = 2000;
@@ -118,6 +118,19 @@ async fn the_chat_page_asks_for_the_key_streams_stops_and_remembers_the_conversa
     assert_eq!(session["system_prompt"], SYSTEM);
     let temperature = browser.until(5, "the settings", "return document.getElementById('temperature').value").await;
     assert_eq!(temperature, "0");
+
+    // Deleting the conversation (after the page asks to confirm) empties the list and the page.
+    browser.page.find(Locator::Css(".conversation.active .delete")).await.unwrap().click().await.unwrap();
+    browser.page.accept_alert().await.expect("a confirmation");
+    browser.until(10, "the emptied page", "return !document.querySelector('.conversation, .message')").await;
+    let status = reqwest::Client::new()
+        .get(format!("http://{}/api/sessions/{}", moltbot.gateway_addr, id.as_str().unwrap()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 404);
 
     browser.close().await;
     moltbot.stop().await.unwrap();

@@ -119,21 +119,10 @@ async fn a_client_that_disconnects_cancels_its_generation_and_its_session_keeps_
         seen.push_str(&String::from_utf8_lossy(&response.chunk().await.unwrap().expect("more of the stream")));
     }
     drop(response);
-    let mut info = cluster.worker_info().await;
-    for _ in 0..100 {
-        if info[0].jobs_completed == 1 && info[0].kv_blocks_free == info[0].kv_blocks_total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        info = cluster.worker_info().await;
-    }
-    assert_eq!(
-        (info[0].jobs_completed, info[0].jobs_cancelled),
-        (1, 1),
-        "the worker should stop for a departed client"
-    );
-    assert_eq!(info[0].kv_blocks_free, info[0].kv_blocks_total, "the cancelled sequence's KV blocks are freed");
-    assert_eq!((info[0].running, info[0].waiting), (0, 0));
+    let worker = cluster.first_worker_when(|w| w.jobs_completed == 1 && w.kv_blocks_free == w.kv_blocks_total).await;
+    assert_eq!((worker.jobs_completed, worker.jobs_cancelled), (1, 1), "the worker should stop for a departed client");
+    assert_eq!(worker.kv_blocks_free, worker.kv_blocks_total, "the cancelled sequence's KV blocks are freed");
+    assert_eq!((worker.running, worker.waiting), (0, 0));
 
     // The stopped turn stays in the session: the question and the answer as far as it was streamed.
     let (status, session) = cluster.http.get(&format!("/api/sessions/{id}")).await;
@@ -174,16 +163,9 @@ async fn a_client_that_gives_up_while_its_job_waits_cancels_it_before_any_work()
     assert_eq!((info[0].running, info[0].jobs_completed), (1, 0), "the second job still waits in the queue");
     // The slot frees; the worker takes the waiting job and drops it at once.
     drop(busy);
-    let mut info = cluster.worker_info().await;
-    for _ in 0..100 {
-        if info[0].jobs_completed == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        info = cluster.worker_info().await;
-    }
+    let worker = cluster.first_worker_when(|w| w.jobs_completed == 2).await;
     assert_eq!(
-        (info[0].jobs_completed, info[0].jobs_cancelled, info[0].jobs_cancelled_in_queue),
+        (worker.jobs_completed, worker.jobs_cancelled, worker.jobs_cancelled_in_queue),
         (2, 2, 1),
         "both jobs end by cancel, the second before any work"
     );
@@ -199,15 +181,8 @@ async fn a_client_that_gives_up_while_its_job_waits_cancels_it_before_any_work()
     waiting.abort();
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(busy);
-    let mut info = cluster.worker_info().await;
-    for _ in 0..100 {
-        if info[0].jobs_completed == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        info = cluster.worker_info().await;
-    }
-    assert_eq!((info[0].jobs_completed, info[0].jobs_cancelled_in_queue), (4, 2));
+    let worker = cluster.first_worker_when(|w| w.jobs_completed == 4).await;
+    assert_eq!((worker.jobs_completed, worker.jobs_cancelled_in_queue), (4, 2));
     cluster.stop().await;
 }
 
@@ -328,15 +303,16 @@ async fn alice_says(cluster: &Cluster, session: &str, message: &str) -> (u16, se
 
 #[tokio::test]
 async fn a_session_lives_while_it_is_used_and_expires_when_idle() {
-    let cluster = Cluster::start(1, |c| c.session_store.session_ttl = 2).await;
+    let cluster = Cluster::start(1, |c| c.session_store.session_ttl = 4).await;
     let session = alice_starts(&cluster).await;
-    // Two turns 1.2 s apart: together longer than the 2 s TTL, each within it, so the TTL slides.
+    // Two turns 2.5 s apart: together longer than the 4 s TTL, each within it (with room for a busy machine), so
+    // the TTL slides.
     for message in ["Still here", "And again"] {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let (status, body) = alice_says(&cluster, &session, message).await;
         assert_eq!(status, 200, "an active session expired: {body}");
     }
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    tokio::time::sleep(Duration::from_millis(5000)).await;
     let (status, body) = alice_says(&cluster, &session, "Anyone?").await;
     assert_eq!(status, 404, "an idle session must expire, not start over: {body}");
     assert_eq!(body["error"]["type"], "not_found_error", "{body}");
