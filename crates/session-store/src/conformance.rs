@@ -273,6 +273,36 @@ async fn a_lease_is_renewed_by_its_holder_only(ctx: Ctx) -> Outcome {
     expect(!ctx.renew(&s.id, &token, 5_000).await?, || "a released lock was renewed".into())
 }
 
+async fn concurrent_updates_each_apply_in_full(ctx: Ctx) -> Outcome {
+    let s = ctx.create("a", "").await?;
+    // Three kinds of update, each setting one field, 24 at once: none may undo another.
+    let updates = (0..8).flat_map(|_| {
+        let base = UpdateSessionRequest { session_id: s.id.clone(), user_id: ctx.user("a"), ..Default::default() };
+        [
+            UpdateSessionRequest { system_prompt: Some("Be brief.".into()), ..base.clone() },
+            UpdateSessionRequest {
+                metadata: [("topic".into(), "tests".into())].into(),
+                set_metadata: true,
+                ..base.clone()
+            },
+            UpdateSessionRequest { ttl_seconds: Some(1234), ..base },
+        ]
+    });
+    let results = futures::future::join_all(updates.map(|u| {
+        let mut client = ctx.client.clone();
+        async move { client.update_session(u).await }
+    }))
+    .await;
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        return Err(format!("a concurrent update failed: {e}"));
+    }
+    let got = ctx.get("a", &s.id).await.map_err(|e| e.to_string())?;
+    let topic = got.metadata.get("topic").map(String::as_str);
+    expect(got.system_prompt == "Be brief." && topic == Some("tests") && got.ttl_seconds == 1234, || {
+        format!("an update was lost: {got:?}")
+    })
+}
+
 async fn settings_are_kept_and_updated(ctx: Ctx) -> Outcome {
     let metadata: std::collections::HashMap<String, String> = [("topic".into(), "tests".into())].into();
     let request = CreateSessionRequest {
@@ -337,6 +367,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("locks are exclusive and leased", |c| Box::pin(locks_are_exclusive_and_leased(c))),
     ("a lease is renewed by its holder only", |c| Box::pin(a_lease_is_renewed_by_its_holder_only(c))),
     ("settings are kept and updated", |c| Box::pin(settings_are_kept_and_updated(c))),
+    ("concurrent updates each apply in full", |c| Box::pin(concurrent_updates_each_apply_in_full(c))),
     ("message token counts are kept", |c| Box::pin(message_token_counts_are_kept(c))),
 ];
 

@@ -41,8 +41,11 @@ redis.call('EXPIRE', KEYS[3], math.max(tonumber(ttl), redis.call('TTL', KEYS[3])
 return redis.call('LLEN', KEYS[2])";
 
 /// Replaces the settings and restarts every TTL under the owner check.
+/// Writes new settings only over the ones the caller read (ARGV[6], '' for none): a compare-and-set, so that
+/// concurrent updates of one session each apply in full, one after the other.
 const UPDATE: &str = r"
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return -1 end
+if (redis.call('HGET', KEYS[1], 'settings') or '') ~= ARGV[6] then return -2 end
 redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[2], 'settings', ARGV[3], 'ttl', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -55,6 +58,9 @@ if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return 1";
+
+/// How often an update re-reads settings that another update changed under it.
+const UPDATE_TRIES: usize = 32;
 
 /// Deletes the lock only for the token that holds it.
 const UNLOCK: &str = r"
@@ -205,24 +211,45 @@ impl RedisBackend {
     }
 
     pub async fn update(&self, id: &str, user_id: &str, patch: SessionPatch) -> Result<SessionRecord> {
-        let mut settings = self.meta(id, user_id).await?.settings;
-        settings.apply(patch);
-        let updated: i64 = Script::new(UPDATE)
-            .key(self.session_key(id))
-            .key(self.messages_key(id))
-            .key(self.user_key(user_id))
-            .arg(user_id)
-            .arg(now_ms())
-            .arg(serde_json::to_string(&settings).map_err(|e| Error::Storage(e.to_string()))?)
-            .arg(settings.ttl_ms(self.ttl) / 1000)
-            .arg(id)
-            .invoke_async(&mut self.conn().await?)
-            .await
-            .map_err(storage)?;
-        if updated < 0 {
-            return Err(Error::NotFound(id.into()));
+        // Read, apply, and write only if nobody wrote in between; else read again.
+        for _ in 0..UPDATE_TRIES {
+            let (owner, seen): (Option<String>, Option<String>) = deadpool_redis::redis::cmd("HMGET")
+                .arg(self.session_key(id))
+                .arg("user_id")
+                .arg("settings")
+                .query_async(&mut self.conn().await?)
+                .await
+                .map_err(storage)?;
+            if owner.as_deref() != Some(user_id) {
+                return Err(Error::NotFound(id.into()));
+            }
+            let mut settings: SessionSettings = match &seen {
+                Some(json) => {
+                    serde_json::from_str(json).map_err(|e| Error::Storage(format!("corrupt settings: {e}")))?
+                }
+                None => SessionSettings::default(),
+            };
+            settings.apply(patch.clone());
+            let updated: i64 = Script::new(UPDATE)
+                .key(self.session_key(id))
+                .key(self.messages_key(id))
+                .key(self.user_key(user_id))
+                .arg(user_id)
+                .arg(now_ms())
+                .arg(serde_json::to_string(&settings).map_err(|e| Error::Storage(e.to_string()))?)
+                .arg(settings.ttl_ms(self.ttl) / 1000)
+                .arg(id)
+                .arg(seen.unwrap_or_default())
+                .invoke_async(&mut self.conn().await?)
+                .await
+                .map_err(storage)?;
+            match updated {
+                -1 => return Err(Error::NotFound(id.into())),
+                -2 => continue,
+                _ => return self.get(id, user_id).await,
+            }
         }
-        self.get(id, user_id).await
+        Err(Error::Storage(format!("session {id}: {UPDATE_TRIES} concurrent updates in a row won the race; retry")))
     }
 
     pub async fn delete(&self, id: &str, user_id: &str) -> Result<bool> {
