@@ -31,6 +31,17 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     config
 }
 
+/// The embedded shape (`moltbot serve`) on a free loopback port, with `test_config` changed by `configure`.
+/// The directory holds its store: keep it as long as the service.
+pub async fn embedded(configure: impl FnOnce(&mut Config)) -> (moltbot::Embedded, Http, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = test_config(dir.path());
+    configure(&mut config);
+    let moltbot = moltbot::start(config, listener().await).await.expect("MoltBot starts");
+    let http = Http::new(moltbot.gateway_addr);
+    (moltbot, http, dir)
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }

@@ -2,7 +2,7 @@
 //! WebDriver against `moltbot serve`'s embedded shape with an API key configured.
 
 use fantoccini::Locator;
-use moltbot_tests::{Browser, listener, test_config};
+use moltbot_tests::{Browser, embedded, listener, test_config};
 use serde_json::Value;
 
 const KEY: &str = "browser-test-key-0123456789";
@@ -37,11 +37,11 @@ async fn type_message(browser: &Browser, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_page_asks_for_the_key_streams_stops_remembers_and_deletes_a_conversation() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.model_provider.max_tokens = 2000;
-    config.gateway.auth.api_keys = vec![KEY.into()];
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
+    let (moltbot, api, _dir) = embedded(|c| {
+        c.model_provider.max_tokens = 2000;
+        c.gateway.auth.api_keys = vec![KEY.into()];
+    })
+    .await;
     let browser = Browser::start().await;
     browser.page.goto(&format!("http://{}/", moltbot.gateway_addr)).await.expect("the page loads");
 
@@ -106,15 +106,10 @@ async fn the_chat_page_asks_for_the_key_streams_stops_remembers_and_deletes_a_co
     let id = browser
         .until(5, "the open conversation", "return document.querySelector('.conversation.active')?.dataset.id")
         .await;
-    let session: Value = reqwest::Client::new()
-        .get(format!("http://{}/api/sessions/{}", moltbot.gateway_addr, id.as_str().unwrap()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bearer = format!("Bearer {KEY}");
+    let path = format!("/api/sessions/{}", id.as_str().unwrap());
+    let (status, session) = api.call("GET", &path, &[("authorization", &bearer)], None).await;
+    assert_eq!(status, 200, "{session}");
     assert_eq!(session["system_prompt"], SYSTEM);
     let temperature = browser.until(5, "the settings", "return document.getElementById('temperature').value").await;
     assert_eq!(temperature, "0");
@@ -123,13 +118,7 @@ async fn the_chat_page_asks_for_the_key_streams_stops_remembers_and_deletes_a_co
     browser.page.find(Locator::Css(".conversation.active .delete")).await.unwrap().click().await.unwrap();
     browser.page.accept_alert().await.expect("a confirmation");
     browser.until(10, "the emptied page", "return !document.querySelector('.conversation, .message')").await;
-    let status = reqwest::Client::new()
-        .get(format!("http://{}/api/sessions/{}", moltbot.gateway_addr, id.as_str().unwrap()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let (status, _) = api.call("GET", &path, &[("authorization", &bearer)], None).await;
     assert_eq!(status, 404);
 
     browser.close().await;

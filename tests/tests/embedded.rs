@@ -1,6 +1,6 @@
 //! The embedded shape (`moltbot serve`): every service in one process, in-process queue, embedded store.
 
-use moltbot_tests::{Http, listener, test_config, two_turn_conversation};
+use moltbot_tests::{Http, embedded, listener, test_config, two_turn_conversation};
 
 /// path, headers, body, expected status, a word the error message must contain
 type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16, &'a str);
@@ -201,12 +201,8 @@ async fn every_dialogue_mode_rule_holds_on_both_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_everything_but_health_and_each_key_is_its_own_user() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
     let (key_a, key_b) = ("alpha-0123456789abcdef", "bravo-0123456789abcdef");
-    config.gateway.auth.api_keys = vec![key_a.into(), key_b.into()];
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
-    let http = Http::new(moltbot.gateway_addr);
+    let (moltbot, http, _dir) = embedded(|c| c.gateway.auth.api_keys = vec![key_a.into(), key_b.into()]).await;
     assert_eq!(http.get("/health").await.0, 200);
     assert_eq!(http.get("/ready").await.0, 200);
 
@@ -246,11 +242,7 @@ async fn a_gateway_beyond_loopback_without_keys_refuses_to_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_user_has_a_rate_limit_with_retry_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.gateway.rate_limit.requests_per_minute = 2;
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
-    let http = Http::new(moltbot.gateway_addr);
+    let (moltbot, http, _dir) = embedded(|c| c.gateway.rate_limit.requests_per_minute = 2).await;
     let as_user = |user: &'static str| [("x-user-id", user)];
     for _ in 0..2 {
         assert_eq!(http.call("GET", "/v1/models", &as_user("ann"), None).await.0, 200);
@@ -269,13 +261,12 @@ async fn each_user_has_a_rate_limit_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_cache_serves_deterministic_single_turns_and_never_across_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
     let (key_a, key_b) = ("alpha-0123456789abcdef", "bravo-0123456789abcdef");
-    config.gateway.auth.api_keys = vec![key_a.into(), key_b.into()];
-    config.gateway.cache_config.enabled = true;
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
-    let http = Http::new(moltbot.gateway_addr);
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.gateway.auth.api_keys = vec![key_a.into(), key_b.into()];
+        c.gateway.cache_config.enabled = true;
+    })
+    .await;
     let (a, b) = (format!("Bearer {key_a}"), format!("Bearer {key_b}"));
     let cache_of = |headers: &reqwest::header::HeaderMap| {
         headers.get("x-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_else(|| "none".into())
@@ -313,13 +304,11 @@ async fn the_response_cache_serves_deterministic_single_turns_and_never_across_k
 async fn long_answers(
     configure: impl FnOnce(&mut moltbot_config::Config),
 ) -> (moltbot::Embedded, Http, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.model_provider.max_tokens = 2000;
-    configure(&mut config);
-    let moltbot = moltbot::start(config, listener().await).await.unwrap();
-    let http = Http::new(moltbot.gateway_addr);
-    (moltbot, http, dir)
+    embedded(|config| {
+        config.model_provider.max_tokens = 2000;
+        configure(config);
+    })
+    .await
 }
 
 /// A request for the long greedy count, with `extra` JSON fields (e.g. `,"stream":true`).

@@ -116,13 +116,25 @@ impl Worker {
         let Some(request) = received.job.request.clone() else {
             return;
         };
-        if received.cancelled.is_cancelled() {
+        let cancelled = if received.cancelled.is_cancelled() {
             tracing::info!(request_id = %request.request_id, "dropping a job cancelled while it waited in the queue");
             self.jobs.cancelled_in_queue.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            self.generate(request, &received).await
+        };
+        if cancelled {
             self.jobs.cancelled.fetch_add(1, Ordering::Relaxed);
-            self.jobs.completed.fetch_add(1, Ordering::Relaxed);
-            return;
         }
+        self.jobs.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Generates `request` and publishes its events; returns whether a cancel stopped it.
+    async fn generate(
+        &self,
+        request: moltbot_proto::inference::v1::GenerateRequest,
+        received: &moltbot_queue::ReceivedJob,
+    ) -> bool {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let driver = drive(self.clone(), request, received.job.deadline_ms, received.cancelled.clone(), tx);
         let forward = async {
@@ -135,10 +147,7 @@ impl Worker {
             }
         };
         let (cancelled, ()) = tokio::join!(driver, forward);
-        if cancelled {
-            self.jobs.cancelled.fetch_add(1, Ordering::Relaxed);
-        }
-        self.jobs.completed.fetch_add(1, Ordering::Relaxed);
+        cancelled
     }
 }
 

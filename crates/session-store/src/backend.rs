@@ -48,10 +48,9 @@ impl SessionSettings {
         }
     }
 
-    /// The idle lifetime in milliseconds, given the store's default in seconds.
-    pub fn ttl_ms(&self, default_ttl_s: u64) -> i64 {
-        let ttl = if self.ttl_seconds > 0 { self.ttl_seconds } else { default_ttl_s };
-        ttl as i64 * 1000
+    /// The idle lifetime in seconds: the session's own, or the store's `default_s`.
+    pub fn lifetime_s(&self, default_s: u64) -> u64 {
+        if self.ttl_seconds > 0 { self.ttl_seconds } else { default_s }
     }
 }
 

@@ -17,7 +17,8 @@ const BY_USER: TableDefinition<&str, ()> = TableDefinition::new("sessions_by_use
 #[derive(Clone)]
 pub struct EmbeddedBackend {
     db: Arc<Database>,
-    ttl_ms: i64,
+    /// The store's default idle lifetime in seconds.
+    ttl_s: u64,
     /// Turn locks: session id → (token, lease end). One process owns an embedded store, so they live in memory.
     locks: Arc<std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>>,
 }
@@ -42,15 +43,15 @@ impl EmbeddedBackend {
         tx.open_table(SESSIONS).map_err(storage)?;
         tx.open_table(BY_USER).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(Self { db: Arc::new(db), ttl_ms: ttl as i64 * 1000, locks: Default::default() })
+        Ok(Self { db: Arc::new(db), ttl_s: ttl, locks: Default::default() })
     }
 
     /// Runs blocking redb work off the async runtime.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database, i64) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Database, u64) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let (db, ttl) = (self.db.clone(), self.ttl_ms);
+        let (db, ttl) = (self.db.clone(), self.ttl_s);
         tokio::task::spawn_blocking(move || f(&db, ttl)).await.map_err(|e| Error::Storage(e.to_string()))?
     }
 
@@ -69,7 +70,7 @@ impl EmbeddedBackend {
                     user_id: user_id.clone(),
                     created_at_ms: now,
                     updated_at_ms: now,
-                    expires_at_ms: now + ttl_of(&settings, ttl),
+                    expires_at_ms: now + settings.lifetime_s(ttl) as i64 * 1000,
                     message_count: 0,
                     messages: vec![],
                     settings,
@@ -157,7 +158,7 @@ impl EmbeddedBackend {
                 change(&mut record);
                 let now = now_ms();
                 record.updated_at_ms = now;
-                record.expires_at_ms = now + ttl_of(&record.settings, ttl);
+                record.expires_at_ms = now + record.settings.lifetime_s(ttl) as i64 * 1000;
                 sessions.insert(id.as_str(), encode(&record)?.as_slice()).map_err(storage)?;
                 record
             };
@@ -195,11 +196,6 @@ impl EmbeddedBackend {
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
     }
-}
-
-/// A session's idle lifetime in ms: its own, or the store's `default_ms`.
-fn ttl_of(settings: &SessionSettings, default_ms: i64) -> i64 {
-    if settings.ttl_seconds > 0 { settings.ttl_seconds as i64 * 1000 } else { default_ms }
 }
 
 fn user_key(user_id: &str, id: &str) -> String {

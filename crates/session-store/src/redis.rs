@@ -121,8 +121,8 @@ impl RedisBackend {
             .arg(id)
             .arg(user_id)
             .arg(now)
-            .arg(settings.ttl_ms(self.ttl) / 1000)
-            .arg(serde_json::to_string(&settings).map_err(|e| Error::Storage(e.to_string()))?)
+            .arg(settings.lifetime_s(self.ttl))
+            .arg(encode_settings(&settings)?)
             .invoke_async(&mut self.conn().await?)
             .await
             .map_err(storage)?;
@@ -157,10 +157,7 @@ impl RedisBackend {
             return Err(Error::NotFound(id.into()));
         }
         let int = |k: &str| hash.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let settings = match hash.get("settings") {
-            Some(json) => serde_json::from_str(json).map_err(|e| Error::Storage(format!("corrupt settings: {e}")))?,
-            None => SessionSettings::default(),
-        };
+        let settings = decode_settings(hash.get("settings").map(String::as_str))?;
         Ok(SessionRecord {
             id: id.into(),
             user_id: user_id.into(),
@@ -223,12 +220,7 @@ impl RedisBackend {
             if owner.as_deref() != Some(user_id) {
                 return Err(Error::NotFound(id.into()));
             }
-            let mut settings: SessionSettings = match &seen {
-                Some(json) => {
-                    serde_json::from_str(json).map_err(|e| Error::Storage(format!("corrupt settings: {e}")))?
-                }
-                None => SessionSettings::default(),
-            };
+            let mut settings = decode_settings(seen.as_deref())?;
             settings.apply(patch.clone());
             let updated: i64 = Script::new(UPDATE)
                 .key(self.session_key(id))
@@ -236,8 +228,8 @@ impl RedisBackend {
                 .key(self.user_key(user_id))
                 .arg(user_id)
                 .arg(now_ms())
-                .arg(serde_json::to_string(&settings).map_err(|e| Error::Storage(e.to_string()))?)
-                .arg(settings.ttl_ms(self.ttl) / 1000)
+                .arg(encode_settings(&settings)?)
+                .arg(settings.lifetime_s(self.ttl))
                 .arg(id)
                 .arg(seen.unwrap_or_default())
                 .invoke_async(&mut self.conn().await?)
@@ -307,6 +299,17 @@ impl RedisBackend {
             .map_err(storage)?;
         Ok(renewed == 1)
     }
+}
+
+/// A session's settings as its hash keeps them: JSON, absent for a session created before settings existed.
+fn decode_settings(json: Option<&str>) -> Result<SessionSettings> {
+    json.map_or(Ok(SessionSettings::default()), |json| {
+        serde_json::from_str(json).map_err(|e| Error::Storage(format!("corrupt settings: {e}")))
+    })
+}
+
+fn encode_settings(settings: &SessionSettings) -> Result<String> {
+    serde_json::to_string(settings).map_err(|e| Error::Storage(e.to_string()))
 }
 
 fn storage(e: deadpool_redis::redis::RedisError) -> Error {
