@@ -102,8 +102,18 @@ impl Server {
     /// Kills the server without warning (SIGKILL, as a crash would) and starts it again on the same port and
     /// data directory.
     pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// Kills the server without warning (SIGKILL); it stays down until `start_again`.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on its port and data directory.
+    pub fn start_again(&mut self) {
         self.child = start(self.program, &self.args);
         assert!(self.wait_ready(), "{} did not come back on port {}", self.program, self.port);
     }

@@ -18,15 +18,17 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
     // The session is in Redis, readable by anyone who looks: both questions and both answers, in order.
     let redis = redis::Client::open(cluster.redis.redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let owner: String = conn.hget(format!("moltbot:session:{session}"), "user_id").await.unwrap();
+    // Ids are per user: the key holds the owner's scope.
+    let key = format!("moltbot:session:{}", moltbot_session_store::stored_id("alice", &session));
+    let owner: String = conn.hget(&key, "user_id").await.unwrap();
     assert_eq!(owner, "alice");
-    let stored: Vec<String> = conn.lrange(format!("moltbot:session:{session}:messages"), 0, -1).await.unwrap();
+    let stored: Vec<String> = conn.lrange(format!("{key}:messages"), 0, -1).await.unwrap();
     let stored: Vec<serde_json::Value> = stored.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
     let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert_eq!(stored[0]["content"], "What is 2+2?");
     assert_eq!(stored[2]["content"], "And 3+3?");
-    let ttl: i64 = conn.ttl(format!("moltbot:session:{session}")).await.unwrap();
+    let ttl: i64 = conn.ttl(&key).await.unwrap();
     assert!(ttl > 0 && ttl <= 1800, "sessions expire (ttl {ttl})");
 
     // Concurrent chats spread over both workers: each pulls only when it has a free slot.
@@ -38,7 +40,18 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
     }
     let jobs: Vec<u64> = cluster.worker_info().await.iter().map(|w| w.jobs_completed).collect();
     assert!(jobs.iter().all(|&n| n >= 1), "every worker takes jobs: {jobs:?}");
+    // Finished jobs publish nothing more: no cancel for a job that ended (only abandoned ones get one).
+    let cancels = remembered_cancels(&cluster).await;
+    assert_eq!(cancels, 0, "{cancels} cancels were published for finished jobs");
     cluster.stop().await;
+}
+
+/// How many cancels the `MOLTBOT_CANCELS` stream holds.
+async fn remembered_cancels(cluster: &Cluster) -> u64 {
+    let client = async_nats::connect(cluster.nats.nats_url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("MOLTBOT_CANCELS").await.expect("the cancel stream");
+    stream.info().await.expect("stream info").state.messages
 }
 
 /// Takes the next job like a worker would, reports it started (and optionally a token), then "dies":
@@ -107,9 +120,10 @@ async fn a_client_that_disconnects_cancels_its_generation_and_its_session_keeps_
     let (status, session) = cluster.http.call("POST", "/api/sessions", &[], None).await;
     assert_eq!(status, 201, "{session}");
     let id = session["id"].as_str().unwrap();
-    // Greedy counting runs far longer than this test waits: only a cancel can end the job early.
+    // 3000 tokens by construction (min_tokens) take far longer than this test waits: only a cancel can end the
+    // job early.
     let body = format!(
-        r#"{{"session_id":"{id}","message":"Count from 1 to 1000, separated by commas.","max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}}"#
+        r#"{{"session_id":"{id}","message":"Count from 1 to 1000, separated by commas.","max_tokens":3000,"min_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}}"#
     );
     let mut response = cluster.http.stream("/api/chat", &body).await;
     assert_eq!(response.status(), 200);
@@ -150,7 +164,7 @@ async fn a_client_that_gives_up_while_its_job_waits_cancels_it_before_any_work()
         c.inference_worker.max_batch_size = 1;
     })
     .await;
-    let counting = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}"#;
+    let counting = r#"{"message":"Count from 1 to 1000, separated by commas.","max_tokens":3000,"min_tokens":3000,"stream":true,"temperature":0,"repetition_penalty":1.0}"#;
     // The worker's one slot is busy, so the next job waits in the queue; its client hangs up there.
     let mut busy = cluster.http.stream("/api/chat", counting).await;
     busy.chunk().await.unwrap().expect("the first answer has begun");
@@ -175,7 +189,7 @@ async fn a_client_that_gives_up_while_its_job_waits_cancels_it_before_any_work()
     let mut busy = cluster.http.stream("/api/chat", counting).await;
     busy.chunk().await.unwrap().expect("the third answer has begun");
     let http = cluster.http.clone();
-    let openai = r#"{"messages":[{"role":"user","content":"Count to 1000."}],"max_tokens":3000,"stream":true}"#;
+    let openai = r#"{"messages":[{"role":"user","content":"Count to 1000."}],"max_tokens":3000,"min_tokens":3000,"stream":true}"#;
     let waiting = tokio::spawn(async move { http.stream("/v1/chat/completions", openai).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     waiting.abort();
@@ -198,8 +212,9 @@ async fn a_turn_that_outlasts_its_lock_lease_keeps_the_session_to_itself() {
     assert_eq!(status, 201, "{session}");
     let id = session["id"].as_str().unwrap().to_owned();
     let count = "Count from 1 to 1000, separated by commas.";
+    // 300 tokens by construction, whatever the machine's kernels make of the count.
     let long = format!(
-        r#"{{"session_id":"{id}","message":"{count}","max_tokens":300,"temperature":0,"repetition_penalty":1.0}}"#
+        r#"{{"session_id":"{id}","message":"{count}","max_tokens":300,"min_tokens":300,"temperature":0,"repetition_penalty":1.0}}"#
     );
     let http = cluster.http.clone();
     let first = tokio::spawn(async move { http.post("/api/chat", &[], &long).await });
@@ -445,5 +460,68 @@ async fn the_sessions_api_pages_and_hides_other_users_sessions() {
     assert_eq!(http.call("GET", &path, &alice, None).await.0, 404);
     assert_eq!(http.call("DELETE", &path, &alice, None).await.0, 404);
     assert_eq!(alice_says(&cluster, &id, "Still there?").await.0, 404, "a deleted session never restarts");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moltbot_rides_out_a_nats_restart_and_fails_fast_while_nats_is_down() {
+    let mut cluster = Cluster::start(2, |_| {}).await;
+    let hi = r#"{"message":"Hi","max_tokens":2}"#;
+    let (status, _, body) = cluster.http.post("/api/chat", &[], hi).await;
+    assert_eq!(status, 200, "{body}");
+
+    cluster.nats.kill();
+    // The clients notice the lost connection at once (the socket closes); a turn then fails fast.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = std::time::Instant::now();
+    let (status, _, body) = cluster.http.post("/api/chat", &[], hi).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "a 503 after {:?}", asked.elapsed());
+
+    // NATS comes back on the same store: the dialogue-manager and both workers reconnect by themselves, for as
+    // long as it took (here longer than the old limit of three attempts).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.nats.start_again();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, body) = cluster.http.post("/api/chat", &[], hi).await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status} 30 s after NATS came back: {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let chats = (0..6).map(|_| cluster.http.post("/api/chat", &[], hi));
+    for (status, _, body) in futures::future::join_all(chats).await {
+        assert_eq!(status, 200, "after the restart: {body}");
+    }
+    let jobs: Vec<u64> = cluster.worker_info().await.iter().map(|w| w.jobs_completed).collect();
+    assert!(jobs.iter().sum::<u64>() >= 8 && jobs.iter().all(|&n| n > 0), "both workers took jobs again: {jobs:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_longer_than_a_queue_message_keeps_answering() {
+    let cluster = Cluster::start(1, |_| {}).await;
+    let session = alice_starts(&cluster).await;
+    // 2.4 MB of stored history, more than twice NATS's 1 MiB message limit: no model could see it all.
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let long = "many words ".repeat(20_000);
+    for _ in 0..12 {
+        let message = |role: &str, content: &str, tokens| moltbot_proto::common::v1::ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            tokens,
+            ..Default::default()
+        };
+        let request = moltbot_proto::session::v1::AppendMessagesRequest {
+            session_id: session.clone(),
+            user_id: "alice".into(),
+            messages: vec![message("user", &long, 40_000), message("assistant", "Noted.", 3)],
+        };
+        store.append_messages(request).await.unwrap();
+    }
+    let (status, body) = alice_says(&cluster, &session, "And now?").await;
+    assert_eq!(status, 200, "{body}");
     cluster.stop().await;
 }

@@ -217,6 +217,11 @@ async fn api_keys_guard_everything_but_health_and_each_key_is_its_own_user() {
     assert_eq!(http.call("GET", "/v1/models", &[], None).await.0, 401);
     assert_eq!(http.call("GET", "/api/sessions", &[], None).await.0, 401);
     assert_eq!(http.call("GET", "/v1/models", &[("authorization", &bearer_a)], None).await.0, 200);
+    // The scheme's name is case-insensitive (RFC 9110).
+    for scheme in ["bearer", "BEARER", "bEaReR"] {
+        let header = format!("{scheme} {key_a}");
+        assert_eq!(http.call("GET", "/v1/models", &[("authorization", &header)], None).await.0, 200, "{scheme}");
+    }
 
     // A's session is A's: B (even claiming A's X-User-Id) cannot see it.
     let (status, session) = http.call("POST", "/api/sessions", &[("authorization", &bearer_a)], None).await;
@@ -299,8 +304,8 @@ async fn the_response_cache_serves_deterministic_single_turns_and_never_across_k
     moltbot.stop().await.unwrap();
 }
 
-/// MoltBot answering up to 2000 tokens, with `configure` applied; greedy counting to 1000 (`counting`) runs
-/// far longer than these tests wait.
+/// MoltBot answering up to 2000 tokens, with `configure` applied; `counting` asks for 2000 tokens by construction
+/// (`min_tokens`), which run far longer than these tests wait on any machine.
 async fn long_answers(
     configure: impl FnOnce(&mut moltbot_config::Config),
 ) -> (moltbot::Embedded, Http, tempfile::TempDir) {
@@ -314,7 +319,7 @@ async fn long_answers(
 /// A request for the long greedy count, with `extra` JSON fields (e.g. `,"stream":true`).
 fn counting(extra: &str) -> String {
     format!(
-        r#"{{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"temperature":0,"repetition_penalty":1.0{extra}}}"#
+        r#"{{"message":"Count from 1 to 1000, separated by commas.","max_tokens":2000,"min_tokens":2000,"temperature":0,"repetition_penalty":1.0{extra}}}"#
     )
 }
 
@@ -333,6 +338,30 @@ async fn a_request_past_its_deadline_is_a_504() {
     let (status, _, error) = http.post("/api/chat", &[], &counting("")).await;
     assert_eq!(status, 504, "{error}");
     assert_eq!(error["error"]["type"], "timeout_error", "{error}");
+    moltbot.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_that_misses_its_deadline_saves_nothing_every_time() {
+    let (moltbot, http, _dir) = long_answers(|c| c.gateway.request_timeout = 2).await;
+    let (status, session) = http.call("POST", "/api/sessions", &[], None).await;
+    assert_eq!(status, 201);
+    let id = session["id"].as_str().unwrap();
+    for _ in 0..3 {
+        // Streamed: the answer has begun when the deadline ends it, with an error event.
+        let mut response = http.stream("/api/chat", &counting(&format!(r#","stream":true,"session_id":"{id}""#))).await;
+        assert_eq!(response.status(), 200);
+        let mut seen = String::new();
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(seen.contains("event: delta") && seen.contains("event: error") && seen.contains("504"), "{seen}");
+        // Not streamed: a 504.
+        let (status, _, error) = http.post("/api/chat", &[("x-session-id", id)], &counting("")).await;
+        assert_eq!(status, 504, "{error}");
+    }
+    let (status, session) = http.call("GET", &format!("/api/sessions/{id}"), &[], None).await;
+    assert_eq!((status, session["message_count"].as_u64()), (200, Some(0)), "a timed-out turn was saved: {session}");
     moltbot.stop().await.unwrap();
 }
 
@@ -372,4 +401,148 @@ async fn a_turn_that_waits_too_long_for_its_session_is_a_409() {
     assert_eq!(body["error"]["type"], "conflict_error", "{body}");
     drop(busy);
     moltbot.stop().await.unwrap();
+}
+
+/// The status and the error body of an HTTP answer, which must be JSON in the API's error shape.
+async fn json_error(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("a {status} without a JSON body: {text:?}"));
+    assert!(body["error"]["message"].is_string(), "{body}");
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_accepted_is_ignored_and_every_refusal_is_clear_json() {
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.gateway.cache_config.enabled = true;
+        c.gateway.max_messages = 8;
+    })
+    .await;
+    let too_many = serde_json::json!({ "messages": vec![serde_json::json!({"role": "user", "content": "hi"}); 9] });
+    let long_stops = serde_json::json!({ "message": "hi", "stop": vec!["x".repeat(300); 4] });
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"logit_bias":{"50256":-100}}"#.into(),
+            "logit_bias",
+        ),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#.into(), "logprobs"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"top_logprobs":3}"#.into(),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#.into(),
+            "response_format",
+        ),
+        ("/v1/chat/completions", too_many.to_string(), "messages"),
+        ("/api/chat", long_stops.to_string(), "stop"),
+        ("/api/chat", r#"{"message":"hi","max_tokens":4,"min_tokens":5}"#.into(), "min_tokens"),
+    ];
+    for (path, body, param) in cases {
+        let (status, _, error) = http.post(path, &[], &body).await;
+        assert_eq!((status, error["error"]["param"].as_str()), (400, Some(param)), "{path} {body}: {error}");
+    }
+    // What is supported is accepted: the default text format, logprobs off.
+    let plain = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"temperature":0,"logprobs":false,"response_format":{"type":"text"}}"#;
+    assert_eq!(http.post("/v1/chat/completions", &[], plain).await.0, 200);
+
+    // The cache never answers a request the handler would refuse: a bad header after a cached answer is a 400.
+    let cached = r#"{"message":"Say hi","max_tokens":2,"temperature":0}"#;
+    let (status, headers, _) = http.post("/api/chat", &[], cached).await;
+    assert_eq!((status, headers.get("x-cache").map(|v| v.to_str().unwrap())), (200, Some("MISS")));
+    assert_eq!(http.post("/api/chat", &[], cached).await.1.get("x-cache").unwrap(), "HIT");
+    let (status, headers, error) = http.post("/api/chat", &[("x-dialogue-mode", "bogus")], cached).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(headers.get("x-cache").is_none() && error["error"]["param"] == "X-Dialogue-Mode", "{error}");
+
+    // A path that is not UTF-8, a method a route does not take, an id a megabyte long: JSON errors, ids cut short.
+    let not_utf8 = http.client.get(format!("{}/api/sessions/%FF%FE", http.base)).send().await.unwrap();
+    assert_eq!(json_error(not_utf8).await.0, 400);
+    let put = http.client.put(format!("{}/api/chat", http.base)).send().await.unwrap();
+    assert_eq!(json_error(put).await.0, 405);
+    let long_id = "a".repeat(100_000);
+    let (status, error) =
+        json_error(http.client.delete(format!("{}/api/sessions/{long_id}", http.base)).send().await.unwrap()).await;
+    assert_eq!(status, 404, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().len() < 200, "the id comes back whole: {error}");
+    let header = "b".repeat(10_000);
+    let (status, _, error) = http.post("/api/chat", &[("x-dialogue-mode", &header)], cached).await;
+    assert!(status == 400 && error["error"]["message"].as_str().unwrap().len() < 200, "{error}");
+    moltbot.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_sessions_never_show_to_another_and_a_long_list_still_loads() {
+    let (moltbot, http, _dir) = embedded(|_| {}).await;
+    let alice = [("x-user-id", "alice")];
+    let bob = [("x-user-id", "bob")];
+    // Alice's session with a chosen id expires; Bob then takes the same id.
+    let (status, body) = http.call("POST", "/api/sessions", &alice, Some(r#"{"id":"dup1","ttl":1}"#)).await;
+    assert_eq!(status, 201, "{body}");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let secret = r#"{"id":"dup1","metadata":{"title":"bob secret"},"system_prompt":"bob's prompt"}"#;
+    let (status, body) = http.call("POST", "/api/sessions", &bob, Some(secret)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, listed) = http.call("GET", "/api/sessions", &alice, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["sessions"], serde_json::json!([]), "alice sees bob's session: {listed}");
+    assert_eq!(http.call("GET", "/api/sessions/dup1", &alice, None).await.0, 404);
+    // Ids are per user: alice may hold dup1 too, without learning anything of bob's, and each sees their own.
+    let (status, mine) = http.call("POST", "/api/sessions", &alice, Some(r#"{"id":"dup1"}"#)).await;
+    assert_eq!((status, mine["metadata"].clone()), (201, serde_json::json!({})), "{mine}");
+    let (status, theirs) = http.call("GET", "/api/sessions/dup1", &bob, None).await;
+    assert_eq!((status, theirs["metadata"]["title"].as_str()), (200, Some("bob secret")), "{theirs}");
+    assert_eq!(http.call("POST", "/api/sessions", &bob, Some(r#"{"id":"dup1"}"#)).await.0, 409);
+
+    // Sessions with big system prompts and metadata list in one page: the list leaves the prompts out.
+    let heavy = serde_json::json!({
+        "metadata": { "notes": "m".repeat(15_000) },
+        "system_prompt": "p".repeat(60_000),
+    })
+    .to_string();
+    let carol = [("x-user-id", "carol")];
+    for _ in 0..60 {
+        assert_eq!(http.call("POST", "/api/sessions", &carol, Some(&heavy)).await.0, 201);
+    }
+    let (status, listed) = http.call("GET", "/api/sessions?limit=100", &carol, None).await;
+    assert_eq!(status, 200, "{listed}");
+    let sessions = listed["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 60);
+    assert!(sessions.iter().all(|s| s.get("system_prompt").is_none() && s["metadata"]["notes"].is_string()));
+    moltbot.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_take_every_slot() {
+    let (moltbot, http, _dir) = long_answers(|c| c.gateway.max_concurrent_per_user = 1).await;
+    let busy = busy_stream_as(&http, "alice").await;
+    let (status, headers, body) =
+        http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(headers.contains_key("retry-after") && body["error"]["message"].as_str().unwrap().contains("per user"));
+    let (status, _, body) = http.post("/api/chat", &[("x-user-id", "bob")], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 200, "bob waits for alice: {body}");
+    drop(busy);
+    moltbot.stop().await.unwrap();
+}
+
+/// `busy_stream` as `user`.
+async fn busy_stream_as(http: &Http, user: &str) -> reqwest::Response {
+    let mut busy = http
+        .client
+        .post(format!("{}/api/chat", http.base))
+        .header("content-type", "application/json")
+        .header("x-user-id", user)
+        .body(counting(r#","stream":true"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 200);
+    busy.chunk().await.unwrap().expect("the stream has begun");
+    busy
 }

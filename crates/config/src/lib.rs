@@ -45,6 +45,10 @@ pub struct GatewayConfig {
     pub dialogue_manager_url: String,
     /// Requests in flight before new ones get 429.
     pub max_concurrent_requests: usize,
+    /// Requests in flight per user (API key, or `X-User-Id`) before that user's new ones get 429; 0: no cap.
+    pub max_concurrent_per_user: usize,
+    /// Messages in one chat request; more is a 400.
+    pub max_messages: usize,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     /// Seconds a request may take end to end before 504.
@@ -108,6 +112,8 @@ impl Default for GatewayConfig {
             metrics_listen: ([127, 0, 0, 1], 8001).into(),
             dialogue_manager_url: "http://127.0.0.1:50051".into(),
             max_concurrent_requests: 64,
+            max_concurrent_per_user: 16,
+            max_messages: 256,
             max_body_bytes: 1024 * 1024,
             request_timeout: 300,
             web_ui: true,
@@ -140,7 +146,7 @@ impl Default for DialogueManagerConfig {
         Self {
             listen: ([127, 0, 0, 1], 50051).into(),
             session_store_url: "http://127.0.0.1:50052".into(),
-            worker_timeout: 10,
+            worker_timeout: 3,
             max_retries: 2,
             session_lock_wait: 30,
             session_lock_lease: 15,
@@ -400,6 +406,9 @@ impl Config {
         let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
         if self.gateway.max_concurrent_requests == 0 {
             return bad("gateway.max_concurrent_requests", "must be at least 1");
+        }
+        if self.gateway.max_messages == 0 {
+            return bad("gateway.max_messages", "must be at least 1");
         }
         if self.gateway.max_body_bytes < 1024 {
             return bad("gateway.max_body_bytes", "must be at least 1024");

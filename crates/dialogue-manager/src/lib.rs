@@ -34,12 +34,19 @@ pub async fn connect_session_store(url: &str) -> anyhow::Result<SessionStoreClie
     Ok(SessionStoreClient::new(channel))
 }
 
+/// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for when the configuration
+/// does not name the model's.
+const LONGEST_CONTEXT: usize = 8192;
+
 #[derive(Clone)]
 pub struct DialogueService {
     sessions: SessionStoreClient<Channel>,
     queue: JobQueue,
     model: String,
     max_tokens: u32,
+    /// The model's context window as far as this service knows it (`model_provider.context_length`, or the
+    /// engine's longest), to keep jobs from carrying history no model could see.
+    context_window: usize,
     job_timeout: Duration,
     worker_timeout: Duration,
     max_retries: u32,
@@ -54,6 +61,10 @@ impl DialogueService {
             queue,
             model: config.model_provider.model_name.clone(),
             max_tokens: config.model_provider.max_tokens,
+            context_window: match config.model_provider.context_length {
+                0 => LONGEST_CONTEXT,
+                n => n as usize,
+            },
             job_timeout: Duration::from_secs(config.queue.job_timeout),
             worker_timeout: Duration::from_secs(config.dialogue_manager.worker_timeout),
             max_retries: config.dialogue_manager.max_retries,
@@ -68,7 +79,8 @@ impl Dialogue for DialogueService {
     type ChatStream = ReceiverStream<Result<ChatEvent, Status>>;
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
-        let turn = turn::Turn::prepare(self.clone(), request.into_inner()).await?;
+        let budget = turn::grpc_timeout(request.metadata());
+        let turn = turn::Turn::prepare(self.clone(), request.into_inner(), budget).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(turn.run(tx));
         Ok(Response::new(ReceiverStream::new(rx)))

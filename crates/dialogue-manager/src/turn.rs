@@ -16,6 +16,26 @@ use crate::DialogueService;
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
+/// How long before the caller's deadline a turn gives up, so that its caller hears a deadline rather than a
+/// hang-up, and a turn that times out is never taken for one whose client left.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The time a gRPC caller gives its call (`grpc-timeout`: digits and a unit, H M S m u n).
+pub(crate) fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 pub struct Turn {
     service: DialogueService,
     request_id: String,
@@ -27,6 +47,9 @@ pub struct Turn {
     /// What the model sees: the stored history and the new messages.
     prompt: Vec<ChatMessage>,
     sampling: SamplingParams,
+    /// When the turn must be over: the job's timeout, or earlier when the caller's own deadline comes first. A
+    /// turn that reaches it fails and saves nothing.
+    deadline: tokio::time::Instant,
     /// Held from before the history is read until the turn is saved (released before the client hears the turn
     /// is done, so its next turn finds the session free) or abandoned (released on drop).
     lock: std::sync::Mutex<Option<SessionLock>>,
@@ -37,6 +60,7 @@ pub struct Turn {
 struct SessionLock {
     sessions: SessionStoreClient<tonic::transport::Channel>,
     session_id: String,
+    user_id: String,
     token: String,
     renewal: tokio::task::JoinHandle<()>,
 }
@@ -52,26 +76,31 @@ impl SessionLock {
         };
         let token = sessions.lock_session(request).await?.into_inner().token;
         let lease = service.session_lock_lease;
-        let renewal = tokio::spawn(renew(sessions.clone(), session_id.to_owned(), token.clone(), lease));
-        Ok(Self { sessions, session_id: session_id.to_owned(), token, renewal })
+        let renewal = tokio::spawn(renew(sessions.clone(), unlock_request(session_id, user_id, &token), lease));
+        Ok(Self { sessions, session_id: session_id.to_owned(), user_id: user_id.to_owned(), token, renewal })
     }
 }
 
-/// Renews the lock `token` holds every third of its `lease` until aborted, or until the lock is found lost.
+fn unlock_request(session_id: &str, user_id: &str, token: &str) -> UnlockSessionRequest {
+    UnlockSessionRequest { session_id: session_id.to_owned(), token: token.to_owned(), user_id: user_id.to_owned() }
+}
+
+/// Renews the lock `held` names every third of its `lease` until aborted, or until the lock is found lost.
 async fn renew(
     mut sessions: SessionStoreClient<tonic::transport::Channel>,
-    session_id: String,
-    token: String,
+    held: UnlockSessionRequest,
     lease: std::time::Duration,
 ) {
+    let session_id = &held.session_id;
     let mut every = tokio::time::interval(lease / 3);
     every.tick().await;
     loop {
         every.tick().await;
         let request = RenewSessionLockRequest {
-            session_id: session_id.clone(),
-            token: token.clone(),
+            session_id: held.session_id.clone(),
+            token: held.token.clone(),
             lease_ms: lease.as_millis() as u64,
+            user_id: held.user_id.clone(),
         };
         match sessions.renew_session_lock(request).await.map(|r| r.into_inner().renewed) {
             Ok(true) => {}
@@ -88,8 +117,7 @@ impl SessionLock {
     /// Gives the lock back now; a failure leaves it to the lease.
     async fn release(mut self) {
         self.renewal.abort();
-        let request =
-            UnlockSessionRequest { session_id: self.session_id.clone(), token: std::mem::take(&mut self.token) };
+        let request = unlock_request(&self.session_id, &self.user_id, &std::mem::take(&mut self.token));
         if let Err(e) = self.sessions.unlock_session(request).await {
             tracing::warn!(error = %e, session_id = %self.session_id, "could not release a session lock; its lease will");
         }
@@ -102,11 +130,11 @@ impl Drop for SessionLock {
         if self.token.is_empty() {
             return;
         }
-        let (mut sessions, session_id, token) =
-            (self.sessions.clone(), std::mem::take(&mut self.session_id), std::mem::take(&mut self.token));
+        let (mut sessions, request) =
+            (self.sessions.clone(), unlock_request(&self.session_id, &self.user_id, &std::mem::take(&mut self.token)));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = sessions.unlock_session(UnlockSessionRequest { session_id, token }).await {
+                if let Err(e) = sessions.unlock_session(request).await {
                     tracing::warn!(error = %e, "could not release a session lock; its lease will");
                 }
             });
@@ -126,7 +154,15 @@ fn resolve_mode(requested: DialogueMode, session_id: &str) -> DialogueMode {
 
 impl Turn {
     /// Validates the request and loads what the turn needs. Errors here reach the client as the call's status.
-    pub async fn prepare(service: DialogueService, request: ChatRequest) -> Result<Self, Status> {
+    /// `budget` is the time the caller gives the call (its gRPC deadline), if it said.
+    pub async fn prepare(
+        service: DialogueService,
+        request: ChatRequest,
+        budget: Option<std::time::Duration>,
+    ) -> Result<Self, Status> {
+        // The caller gives up at its deadline: end a little before, so that the caller hears why.
+        let time = budget.map_or(service.job_timeout, |b| b.saturating_sub(DEADLINE_MARGIN).min(service.job_timeout));
+        let deadline = tokio::time::Instant::now() + time;
         if request.messages.is_empty() {
             return Err(Status::invalid_argument("messages must contain at least one message"));
         }
@@ -182,6 +218,7 @@ impl Turn {
         sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens));
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id };
+        let history = within_window(history, &request.messages, service.context_window);
         let prompt = history.into_iter().chain(request.messages.iter().cloned()).collect();
         Ok(Self {
             service,
@@ -192,6 +229,7 @@ impl Turn {
             new_messages: request.messages,
             prompt,
             sampling,
+            deadline,
             lock: std::sync::Mutex::new(lock),
         })
     }
@@ -208,8 +246,8 @@ impl Turn {
         let send = |event: chat_event::Event| async {
             out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
         };
-        let deadline = tokio::time::Instant::now() + self.service.job_timeout;
-        let deadline_ms = now_ms() + self.service.job_timeout.as_millis() as i64;
+        let deadline = self.deadline;
+        let deadline_ms = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
         let mut attempt = 0;
         let mut text = String::new();
         'attempts: loop {
@@ -230,11 +268,8 @@ impl Turn {
             loop {
                 // Before a worker starts the job it may wait in the queue until the deadline; after, the worker
                 // must show signs of life (events or heartbeats) every `worker_timeout`.
-                let wait = if started {
-                    self.service.worker_timeout
-                } else {
-                    deadline.saturating_duration_since(tokio::time::Instant::now())
-                };
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let wait = if started { self.service.worker_timeout.min(left) } else { left };
                 // A client that goes away while the job waits in the queue cancels it there, before any work.
                 let next = tokio::select! {
                     next = events.next_within(wait) => next,
@@ -243,6 +278,9 @@ impl Turn {
                 let Some(event) = next else {
                     if !started {
                         return Err(Status::deadline_exceeded("no worker took the request before its deadline"));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Status::deadline_exceeded("the answer was not finished before the deadline"));
                     }
                     if text.is_empty() && attempt < self.service.max_retries {
                         attempt += 1;
@@ -323,6 +361,10 @@ impl Turn {
     /// the job's events. The answer stays in the session as far as it was streamed, as a chat app's stop button
     /// leaves it; an answer stopped before its first word leaves nothing.
     async fn stopped(&self, text: String, message_tokens: &[u32]) -> Result<(), Status> {
+        // A caller that went away at its deadline timed out rather than hung up: a failed turn saves nothing.
+        if tokio::time::Instant::now() + DEADLINE_MARGIN >= self.deadline {
+            return Err(Status::deadline_exceeded("the answer was not finished before the deadline"));
+        }
         if !text.is_empty() {
             self.save(text, 0, message_tokens).await?;
         }
@@ -351,13 +393,106 @@ impl Turn {
     }
 }
 
+/// The part of a stored `history` that can matter to a model with a `window`-token context: leading system
+/// messages and the newest whole turns (from a user message on) whose stored token counts, with the new
+/// messages', fit. The worker fits the prompt exactly; this only keeps a long conversation from sending its whole
+/// past in every job (NATS has a payload limit). A message stored without a count counts its bytes, which no
+/// tokenizer exceeds.
+fn within_window(history: Vec<ChatMessage>, new: &[ChatMessage], window: usize) -> Vec<ChatMessage> {
+    let cost = |m: &ChatMessage| if m.tokens > 0 { m.tokens as usize } else { m.content.len() };
+    let system = history.iter().take_while(|m| m.role == "system").count();
+    let mut budget = window.saturating_sub(new.iter().chain(&history[..system]).map(cost).sum::<usize>());
+    let mut start = history.len();
+    while start > system && cost(&history[start - 1]) <= budget {
+        budget -= cost(&history[start - 1]);
+        start -= 1;
+    }
+    // A turn is kept whole or not at all: start at a user message.
+    while start < history.len() && history[start].role != "user" {
+        start += 1;
+    }
+    if start == system {
+        return history;
+    }
+    let mut history = history;
+    history.drain(system..start);
+    history
+}
+
 fn queue_status(e: moltbot_queue::Error) -> Status {
     match e {
         moltbot_queue::Error::Full(_) => Status::resource_exhausted(e.to_string()),
+        moltbot_queue::Error::TooLarge { .. } => Status::invalid_argument(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }
 }
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use moltbot_proto::common::v1::ChatMessage;
+
+    use super::within_window;
+
+    fn message(role: &str, tokens: u32) -> ChatMessage {
+        ChatMessage { role: role.into(), content: format!("{role} {tokens}"), tokens, ..Default::default() }
+    }
+
+    fn roles_and_tokens(messages: &[ChatMessage]) -> Vec<(String, u32)> {
+        messages.iter().map(|m| (m.role.clone(), m.tokens)).collect()
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        use std::time::Duration;
+        let parse = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            super::grpc_timeout(&metadata)
+        };
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("300S"), Some(Duration::from_secs(300)));
+        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse("S"), None);
+        assert_eq!(parse("10x"), None);
+    }
+
+    #[test]
+    fn a_history_within_the_window_goes_whole() {
+        let history = vec![message("system", 10), message("user", 10), message("assistant", 10)];
+        assert_eq!(within_window(history.clone(), &[message("user", 10)], 100), history);
+    }
+
+    #[test]
+    fn the_oldest_whole_turns_stay_behind_and_the_system_prompt_stays() {
+        let history = vec![
+            message("system", 10),
+            message("user", 40),
+            message("assistant", 40),
+            message("user", 20),
+            message("assistant", 20),
+        ];
+        // 100 - 10 (new) - 10 (system) = 80: the newest turn (40) fits, the one before (80) does not.
+        let kept = within_window(history, &[message("user", 10)], 100);
+        assert_eq!(roles_and_tokens(&kept), [("system".into(), 10), ("user".into(), 20), ("assistant".into(), 20)]);
+    }
+
+    #[test]
+    fn a_turn_is_never_cut_in_half() {
+        let history =
+            vec![message("user", 50), message("assistant", 10), message("tool", 10), message("assistant", 10)];
+        // 35 tokens would fit the last three messages, but they are half a turn: nothing of it goes.
+        assert!(within_window(history, &[message("user", 5)], 40).is_empty());
+    }
+
+    #[test]
+    fn messages_without_counts_count_their_bytes() {
+        let uncounted = ChatMessage { role: "user".into(), content: "x".repeat(1000), ..Default::default() };
+        let history = vec![uncounted, message("assistant", 1)];
+        assert!(within_window(history, &[message("user", 1)], 500).is_empty());
+    }
 }

@@ -327,12 +327,19 @@ impl Engine {
         self.inner.template.render(messages)
     }
 
-    /// Tokenizes a prompt as `submit` would.
+    /// Tokenizes a prompt as `submit` would. A raw text prompt may hold special tokens; in a chat, only the
+    /// template's markers become special tokens, never what a message says.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Text(text) => self.inner.tokenizer.encode(text),
-            Prompt::Chat(messages) => self.inner.tokenizer.encode(&self.render(messages)?),
+            Prompt::Chat(messages) => self.tokenize_chat(messages),
         }
+    }
+
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let pieces = self.inner.template.render_pieces(messages)?;
+        let pieces: Vec<_> = pieces.iter().map(crate::template::OwnedPiece::as_piece).collect();
+        self.inner.tokenizer.encode_pieces(&pieces)
     }
 
     /// Fits a conversation into the context window, leaving room for a reply of `max_tokens` (at most half the
@@ -350,7 +357,7 @@ impl Engine {
             .collect();
         let render = |drop_to: usize| -> Result<Vec<u32>> {
             let kept: Vec<ChatMessage> = messages[..system].iter().chain(&messages[drop_to..]).cloned().collect();
-            self.inner.tokenizer.encode(&self.render(&kept)?)
+            self.tokenize_chat(&kept)
         };
         let all = render(system)?;
         if all.len() <= budget || cuts.is_empty() {
@@ -418,6 +425,8 @@ struct Active {
     cache: KvCache,
     prompt_tokens: usize,
     max_new: usize,
+    /// End-of-text is held back until this many tokens were generated.
+    min_new: usize,
     /// Arrival order: older sequences are scheduled first and preempted last.
     arrival: u64,
     /// Still counted against `max_waiting` (never admitted yet).
@@ -513,12 +522,23 @@ impl Compute {
             stops: StopMatcher::new(sampling.stop.clone()),
             detok: Detokenizer::new(&tokens),
             max_new: (sampling.max_tokens as usize).min(self.context_length - prompt_tokens),
+            min_new: sampling.min_tokens as usize,
             tokens,
             cache: KvCache::new(),
             prompt_tokens,
             arrival: self.arrivals,
             queued: true,
         }
+    }
+
+    fn without_eos(&self, logits: &[f32]) -> Vec<f32> {
+        let mut masked = logits.to_vec();
+        for &id in &self.eos {
+            if let Some(l) = masked.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        masked
     }
 
     /// Frees what a sequence that leaves holds.
@@ -601,6 +621,14 @@ impl Compute {
 
     /// Samples the next token of `a`; returns why it finished, if it did.
     fn advance(&self, a: &mut Active, logits: &[f32]) -> Result<Option<FinishReason>> {
+        let masked: Vec<f32>;
+        let logits = if a.generated() < a.min_new {
+            // Too early to end: the end-of-text tokens cannot be chosen.
+            masked = self.without_eos(logits);
+            &masked
+        } else {
+            logits
+        };
         let next = a.sampler.sample(logits, &a.tokens)?;
         if self.eos.contains(&next) {
             return Ok(Some(FinishReason::Stop));

@@ -17,6 +17,6 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use gguf::ModelMetadata;
-pub use sampling::{FinishReason, SamplingParams, StopMatcher, Usage};
+pub use sampling::{FinishReason, MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, StopMatcher, Usage};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::{Detokenizer, Tokenizer};

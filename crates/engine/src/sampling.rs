@@ -20,8 +20,14 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     pub repetition_penalty: f32,
     pub max_tokens: u32,
+    /// End-of-text tokens are held back until this many tokens were generated.
+    pub min_tokens: u32,
     pub stop: Vec<String>,
 }
+
+/// Stop strings a request may give, and the longest one in bytes.
+pub const MAX_STOP_STRINGS: usize = 4;
+pub const MAX_STOP_BYTES: usize = 256;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -32,6 +38,7 @@ impl Default for SamplingParams {
             seed: None,
             repetition_penalty: 1.1,
             max_tokens: 256,
+            min_tokens: 0,
             stop: vec![],
         }
     }
@@ -52,8 +59,11 @@ impl SamplingParams {
         if self.max_tokens == 0 {
             return bad("max_tokens must be at least 1");
         }
-        if self.stop.len() > 4 || self.stop.iter().any(String::is_empty) {
-            return bad("stop takes at most 4 non-empty strings");
+        if self.min_tokens > self.max_tokens {
+            return bad("min_tokens must not be above max_tokens");
+        }
+        if self.stop.len() > MAX_STOP_STRINGS || self.stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            return bad("stop takes at most 4 non-empty strings of at most 256 bytes");
         }
         Ok(())
     }

@@ -18,8 +18,21 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same vocabulary, reading special tokens written in text as plain text.
+    text_only: tokenizers::Tokenizer,
+    /// The control tokens' text and id, longest first.
+    specials: std::sync::Arc<Vec<(String, u32)>>,
     bos: Option<u32>,
     add_bos: bool,
+}
+
+/// A piece of a rendered prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Written by the chat template: special tokens in it (`<|im_start|>`) are markers.
+    Template(&'a str),
+    /// A message's own text: special tokens written in it are just text, so no one can forge a turn.
+    Content(&'a str),
 }
 
 impl Tokenizer {
@@ -44,20 +57,79 @@ impl Tokenizer {
             })
             .collect();
         inner.add_special_tokens(&special);
-        Ok(Self { inner, bos: md.bos_token_id, add_bos: md.add_bos_token })
+        let mut specials: Vec<(String, u32)> = special
+            .iter()
+            .filter(|t| t.special)
+            .filter_map(|t| Some((t.content.clone(), inner.token_to_id(&t.content)?)))
+            .collect();
+        specials.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
+        Ok(Self {
+            inner,
+            text_only,
+            specials: std::sync::Arc::new(specials),
+            bos: md.bos_token_id,
+            add_bos: md.add_bos_token,
+        })
+    }
+
+    /// Tokenizes a rendered prompt: special tokens count only where the template wrote them. Text between two
+    /// markers is encoded as one run, as `encode` would encode it, so a prompt without special tokens in its
+    /// messages gets the same ids either way.
+    pub fn encode_pieces(&self, pieces: &[Piece<'_>]) -> Result<Vec<u32>> {
+        let mut ids = vec![];
+        let mut run = String::new();
+        let flush = |run: &mut String, ids: &mut Vec<u32>| -> Result<()> {
+            if !run.is_empty() {
+                ids.extend(self.encode_text(run)?);
+                run.clear();
+            }
+            Ok(())
+        };
+        for piece in pieces {
+            match *piece {
+                Piece::Content(text) => run.push_str(text),
+                Piece::Template(mut text) => {
+                    while let Some((at, len, id)) = self.first_special(text) {
+                        run.push_str(&text[..at]);
+                        flush(&mut run, &mut ids)?;
+                        ids.push(id);
+                        text = &text[at + len..];
+                    }
+                    run.push_str(text);
+                }
+            }
+        }
+        flush(&mut run, &mut ids)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Tokenizes a message's text as a prompt holds it: special tokens written in it are text. No BOS.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.text_only.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The first special token in `text`: where it starts, its length, its id (the longest at a tie).
+    fn first_special(&self, text: &str) -> Option<(usize, usize, u32)> {
+        self.specials
+            .iter()
+            .filter_map(|(special, id)| text.find(special.as_str()).map(|at| (at, special.len(), *id)))
+            .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)))
+    }
+
+    fn with_bos(&self, ids: Vec<u32>) -> Vec<u32> {
+        match (self.add_bos, self.bos) {
+            (true, Some(bos)) if ids.first() != Some(&bos) => std::iter::once(bos).chain(ids).collect(),
+            _ => ids,
+        }
     }
 
     /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if let (true, Some(bos)) = (self.add_bos, self.bos)
-            && encoding.get_ids().first() != Some(&bos)
-        {
-            ids.push(bos);
-        }
-        ids.extend_from_slice(encoding.get_ids());
-        Ok(ids)
+        Ok(self.with_bos(encoding.get_ids().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

@@ -47,15 +47,36 @@ fn user_for(key: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("key-{hex}")).expect("hex is a valid header value")
 }
 
+/// The credentials of `Bearer <key>`; the scheme's name is case-insensitive (RFC 9110 §11.1).
+fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, key) = authorization.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
 /// Lets a request through with its key's user as `X-User-Id`, or answers 401.
 pub async fn require_key(State(keys): State<Keys>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let presented = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(|k| k.trim().as_bytes().to_vec());
+        .and_then(bearer)
+        .map(|k| k.as_bytes().to_vec());
     let user = presented.and_then(|k| keys.user(&k)).ok_or_else(ApiError::unauthorized)?;
     request.headers_mut().insert("x-user-id", user);
     Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer k1", "bearer k1", "BEARER k1", "BeArEr   k1 "] {
+            assert_eq!(bearer(header), Some("k1"), "{header}");
+        }
+        for header in ["Basic k1", "Bearerk1", "k1", ""] {
+            assert_eq!(bearer(header), None, "{header}");
+        }
+    }
 }

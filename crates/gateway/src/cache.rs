@@ -17,7 +17,9 @@ use moltbot_config::CacheConfig;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::ApiError;
+use moltbot_proto::dialogue::v1::DialogueMode;
+
+use crate::{ApiError, DialogueHeaders};
 
 #[derive(Clone)]
 pub struct ResponseCache {
@@ -42,11 +44,13 @@ impl ResponseCache {
     }
 
     /// The key of a cacheable request; `None` when its answer must come from the model.
-    fn key(&self, path: &str, headers: &HeaderMap, body: &Value) -> Option<[u8; 32]> {
+    fn key(&self, path: &str, headers: &HeaderMap, dialogue: &DialogueHeaders, body: &Value) -> Option<[u8; 32]> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        let mode = header("x-dialogue-mode").to_ascii_lowercase();
-        let single =
-            mode == "single" || (mode != "multi" && header("x-session-id").is_empty() && body["session_id"].is_null());
+        let single = match dialogue.mode {
+            Some(DialogueMode::Single) => true,
+            Some(DialogueMode::Multi) => false,
+            _ => dialogue.session_id.is_empty() && body["session_id"].is_null(),
+        };
         let deterministic = body["temperature"].as_f64() == Some(0.0) || body["seed"].is_u64();
         if !single || !deterministic || body["stream"].as_bool() == Some(true) {
             return None;
@@ -70,14 +74,17 @@ fn with_cache_header(mut response: Response, value: &'static str) -> Response {
     response
 }
 
-/// Serves a cached answer, or runs the request and keeps its answer when it may.
+/// Serves a cached answer, or runs the request and keeps its answer when it may. Headers are checked before the
+/// cache is asked, so a request the handler would refuse is never answered from it.
 pub async fn serve(State(cache): State<ResponseCache>, request: Request, next: Next) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
+    let dialogue = DialogueHeaders::parse(&parts.headers)?;
     let bytes = to_bytes(body, cache.max_body).await.map_err(|_| {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "the request body is larger than gateway.max_body_bytes")
     })?;
-    let key =
-        serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| cache.key(parts.uri.path(), &parts.headers, &v));
+    let key = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| cache.key(parts.uri.path(), &parts.headers, &dialogue, &v));
     let Some(key) = key else {
         return Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await);
     };

@@ -94,23 +94,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Client text echoed in an error message: at most 64 characters.
+pub fn shown(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 impl From<tonic::Status> for ApiError {
     fn from(s: tonic::Status) -> Self {
-        use tonic::Code;
-        let status = match s.code() {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let message = match s.code() {
-            Code::Unavailable if s.message().contains("transport") || s.message().is_empty() => {
+        let code = moltbot_proto::ErrorCode::from_grpc(s.code());
+        let status = StatusCode::from_u16(code.http()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        // A status the gRPC client made from a failed connection carries the transport error as its source.
+        let message = match code {
+            moltbot_proto::ErrorCode::Unavailable
+                if std::error::Error::source(&s).is_some() || s.message().is_empty() =>
+            {
                 "the dialogue-manager is not reachable".to_owned()
             }
             _ => s.message().to_owned(),

@@ -33,7 +33,9 @@ pub use error::ApiError;
 pub struct AppState {
     dialogue: DialogueClient<Channel>,
     slots: Arc<Semaphore>,
+    per_user: limits::UserSlots,
     timeout: Duration,
+    max_messages: usize,
 }
 
 /// A client of the dialogue-manager at `url`; it connects lazily, so the gateway starts before its backend
@@ -50,7 +52,9 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
     let state = AppState {
         dialogue,
         slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        per_user: limits::UserSlots::new(config.max_concurrent_per_user),
         timeout: Duration::from_secs(config.request_timeout),
+        max_messages: config.max_messages,
     };
     let mut api: Router<AppState> = Router::new()
         .route("/v1/models", get(openai::models))
@@ -78,6 +82,9 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
     public
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method")
+        })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -145,7 +152,7 @@ impl DialogueHeaders {
             "hybrid" => Some(DialogueMode::Hybrid),
             other => {
                 return Err(ApiError::bad_request(
-                    format!("X-Dialogue-Mode `{other}` is not one of single, multi, hybrid"),
+                    format!("X-Dialogue-Mode `{}` is not one of single, multi, hybrid", error::shown(other)),
                     Some("X-Dialogue-Mode"),
                 ));
             }
@@ -154,10 +161,11 @@ impl DialogueHeaders {
     }
 }
 
-/// A started dialogue turn: the admission slot is held until the stream ends.
+/// A started dialogue turn: the admission slots (the gateway's and the user's) are held until the stream ends.
 struct TurnStream {
     stream: tonic::Streaming<ChatEvent>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _user_slot: Option<limits::UserSlot>,
     deadline: tokio::time::Instant,
 }
 
@@ -171,14 +179,29 @@ impl TurnStream {
 }
 
 impl AppState {
-    /// Admits the request (429 when full) and starts the turn on the dialogue-manager.
+    /// Admits the request (429 when the gateway or the user has too many in flight) and starts the turn on the
+    /// dialogue-manager.
     async fn start_turn(&self, request: ChatRequest) -> Result<TurnStream, ApiError> {
+        if request.messages.len() > self.max_messages {
+            return Err(ApiError::bad_request(
+                format!(
+                    "{} messages are more than this server takes in one request ({}, gateway.max_messages)",
+                    request.messages.len(),
+                    self.max_messages
+                ),
+                Some("messages"),
+            ));
+        }
+        let user_slot = self.per_user.acquire(&request.user_id)?;
         let slot = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
         let mut dialogue = self.dialogue.clone();
         let deadline = tokio::time::Instant::now() + self.timeout;
+        // The dialogue-manager learns the deadline (grpc-timeout) and ends the turn just before it, saving nothing.
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.timeout);
         let stream =
             tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
-        Ok(TurnStream { stream: stream.into_inner(), _slot: slot, deadline })
+        Ok(TurnStream { stream: stream.into_inner(), _slot: slot, _user_slot: user_slot, deadline })
     }
 }
 
@@ -193,11 +216,22 @@ struct SamplingFields {
     repetition_penalty: Option<f32>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
+    /// End-of-text is held back until this many tokens were generated (vLLM's extension).
+    min_tokens: Option<u32>,
     stop: Option<StopField>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     tools: Option<Vec<serde_json::Value>>,
+    // Accepted by OpenAI and not (yet) by MoltBot: refused by name rather than silently dropped.
+    logit_bias: Option<serde_json::Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<serde_json::Value>,
+    response_format: Option<serde_json::Value>,
 }
+
+/// Stop strings a request may give and their longest length in bytes (the engine refuses more too).
+const MAX_STOP_STRINGS: usize = 4;
+const MAX_STOP_BYTES: usize = 256;
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(untagged)]
@@ -231,6 +265,16 @@ impl SamplingFields {
             )?;
         }
         check(self.tools.as_ref().is_none_or(Vec::is_empty), "tools", "are not supported yet")?;
+        let empty = |v: &Option<serde_json::Value>| match v {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::Object(o)) => o.is_empty(),
+            Some(_) => false,
+        };
+        check(empty(&self.logit_bias), "logit_bias", "is not supported")?;
+        check(self.logprobs != Some(true), "logprobs", "is not supported")?;
+        check(empty(&self.top_logprobs), "top_logprobs", "is not supported")?;
+        let text_format = self.response_format.as_ref().is_none_or(|f| f.is_null() || f["type"] == "text");
+        check(text_format, "response_format", "only `{\"type\": \"text\"}` is supported for now")?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
             check(m > 0, "max_tokens", "must be at least 1")?;
@@ -240,7 +284,14 @@ impl SamplingFields {
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        check(stop.len() <= 4 && stop.iter().all(|s| !s.is_empty()), "stop", "takes at most 4 non-empty strings")?;
+        check(
+            stop.len() <= MAX_STOP_STRINGS && stop.iter().all(|s| !s.is_empty() && s.len() <= MAX_STOP_BYTES),
+            "stop",
+            "takes at most 4 non-empty strings of at most 256 bytes each",
+        )?;
+        if let Some(min) = self.min_tokens {
+            check(max_tokens.is_none_or(|max| min <= max), "min_tokens", "must not be above max_tokens")?;
+        }
         Ok(moltbot_proto::common::v1::SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -249,6 +300,7 @@ impl SamplingFields {
             repetition_penalty: self.repetition_penalty,
             max_tokens,
             stop,
+            min_tokens: self.min_tokens,
         })
     }
 }

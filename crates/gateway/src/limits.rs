@@ -1,5 +1,5 @@
-//! Per-user rate limiting (a GCRA bucket per user, `governor`): the user is the API key's (auth sets
-//! `X-User-Id`) or, without auth, the `X-User-Id` the client sends.
+//! Per-user limits: a rate (a GCRA bucket per user, `governor`) and requests in flight. The user is the API key's
+//! (auth sets `X-User-Id`) or, without auth, the `X-User-Id` the client sends.
 
 use std::{
     num::NonZeroU32,
@@ -47,4 +47,81 @@ pub async fn limit(State(limit): State<RateLimit>, request: Request, next: Next)
         return Err(ApiError::rate_limited(wait));
     }
     Ok(next.run(request).await)
+}
+
+/// Requests in flight per user, so that one user cannot hold every slot of the gateway.
+#[derive(Clone)]
+pub struct UserSlots {
+    limit: usize,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One of a user's slots, given back when dropped.
+#[derive(Debug)]
+pub struct UserSlot {
+    user: String,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl UserSlots {
+    /// `limit` 0: no cap.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, in_flight: Arc::default() }
+    }
+
+    /// A slot for `user`, `None` without a cap, or 429 when the user has `limit` requests in flight.
+    pub fn acquire(&self, user: &str) -> Result<Option<UserSlot>, ApiError> {
+        if self.limit == 0 {
+            return Ok(None);
+        }
+        let user = if user.is_empty() { "anonymous" } else { user };
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = in_flight.entry(user.to_owned()).or_default();
+        if *count >= self.limit {
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "you have {} requests in flight, this server's limit per user \
+                         (gateway.max_concurrent_per_user); retry when one has finished",
+                        self.limit
+                    ),
+                )
+            });
+        }
+        *count += 1;
+        Ok(Some(UserSlot { user: user.to_owned(), in_flight: self.in_flight.clone() }))
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = in_flight.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.user);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UserSlots;
+
+    #[test]
+    fn each_user_has_their_own_slots_given_back_on_drop() {
+        let slots = UserSlots::new(2);
+        let (a1, a2) = (slots.acquire("alice").unwrap(), slots.acquire("alice").unwrap());
+        assert_eq!(slots.acquire("alice").unwrap_err().status.as_u16(), 429);
+        let b = slots.acquire("bob").unwrap();
+        assert!(b.is_some(), "bob is not held back by alice");
+        drop(a1);
+        assert!(slots.acquire("alice").is_ok(), "a finished request frees its slot");
+        drop((a2, b));
+        assert!(slots.in_flight.lock().unwrap().is_empty(), "idle users are forgotten");
+        assert!(UserSlots::new(0).acquire("alice").unwrap().is_none(), "0 is no cap");
+    }
 }

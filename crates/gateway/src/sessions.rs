@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use axum::{
     Json,
-    extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode},
+    extract::{FromRequestParts, Path, Query, State},
+    http::{HeaderMap, StatusCode, request::Parts},
     response::{IntoResponse, Response},
 };
 use moltbot_proto::session::v1::{
@@ -56,6 +56,20 @@ pub struct SessionUpdate {
     metadata: Option<HashMap<String, String>>,
     system_prompt: Option<String>,
     ttl: Option<u64>,
+}
+
+/// The session id in the path; a path that is not valid text gets the same JSON 400 as any other bad input.
+pub struct SessionId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(e) => Err(ApiError::bad_request(format!("the session id in the path: {}", e.body_text()), Some("id"))),
+        }
+    }
 }
 
 /// A JSON body, where an empty one means all defaults.
@@ -109,7 +123,7 @@ pub async fn create(
 pub async fn get(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    SessionId(id): SessionId,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(page) = page.map_err(|e| ApiError::bad_request(e.body_text(), None))?;
@@ -140,7 +154,15 @@ pub async fn list(
         offset: page.offset.unwrap_or(0),
     };
     let sessions = state.dialogue.clone().list_sessions(request).await?.into_inner().sessions;
-    let sessions: Vec<Value> = sessions.into_iter().map(|s| session_json(s, false)).collect();
+    // Listed without their system prompts (GET /api/sessions/{id} has them): a page stays small.
+    let sessions: Vec<Value> = sessions
+        .into_iter()
+        .map(|s| {
+            let mut listed = session_json(s, false);
+            listed.as_object_mut().map(|o| o.remove("system_prompt"));
+            listed
+        })
+        .collect();
     Ok(Json(
         json!({ "object": "list", "sessions": sessions, "offset": page.offset.unwrap_or(0), "limit": page.limit()? }),
     ))
@@ -150,7 +172,7 @@ pub async fn list(
 pub async fn update(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    SessionId(id): SessionId,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let body: SessionUpdate = json_body(&body)?;
@@ -173,12 +195,12 @@ pub async fn update(
 pub async fn delete(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    SessionId(id): SessionId,
 ) -> Result<StatusCode, ApiError> {
     let request = DeleteSessionRequest { session_id: id.clone(), user_id: DialogueHeaders::parse(&headers)?.user_id };
     if state.dialogue.clone().delete_session(request).await?.into_inner().deleted {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::not_found(format!("session {id} not found")))
+        Err(ApiError::not_found(format!("session {} not found", crate::error::shown(&id))))
     }
 }

@@ -221,7 +221,9 @@ async function send(text) {
   const answer = addBubble("assistant", "", "streaming");
   try {
     if (!state.session) {
-      const title = text.length > TITLE_CHARS ? `${text.slice(0, TITLE_CHARS - 1)}…` : text;
+      // Cut by code points, never inside a UTF-16 surrogate pair (a lone half is not valid text).
+      const points = Array.from(text);
+      const title = points.length > TITLE_CHARS ? `${points.slice(0, TITLE_CHARS - 1).join("")}…` : text;
       const system_prompt = $("system-prompt").value.trim();
       const session = await api("POST", "/api/sessions", { metadata: { title }, system_prompt });
       state.session = session.id;

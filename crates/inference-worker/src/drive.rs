@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use moltbot_engine::{ChatMessage, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
 use moltbot_proto::{
+    ErrorCode,
     common::v1::{FinishReason, Usage},
     inference::v1::{
         Error as ErrorEvent, Finished, GenerateEvent, GenerateRequest, Heartbeat, Started, Token,
@@ -17,30 +18,36 @@ use crate::Worker;
 
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// google.rpc.Code numbers carried in error events.
-const INVALID_ARGUMENT: i32 = 3;
-const DEADLINE_EXCEEDED: i32 = 4;
-const RESOURCE_EXHAUSTED: i32 = 8;
-const INTERNAL: i32 = 13;
-const UNAVAILABLE: i32 = 14;
-
-/// The google.rpc.Code for an engine error: the caller's fault, a full engine, or the engine's own.
-fn code(e: &moltbot_engine::Error) -> i32 {
+/// The code of an engine error: the caller's fault, a full engine, or the engine's own (a tokenizer or template
+/// failure too).
+fn code(e: &moltbot_engine::Error) -> ErrorCode {
     use moltbot_engine::Error;
     match e {
-        Error::Overloaded { .. } => RESOURCE_EXHAUSTED,
-        Error::Stopped => UNAVAILABLE,
-        Error::Internal(_) | Error::Candle(_) => INTERNAL,
-        _ => INVALID_ARGUMENT,
+        Error::InvalidRequest(_) | Error::PromptTooLong { .. } => ErrorCode::InvalidArgument,
+        Error::Overloaded { .. } => ErrorCode::ResourceExhausted,
+        Error::Stopped => ErrorCode::Unavailable,
+        Error::Internal(_)
+        | Error::Candle(_)
+        | Error::Tokenizer(_)
+        | Error::Template(_)
+        | Error::ModelNotFound { .. }
+        | Error::ModelLoad { .. }
+        | Error::UnsupportedModel(_) => ErrorCode::Internal,
     }
+}
+
+/// An engine error as a gRPC status.
+pub(crate) fn status(e: moltbot_engine::Error) -> tonic::Status {
+    code(&e).status(e.to_string())
 }
 
 fn event(e: Event) -> GenerateEvent {
     GenerateEvent { event: Some(e) }
 }
 
-fn error(code: i32, message: impl Into<String>) -> GenerateEvent {
-    event(Event::Error(ErrorEvent { code, message: message.into() }))
+/// An error event; it carries the code's gRPC number.
+fn error(code: ErrorCode, message: impl Into<String>) -> GenerateEvent {
+    event(Event::Error(ErrorEvent { code: code.grpc() as i32, message: message.into() }))
 }
 
 /// Translates a wire request into an engine request, applying the worker's defaults and caps.
@@ -61,6 +68,7 @@ pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<G
         seed: s.seed,
         repetition_penalty: s.repetition_penalty.unwrap_or(defaults.repetition_penalty),
         max_tokens: s.max_tokens.unwrap_or(max_tokens_cap).min(max_tokens_cap),
+        min_tokens: s.min_tokens.unwrap_or(0),
         stop: s.stop,
     };
     Ok(GenerationRequest { prompt, sampling })
@@ -80,18 +88,20 @@ pub async fn drive(
         || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     if deadline_ms > 0 && now_ms() > deadline_ms {
         tracing::info!(%request_id, "dropping a job past its deadline");
-        let _ = out.send(error(DEADLINE_EXCEEDED, "the request's deadline passed while it waited in the queue")).await;
+        let _ = out
+            .send(error(ErrorCode::DeadlineExceeded, "the request's deadline passed while it waited in the queue"))
+            .await;
         return false;
     }
     if !request.model.is_empty() && request.model != worker.engine.name() {
         let message =
             format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.engine.name());
-        let _ = out.send(error(INVALID_ARGUMENT, message)).await;
+        let _ = out.send(error(ErrorCode::InvalidArgument, message)).await;
         return false;
     }
     // Stored history already carries its counts; only new messages are tokenized here.
     let count = |m: &moltbot_proto::common::v1::ChatMessage| match m.tokens {
-        0 => worker.engine.tokenizer().encode(&m.content).map_or(0, |t| t.len() as u32),
+        0 => worker.engine.tokenizer().encode_text(&m.content).map_or(0, |t| t.len() as u32),
         known => known,
     };
     let message_tokens: Vec<u32> = match &request.input {
@@ -99,7 +109,7 @@ pub async fn drive(
         _ => vec![],
     };
     let submitted = engine_request(request, worker.max_tokens)
-        .map_err(|message| (INVALID_ARGUMENT, message))
+        .map_err(|message| (ErrorCode::InvalidArgument, message))
         .and_then(|r| worker.engine.submit(r).map_err(|e| (code(&e), e.to_string())));
     let mut generation = match submitted {
         Ok(g) => g,
@@ -137,8 +147,8 @@ pub async fn drive(
                     let usage = Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens };
                     (event(Event::Finished(Finished { finish_reason: finish_reason.into(), usage: Some(usage) })), true)
                 }
-                Some(GenerationEvent::Failed(message)) => (error(INTERNAL, message), true),
-                None => (error(INTERNAL, "the engine stopped"), true),
+                Some(GenerationEvent::Failed(message)) => (error(ErrorCode::Internal, message), true),
+                None => (error(ErrorCode::Internal, "the engine stopped"), true),
             },
             _ = heartbeat.tick() => (event(Event::Heartbeat(Heartbeat { worker_id: worker.id.clone() })), false),
             () = cancelled.cancelled() => {
@@ -146,7 +156,7 @@ pub async fn drive(
                 return true;
             }
             () = tokio::time::sleep_until(deadline) => {
-                (error(DEADLINE_EXCEEDED, "the request's deadline passed during generation"), true)
+                (error(ErrorCode::DeadlineExceeded, "the request's deadline passed during generation"), true)
             }
         };
         if out.send(next).await.is_err() {

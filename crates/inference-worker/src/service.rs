@@ -47,16 +47,16 @@ impl Inference for InferenceService {
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let engine = &self.worker.engine;
-        let text = match request.into_inner().input {
-            Some(Input::Text(text)) => text,
+        let (text, prompt) = match request.into_inner().input {
+            Some(Input::Text(text)) => (text.clone(), Prompt::Text(text)),
             Some(Input::Chat(chat)) => {
                 let messages: Vec<_> =
                     chat.messages.into_iter().map(|m| moltbot_engine::ChatMessage::new(m.role, m.content)).collect();
-                engine.render(&messages).map_err(|e| Status::invalid_argument(e.to_string()))?
+                (engine.render(&messages).map_err(crate::drive::status)?, Prompt::Chat(messages))
             }
             None => return Err(Status::invalid_argument("input is required")),
         };
-        let ids = engine.tokenize(&Prompt::Text(text.clone())).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ids = engine.tokenize(&prompt).map_err(crate::drive::status)?;
         Ok(Response::new(TokenizeResponse { ids, text }))
     }
 

@@ -27,6 +27,8 @@ pub mod dialogue {
 /// The encoded `FileDescriptorSet` of every MoltBot proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
 
+pub use error::ErrorCode;
 pub use prost::{DecodeError, Message};
 
+mod error;
 pub mod server;

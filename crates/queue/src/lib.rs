@@ -16,7 +16,7 @@ mod nats;
 use std::time::Duration;
 
 use futures::{StreamExt, stream::BoxStream};
-use moltbot_proto::inference::v1::{GenerateEvent, InferenceJob};
+use moltbot_proto::inference::v1::{GenerateEvent, InferenceJob, generate_event::Event};
 use tokio_util::sync::CancellationToken;
 
 pub use local::LocalQueue;
@@ -32,6 +32,10 @@ pub enum Error {
     Connect { url: String, message: String },
     #[error("job queue error: {0}")]
     Nats(String),
+    #[error("the job queue is not reachable: {0}")]
+    Unavailable(String),
+    #[error("the conversation is too large to send to a worker ({bytes} bytes; the queue takes {max})")]
+    TooLarge { bytes: usize, max: usize },
     #[error("malformed queue message: {0}")]
     Decode(#[from] moltbot_proto::DecodeError),
     #[error("the job queue is closed")]
@@ -86,14 +90,26 @@ impl JobQueue {
 /// The events of one submitted job, in order.
 pub struct JobEvents {
     stream: BoxStream<'static, Result<GenerateEvent>>,
-    /// Cancelled when these events are dropped before the job finished.
-    _cancel_on_drop: tokio_util::sync::DropGuard,
+    /// Cancels the job when these events are dropped before it ended; disarmed by its last event (`Finished` or
+    /// `Error`), so only abandoned jobs are cancelled.
+    cancel_on_drop: Option<tokio_util::sync::DropGuard>,
 }
 
 impl JobEvents {
     /// The next event, or `None` when none came within `timeout` (`Some(Err)` on a broken queue).
     pub async fn next_within(&mut self, timeout: Duration) -> Option<Result<GenerateEvent>> {
-        tokio::time::timeout(timeout, self.stream.next()).await.unwrap_or(None)
+        let next = tokio::time::timeout(timeout, self.stream.next()).await.unwrap_or(None);
+        if let Some(Ok(GenerateEvent { event: Some(Event::Finished(_) | Event::Error(_)) })) = &next
+            && let Some(guard) = self.cancel_on_drop.take()
+        {
+            guard.disarm();
+        }
+        next
+    }
+
+    /// Whether dropping these events would cancel the job (it has not ended).
+    pub fn cancels_on_drop(&self) -> bool {
+        self.cancel_on_drop.is_some()
     }
 }
 
@@ -118,6 +134,16 @@ pub struct ReceivedJob {
     pub job: InferenceJob,
     pub cancelled: CancellationToken,
     sink: EventSink,
+    /// The task that watches for the job's cancel, ended with the job.
+    watch: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ReceivedJob {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.abort();
+        }
+    }
 }
 
 enum EventSink {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, ErrorCode, consumer::pull, context::PublishErrorKind, stream};
 use futures::StreamExt;
 use moltbot_proto::{
     Message,
@@ -30,17 +30,37 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 pub struct NatsQueue {
     client: async_nats::Client,
     js: jetstream::Context,
-    cancels: stream::Stream,
     max_pending: i64,
 }
 
+/// The longest pause between reconnection attempts: NATS is retried for as long as it is away.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+
 impl NatsQueue {
-    /// Connects and makes sure the job stream exists.
+    /// Connects and makes sure the streams exist. Once connected, a lost connection is retried without limit;
+    /// meanwhile `submit` fails at once, and on reconnection the streams are made again should the server have
+    /// lost them (the cancel stream lives in memory).
     pub async fn connect(url: &str, max_pending: i64) -> Result<Self> {
         let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: url.into(), message: e.to_string() };
+        let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel(1);
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(Some(3))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                (Duration::from_millis(100) * 2u32.saturating_pow(attempts.min(8) as u32)).min(MAX_RECONNECT_DELAY)
+            })
+            .event_callback(move |event| {
+                let reconnected = reconnected_tx.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            let _ = reconnected.try_send(());
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("lost the connection to NATS; reconnecting"),
+                        other => tracing::debug!(event = %other, "NATS"),
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(|e| connect_err(&e))?;
@@ -49,6 +69,23 @@ impl NatsQueue {
             .map_err(|_| connect_err(&"no answer within 5 s"))?
             .map_err(|e| connect_err(&e))?;
         let js = jetstream::new(client.clone());
+        let queue = Self { client, js, max_pending };
+        queue.ensure_streams().await.map_err(|message| Error::Connect { url: url.into(), message })?;
+        let again = queue.clone();
+        tokio::spawn(async move {
+            while reconnected.recv().await.is_some() {
+                tracing::info!("connected to NATS again");
+                if let Err(message) = again.ensure_streams().await {
+                    tracing::warn!(%message, "cannot make the streams again after reconnecting");
+                }
+            }
+        });
+        Ok(queue)
+    }
+
+    /// Makes the job and cancel streams unless they exist.
+    async fn ensure_streams(&self) -> Result<(), String> {
+        let (js, max_pending) = (&self.js, self.max_pending);
         js.get_or_create_stream(stream::Config {
             name: STREAM.into(),
             subjects: vec!["moltbot.jobs.>".into()],
@@ -60,28 +97,49 @@ impl NatsQueue {
             ..Default::default()
         })
         .await
-        .map_err(|e| Error::Connect {
-            url: url.into(),
-            message: format!("JetStream is not usable ({e}); run nats-server with -js"),
-        })?;
-        let cancels = js
-            .get_or_create_stream(stream::Config {
-                name: CANCELS.into(),
-                subjects: vec!["moltbot.cancel.>".into()],
-                max_messages_per_subject: 1,
-                max_age: CANCEL_MEMORY,
-                storage: stream::StorageType::Memory,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Connect {
-                url: url.into(),
-                message: format!("cannot make the {CANCELS} stream: {e}"),
-            })?;
-        Ok(Self { client, js, cancels, max_pending })
+        .map_err(|e| format!("JetStream is not usable ({e}); run nats-server with -js"))?;
+        js.get_or_create_stream(stream::Config {
+            name: CANCELS.into(),
+            subjects: vec!["moltbot.cancel.>".into()],
+            max_messages_per_subject: 1,
+            max_age: CANCEL_MEMORY,
+            storage: stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot make the {CANCELS} stream: {e}"))?;
+        Ok(())
+    }
+
+    /// Whether the cancel stream holds a cancel for the attempt `key`; when it cannot be asked, the job runs.
+    async fn remembers_cancel(&self, key: &str) -> bool {
+        let cancels = match self.js.get_stream_no_info(CANCELS).await {
+            Ok(cancels) => cancels,
+            Err(error) => {
+                tracing::warn!(%error, %key, "cannot open the cancel stream; running the job");
+                return false;
+            }
+        };
+        match cancels.get_last_raw_message_by_subject(&format!("moltbot.cancel.{key}")).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => false,
+            Err(error) => {
+                tracing::warn!(%error, %key, "cannot ask the cancel stream; running the job");
+                false
+            }
+        }
+    }
+
+    /// Fails at once while NATS is away, rather than letting a request wait for a reconnection.
+    fn connected(&self) -> Result<()> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(Error::Unavailable("the connection to NATS is down; reconnecting".into())),
+        }
     }
 
     pub(crate) async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
+        self.connected()?;
         let request = job.request.as_ref().ok_or(Error::Nats("job without a request".into()))?;
         let request_id = request.request_id.clone();
         let subject = job_subject(&request.model);
@@ -90,12 +148,21 @@ impl NatsQueue {
         let mut job = job;
         job.reply_subject = format!("moltbot.events.{key}");
         // Subscribe before publishing so that no event can be missed.
+        let payload = job.encode_to_vec();
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload > 0 && payload.len() > max_payload {
+            return Err(Error::TooLarge { bytes: payload.len(), max: max_payload });
+        }
         let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
-        let publish =
-            jetstream::message::PublishMessage::build().payload(job.encode_to_vec().into()).message_id(key.clone());
+        let publish = jetstream::message::PublishMessage::build().payload(payload.into()).message_id(key.clone());
         let ack = self.js.send_publish(subject, publish).await.map_err(|e| Error::Nats(e.to_string()))?;
         ack.await.map_err(|e| match e.kind() {
-            PublishErrorKind::Other if e.to_string().contains("maximum messages") => Error::Full(self.max_pending),
+            PublishErrorKind::Other if jetstream_code(&e) == Some(ErrorCode::STREAM_STORE_FAILED) => {
+                Error::Full(self.max_pending)
+            }
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound => {
+                Error::Unavailable(e.to_string())
+            }
             _ => Error::Nats(e.to_string()),
         })?;
         let cancelled = CancellationToken::new();
@@ -112,13 +179,19 @@ impl NatsQueue {
             }
         });
         let stream = events.map(|m| GenerateEvent::decode(m.payload).map_err(Error::from)).boxed();
-        Ok(JobEvents { stream, _cancel_on_drop: cancelled.drop_guard() })
+        Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()) })
     }
 
     pub(crate) async fn consumer(&self, model: &str) -> Result<NatsConsumer> {
+        let consumer = self.pull_consumer(model).await?;
+        Ok(NatsConsumer { queue: self.clone(), model: model.to_owned(), consumer })
+    }
+
+    /// The model's durable pull consumer, made unless it exists.
+    async fn pull_consumer(&self, model: &str) -> Result<jetstream::consumer::Consumer<pull::Config>> {
         let name = format!("workers-{}", subject_token(model));
         let stream = self.js.get_stream(STREAM).await.map_err(|e| Error::Nats(e.to_string()))?;
-        let consumer = stream
+        stream
             .get_or_create_consumer(
                 &name,
                 pull::Config {
@@ -130,9 +203,14 @@ impl NatsQueue {
                 },
             )
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        Ok(NatsConsumer { client: self.client.clone(), cancels: self.cancels.clone(), consumer })
+            .map_err(|e| Error::Nats(e.to_string()))
     }
+}
+
+/// The JetStream error code behind a refused publish.
+fn jetstream_code(e: &async_nats::jetstream::context::PublishError) -> Option<ErrorCode> {
+    let source = std::error::Error::source(e)?;
+    source.downcast_ref::<async_nats::jetstream::Error>().map(async_nats::jetstream::Error::error_code)
 }
 
 /// `<request_id>-<attempt>`, safe as a subject token: the job's message id and its event and cancel subjects.
@@ -141,22 +219,25 @@ fn attempt_key(request_id: &str, attempt: u32) -> String {
 }
 
 pub struct NatsConsumer {
-    client: async_nats::Client,
-    cancels: stream::Stream,
+    queue: NatsQueue,
+    model: String,
     consumer: jetstream::consumer::Consumer<pull::Config>,
 }
 
 impl NatsConsumer {
     pub(crate) async fn next_job(&mut self) -> Result<ReceivedJob> {
         loop {
-            let mut batch = self
-                .consumer
-                .batch()
-                .max_messages(1)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
-                .map_err(|e| Error::Nats(e.to_string()))?;
+            self.queue.connected()?;
+            let batch = self.consumer.batch().max_messages(1).expires(PULL_EXPIRES).messages().await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    // The server may have come back without the consumer (a fresh store): make it again.
+                    tracing::warn!(error = %e, "cannot pull a job; making the consumer again");
+                    self.consumer = self.queue.pull_consumer(&self.model).await?;
+                    return Err(Error::Nats(e.to_string()));
+                }
+            };
             let Some(message) = batch.next().await else {
                 continue;
             };
@@ -173,23 +254,23 @@ impl NatsConsumer {
             let request_id = job.request.as_ref().map(|r| r.request_id.clone()).unwrap_or_default();
             let key = attempt_key(&request_id, job.attempt);
             let cancelled = CancellationToken::new();
+            let client = &self.queue.client;
             let mut cancels =
-                self.client.subscribe(format!("moltbot.cancel.{key}")).await.map_err(|e| Error::Nats(e.to_string()))?;
+                client.subscribe(format!("moltbot.cancel.{key}")).await.map_err(|e| Error::Nats(e.to_string()))?;
             // Cancelled while it waited in the queue: the worker ends it before any work.
-            match self.cancels.get_last_raw_message_by_subject(&format!("moltbot.cancel.{key}")).await {
-                Ok(_) => cancelled.cancel(),
-                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
-                Err(e) => tracing::warn!(error = %e, %key, "cannot ask the cancel stream; running the job"),
+            if self.queue.remembers_cancel(&key).await {
+                cancelled.cancel();
             }
+            // Watches for a cancel while the job runs; the subscription ends with the job (`ReceivedJob` aborts
+            // this task when dropped).
             let token = cancelled.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    Some(_) = cancels.next() => token.cancel(),
-                    () = token.cancelled() => {}
+            let watch = tokio::spawn(async move {
+                if cancels.next().await.is_some() {
+                    token.cancel();
                 }
             });
-            let sink = EventSink::Nats { client: self.client.clone(), subject: job.reply_subject.clone() };
-            return Ok(ReceivedJob { job, cancelled, sink });
+            let sink = EventSink::Nats { client: client.clone(), subject: job.reply_subject.clone() };
+            return Ok(ReceivedJob { job, cancelled, sink, watch: Some(watch.abort_handle()) });
         }
     }
 }

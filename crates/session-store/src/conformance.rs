@@ -67,14 +67,20 @@ impl Ctx {
         self.client.clone().lock_session(request).await.map(|r| r.into_inner().token)
     }
 
-    async fn renew(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool, String> {
-        let request = RenewSessionLockRequest { session_id: id.to_owned(), token: token.to_owned(), lease_ms };
+    async fn renew(&self, user: &str, id: &str, token: &str, lease_ms: u64) -> Result<bool, String> {
+        let request = RenewSessionLockRequest {
+            session_id: id.to_owned(),
+            token: token.to_owned(),
+            lease_ms,
+            user_id: self.user(user),
+        };
         let response = self.client.clone().renew_session_lock(request).await.map_err(|s| format!("renew: {s}"))?;
         Ok(response.into_inner().renewed)
     }
 
-    async fn unlock(&self, id: &str, token: &str) -> Result<bool, String> {
-        let request = UnlockSessionRequest { session_id: id.to_owned(), token: token.to_owned() };
+    async fn unlock(&self, user: &str, id: &str, token: &str) -> Result<bool, String> {
+        let request =
+            UnlockSessionRequest { session_id: id.to_owned(), token: token.to_owned(), user_id: self.user(user) };
         let response = self.client.clone().unlock_session(request).await.map_err(|s| format!("unlock: {s}"))?;
         Ok(response.into_inner().released)
     }
@@ -108,12 +114,25 @@ async fn fresh_sessions_are_empty_owned_and_unguessable(ctx: Ctx) -> Outcome {
     expect(other.id != s.id, || "two sessions got the same id".into())
 }
 
-async fn chosen_ids_are_kept_and_unique(ctx: Ctx) -> Outcome {
+/// A chosen id is unique per user: another user holding the same id is told nothing of it (no existence oracle),
+/// and each sees only their own session.
+async fn chosen_ids_are_kept_and_unique_per_user(ctx: Ctx) -> Outcome {
     let id = format!("{}-chosen", ctx.prefix);
     let s = ctx.create("a", &id).await?;
     expect(s.id == id, || format!("asked for {id}, got {}", s.id))?;
-    let again = CreateSessionRequest { user_id: ctx.user("b"), session_id: id, ..Default::default() };
-    expect_code(ctx.client.clone().create_session(again).await, Code::AlreadyExists, "the same id twice")
+    ctx.append("a", &id, &[("user", "a's")]).await.map_err(|e| e.to_string())?;
+    let again = CreateSessionRequest { user_id: ctx.user("a"), session_id: id.clone(), ..Default::default() };
+    expect_code(ctx.client.clone().create_session(again).await, Code::AlreadyExists, "the same id twice")?;
+    let theirs = ctx.create("b", &id).await.map_err(|e| format!("another user's id was refused: {e}"))?;
+    expect(theirs.id == id && theirs.message_count == 0, || format!("b's session: {theirs:?}"))?;
+    ctx.append("b", &id, &[("user", "b's")]).await.map_err(|e| e.to_string())?;
+    let (a, b) = (ctx.get("a", &id).await.map_err(|e| e.to_string())?, ctx.get("b", &id).await);
+    let b = b.map_err(|e| e.to_string())?;
+    expect(contents(&a) == ["a's"] && contents(&b) == ["b's"], || format!("a sees {a:?}, b sees {b:?}"))?;
+    // One user's turn lock does not hold the other's session.
+    let token = ctx.lock("a", &id, 60_000, 0).await.map_err(|e| format!("a's lock: {e}"))?;
+    let other = ctx.lock("b", &id, 60_000, 0).await.map_err(|e| format!("b's lock while a holds theirs: {e}"))?;
+    expect(ctx.unlock("a", &id, &token).await? && ctx.unlock("b", &id, &other).await?, || "unlock".into())
 }
 
 async fn bad_ids_are_invalid_arguments(ctx: Ctx) -> Outcome {
@@ -253,8 +272,8 @@ async fn locks_are_exclusive_and_leased(ctx: Ctx) -> Outcome {
     let s = ctx.create("a", "").await?;
     let token = ctx.lock("a", &s.id, 60_000, 0).await.map_err(|e| format!("a free lock: {e}"))?;
     expect_code(ctx.lock("a", &s.id, 60_000, 100).await, Code::Aborted, "a held lock")?;
-    expect(!ctx.unlock(&s.id, "not-the-token").await?, || "a wrong token released the lock".into())?;
-    expect(ctx.unlock(&s.id, &token).await?, || "the holder's token did not release the lock".into())?;
+    expect(!ctx.unlock("a", &s.id, "not-the-token").await?, || "a wrong token released the lock".into())?;
+    expect(ctx.unlock("a", &s.id, &token).await?, || "the holder's token did not release the lock".into())?;
     // A short lease frees the lock of a holder that never comes back; a waiter then gets it.
     ctx.lock("a", &s.id, 200, 0).await.map_err(|e| format!("relock: {e}"))?;
     let waited = ctx.lock("a", &s.id, 60_000, 5_000).await;
@@ -264,13 +283,13 @@ async fn locks_are_exclusive_and_leased(ctx: Ctx) -> Outcome {
 async fn a_lease_is_renewed_by_its_holder_only(ctx: Ctx) -> Outcome {
     let s = ctx.create("a", "").await?;
     let token = ctx.lock("a", &s.id, 1_000, 0).await.map_err(|e| format!("a free lock: {e}"))?;
-    expect(!ctx.renew(&s.id, "not-the-token", 60_000).await?, || "a wrong token renewed the lock".into())?;
-    expect(ctx.renew(&s.id, &token, 5_000).await?, || "the holder could not renew its lock".into())?;
+    expect(!ctx.renew("a", &s.id, "not-the-token", 60_000).await?, || "a wrong token renewed the lock".into())?;
+    expect(ctx.renew("a", &s.id, &token, 5_000).await?, || "the holder could not renew its lock".into())?;
     // Past the first lease the renewed lock still holds.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     expect_code(ctx.lock("a", &s.id, 60_000, 0).await, Code::Aborted, "a renewed lock past its first lease")?;
-    expect(ctx.unlock(&s.id, &token).await?, || "the holder's token did not release the renewed lock".into())?;
-    expect(!ctx.renew(&s.id, &token, 5_000).await?, || "a released lock was renewed".into())
+    expect(ctx.unlock("a", &s.id, &token).await?, || "the holder's token did not release the renewed lock".into())?;
+    expect(!ctx.renew("a", &s.id, &token, 5_000).await?, || "a released lock was renewed".into())
 }
 
 async fn concurrent_updates_each_apply_in_full(ctx: Ctx) -> Outcome {
@@ -353,7 +372,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("fresh sessions are empty, owned and unguessable", |c| {
         Box::pin(fresh_sessions_are_empty_owned_and_unguessable(c))
     }),
-    ("chosen ids are kept and unique", |c| Box::pin(chosen_ids_are_kept_and_unique(c))),
+    ("chosen ids are kept and unique per user", |c| Box::pin(chosen_ids_are_kept_and_unique_per_user(c))),
     ("bad ids are invalid arguments", |c| Box::pin(bad_ids_are_invalid_arguments(c))),
     ("missing sessions are not found", |c| Box::pin(missing_sessions_are_not_found(c))),
     ("another user's session is not found everywhere", |c| Box::pin(another_users_session_is_not_found_everywhere(c))),

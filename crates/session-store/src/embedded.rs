@@ -1,5 +1,6 @@
 //! Embedded backend on redb: `persistent` keeps sessions in a file that survives restarts, `memory` keeps them
-//! in RAM. A session is one JSON record; expired records read as missing and are removed when next written.
+//! in RAM. A session is one JSON record; expired records read as missing, and a sweep at most once a minute (on
+//! the next create) deletes them with their index entries, so the file stays bounded.
 
 use std::{path::Path, sync::Arc};
 
@@ -21,6 +22,18 @@ pub struct EmbeddedBackend {
     ttl_s: u64,
     /// Turn locks: session id → (token, lease end). One process owns an embedded store, so they live in memory.
     locks: Arc<std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>>,
+    /// When expired records were last swept away (ms since the epoch).
+    last_sweep_ms: Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// How often creating a session also deletes expired ones.
+const SWEEP_EVERY_MS: i64 = 60_000;
+
+/// The fields a sweep needs from a record.
+#[derive(serde::Deserialize)]
+struct Expiry {
+    user_id: String,
+    expires_at_ms: i64,
 }
 
 impl EmbeddedBackend {
@@ -43,7 +56,7 @@ impl EmbeddedBackend {
         tx.open_table(SESSIONS).map_err(storage)?;
         tx.open_table(BY_USER).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(Self { db: Arc::new(db), ttl_s: ttl, locks: Default::default() })
+        Ok(Self { db: Arc::new(db), ttl_s: ttl, locks: Default::default(), last_sweep_ms: Default::default() })
     }
 
     /// Runs blocking redb work off the async runtime.
@@ -57,12 +70,30 @@ impl EmbeddedBackend {
 
     pub async fn create(&self, id: &str, user_id: &str, settings: SessionSettings) -> Result<SessionRecord> {
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
+        let now = now_ms();
+        let last = self.last_sweep_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let sweep = now - last >= SWEEP_EVERY_MS
+            && self
+                .last_sweep_ms
+                .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+                .is_ok();
         self.blocking(move |db, ttl| {
             let tx = db.begin_write().map_err(storage)?;
+            if sweep {
+                sweep_expired(&tx)?;
+            }
             let record = {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
-                if live(sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?).is_some() {
-                    return Err(Error::AlreadyExists(id));
+                match sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()? {
+                    Some(old) if old.expires_at_ms > now_ms() => return Err(Error::AlreadyExists(id)),
+                    // An expired session under this id leaves its owner's index before the id is used again.
+                    Some(old) => {
+                        tx.open_table(BY_USER)
+                            .map_err(storage)?
+                            .remove(user_key(&old.user_id, &id).as_str())
+                            .map_err(storage)?;
+                    }
+                    None => {}
                 }
                 let now = now_ms();
                 let record = SessionRecord {
@@ -117,7 +148,9 @@ impl EmbeddedBackend {
             for entry in by_user.range(from.as_str()..to.as_str()).map_err(storage)? {
                 let key = entry.map_err(storage)?.0.value().to_owned();
                 let id = &key[from.len()..];
-                if let Some(mut s) = live(sessions.get(id).map_err(storage)?.map(|v| decode(v.value())).transpose()?) {
+                let record = live(sessions.get(id).map_err(storage)?.map(|v| decode(v.value())).transpose()?);
+                // The index may lag behind an id used again: only the user's own live sessions are theirs.
+                if let Some(mut s) = record.filter(|r| r.user_id == user_id) {
                     s.messages.clear();
                     out.push(s);
                 }
@@ -198,6 +231,30 @@ impl EmbeddedBackend {
     }
 }
 
+/// Deletes every expired session and its index entry; returns how many went.
+fn sweep_expired(tx: &redb::WriteTransaction) -> Result<usize> {
+    let now = now_ms();
+    let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
+    let mut expired = vec![];
+    for entry in sessions.iter().map_err(storage)? {
+        let (id, value) = entry.map_err(storage)?;
+        match serde_json::from_slice::<Expiry>(value.value()) {
+            Ok(e) if e.expires_at_ms <= now => expired.push((id.value().to_owned(), e.user_id)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, id = id.value(), "an unreadable session record; leaving it"),
+        }
+    }
+    let mut by_user = tx.open_table(BY_USER).map_err(storage)?;
+    for (id, user_id) in &expired {
+        sessions.remove(id.as_str()).map_err(storage)?;
+        by_user.remove(user_key(user_id, id).as_str()).map_err(storage)?;
+    }
+    if !expired.is_empty() {
+        tracing::debug!(sessions = expired.len(), "deleted expired sessions");
+    }
+    Ok(expired.len())
+}
+
 fn user_key(user_id: &str, id: &str) -> String {
     format!("{user_id}\0{id}")
 }
@@ -253,5 +310,37 @@ impl EmbeddedBackend {
             }
             _ => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::ReadableTableMetadata;
+
+    use super::*;
+
+    fn rows(backend: &EmbeddedBackend) -> (u64, u64) {
+        let tx = backend.db.begin_read().unwrap();
+        (tx.open_table(SESSIONS).unwrap().len().unwrap(), tx.open_table(BY_USER).unwrap().len().unwrap())
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_leave_every_table_and_never_list_for_another_user() {
+        let backend = EmbeddedBackend::in_memory(1800).unwrap();
+        let short = SessionSettings { ttl_seconds: 1, ..Default::default() };
+        backend.create("gone", "alice", short.clone()).await.unwrap();
+        backend.create("kept", "alice", SessionSettings::default()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        // The id comes free once expired; its old owner's index entry goes with it.
+        backend.create("gone", "bob", SessionSettings::default()).await.unwrap();
+        let alices: Vec<String> = backend.list("alice", 0, 10).await.unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(alices, ["kept"]);
+        assert_eq!(rows(&backend), (2, 2));
+        // A sweep deletes what expired, so the store does not grow with dead sessions.
+        backend.create("brief", "carol", short).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        backend.last_sweep_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        backend.create("next", "carol", SessionSettings::default()).await.unwrap();
+        assert_eq!(rows(&backend), (3, 3), "kept, bob's gone, next");
     }
 }

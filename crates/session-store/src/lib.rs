@@ -14,7 +14,7 @@ use moltbot_config::{SessionStoreConfig, SessionStoreType};
 use tokio::net::TcpListener;
 
 pub use backend::{Backend, SessionPatch, SessionRecord, SessionSettings, StoredMessage};
-pub use service::SessionStoreService;
+pub use service::{SessionStoreService, stored_id};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -36,6 +36,13 @@ pub enum Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
+        // Ids go back as the client knows them (without the owner's scope), and never longer than a line.
+        let e = match e {
+            Error::NotFound(id) => Error::NotFound(service::shown_id(&id)),
+            Error::AlreadyExists(id) => Error::AlreadyExists(service::shown_id(&id)),
+            Error::Busy(id) => Error::Busy(service::shown_id(&id)),
+            e => e,
+        };
         let message = e.to_string();
         match e {
             Error::NotFound(_) => tonic::Status::not_found(message),

@@ -73,9 +73,41 @@ fn existing_id(id: &str) -> Result<(), Error> {
     check_id("session_id", id).map_err(|_| Error::NotFound(id.to_owned()))
 }
 
+/// Where a user's session is stored: session ids are per user, so the same client-chosen id held by two users
+/// names two sessions, and creating one tells nothing about the other's (no existence oracle). The owner's scope
+/// is a hash of the user id, so stored keys stay within the id alphabet whatever the user id holds.
+pub fn stored_id(user_id: &str, id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(user_id.as_bytes());
+    let scope: String = digest.iter().take(SCOPE_LEN / 2).map(|b| format!("{b:02x}")).collect();
+    format!("{scope}.{id}")
+}
+
+/// The id the client knows, from a stored one.
+fn client_id(stored: &str) -> String {
+    match stored.split_at_checked(SCOPE_LEN) {
+        Some((scope, rest)) if rest.starts_with('.') && scope.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            rest[1..].to_owned()
+        }
+        _ => stored.to_owned(),
+    }
+}
+
+/// Hex digits of a user's scope.
+const SCOPE_LEN: usize = 24;
+
+/// An id as an error message shows it: unscoped, and cut to 64 characters.
+pub(crate) fn shown_id(id: &str) -> String {
+    let id = client_id(id);
+    match id.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &id[..cut]),
+        None => id,
+    }
+}
+
 fn to_proto(r: SessionRecord) -> Session {
     Session {
-        id: r.id,
+        id: client_id(&r.id),
         user_id: r.user_id,
         created_at_ms: r.created_at_ms,
         updated_at_ms: r.updated_at_ms,
@@ -105,7 +137,11 @@ impl SessionStore for SessionStoreService {
             system_prompt: r.system_prompt,
             ttl_seconds: r.ttl_seconds,
         };
-        Ok(Response::new(to_proto(self.backend.create(&id, &r.user_id, settings).await?)))
+        let created = self.backend.create(&stored_id(&r.user_id, &id), &r.user_id, settings).await;
+        Ok(Response::new(to_proto(created.map_err(|e| match e {
+            Error::AlreadyExists(_) => Error::AlreadyExists(id),
+            e => e,
+        })?)))
     }
 
     async fn update_session(&self, request: Request<UpdateSessionRequest>) -> Result<Response<Session>, Status> {
@@ -117,13 +153,15 @@ impl SessionStore for SessionStoreService {
             system_prompt: r.system_prompt,
             ttl_seconds: r.ttl_seconds,
         };
-        Ok(Response::new(to_proto(self.backend.update(&r.session_id, &r.user_id, patch).await?)))
+        Ok(Response::new(to_proto(
+            self.backend.update(&stored_id(&r.user_id, &r.session_id), &r.user_id, patch).await?,
+        )))
     }
 
     async fn get_session(&self, request: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
         let r = request.into_inner();
         existing_id(&r.session_id)?;
-        let mut record = self.backend.get(&r.session_id, &r.user_id).await?;
+        let mut record = self.backend.get(&stored_id(&r.user_id, &r.session_id), &r.user_id).await?;
         if r.message_offset > 0 || r.message_limit > 0 {
             let limit = if r.message_limit == 0 { usize::MAX } else { r.message_limit as usize };
             record.messages = record.messages.into_iter().skip(r.message_offset as usize).take(limit).collect();
@@ -138,8 +176,17 @@ impl SessionStore for SessionStoreService {
         let r = request.into_inner();
         check_id("user_id", &r.user_id)?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) } as usize;
-        let sessions =
-            self.backend.list(&r.user_id, r.offset as usize, limit).await?.into_iter().map(to_proto).collect();
+        // Listed without the heavy fields: a page of sessions stays small whatever their prompts hold.
+        let sessions = self
+            .backend
+            .list(&r.user_id, r.offset as usize, limit)
+            .await?
+            .into_iter()
+            .map(|mut record| {
+                record.settings.system_prompt.clear();
+                to_proto(record)
+            })
+            .collect();
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 
@@ -161,7 +208,9 @@ impl SessionStore for SessionStoreService {
                 Ok(StoredMessage { role: m.role, content: m.content, created_at_ms, tokens: m.tokens })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Response::new(to_proto(self.backend.append(&r.session_id, &r.user_id, messages).await?)))
+        Ok(Response::new(to_proto(
+            self.backend.append(&stored_id(&r.user_id, &r.session_id), &r.user_id, messages).await?,
+        )))
     }
 
     async fn delete_session(
@@ -169,7 +218,8 @@ impl SessionStore for SessionStoreService {
         request: Request<DeleteSessionRequest>,
     ) -> Result<Response<DeleteSessionResponse>, Status> {
         let r = request.into_inner();
-        let deleted = self.backend.delete(&r.session_id, &r.user_id).await?;
+        existing_id(&r.session_id)?;
+        let deleted = self.backend.delete(&stored_id(&r.user_id, &r.session_id), &r.user_id).await?;
         Ok(Response::new(DeleteSessionResponse { deleted }))
     }
 
@@ -178,7 +228,8 @@ impl SessionStore for SessionStoreService {
         request: Request<TouchSessionRequest>,
     ) -> Result<Response<TouchSessionResponse>, Status> {
         let r = request.into_inner();
-        let expires_at_ms = self.backend.touch(&r.session_id, &r.user_id).await?;
+        existing_id(&r.session_id)?;
+        let expires_at_ms = self.backend.touch(&stored_id(&r.user_id, &r.session_id), &r.user_id).await?;
         Ok(Response::new(TouchSessionResponse { expires_at_ms }))
     }
 
@@ -188,15 +239,16 @@ impl SessionStore for SessionStoreService {
     ) -> Result<Response<LockSessionResponse>, Status> {
         let r = request.into_inner();
         existing_id(&r.session_id)?;
+        let id = stored_id(&r.user_id, &r.session_id);
         // Only the owner of a live session may take its lock; its messages are not needed for that.
-        self.backend.meta(&r.session_id, &r.user_id).await?;
+        self.backend.meta(&id, &r.user_id).await?;
         let token = new_id();
         let lease_ms = if r.lease_ms == 0 { 60_000 } else { r.lease_ms.min(MAX_LEASE_MS) };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(r.wait_ms.min(600_000));
         // Polls with a growing, jittered pause: turns are seconds long, so a few probes per turn are enough.
         let mut pause = std::time::Duration::from_millis(5);
         loop {
-            if self.backend.try_lock(&r.session_id, &token, lease_ms).await? {
+            if self.backend.try_lock(&id, &token, lease_ms).await? {
                 return Ok(Response::new(LockSessionResponse { token }));
             }
             let now = tokio::time::Instant::now();
@@ -214,7 +266,7 @@ impl SessionStore for SessionStoreService {
         request: Request<UnlockSessionRequest>,
     ) -> Result<Response<UnlockSessionResponse>, Status> {
         let r = request.into_inner();
-        let released = self.backend.unlock(&r.session_id, &r.token).await?;
+        let released = self.backend.unlock(&stored_id(&r.user_id, &r.session_id), &r.token).await?;
         Ok(Response::new(UnlockSessionResponse { released }))
     }
 
@@ -226,7 +278,8 @@ impl SessionStore for SessionStoreService {
         if r.lease_ms == 0 {
             return Err(Status::invalid_argument("lease_ms must be at least 1"));
         }
-        let renewed = self.backend.renew_lock(&r.session_id, &r.token, r.lease_ms.min(MAX_LEASE_MS)).await?;
+        let id = stored_id(&r.user_id, &r.session_id);
+        let renewed = self.backend.renew_lock(&id, &r.token, r.lease_ms.min(MAX_LEASE_MS)).await?;
         Ok(Response::new(RenewSessionLockResponse { renewed }))
     }
 }
