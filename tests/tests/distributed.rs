@@ -254,6 +254,7 @@ async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost()
         c.model_provider.context_length = 160;
         c.model_provider.max_tokens = 2;
         c.gateway.max_concurrent_requests = 64;
+        c.gateway.max_concurrent_per_user = 64;
         c.gateway.request_timeout = 600;
         c.dialogue_manager.session_lock_wait = 600;
     })

@@ -460,12 +460,12 @@ async fn nothing_accepted_is_ignored_and_every_refusal_is_clear_json() {
     assert_eq!(status, 400, "{error}");
     assert!(headers.get("x-cache").is_none() && error["error"]["param"] == "X-Dialogue-Mode", "{error}");
 
-    // A path that is not UTF-8, a method a route does not take, an id a megabyte long: JSON errors, ids cut short.
+    // A path that is not UTF-8, a method a route does not take, an id 10 KB long: JSON errors, ids cut short.
     let not_utf8 = http.client.get(format!("{}/api/sessions/%FF%FE", http.base)).send().await.unwrap();
     assert_eq!(json_error(not_utf8).await.0, 400);
     let put = http.client.put(format!("{}/api/chat", http.base)).send().await.unwrap();
     assert_eq!(json_error(put).await.0, 405);
-    let long_id = "a".repeat(100_000);
+    let long_id = "a".repeat(10_000);
     let (status, error) =
         json_error(http.client.delete(format!("{}/api/sessions/{long_id}", http.base)).send().await.unwrap()).await;
     assert_eq!(status, 404, "{error}");
@@ -545,4 +545,31 @@ async fn busy_stream_as(http: &Http, user: &str) -> reqwest::Response {
     assert_eq!(busy.status(), 200);
     busy.chunk().await.unwrap().expect("the stream has begun");
     busy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_hold_the_gateway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.gateway.max_connections = 8;
+        c.gateway.header_read_timeout = 1;
+    })
+    .await;
+    // Every connection the gateway takes is held by a client that never finishes its headers.
+    let mut slow = vec![];
+    for _ in 0..8 {
+        let mut socket = tokio::net::TcpStream::connect(moltbot.gateway_addr).await.unwrap();
+        socket.write_all(b"GET /health HTTP/1.1\r\nHost: moltbot\r\n").await.unwrap();
+        slow.push(socket);
+    }
+    // The header timeout closes them, so another client gets through.
+    let asked = std::time::Instant::now();
+    assert_eq!(http.get("/health").await.0, 200);
+    assert!(asked.elapsed() < std::time::Duration::from_secs(5), "/health took {:?}", asked.elapsed());
+    for mut socket in slow {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(3), socket.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(_) | Err(_))), "a slow connection was left open");
+    }
+    moltbot.stop().await.unwrap();
 }

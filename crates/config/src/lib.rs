@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     pub max_messages: usize,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Open client connections; more wait until one closes.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive connection stays open.
+    pub header_read_timeout: u64,
     /// Seconds a request may take end to end before 504.
     pub request_timeout: u64,
     /// Serve the chat page at `/` (the API is there either way).
@@ -115,6 +119,8 @@ impl Default for GatewayConfig {
             max_concurrent_per_user: 16,
             max_messages: 256,
             max_body_bytes: 1024 * 1024,
+            max_connections: 1024,
+            header_read_timeout: 30,
             request_timeout: 300,
             web_ui: true,
             auth: AuthConfig::default(),
@@ -211,6 +217,9 @@ pub struct InferenceWorkerConfig {
     pub max_batch_size: usize,
     /// Tokens in one forward pass (one per generating sequence plus prompt chunks).
     pub max_batch_tokens: usize,
+    /// Milliseconds a step may take while sequences are generating: prompt chunks shrink to fit, so a long prompt
+    /// never freezes the streams running beside it.
+    pub max_step_ms: u64,
     /// Memory for the paged KV cache, in MiB; the context window shrinks when one whole window does not fit.
     pub kv_cache_mib: usize,
     /// Requests the engine queues beyond its batch before refusing more (429).
@@ -226,6 +235,7 @@ impl Default for InferenceWorkerConfig {
             worker_id: String::new(),
             max_batch_size: 16,
             max_batch_tokens: 1024,
+            max_step_ms: 200,
             kv_cache_mib: 1024,
             max_waiting: 256,
             threads: 0,
@@ -406,6 +416,12 @@ impl Config {
         let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
         if self.gateway.max_concurrent_requests == 0 {
             return bad("gateway.max_concurrent_requests", "must be at least 1");
+        }
+        if self.gateway.max_connections == 0 || self.gateway.max_connections > u32::MAX as usize {
+            return bad("gateway.max_connections", "must be at least 1");
+        }
+        if self.gateway.header_read_timeout == 0 {
+            return bad("gateway.header_read_timeout", "must be at least 1 second");
         }
         if self.gateway.max_messages == 0 {
             return bad("gateway.max_messages", "must be at least 1");

@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// Tokens (decode tokens plus prompt chunks) in one forward pass.
     pub max_batch_tokens: usize,
+    /// How long a step may take while sequences are generating: prompt chunks shrink to what fits in it at the
+    /// measured cost per token, so running streams keep flowing while a long prompt is read.
+    pub max_step: std::time::Duration,
     /// Compute threads; all cores when unset.
     pub threads: Option<usize>,
     /// Memory for the KV cache; the context window shrinks to fit when it cannot hold one whole context.
@@ -95,6 +98,7 @@ impl EngineConfig {
             max_context: None,
             max_batch_size: 16,
             max_batch_tokens: 1024,
+            max_step: std::time::Duration::from_millis(200),
             threads: None,
             kv_cache: KvBudget::Bytes(1 << 30),
             max_waiting: 1024,
@@ -247,6 +251,8 @@ impl Engine {
             context_length,
             max_batch_size: max_sequences,
             max_batch_tokens: config.max_batch_tokens.max(1),
+            max_step: config.max_step,
+            secs_per_token: None,
         };
         // The scheduler runs on a worker of the engine's own pool, so each step's parallel work starts on the
         // thread that asks for it instead of being handed across threads.
@@ -455,6 +461,9 @@ struct Compute {
     context_length: usize,
     max_batch_size: usize,
     max_batch_tokens: usize,
+    max_step: std::time::Duration,
+    /// What a token of a step has cost lately (a moving average), once measured.
+    secs_per_token: Option<f64>,
 }
 
 impl Compute {
@@ -569,17 +578,33 @@ impl Compute {
         }
     }
 
+    /// Tokens a step may take: `max_batch_tokens`, and while sequences are generating, no more than fit in
+    /// `max_step` at the measured cost per token (at least one chunk of 16 beside the decode tokens).
+    fn step_budget(&self, decoding: usize) -> usize {
+        match self.secs_per_token {
+            Some(cost) if decoding > 0 => {
+                let in_time = (self.max_step.as_secs_f64() / cost.max(1e-9)) as usize;
+                in_time.max(decoding + 16).min(self.max_batch_tokens.max(decoding))
+            }
+            _ => self.max_batch_tokens,
+        }
+    }
+
     /// One forward pass and one sampled token for every sequence whose tokens are all in.
     fn step(&mut self, running: &mut Vec<Active>) -> Result<()> {
-        // Generating sequences first (one token each), then prompt chunks in arrival order.
-        let mut budget = self.max_batch_tokens;
+        // Generating sequences first (one token each), then prompt chunks, the shortest prompt first: a short
+        // request is not held behind a long one.
+        let decoding = running.iter().filter(|a| a.pending() == 1).count();
+        let mut budget = self.step_budget(decoding);
         let mut order: Vec<usize> = (0..running.len()).collect();
-        order.sort_by_key(|&i| running[i].pending() > 1);
+        order.sort_by_key(|&i| (running[i].pending() > 1, running[i].pending()));
         let mut take = vec![0usize; running.len()];
         for &i in &order {
             take[i] = running[i].pending().min(budget);
             budget -= take[i];
         }
+        let fed_tokens: usize = take.iter().sum();
+        let started = std::time::Instant::now();
         let mut fed = vec![];
         let mut steps: Vec<Step<'_>> = running
             .iter_mut()
@@ -595,6 +620,8 @@ impl Compute {
             .collect();
         let logits = self.model.forward(&mut self.pool, &mut steps)?;
         drop(steps);
+        let cost = started.elapsed().as_secs_f64() / fed_tokens.max(1) as f64;
+        self.secs_per_token = Some(self.secs_per_token.map_or(cost, |avg| 0.8 * avg + 0.2 * cost));
         let mut logits = logits.into_iter();
         let mut finished = vec![];
         for (i, wants) in fed {

@@ -9,6 +9,7 @@ mod error;
 mod limits;
 mod native;
 mod openai;
+mod serve;
 mod sessions;
 mod web;
 
@@ -105,13 +106,11 @@ pub async fn run(
         );
     }
     tracing::info!(%addr, auth = !config.auth.api_keys.is_empty(), "gateway listening");
-    // Streamed tokens are small writes: Nagle's algorithm would hold each one back for a delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(config, dialogue)).with_graceful_shutdown(shutdown).await?;
+    let limits = serve::Limits {
+        max_connections: config.max_connections,
+        header_read_timeout: Duration::from_secs(config.header_read_timeout),
+    };
+    serve::serve(listener, router(config, dialogue), limits, shutdown).await?;
     Ok(())
 }
 

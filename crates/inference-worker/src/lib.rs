@@ -31,6 +31,7 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
         max_batch_size: config.inference_worker.max_batch_size,
         max_batch_tokens: config.inference_worker.max_batch_tokens,
+        max_step: std::time::Duration::from_millis(config.inference_worker.max_step_ms.max(1)),
         kv_cache: KvBudget::Bytes(config.inference_worker.kv_cache_mib << 20),
         max_waiting: config.inference_worker.max_waiting,
         threads: (config.inference_worker.threads > 0).then_some(config.inference_worker.threads),
