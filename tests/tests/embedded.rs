@@ -573,3 +573,31 @@ async fn slow_clients_cannot_hold_the_gateway() {
     }
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_a_retry_after_that_follows_the_queue() {
+    let (moltbot, http, _dir) = long_answers(|c| {
+        c.inference_worker.max_batch_size = 1;
+        c.dialogue_manager.max_queue_wait = 1;
+    })
+    .await;
+    // The only slot is busy; the next request waits in the queue behind it.
+    let busy = busy_stream(&http, "").await;
+    let queued = {
+        let http = http.clone();
+        tokio::spawn(async move { http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // It has waited past max_queue_wait: new turns are refused at once, told when to come back.
+    let (status, headers, body) = http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 429, "{body}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 2, "the queued request has waited over 2 s: Retry-After {retry_after}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    // The work already admitted is not lost, and once the queue moves, turns are taken again.
+    drop(busy);
+    let (status, _, body) = queued.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await.0, 200);
+    moltbot.stop().await.unwrap();
+}

@@ -6,6 +6,9 @@
 //! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
 //!   ops/s, the cost of a session per turn (release build)
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
+//! - `soak [--minutes 30] [--load 0.7]`: MoltBot under 70 % of its measured capacity for half an hour (release)
+//! - `fuzz [target] [seconds]`: one libFuzzer target (`fuzz/`) for a bounded time (60 s), keeping its corpus;
+//!   without a target, lists them
 
 use std::{
     path::{Path, PathBuf},
@@ -27,12 +30,17 @@ fn main() -> anyhow::Result<()> {
         Some("run") => run(rest),
         Some("dev") => dev(),
         Some("bench") => bench(rest),
+        Some("fuzz") => fuzz(rest),
+        Some("soak") => {
+            model()?;
+            status(cargo().args(["run", "--release", "--package", "moltbot", "--", "soak"]).args(rest))
+        }
         Some("conformance") => {
             status(cargo().args(["run", "--quiet", "--package", "moltbot", "--", "conformance"]).args(rest))
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway> [bench args] | conformance session-store <endpoint>>"
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -193,6 +201,48 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         _ => forwarded.extend(args.iter().cloned()),
     }
     status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded))
+}
+
+/// The fuzz targets in `fuzz/fuzz_targets`.
+const FUZZ_TARGETS: &[&str] =
+    &["request_json", "sse_parser", "proto_decode", "chat_template", "tokenize", "stop_strings"];
+
+/// `fuzz <target> [seconds]`: installs cargo-fuzz when missing, then runs the target for `seconds` (60) with its
+/// corpus in `fuzz/corpus/<target>` (kept in the repository, so every run starts where the last one got). The
+/// machine's stable toolchain builds the instrumented binary (`RUSTC_BOOTSTRAP`), without a sanitizer: the code
+/// under test is safe Rust, and a panic is what the targets assert.
+fn fuzz(args: &[String]) -> anyhow::Result<()> {
+    let Some(target) = args.first() else {
+        eprintln!("fuzz targets: {}", FUZZ_TARGETS.join(", "));
+        eprintln!("run one: cargo xtask fuzz <target> [seconds]");
+        return Ok(());
+    };
+    if !FUZZ_TARGETS.contains(&target.as_str()) {
+        bail!("no fuzz target `{target}`; the targets are {}", FUZZ_TARGETS.join(", "));
+    }
+    let seconds: u64 = match args.get(1) {
+        Some(s) => s.parse().with_context(|| format!("`{s}` is not a number of seconds"))?,
+        None => 60,
+    };
+    if target == "tokenize" {
+        model()?;
+    }
+    let installed = cargo().args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("fuzz: installing cargo-fuzz (once)");
+        status(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    let corpus = root().join("fuzz/corpus").join(target);
+    std::fs::create_dir_all(&corpus)?;
+    status(
+        cargo()
+            .args(["fuzz", "run", "--sanitizer", "none", target])
+            .arg(&corpus)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-max_len=65536")
+            .env("RUSTC_BOOTSTRAP", "1"),
+    )
 }
 
 /// Kills the dev processes when `dev` ends.

@@ -145,6 +145,9 @@ pub struct DialogueManagerConfig {
     /// Seconds a turn's session lock outlives its holder: the holder renews it every third of that while the turn
     /// runs, so a dialogue-manager that dies mid-turn frees its session within this long.
     pub session_lock_lease: u64,
+    /// Seconds the oldest queued job may have waited for a worker before new turns are refused (429 with
+    /// `Retry-After`): overload is shed, not queued; 0: never.
+    pub max_queue_wait: u64,
 }
 
 impl Default for DialogueManagerConfig {
@@ -156,6 +159,7 @@ impl Default for DialogueManagerConfig {
             max_retries: 2,
             session_lock_wait: 30,
             session_lock_lease: 15,
+            max_queue_wait: 20,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the session from the session-store, queues a generation job, streams the answer back, and saves the turn.
 //! It never talks to Redis or to a worker directly: only to the session-store (gRPC) and the queue.
 
+mod admission;
 mod turn;
 
 use std::{future::Future, time::Duration};
@@ -52,6 +53,8 @@ pub struct DialogueService {
     max_retries: u32,
     session_lock_wait: Duration,
     session_lock_lease: Duration,
+    /// Jobs submitted and not yet started by a worker: their age tells how far behind the workers are.
+    waiting: admission::Waiting,
 }
 
 impl DialogueService {
@@ -70,6 +73,7 @@ impl DialogueService {
             max_retries: config.dialogue_manager.max_retries,
             session_lock_wait: Duration::from_secs(config.dialogue_manager.session_lock_wait),
             session_lock_lease: Duration::from_secs(config.dialogue_manager.session_lock_lease),
+            waiting: admission::Waiting::new(Duration::from_secs(config.dialogue_manager.max_queue_wait)),
         }
     }
 }
@@ -79,6 +83,7 @@ impl Dialogue for DialogueService {
     type ChatStream = ReceiverStream<Result<ChatEvent, Status>>;
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+        self.waiting.admit()?;
         let budget = turn::grpc_timeout(request.metadata());
         let turn = turn::Turn::prepare(self.clone(), request.into_inner(), budget).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);

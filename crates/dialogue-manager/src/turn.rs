@@ -263,6 +263,7 @@ impl Turn {
                 reply_subject: String::new(),
             };
             let mut events = self.service.queue.submit(job).await.map_err(queue_status)?;
+            let mut waiting = self.service.waiting.join();
             let mut started = false;
             let mut message_tokens = vec![];
             loop {
@@ -304,6 +305,7 @@ impl Turn {
                             .await?;
                         }
                         started = true;
+                        waiting.leave();
                         message_tokens = s.message_tokens.clone();
                         tracing::debug!(
                             request_id = %self.request_id, worker_id = %s.worker_id, prompt_tokens = s.prompt_tokens,

@@ -18,5 +18,5 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use gguf::ModelMetadata;
 pub use sampling::{FinishReason, MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, StopMatcher, Usage};
-pub use template::{ChatMessage, ChatTemplate};
-pub use tokenizer::{Detokenizer, Tokenizer};
+pub use template::{ChatMessage, ChatTemplate, OwnedPiece};
+pub use tokenizer::{Detokenizer, Piece, Tokenizer};

@@ -78,11 +78,11 @@ async fn a_long_prompt_does_not_freeze_a_running_stream() {
     let config = EngineConfig { max_step: std::time::Duration::from_millis(50), ..EngineConfig::new(model_path()) };
     let engine = Engine::load(config).unwrap();
     let chat = |text: &str| Prompt::Chat(vec![ChatMessage::new("user", text)]);
-    let sampling = SamplingParams { min_tokens: 400, ..greedy(400) };
+    let sampling = SamplingParams { min_tokens: 200, ..greedy(200) };
     let mut running = engine.submit(GenerationRequest { prompt: chat("Tell me a story."), sampling }).unwrap();
     running.next().await.expect("the stream has begun");
-    // About 3000 prompt tokens: three chunks of max_batch_tokens, but many steps of max_step.
-    let long = engine.submit(GenerationRequest { prompt: chat(&"word ".repeat(3000)), sampling: greedy(1) }).unwrap();
+    // About 1500 prompt tokens: two chunks of max_batch_tokens, but many steps of max_step.
+    let long = engine.submit(GenerationRequest { prompt: chat(&"word ".repeat(1500)), sampling: greedy(1) }).unwrap();
     let mut long = std::pin::pin!(long.collect());
     let mut tokens_meanwhile = 0;
     loop {

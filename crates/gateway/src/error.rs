@@ -115,6 +115,7 @@ impl From<tonic::Status> for ApiError {
             }
             _ => s.message().to_owned(),
         };
-        Self::new(status, message)
+        let retry_after = s.metadata().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+        Self { retry_after, ..Self::new(status, message) }
     }
 }

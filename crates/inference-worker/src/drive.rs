@@ -99,20 +99,43 @@ pub async fn drive(
         let _ = out.send(error(ErrorCode::InvalidArgument, message)).await;
         return false;
     }
-    // Stored history already carries its counts; only new messages are tokenized here.
-    let count = |m: &moltbot_proto::common::v1::ChatMessage| match m.tokens {
-        0 => worker.engine.tokenizer().encode_text(&m.content).map_or(0, |t| t.len() as u32),
-        known => known,
+    // Counting, fitting and tokenizing the conversation is CPU work of its own: it runs off the async runtime, and
+    // a cancel or the deadline ends the wait for it (the engine then drops the request it queued).
+    let engine = worker.engine.clone();
+    let max_tokens = worker.max_tokens;
+    let prepare = tokio::task::spawn_blocking(move || {
+        // Stored history already carries its counts; only new messages are tokenized here.
+        let count = |m: &moltbot_proto::common::v1::ChatMessage| match m.tokens {
+            0 => engine.tokenizer().encode_text(&m.content).map_or(0, |t| t.len() as u32),
+            known => known,
+        };
+        let message_tokens: Vec<u32> = match &request.input {
+            Some(Input::Chat(chat)) => chat.messages.iter().map(count).collect(),
+            _ => vec![],
+        };
+        engine_request(request, max_tokens)
+            .map_err(|message| (ErrorCode::InvalidArgument, message))
+            .and_then(|r| engine.submit(r).map_err(|e| (code(&e), e.to_string())))
+            .map(|generation| (generation, message_tokens))
+    });
+    let deadline = if deadline_ms > 0 {
+        tokio::time::Instant::now() + Duration::from_millis((deadline_ms - now_ms()).max(0) as u64)
+    } else {
+        tokio::time::Instant::now() + Duration::from_secs(24 * 3600)
     };
-    let message_tokens: Vec<u32> = match &request.input {
-        Some(Input::Chat(chat)) => chat.messages.iter().map(count).collect(),
-        _ => vec![],
+    let prepared = tokio::select! {
+        prepared = prepare => prepared.unwrap_or_else(|e| Err((ErrorCode::Internal, format!("preparing the prompt failed: {e}")))),
+        () = cancelled.cancelled() => {
+            tracing::info!(%request_id, "cancelled while its prompt was prepared");
+            return true;
+        }
+        () = tokio::time::sleep_until(deadline) => {
+            let _ = out.send(error(ErrorCode::DeadlineExceeded, "the request's deadline passed while its prompt was prepared")).await;
+            return false;
+        }
     };
-    let submitted = engine_request(request, worker.max_tokens)
-        .map_err(|message| (ErrorCode::InvalidArgument, message))
-        .and_then(|r| worker.engine.submit(r).map_err(|e| (code(&e), e.to_string())));
-    let mut generation = match submitted {
-        Ok(g) => g,
+    let (mut generation, message_tokens) = match prepared {
+        Ok(prepared) => prepared,
         Err((code, message)) => {
             let _ = out.send(error(code, message)).await;
             return false;
@@ -127,11 +150,6 @@ pub async fn drive(
     if out.send(event(Event::Started(started))).await.is_err() {
         return false;
     }
-    let deadline = if deadline_ms > 0 {
-        tokio::time::Instant::now() + Duration::from_millis((deadline_ms - now_ms()).max(0) as u64)
-    } else {
-        tokio::time::Instant::now() + Duration::from_secs(24 * 3600)
-    };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.tick().await;
     loop {

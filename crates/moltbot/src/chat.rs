@@ -76,16 +76,12 @@ async fn turn(
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         anyhow::bail!("{status}: {}", body["error"]["message"].as_str().unwrap_or("no details"));
     }
-    let (mut buffer, mut session_id) = (String::new(), None);
+    let (mut events, mut session_id) = (crate::sse::SseParser::default(), None);
     let mut out = std::io::stdout();
     while let Some(chunk) = response.chunk().await? {
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let kind = event.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or_default();
-            let data = event.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or_default();
-            let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
-            match kind {
+        for event in events.push(&chunk) {
+            let value: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+            match event.event.as_str() {
                 "start" => session_id = value["session_id"].as_str().map(str::to_owned),
                 "delta" => {
                     write!(out, "{}", value["text"].as_str().unwrap_or_default())?;

@@ -4,6 +4,8 @@
 
 pub mod bench;
 pub mod chat;
+pub mod soak;
+pub mod sse;
 
 use std::net::SocketAddr;
 

@@ -21,6 +21,8 @@ enum Command {
     },
     /// Measure the engine alone and (with --url) a running gateway; prints tokens/s.
     Bench(moltbot::bench::Args),
+    /// Hold a MoltBot it starts under 70 % of its measured capacity for a long time; prints errors, p99 and memory.
+    Soak(moltbot::soak::Args),
     /// Chat in the terminal with a running gateway; answers stream, and the conversation is kept.
     Chat(moltbot::chat::Args),
     /// Check that a service honours its contract; exits non-zero when a check fails.
@@ -42,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { config } => serve(config).await,
         Command::Bench(args) => moltbot::bench::run(args).await,
         Command::Chat(args) => moltbot::chat::run(args).await,
+        Command::Soak(args) => moltbot::soak::run(args).await,
         Command::Conformance { target: Conformance::SessionStore { endpoint } } => {
             let results = moltbot_session_store::conformance::run(&endpoint).await?;
             let failed = results.iter().filter(|r| r.outcome.is_err()).count();
