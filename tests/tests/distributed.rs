@@ -526,3 +526,47 @@ async fn a_conversation_longer_than_a_queue_message_keeps_answering() {
     assert_eq!(status, 200, "{body}");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_fast_and_moltbot_recovers_without_a_restart() {
+    let mut cluster = Cluster::start(1, |_| {}).await;
+    let session = alice_starts(&cluster).await;
+    assert_eq!(alice_says(&cluster, &session, "Before").await.0, 200);
+
+    cluster.redis.kill();
+    for _ in 0..3 {
+        // A turn that needs its session fails at once with 503 ...
+        let asked = std::time::Instant::now();
+        let (status, body) = alice_says(&cluster, &session, "During").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(asked.elapsed() < Duration::from_secs(3), "a 503 after {:?}", asked.elapsed());
+        // ... while single-turn chats, which need no storage, go on.
+        let (status, _, body) = cluster.http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+
+    // Redis comes back (with its append-only file): the same processes carry on, and nothing acknowledged is lost.
+    cluster.redis.start_again();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (status, body) = loop {
+        let (status, body) = alice_says(&cluster, &session, "After").await;
+        if status == 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 200, "{body}");
+    let (status, stored) =
+        cluster.http.call("GET", &format!("/api/sessions/{session}"), &[("x-user-id", "alice")], None).await;
+    assert_eq!(status, 200, "{stored}");
+    let questions: Vec<&str> = stored["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(questions, ["Hi", "Before", "After"], "the failed turns saved nothing, the others everything");
+    cluster.stop().await;
+}

@@ -182,6 +182,10 @@ pub struct SessionStoreConfig {
     pub redis: RedisConfig,
     /// File of the embedded durable store (`persistent`).
     pub path: PathBuf,
+    /// Sessions one user may hold; creating more is refused until some are deleted or expire.
+    pub max_sessions_per_user: u32,
+    /// Messages one session may hold; a turn past it is refused with advice to start a new session.
+    pub max_session_messages: u32,
 }
 
 impl Default for SessionStoreConfig {
@@ -192,6 +196,8 @@ impl Default for SessionStoreConfig {
             session_ttl: 1800,
             redis: RedisConfig::default(),
             path: data_dir().join("sessions.redb"),
+            max_sessions_per_user: 1000,
+            max_session_messages: 10_000,
         }
     }
 }

@@ -578,16 +578,15 @@ impl Compute {
         }
     }
 
-    /// Tokens a step may take: `max_batch_tokens`, and while sequences are generating, no more than fit in
-    /// `max_step` at the measured cost per token (at least one chunk of 16 beside the decode tokens).
+    /// Tokens a step may take: `max_batch_tokens`, and no more than fit in `max_step` at the measured cost per
+    /// token while sequences are generating (at least a chunk of 16 beside their decode tokens), or in five times
+    /// that while only prompts are read: larger chunks read a prompt faster, and a cancelled request still stops
+    /// within about a second.
     fn step_budget(&self, decoding: usize) -> usize {
-        match self.secs_per_token {
-            Some(cost) if decoding > 0 => {
-                let in_time = (self.max_step.as_secs_f64() / cost.max(1e-9)) as usize;
-                in_time.max(decoding + 16).min(self.max_batch_tokens.max(decoding))
-            }
-            _ => self.max_batch_tokens,
-        }
+        let Some(cost) = self.secs_per_token else { return self.max_batch_tokens };
+        let time = if decoding > 0 { self.max_step } else { self.max_step * 5 };
+        let in_time = (time.as_secs_f64() / cost.max(1e-9)) as usize;
+        in_time.max(decoding + 16).min(self.max_batch_tokens.max(decoding))
     }
 
     /// One forward pass and one sampled token for every sequence whose tokens are all in.

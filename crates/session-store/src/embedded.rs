@@ -7,7 +7,7 @@ use std::{path::Path, sync::Arc};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, backends::InMemoryBackend};
 
 use crate::{
-    Error, Result, SessionRecord, StoredMessage,
+    Error, Limits, Result, SessionRecord, StoredMessage,
     backend::{SessionPatch, SessionSettings, now_ms},
 };
 
@@ -24,6 +24,7 @@ pub struct EmbeddedBackend {
     locks: Arc<std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>>,
     /// When expired records were last swept away (ms since the epoch).
     last_sweep_ms: Arc<std::sync::atomic::AtomicI64>,
+    limits: Limits,
 }
 
 /// How often creating a session also deletes expired ones.
@@ -37,26 +38,26 @@ struct Expiry {
 }
 
 impl EmbeddedBackend {
-    pub fn open(path: &Path, ttl: u64) -> Result<Self> {
+    pub fn open(path: &Path, ttl: u64, limits: Limits) -> Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
         let db = Database::create(path).map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))?;
-        Self::init(db, ttl)
+        Self::init(db, ttl, limits)
     }
 
-    pub fn in_memory(ttl: u64) -> Result<Self> {
+    pub fn in_memory(ttl: u64, limits: Limits) -> Result<Self> {
         let db = Database::builder().create_with_backend(InMemoryBackend::new()).map_err(storage)?;
-        Self::init(db, ttl)
+        Self::init(db, ttl, limits)
     }
 
-    fn init(db: Database, ttl: u64) -> Result<Self> {
+    fn init(db: Database, ttl: u64, limits: Limits) -> Result<Self> {
         let tx = db.begin_write().map_err(storage)?;
         tx.open_table(SESSIONS).map_err(storage)?;
         tx.open_table(BY_USER).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(Self { db: Arc::new(db), ttl_s: ttl, locks: Default::default(), last_sweep_ms: Default::default() })
+        Ok(Self { db: Arc::new(db), ttl_s: ttl, locks: Default::default(), last_sweep_ms: Default::default(), limits })
     }
 
     /// Runs blocking redb work off the async runtime.
@@ -77,10 +78,21 @@ impl EmbeddedBackend {
                 .last_sweep_ms
                 .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
                 .is_ok();
+        let limits = self.limits;
         self.blocking(move |db, ttl| {
             let tx = db.begin_write().map_err(storage)?;
             if sweep {
                 sweep_expired(&tx)?;
+            }
+            // At the cap, expired sessions may still be counted: sweep them, then count again.
+            let cap = limits.sessions_per_user as usize;
+            let mut held = sessions_of(&tx, &user_id)?;
+            if held >= cap && !sweep {
+                sweep_expired(&tx)?;
+                held = sessions_of(&tx, &user_id)?;
+            }
+            if held >= cap {
+                return Err(limits.too_many_sessions());
             }
             let record = {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
@@ -162,15 +174,24 @@ impl EmbeddedBackend {
     }
 
     pub async fn append(&self, id: &str, user_id: &str, messages: Vec<StoredMessage>) -> Result<SessionRecord> {
+        let limits = self.limits;
         self.modify(id, user_id, move |record| {
+            if record.messages.len() + messages.len() > limits.session_messages as usize {
+                return Err(limits.too_many_messages(&record.id));
+            }
             record.messages.extend(messages);
             record.message_count = record.messages.len() as u32;
+            Ok(())
         })
         .await
     }
 
     pub async fn update(&self, id: &str, user_id: &str, patch: SessionPatch) -> Result<SessionRecord> {
-        self.modify(id, user_id, move |record| record.settings.apply(patch)).await
+        self.modify(id, user_id, move |record| {
+            record.settings.apply(patch);
+            Ok(())
+        })
+        .await
     }
 
     /// Changes the user's live session with `change` in one write transaction and restarts its lifetime.
@@ -179,7 +200,7 @@ impl EmbeddedBackend {
         &self,
         id: &str,
         user_id: &str,
-        change: impl FnOnce(&mut SessionRecord) + Send + 'static,
+        change: impl FnOnce(&mut SessionRecord) -> Result<()> + Send + 'static,
     ) -> Result<SessionRecord> {
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
         self.blocking(move |db, ttl| {
@@ -188,7 +209,7 @@ impl EmbeddedBackend {
                 let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
                 let current = sessions.get(id.as_str()).map_err(storage)?.map(|v| decode(v.value())).transpose()?;
                 let mut record = owned(live(current), &id, &user_id)?;
-                change(&mut record);
+                change(&mut record)?;
                 let now = now_ms();
                 record.updated_at_ms = now;
                 record.expires_at_ms = now + record.settings.lifetime_s(ttl) as i64 * 1000;
@@ -229,6 +250,13 @@ impl EmbeddedBackend {
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
     }
+}
+
+/// How many sessions `user_id`'s index holds (expired ones too, until swept).
+fn sessions_of(tx: &redb::WriteTransaction, user_id: &str) -> Result<usize> {
+    let by_user = tx.open_table(BY_USER).map_err(storage)?;
+    let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
+    Ok(by_user.range(from.as_str()..to.as_str()).map_err(storage)?.count())
 }
 
 /// Deletes every expired session and its index entry; returns how many went.
@@ -326,7 +354,8 @@ mod tests {
 
     #[tokio::test]
     async fn expired_sessions_leave_every_table_and_never_list_for_another_user() {
-        let backend = EmbeddedBackend::in_memory(1800).unwrap();
+        let backend =
+            EmbeddedBackend::in_memory(1800, Limits { sessions_per_user: 100, session_messages: 100 }).unwrap();
         let short = SessionSettings { ttl_seconds: 1, ..Default::default() };
         backend.create("gone", "alice", short.clone()).await.unwrap();
         backend.create("kept", "alice", SessionSettings::default()).await.unwrap();

@@ -28,6 +28,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("another turn of session {0} is still running; retry when it has finished")]
     Busy(String),
+    #[error("{0}")]
+    Full(String),
     #[error("Redis at {url} is not reachable: {message}; start it (`redis-server`) or set session_store.redis.url")]
     RedisUnreachable { url: String, message: String },
     #[error("session storage failed: {0}")]
@@ -49,6 +51,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             Error::Busy(_) => tonic::Status::aborted(message),
+            Error::Full(_) => tonic::Status::failed_precondition(message),
             Error::RedisUnreachable { .. } | Error::Storage(_) => tonic::Status::unavailable(message),
         }
     }
@@ -57,11 +60,39 @@ impl From<Error> for tonic::Status {
 /// Opens the configured backend; fails fast when it is unreachable.
 pub async fn open_backend(config: &SessionStoreConfig) -> Result<Backend> {
     let ttl = config.session_ttl;
+    let limits =
+        Limits { sessions_per_user: config.max_sessions_per_user, session_messages: config.max_session_messages };
     Ok(match config.session_store_type {
-        SessionStoreType::Redis => Backend::Redis(redis::RedisBackend::connect(&config.redis, ttl).await?),
-        SessionStoreType::Memory => Backend::Embedded(embedded::EmbeddedBackend::in_memory(ttl)?),
-        SessionStoreType::Persistent => Backend::Embedded(embedded::EmbeddedBackend::open(&config.path, ttl)?),
+        SessionStoreType::Redis => Backend::Redis(redis::RedisBackend::connect(&config.redis, ttl, limits).await?),
+        SessionStoreType::Memory => Backend::Embedded(embedded::EmbeddedBackend::in_memory(ttl, limits)?),
+        SessionStoreType::Persistent => Backend::Embedded(embedded::EmbeddedBackend::open(&config.path, ttl, limits)?),
     })
+}
+
+/// What one user, and one session, may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub sessions_per_user: u32,
+    pub session_messages: u32,
+}
+
+impl Limits {
+    fn too_many_sessions(&self) -> Error {
+        Error::Full(format!(
+            "you hold {} sessions, the most this server keeps per user (session_store.max_sessions_per_user); \
+             delete some (DELETE /api/sessions/{{id}}) or let idle ones expire",
+            self.sessions_per_user
+        ))
+    }
+
+    fn too_many_messages(&self, id: &str) -> Error {
+        Error::Full(format!(
+            "session {} is full: it holds the most messages this server keeps in one session ({}, \
+             session_store.max_session_messages); start a new session",
+            service::shown_id(id),
+            self.session_messages
+        ))
+    }
 }
 
 /// Serves the session store on `listener` until `shutdown` resolves.

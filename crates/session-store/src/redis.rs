@@ -16,12 +16,15 @@ use deadpool_redis::{
 use moltbot_config::RedisConfig;
 
 use crate::{
-    Error, Result, SessionRecord, StoredMessage,
+    Error, Limits, Result, SessionRecord, StoredMessage,
     backend::{SessionPatch, SessionSettings, now_ms},
 };
 
+/// ARGV[6]: the most sessions a user may hold; their index may still count some that expired (-1: clean it up
+/// and ask again).
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return -1 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'user_id', ARGV[2], 'created_at_ms', ARGV[3], 'updated_at_ms', ARGV[3],
   'settings', ARGV[5], 'ttl', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -29,10 +32,12 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[2])))
 return 1";
 
+/// ARGV[5]: the most messages a session may hold (-2 when the append would pass it).
 const APPEND: &str = r"
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return -1 end
+if redis.call('LLEN', KEYS[2]) + #ARGV - 5 > tonumber(ARGV[5]) then return -2 end
 local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[3]
-for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
@@ -76,10 +81,11 @@ pub struct RedisBackend {
     pool: Pool,
     prefix: String,
     ttl: u64,
+    limits: Limits,
 }
 
 impl RedisBackend {
-    pub async fn connect(config: &RedisConfig, ttl: u64) -> Result<Self> {
+    pub async fn connect(config: &RedisConfig, ttl: u64, limits: Limits) -> Result<Self> {
         let unreachable = |message: String| Error::RedisUnreachable { url: config.url.clone(), message };
         let mut cfg = deadpool_redis::Config::from_url(&config.url);
         cfg.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size));
@@ -90,7 +96,7 @@ impl RedisBackend {
             .map_err(|e| unreachable(e.to_string()))?;
         let _: String =
             deadpool_redis::redis::cmd("PING").query_async(&mut conn).await.map_err(|e| unreachable(e.to_string()))?;
-        Ok(Self { pool, prefix: config.key_prefix.clone(), ttl })
+        Ok(Self { pool, prefix: config.key_prefix.clone(), ttl, limits })
     }
 
     fn session_key(&self, id: &str) -> String {
@@ -114,18 +120,30 @@ impl RedisBackend {
     }
 
     pub async fn create(&self, id: &str, user_id: &str, settings: SessionSettings) -> Result<SessionRecord> {
-        let now = now_ms();
-        let created: i64 = Script::new(CREATE)
-            .key(self.session_key(id))
-            .key(self.user_key(user_id))
-            .arg(id)
-            .arg(user_id)
-            .arg(now)
-            .arg(settings.lifetime_s(self.ttl))
-            .arg(encode_settings(&settings)?)
-            .invoke_async(&mut self.conn().await?)
-            .await
-            .map_err(storage)?;
+        let cap = self.limits.sessions_per_user;
+        let create = || async {
+            Script::new(CREATE)
+                .key(self.session_key(id))
+                .key(self.user_key(user_id))
+                .arg(id)
+                .arg(user_id)
+                .arg(now_ms())
+                .arg(settings.lifetime_s(self.ttl))
+                .arg(encode_settings(&settings)?)
+                .arg(cap)
+                .invoke_async::<i64>(&mut self.conn().await?)
+                .await
+                .map_err(storage)
+        };
+        let mut created = create().await?;
+        if created == -1 {
+            // Listing drops the index entries of sessions that expired; then the count is true.
+            self.list(user_id, 0, cap as usize).await?;
+            created = create().await?;
+        }
+        if created == -1 {
+            return Err(self.limits.too_many_sessions());
+        }
         if created == 0 {
             return Err(Error::AlreadyExists(id.into()));
         }
@@ -196,11 +214,15 @@ impl RedisBackend {
             .arg(user_id)
             .arg(now_ms())
             .arg(self.ttl)
-            .arg(id);
+            .arg(id)
+            .arg(self.limits.session_messages);
         for m in &messages {
             invocation.arg(serde_json::to_string(m).map_err(|e| Error::Storage(e.to_string()))?);
         }
         let len: i64 = invocation.invoke_async(&mut self.conn().await?).await.map_err(storage)?;
+        if len == -2 {
+            return Err(self.limits.too_many_messages(id));
+        }
         if len < 0 {
             return Err(Error::NotFound(id.into()));
         }
