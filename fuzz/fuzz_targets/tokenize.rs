@@ -1,5 +1,6 @@
-//! The default model's tokenizer on arbitrary text: message text decodes back to itself, and special tokens
-//! typed in it stay text. Needs the model (`cargo xtask model`).
+//! The default model's tokenizer on arbitrary text: message text decodes back to itself when each of its
+//! characters does (SmolLM2's GGUF vocabulary lacks the byte tokens of a few bytes, 0x13 among them, which any
+//! tokenizer of it drops), and special tokens typed in it stay text. Needs the model (`cargo xtask model`).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -20,7 +21,13 @@ fn tokenizer() -> &'static Tokenizer {
 fuzz_target!(|text: &str| {
     let tokenizer = tokenizer();
     let ids = tokenizer.encode_text(text).unwrap();
-    assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
+    let round_trips = |c: char| {
+        let one = c.to_string();
+        tokenizer.decode(&tokenizer.encode_text(&one).unwrap(), false).unwrap() == one
+    };
+    if text.chars().all(round_trips) {
+        assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
+    }
     let start = tokenizer.token_id("<|im_start|>").unwrap();
     let pieces = [Piece::Template("<|im_start|>user\n"), Piece::Content(text), Piece::Template("<|im_end|>\n")];
     let ids = tokenizer.encode_pieces(&pieces).unwrap();

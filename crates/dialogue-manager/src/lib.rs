@@ -32,7 +32,8 @@ pub async fn connect_session_store(url: &str) -> anyhow::Result<SessionStoreClie
             "the session-store at {url} is not reachable ({e}); start it or set dialogue_manager.session_store_url"
         )
     })?;
-    Ok(SessionStoreClient::new(channel))
+    // A session's history may be large; the limit is set, not inherited (jobs carry only what fits the window).
+    Ok(SessionStoreClient::new(channel).max_decoding_message_size(moltbot_proto::MAX_MESSAGE_BYTES))
 }
 
 /// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for when the configuration

@@ -46,7 +46,8 @@ pub fn dialogue_client(url: &str) -> anyhow::Result<DialogueClient<Channel>> {
         .map_err(|e| anyhow::anyhow!("gateway.dialogue_manager_url `{url}` is not a valid URL: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
-    Ok(DialogueClient::new(channel))
+    // A page of a session's messages may be large (each up to a request body); the limit is set, not inherited.
+    Ok(DialogueClient::new(channel).max_decoding_message_size(moltbot_proto::MAX_MESSAGE_BYTES))
 }
 
 pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Router {

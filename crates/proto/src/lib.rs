@@ -28,6 +28,10 @@ pub mod dialogue {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
 
 pub use error::ErrorCode;
+
+/// The largest gRPC message MoltBot's clients and servers take (tonic's default is 4 MiB): a page of stored
+/// messages, or a session's whole history, may be larger.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub use prost::{DecodeError, Message};
 
 mod error;
