@@ -433,6 +433,12 @@ impl Config {
         if self.gateway.header_read_timeout == 0 {
             return bad("gateway.header_read_timeout", "must be at least 1 second");
         }
+        if self.session_store.max_sessions_per_user == 0 {
+            return bad("session_store.max_sessions_per_user", "must be at least 1");
+        }
+        if self.session_store.max_session_messages < 2 {
+            return bad("session_store.max_session_messages", "must be at least 2 (one turn)");
+        }
         if self.gateway.max_messages == 0 {
             return bad("gateway.max_messages", "must be at least 1");
         }

@@ -409,12 +409,12 @@ fn within_window(history: Vec<ChatMessage>, new: &[ChatMessage], window: usize) 
         budget -= cost(&history[start - 1]);
         start -= 1;
     }
+    if start == system {
+        return history;
+    }
     // A turn is kept whole or not at all: start at a user message.
     while start < history.len() && history[start].role != "user" {
         start += 1;
-    }
-    if start == system {
-        return history;
     }
     let mut history = history;
     history.drain(system..start);
@@ -465,7 +465,8 @@ mod tests {
 
     #[test]
     fn a_history_within_the_window_goes_whole() {
-        let history = vec![message("system", 10), message("user", 10), message("assistant", 10)];
+        let history =
+            vec![message("system", 10), message("assistant", 5), message("user", 10), message("assistant", 10)];
         assert_eq!(within_window(history.clone(), &[message("user", 10)], 100), history);
     }
 

@@ -343,6 +343,12 @@ impl Engine {
     }
 
     fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let tokenizer = &self.inner.tokenizer;
+        // Messages without special-token text render with their own content, so a template that transforms it
+        // (`| trim`, `.split(...)`) does so; only where a message holds such text does it go in as a placeholder.
+        if !messages.iter().any(|m| tokenizer.has_special(&m.content)) {
+            return tokenizer.encode(&self.render(messages)?);
+        }
         let pieces = self.inner.template.render_pieces(messages)?;
         let pieces: Vec<_> = pieces.iter().map(crate::template::OwnedPiece::as_piece).collect();
         self.inner.tokenizer.encode_pieces(&pieces)

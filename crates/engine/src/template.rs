@@ -61,7 +61,9 @@ impl ChatTemplate {
 
     /// The prompt for `messages` as pieces: what the template wrote, and each message's content where it goes.
     /// The template renders placeholders (private-use characters no template writes) instead of the contents,
-    /// so no message text is ever mistaken for the template's own markers.
+    /// so no message text is ever mistaken for the template's own markers. A template that transforms a
+    /// message's content (`| trim`) transforms the placeholder instead, so the engine uses this only for messages
+    /// that hold special-token text.
     pub fn render_pieces<'a>(&self, messages: &'a [ChatMessage]) -> Result<Vec<OwnedPiece<'a>>> {
         let placeholders: Vec<ChatMessage> = messages
             .iter()

@@ -111,6 +111,11 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Whether `text` holds a special token's text (`<|im_start|>`).
+    pub fn has_special(&self, text: &str) -> bool {
+        self.first_special(text).is_some()
+    }
+
     /// The first special token in `text`: where it starts, its length, its id (the longest at a tie).
     fn first_special(&self, text: &str) -> Option<(usize, usize, u32)> {
         self.specials

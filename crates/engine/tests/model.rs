@@ -60,6 +60,15 @@ fn message_text_cannot_forge_the_prompts_structure() {
         ChatMessage::new("user", "Héllo wörld, 2024!"),
     ];
     let whole = engine.tokenizer().encode(&engine.render(&honest).unwrap()).unwrap();
+    let template = moltbot_engine::ChatTemplate::new(
+        engine.metadata().chat_template.as_deref(),
+        engine.metadata().token(engine.metadata().bos_token_id).unwrap_or_default(),
+        engine.metadata().token(engine.metadata().eos_token_id).unwrap_or_default(),
+    )
+    .unwrap();
+    let pieces = template.render_pieces(&honest).unwrap();
+    let pieces: Vec<_> = pieces.iter().map(moltbot_engine::OwnedPiece::as_piece).collect();
+    assert_eq!(engine.tokenizer().encode_pieces(&pieces).unwrap(), whole, "pieces tokenize as the whole does");
     assert_eq!(engine.tokenize(&Prompt::Chat(honest)).unwrap(), whole);
 }
 

@@ -88,6 +88,8 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method")
         })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        // A body must arrive as promptly as headers must: a client that trickles it cannot hold a connection.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(config.header_read_timeout)))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -124,16 +124,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Capacity: closed loop, each client its own conversations.
     let measured = Arc::new(Mutex::new(Tally::default()));
+    // At least `measure_secs`, and long enough for every client to finish a whole conversation: later turns carry
+    // longer histories, and a capacity of first turns only would overstate what steady load can get.
     let until = Instant::now() + Duration::from_secs(args.measure_secs);
+    let measuring = Instant::now();
     let clients: Vec<_> = (0..args.concurrency)
         .map(|i| {
             let (client, base, tally, turns, tokens) =
                 (client.clone(), base.clone(), measured.clone(), args.turns, args.tokens);
             tokio::spawn(async move {
                 let mut c = Conversation { user: format!("measure-{i}"), session: None, turns: 0 };
-                while Instant::now() < until {
+                let mut conversations = 0;
+                while Instant::now() < until || conversations == 0 {
                     if c.turns == turns {
                         c = Conversation { user: c.user.clone(), session: None, turns: 0 };
+                        conversations += 1;
                     }
                     turn(&client, &base, &mut c, tokens, &tally).await;
                 }
@@ -142,7 +147,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     futures::future::join_all(clients).await;
     let done = measured.lock().unwrap_or_else(std::sync::PoisonError::into_inner).latencies.len();
-    let capacity = done as f64 / args.measure_secs as f64;
+    let capacity = done as f64 / measuring.elapsed().as_secs_f64();
     anyhow::ensure!(capacity > 0.0, "no turn completed while measuring capacity");
     let rate = capacity * args.load;
     println!("capacity: {capacity:.2} turns/s with {} clients; offering {rate:.2} turns/s", args.concurrency);

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     Cancelled,
     /// Missing or wrong credentials (401).
     Unauthenticated,
+    /// Known, but not allowed (403).
+    PermissionDenied,
     /// MoltBot's own failure (500).
     Internal,
 }
@@ -40,6 +42,7 @@ impl ErrorCode {
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Cancelled => Code::Cancelled,
             Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
             Self::Internal => Code::Internal,
         }
     }
@@ -56,7 +59,8 @@ impl ErrorCode {
             Code::Unavailable => Self::Unavailable,
             Code::DeadlineExceeded => Self::DeadlineExceeded,
             Code::Cancelled => Self::Cancelled,
-            Code::Unauthenticated | Code::PermissionDenied => Self::Unauthenticated,
+            Code::Unauthenticated => Self::Unauthenticated,
+            Code::PermissionDenied => Self::PermissionDenied,
             Code::Ok | Code::Unknown | Code::Unimplemented | Code::Internal | Code::DataLoss => Self::Internal,
         }
     }
@@ -71,6 +75,7 @@ impl ErrorCode {
             Self::DeadlineExceeded => 504,
             Self::Cancelled => 499,
             Self::Unauthenticated => 401,
+            Self::PermissionDenied => 403,
             Self::Internal => 500,
         }
     }
@@ -98,6 +103,7 @@ mod tests {
             DeadlineExceeded,
             Cancelled,
             Unauthenticated,
+            PermissionDenied,
             Internal,
         ] {
             assert_eq!(ErrorCode::from_grpc(code.grpc()), code);

@@ -93,6 +93,8 @@ pub struct JobEvents {
     /// Cancels the job when these events are dropped before it ended; disarmed by its last event (`Finished` or
     /// `Error`), so only abandoned jobs are cancelled.
     cancel_on_drop: Option<tokio_util::sync::DropGuard>,
+    /// Cancelled when the job ended by itself, which ends whatever waited to send its cancel.
+    ended: CancellationToken,
 }
 
 impl JobEvents {
@@ -103,6 +105,7 @@ impl JobEvents {
             && let Some(guard) = self.cancel_on_drop.take()
         {
             guard.disarm();
+            self.ended.cancel();
         }
         next
     }

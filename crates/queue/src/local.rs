@@ -36,7 +36,7 @@ impl LocalQueue {
             mpsc::error::TrySendError::Closed(_) => Error::Closed,
         })?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed();
-        Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()) })
+        Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()), ended: CancellationToken::new() })
     }
 
     pub(crate) async fn next_job(&self) -> Result<ReceivedJob> {

@@ -31,6 +31,8 @@ pub struct NatsQueue {
     client: async_nats::Client,
     js: jetstream::Context,
     max_pending: i64,
+    /// Ends the task that remakes the streams on reconnection when the last clone of this queue goes.
+    _reconnects: std::sync::Arc<tokio_util::sync::DropGuard>,
 }
 
 /// The longest pause between reconnection attempts: NATS is retried for as long as it is away.
@@ -69,46 +71,22 @@ impl NatsQueue {
             .map_err(|_| connect_err(&"no answer within 5 s"))?
             .map_err(|e| connect_err(&e))?;
         let js = jetstream::new(client.clone());
-        let queue = Self { client, js, max_pending };
-        queue.ensure_streams().await.map_err(|message| Error::Connect { url: url.into(), message })?;
-        let again = queue.clone();
+        ensure_streams(&js, max_pending).await.map_err(|message| Error::Connect { url: url.into(), message })?;
+        let (stop, again) = (CancellationToken::new(), js.clone());
+        let stopped = stop.clone();
         tokio::spawn(async move {
-            while reconnected.recv().await.is_some() {
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => return,
+                    event = reconnected.recv() => if event.is_none() { return },
+                }
                 tracing::info!("connected to NATS again");
-                if let Err(message) = again.ensure_streams().await {
+                if let Err(message) = ensure_streams(&again, max_pending).await {
                     tracing::warn!(%message, "cannot make the streams again after reconnecting");
                 }
             }
         });
-        Ok(queue)
-    }
-
-    /// Makes the job and cancel streams unless they exist.
-    async fn ensure_streams(&self) -> Result<(), String> {
-        let (js, max_pending) = (&self.js, self.max_pending);
-        js.get_or_create_stream(stream::Config {
-            name: STREAM.into(),
-            subjects: vec!["moltbot.jobs.>".into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            max_messages: max_pending,
-            discard: stream::DiscardPolicy::New,
-            duplicate_window: DUPLICATE_WINDOW,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("JetStream is not usable ({e}); run nats-server with -js"))?;
-        js.get_or_create_stream(stream::Config {
-            name: CANCELS.into(),
-            subjects: vec!["moltbot.cancel.>".into()],
-            max_messages_per_subject: 1,
-            max_age: CANCEL_MEMORY,
-            storage: stream::StorageType::Memory,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("cannot make the {CANCELS} stream: {e}"))?;
-        Ok(())
+        Ok(Self { client, js, max_pending, _reconnects: std::sync::Arc::new(stop.drop_guard()) })
     }
 
     /// Whether the cancel stream holds a cancel for the attempt `key`; when it cannot be asked, the job runs.
@@ -165,10 +143,14 @@ impl NatsQueue {
             }
             _ => Error::Nats(e.to_string()),
         })?;
-        let cancelled = CancellationToken::new();
-        let (js, token) = (self.js.clone(), cancelled.clone());
+        let (cancelled, ended) = (CancellationToken::new(), CancellationToken::new());
+        let (js, token, job_ended) = (self.js.clone(), cancelled.clone(), ended.clone());
         tokio::spawn(async move {
-            token.cancelled().await;
+            tokio::select! {
+                () = token.cancelled() => {}
+                // The job ended by itself: nothing to cancel, and this task goes.
+                () = job_ended.cancelled() => return,
+            }
             let cancel = CancelJob { request_id: request_id.clone() };
             let published = js.publish(format!("moltbot.cancel.{key}"), cancel.encode_to_vec().into()).await;
             if let Err(e) = match published {
@@ -179,7 +161,7 @@ impl NatsQueue {
             }
         });
         let stream = events.map(|m| GenerateEvent::decode(m.payload).map_err(Error::from)).boxed();
-        Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()) })
+        Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()), ended })
     }
 
     pub(crate) async fn consumer(&self, model: &str) -> Result<NatsConsumer> {
@@ -207,6 +189,33 @@ impl NatsQueue {
     }
 }
 
+/// Makes the job and cancel streams unless they exist.
+async fn ensure_streams(js: &jetstream::Context, max_pending: i64) -> Result<(), String> {
+    js.get_or_create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["moltbot.jobs.>".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_messages: max_pending,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("JetStream is not usable ({e}); run nats-server with -js"))?;
+    js.get_or_create_stream(stream::Config {
+        name: CANCELS.into(),
+        subjects: vec!["moltbot.cancel.>".into()],
+        max_messages_per_subject: 1,
+        max_age: CANCEL_MEMORY,
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("cannot make the {CANCELS} stream: {e}"))?;
+    Ok(())
+}
+
 /// The JetStream error code behind a refused publish.
 fn jetstream_code(e: &async_nats::jetstream::context::PublishError) -> Option<ErrorCode> {
     let source = std::error::Error::source(e)?;
@@ -229,19 +238,21 @@ impl NatsConsumer {
         loop {
             self.queue.connected()?;
             let batch = self.consumer.batch().max_messages(1).expires(PULL_EXPIRES).messages().await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(e) => {
-                    // The server may have come back without the consumer (a fresh store): make it again.
-                    tracing::warn!(error = %e, "cannot pull a job; making the consumer again");
+            let pulled = match batch {
+                Ok(mut batch) => batch.next().await.transpose().map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let message = match pulled {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(error) => {
+                    // The server may have come back without the consumer (a fresh store): make it again (the
+                    // call is idempotent).
+                    tracing::warn!(%error, "cannot pull a job; making the consumer again");
                     self.consumer = self.queue.pull_consumer(&self.model).await?;
-                    return Err(Error::Nats(e.to_string()));
+                    return Err(Error::Nats(error));
                 }
             };
-            let Some(message) = batch.next().await else {
-                continue;
-            };
-            let message = message.map_err(|e| Error::Nats(e.to_string()))?;
             // Taken: the dialogue-manager watches liveness from here on.
             message.ack().await.map_err(|e| Error::Nats(e.to_string()))?;
             let job = match InferenceJob::decode(message.payload.clone()) {

@@ -87,8 +87,8 @@ impl EmbeddedBackend {
             // At the cap, expired sessions may still be counted: sweep them, then count again.
             let cap = limits.sessions_per_user as usize;
             let mut held = sessions_of(&tx, &user_id)?;
-            if held >= cap && !sweep {
-                sweep_expired(&tx)?;
+            if held >= cap {
+                sweep_user(&tx, &user_id)?;
                 held = sessions_of(&tx, &user_id)?;
             }
             if held >= cap {
@@ -257,6 +257,33 @@ fn sessions_of(tx: &redb::WriteTransaction, user_id: &str) -> Result<usize> {
     let by_user = tx.open_table(BY_USER).map_err(storage)?;
     let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
     Ok(by_user.range(from.as_str()..to.as_str()).map_err(storage)?.count())
+}
+
+/// Deletes `user_id`'s expired sessions and their index entries (a user at the cap: only their own records are read).
+fn sweep_user(tx: &redb::WriteTransaction, user_id: &str) -> Result<()> {
+    let now = now_ms();
+    let ids: Vec<String> = {
+        let by_user = tx.open_table(BY_USER).map_err(storage)?;
+        let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
+        let keys = by_user.range(from.as_str()..to.as_str()).map_err(storage)?;
+        keys.map(|k| k.map(|(k, _)| k.value()[from.len()..].to_owned())).collect::<Result<_, _>>().map_err(storage)?
+    };
+    let mut sessions = tx.open_table(SESSIONS).map_err(storage)?;
+    let mut by_user = tx.open_table(BY_USER).map_err(storage)?;
+    for id in ids {
+        let record =
+            sessions.get(id.as_str()).map_err(storage)?.and_then(|v| serde_json::from_slice::<Expiry>(v.value()).ok());
+        match record {
+            Some(e) if e.user_id == user_id && e.expires_at_ms > now => continue,
+            Some(e) if e.user_id == user_id => {
+                sessions.remove(id.as_str()).map_err(storage)?;
+            }
+            // Missing, or the id's record is someone else's: the entry is stale.
+            _ => {}
+        }
+        by_user.remove(user_key(user_id, &id).as_str()).map_err(storage)?;
+    }
+    Ok(())
 }
 
 /// Deletes every expired session and its index entry; returns how many went.
