@@ -3,12 +3,18 @@
 use moltbot_config::{SessionStoreConfig, SessionStoreType};
 use moltbot_tests::{Server, listener};
 
-async fn passes(config: SessionStoreConfig) {
-    let backend = moltbot_session_store::open_backend(&config).await.expect("the backend opens");
+/// A session-store on `config`'s backend behind its real gRPC server; stops when the guard drops.
+async fn serve(config: &SessionStoreConfig) -> (String, tokio_util::sync::DropGuard) {
+    let backend = moltbot_session_store::open_backend(config).await.expect("the backend opens");
     let l = listener().await;
     let endpoint = format!("http://{}", l.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    let serving = tokio::spawn(moltbot_session_store::run(l, backend, stop.clone().cancelled_owned()));
+    tokio::spawn(moltbot_session_store::run(l, backend, stop.clone().cancelled_owned()));
+    (endpoint, stop.drop_guard())
+}
+
+async fn passes(config: SessionStoreConfig) {
+    let (endpoint, _serving) = serve(&config).await;
     let results = moltbot_session_store::conformance::run(&endpoint).await.expect("the suite runs");
     let failures: Vec<String> =
         results.iter().filter_map(|r| r.outcome.as_ref().err().map(|why| format!("{}: {why}", r.name))).collect();
@@ -18,8 +24,6 @@ async fn passes(config: SessionStoreConfig) {
         config.session_store_type,
         failures.join("\n")
     );
-    stop.cancel();
-    serving.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,11 +54,7 @@ async fn caps_hold(mut config: SessionStoreConfig) {
     };
     config.max_sessions_per_user = 3;
     config.max_session_messages = 4;
-    let backend = moltbot_session_store::open_backend(&config).await.expect("the backend opens");
-    let l = listener().await;
-    let endpoint = format!("http://{}", l.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let serving = tokio::spawn(moltbot_session_store::run(l, backend, stop.clone().cancelled_owned()));
+    let (endpoint, _serving) = serve(&config).await;
     let mut store = moltbot_dialogue_manager::connect_session_store(&endpoint).await.unwrap();
     let create = |user: &str| CreateSessionRequest { user_id: user.into(), ..Default::default() };
     let mut first = String::new();
@@ -83,8 +83,6 @@ async fn caps_hold(mut config: SessionStoreConfig) {
     let get = GetSessionRequest { session_id: first.clone(), user_id: "capped".into(), ..Default::default() };
     assert_eq!(store.get_session(get).await.unwrap().into_inner().message_count, 3, "a refused append wrote nothing");
     store.append_messages(turn(1)).await.expect("exactly at the cap");
-    stop.cancel();
-    serving.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

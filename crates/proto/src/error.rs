@@ -30,6 +30,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [Self; 11] = [
+        Self::InvalidArgument,
+        Self::NotFound,
+        Self::AlreadyExists,
+        Self::Busy,
+        Self::ResourceExhausted,
+        Self::Unavailable,
+        Self::DeadlineExceeded,
+        Self::Cancelled,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::Internal,
+    ];
+
     pub fn grpc(self) -> tonic::Code {
         use tonic::Code;
         match self {
@@ -92,20 +107,7 @@ mod tests {
 
     #[test]
     fn every_code_survives_a_trip_through_grpc() {
-        use ErrorCode::*;
-        for code in [
-            InvalidArgument,
-            NotFound,
-            AlreadyExists,
-            Busy,
-            ResourceExhausted,
-            Unavailable,
-            DeadlineExceeded,
-            Cancelled,
-            Unauthenticated,
-            PermissionDenied,
-            Internal,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_grpc(code.grpc()), code);
             assert_eq!(ErrorCode::from_grpc(tonic::Code::from(code.grpc() as i32)), code, "as an event's number");
         }

@@ -64,6 +64,10 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return 1";
 
+/// How long a Redis command may take before it counts as failed, and how long connecting may take.
+const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often an update re-reads settings that another update changed under it.
 const UPDATE_TRIES: usize = 32;
 
@@ -87,9 +91,18 @@ pub struct RedisBackend {
 impl RedisBackend {
     pub async fn connect(config: &RedisConfig, ttl: u64, limits: Limits) -> Result<Self> {
         let unreachable = |message: String| Error::RedisUnreachable { url: config.url.clone(), message };
-        let mut cfg = deadpool_redis::Config::from_url(&config.url);
-        cfg.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size));
-        let pool = cfg.create_pool(Some(Runtime::Tokio1)).map_err(|e| unreachable(e.to_string()))?;
+        // The redis client answers "timed out" after 500 ms by default, which a busy machine's scheduler alone can
+        // exceed: a reply gets RESPONSE_TIMEOUT, and a dead Redis still fails fast (its socket closes at once).
+        let connection = deadpool_redis::redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECTION_TIMEOUT));
+        let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut conn = tokio::time::timeout(std::time::Duration::from_secs(5), pool.get())
             .await
             .map_err(|_| unreachable("no answer within 5 s".into()))?
