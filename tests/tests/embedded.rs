@@ -601,3 +601,22 @@ async fn overload_is_shed_with_a_retry_after_that_follows_the_queue() {
     assert_eq!(http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await.0, 200);
     moltbot.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_session_refuses_the_next_turn_before_it_runs() {
+    let (moltbot, http, _dir) = embedded(|c| c.session_store.max_session_messages = 4).await;
+    let (status, session) = http.call("POST", "/api/sessions", &[], None).await;
+    assert_eq!(status, 201);
+    let id = session["id"].as_str().unwrap();
+    let turn = format!(r#"{{"session_id":"{id}","message":"Hi","max_tokens":2}}"#);
+    for _ in 0..2 {
+        assert_eq!(http.post("/api/chat", &[], &turn).await.0, 200);
+    }
+    let (status, _, error) = http.post("/api/chat", &[], &turn).await;
+    assert_eq!(status, 400, "{error}");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("start a new session") && message.contains("max_session_messages"), "{message}");
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &[], None).await;
+    assert_eq!(stored["message_count"], 4, "the refused turn changed the session: {stored}");
+    moltbot.stop().await.unwrap();
+}

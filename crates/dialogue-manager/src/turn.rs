@@ -197,6 +197,15 @@ impl Turn {
                     })
                     .await?
                     .into_inner();
+                // A full session refuses the turn now, not after the answer was generated for nothing.
+                let after = session.message_count as usize + request.messages.len() + 1;
+                if session.message_limit > 0 && after > session.message_limit as usize {
+                    return Err(Status::failed_precondition(format!(
+                        "session {} is full: this turn would take it to {after} messages, past the {} this server \
+                         keeps in one session (session_store.max_session_messages); start a new session",
+                        session.id, session.message_limit
+                    )));
+                }
                 // The session's system prompt leads unless the turn brings its own.
                 let mut history = session.messages;
                 if !session.system_prompt.is_empty() && !request.messages.iter().any(|m| m.role == "system") {

@@ -116,6 +116,11 @@ impl Backend {
         dispatch!(self, b => b.delete(id, user_id).await)
     }
 
+    /// What one user and one session may hold.
+    pub fn limits(&self) -> crate::Limits {
+        dispatch!(self, b => b.limits())
+    }
+
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         dispatch!(self, b => b.touch(id, user_id).await)
     }

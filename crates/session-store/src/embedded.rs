@@ -247,6 +247,10 @@ impl EmbeddedBackend {
         .await
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
     }

@@ -132,6 +132,10 @@ impl RedisBackend {
         self.pool.get().await.map_err(|e| Error::Storage(format!("redis: {e}")))
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     pub async fn create(&self, id: &str, user_id: &str, settings: SessionSettings) -> Result<SessionRecord> {
         let cap = self.limits.sessions_per_user;
         let create = || async {

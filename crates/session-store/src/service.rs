@@ -121,6 +121,7 @@ fn to_proto(r: SessionRecord) -> Session {
         metadata: r.settings.metadata.into_iter().collect(),
         system_prompt: r.settings.system_prompt,
         ttl_seconds: r.settings.ttl_seconds,
+        message_limit: 0,
     }
 }
 
@@ -166,7 +167,9 @@ impl SessionStore for SessionStoreService {
             let limit = if r.message_limit == 0 { usize::MAX } else { r.message_limit as usize };
             record.messages = record.messages.into_iter().skip(r.message_offset as usize).take(limit).collect();
         }
-        Ok(Response::new(to_proto(record)))
+        let mut session = to_proto(record);
+        session.message_limit = self.backend.limits().session_messages;
+        Ok(Response::new(session))
     }
 
     async fn list_sessions(
