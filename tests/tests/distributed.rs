@@ -69,6 +69,8 @@ async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
         let token = Token { text: text.into(), token_id: Some(1) };
         job.publish(GenerateEvent { event: Some(Event::Token(token)) }).await.unwrap();
     }
+    // What it sent reached NATS before it "died" (dropping its connection would lose unsent events).
+    job.flush().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,6 +79,7 @@ async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_a
     let mut cluster = Cluster::start(0, |c| {
         c.dialogue_manager.worker_timeout = 2;
         c.inference_worker.max_batch_size = 1;
+        c.model_provider.max_tokens = 200;
     })
     .await;
     let (nats, model) = (cluster.nats.nats_url(), cluster.config.model_provider.model_name.clone());
@@ -100,7 +103,9 @@ async fn a_worker_that_dies_before_answering_is_replaced_and_one_that_dies_mid_a
     // Dies after streaming a token: the answer cannot be completed, so the client gets a clear 503 — within
     // the worker timeout, not a hang. The live (single-slot) worker is made busy first: a streaming response
     // only starts once a worker has reported the job started, so after `send` it cannot take the next job.
-    let long = r#"{"messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":24,"stream":true}"#;
+    // 200 tokens by construction: the live worker stays busy while the doomed one takes the next job, whatever the
+    // model would have said.
+    let long = r#"{"messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":200,"min_tokens":200,"stream":true}"#;
     let busy = cluster.http.stream("/v1/chat/completions", long).await;
     assert_eq!(busy.status(), 200);
     let stream_body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"stream":true}"#;

@@ -155,13 +155,30 @@ enum EventSink {
 }
 
 impl ReceivedJob {
+    /// Sends an event to the requester. The job's last event (`Finished` or `Error`) is flushed before this
+    /// returns, so a worker that stops right after its job still delivers how it ended.
     pub async fn publish(&self, event: GenerateEvent) -> Result<()> {
+        let last = matches!(event.event, Some(Event::Finished(_) | Event::Error(_)));
         match &self.sink {
-            EventSink::Nats { client, subject } => client
-                .publish(subject.clone(), moltbot_proto::Message::encode_to_vec(&event).into())
-                .await
-                .map_err(|e| Error::Nats(e.to_string())),
+            EventSink::Nats { client, subject } => {
+                client
+                    .publish(subject.clone(), moltbot_proto::Message::encode_to_vec(&event).into())
+                    .await
+                    .map_err(|e| Error::Nats(e.to_string()))?;
+                if last {
+                    self.flush().await?;
+                }
+                Ok(())
+            }
             EventSink::Local(tx) => tx.send(Ok(event)).map_err(|_| Error::Closed),
+        }
+    }
+
+    /// Waits until the events published so far have left for the queue.
+    pub async fn flush(&self) -> Result<()> {
+        match &self.sink {
+            EventSink::Nats { client, .. } => client.flush().await.map_err(|e| Error::Nats(e.to_string())),
+            EventSink::Local(_) => Ok(()),
         }
     }
 }
