@@ -326,10 +326,7 @@ fn counting(extra: &str) -> String {
 /// Starts a streamed counting answer and returns once its first bytes arrived; it holds its slot and its
 /// session's lock until dropped.
 async fn busy_stream(http: &Http, extra: &str) -> reqwest::Response {
-    let mut busy = http.stream("/api/chat", &counting(&format!(r#","stream":true{extra}"#))).await;
-    assert_eq!(busy.status(), 200);
-    busy.chunk().await.unwrap().expect("the stream has begun");
-    busy
+    busy_stream_as(http, "anonymous", extra).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,7 +517,7 @@ async fn one_users_sessions_never_show_to_another_and_a_long_list_still_loads() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_cannot_take_every_slot() {
     let (moltbot, http, _dir) = long_answers(|c| c.gateway.max_concurrent_per_user = 1).await;
-    let busy = busy_stream_as(&http, "alice").await;
+    let busy = busy_stream_as(&http, "alice", "").await;
     let (status, headers, body) =
         http.post("/api/chat", &[("x-user-id", "alice")], r#"{"message":"Hi","max_tokens":2}"#).await;
     assert_eq!(status, 429, "{body}");
@@ -531,14 +528,14 @@ async fn one_user_cannot_take_every_slot() {
     moltbot.stop().await.unwrap();
 }
 
-/// `busy_stream` as `user`.
-async fn busy_stream_as(http: &Http, user: &str) -> reqwest::Response {
+/// `busy_stream` as `user` (the one without `X-User-Id` is `anonymous`).
+async fn busy_stream_as(http: &Http, user: &str, extra: &str) -> reqwest::Response {
     let mut busy = http
         .client
         .post(format!("{}/api/chat", http.base))
         .header("content-type", "application/json")
         .header("x-user-id", user)
-        .body(counting(r#","stream":true"#))
+        .body(counting(&format!(r#","stream":true{extra}"#)))
         .send()
         .await
         .unwrap();

@@ -546,16 +546,6 @@ impl Compute {
         }
     }
 
-    fn without_eos(&self, logits: &[f32]) -> Vec<f32> {
-        let mut masked = logits.to_vec();
-        for &id in &self.eos {
-            if let Some(l) = masked.get_mut(id as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        masked
-    }
-
     /// Frees what a sequence that leaves holds.
     fn retire(&mut self, a: &mut Active) {
         a.cache.release(&mut self.pool);
@@ -633,8 +623,8 @@ impl Compute {
             if !wants {
                 continue;
             }
-            let row = logits.next().expect("one logits row per sequence that asked");
-            if let Some(reason) = self.advance(&mut running[i], &row)? {
+            let mut row = logits.next().expect("one logits row per sequence that asked");
+            if let Some(reason) = self.advance(&mut running[i], &mut row)? {
                 finished.push((i, reason));
             }
         }
@@ -652,15 +642,15 @@ impl Compute {
     }
 
     /// Samples the next token of `a`; returns why it finished, if it did.
-    fn advance(&self, a: &mut Active, logits: &[f32]) -> Result<Option<FinishReason>> {
-        let masked: Vec<f32>;
-        let logits = if a.generated() < a.min_new {
-            // Too early to end: the end-of-text tokens cannot be chosen.
-            masked = self.without_eos(logits);
-            &masked
-        } else {
-            logits
-        };
+    fn advance(&self, a: &mut Active, logits: &mut [f32]) -> Result<Option<FinishReason>> {
+        if a.generated() < a.min_new {
+            // Too early to end: the end-of-text tokens cannot be chosen (the row is this step's own).
+            for &id in &self.eos {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let next = a.sampler.sample(logits, &a.tokens)?;
         if self.eos.contains(&next) {
             return Ok(Some(FinishReason::Stop));

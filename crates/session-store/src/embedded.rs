@@ -155,7 +155,7 @@ impl EmbeddedBackend {
             let tx = db.begin_read().map_err(storage)?;
             let sessions = tx.open_table(SESSIONS).map_err(storage)?;
             let by_user = tx.open_table(BY_USER).map_err(storage)?;
-            let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
+            let (from, to) = user_range(&user_id);
             let mut out = vec![];
             for entry in by_user.range(from.as_str()..to.as_str()).map_err(storage)? {
                 let key = entry.map_err(storage)?.0.value().to_owned();
@@ -259,7 +259,7 @@ impl EmbeddedBackend {
 /// How many sessions `user_id`'s index holds (expired ones too, until swept).
 fn sessions_of(tx: &redb::WriteTransaction, user_id: &str) -> Result<usize> {
     let by_user = tx.open_table(BY_USER).map_err(storage)?;
-    let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
+    let (from, to) = user_range(user_id);
     Ok(by_user.range(from.as_str()..to.as_str()).map_err(storage)?.count())
 }
 
@@ -268,7 +268,7 @@ fn sweep_user(tx: &redb::WriteTransaction, user_id: &str) -> Result<()> {
     let now = now_ms();
     let ids: Vec<String> = {
         let by_user = tx.open_table(BY_USER).map_err(storage)?;
-        let (from, to) = (format!("{user_id}\0"), format!("{user_id}\u{1}"));
+        let (from, to) = user_range(user_id);
         let keys = by_user.range(from.as_str()..to.as_str()).map_err(storage)?;
         keys.map(|k| k.map(|(k, _)| k.value()[from.len()..].to_owned())).collect::<Result<_, _>>().map_err(storage)?
     };
@@ -312,6 +312,11 @@ fn sweep_expired(tx: &redb::WriteTransaction) -> Result<usize> {
         tracing::debug!(sessions = expired.len(), "deleted expired sessions");
     }
     Ok(expired.len())
+}
+
+/// The `BY_USER` keys of `user_id`'s sessions lie in `from..to`; `from` is also the prefix before each id.
+fn user_range(user_id: &str) -> (String, String) {
+    (format!("{user_id}\0"), format!("{user_id}\u{1}"))
 }
 
 fn user_key(user_id: &str, id: &str) -> String {
