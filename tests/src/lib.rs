@@ -73,7 +73,7 @@ fn start(program: &str, args: &[String]) -> Child {
     Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
         panic!(
             "cannot start {program} ({e}); install it: \
-             apt-get install -y redis-server nats-server chromium chromium-driver (.ci/run does)"
+             apt-get install -y redis-server nats-server nginx-light chromium chromium-driver (.ci/run does)"
         )
     })
 }
@@ -184,6 +184,48 @@ impl Server {
                 ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", dir, "-n", &name].map(Into::into).into()
             },
             |stream, tag| reply_contains(stream, &format!("\"server_name\":\"{tag}\"")),
+        )
+    }
+
+    /// Nginx as a load balancer over the gateways on `upstreams` (what an ingress does): a request that cannot
+    /// connect to one gateway goes to the next; answers stream through unbuffered. Ours when `/nginx-tag`
+    /// answers our temp dir's name.
+    pub fn nginx(upstreams: &[u16]) -> Self {
+        let servers: String =
+            upstreams.iter().map(|p| format!("server 127.0.0.1:{p} max_fails=1 fail_timeout=2s; ")).collect();
+        let program = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
+        spawn(
+            program,
+            move |port, dir| {
+                let tag =
+                    std::path::Path::new(dir).file_name().expect("a temp dir name").to_string_lossy().into_owned();
+                let conf = format!(
+                    "daemon off; master_process off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log warn;
+                     events {{ worker_connections 1024; }}
+                     http {{
+                       access_log off;
+                       client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+                       uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+                       upstream gateways {{ {servers} }}
+                       server {{
+                         listen 127.0.0.1:{port};
+                         client_max_body_size 64m;
+                         location = /nginx-tag {{ return 200 '{tag}'; }}
+                         location / {{
+                           proxy_pass http://gateways; proxy_http_version 1.1; proxy_set_header Connection '';
+                           proxy_buffering off; proxy_read_timeout 300s; proxy_next_upstream error timeout;
+                         }}
+                       }}
+                     }}"
+                );
+                let path = format!("{dir}/nginx.conf");
+                std::fs::write(&path, conf).expect("write nginx.conf");
+                ["-c", &path, "-p", dir, "-e", &format!("{dir}/error.log")].map(Into::into).into()
+            },
+            |stream, tag| {
+                use std::io::Write;
+                stream.write_all(b"GET /nginx-tag HTTP/1.0\r\n\r\n").is_ok() && reply_contains(stream, tag)
+            },
         )
     }
 
@@ -363,23 +405,50 @@ pub async fn two_turn_conversation(http: &Http) -> String {
     session
 }
 
+/// A service of the distributed shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    SessionStore,
+    Worker(String),
+    DialogueManager,
+    Gateway,
+}
+
+/// A running service: its own stop token, so one can be stopped (and drained) while the others serve.
+struct Running {
+    role: Role,
+    addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
 /// The distributed shape in one test process: every service its own server on its own port, the
-/// session-store on a real Redis, workers pulling from a real NATS JetStream.
+/// session-store on a real Redis, workers pulling from a real NATS JetStream. With replicas, each service
+/// runs more than once, clients reach the gateways through a real Nginx, and the gateways and
+/// dialogue-managers name all replicas of what they call.
 pub struct Cluster {
     pub http: Http,
     pub config: Config,
     pub worker_urls: Vec<String>,
+    /// The session-store replicas, comma-separated (what `dialogue_manager.session_store_url` takes).
     pub session_store_url: String,
-    stop: tokio_util::sync::CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    dialogue_manager_url: String,
+    services: Vec<Running>,
     pub redis: Server,
     pub nats: Server,
+    pub nginx: Option<Server>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts Redis (with AOF persistence), NATS, the session-store, `workers` inference workers, the dialogue-manager and the gateway.
     pub async fn start(workers: usize, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_replicated(1, workers, configure).await
+    }
+
+    /// Like `start`, with `replicas` session-stores, dialogue-managers and gateways, and Nginx in front of the
+    /// gateways when there is more than one.
+    pub async fn start_replicated(replicas: usize, workers: usize, configure: impl FnOnce(&mut Config)) -> Self {
         let (redis, nats, dir) = (Server::redis_with_aof(), Server::nats(), tempfile::tempdir().expect("temp dir"));
         let mut config = test_config(dir.path());
         config.session_store.session_store_type = moltbot_config::SessionStoreType::Redis;
@@ -391,58 +460,119 @@ impl Cluster {
             config,
             worker_urls: vec![],
             session_store_url: String::new(),
-            stop: tokio_util::sync::CancellationToken::new(),
-            tasks: vec![],
+            dialogue_manager_url: String::new(),
+            services: vec![],
             redis,
             nats,
+            nginx: None,
             _dir: dir,
         };
-        let config = cluster.config.clone();
-
-        let backend = moltbot_session_store::open_backend(&config.session_store).await.expect("Redis is up");
-        let session_listener = listener().await;
-        let session_url = format!("http://{}", session_listener.local_addr().unwrap());
-        cluster.session_store_url = session_url.clone();
-        cluster.spawn(|stop| moltbot_session_store::run(session_listener, backend, stop));
+        let listeners = async |n: usize| {
+            let mut out = vec![];
+            for _ in 0..n {
+                out.push(listener().await);
+            }
+            let urls: Vec<String> = out.iter().map(|l| format!("http://{}", l.local_addr().unwrap())).collect();
+            (out, urls.join(","))
+        };
+        let (stores, urls) = listeners(replicas).await;
+        cluster.session_store_url = urls;
+        for l in stores {
+            cluster.launch(Role::SessionStore, l).await;
+        }
         for i in 0..workers {
             cluster.add_worker(&format!("worker-{i}")).await;
         }
-        let sessions =
-            moltbot_dialogue_manager::connect_session_store(&session_url).await.expect("session-store is up");
-        let queue =
-            moltbot_queue::JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await.expect("NATS");
-        let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
-        let dm_listener = listener().await;
-        let dm_url = format!("http://{}", dm_listener.local_addr().unwrap());
-        cluster.spawn(|stop| moltbot_dialogue_manager::run(dm_listener, dialogue, stop));
-        let gw_listener = listener().await;
-        cluster.http = Http::new(gw_listener.local_addr().unwrap());
-        let client = moltbot_gateway::dialogue_client(&dm_url).unwrap();
-        let gateway_config = config.gateway.clone();
-        cluster.spawn(|stop| async move { moltbot_gateway::run(gw_listener, &gateway_config, client, stop).await });
+        let (managers, urls) = listeners(replicas).await;
+        cluster.dialogue_manager_url = urls;
+        for l in managers {
+            cluster.launch(Role::DialogueManager, l).await;
+        }
+        let (gateways, _) = listeners(replicas).await;
+        let ports: Vec<u16> = gateways.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        for l in gateways {
+            cluster.launch(Role::Gateway, l).await;
+        }
+        cluster.http = if replicas > 1 {
+            let nginx = Server::nginx(&ports);
+            let http = Http::new(([127, 0, 0, 1], nginx.port).into());
+            cluster.nginx = Some(nginx);
+            http
+        } else {
+            Http::new(([127, 0, 0, 1], ports[0]).into())
+        };
         cluster
     }
 
-    fn spawn<F, Fut>(&mut self, service: F)
-    where
-        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        let stop = self.stop.clone();
-        self.tasks.push(tokio::spawn(service(Box::pin(async move { stop.cancelled().await }))));
+    /// Starts `role` on `listener` with its own stop token.
+    async fn launch(&mut self, role: Role, listener: tokio::net::TcpListener) {
+        let addr = listener.local_addr().expect("a bound listener");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let shutdown = stop.clone().cancelled_owned();
+        let config = self.config.clone();
+        let task = match &role {
+            Role::SessionStore => {
+                let backend = moltbot_session_store::open_backend(&config.session_store).await.expect("Redis is up");
+                tokio::spawn(moltbot_session_store::run(listener, backend, shutdown))
+            }
+            Role::Worker(id) => {
+                let mut worker_config = config.inference_worker.clone();
+                worker_config.worker_id = id.clone();
+                let engine = moltbot_inference_worker::load_engine(&config).expect("the model loads");
+                let worker =
+                    moltbot_inference_worker::Worker::new(engine, &worker_config, config.model_provider.max_tokens);
+                let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, 64).await.expect("NATS");
+                tokio::spawn(moltbot_inference_worker::run(listener, worker, queue, shutdown))
+            }
+            Role::DialogueManager => {
+                let sessions = moltbot_dialogue_manager::connect_session_store(&self.session_store_url)
+                    .await
+                    .expect("session-store is up");
+                let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs)
+                    .await
+                    .expect("NATS");
+                let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
+                tokio::spawn(moltbot_dialogue_manager::run(listener, dialogue, shutdown))
+            }
+            Role::Gateway => {
+                let client = moltbot_gateway::dialogue_client(&self.dialogue_manager_url).unwrap();
+                tokio::spawn(async move { moltbot_gateway::run(listener, &config.gateway, client, shutdown).await })
+            }
+        };
+        self.services.push(Running { role, addr, stop, task });
     }
 
     /// Starts one more inference worker with its own gRPC port.
     pub async fn add_worker(&mut self, id: &str) {
-        let mut worker_config = self.config.inference_worker.clone();
-        worker_config.worker_id = id.into();
-        let engine = moltbot_inference_worker::load_engine(&self.config).expect("the model loads");
-        let worker =
-            moltbot_inference_worker::Worker::new(engine, &worker_config, self.config.model_provider.max_tokens);
-        let queue = moltbot_queue::JobQueue::nats(&self.config.queue.nats_url, 64).await.expect("NATS");
         let l = listener().await;
         self.worker_urls.push(format!("http://{}", l.local_addr().unwrap()));
-        self.spawn(|stop| moltbot_inference_worker::run(l, worker, queue, stop));
+        self.launch(Role::Worker(id.into()), l).await;
+    }
+
+    /// Every running service: its role and address, in start order.
+    pub fn services(&self) -> Vec<(Role, std::net::SocketAddr)> {
+        self.services.iter().map(|s| (s.role.clone(), s.addr)).collect()
+    }
+
+    /// Stops the service at `addr` the way SIGTERM does (it drains: running work finishes, new work goes
+    /// elsewhere), then starts it again on the same port; returns how long the drain took.
+    pub async fn restart(&mut self, addr: std::net::SocketAddr) -> Duration {
+        let at = self.services.iter().position(|s| s.addr == addr).expect("a running service at that address");
+        let service = self.services.remove(at);
+        let started = Instant::now();
+        service.stop.cancel();
+        service.task.await.expect("service task").unwrap_or_else(|e| panic!("{:?} stops cleanly: {e:#}", service.role));
+        let drained = started.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if Instant::now() > deadline => panic!("cannot bind {addr} again: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        self.launch(service.role, listener).await;
+        drained
     }
 
     /// Each worker's model info and counters, asked over gRPC.
@@ -474,9 +604,15 @@ impl Cluster {
 
     /// Stops every service gracefully; any service error fails the test.
     pub async fn stop(self) {
-        self.stop.cancel();
-        for task in self.tasks {
-            task.await.expect("service task").expect("service stops cleanly");
+        for service in &self.services {
+            service.stop.cancel();
+        }
+        for service in self.services {
+            service
+                .task
+                .await
+                .expect("service task")
+                .unwrap_or_else(|e| panic!("{:?} stops cleanly: {e:#}", service.role));
         }
     }
 }

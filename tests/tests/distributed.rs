@@ -59,10 +59,12 @@ async fn remembered_cancels(cluster: &Cluster) -> u64 {
 async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
     let queue = JobQueue::nats(nats_url, 64).await.unwrap();
     let mut consumer = queue.consumer(model).await.unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), consumer.next_job())
+    let running = tokio_util::sync::CancellationToken::new();
+    let job = tokio::time::timeout(Duration::from_secs(30), consumer.next_job(&running))
         .await
         .expect("the doomed worker got no job within 30 s")
-        .unwrap();
+        .unwrap()
+        .expect("a job, not a stop");
     let started = Started { worker_id: "doomed".into(), prompt_tokens: 1, ..Default::default() };
     job.publish(GenerateEvent { event: Some(Event::Started(started)) }).await.unwrap();
     if let Some(text) = token {
@@ -573,5 +575,82 @@ async fn a_redis_outage_fails_fast_and_moltbot_recovers_without_a_restart() {
         .map(|m| m["content"].as_str().unwrap())
         .collect();
     assert_eq!(questions, ["Hi", "Before", "After"], "the failed turns saved nothing, the others everything");
+    cluster.stop().await;
+}
+
+/// One client's conversation under load: turns on its own session until `stop`, every other one streamed.
+/// Returns the session, the turns answered, and every failure seen (status and body, or transport error).
+async fn converse_until(
+    http: moltbot_tests::Http,
+    client: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> (String, usize, Vec<String>) {
+    let session = format!("rolling-{client}");
+    let create = serde_json::json!({ "id": session }).to_string();
+    let (status, _, created) = http.post("/api/sessions", &[("x-user-id", "roller")], &create).await;
+    assert_eq!(status, 201, "{created}");
+    let (mut turns, mut failures) = (0, vec![]);
+    while !stop.is_cancelled() {
+        let stream = turns % 2 == 1;
+        let body = serde_json::json!({
+            "session_id": session, "message": format!("Turn {turns}: name a colour."),
+            "max_tokens": 6, "min_tokens": 6, "stream": stream,
+        })
+        .to_string();
+        let headers = [("x-user-id", "roller"), ("x-dialogue-mode", "multi")];
+        match http.try_post("/api/chat", &headers, &body).await {
+            Ok((200, _, answer)) if !stream && answer["finish_reason"] == "length" => turns += 1,
+            Ok((200, _, serde_json::Value::String(events)))
+                if stream && events.contains("event: done") && !events.contains("event: error") =>
+            {
+                turns += 1
+            }
+            Ok((status, _, answer)) => failures.push(format!("turn {turns} (stream {stream}): {status} {answer}")),
+            Err(e) => failures.push(format!("turn {turns} (stream {stream}): {e}")),
+        }
+    }
+    (session, turns, failures)
+}
+
+/// R6: every service restarted one replica at a time (as a rolling update does: SIGTERM, drain, start) while
+/// clients keep talking through Nginx. No request fails, and every answered turn is in its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_service_under_load_fails_no_request() {
+    use moltbot_tests::Role;
+    let mut cluster = Cluster::start_replicated(2, 2, |_| {}).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..4).map(|i| tokio::spawn(converse_until(cluster.http.clone(), i, stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let order = |role: &Role| match role {
+        Role::SessionStore => 0,
+        Role::Worker(_) => 1,
+        Role::DialogueManager => 2,
+        Role::Gateway => 3,
+    };
+    let mut services = cluster.services();
+    services.sort_by_key(|(role, _)| order(role));
+    for (role, addr) in services {
+        let drained = cluster.restart(addr).await;
+        eprintln!("restarted {role:?} at {addr}: drained in {drained:?}");
+        // The next replica goes only once this one serves again, as a rolling update waits for readiness.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let mut total = 0;
+    for client in clients {
+        let (session, turns, failures) = client.await.unwrap();
+        assert!(failures.is_empty(), "{} requests failed during the rolling restart: {failures:#?}", failures.len());
+        let request = moltbot_proto::session::v1::GetSessionRequest {
+            session_id: session.clone(),
+            user_id: "roller".into(),
+            ..Default::default()
+        };
+        let stored = store.get_session(request).await.unwrap().into_inner().message_count;
+        assert_eq!(stored as usize, 2 * turns, "{session}: {turns} turns answered, {stored} messages stored");
+        total += turns;
+    }
+    assert!(total >= 20, "the clients kept talking through the restarts ({total} turns)");
     cluster.stop().await;
 }

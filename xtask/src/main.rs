@@ -116,7 +116,7 @@ fn require(program: &str, package: &str) -> anyhow::Result<()> {
     if !found {
         bail!(
             "{program} is not installed; install it with `apt-get install -y {package}` (the suite needs \
-             redis-server nats-server chromium chromium-driver)"
+             redis-server nats-server nginx-light chromium chromium-driver)"
         );
     }
     Ok(())
@@ -126,6 +126,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     model()?;
     require("redis-server", "redis-server")?;
     require("nats-server", "nats-server")?;
+    require(if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }, "nginx-light")?;
     require("chromium", "chromium")?;
     require("chromedriver", "chromium-driver")?;
     let pythonpath = openai_client()?;
@@ -261,6 +262,7 @@ fn dev() -> anyhow::Result<()> {
     model()?;
     require("redis-server", "redis-server")?;
     require("nats-server", "nats-server")?;
+    require(if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }, "nginx-light")?;
     require("chromium", "chromium")?;
     require("chromedriver", "chromium-driver")?;
     // The dev profile optimizes dependencies and the engine, and shares artifacts with `cargo xtask test`.

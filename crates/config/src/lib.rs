@@ -41,7 +41,7 @@ pub struct Config {
 pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
-    /// gRPC address of the dialogue-manager.
+    /// gRPC address of the dialogue-manager; replicas' addresses separated by commas.
     pub dialogue_manager_url: String,
     /// Requests in flight before new ones get 429.
     pub max_concurrent_requests: usize,
@@ -134,7 +134,7 @@ impl Default for GatewayConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DialogueManagerConfig {
     pub listen: SocketAddr,
-    /// gRPC address of the session-store.
+    /// gRPC address of the session-store; replicas' addresses separated by commas.
     pub session_store_url: String,
     /// Seconds without any event from a running job's worker before it counts as dead.
     pub worker_timeout: u64,

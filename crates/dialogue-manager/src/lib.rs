@@ -9,6 +9,7 @@ use std::{future::Future, time::Duration};
 
 use moltbot_config::Config;
 use moltbot_proto::{
+    Replicas,
     dialogue::v1::{
         ChatEvent, ChatRequest, ListModelsRequest, ListModelsResponse, ModelCard, dialogue_server::Dialogue,
     },
@@ -20,18 +21,22 @@ use moltbot_proto::{
 use moltbot_queue::JobQueue;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{Request, Response, Status};
 
-/// Connects to the session-store, failing fast with what to do when it is not there.
-pub async fn connect_session_store(url: &str) -> anyhow::Result<SessionStoreClient<Channel>> {
-    let endpoint = Channel::from_shared(url.to_owned())
-        .map_err(|e| anyhow::anyhow!("dialogue_manager.session_store_url `{url}` is not a valid URL: {e}"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!(
-            "the session-store at {url} is not reachable ({e}); start it or set dialogue_manager.session_store_url"
-        )
-    })?;
+/// Connects to the session-store (one URL, or replicas separated by commas), failing fast with what to do when
+/// none is there; a replica that is down at start is used once it is up.
+pub async fn connect_session_store(urls: &str) -> anyhow::Result<SessionStoreClient<Replicas>> {
+    let channel = Replicas::lazy(urls).map_err(|e| anyhow::anyhow!("dialogue_manager.session_store_url: {e}"))?;
+    let unreachable = channel.unreachable().await;
+    if unreachable.len() == channel.urls().count() {
+        anyhow::bail!(
+            "the session-store is not reachable at {}; start it or set dialogue_manager.session_store_url",
+            unreachable.join(", ")
+        );
+    }
+    for replica in unreachable {
+        tracing::warn!(%replica, "a session-store replica is not reachable yet; it is used once it is up");
+    }
     // A session's history may be large; the limit is set, not inherited (jobs carry only what fits the window).
     Ok(SessionStoreClient::new(channel).max_decoding_message_size(moltbot_proto::MAX_MESSAGE_BYTES))
 }
@@ -42,7 +47,7 @@ const LONGEST_CONTEXT: usize = 8192;
 
 #[derive(Clone)]
 pub struct DialogueService {
-    sessions: SessionStoreClient<Channel>,
+    sessions: SessionStoreClient<Replicas>,
     queue: JobQueue,
     model: String,
     max_tokens: u32,
@@ -59,7 +64,7 @@ pub struct DialogueService {
 }
 
 impl DialogueService {
-    pub fn new(config: &Config, sessions: SessionStoreClient<Channel>, queue: JobQueue) -> Self {
+    pub fn new(config: &Config, sessions: SessionStoreClient<Replicas>, queue: JobQueue) -> Self {
         Self {
             sessions,
             queue,

@@ -58,7 +58,7 @@ pub struct Turn {
 /// A session's turn lock, given back when dropped, whatever ended the turn. Its lease is short and renewed while
 /// the turn runs, so a dialogue-manager that dies mid-turn frees the session within one lease.
 struct SessionLock {
-    sessions: SessionStoreClient<tonic::transport::Channel>,
+    sessions: SessionStoreClient<moltbot_proto::Replicas>,
     session_id: String,
     user_id: String,
     token: String,
@@ -87,7 +87,7 @@ fn unlock_request(session_id: &str, user_id: &str, token: &str) -> UnlockSession
 
 /// Renews the lock `held` names every third of its `lease` until aborted, or until the lock is found lost.
 async fn renew(
-    mut sessions: SessionStoreClient<tonic::transport::Channel>,
+    mut sessions: SessionStoreClient<moltbot_proto::Replicas>,
     held: UnlockSessionRequest,
     lease: std::time::Duration,
 ) {

@@ -22,35 +22,33 @@ use axum::{
     routing::{get, post},
 };
 use moltbot_config::GatewayConfig;
-use moltbot_proto::dialogue::v1::{
-    ChatEvent, ChatRequest, DialogueMode, ListModelsRequest, dialogue_client::DialogueClient,
+use moltbot_proto::{
+    Replicas,
+    dialogue::v1::{ChatEvent, ChatRequest, DialogueMode, ListModelsRequest, dialogue_client::DialogueClient},
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tonic::transport::Channel;
 
 pub use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
-    dialogue: DialogueClient<Channel>,
+    dialogue: DialogueClient<Replicas>,
     slots: Arc<Semaphore>,
     per_user: limits::UserSlots,
     timeout: Duration,
     max_messages: usize,
 }
 
-/// A client of the dialogue-manager at `url`; it connects lazily, so the gateway starts before its backend
+/// A client of the dialogue-manager at `urls` (one, or replicas separated by commas: calls take turns, and
+/// one a replica never took goes to the next); it connects lazily, so the gateway starts before its backend
 /// and `/ready` tells whether it is there.
-pub fn dialogue_client(url: &str) -> anyhow::Result<DialogueClient<Channel>> {
-    let channel = Channel::from_shared(url.to_owned())
-        .map_err(|e| anyhow::anyhow!("gateway.dialogue_manager_url `{url}` is not a valid URL: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
+pub fn dialogue_client(urls: &str) -> anyhow::Result<DialogueClient<Replicas>> {
+    let channel = Replicas::lazy(urls).map_err(|e| anyhow::anyhow!("gateway.dialogue_manager_url: {e}"))?;
     // A page of a session's messages may be large (each up to a request body); the limit is set, not inherited.
     Ok(DialogueClient::new(channel).max_decoding_message_size(moltbot_proto::MAX_MESSAGE_BYTES))
 }
 
-pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Router {
+pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Replicas>) -> Router {
     let state = AppState {
         dialogue,
         slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
@@ -98,7 +96,7 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Channel>) -> Rout
 pub async fn run(
     listener: TcpListener,
     config: &GatewayConfig,
-    dialogue: DialogueClient<Channel>,
+    dialogue: DialogueClient<Replicas>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;

@@ -49,37 +49,59 @@ pub async fn serve(
                 }
             },
         };
-        // Streamed tokens are small writes: Nagle's algorithm would hold each one back for a delayed ACK.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        let service =
-            TowerToHyperService::new(app.clone().map_request(|request: Request<Incoming>| request.map(Body::new)));
-        let mut closed = closed.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-            let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            let mut connection = std::pin::pin!(connection);
-            let closing = async move {
-                let _ = closed.wait_for(|closed| *closed).await;
-            };
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = closing => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = served {
-                tracing::debug!(error = %e, %peer, "connection ended");
-            }
-        });
+        spawn_connection(stream, peer, &app, limits, slot, Some(closed.clone()));
+    }
+    // Connections the kernel already completed are served, not reset: a proxy in front may have sent them a
+    // request it cannot resend elsewhere. Then the listener closes, so new connections are refused and go to
+    // another replica.
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else { break };
+        spawn_connection(stream, peer, &app, limits, slot, None);
     }
     drop(listener);
     let _ = closing.send(true);
     // Every connection task holds a slot: all slots back means all connections are done.
     let _ = slots.acquire_many(limits.max_connections.max(1) as u32).await;
     Ok(())
+}
+
+/// Serves one connection until it ends, or, once `closed` says so, until its open request is answered. Without
+/// `closed` (a connection taken while the server stops), it serves one request.
+fn spawn_connection(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    app: &Router,
+    limits: Limits,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    closed: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    // Streamed tokens are small writes: Nagle's algorithm would hold each one back for a delayed ACK.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let service =
+        TowerToHyperService::new(app.clone().map_request(|request: Request<Incoming>| request.map(Body::new)));
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(closed.is_some());
+        let connection = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let mut connection = std::pin::pin!(connection);
+        let closing = async move {
+            match closed {
+                Some(mut closed) => drop(closed.wait_for(|closed| *closed).await),
+                None => std::future::pending().await,
+            }
+        };
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            () = closing => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = served {
+            tracing::debug!(error = %e, %peer, "connection ended");
+        }
+    });
 }

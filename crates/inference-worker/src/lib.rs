@@ -80,7 +80,7 @@ impl Worker {
         self.jobs.cancelled_in_queue.load(Ordering::Relaxed)
     }
 
-    /// Takes jobs from the queue until `shutdown` is cancelled; running jobs finish first.
+    /// Takes jobs from the queue until `shutdown` is cancelled, then lets the running jobs finish.
     pub async fn consume(self, queue: JobQueue, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut consumer = queue.consumer(self.engine.name()).await?;
         let slots = Arc::new(Semaphore::new(self.engine.max_sequences()));
@@ -90,16 +90,16 @@ impl Worker {
                 () = shutdown.cancelled() => break,
                 permit = slots.clone().acquire_owned() => permit?,
             };
-            let job = tokio::select! {
-                () = shutdown.cancelled() => break,
-                job = consumer.next_job() => job,
-            };
-            let job = match job {
-                Ok(job) => job,
+            // Not raced with `shutdown`: a pull already asked of the queue is seen through (`next_job`).
+            let job = match consumer.next_job(&shutdown).await {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot take a job; retrying in 1 s");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    }
                 }
             };
             let worker = self.clone();
@@ -108,8 +108,10 @@ impl Worker {
                 drop(permit);
             });
         }
-        // Wait for running jobs before returning.
+        // Drain: running jobs finish (their requesters are waiting for them) before the worker goes.
+        tracing::info!(worker_id = %self.id, "stopping: taking no more jobs, finishing the running ones");
         let _ = slots.acquire_many(self.engine.max_sequences() as u32).await;
+        tracing::info!(worker_id = %self.id, "stopped");
         Ok(())
     }
 

@@ -35,4 +35,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub use prost::{DecodeError, Message};
 
 mod error;
+pub mod replicas;
 pub mod server;
+
+pub use replicas::Replicas;

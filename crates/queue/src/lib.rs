@@ -124,10 +124,17 @@ pub enum JobConsumer {
 
 impl JobConsumer {
     /// Takes the next job, waiting for one. Call it only with a free slot: that is what spreads load.
-    pub async fn next_job(&mut self) -> Result<ReceivedJob> {
+    ///
+    /// `None` once `stop` is cancelled. A request for a job already made to the queue is seen through first
+    /// (NATS could hand it a job after the worker stopped listening, stranding that job until its
+    /// acknowledgement timed out), so this returns within one pull (5 s) of `stop`.
+    pub async fn next_job(&mut self, stop: &CancellationToken) -> Result<Option<ReceivedJob>> {
         match self {
-            Self::Nats(c) => c.next_job().await,
-            Self::Local(q) => q.next_job().await,
+            Self::Nats(c) => c.next_job(stop).await,
+            Self::Local(q) => tokio::select! {
+                () = stop.cancelled() => Ok(None),
+                job = q.next_job() => job.map(Some),
+            },
         }
     }
 }

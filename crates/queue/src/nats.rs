@@ -234,8 +234,11 @@ pub struct NatsConsumer {
 }
 
 impl NatsConsumer {
-    pub(crate) async fn next_job(&mut self) -> Result<ReceivedJob> {
+    pub(crate) async fn next_job(&mut self, stop: &CancellationToken) -> Result<Option<ReceivedJob>> {
         loop {
+            if stop.is_cancelled() {
+                return Ok(None);
+            }
             self.queue.connected()?;
             let batch = self.consumer.batch().max_messages(1).expires(PULL_EXPIRES).messages().await;
             let pulled = match batch {
@@ -281,7 +284,7 @@ impl NatsConsumer {
                 }
             });
             let sink = EventSink::Nats { client: client.clone(), subject: job.reply_subject.clone() };
-            return Ok(ReceivedJob { job, cancelled, sink, watch: Some(watch.abort_handle()) });
+            return Ok(Some(ReceivedJob { job, cancelled, sink, watch: Some(watch.abort_handle()) }));
         }
     }
 }
