@@ -191,8 +191,7 @@ impl Server {
     /// connect to one gateway goes to the next; answers stream through unbuffered. Ours when `/nginx-tag`
     /// answers our temp dir's name.
     pub fn nginx(upstreams: &[u16]) -> Self {
-        let servers: String =
-            upstreams.iter().map(|p| format!("server 127.0.0.1:{p} max_fails=1 fail_timeout=2s; ")).collect();
+        let servers: String = upstreams.iter().map(|p| format!("server 127.0.0.1:{p} max_fails=0; ")).collect();
         let program = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
         spawn(
             program,

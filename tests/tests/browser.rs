@@ -6,8 +6,19 @@ use moltbot_tests::{Browser, embedded, listener, test_config};
 use serde_json::Value;
 
 const KEY: &str = "browser-test-key-0123456789";
-/// Greedy decoding answers this with hundreds of tokens: long enough to watch it grow and stop it.
+/// The question whose answer the test watches grow and stops; it is long by construction (`LONG_NEXT_ANSWER`),
+/// whatever text this machine's kernels make of it.
 const ESSAY: &str = "Write a long essay about the history of Rome.";
+
+/// Makes the page's next `/api/chat` request ask for 1000 tokens exactly (`min_tokens`), as a test's own
+/// instrument: the page itself stays as users get it.
+const LONG_NEXT_ANSWER: &str = "const send = window.fetch;
+    window.fetch = (url, init) => {
+      if (url !== '/api/chat') return send(url, init);
+      window.fetch = send;
+      const body = { ...JSON.parse(init.body), min_tokens: 1000, max_tokens: 1000 };
+      return send(url, { ...init, body: JSON.stringify(body) });
+    };";
 const SYSTEM: &str = "You are a historian who writes at length.";
 
 /// The page's messages as `[role, phase, text]`.
@@ -58,6 +69,7 @@ async fn the_chat_page_asks_for_the_key_streams_stops_remembers_and_deletes_a_co
     type_into(&browser, "#system-prompt", SYSTEM).await;
 
     // A long answer streams in word by word while Stop shows; Stop ends it where it is.
+    browser.page.execute(LONG_NEXT_ANSWER, vec![]).await.expect("the fetch instrument");
     type_message(&browser, ESSAY).await;
     let early = browser.until(60, "the first words of the answer", &streaming_text_longer_than(0)).await;
     let early = early.as_str().unwrap().to_owned();

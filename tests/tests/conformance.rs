@@ -54,6 +54,7 @@ async fn caps_hold(mut config: SessionStoreConfig) {
     };
     config.max_sessions_per_user = 3;
     config.max_session_messages = 4;
+    config.max_session_bytes = 100;
     let (endpoint, _serving) = serve(&config).await;
     let mut store = moltbot_dialogue_manager::connect_session_store(&endpoint).await.unwrap();
     let create = |user: &str| CreateSessionRequest { user_id: user.into(), ..Default::default() };
@@ -83,6 +84,22 @@ async fn caps_hold(mut config: SessionStoreConfig) {
     let get = GetSessionRequest { session_id: first.clone(), user_id: "capped".into(), ..Default::default() };
     assert_eq!(store.get_session(get).await.unwrap().into_inner().message_count, 3, "a refused append wrote nothing");
     store.append_messages(turn(1)).await.expect("exactly at the cap");
+
+    // Bytes: a session that holds the cap's worth of text takes no more; the append that reaches it is kept.
+    let id = store.create_session(create("bytes")).await.unwrap().into_inner().id;
+    let text = |content: &str| AppendMessagesRequest {
+        session_id: id.clone(),
+        user_id: "bytes".into(),
+        messages: vec![ChatMessage { role: "user".into(), content: content.into(), ..Default::default() }],
+    };
+    store.append_messages(text(&"x".repeat(60))).await.expect("60 of 100 bytes");
+    store.append_messages(text(&"y".repeat(60))).await.expect("under the cap before it: kept, now 120 bytes");
+    let refused = store.append_messages(text("z")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("max_session_bytes"), "{}", refused.message());
+    let get = GetSessionRequest { session_id: id, user_id: "bytes".into(), ..Default::default() };
+    let session = store.get_session(get).await.unwrap().into_inner();
+    assert_eq!((session.message_count, session.byte_limit), (2, 100), "a refused append wrote nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -654,3 +654,28 @@ async fn a_rolling_restart_of_every_service_under_load_fails_no_request() {
     assert!(total >= 20, "the clients kept talking through the restarts ({total} turns)");
     cluster.stop().await;
 }
+
+/// R7: a turn past its deadline is a 504 at the deadline, and the worker stops generating it within a second
+/// (the job carries its deadline, and the dialogue-manager cancels it when it gives up just before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_past_its_deadline_is_a_504_and_its_worker_stops_within_a_second() {
+    let cluster = Cluster::start(1, |c| {
+        c.gateway.request_timeout = 2;
+        c.model_provider.max_tokens = 3000;
+    })
+    .await;
+    let long = r#"{"message":"Count to 1000.","max_tokens":3000,"min_tokens":3000}"#;
+    let asked = std::time::Instant::now();
+    let (status, _, error) = cluster.http.post("/api/chat", &[], long).await;
+    let answered = asked.elapsed();
+    assert_eq!(status, 504, "{error}");
+    assert!(answered < Duration::from_secs(4), "the 504 came {answered:?} after the request (deadline 2 s)");
+    let info = cluster.first_worker_when(|w| w.jobs_completed == 1 && w.kv_blocks_free == w.kv_blocks_total).await;
+    let stopped = asked.elapsed().saturating_sub(answered);
+    // Ended by its cancel or by the deadline the job carries, whichever the worker saw first; 3000 tokens take
+    // far longer than 2 s.
+    assert_eq!(info.jobs_completed, 1, "the job ended: {info:?}");
+    assert_eq!(info.kv_blocks_free, info.kv_blocks_total, "its cache blocks are free again: {info:?}");
+    assert!(stopped < Duration::from_secs(1), "the worker still ran the job {stopped:?} after the 504");
+    cluster.stop().await;
+}

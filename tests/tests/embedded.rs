@@ -601,7 +601,11 @@ async fn overload_is_shed_with_a_retry_after_that_follows_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_session_refuses_the_next_turn_before_it_runs() {
-    let (moltbot, http, _dir) = embedded(|c| c.session_store.max_session_messages = 4).await;
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.session_store.max_session_messages = 4;
+        c.session_store.max_session_bytes = 1000;
+    })
+    .await;
     let (status, session) = http.call("POST", "/api/sessions", &[], None).await;
     assert_eq!(status, 201);
     let id = session["id"].as_str().unwrap();
@@ -615,5 +619,98 @@ async fn a_full_session_refuses_the_next_turn_before_it_runs() {
     assert!(message.contains("start a new session") && message.contains("max_session_messages"), "{message}");
     let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &[], None).await;
     assert_eq!(stored["message_count"], 4, "the refused turn changed the session: {stored}");
+
+    // Full by its bytes: the turn that reaches the cap is kept, the next is refused before it runs.
+    let (_, session) = http.call("POST", "/api/sessions", &[], None).await;
+    let id = session["id"].as_str().unwrap();
+    let long = format!(r#"{{"session_id":"{id}","message":"{}","max_tokens":2}}"#, "word ".repeat(200));
+    assert_eq!(http.post("/api/chat", &[], &long).await.0, 200);
+    let (status, _, error) = http.post("/api/chat", &[], &format!(r#"{{"session_id":"{id}","message":"Hi"}}"#)).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("max_session_bytes"), "{error}");
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &[], None).await;
+    assert_eq!(stored["message_count"], 2, "{stored}");
+    moltbot.stop().await.unwrap();
+}
+
+/// What one request of the overload test came to.
+struct Outcome {
+    status: u16,
+    retry_after: Option<u64>,
+    took: std::time::Duration,
+}
+
+async fn timed_chat(http: Http, body: &'static str) -> Outcome {
+    let asked = std::time::Instant::now();
+    let (status, headers, _) = http.post("/v1/chat/completions", &[], body).await;
+    let retry_after = headers.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+    Outcome { status, retry_after, took: asked.elapsed() }
+}
+
+fn median(mut times: Vec<std::time::Duration>) -> std::time::Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
+/// R3: twice the load MoltBot can serve, for a minute. The excess is refused with 429 and a Retry-After, what
+/// is admitted keeps a latency near the unloaded one (bounded by the queue wait), nothing fails with a 5xx, and
+/// once the load is gone requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twice_the_capacity_for_a_minute_is_shed_with_429_and_no_5xx() {
+    use std::time::{Duration, Instant};
+    const SLOTS: usize = 2;
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.inference_worker.max_batch_size = SLOTS;
+        c.dialogue_manager.max_queue_wait = 2;
+    })
+    .await;
+    let body = r#"{"messages":[{"role":"user","content":"Name a colour."}],"max_tokens":16,"min_tokens":16}"#;
+    // Capacity: as many clients as slots, back to back, for 10 s.
+    let (measured, started) = (Duration::from_secs(10), Instant::now());
+    let clients = (0..SLOTS).map(|_| {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let mut times = vec![];
+            while started.elapsed() < measured {
+                let outcome = timed_chat(http.clone(), body).await;
+                assert_eq!(outcome.status, 200, "unloaded");
+                times.push(outcome.took);
+            }
+            times
+        })
+    });
+    let unloaded: Vec<Duration> =
+        futures::future::join_all(clients).await.into_iter().flat_map(Result::unwrap).collect();
+    let capacity = unloaded.len() as f64 / started.elapsed().as_secs_f64();
+    let unloaded = median(unloaded);
+
+    // Twice that, arriving at a steady rate whatever the answers do, for a minute.
+    let mut arrivals = tokio::time::interval(Duration::from_secs_f64(1.0 / (2.0 * capacity)));
+    let (load, started, mut requests) = (Duration::from_secs(60), Instant::now(), vec![]);
+    while started.elapsed() < load {
+        arrivals.tick().await;
+        requests.push(tokio::spawn(timed_chat(http.clone(), body)));
+    }
+    let outcomes: Vec<Outcome> = futures::future::join_all(requests).await.into_iter().map(Result::unwrap).collect();
+    let count = |status: u16| outcomes.iter().filter(|o| o.status == status).count();
+    let (served, shed) = (count(200), count(429));
+    let report = format!(
+        "capacity {capacity:.2} turns/s, unloaded median {unloaded:?}; {} offered: {served} served, {shed} shed",
+        outcomes.len()
+    );
+    eprintln!("{report}");
+    assert_eq!(served + shed, outcomes.len(), "only 200 and 429 under overload: {report}");
+    assert!(shed > 0 && served > 0, "{report}");
+    assert!(
+        outcomes.iter().filter(|o| o.status == 429).all(|o| o.retry_after.is_some_and(|s| s >= 1)),
+        "every 429 says when to come back"
+    );
+    let admitted = median(outcomes.iter().filter(|o| o.status == 200).map(|o| o.took).collect());
+    // Admission waits at most max_queue_wait (2 s) in the queue, so an admitted turn takes its own time plus that.
+    assert!(admitted < 3 * unloaded + Duration::from_secs(4), "admitted median {admitted:?}; {report}");
+
+    // Recovery: with the load gone, requests are served again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(timed_chat(http.clone(), body).await.status, 200, "served again after the overload");
     moltbot.stop().await.unwrap();
 }

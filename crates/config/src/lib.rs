@@ -186,6 +186,9 @@ pub struct SessionStoreConfig {
     pub max_sessions_per_user: u32,
     /// Messages one session may hold; a turn past it is refused with advice to start a new session.
     pub max_session_messages: u32,
+    /// Bytes of message text one session may hold: a session that holds this much takes no more turns (the
+    /// last turn may pass it by its own size). With `max_sessions_per_user`, what one user can store is bounded.
+    pub max_session_bytes: u64,
 }
 
 impl Default for SessionStoreConfig {
@@ -198,6 +201,7 @@ impl Default for SessionStoreConfig {
             path: data_dir().join("sessions.redb"),
             max_sessions_per_user: 1000,
             max_session_messages: 10_000,
+            max_session_bytes: 8 << 20,
         }
     }
 }
@@ -236,6 +240,9 @@ pub struct InferenceWorkerConfig {
     pub max_waiting: usize,
     /// Compute threads for the engine; 0 means every core.
     pub threads: usize,
+    /// Prompt tokens one request may have (its history is cut to fit; a newest message alone over it gets 400);
+    /// 0: the model's context window less the reply.
+    pub max_prompt_tokens: usize,
 }
 
 impl Default for InferenceWorkerConfig {
@@ -249,6 +256,7 @@ impl Default for InferenceWorkerConfig {
             kv_cache_mib: 1024,
             max_waiting: 256,
             threads: 0,
+            max_prompt_tokens: 0,
         }
     }
 }
@@ -438,6 +446,9 @@ impl Config {
         }
         if self.session_store.max_session_messages < 2 {
             return bad("session_store.max_session_messages", "must be at least 2 (one turn)");
+        }
+        if self.session_store.max_session_bytes == 0 {
+            return bad("session_store.max_session_bytes", "must be at least 1");
         }
         if self.gateway.max_messages == 0 {
             return bad("gateway.max_messages", "must be at least 1");

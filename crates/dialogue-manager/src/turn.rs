@@ -206,6 +206,14 @@ impl Turn {
                         session.id, session.message_limit
                     )));
                 }
+                let bytes: u64 = session.messages.iter().map(|m| m.content.len() as u64).sum();
+                if session.byte_limit > 0 && bytes >= session.byte_limit {
+                    return Err(Status::failed_precondition(format!(
+                        "session {} is full: it holds {bytes} bytes of messages, the most this server keeps in one \
+                         session is {} (session_store.max_session_bytes); start a new session",
+                        session.id, session.byte_limit
+                    )));
+                }
                 // The session's system prompt leads unless the turn brings its own.
                 let mut history = session.messages;
                 if !session.system_prompt.is_empty() && !request.messages.iter().any(|m| m.role == "system") {

@@ -56,6 +56,9 @@ pub struct EngineConfig {
     pub kv_cache: KvBudget,
     /// Requests that may wait for a place in the batch; `submit` refuses more with `Error::Overloaded`.
     pub max_waiting: usize,
+    /// The most prompt tokens a request may have, below the context window: a chat loses its oldest turns to fit
+    /// it, and one whose newest message alone does not is refused (`Error::PromptOverCap`). Unset: the window.
+    pub max_prompt_tokens: Option<usize>,
 }
 
 /// How big the KV-cache pool is.
@@ -102,6 +105,7 @@ impl EngineConfig {
             threads: None,
             kv_cache: KvBudget::Bytes(1 << 30),
             max_waiting: 1024,
+            max_prompt_tokens: None,
         }
     }
 }
@@ -181,6 +185,8 @@ struct Inner {
     context_length: usize,
     max_sequences: usize,
     max_waiting: usize,
+    /// Prompt tokens a request may have: the window or the configured cap below it.
+    max_prompt: Option<usize>,
     device: String,
     stats: Arc<SharedStats>,
 }
@@ -286,6 +292,7 @@ impl Engine {
                 context_length,
                 max_sequences,
                 max_waiting,
+                max_prompt: config.max_prompt_tokens,
                 device,
                 stats,
             }),
@@ -361,6 +368,7 @@ impl Engine {
     /// messages were left out.
     pub fn fit_chat(&self, messages: &[ChatMessage], max_tokens: u32) -> Result<(Vec<u32>, usize)> {
         let budget = self.inner.context_length - (max_tokens as usize).clamp(1, self.inner.context_length / 2);
+        let budget = budget.min(self.inner.max_prompt.unwrap_or(usize::MAX));
         let system = messages.iter().take_while(|m| m.role == "system").count();
         // Where each droppable turn starts: every user message after the system prompt, save the last message.
         let cuts: Vec<usize> = (system + 1..messages.len().saturating_sub(1))
@@ -410,6 +418,11 @@ impl Engine {
                 context_length: self.inner.context_length,
             });
         }
+        if let Some(max_prompt_tokens) = self.inner.max_prompt
+            && tokens.len() > max_prompt_tokens
+        {
+            return Err(Error::PromptOverCap { prompt_tokens: tokens.len(), max_prompt_tokens });
+        }
         let prompt_tokens = tokens.len() as u32;
         let queued = &self.inner.stats.queued;
         let waiting = queued.fetch_add(1, Relaxed);
@@ -426,6 +439,9 @@ impl Engine {
     }
 }
 
+/// Steps' worth of time (`max_step`) after which a prompt still being read goes ahead of shorter ones.
+const STARVING: u32 = 10;
+
 /// A sequence in the waiting queue or the running set.
 struct Active {
     events: UnboundedSender<GenerationEvent>,
@@ -441,6 +457,8 @@ struct Active {
     min_new: usize,
     /// Arrival order: older sequences are scheduled first and preempted last.
     arrival: u64,
+    /// When it arrived: a prompt read for too long goes ahead of shorter ones (`step`).
+    arrived: std::time::Instant,
     /// Still counted against `max_waiting` (never admitted yet).
     queued: bool,
 }
@@ -542,6 +560,7 @@ impl Compute {
             cache: KvCache::new(),
             prompt_tokens,
             arrival: self.arrivals,
+            arrived: std::time::Instant::now(),
             queued: true,
         }
     }
@@ -588,11 +607,18 @@ impl Compute {
     /// One forward pass and one sampled token for every sequence whose tokens are all in.
     fn step(&mut self, running: &mut Vec<Active>) -> Result<()> {
         // Generating sequences first (one token each), then prompt chunks, the shortest prompt first: a short
-        // request is not held behind a long one.
+        // request is not held behind a long one. But a prompt that has waited `STARVING` steps' time goes
+        // first, oldest first, or a long prompt would never be read while shorter ones keep coming.
         let decoding = running.iter().filter(|a| a.pending() == 1).count();
         let mut budget = self.step_budget(decoding);
+        let starving = self.max_step * STARVING;
         let mut order: Vec<usize> = (0..running.len()).collect();
-        order.sort_by_key(|&i| (running[i].pending() > 1, running[i].pending()));
+        order.sort_by_key(|&i| {
+            let a = &running[i];
+            let prompt = a.pending() > 1;
+            let starved = prompt && a.arrived.elapsed() > starving;
+            (prompt, !starved, if starved { a.arrival as usize } else { a.pending() })
+        });
         let mut take = vec![0usize; running.len()];
         for &i in &order {
             take[i] = running[i].pending().min(budget);

@@ -22,6 +22,11 @@ pub enum Error {
     InvalidRequest(String),
     #[error("prompt has {prompt_tokens} tokens but the model's context window is {context_length}")]
     PromptTooLong { prompt_tokens: usize, context_length: usize },
+    #[error(
+        "the prompt has {prompt_tokens} tokens; this server takes at most {max_prompt_tokens} \
+         (inference_worker.max_prompt_tokens)"
+    )]
+    PromptOverCap { prompt_tokens: usize, max_prompt_tokens: usize },
     #[error("the engine is overloaded: {waiting} requests are already waiting; retry later")]
     Overloaded { waiting: usize },
     #[error("internal engine error: {0}")]

@@ -352,3 +352,62 @@ async fn a_long_conversation_keeps_its_newest_turns_within_the_window() {
     let err = engine.submit(GenerationRequest { prompt: Prompt::Chat(huge), sampling: greedy(8) }).err().unwrap();
     assert!(matches!(err, moltbot_engine::Error::PromptTooLong { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn a_prompt_cap_below_the_window_trims_history_and_refuses_a_message_over_it() {
+    let config = EngineConfig { max_prompt_tokens: Some(100), ..EngineConfig::new(model_path()) };
+    let engine = Engine::load(config).unwrap();
+    let mut messages = vec![];
+    for k in 1..=20 {
+        messages.push(ChatMessage::new("user", format!("Question {k}: what comes after {k}?")));
+        messages.push(ChatMessage::new("assistant", format!("Answer {k}: {}.", k + 1)));
+    }
+    messages.push(ChatMessage::new("user", "What is 2+2?"));
+    let (tokens, trimmed) = engine.fit_chat(&messages, 24).unwrap();
+    assert!(tokens.len() <= 100 && trimmed > 0, "{} tokens kept, {trimmed} messages dropped", tokens.len());
+    // The newest message alone over the cap is refused, naming the setting, though the window would hold it.
+    let long = vec![ChatMessage::new("user", "hello ".repeat(150))];
+    let err = engine.submit(GenerationRequest { prompt: Prompt::Chat(long), sampling: greedy(8) }).err().unwrap();
+    assert!(matches!(err, moltbot_engine::Error::PromptOverCap { max_prompt_tokens: 100, .. }), "{err}");
+    assert!(err.to_string().contains("inference_worker.max_prompt_tokens"), "{err}");
+}
+
+#[tokio::test]
+async fn a_long_prompt_is_read_while_shorter_ones_keep_coming() {
+    let config = EngineConfig { max_step: std::time::Duration::from_millis(20), ..EngineConfig::new(model_path()) };
+    let engine = Engine::load(config).unwrap();
+    let chat = |text: String| Prompt::Chat(vec![ChatMessage::new("user", text)]);
+    // Shorter prompts arrive all the time: eight in flight, a new one as soon as one ends. Read shortest first
+    // and nothing else, the long prompt (which comes once the engine has measured its steps) would wait for a
+    // gap that never comes.
+    let mut short = tokio::task::JoinSet::new();
+    let (mut sent, started) = (0, std::time::Instant::now());
+    let mut next_short = |short: &mut tokio::task::JoinSet<_>| {
+        sent += 1;
+        let prompt = chat(format!("Question {sent}: {}", "say more ".repeat(8)));
+        let generation = engine.submit(GenerationRequest { prompt, sampling: greedy(2) }).unwrap();
+        short.spawn(generation.collect());
+        sent
+    };
+    for _ in 0..8 {
+        next_short(&mut short);
+    }
+    short.join_next().await.unwrap().unwrap().unwrap();
+    next_short(&mut short);
+    let long = engine.submit(GenerationRequest { prompt: chat("word ".repeat(600)), sampling: greedy(1) }).unwrap();
+    let mut long = std::pin::pin!(long.collect());
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut long => {
+                answer.unwrap();
+                break;
+            }
+            Some(answer) = short.join_next() => {
+                answer.unwrap().unwrap();
+                let sent = next_short(&mut short);
+                assert!(started.elapsed().as_secs() < 60, "the long prompt is still unread after {sent} short ones");
+            }
+        }
+    }
+}

@@ -51,8 +51,12 @@ impl ApiError {
         }
     }
 
-    pub fn overloaded() -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "too many requests in flight; retry shortly")
+    /// 429: the gateway has `max_concurrent_requests` in flight; come back in `retry_after` seconds.
+    pub fn overloaded(retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, format!("too many requests in flight; retry in {retry_after} s"))
+        }
     }
 
     pub fn timeout() -> Self {

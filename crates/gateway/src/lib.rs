@@ -35,6 +35,8 @@ pub struct AppState {
     dialogue: DialogueClient<Replicas>,
     slots: Arc<Semaphore>,
     per_user: limits::UserSlots,
+    /// How long turns take: when a refused client should come back.
+    turn_times: Arc<limits::TurnTimes>,
     timeout: Duration,
     max_messages: usize,
 }
@@ -53,6 +55,7 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Replicas>) -> Rou
         dialogue,
         slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         per_user: limits::UserSlots::new(config.max_concurrent_per_user),
+        turn_times: Arc::default(),
         timeout: Duration::from_secs(config.request_timeout),
         max_messages: config.max_messages,
     };
@@ -161,12 +164,21 @@ impl DialogueHeaders {
     }
 }
 
-/// A started dialogue turn: the admission slots (the gateway's and the user's) are held until the stream ends.
+/// A started dialogue turn: the admission slots (the gateway's and the user's) are held until the stream ends,
+/// and how long it took is recorded then.
 struct TurnStream {
     stream: tonic::Streaming<ChatEvent>,
     _slot: tokio::sync::OwnedSemaphorePermit,
     _user_slot: Option<limits::UserSlot>,
     deadline: tokio::time::Instant,
+    started: tokio::time::Instant,
+    turn_times: Arc<limits::TurnTimes>,
+}
+
+impl Drop for TurnStream {
+    fn drop(&mut self) {
+        self.turn_times.record(self.started.elapsed());
+    }
 }
 
 impl TurnStream {
@@ -192,16 +204,26 @@ impl AppState {
                 Some("messages"),
             ));
         }
-        let user_slot = self.per_user.acquire(&request.user_id)?;
-        let slot = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
+        let user_slot = self.per_user.acquire(&request.user_id, || self.turn_times.retry_after())?;
+        let slot =
+            self.slots.clone().try_acquire_owned().map_err(|_| ApiError::overloaded(self.turn_times.retry_after()))?;
         let mut dialogue = self.dialogue.clone();
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.timeout;
         // The dialogue-manager learns the deadline (grpc-timeout) and ends the turn just before it, saving nothing.
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.timeout);
         let stream =
             tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
-        Ok(TurnStream { stream: stream.into_inner(), _slot: slot, _user_slot: user_slot, deadline })
+        let turn_times = self.turn_times.clone();
+        Ok(TurnStream {
+            stream: stream.into_inner(),
+            _slot: slot,
+            _user_slot: user_slot,
+            deadline,
+            started,
+            turn_times,
+        })
     }
 }
 

@@ -69,8 +69,9 @@ impl UserSlots {
         Self { limit, in_flight: Arc::default() }
     }
 
-    /// A slot for `user`, `None` without a cap, or 429 when the user has `limit` requests in flight.
-    pub fn acquire(&self, user: &str) -> Result<Option<UserSlot>, ApiError> {
+    /// A slot for `user`, `None` without a cap, or 429 (come back in `retry_after` seconds) when the user has
+    /// `limit` requests in flight.
+    pub fn acquire(&self, user: &str, retry_after: impl FnOnce() -> u64) -> Result<Option<UserSlot>, ApiError> {
         if self.limit == 0 {
             return Ok(None);
         }
@@ -79,7 +80,7 @@ impl UserSlots {
         let count = in_flight.entry(user.to_owned()).or_default();
         if *count >= self.limit {
             return Err(ApiError {
-                retry_after: Some(1),
+                retry_after: Some(retry_after()),
                 ..ApiError::new(
                     axum::http::StatusCode::TOO_MANY_REQUESTS,
                     format!(
@@ -107,21 +108,68 @@ impl Drop for UserSlot {
     }
 }
 
+/// How long turns take, to tell a refused client when to come back: by then the turns in flight now have most
+/// likely finished. A moving average of the turns' durations, with random jitter on top so that clients refused
+/// together do not all come back at once.
+#[derive(Debug, Default)]
+pub struct TurnTimes {
+    mean_secs: std::sync::Mutex<Option<f64>>,
+}
+
+impl TurnTimes {
+    /// How much a new duration moves the average.
+    const WEIGHT: f64 = 0.1;
+    const MAX_RETRY_AFTER: f64 = 60.0;
+
+    pub fn record(&self, took: std::time::Duration) {
+        let mut mean = self.mean_secs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let took = took.as_secs_f64();
+        *mean = Some(mean.map_or(took, |m| m + Self::WEIGHT * (took - m)));
+    }
+
+    /// Seconds for `Retry-After`: the mean turn time, plus up to half of it again at random; 1 to 60 (1 before
+    /// any turn finished).
+    pub fn retry_after(&self) -> u64 {
+        let Some(mean) = *self.mean_secs.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else {
+            return 1;
+        };
+        let jittered = mean * (1.0 + rand::random::<f64>() / 2.0);
+        jittered.ceil().clamp(1.0, Self::MAX_RETRY_AFTER) as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::UserSlots;
+    use std::time::Duration;
+
+    use super::{TurnTimes, UserSlots};
+
+    #[test]
+    fn retry_after_follows_how_long_turns_take() {
+        let times = TurnTimes::default();
+        assert_eq!(times.retry_after(), 1, "nothing measured yet");
+        for _ in 0..100 {
+            times.record(Duration::from_secs(8));
+        }
+        let waits: Vec<u64> = (0..200).map(|_| times.retry_after()).collect();
+        assert!(waits.iter().all(|w| (8..=12).contains(w)), "8 s turns: {waits:?}");
+        assert!(waits.iter().any(|&w| w != waits[0]), "refused clients are spread out: {waits:?}");
+        times.record(Duration::from_secs(3600));
+        assert_eq!(times.retry_after(), 60, "capped");
+    }
 
     #[test]
     fn each_user_has_their_own_slots_given_back_on_drop() {
         let slots = UserSlots::new(2);
-        let (a1, a2) = (slots.acquire("alice").unwrap(), slots.acquire("alice").unwrap());
-        assert_eq!(slots.acquire("alice").unwrap_err().status.as_u16(), 429);
-        let b = slots.acquire("bob").unwrap();
+        let (a1, a2) = (slots.acquire("alice", || 1).unwrap(), slots.acquire("alice", || 1).unwrap());
+        let refused = slots.acquire("alice", || 7).unwrap_err();
+        assert_eq!((refused.status.as_u16(), refused.retry_after), (429, Some(7)));
+        let b = slots.acquire("bob", || 1).unwrap();
         assert!(b.is_some(), "bob is not held back by alice");
         drop(a1);
-        assert!(slots.acquire("alice").is_ok(), "a finished request frees its slot");
+        assert!(slots.acquire("alice", || 1).is_ok(), "a finished request frees its slot");
         drop((a2, b));
         assert!(slots.in_flight.lock().unwrap().is_empty(), "idle users are forgotten");
-        assert!(UserSlots::new(0).acquire("alice").unwrap().is_none(), "0 is no cap");
+        assert!(UserSlots::new(0).acquire("alice", || 1).unwrap().is_none(), "0 is no cap");
     }
 }

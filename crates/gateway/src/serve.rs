@@ -54,9 +54,16 @@ pub async fn serve(
     // Connections the kernel already completed are served, not reset: a proxy in front may have sent them a
     // request it cannot resend elsewhere. Then the listener closes, so new connections are refused and go to
     // another replica.
-    while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else { break };
-        spawn_connection(stream, peer, &app, limits, slot, None);
+    let listener = listener.into_std()?;
+    while let Ok((stream, peer)) = listener.accept() {
+        let Ok(Ok(slot)) = tokio::time::timeout(limits.header_read_timeout, slots.clone().acquire_owned()).await else {
+            break;
+        };
+        let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream));
+        match stream {
+            Ok(stream) => spawn_connection(stream, peer, &app, limits, slot, None),
+            Err(e) => tracing::debug!(error = %e, %peer, "cannot take a connection while stopping"),
+        }
     }
     drop(listener);
     let _ = closing.send(true);

@@ -23,7 +23,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 fn code(e: &moltbot_engine::Error) -> ErrorCode {
     use moltbot_engine::Error;
     match e {
-        Error::InvalidRequest(_) | Error::PromptTooLong { .. } => ErrorCode::InvalidArgument,
+        Error::InvalidRequest(_) | Error::PromptTooLong { .. } | Error::PromptOverCap { .. } => {
+            ErrorCode::InvalidArgument
+        }
         Error::Overloaded { .. } => ErrorCode::ResourceExhausted,
         Error::Stopped => ErrorCode::Unavailable,
         Error::Internal(_)

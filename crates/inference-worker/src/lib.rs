@@ -35,6 +35,8 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
         kv_cache: KvBudget::Bytes(config.inference_worker.kv_cache_mib << 20),
         max_waiting: config.inference_worker.max_waiting,
         threads: (config.inference_worker.threads > 0).then_some(config.inference_worker.threads),
+        max_prompt_tokens: (config.inference_worker.max_prompt_tokens > 0)
+            .then_some(config.inference_worker.max_prompt_tokens),
         ..EngineConfig::new(provider.resolved_model_path())
     })
 }

@@ -3,8 +3,11 @@
 //! sent to the next one. That is what lets a replica restart under load without a failed request: while it
 //! drains, its running calls finish and new ones go elsewhere.
 //!
-//! Only calls that provably never reached a server are resent, so a call is never run twice. Request bodies are
-//! buffered to be resendable; MoltBot's services take one request message per call (no client streaming).
+//! Only calls that provably never reached a server are resent, so a call is never run twice, and a resent call
+//! carries what is left of its deadline (`grpc-timeout`), not the whole. A replica that could not be connected
+//! to is passed over for a few seconds while another is up. Request bodies are buffered to be resendable;
+//! MoltBot's services take one request message per call (no client streaming). With one URL a call is tried up
+//! to three times, briefly apart, as a load balancer behind that URL may reach another replica next time.
 
 use std::{
     pin::Pin,
@@ -13,7 +16,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http_body_util::BodyExt;
@@ -37,6 +40,25 @@ struct Replica {
     url: String,
     endpoint: Endpoint,
     channel: Channel,
+    /// Until when calls pass this replica over: it could not be connected to.
+    down_until: std::sync::Mutex<Option<Instant>>,
+}
+
+/// How long a replica that could not be connected to is passed over while another is up.
+const PASS_OVER: Duration = Duration::from_secs(2);
+/// Attempts of a call to a single URL, and the pause before each retry.
+const SINGLE_URL_ATTEMPTS: usize = 3;
+const SINGLE_URL_PAUSE: Duration = Duration::from_millis(100);
+
+impl Replica {
+    fn is_down(&self) -> bool {
+        self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some_and(|t| t > Instant::now())
+    }
+
+    fn mark(&self, down: bool) {
+        *self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            down.then(|| Instant::now() + PASS_OVER);
+    }
 }
 
 /// A list of replica URLs that cannot be used.
@@ -56,7 +78,8 @@ impl Replicas {
                 let endpoint = Endpoint::from_shared(url.to_owned())
                     .map_err(|e| BadUrl { url: url.to_owned(), message: e.to_string() })?;
                 let endpoint = endpoint.connect_timeout(Duration::from_secs(5));
-                Ok(Replica { url: url.to_owned(), channel: endpoint.connect_lazy(), endpoint })
+                let channel = endpoint.connect_lazy();
+                Ok(Replica { url: url.to_owned(), channel, endpoint, down_until: Default::default() })
             })
             .collect::<Result<Vec<_>, BadUrl>>()?;
         if channels.is_empty() {
@@ -100,21 +123,41 @@ impl Service<Request<Body>> for Replicas {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let replicas = self.clone();
         Box::pin(async move {
+            let started = Instant::now();
             let count = replicas.channels.len();
+            let attempts = if count == 1 { SINGLE_URL_ATTEMPTS } else { count };
             let first = replicas.next.fetch_add(1, Ordering::Relaxed);
-            if count == 1 {
-                return send(&replicas.channels[0].channel, request).await;
-            }
+            // Replicas in the order this call tries them: those not passed over first.
+            let mut order: Vec<&Replica> = (0..count).map(|i| &replicas.channels[(first + i) % count]).collect();
+            order.sort_by_key(|replica| replica.is_down());
             let (head, body) = request.into_parts();
             let body = body.collect().await?.to_bytes();
-            for attempt in 0..count {
-                let Replica { url, channel, .. } = &replicas.channels[(first + attempt) % count];
-                let request = Request::from_parts(head.clone(), Body::new(http_body_util::Full::new(body.clone())));
-                match send(channel, request).await {
-                    Err(error) if attempt + 1 < count && never_reached(&*error) => {
-                        tracing::info!(%url, error = %chain(&*error), "replica not reachable; trying the next");
+            let budget = grpc_timeout(&head.headers);
+            for attempt in 0..attempts {
+                let replica = order[attempt % count];
+                let mut head = head.clone();
+                if let Some(budget) = budget {
+                    let left = budget.saturating_sub(started.elapsed());
+                    head.headers.insert("grpc-timeout", format!("{}m", left.as_millis()).parse().expect("ASCII"));
+                }
+                let request = Request::from_parts(head, Body::new(http_body_util::Full::new(body.clone())));
+                let sent = send(&replica.channel, request).await;
+                let error = match sent {
+                    Ok(response) => {
+                        replica.mark(false);
+                        return Ok(response);
                     }
-                    sent => return sent,
+                    Err(error) => error,
+                };
+                let reached = Reached::of(&*error);
+                replica.mark(reached == Reached::NotConnected);
+                let out_of_time = budget.is_some_and(|b| started.elapsed() >= b);
+                if reached == Reached::Maybe || attempt + 1 == attempts || out_of_time {
+                    return Err(error);
+                }
+                tracing::info!(url = %replica.url, error = %chain(&*error), "replica did not take the call; trying again");
+                if count == 1 {
+                    tokio::time::sleep(SINGLE_URL_PAUSE * (attempt as u32 + 1)).await;
                 }
             }
             unreachable!("the last attempt returns")
@@ -126,28 +169,59 @@ async fn send(channel: &Channel, request: Request<Body>) -> Result<Response<Body
     Ok(channel.clone().ready().await?.call(request).await?)
 }
 
-/// Whether `error` proves the request never reached a server: the connection was refused or could not be made
-/// in time; the server refused the stream (`REFUSED_STREAM`) or went away gracefully before it (a `GOAWAY`
-/// without error covers only streams it did not take, which is how a draining server turns calls away); or the
-/// connection closed before the request was written.
-fn never_reached(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut)
-        {
-            return true;
+/// A call's `grpc-timeout`, its whole time budget.
+fn grpc_timeout(headers: &tonic::codegen::http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// How far a failed call got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reached {
+    /// No connection could be made (refused, unreachable, timed out): nothing was sent.
+    NotConnected,
+    /// The server turned the call away unread: it refused the stream (`REFUSED_STREAM`) or went away gracefully
+    /// before it (a `GOAWAY` without error covers only streams the server did not take, which is how a draining
+    /// server turns calls away), or the connection closed before the request was written.
+    Refused,
+    /// The server may have taken it: never resent.
+    Maybe,
+}
+
+impl Reached {
+    fn of(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut source = Some(error);
+        while let Some(e) = source {
+            if e.downcast_ref::<tonic::ConnectError>().is_some() {
+                return Self::NotConnected;
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return Self::NotConnected;
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                let graceful_go_away = h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+                let refused = graceful_go_away || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                return if refused { Self::Refused } else { Self::Maybe };
+            }
+            if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+                return Self::Refused;
+            }
+            source = e.source();
         }
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            let graceful_go_away = h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
-            return graceful_go_away || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
-            return true;
-        }
-        source = e.source();
+        Self::Maybe
     }
-    false
 }
 
 /// An error with its sources, for logs.
@@ -160,4 +234,37 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_is_read_in_every_unit() {
+        let with = |v: &'static str| {
+            let mut headers = tonic::codegen::http::HeaderMap::new();
+            headers.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(with("300S"), Some(Duration::from_secs(300)));
+        assert_eq!(with("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(with("2M"), Some(Duration::from_secs(120)));
+        assert_eq!((with("S"), with("12x"), with("")), (None, None, None));
+    }
+
+    #[test]
+    fn only_a_call_that_never_reached_a_server_is_resent() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Reached::of(&refused), Reached::NotConnected);
+        let connect = tonic::ConnectError(Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+        assert_eq!(Reached::of(&connect), Reached::NotConnected);
+        // A read that timed out or a reset after sending may have reached the server.
+        for kind in [std::io::ErrorKind::TimedOut, std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::BrokenPipe]
+        {
+            assert_eq!(Reached::of(&std::io::Error::from(kind)), Reached::Maybe, "{kind:?}");
+        }
+        assert_eq!(Reached::of(&h2::Error::from(h2::Reason::REFUSED_STREAM)), Reached::Refused);
+        assert_eq!(Reached::of(&h2::Error::from(h2::Reason::INTERNAL_ERROR)), Reached::Maybe);
+    }
 }

@@ -179,6 +179,9 @@ impl EmbeddedBackend {
             if record.messages.len() + messages.len() > limits.session_messages as usize {
                 return Err(limits.too_many_messages(&record.id));
             }
+            if crate::text_bytes(record.messages.iter().map(|m| m.content.as_str())) >= limits.session_bytes {
+                return Err(limits.too_many_bytes(&record.id));
+            }
             record.messages.extend(messages);
             record.message_count = record.messages.len() as u32;
             Ok(())
@@ -390,8 +393,11 @@ mod tests {
 
     #[tokio::test]
     async fn expired_sessions_leave_every_table_and_never_list_for_another_user() {
-        let backend =
-            EmbeddedBackend::in_memory(1800, Limits { sessions_per_user: 100, session_messages: 100 }).unwrap();
+        let backend = EmbeddedBackend::in_memory(
+            1800,
+            Limits { sessions_per_user: 100, session_messages: 100, session_bytes: 1 << 20 },
+        )
+        .unwrap();
         let short = SessionSettings { ttl_seconds: 1, ..Default::default() };
         backend.create("gone", "alice", short.clone()).await.unwrap();
         backend.create("kept", "alice", SessionSettings::default()).await.unwrap();

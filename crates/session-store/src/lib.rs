@@ -60,8 +60,11 @@ impl From<Error> for tonic::Status {
 /// Opens the configured backend; fails fast when it is unreachable.
 pub async fn open_backend(config: &SessionStoreConfig) -> Result<Backend> {
     let ttl = config.session_ttl;
-    let limits =
-        Limits { sessions_per_user: config.max_sessions_per_user, session_messages: config.max_session_messages };
+    let limits = Limits {
+        sessions_per_user: config.max_sessions_per_user,
+        session_messages: config.max_session_messages,
+        session_bytes: config.max_session_bytes,
+    };
     Ok(match config.session_store_type {
         SessionStoreType::Redis => Backend::Redis(redis::RedisBackend::connect(&config.redis, ttl, limits).await?),
         SessionStoreType::Memory => Backend::Embedded(embedded::EmbeddedBackend::in_memory(ttl, limits)?),
@@ -74,6 +77,8 @@ pub async fn open_backend(config: &SessionStoreConfig) -> Result<Backend> {
 pub struct Limits {
     pub sessions_per_user: u32,
     pub session_messages: u32,
+    /// Bytes of message text: a session holding this many takes no more appends.
+    pub session_bytes: u64,
 }
 
 impl Limits {
@@ -93,6 +98,20 @@ impl Limits {
             self.session_messages
         ))
     }
+
+    fn too_many_bytes(&self, id: &str) -> Error {
+        Error::Full(format!(
+            "session {} is full: it holds {} bytes of messages or more, the most this server keeps in one session \
+             (session_store.max_session_bytes); start a new session",
+            service::shown_id(id),
+            self.session_bytes
+        ))
+    }
+}
+
+/// The bytes of message text `messages` hold, as the byte cap counts them.
+pub fn text_bytes<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64 {
+    contents.into_iter().map(|c| c.len() as u64).sum()
 }
 
 /// Serves the session store on `listener` until `shutdown` resolves.

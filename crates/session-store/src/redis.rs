@@ -32,12 +32,16 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[2])))
 return 1";
 
-/// ARGV[5]: the most messages a session may hold (-2 when the append would pass it).
+/// ARGV[5]: the most messages a session may hold (-2 when the append would pass it); ARGV[6]: the most bytes of
+/// message text (-3 when the session already holds that many), ARGV[7]: this append's bytes (kept in the
+/// session's `bytes` field); the messages from ARGV[8].
 const APPEND: &str = r"
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return -1 end
-if redis.call('LLEN', KEYS[2]) + #ARGV - 5 > tonumber(ARGV[5]) then return -2 end
+if redis.call('LLEN', KEYS[2]) + #ARGV - 7 > tonumber(ARGV[5]) then return -2 end
+if tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0') >= tonumber(ARGV[6]) then return -3 end
 local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[3]
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 8, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[7])
 redis.call('HSET', KEYS[1], 'updated_at_ms', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
@@ -232,13 +236,18 @@ impl RedisBackend {
             .arg(now_ms())
             .arg(self.ttl)
             .arg(id)
-            .arg(self.limits.session_messages);
+            .arg(self.limits.session_messages)
+            .arg(self.limits.session_bytes)
+            .arg(crate::text_bytes(messages.iter().map(|m| m.content.as_str())));
         for m in &messages {
             invocation.arg(serde_json::to_string(m).map_err(|e| Error::Storage(e.to_string()))?);
         }
         let len: i64 = invocation.invoke_async(&mut self.conn().await?).await.map_err(storage)?;
         if len == -2 {
             return Err(self.limits.too_many_messages(id));
+        }
+        if len == -3 {
+            return Err(self.limits.too_many_bytes(id));
         }
         if len < 0 {
             return Err(Error::NotFound(id.into()));

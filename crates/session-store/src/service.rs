@@ -122,6 +122,7 @@ fn to_proto(r: SessionRecord) -> Session {
         system_prompt: r.settings.system_prompt,
         ttl_seconds: r.settings.ttl_seconds,
         message_limit: 0,
+        byte_limit: 0,
     }
 }
 
@@ -168,7 +169,8 @@ impl SessionStore for SessionStoreService {
             record.messages = record.messages.into_iter().skip(r.message_offset as usize).take(limit).collect();
         }
         let mut session = to_proto(record);
-        session.message_limit = self.backend.limits().session_messages;
+        let limits = self.backend.limits();
+        (session.message_limit, session.byte_limit) = (limits.session_messages, limits.session_bytes);
         Ok(Response::new(session))
     }
 
