@@ -441,6 +441,9 @@ impl Config {
         if self.gateway.header_read_timeout == 0 {
             return bad("gateway.header_read_timeout", "must be at least 1 second");
         }
+        if !(1..=86_400).contains(&self.gateway.request_timeout) {
+            return bad("gateway.request_timeout", "must be 1 to 86400 seconds");
+        }
         if self.session_store.max_sessions_per_user == 0 {
             return bad("session_store.max_sessions_per_user", "must be at least 1");
         }

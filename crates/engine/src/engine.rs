@@ -457,8 +457,8 @@ struct Active {
     min_new: usize,
     /// Arrival order: older sequences are scheduled first and preempted last.
     arrival: u64,
-    /// When it arrived: a prompt read for too long goes ahead of shorter ones (`step`).
-    arrived: std::time::Instant,
+    /// When it was admitted to the batch: a prompt read for too long goes ahead of shorter ones (`step`).
+    admitted: std::time::Instant,
     /// Still counted against `max_waiting` (never admitted yet).
     queued: bool,
 }
@@ -527,6 +527,7 @@ impl Compute {
                 if std::mem::take(&mut a.queued) {
                     self.stats.queued.fetch_sub(1, Relaxed);
                 }
+                a.admitted = std::time::Instant::now();
                 running.push(a);
             }
             if !running.is_empty()
@@ -560,7 +561,7 @@ impl Compute {
             cache: KvCache::new(),
             prompt_tokens,
             arrival: self.arrivals,
-            arrived: std::time::Instant::now(),
+            admitted: std::time::Instant::now(),
             queued: true,
         }
     }
@@ -607,16 +608,16 @@ impl Compute {
     /// One forward pass and one sampled token for every sequence whose tokens are all in.
     fn step(&mut self, running: &mut Vec<Active>) -> Result<()> {
         // Generating sequences first (one token each), then prompt chunks, the shortest prompt first: a short
-        // request is not held behind a long one. But a prompt that has waited `STARVING` steps' time goes
-        // first, oldest first, or a long prompt would never be read while shorter ones keep coming.
+        // request is not held behind a long one. But a prompt admitted `STARVING` steps' time ago goes first,
+        // oldest first, or a long prompt would never be read while shorter ones keep coming.
         let decoding = running.iter().filter(|a| a.pending() == 1).count();
         let mut budget = self.step_budget(decoding);
-        let starving = self.max_step * STARVING;
+        let (starving, now) = (self.max_step * STARVING, std::time::Instant::now());
         let mut order: Vec<usize> = (0..running.len()).collect();
         order.sort_by_key(|&i| {
             let a = &running[i];
             let prompt = a.pending() > 1;
-            let starved = prompt && a.arrived.elapsed() > starving;
+            let starved = prompt && now.duration_since(a.admitted) > starving;
             (prompt, !starved, if starved { a.arrival as usize } else { a.pending() })
         });
         let mut take = vec![0usize; running.len()];

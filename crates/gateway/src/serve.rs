@@ -51,22 +51,28 @@ pub async fn serve(
         };
         spawn_connection(stream, peer, &app, limits, slot, Some(closed.clone()));
     }
+    // Open connections finish the request they are on, then close.
+    let _ = closing.send(true);
     // Connections the kernel already completed are served, not reset: a proxy in front may have sent them a
     // request it cannot resend elsewhere. Then the listener closes, so new connections are refused and go to
-    // another replica.
-    let listener = listener.into_std()?;
-    while let Ok((stream, peer)) = listener.accept() {
-        let Ok(Ok(slot)) = tokio::time::timeout(limits.header_read_timeout, slots.clone().acquire_owned()).await else {
-            break;
-        };
-        let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream));
-        match stream {
-            Ok(stream) => spawn_connection(stream, peer, &app, limits, slot, None),
-            Err(e) => tracing::debug!(error = %e, %peer, "cannot take a connection while stopping"),
+    // another replica. Bounded: at most `max_connections` of them, within one `header_read_timeout`.
+    match listener.into_std() {
+        Ok(listener) => {
+            let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+            for _ in 0..limits.max_connections {
+                let Ok((stream, peer)) = listener.accept() else { break };
+                let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await else {
+                    break;
+                };
+                let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream));
+                match stream {
+                    Ok(stream) => spawn_connection(stream, peer, &app, limits, slot, None),
+                    Err(e) => tracing::debug!(error = %e, %peer, "cannot take a connection while stopping"),
+                }
+            }
         }
+        Err(e) => tracing::warn!(error = %e, "cannot look for connections waiting to be accepted"),
     }
-    drop(listener);
-    let _ = closing.send(true);
     // Every connection task holds a slot: all slots back means all connections are done.
     let _ = slots.acquire_many(limits.max_connections.max(1) as u32).await;
     Ok(())

@@ -44,8 +44,9 @@ struct Replica {
     down_until: std::sync::Mutex<Option<Instant>>,
 }
 
-/// How long a replica that could not be connected to is passed over while another is up.
-const PASS_OVER: Duration = Duration::from_secs(2);
+/// How long a replica that could not be connected to is passed over while another is up: longer than a connect
+/// attempt may take, so one that drops connections silently stalls at most one call at a time.
+const PASS_OVER: Duration = Duration::from_secs(6);
 /// Attempts of a call to a single URL, and the pause before each retry.
 const SINGLE_URL_ATTEMPTS: usize = 3;
 const SINGLE_URL_PAUSE: Duration = Duration::from_millis(100);
@@ -127,21 +128,30 @@ impl Service<Request<Body>> for Replicas {
             let count = replicas.channels.len();
             let attempts = if count == 1 { SINGLE_URL_ATTEMPTS } else { count };
             let first = replicas.next.fetch_add(1, Ordering::Relaxed);
-            // Replicas in the order this call tries them: those not passed over first.
-            let mut order: Vec<&Replica> = (0..count).map(|i| &replicas.channels[(first + i) % count]).collect();
-            order.sort_by_key(|replica| replica.is_down());
+            // Replicas in the order this call tries them: those up take turns, those passed over come last.
+            let (up, down): (Vec<&Replica>, Vec<&Replica>) = replicas.channels.iter().partition(|r| !r.is_down());
+            let turn = if up.is_empty() { 0 } else { first % up.len() };
+            let order: Vec<&Replica> = up[turn..].iter().chain(&up[..turn]).chain(&down).copied().collect();
             let (head, body) = request.into_parts();
             let body = body.collect().await?.to_bytes();
             let budget = grpc_timeout(&head.headers);
             for attempt in 0..attempts {
                 let replica = order[attempt % count];
                 let mut head = head.clone();
-                if let Some(budget) = budget {
-                    let left = budget.saturating_sub(started.elapsed());
-                    head.headers.insert("grpc-timeout", format!("{}m", left.as_millis()).parse().expect("ASCII"));
+                let left = budget.map(|budget| budget.saturating_sub(started.elapsed()));
+                if let Some(left) = left {
+                    head.headers.insert("grpc-timeout", timeout_header(left));
                 }
                 let request = Request::from_parts(head, Body::new(http_body_util::Full::new(body.clone())));
-                let sent = send(&replica.channel, request).await;
+                let sent = match left {
+                    // A connection that takes long to make counts against the call's deadline too.
+                    Some(left) => {
+                        tokio::time::timeout(left, send(&replica.channel, request)).await.unwrap_or_else(|_| {
+                            Err(Box::new(tonic::Status::deadline_exceeded("no replica answered in time")) as BoxError)
+                        })
+                    }
+                    None => send(&replica.channel, request).await,
+                };
                 let error = match sent {
                     Ok(response) => {
                         replica.mark(false);
@@ -167,6 +177,15 @@ impl Service<Request<Body>> for Replicas {
 
 async fn send(channel: &Channel, request: Request<Body>) -> Result<Response<Body>, BoxError> {
     Ok(channel.clone().ready().await?.call(request).await?)
+}
+
+/// `grpc-timeout` for `left`: whole milliseconds rounded up, or seconds where milliseconds would take more than
+/// the eight digits the header allows.
+fn timeout_header(left: Duration) -> tonic::codegen::http::HeaderValue {
+    let millis = left.as_nanos().div_ceil(1_000_000);
+    let value =
+        if millis < 100_000_000 { format!("{millis}m") } else { format!("{}S", left.as_secs().min(99_999_999)) };
+    value.parse().expect("digits and a unit")
 }
 
 /// A call's `grpc-timeout`, its whole time budget.
@@ -212,7 +231,8 @@ impl Reached {
             }
             if let Some(h2) = e.downcast_ref::<h2::Error>() {
                 let graceful_go_away = h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
-                let refused = graceful_go_away || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                let refused_stream = h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                let refused = graceful_go_away || refused_stream;
                 return if refused { Self::Refused } else { Self::Maybe };
             }
             if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
@@ -251,6 +271,10 @@ mod tests {
         assert_eq!(with("1500m"), Some(Duration::from_millis(1500)));
         assert_eq!(with("2M"), Some(Duration::from_secs(120)));
         assert_eq!((with("S"), with("12x"), with("")), (None, None, None));
+        let header = |d: Duration| timeout_header(d).to_str().unwrap().to_owned();
+        assert_eq!(header(Duration::from_micros(1500)), "2m", "rounded up, never 0 while time is left");
+        assert_eq!(header(Duration::from_secs(300)), "300000m");
+        assert_eq!(header(Duration::from_secs(200_000)), "200000S", "eight digits at most");
     }
 
     #[test]
@@ -264,7 +288,8 @@ mod tests {
         {
             assert_eq!(Reached::of(&std::io::Error::from(kind)), Reached::Maybe, "{kind:?}");
         }
-        assert_eq!(Reached::of(&h2::Error::from(h2::Reason::REFUSED_STREAM)), Reached::Refused);
+        // Only the server's own reset of the stream counts, not the reason alone.
+        assert_eq!(Reached::of(&h2::Error::from(h2::Reason::REFUSED_STREAM)), Reached::Maybe);
         assert_eq!(Reached::of(&h2::Error::from(h2::Reason::INTERNAL_ERROR)), Reached::Maybe);
     }
 }
