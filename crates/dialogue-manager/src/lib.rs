@@ -90,7 +90,7 @@ impl Dialogue for DialogueService {
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         self.waiting.admit()?;
-        let budget = turn::grpc_timeout(request.metadata());
+        let budget = moltbot_proto::grpc_timeout::read(request.metadata().as_ref());
         let turn = turn::Turn::prepare(self.clone(), request.into_inner(), budget).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(turn.run(tx));

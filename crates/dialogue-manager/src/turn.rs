@@ -20,22 +20,6 @@ const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 /// hang-up, and a turn that times out is never taken for one whose client left.
 const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// The time a gRPC caller gives its call (`grpc-timeout`: digits and a unit, H M S m u n).
-pub(crate) fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
-        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
-        "S" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_millis(n),
-        "u" => std::time::Duration::from_micros(n),
-        "n" => std::time::Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 pub struct Turn {
     service: DialogueService,
     request_id: String,
@@ -462,22 +446,6 @@ mod tests {
 
     fn roles_and_tokens(messages: &[ChatMessage]) -> Vec<(String, u32)> {
         messages.iter().map(|m| (m.role.clone(), m.tokens)).collect()
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_in_every_unit() {
-        use std::time::Duration;
-        let parse = |value: &str| {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            metadata.insert("grpc-timeout", value.parse().unwrap());
-            super::grpc_timeout(&metadata)
-        };
-        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse("300S"), Some(Duration::from_secs(300)));
-        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
-        assert_eq!(parse("S"), None);
-        assert_eq!(parse("10x"), None);
     }
 
     #[test]

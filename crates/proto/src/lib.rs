@@ -35,6 +35,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub use prost::{DecodeError, Message};
 
 mod error;
+pub mod grpc_timeout;
 pub mod replicas;
 pub mod server;
 

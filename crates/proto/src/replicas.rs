@@ -134,24 +134,20 @@ impl Service<Request<Body>> for Replicas {
             let order: Vec<&Replica> = up[turn..].iter().chain(&up[..turn]).chain(&down).copied().collect();
             let (head, body) = request.into_parts();
             let body = body.collect().await?.to_bytes();
-            let budget = grpc_timeout(&head.headers);
+            let budget = crate::grpc_timeout::read(&head.headers);
             for attempt in 0..attempts {
                 let replica = order[attempt % count];
                 let mut head = head.clone();
                 let left = budget.map(|budget| budget.saturating_sub(started.elapsed()));
                 if let Some(left) = left {
-                    head.headers.insert("grpc-timeout", timeout_header(left));
+                    head.headers.insert(crate::grpc_timeout::HEADER, crate::grpc_timeout::value(left));
                 }
                 let request = Request::from_parts(head, Body::new(http_body_util::Full::new(body.clone())));
-                let sent = match left {
-                    // A connection that takes long to make counts against the call's deadline too.
-                    Some(left) => {
-                        tokio::time::timeout(left, send(&replica.channel, request)).await.unwrap_or_else(|_| {
-                            Err(Box::new(tonic::Status::deadline_exceeded("no replica answered in time")) as BoxError)
-                        })
-                    }
-                    None => send(&replica.channel, request).await,
-                };
+                // A connection that takes long to make counts against the call's deadline too.
+                let limit = left.unwrap_or(Duration::MAX);
+                let sent = tokio::time::timeout(limit, send(&replica.channel, request)).await.unwrap_or_else(|_| {
+                    Err(Box::new(tonic::Status::deadline_exceeded("no replica answered in time")) as BoxError)
+                });
                 let error = match sent {
                     Ok(response) => {
                         replica.mark(false);
@@ -177,31 +173,6 @@ impl Service<Request<Body>> for Replicas {
 
 async fn send(channel: &Channel, request: Request<Body>) -> Result<Response<Body>, BoxError> {
     Ok(channel.clone().ready().await?.call(request).await?)
-}
-
-/// `grpc-timeout` for `left`: whole milliseconds rounded up, or seconds where milliseconds would take more than
-/// the eight digits the header allows.
-fn timeout_header(left: Duration) -> tonic::codegen::http::HeaderValue {
-    let millis = left.as_nanos().div_ceil(1_000_000);
-    let value =
-        if millis < 100_000_000 { format!("{millis}m") } else { format!("{}S", left.as_secs().min(99_999_999)) };
-    value.parse().expect("digits and a unit")
-}
-
-/// A call's `grpc-timeout`, its whole time budget.
-fn grpc_timeout(headers: &tonic::codegen::http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = amount.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
 }
 
 /// How far a failed call got.
@@ -259,23 +230,6 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_deadline_is_read_in_every_unit() {
-        let with = |v: &'static str| {
-            let mut headers = tonic::codegen::http::HeaderMap::new();
-            headers.insert("grpc-timeout", v.parse().unwrap());
-            grpc_timeout(&headers)
-        };
-        assert_eq!(with("300S"), Some(Duration::from_secs(300)));
-        assert_eq!(with("1500m"), Some(Duration::from_millis(1500)));
-        assert_eq!(with("2M"), Some(Duration::from_secs(120)));
-        assert_eq!((with("S"), with("12x"), with("")), (None, None, None));
-        let header = |d: Duration| timeout_header(d).to_str().unwrap().to_owned();
-        assert_eq!(header(Duration::from_micros(1500)), "2m", "rounded up, never 0 while time is left");
-        assert_eq!(header(Duration::from_secs(300)), "300000m");
-        assert_eq!(header(Duration::from_secs(200_000)), "200000S", "eight digits at most");
-    }
 
     #[test]
     fn only_a_call_that_never_reached_a_server_is_resent() {

@@ -110,7 +110,7 @@ impl Limits {
 }
 
 /// The bytes of message text `messages` hold, as the byte cap counts them.
-pub fn text_bytes<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64 {
+pub(crate) fn text_bytes<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64 {
     contents.into_iter().map(|c| c.len() as u64).sum()
 }
 
