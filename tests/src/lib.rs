@@ -421,6 +421,15 @@ struct Running {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+impl Running {
+    /// Waits for the service to end after its stop; any error fails the test. Returns its role.
+    async fn stopped(self) -> Role {
+        let result = self.task.await.expect("service task");
+        result.unwrap_or_else(|e| panic!("{:?} stops cleanly: {e:#}", self.role));
+        self.role
+    }
+}
+
 /// The distributed shape in one test process: every service its own server on its own port, the
 /// session-store on a real Redis, workers pulling from a real NATS JetStream. With replicas, each service
 /// runs more than once, clients reach the gateways through a real Nginx, and the gateways and
@@ -560,7 +569,7 @@ impl Cluster {
         let service = self.services.remove(at);
         let started = Instant::now();
         service.stop.cancel();
-        service.task.await.expect("service task").unwrap_or_else(|e| panic!("{:?} stops cleanly: {e:#}", service.role));
+        let role = service.stopped().await;
         let drained = started.elapsed();
         let deadline = Instant::now() + Duration::from_secs(10);
         let listener = loop {
@@ -570,7 +579,7 @@ impl Cluster {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        self.launch(service.role, listener).await;
+        self.launch(role, listener).await;
         drained
     }
 
@@ -607,11 +616,7 @@ impl Cluster {
             service.stop.cancel();
         }
         for service in self.services {
-            service
-                .task
-                .await
-                .expect("service task")
-                .unwrap_or_else(|e| panic!("{:?} stops cleanly: {e:#}", service.role));
+            service.stopped().await;
         }
     }
 }
