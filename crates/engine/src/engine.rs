@@ -59,6 +59,9 @@ pub struct EngineConfig {
     /// The most prompt tokens a request may have, below the context window: a chat loses its oldest turns to fit
     /// it, and one whose newest message alone does not is refused (`Error::PromptOverCap`). Unset: the window.
     pub max_prompt_tokens: Option<usize>,
+    /// Keeps the KV blocks of finished sequences for reuse by later requests that start with the same tokens
+    /// (a conversation's next turn, a shared system prompt).
+    pub prefix_caching: bool,
 }
 
 /// How big the KV-cache pool is.
@@ -78,6 +81,14 @@ pub struct EngineStats {
     pub waiting: usize,
     /// Sequences evicted from the batch (and later recomputed) because the KV cache ran out, since start.
     pub preemptions: u64,
+    /// Of the free blocks, those holding a cached prefix (reusable until evicted).
+    pub kv_blocks_cached: usize,
+    /// Prompt tokens looked up in the prefix cache on admission, since start.
+    pub prefix_lookup_tokens: u64,
+    /// Of those, tokens whose keys and values were reused instead of computed.
+    pub prefix_hit_tokens: u64,
+    /// Cached blocks evicted to make room, since start.
+    pub prefix_evictions: u64,
 }
 
 #[derive(Default)]
@@ -87,6 +98,10 @@ struct SharedStats {
     running: AtomicUsize,
     waiting: AtomicUsize,
     preemptions: AtomicU64,
+    kv_blocks_cached: AtomicUsize,
+    prefix_lookup_tokens: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
+    prefix_evictions: AtomicU64,
     /// Submitted requests not yet admitted to the batch for the first time.
     queued: AtomicUsize,
 }
@@ -106,10 +121,12 @@ impl EngineConfig {
             kv_cache: KvBudget::Bytes(1 << 30),
             max_waiting: 1024,
             max_prompt_tokens: None,
+            prefix_caching: true,
         }
     }
 }
 
+#[derive(Debug, Clone)]
 pub enum Prompt {
     /// Used as is.
     Text(String),
@@ -236,7 +253,7 @@ impl Engine {
         if context_length < 2 {
             return Err(load_err(&"the KV cache is too small for even one block; raise its budget"));
         }
-        let pool = KvPool::new(&model.config, blocks);
+        let pool = KvPool::new(&model.config, blocks, config.prefix_caching);
         let stats = Arc::new(SharedStats::default());
         stats.kv_blocks_total.store(blocks, Relaxed);
         stats.kv_blocks_free.store(blocks, Relaxed);
@@ -329,6 +346,10 @@ impl Engine {
             running: s.running.load(Relaxed),
             waiting: s.waiting.load(Relaxed),
             preemptions: s.preemptions.load(Relaxed),
+            kv_blocks_cached: s.kv_blocks_cached.load(Relaxed),
+            prefix_lookup_tokens: s.prefix_lookup_tokens.load(Relaxed),
+            prefix_hit_tokens: s.prefix_hit_tokens.load(Relaxed),
+            prefix_evictions: s.prefix_evictions.load(Relaxed),
         }
     }
 
@@ -519,10 +540,14 @@ impl Compute {
             self.grow(&mut running, &mut waiting);
             while running.len() < self.max_batch_size {
                 let Some(front) = waiting.front_mut() else { break };
-                let needed = front.tokens.len();
-                if !front.cache.reserve(&mut self.pool, needed) {
+                // Cached blocks of the same prefix are taken first; only the rest is computed.
+                let reused = front.cache.reuse_prefix(&mut self.pool, &front.tokens);
+                let pending = front.pending();
+                if !front.cache.reserve(&mut self.pool, pending) {
+                    front.cache.release(&mut self.pool);
                     break;
                 }
+                self.pool.record_lookup(front.tokens.len(), reused);
                 let mut a = waiting.pop_front().expect("the front exists");
                 if std::mem::take(&mut a.queued) {
                     self.stats.queued.fetch_sub(1, Relaxed);
@@ -539,11 +564,21 @@ impl Compute {
                     let _ = a.events.send(GenerationEvent::Failed(e.to_string()));
                 }
             }
-            self.stats.kv_blocks_free.store(self.pool.free_blocks(), Relaxed);
+            self.publish();
             self.stats.running.store(running.len(), Relaxed);
             self.stats.waiting.store(waiting.len(), Relaxed);
         }
         tracing::debug!("engine compute thread stopped");
+    }
+
+    /// The scheduler's state for `Engine::stats`.
+    fn publish(&self) {
+        let (s, counters) = (&self.stats, self.pool.counters());
+        s.kv_blocks_free.store(self.pool.free_blocks(), Relaxed);
+        s.kv_blocks_cached.store(self.pool.cached_blocks(), Relaxed);
+        s.prefix_lookup_tokens.store(counters.lookup_tokens, Relaxed);
+        s.prefix_hit_tokens.store(counters.hit_tokens, Relaxed);
+        s.prefix_evictions.store(counters.evictions, Relaxed);
     }
 
     fn accept(&mut self, job: Job) -> Active {
@@ -642,6 +677,10 @@ impl Compute {
             .collect();
         let logits = self.model.forward(&mut self.pool, &mut steps)?;
         drop(steps);
+        for &(i, _) in &fed {
+            let a = &mut running[i];
+            a.cache.register_full(&mut self.pool, &a.tokens);
+        }
         let cost = started.elapsed().as_secs_f64() / fed_tokens.max(1) as f64;
         self.secs_per_token = Some(self.secs_per_token.map_or(cost, |avg| 0.8 * avg + 0.2 * cost));
         let mut logits = logits.into_iter();

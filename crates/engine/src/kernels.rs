@@ -148,6 +148,36 @@ impl Matrix {
     }
 }
 
+/// Stores floats as f16 (the KV cache), in hardware where the CPU converts.
+pub fn to_f16(src: &[f32], dst: &mut [f16]) {
+    use half::slice::HalfFloatSliceExt;
+    dst.convert_from_f32_slice(src);
+}
+
+/// `Σ a[i] · b[i]` for f32 `a` and f16 `b` (a query against a cached key).
+pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    match simd::level() {
+        // SAFETY: both levels imply AVX2, FMA and F16C, detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::f16::dot(a, b) },
+        #[allow(unreachable_patterns)]
+        _ => scalar::dot_f16(a, b),
+    }
+}
+
+/// `out[i] += w · v[i]` for f16 `v` (a weighted cached value).
+pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    debug_assert_eq!(out.len(), v.len());
+    match simd::level() {
+        // SAFETY: both levels imply AVX2, FMA and F16C, detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::f16::axpy(out, w, v) },
+        #[allow(unreachable_patterns)]
+        _ => scalar::axpy_f16(out, w, v),
+    }
+}
+
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
@@ -167,6 +197,25 @@ mod scalar {
         let blocks = x.cols / QK;
         for (t, o) in out.iter_mut().enumerate() {
             *o = (0..blocks).map(|b| block_dot(&row[b * block_bytes..][..block_bytes], t * blocks + b)).sum();
+        }
+    }
+
+    /// Eight partial sums, so the compiler vectorizes it.
+    pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y.to_f32()).sum();
+        for (x, y) in ac.zip(bc) {
+            for i in 0..8 {
+                acc[i] += x[i] * y[i].to_f32();
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += w * v.to_f32();
         }
     }
 
@@ -283,7 +332,7 @@ mod simd {
     }
 
     #[cfg(target_arch = "x86_64")]
-    mod x86 {
+    pub(super) mod x86 {
         use std::arch::x86_64::*;
 
         #[inline]
@@ -397,6 +446,56 @@ mod simd {
                     }
                 }
             };
+        }
+
+/// Attention on the f16 KV cache: F16C converts eight values per instruction.
+        pub mod f16 {
+            use std::arch::x86_64::*;
+
+            use half::f16;
+
+            use super::hsum;
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn dot(a: &[f32], b: &[f16]) -> f32 {
+                let n = a.len().min(b.len());
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                while i + 16 <= n {
+                    // SAFETY: i + 16 ≤ n, the length of both slices.
+                    unsafe {
+                        let k0 = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i).cast()));
+                        let k1 = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i + 8).cast()));
+                        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), k0, acc0);
+                        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), k1, acc1);
+                    }
+                    i += 16;
+                }
+                let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+                for j in i..n {
+                    sum += a[j] * b[j].to_f32();
+                }
+                sum
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn axpy(out: &mut [f32], w: f32, v: &[f16]) {
+                let n = out.len().min(v.len());
+                let wv = _mm256_set1_ps(w);
+                let mut i = 0;
+                while i + 8 <= n {
+                    // SAFETY: i + 8 ≤ n, the length of both slices.
+                    unsafe {
+                        let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
+                        let o = out.as_mut_ptr().add(i);
+                        _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(o)));
+                    }
+                    i += 8;
+                }
+                for j in i..n {
+                    out[j] += w * v[j].to_f32();
+                }
+            }
         }
 
         kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1, q8_0);
@@ -666,6 +765,26 @@ mod tests {
                 [(1, 1, 32), (1, 37, 64), (3, 17, 96), (4, 16, 576), (5, 33, 576), (16, 40, 1536), (64, 8, 64)]
             {
                 check(kind, rows, n, k);
+            }
+        }
+    }
+
+    #[test]
+    fn f16_attention_helpers_match_the_portable_path() {
+        for n in [1, 7, 16, 64, 100] {
+            let (a, b) = (noise(n, 4), noise(n, 5));
+            let mut b16 = vec![f16::ZERO; n];
+            to_f16(&b, &mut b16);
+            let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            let (got, portable) = (dot_f16(&a, &b16), scalar::dot_f16(&a, &b16));
+            // f16 keeps 11 significant bits: each product is off by at most |a·b| / 2048.
+            assert!((got - exact).abs() <= 1e-3 * n as f32, "dot {n}: {got} vs {exact}");
+            assert!((got - portable).abs() <= 1e-5 * n as f32, "dot {n}: {got} vs portable {portable}");
+            let (mut out, mut reference) = (a.clone(), a.clone());
+            axpy_f16(&mut out, 0.5, &b16);
+            scalar::axpy_f16(&mut reference, 0.5, &b16);
+            for (o, r) in out.iter().zip(&reference) {
+                assert!((o - r).abs() <= 1e-6, "axpy {n}: {o} vs portable {r}");
             }
         }
     }

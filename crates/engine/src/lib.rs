@@ -7,6 +7,7 @@ mod engine;
 mod error;
 mod gguf;
 pub mod kernels;
+pub mod kv;
 pub mod model;
 mod sampling;
 mod template;

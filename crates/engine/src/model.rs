@@ -11,9 +11,10 @@ use std::{
 use candle_core::quantized::{GgmlDType, gguf_file::Content};
 use rayon::prelude::*;
 
+pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
 use crate::{
     Error, Result,
-    kernels::{Matrix, Quantized, WeightData},
+    kernels::{Matrix, Quantized, WeightData, axpy_f16, dot_f16},
 };
 
 /// Model sizes, mirrored from the GGUF `llama.*` metadata.
@@ -66,7 +67,7 @@ impl LlamaConfig {
         })
     }
 
-    fn kv_dim(&self) -> usize {
+    pub(crate) fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
 }
@@ -92,104 +93,6 @@ pub struct Llama {
     /// cos and sin of every position × frequency, `max_positions × head_dim / 2`.
     rope: (Vec<f32>, Vec<f32>),
     max_positions: usize,
-}
-
-/// Positions per KV-cache block.
-pub const BLOCK_SIZE: usize = 16;
-
-/// The keys and values of every sequence, in fixed-size blocks from one pool whose size is set at start-up
-/// (paged attention: Kwon et al., "Efficient Memory Management for Large Language Model Serving with
-/// PagedAttention", 2023). A block holds `BLOCK_SIZE` positions of keys and values for every layer. The pool is
-/// allocated zeroed, so the operating system only commits the pages a block has used.
-pub struct KvPool {
-    data: Vec<f32>,
-    free: Vec<u32>,
-    blocks: usize,
-    n_layer: usize,
-    kv_dim: usize,
-}
-
-impl KvPool {
-    /// A pool of `blocks` blocks for `config`'s model.
-    pub fn new(config: &LlamaConfig, blocks: usize) -> Self {
-        let per_block = config.n_layer * 2 * BLOCK_SIZE * config.kv_dim();
-        // Reversed, so blocks are handed out from the start of the pool.
-        let free = (0..blocks as u32).rev().collect();
-        Self { data: vec![0f32; blocks * per_block], free, blocks, n_layer: config.n_layer, kv_dim: config.kv_dim() }
-    }
-
-    /// Bytes one block takes.
-    pub fn block_bytes(config: &LlamaConfig) -> usize {
-        config.n_layer * 2 * BLOCK_SIZE * config.kv_dim() * std::mem::size_of::<f32>()
-    }
-
-    pub fn total_blocks(&self) -> usize {
-        self.blocks
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    /// Where block `block`'s keys (`value` false) or values of layer `layer` start.
-    fn offset(&self, block: u32, layer: usize, value: bool) -> usize {
-        ((block as usize * self.n_layer + layer) * 2 + usize::from(value)) * BLOCK_SIZE * self.kv_dim
-    }
-
-    /// The `BLOCK_SIZE × kv_dim` keys or values of one block and layer.
-    fn block(&self, block: u32, layer: usize, value: bool) -> &[f32] {
-        &self.data[self.offset(block, layer, value)..][..BLOCK_SIZE * self.kv_dim]
-    }
-}
-
-/// One sequence's place in the pool: its block table and how many positions are filled.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    blocks: Vec<u32>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Positions already in the cache.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Blocks held.
-    pub fn blocks(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// Blocks needed to hold `positions` positions.
-    pub fn blocks_for(positions: usize) -> usize {
-        positions.div_ceil(BLOCK_SIZE)
-    }
-
-    /// Takes blocks from the pool until `len + n` positions fit; takes none and returns false when the pool
-    /// has too few free blocks.
-    pub fn reserve(&mut self, pool: &mut KvPool, n: usize) -> bool {
-        let missing = Self::blocks_for(self.len + n).saturating_sub(self.blocks.len());
-        if missing > pool.free.len() {
-            return false;
-        }
-        let from = pool.free.len() - missing;
-        self.blocks.extend(pool.free.drain(from..).rev());
-        true
-    }
-
-    /// Gives every block back to the pool and empties the cache.
-    pub fn release(&mut self, pool: &mut KvPool) {
-        pool.free.extend(self.blocks.drain(..).rev());
-        self.len = 0;
-    }
 }
 
 /// One sequence's part of a step: new tokens (a prompt chunk, or one decode token) and its cache.
@@ -331,11 +234,7 @@ impl Llama {
             // rows. Every (row, head) pair is one parallel task.
             for (r, (kr, vr)) in k.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim)).enumerate() {
                 let table = &steps[owner[r]].cache.blocks;
-                let (block, slot) = (table[pos[r] / BLOCK_SIZE], pos[r] % BLOCK_SIZE);
-                let at = pool.offset(block, l, false) + slot * kv_dim;
-                pool.data[at..at + kv_dim].copy_from_slice(kr);
-                let at = pool.offset(block, l, true) + slot * kv_dim;
-                pool.data[at..at + kv_dim].copy_from_slice(vr);
+                pool.write(table[pos[r] / BLOCK_SIZE], pos[r] % BLOCK_SIZE, l, kr, vr);
             }
             let pool = &*pool;
             let hd = c.head_dim;
@@ -402,7 +301,7 @@ impl Llama {
             let keys = pool.block(block, layer, false);
             let n = (visible - b * BLOCK_SIZE).min(BLOCK_SIZE);
             for (j, s) in scores[b * BLOCK_SIZE..][..n].iter_mut().enumerate() {
-                *s = dot(q, &keys[j * kv_dim + kv..][..hd]) * scale;
+                *s = dot_f16(q, &keys[j * kv_dim + kv..][..hd]) * scale;
             }
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -416,26 +315,10 @@ impl Llama {
             let values = pool.block(block, layer, true);
             let n = (visible - b * BLOCK_SIZE).min(BLOCK_SIZE);
             for (j, s) in scores[b * BLOCK_SIZE..][..n].iter().enumerate() {
-                let w = s / total;
-                for (o, v) in out.iter_mut().zip(&values[j * kv_dim + kv..][..hd]) {
-                    *o += w * v;
-                }
+                axpy_f16(out, s / total, &values[j * kv_dim + kv..][..hd]);
             }
         }
     }
-}
-
-/// A dot product the compiler vectorizes: eight independent partial sums.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {

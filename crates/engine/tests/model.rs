@@ -181,9 +181,11 @@ fn mixed_prompts() -> Vec<Prompt> {
 
 type Answer = (String, FinishReason, moltbot_engine::Usage);
 
-/// Greedy answers to `mixed_prompts`, one request at a time on an unconstrained engine.
+/// Greedy answers to `mixed_prompts`, one request at a time on an unconstrained engine that computes every
+/// prompt in full (no prefix cache).
 async fn one_at_a_time(sampling: &SamplingParams) -> Vec<Answer> {
-    let single = Engine::load(EngineConfig { max_batch_size: 1, ..EngineConfig::new(model_path()) }).unwrap();
+    let single = Engine::load(EngineConfig { max_batch_size: 1, prefix_caching: false, ..EngineConfig::new(model_path()) })
+        .unwrap();
     let mut answers = vec![];
     for prompt in mixed_prompts() {
         let g = single.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap();
@@ -237,6 +239,64 @@ async fn preemption_under_a_tiny_kv_budget_finishes_every_sequence_correctly() {
     let stats = tight.stats();
     assert!(stats.preemptions > 0, "the pool was never short: {stats:?}");
     assert_eq!(stats.kv_blocks_free, stats.kv_blocks_total, "finished sequences hold no blocks: {stats:?}");
+}
+
+async fn answer(engine: &Engine, prompt: Prompt, sampling: &SamplingParams) -> Answer {
+    engine.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap().collect().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_cache_hit_gives_the_same_output_as_no_hit() {
+    let cached = Engine::load(EngineConfig::new(model_path())).unwrap();
+    let uncached = Engine::load(EngineConfig { prefix_caching: false, ..EngineConfig::new(model_path()) }).unwrap();
+    let sampling = greedy(24);
+    // A conversation whose client resends its history, behind a system prompt two users share.
+    let system = ChatMessage::new("system", "You are a helpful assistant. Answer briefly and precisely. ".repeat(3));
+    for user in ["Ann", "Bob"] {
+        let mut messages = vec![system.clone()];
+        let mut last_prompt = 0;
+        for question in ["What is the capital of France?", "And of Italy?", "Which of the two is larger?"] {
+            messages.push(ChatMessage::new("user", format!("I am {user}. {question}")));
+            let before = cached.stats();
+            let got = answer(&cached, Prompt::Chat(messages.clone()), &sampling).await;
+            let want = answer(&uncached, Prompt::Chat(messages.clone()), &sampling).await;
+            assert_eq!(got, want, "{user}, turn {}: a cache hit changed the answer", messages.len() / 2);
+            let hit = cached.stats().prefix_hit_tokens - before.prefix_hit_tokens;
+            // The last turn's whole blocks are reused (the tokens where its answer joins may differ when the
+            // answer's text is tokenized again); the first turn shares the system prompt with the other user.
+            let expected = if last_prompt > 0 { last_prompt } else if user == "Bob" { 48 } else { 0 };
+            assert!(hit as usize + 32 >= expected, "{user}: {hit} tokens reused, expected about {expected}");
+            last_prompt = got.2.prompt_tokens as usize;
+            messages.push(ChatMessage::new("assistant", got.0));
+        }
+    }
+    let stats = cached.stats();
+    assert!(stats.kv_blocks_cached > 0 && stats.prefix_evictions == 0, "{stats:?}");
+    assert_eq!(uncached.stats().prefix_hit_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_sequence_reuses_its_own_cached_blocks() {
+    // Ten blocks: the older sequence alone needs nine by its end, so the newer one is preempted; its blocks stay
+    // cached, the deepest evicted first, and it comes back on what is left of them. Distinct raw-text prompts
+    // share no block, so every reused token is the preempted sequence's own.
+    let config = EngineConfig { max_batch_size: 2, kv_cache: KvBudget::Blocks(10), ..EngineConfig::new(model_path()) };
+    let tight = Engine::load(config).unwrap();
+    // Both generate 120 tokens: by the time the pool runs dry, the newer holds a block more than the older.
+    let long = SamplingParams { min_tokens: 120, ..greedy(120) };
+    let older = Prompt::Text("Once upon a time, in a quiet village by the sea,".into());
+    let newer = Prompt::Text("The history of the printing press begins in the fifteenth century, when".repeat(2));
+    let reference = Engine::load(EngineConfig { prefix_caching: false, ..EngineConfig::new(model_path()) }).unwrap();
+    let want = (answer(&reference, older.clone(), &long).await, answer(&reference, newer.clone(), &long).await);
+    let runs = (
+        tight.submit(GenerationRequest { prompt: older, sampling: long.clone() }).unwrap().collect(),
+        tight.submit(GenerationRequest { prompt: newer, sampling: long }).unwrap().collect(),
+    );
+    let got = (runs.0.await.unwrap(), runs.1.await.unwrap());
+    assert_eq!(got, want, "preemption and reuse changed an answer");
+    let stats = tight.stats();
+    assert!(stats.preemptions > 0, "the pool was never short: {stats:?}");
+    assert!(stats.prefix_hit_tokens >= 16, "the preempted sequence recomputed everything: {stats:?}");
 }
 
 /// Waits until the scheduler's stats (published after each step) satisfy `done`.
@@ -293,7 +353,7 @@ fn logits_match_candle_quantized_llama() {
     let ours = Llama::load(&content, &mut file, 512).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
 
-    let mut pool = KvPool::new(&ours.config, 512 / moltbot_engine::model::BLOCK_SIZE);
+    let mut pool = KvPool::new(&ours.config, 512 / moltbot_engine::model::BLOCK_SIZE, false);
     let mut cache = KvCache::new();
     let mut tokens = ids.clone();
     let mut position = 0;

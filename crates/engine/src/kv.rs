@@ -1,0 +1,392 @@
+//! The paged KV cache (Kwon et al., "Efficient Memory Management for Large Language Model Serving with
+//! PagedAttention", 2023) with prefix caching (vLLM's automatic prefix caching; SGLang's RadixAttention keeps the
+//! same idea in a tree).
+//!
+//! Keys and values live in fixed blocks of `BLOCK_SIZE` positions from one pool sized at start-up, stored as f16
+//! (half the bytes of f32; attention converts on the fly). A sequence holds a block table (`KvCache`). A block
+//! whose positions are all written is *registered* under a hash of its tokens and of every token before it, so the
+//! key names the block's whole prefix. When a sequence leaves, its registered blocks stay in the pool as cache;
+//! a new sequence whose prompt starts with the same tokens takes those blocks instead of computing them again
+//! (the keys and values of a position depend only on the tokens up to it, so the result is the same to the bit).
+//! Blocks no sequence uses are evicted least recently used first when the pool needs room; a block in use is
+//! never evicted.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
+};
+
+use half::f16;
+
+use crate::model::LlamaConfig;
+
+/// Positions per KV-cache block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// What identifies a registered block: the hash of its prefix, checked against the tokens themselves and the
+/// parent's hash, so that a hash collision cannot hand a sequence someone else's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BlockKey {
+    hash: u64,
+    parent: u64,
+    tokens: [u32; BLOCK_SIZE],
+}
+
+impl BlockKey {
+    fn new(parent: u64, tokens: &[u32]) -> Self {
+        let tokens: [u32; BLOCK_SIZE] = tokens.try_into().expect("a whole block of tokens");
+        // SipHash with fixed keys: the same prefix gets the same hash in every run.
+        #[allow(deprecated)]
+        let mut hasher = std::hash::SipHasher::new_with_keys(0x6d6f_6c74_626f_74, 0x6b76_2d70_7265_6678);
+        parent.hash(&mut hasher);
+        tokens.hash(&mut hasher);
+        Self { hash: hasher.finish(), parent, tokens }
+    }
+}
+
+/// Prefix-cache counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounters {
+    /// Prompt tokens looked up in the cache on admission (a preempted sequence's tokens count again).
+    pub lookup_tokens: u64,
+    /// Of those, tokens whose keys and values came from the cache instead of being computed.
+    pub hit_tokens: u64,
+    /// Cached blocks dropped to make room.
+    pub evictions: u64,
+}
+
+/// The keys and values of every sequence.
+pub struct KvPool {
+    data: Vec<f16>,
+    blocks: usize,
+    n_layer: usize,
+    kv_dim: usize,
+    /// Blocks holding nothing anyone can reuse.
+    free: Vec<u32>,
+    /// Sequences using each block.
+    refs: Vec<u32>,
+    /// The key of each registered block.
+    keys: Vec<Option<BlockKey>>,
+    /// Registered blocks by hash.
+    cached: HashMap<u64, u32>,
+    /// Registered blocks no sequence uses, by when they were last let go: the first is evicted first.
+    unused: BTreeMap<u64, u32>,
+    /// Each unused registered block's place in `unused`.
+    released_at: Vec<u64>,
+    clock: u64,
+    caching: bool,
+    counters: CacheCounters,
+}
+
+impl KvPool {
+    /// A pool of `blocks` blocks for `config`'s model; `caching` keeps finished sequences' blocks for reuse.
+    pub fn new(config: &LlamaConfig, blocks: usize, caching: bool) -> Self {
+        let kv_dim = config.kv_dim();
+        // Reversed, so blocks are handed out from the start of the pool. The data is zeroed, so the operating
+        // system commits only the pages a block has used.
+        let free = (0..blocks as u32).rev().collect();
+        Self {
+            data: vec![f16::ZERO; blocks * config.n_layer * 2 * BLOCK_SIZE * kv_dim],
+            blocks,
+            n_layer: config.n_layer,
+            kv_dim,
+            free,
+            refs: vec![0; blocks],
+            keys: vec![None; blocks],
+            cached: HashMap::new(),
+            unused: BTreeMap::new(),
+            released_at: vec![0; blocks],
+            clock: 0,
+            caching,
+            counters: CacheCounters::default(),
+        }
+    }
+
+    /// Bytes one block takes.
+    pub fn block_bytes(config: &LlamaConfig) -> usize {
+        config.n_layer * 2 * BLOCK_SIZE * config.kv_dim() * std::mem::size_of::<f16>()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Blocks a sequence can take now: free ones and cached ones no sequence uses.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len() + self.unused.len()
+    }
+
+    /// Cached blocks no sequence uses (reusable, and evictable when room is needed).
+    pub fn cached_blocks(&self) -> usize {
+        self.unused.len()
+    }
+
+    pub fn counters(&self) -> CacheCounters {
+        self.counters
+    }
+
+    /// Where block `block`'s keys (`value` false) or values of layer `layer` start.
+    fn offset(&self, block: u32, layer: usize, value: bool) -> usize {
+        ((block as usize * self.n_layer + layer) * 2 + usize::from(value)) * BLOCK_SIZE * self.kv_dim
+    }
+
+    /// The `BLOCK_SIZE × kv_dim` keys or values of one block and layer.
+    pub(crate) fn block(&self, block: u32, layer: usize, value: bool) -> &[f16] {
+        &self.data[self.offset(block, layer, value)..][..BLOCK_SIZE * self.kv_dim]
+    }
+
+    /// Stores one position's keys and values.
+    pub(crate) fn write(&mut self, block: u32, slot: usize, layer: usize, keys: &[f32], values: &[f32]) {
+        for (value, src) in [(false, keys), (true, values)] {
+            let at = self.offset(block, layer, value) + slot * self.kv_dim;
+            crate::kernels::to_f16(src, &mut self.data[at..at + self.kv_dim]);
+        }
+    }
+
+    /// A block for a sequence: a free one, else the least recently used cached one, which is evicted.
+    fn take(&mut self) -> Option<u32> {
+        let block = match self.free.pop() {
+            Some(block) => block,
+            None => {
+                let (_, block) = self.unused.pop_first()?;
+                let key = self.keys[block as usize].take().expect("an unused cached block has a key");
+                self.cached.remove(&key.hash);
+                self.counters.evictions += 1;
+                block
+            }
+        };
+        self.refs[block as usize] = 1;
+        Some(block)
+    }
+
+    /// One more sequence uses a registered block.
+    fn share(&mut self, block: u32) {
+        let refs = &mut self.refs[block as usize];
+        if *refs == 0 {
+            self.unused.remove(&self.released_at[block as usize]);
+        }
+        *refs += 1;
+    }
+
+    /// A sequence lets a block go: a registered one stays cached, anything else is free again.
+    fn put(&mut self, block: u32) {
+        let refs = &mut self.refs[block as usize];
+        *refs -= 1;
+        if *refs > 0 {
+            return;
+        }
+        if self.keys[block as usize].is_some() {
+            self.clock += 1;
+            self.released_at[block as usize] = self.clock;
+            self.unused.insert(self.clock, block);
+        } else {
+            self.free.push(block);
+        }
+    }
+
+    /// Counts an admitted sequence's lookup: `tokens` looked up, `hit` of them found.
+    pub fn record_lookup(&mut self, tokens: usize, hit: usize) {
+        self.counters.lookup_tokens += tokens as u64;
+        self.counters.hit_tokens += hit as u64;
+    }
+
+    /// The registered block with this prefix, if any.
+    fn lookup(&self, key: &BlockKey) -> Option<u32> {
+        let block = *self.cached.get(&key.hash)?;
+        (self.keys[block as usize].as_ref() == Some(key)).then_some(block)
+    }
+
+    /// Registers a block a sequence has just filled, unless the same prefix is cached already.
+    fn register(&mut self, block: u32, key: BlockKey) {
+        if self.caching && !self.cached.contains_key(&key.hash) && self.keys[block as usize].is_none() {
+            self.cached.insert(key.hash, block);
+            self.keys[block as usize] = Some(key);
+        }
+    }
+}
+
+/// One sequence's place in the pool: its block table and how many positions are filled.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    pub(crate) blocks: Vec<u32>,
+    pub(crate) len: usize,
+    /// Leading blocks whose prefix hash is known (matched on admission or registered when filled).
+    hashed: usize,
+    /// The prefix hash of the last of them.
+    last_hash: u64,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks held.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks needed to hold `positions` positions.
+    pub fn blocks_for(positions: usize) -> usize {
+        positions.div_ceil(BLOCK_SIZE)
+    }
+
+    /// Takes blocks from the pool until `len + n` positions fit; takes none and returns false when the pool
+    /// has too few blocks to give (free, or cached and unused).
+    pub fn reserve(&mut self, pool: &mut KvPool, n: usize) -> bool {
+        let missing = Self::blocks_for(self.len + n).saturating_sub(self.blocks.len());
+        if missing > pool.free_blocks() {
+            return false;
+        }
+        for _ in 0..missing {
+            let block = pool.take().expect("counted above");
+            self.blocks.push(block);
+        }
+        true
+    }
+
+    /// For an empty cache: takes every cached block that continues `tokens`' prefix, leaving at least the last
+    /// token to compute (its logits are needed). Returns the positions now in the cache.
+    pub fn reuse_prefix(&mut self, pool: &mut KvPool, tokens: &[u32]) -> usize {
+        debug_assert!(self.blocks.is_empty(), "only an empty cache reuses a prefix");
+        let whole = tokens.len().saturating_sub(1) / BLOCK_SIZE;
+        if pool.caching {
+            for chunk in tokens.chunks_exact(BLOCK_SIZE).take(whole) {
+                let key = BlockKey::new(self.last_hash, chunk);
+                let Some(block) = pool.lookup(&key) else { break };
+                pool.share(block);
+                self.blocks.push(block);
+                self.last_hash = key.hash;
+            }
+        }
+        self.hashed = self.blocks.len();
+        self.len = self.hashed * BLOCK_SIZE;
+        self.len
+    }
+
+    /// Registers the blocks that `tokens` (the sequence's tokens, of which the first `len` are in the cache) have
+    /// filled since the last call.
+    pub fn register_full(&mut self, pool: &mut KvPool, tokens: &[u32]) {
+        while self.hashed < self.len / BLOCK_SIZE {
+            let key = BlockKey::new(self.last_hash, &tokens[self.hashed * BLOCK_SIZE..][..BLOCK_SIZE]);
+            self.last_hash = key.hash;
+            pool.register(self.blocks[self.hashed], key);
+            self.hashed += 1;
+        }
+    }
+
+    /// Gives every block back to the pool and empties the cache. Registered blocks stay cached, the last of a
+    /// sequence evicted first (a prefix is only found from its start).
+    pub fn release(&mut self, pool: &mut KvPool) {
+        for block in self.blocks.drain(..).rev() {
+            pool.put(block);
+        }
+        *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LlamaConfig {
+        LlamaConfig {
+            n_layer: 2,
+            n_embd: 64,
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 32,
+            n_ff: 64,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+            vocab: 100,
+        }
+    }
+
+    /// A sequence that "computes" its tokens: blocks reserved, positions counted, full blocks registered.
+    fn fill(pool: &mut KvPool, tokens: &[u32]) -> Option<KvCache> {
+        let mut cache = KvCache::new();
+        cache.reuse_prefix(pool, tokens);
+        if !cache.reserve(pool, tokens.len() - cache.len()) {
+            cache.release(pool);
+            return None;
+        }
+        cache.len = tokens.len();
+        cache.register_full(pool, tokens);
+        Some(cache)
+    }
+
+    #[test]
+    fn a_finished_sequences_blocks_are_reused_by_the_next_with_the_same_prefix() {
+        let mut pool = KvPool::new(&config(), 8, true);
+        let prompt: Vec<u32> = (0..40).collect();
+        let mut first = fill(&mut pool, &prompt).unwrap();
+        let held: Vec<u32> = first.blocks.clone();
+        first.release(&mut pool);
+        assert_eq!(pool.free_blocks(), 8);
+        assert_eq!(pool.cached_blocks(), 2, "two whole blocks stay cached; the partial third is free");
+
+        // The same 32 tokens then something else: both whole blocks are reused.
+        let mut next: Vec<u32> = (0..32).collect();
+        next.extend([99, 98, 97]);
+        let mut cache = KvCache::new();
+        assert_eq!(cache.reuse_prefix(&mut pool, &next), 32);
+        assert_eq!(cache.blocks, held[..2]);
+        // A different first token shares nothing, though later blocks hold equal tokens.
+        let mut other = KvCache::new();
+        let shifted: Vec<u32> = std::iter::once(7).chain(1..40).collect();
+        assert_eq!(other.reuse_prefix(&mut pool, &shifted), 0);
+        // At least the last token is left to compute.
+        let mut exact = KvCache::new();
+        let exactly_two: Vec<u32> = (0..32).collect();
+        assert_eq!(exact.reuse_prefix(&mut pool, &exactly_two), 16);
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_and_never_a_block_in_use() {
+        let mut pool = KvPool::new(&config(), 4, true);
+        let a: Vec<u32> = (0..33).collect();
+        let b: Vec<u32> = (100..133).collect();
+        let mut first = fill(&mut pool, &a).unwrap();
+        first.release(&mut pool);
+        // `a`'s two whole blocks are cached; a sequence on the same prefix takes them while `b` needs three.
+        let mut reader = KvCache::new();
+        assert_eq!(reader.reuse_prefix(&mut pool, &a), 32);
+        assert!(fill(&mut pool, &b).is_none(), "two blocks are free; the two in use cannot be evicted");
+        assert_eq!(pool.counters().evictions, 0);
+        assert_eq!(reader.blocks(), 2);
+        reader.release(&mut pool);
+        // Now they are unused: `b` evicts them, the deepest first.
+        let second = fill(&mut pool, &b).unwrap();
+        assert_eq!(pool.counters().evictions, 1, "one more block was needed than the free ones");
+        let mut again = KvCache::new();
+        assert_eq!(again.reuse_prefix(&mut pool, &a), 16, "the first block of `a` outlived its second");
+        again.release(&mut pool);
+        drop(second);
+    }
+
+    #[test]
+    fn without_caching_nothing_is_kept() {
+        let mut pool = KvPool::new(&config(), 4, false);
+        let tokens: Vec<u32> = (0..40).collect();
+        fill(&mut pool, &tokens).unwrap().release(&mut pool);
+        assert_eq!(pool.cached_blocks(), 0);
+        assert_eq!(KvCache::new().reuse_prefix(&mut pool, &tokens), 0);
+    }
+
+    #[test]
+    fn f16_halves_the_bytes_of_a_position() {
+        let c = config();
+        // keys and values, every layer, two bytes each (four with f32).
+        assert_eq!(KvPool::block_bytes(&c) / BLOCK_SIZE, c.n_layer * 2 * c.kv_dim() * 2);
+    }
+}
