@@ -243,6 +243,9 @@ pub struct InferenceWorkerConfig {
     /// Prompt tokens one request may have (its history is cut to fit; a newest message alone over it gets 400);
     /// 0: the model's context window less the reply.
     pub max_prompt_tokens: usize,
+    /// Keeps finished sequences' KV blocks for later requests with the same prefix (a conversation's next turn,
+    /// a shared system prompt), so only their new tokens are computed.
+    pub prefix_caching: bool,
 }
 
 impl Default for InferenceWorkerConfig {
@@ -257,6 +260,7 @@ impl Default for InferenceWorkerConfig {
             max_waiting: 256,
             threads: 0,
             max_prompt_tokens: 0,
+            prefix_caching: true,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `Generation` cancels it. The model lives on one thread that batches every running request into each step.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     fs::File,
     path::PathBuf,
     sync::{
@@ -482,6 +482,8 @@ struct Active {
     admitted: std::time::Instant,
     /// Still counted against `max_waiting` (never admitted yet).
     queued: bool,
+    /// Prompt tokens reused from the prefix cache on first admission.
+    cached_tokens: usize,
 }
 
 impl Active {
@@ -538,23 +540,7 @@ impl Compute {
             running.retain(|a| !a.events.is_closed());
             running.sort_by_key(|a| a.arrival);
             self.grow(&mut running, &mut waiting);
-            while running.len() < self.max_batch_size {
-                let Some(front) = waiting.front_mut() else { break };
-                // Cached blocks of the same prefix are taken first; only the rest is computed.
-                let reused = front.cache.reuse_prefix(&mut self.pool, &front.tokens);
-                let pending = front.pending();
-                if !front.cache.reserve(&mut self.pool, pending) {
-                    front.cache.release(&mut self.pool);
-                    break;
-                }
-                self.pool.record_lookup(front.tokens.len(), reused);
-                let mut a = waiting.pop_front().expect("the front exists");
-                if std::mem::take(&mut a.queued) {
-                    self.stats.queued.fetch_sub(1, Relaxed);
-                }
-                a.admitted = std::time::Instant::now();
-                running.push(a);
-            }
+            self.admit(&mut running, &mut waiting);
             if !running.is_empty()
                 && let Err(e) = self.step(&mut running)
             {
@@ -569,6 +555,45 @@ impl Compute {
             self.stats.waiting.store(waiting.len(), Relaxed);
         }
         tracing::debug!("engine compute thread stopped");
+    }
+
+    /// Admits waiting requests first come, first served while the batch and the pool have room; a request takes
+    /// the cached blocks of its prefix and computes only the rest. A request whose next prompt block a running
+    /// sequence is computing right now waits for it to be cached instead of computing the same tokens beside it
+    /// (sixteen users arriving together behind one long system prompt compute it once); requests behind it may
+    /// go first meanwhile.
+    fn admit(&mut self, running: &mut Vec<Active>, waiting: &mut VecDeque<Active>) {
+        let mut in_flight: HashSet<u64> = if self.pool.caching() {
+            running.iter().flat_map(|a| a.cache.unregistered(&a.tokens)).collect()
+        } else {
+            HashSet::new()
+        };
+        let mut i = 0;
+        while running.len() < self.max_batch_size && i < waiting.len() {
+            let w = &mut waiting[i];
+            let reused = w.cache.reuse_prefix(&mut self.pool, &w.tokens);
+            if w.cache.next_block(&w.tokens).is_some_and(|hash| in_flight.contains(&hash)) {
+                w.cache.release(&mut self.pool);
+                i += 1;
+                continue;
+            }
+            let pending = w.pending();
+            if !w.cache.reserve(&mut self.pool, pending) {
+                w.cache.release(&mut self.pool);
+                break;
+            }
+            self.pool.record_lookup(w.tokens.len(), reused);
+            let mut a = waiting.remove(i).expect("an index below the length");
+            if std::mem::take(&mut a.queued) {
+                self.stats.queued.fetch_sub(1, Relaxed);
+                a.cached_tokens = reused.min(a.prompt_tokens);
+            }
+            if self.pool.caching() {
+                in_flight.extend(a.cache.unregistered(&a.tokens));
+            }
+            a.admitted = std::time::Instant::now();
+            running.push(a);
+        }
     }
 
     /// The scheduler's state for `Engine::stats`.
@@ -598,6 +623,7 @@ impl Compute {
             arrival: self.arrivals,
             admitted: std::time::Instant::now(),
             queued: true,
+            cached_tokens: 0,
         }
     }
 
@@ -697,7 +723,11 @@ impl Compute {
         for (i, reason) in finished.into_iter().rev() {
             let mut a = running.swap_remove(i);
             self.retire(&mut a);
-            let usage = Usage { prompt_tokens: a.prompt_tokens as u32, completion_tokens: a.generated() as u32 };
+            let usage = Usage {
+                prompt_tokens: a.prompt_tokens as u32,
+                completion_tokens: a.generated() as u32,
+                cached_tokens: a.cached_tokens as u32,
+            };
             let rest = a.stops.flush_owned();
             if !rest.is_empty() {
                 let _ = a.events.send(GenerationEvent::Token { text: rest, id: None });

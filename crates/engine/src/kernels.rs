@@ -448,7 +448,7 @@ mod simd {
             };
         }
 
-/// Attention on the f16 KV cache: F16C converts eight values per instruction.
+        /// Attention on the f16 KV cache: F16C converts eight values per instruction.
         pub mod f16 {
             use std::arch::x86_64::*;
 

@@ -121,6 +121,11 @@ impl KvPool {
         self.unused.len()
     }
 
+    /// Whether finished sequences' blocks are kept for reuse.
+    pub fn caching(&self) -> bool {
+        self.caching
+    }
+
     pub fn counters(&self) -> CacheCounters {
         self.counters
     }
@@ -271,6 +276,26 @@ impl KvCache {
         self.hashed = self.blocks.len();
         self.len = self.hashed * BLOCK_SIZE;
         self.len
+    }
+
+    /// The prefix hash of the block after those reused: the next whole block of `tokens` that could have come
+    /// from the cache (the last token is always computed). `None` when there is none.
+    pub fn next_block(&self, tokens: &[u32]) -> Option<u64> {
+        let at = self.hashed * BLOCK_SIZE;
+        (at + BLOCK_SIZE < tokens.len()).then(|| BlockKey::new(self.last_hash, &tokens[at..at + BLOCK_SIZE]).hash)
+    }
+
+    /// The prefix hashes of the whole blocks of `tokens` that this sequence has yet to compute and register:
+    /// what it will add to the cache.
+    pub fn unregistered(&self, tokens: &[u32]) -> Vec<u64> {
+        let mut hash = self.last_hash;
+        tokens[self.hashed * BLOCK_SIZE..]
+            .chunks_exact(BLOCK_SIZE)
+            .map(|chunk| {
+                hash = BlockKey::new(hash, chunk).hash;
+                hash
+            })
+            .collect()
     }
 
     /// Registers the blocks that `tokens` (the sequence's tokens, of which the first `len` are in the cache) have

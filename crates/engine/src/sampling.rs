@@ -80,6 +80,8 @@ pub enum FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens reused from the prefix cache when the request was first admitted.
+    pub cached_tokens: u32,
 }
 
 pub(crate) struct Sampler {

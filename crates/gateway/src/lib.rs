@@ -395,6 +395,17 @@ impl TurnStream {
     }
 }
 
+/// A turn's token counts as OpenAI writes them; `prompt_tokens_details.cached_tokens` counts the prompt tokens
+/// the prefix cache supplied.
+fn usage_json(usage: &moltbot_proto::common::v1::Usage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": usage.cached_tokens },
+    })
+}
+
 fn finish_reason(reason: i32) -> &'static str {
     use moltbot_proto::common::v1::FinishReason;
     match FinishReason::try_from(reason).unwrap_or(FinishReason::Unspecified) {

@@ -106,11 +106,7 @@ fn answer_json(
         "model": s.model,
         "message": { "role": message.role, "content": message.content },
         "finish_reason": finish_reason(f.finish_reason),
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        },
+        "usage": crate::usage_json(&usage),
     })
 }
 

@@ -77,11 +77,7 @@ pub async fn chat_completions(
                 "finish_reason": finish_reason(answer.finished.finish_reason),
                 "logprobs": null,
             }],
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            },
+            "usage": crate::usage_json(&usage),
         }))
         .into_response();
         session_header(&mut response, &answer.started.session_id);
@@ -129,11 +125,7 @@ pub async fn chat_completions(
                         let usage = f.usage.unwrap_or_default();
                         let mut last = chunk(json!({}), None);
                         last["choices"] = json!([]);
-                        last["usage"] = json!({
-                            "prompt_tokens": usage.prompt_tokens,
-                            "completion_tokens": usage.completion_tokens,
-                            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                        });
+                        last["usage"] = crate::usage_json(&usage);
                         send(last).await;
                     }
                     break;

@@ -164,7 +164,11 @@ pub async fn drive(
                         moltbot_engine::FinishReason::Length => FinishReason::Length,
                         moltbot_engine::FinishReason::Cancelled => FinishReason::Cancelled,
                     };
-                    let usage = Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens };
+                    let usage = Usage {
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                        cached_tokens: usage.cached_tokens,
+                    };
                     (event(Event::Finished(Finished { finish_reason: finish_reason.into(), usage: Some(usage) })), true)
                 }
                 Some(GenerationEvent::Failed(message)) => (error(ErrorCode::Internal, message), true),

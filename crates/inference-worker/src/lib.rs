@@ -37,6 +37,7 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
         threads: (config.inference_worker.threads > 0).then_some(config.inference_worker.threads),
         max_prompt_tokens: (config.inference_worker.max_prompt_tokens > 0)
             .then_some(config.inference_worker.max_prompt_tokens),
+        prefix_caching: config.inference_worker.prefix_caching,
         ..EngineConfig::new(provider.resolved_model_path())
     })
 }

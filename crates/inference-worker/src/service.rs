@@ -42,6 +42,10 @@ impl Inference for InferenceService {
             preemptions: stats.preemptions,
             running: stats.running as u32,
             waiting: stats.waiting as u32,
+            kv_blocks_cached: stats.kv_blocks_cached as u64,
+            prefix_lookup_tokens: stats.prefix_lookup_tokens,
+            prefix_hit_tokens: stats.prefix_hit_tokens,
+            prefix_evictions: stats.prefix_evictions,
         }))
     }
 
