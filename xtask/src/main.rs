@@ -4,7 +4,9 @@
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
 //! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
-//!   ops/s, the cost of a session per turn (release build)
+//!   ops/s, the cost of a session per turn (release build); `bench conversation`: each turn's time to first
+//!   token in a 20-turn chat with the prefix cache on and off, and 16 users behind one system prompt, beside
+//!   llama-server when `../shared/tools/build_llamacpp.sh` has built it
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 //! - `soak [--minutes 30] [--load 0.7]`: MoltBot under 70 % of its measured capacity for half an hour (release)
 //! - `fuzz [target] [seconds]`: one libFuzzer target (`fuzz/`) for a bounded time (60 s), keeping its corpus;
@@ -40,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -167,6 +169,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// `bench engine [args]`: the engine alone; `bench http [--url URL] [args]`: a running gateway
 /// (default http://127.0.0.1:8000); `bench sessions [--sessions-redis URL]`: SessionStore gRPC ops/s on a Redis
 /// (default redis://127.0.0.1:6379); `bench turns [--url URL]`: what a session adds to a turn's latency;
+/// `bench conversation`: time to first token of each turn of a 20-turn chat with prefix caching on and off, and
+/// 16 users behind one system prompt, beside llama-server when it is built;
 /// `bench gateway`: what the gateway adds to a request (MoltBot started in-process);
 /// `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
@@ -192,6 +196,16 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             forwarded.extend(["--http-only".into(), "--gateway-overhead".into(), "200".into()]);
             forwarded.extend(args[1..].iter().cloned());
         }
+        Some("conversation") => {
+            // The anchor: llama-server on the same model and threads, when it is built. It stops when this ends.
+            let anchor = llama_server()?;
+            if let Some(server) = &anchor {
+                forwarded.extend(["--anchor-url".into(), server.url.clone()]);
+            }
+            forwarded.extend(["--http-only".into(), "--conversation".into(), "20".into()]);
+            forwarded.extend(args[1..].iter().cloned());
+            return status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded));
+        }
         Some("turns") => {
             forwarded.extend(["--http-only".into(), "--mode-overhead".into(), "50".into()]);
             if !args.iter().any(|a| a == "--url") {
@@ -202,6 +216,71 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         _ => forwarded.extend(args.iter().cloned()),
     }
     status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded))
+}
+
+/// A llama-server started for a benchmark; killed when dropped.
+struct Anchor {
+    url: String,
+    child: Child,
+}
+
+impl Drop for Anchor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts llama-server (`$LLAMA_SERVER`, or where `../shared/tools/build_llamacpp.sh` puts it) on the default model
+/// with 16 slots of 2048 positions and as many threads as MoltBot uses; `None`, with a hint, when it is not built.
+fn llama_server() -> anyhow::Result<Option<Anchor>> {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let binary = std::env::var_os("LLAMA_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".cache/moltbot-anchor/llama.cpp/build/bin/llama-server"));
+    if !binary.is_file() {
+        eprintln!(
+            "bench: no llama-server at {} (build it with ../shared/tools/build_llamacpp.sh or set LLAMA_SERVER); \
+             MoltBot only",
+            binary.display()
+        );
+        return Ok(None);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let child = Command::new(&binary)
+        .arg("-m")
+        .arg(moltbot_config::default_model_path())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-t", &threads.to_string()])
+        .args(["-np", "16", "-c", "32768", "--log-disable"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let anchor = Anchor { url: format!("http://127.0.0.1:{port}"), child };
+    // Ready when /health answers 200 (503 while the model loads).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if http_status(port, "/health") == Some(200) {
+            eprintln!("bench: anchor llama-server ({}) at {}", binary.display(), anchor.url);
+            return Ok(Some(anchor));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("llama-server did not become healthy within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// The status code of a plain GET on the loopback, if anything answered.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
 /// The fuzz targets in `fuzz/fuzz_targets`.

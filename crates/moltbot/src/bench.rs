@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Instant};
 
 use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
 
+mod conversation;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// GGUF model; the default model when unset.
@@ -36,6 +38,15 @@ pub struct Args {
     /// (lock, read, save) adds to a turn.
     #[arg(long)]
     mode_overhead: Option<usize>,
+    /// Start MoltBot in this process (prefix caching on, then off) and time each turn of a conversation of this
+    /// many turns, resending the history and with a server-side session; then `concurrency` users at once behind
+    /// one long system prompt.
+    #[arg(long)]
+    conversation: Option<usize>,
+    /// With --conversation: the same conversation (history resent) and users against this OpenAI-compatible
+    /// server, e.g. a llama-server on the same model (`cargo xtask bench conversation` starts one when built).
+    #[arg(long)]
+    anchor_url: Option<String>,
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
@@ -52,6 +63,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         } else {
             http(url, &args).await?;
         }
+    }
+    if let Some(turns) = args.conversation {
+        conversation::run(turns, args.concurrency, args.anchor_url.as_deref()).await?;
     }
     if let Some(n) = args.gateway_overhead {
         gateway_overhead(n).await?;
@@ -358,34 +372,17 @@ async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
         let client = client.clone();
         let body = serde_json::json!({
             "messages": [{ "role": "user", "content": format!("Tell me a story about the number {i}.") }],
-            "max_tokens": args.tokens, "temperature": 0, "stream": true, "stream_options": { "include_usage": true },
+            "max_tokens": args.tokens, "temperature": 0,
         });
-        let url = format!("{url}/v1/chat/completions");
         async move {
-            let sent = Instant::now();
-            let mut response = client.post(url).json(&body).send().await?.error_for_status()?;
-            let (mut ttft, mut tokens, mut buffer) = (None, 0u64, String::new());
-            while let Some(chunk) = response.chunk().await? {
-                buffer.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buffer.find("\n\n") {
-                    let event: String = buffer.drain(..end + 2).collect();
-                    let Some(data) = event.strip_prefix("data: ") else { continue };
-                    let Ok(value) = serde_json::from_str::<serde_json::Value>(data.trim()) else { continue };
-                    if value["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
-                        ttft.get_or_insert_with(|| sent.elapsed());
-                    }
-                    if let Some(n) = value["usage"]["completion_tokens"].as_u64() {
-                        tokens = n;
-                    }
-                }
-            }
-            anyhow::Ok((ttft.unwrap_or_else(|| sent.elapsed()), tokens))
+            let streamed = conversation::stream_chat(&client, url, body, &[]).await?;
+            anyhow::Ok((streamed.ttft, streamed.usage["completion_tokens"].as_u64().unwrap_or(0)))
         }
     });
     let results = futures::future::join_all(chats).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let secs = start.elapsed().as_secs_f64();
     let tokens: u64 = results.iter().map(|r| r.1).sum();
-    let mut ttfts: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64()).collect();
+    let mut ttfts: Vec<f64> = results.iter().map(|r| r.0).collect();
     ttfts.sort_by(f64::total_cmp);
     let pick = |q: f64| quantile(&ttfts, q);
     println!(
