@@ -565,11 +565,8 @@ impl Cluster {
     /// Stops the service at `addr` the way SIGTERM does (it drains: running work finishes, new work goes
     /// elsewhere), then starts it again on the same port; returns how long the drain took.
     pub async fn restart(&mut self, addr: std::net::SocketAddr) -> Duration {
-        let at = self.services.iter().position(|s| s.addr == addr).expect("a running service at that address");
-        let service = self.services.remove(at);
         let started = Instant::now();
-        service.stop.cancel();
-        let role = service.stopped().await;
+        let role = self.stop_service(addr).await;
         let drained = started.elapsed();
         let deadline = Instant::now() + Duration::from_secs(10);
         let listener = loop {
@@ -581,6 +578,14 @@ impl Cluster {
         };
         self.launch(role, listener).await;
         drained
+    }
+
+    /// Stops the service at `addr` the way SIGTERM does and waits until it has drained; returns its role.
+    pub async fn stop_service(&mut self, addr: std::net::SocketAddr) -> Role {
+        let at = self.services.iter().position(|s| s.addr == addr).expect("a running service at that address");
+        let service = self.services.remove(at);
+        service.stop.cancel();
+        service.stopped().await
     }
 
     /// Each worker's model info and counters, asked over gRPC.

@@ -31,9 +31,12 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
     let ttl: i64 = conn.ttl(&key).await.unwrap();
     assert!(ttl > 0 && ttl <= 1800, "sessions expire (ttl {ttl})");
 
-    // Concurrent chats spread over both workers: each pulls only when it has a free slot.
-    let body = r#"{"messages":[{"role":"user","content":"Count to five."}],"max_tokens":12}"#;
-    let chats = (0..6).map(|_| http.post("/v1/chat/completions", &[], body));
+    // Concurrent conversations spread over both workers: each is offered to the worker it hashes to, which takes
+    // new conversations only while lightly loaded, and the rest go to the shared queue, pulled by free slots.
+    let bodies: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"messages":[{{"role":"user","content":"Count to five, chat {i}."}}],"max_tokens":12}}"#))
+        .collect();
+    let chats = bodies.iter().map(|body| http.post("/v1/chat/completions", &[], body));
     for (status, _, answer) in futures::future::join_all(chats).await {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["object"], "chat.completion");
@@ -43,6 +46,67 @@ async fn two_turns_through_redis_and_nats_with_two_workers() {
     // Finished jobs publish nothing more: no cancel for a job that ended (only abandoned ones get one).
     let cancels = remembered_cancels(&cluster).await;
     assert_eq!(cancels, 0, "{cancels} cancels were published for finished jobs");
+    cluster.stop().await;
+}
+
+/// One turn through `/v1/chat/completions`: the answer's text and its usage (prompt and cached tokens).
+async fn turn(
+    http: &moltbot_tests::Http,
+    headers: &[(&str, &str)],
+    messages: &serde_json::Value,
+) -> (String, u64, u64, String) {
+    let body = serde_json::json!({ "messages": messages, "max_tokens": 16, "temperature": 0 }).to_string();
+    let (status, response_headers, answer) = http.post("/v1/chat/completions", headers, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let session = response_headers.get("x-session-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let usage = &answer["usage"];
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    (
+        text,
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+        session,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_turns_go_to_the_worker_that_holds_its_prefix() {
+    let mut cluster = Cluster::start(2, |_| {}).await;
+    // The client resends its history, as every OpenAI client does: each turn after the first finds the previous
+    // one's prompt in its worker's cache (less the block where the answer joins, tokenized anew).
+    let mut messages = vec![serde_json::json!({ "role": "system", "content": "You are a patient maths tutor." })];
+    let mut last_prompt = 0;
+    for question in ["What is 2+2?", "And 3+3?", "And 4+4?", "And 5+5?"] {
+        messages.push(serde_json::json!({ "role": "user", "content": question }));
+        let (text, prompt, cached, _) = turn(&cluster.http, &[], &serde_json::json!(messages)).await;
+        assert!(
+            cached + 32 >= last_prompt,
+            "{question}: {cached} of {prompt} prompt tokens cached; the last turn had {last_prompt}"
+        );
+        last_prompt = prompt;
+        messages.push(serde_json::json!({ "role": "assistant", "content": text }));
+    }
+    let jobs: Vec<u64> = cluster.worker_info().await.iter().map(|w| w.jobs_completed).collect();
+    assert!(jobs.contains(&4), "all four turns ran on one worker: {jobs:?}");
+    // The same with the history in a server-side session.
+    let new = serde_json::json!([{ "role": "user", "content": "Name a prime number." }]);
+    let (_, mut last_prompt, _, session) = turn(&cluster.http, &[("x-dialogue-mode", "multi")], &new).await;
+    for question in ["Another one?", "And one more?"] {
+        let message = serde_json::json!([{ "role": "user", "content": question }]);
+        let (_, prompt, cached, _) = turn(&cluster.http, &[("x-session-id", &session)], &message).await;
+        assert!(cached + 32 >= last_prompt, "session, {question}: {cached} of {prompt} cached; last {last_prompt}");
+        last_prompt = prompt;
+    }
+    // The worker that holds the first conversation stops: its next turn goes to the other one at once.
+    let infos = cluster.worker_info().await;
+    let holder = infos.iter().position(|w| w.jobs_completed >= 4).expect("the first conversation's worker");
+    let addr = cluster.worker_urls[holder].trim_start_matches("http://").parse().unwrap();
+    cluster.stop_service(addr).await;
+    messages.push(serde_json::json!({ "role": "user", "content": "And 6+6?" }));
+    let started = std::time::Instant::now();
+    let (text, _, _, _) = turn(&cluster.http, &[], &serde_json::json!(messages)).await;
+    assert!(!text.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(10), "the turn waited for the stopped worker");
     cluster.stop().await;
 }
 

@@ -177,7 +177,11 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     model()?;
     let mut forwarded: Vec<String> = vec![];
     match args.first().map(String::as_str) {
-        Some("engine") => forwarded.extend(args[1..].iter().cloned()),
+        Some("engine") => {
+            forwarded.extend(args[1..].iter().cloned());
+            status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(&forwarded))?;
+            return llama_bench();
+        }
         Some("http") => {
             forwarded.push("--http-only".into());
             if !args.iter().any(|a| a == "--url") {
@@ -218,6 +222,41 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded))
 }
 
+/// Where `../shared/tools/build_llamacpp.sh` puts llama.cpp's binaries (or `$LLAMA_CPP_BIN`).
+fn llama_cpp_bin() -> PathBuf {
+    std::env::var_os("LLAMA_CPP_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/moltbot-anchor/llama.cpp/build/bin")
+    })
+}
+
+/// The anchor for `bench engine`: llama-bench (prompt processing of 64 and 512 tokens, one-stream decode) and
+/// llama-batched-bench (1, 4 and 16 streams) on the same model and threads, when built.
+fn llama_bench() -> anyhow::Result<()> {
+    let bin = llama_cpp_bin();
+    if !bin.join("llama-bench").is_file() {
+        eprintln!("bench: no llama.cpp in {} (../shared/tools/build_llamacpp.sh builds it); no anchor", bin.display());
+        return Ok(());
+    }
+    let model = moltbot_config::default_model_path();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).to_string();
+    println!("anchor: llama.cpp ({}), built for this CPU (GGML_NATIVE)", bin.display());
+    status(
+        Command::new(bin.join("llama-bench"))
+            .arg("-m")
+            .arg(&model)
+            .args(["-t", &threads, "-p", "64,512", "-n", "64", "-r", "5"]),
+    )?;
+    status(
+        Command::new(bin.join("llama-batched-bench"))
+            .arg("-m")
+            .arg(&model)
+            .args(["-t", &threads, "-c", "4096", "-b", "1024", "-ub", "512", "-npp", "8", "-ntg", "64"])
+            .args(["-npl", "1,4,16"])
+            .stderr(std::process::Stdio::null()),
+    )
+}
+
 /// A llama-server started for a benchmark; killed when dropped.
 struct Anchor {
     url: String,
@@ -231,16 +270,13 @@ impl Drop for Anchor {
     }
 }
 
-/// Starts llama-server (`$LLAMA_SERVER`, or where `../shared/tools/build_llamacpp.sh` puts it) on the default model
+/// Starts llama-server (from `llama_cpp_bin`) on the default model
 /// with 16 slots of 2048 positions and as many threads as MoltBot uses; `None`, with a hint, when it is not built.
 fn llama_server() -> anyhow::Result<Option<Anchor>> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let binary = std::env::var_os("LLAMA_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".cache/moltbot-anchor/llama.cpp/build/bin/llama-server"));
+    let binary = llama_cpp_bin().join("llama-server");
     if !binary.is_file() {
         eprintln!(
-            "bench: no llama-server at {} (build it with ../shared/tools/build_llamacpp.sh or set LLAMA_SERVER); \
+            "bench: no llama-server at {} (build it with ../shared/tools/build_llamacpp.sh or set LLAMA_CPP_BIN); \
              MoltBot only",
             binary.display()
         );

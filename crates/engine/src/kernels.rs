@@ -148,6 +148,20 @@ impl Matrix {
     }
 }
 
+/// The instruction set the kernels use on this CPU (`MOLTBOT_ENGINE_NO_AVX512` and `MOLTBOT_ENGINE_NO_SIMD`
+/// force lower ones).
+pub fn simd_level() -> &'static str {
+    match simd::level() {
+        #[cfg(target_arch = "x86_64")]
+        simd::Level::Avx512Vnni => "AVX-512 VNNI",
+        #[cfg(target_arch = "x86_64")]
+        simd::Level::Avx2 => "AVX2",
+        #[cfg(target_arch = "aarch64")]
+        simd::Level::Neon => "NEON",
+        simd::Level::Scalar => "portable (no SIMD)",
+    }
+}
+
 /// Stores floats as f16 (the KV cache), in hardware where the CPU converts.
 pub fn to_f16(src: &[f32], dst: &mut [f16]) {
     use half::slice::HalfFloatSliceExt;

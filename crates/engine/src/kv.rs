@@ -37,7 +37,7 @@ impl BlockKey {
         let tokens: [u32; BLOCK_SIZE] = tokens.try_into().expect("a whole block of tokens");
         // SipHash with fixed keys: the same prefix gets the same hash in every run.
         #[allow(deprecated)]
-        let mut hasher = std::hash::SipHasher::new_with_keys(0x6d6f_6c74_626f_74, 0x6b76_2d70_7265_6678);
+        let mut hasher = std::hash::SipHasher::new_with_keys(0x006d_6f6c_7462_6f74, 0x6b76_2d70_7265_6678);
         parent.hash(&mut hasher);
         tokens.hash(&mut hasher);
         Self { hash: hasher.finish(), parent, tokens }

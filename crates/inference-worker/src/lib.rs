@@ -58,6 +58,31 @@ struct JobCounts {
     completed: AtomicU64,
     cancelled: AtomicU64,
     cancelled_in_queue: AtomicU64,
+    /// Conversations (`affinity::conversation_key`) this worker ran lately, and when.
+    conversations: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+}
+
+/// How long a conversation counts as this worker's after its last turn here (its blocks are likely still cached).
+const CONVERSATION_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl JobCounts {
+    /// This worker runs a turn of conversation `key`.
+    fn ran(&self, key: u64) {
+        let mut seen = self.conversations.lock().expect("never poisoned");
+        if seen.len() >= 10_000 {
+            seen.retain(|_, at| at.elapsed() < CONVERSATION_MEMORY);
+            if seen.len() >= 10_000 {
+                seen.clear();
+            }
+        }
+        seen.insert(key, std::time::Instant::now());
+    }
+
+    /// Whether this worker ran a turn of conversation `key` lately.
+    fn ran_lately(&self, key: u64) -> bool {
+        let seen = self.conversations.lock().expect("never poisoned");
+        seen.get(&key).is_some_and(|at| at.elapsed() < CONVERSATION_MEMORY)
+    }
 }
 
 impl Worker {
@@ -88,6 +113,9 @@ impl Worker {
         let mut consumer = queue.consumer(self.engine.name()).await?;
         let slots = Arc::new(Semaphore::new(self.engine.max_sequences()));
         tracing::info!(worker_id = %self.id, model = %self.engine.name(), slots = self.engine.max_sequences(), "taking jobs");
+        let offers = queue.offers(self.engine.name(), &self.id).await?;
+        let offers = offers.map(|offers| tokio::spawn(self.clone().take_offers(offers, slots.clone())));
+        let announcing = tokio::spawn(self.clone().announce(queue.clone()));
         loop {
             let permit = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -111,17 +139,64 @@ impl Worker {
                 drop(permit);
             });
         }
-        // Drain: running jobs finish (their requesters are waiting for them) before the worker goes.
+        // Drain: no more offers, and running jobs finish (their requesters are waiting for them) before the worker
+        // goes. An offer cut short goes unanswered; its requester queues the job.
+        announcing.abort();
+        if let Some(offers) = offers {
+            offers.abort();
+        }
         tracing::info!(worker_id = %self.id, "stopping: taking no more jobs, finishing the running ones");
         let _ = slots.acquire_many(self.engine.max_sequences() as u32).await;
         tracing::info!(worker_id = %self.id, "stopped");
         Ok(())
     }
 
+    /// Tells the dialogue-managers every two seconds that this worker is alive, so they offer it jobs.
+    async fn announce(self, queue: JobQueue) {
+        loop {
+            if let Err(error) = queue.announce(self.engine.name(), &self.id).await {
+                tracing::debug!(%error, "cannot announce this worker");
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Takes the jobs offered to this worker directly while it has a free slot and nothing waits in its engine:
+    /// any turn of a conversation it ran lately (it likely holds the prefix), and a new conversation only while
+    /// it runs fewer jobs than a quarter of its slots, so that conversations that all prefer it still spread.
+    /// Declined offers go to the shared queue.
+    async fn take_offers(self, mut offers: moltbot_queue::Offers, slots: Arc<Semaphore>) {
+        let max = self.engine.max_sequences();
+        while let Some(offer) = offers.next().await {
+            let known = offer.conversation().is_some_and(|key| self.jobs.ran_lately(key));
+            let light = max - slots.available_permits() < max.div_ceil(4);
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) if self.engine.stats().waiting == 0 && (known || light) => permit,
+                _ => {
+                    offer.decline().await;
+                    continue;
+                }
+            };
+            match offer.accept().await {
+                Ok(job) => {
+                    let worker = self.clone();
+                    tokio::spawn(async move {
+                        worker.run_job(job).await;
+                        drop(permit);
+                    });
+                }
+                Err(error) => tracing::warn!(%error, "cannot take an offered job; its requester queues it"),
+            }
+        }
+    }
+
     async fn run_job(&self, received: moltbot_queue::ReceivedJob) {
         let Some(request) = received.job.request.clone() else {
             return;
         };
+        if let Some(key) = moltbot_queue::affinity::conversation_key(&request) {
+            self.jobs.ran(key);
+        }
         let cancelled = if received.cancelled.is_cancelled() {
             tracing::info!(request_id = %request.request_id, "dropping a job cancelled while it waited in the queue");
             self.jobs.cancelled_in_queue.fetch_add(1, Ordering::Relaxed);

@@ -248,6 +248,18 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         Engine::load(EngineConfig { max_batch_size: args.concurrency.max(16), ..EngineConfig::new(model_path) })?;
     engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?.collect().await?;
     let repeat = args.repeat.max(1);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    println!(
+        "CPU: {cpu}; {threads} threads; engine kernels: {} (MOLTBOT_ENGINE_NO_AVX512=1 forces AVX2)",
+        moltbot_engine::kernels::simd_level()
+    );
     println!("engine figures are medians of {repeat} runs each (--repeat)");
 
     // Prompt processing: time to the first token of a prompt of exactly n tokens.

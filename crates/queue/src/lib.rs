@@ -7,9 +7,13 @@
 //!   `moltbot.cancel.<request_id>`.
 //! - **Local**: a bounded in-process channel with the same semantics, for `moltbot serve`.
 //!
+//! A conversation's turns go preferably to the worker that ran its earlier ones, which holds its prefix in cache
+//! (`affinity`): the job is offered to that worker directly first, and queued when it does not take it at once.
+//!
 //! A worker acknowledges a job when it takes it; from then on the dialogue-manager watches the job's events
 //! (including heartbeats) to notice a dead worker.
 
+pub mod affinity;
 mod local;
 mod nats;
 
@@ -20,7 +24,7 @@ use moltbot_proto::inference::v1::{GenerateEvent, InferenceJob, generate_event::
 use tokio_util::sync::CancellationToken;
 
 pub use local::LocalQueue;
-pub use nats::NatsQueue;
+pub use nats::{NatsQueue, Offer};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -78,6 +82,23 @@ impl JobQueue {
         }
     }
 
+    /// The jobs offered to worker `worker` of `model` directly (conversation affinity); `None` in process,
+    /// where there is one worker.
+    pub async fn offers(&self, model: &str, worker: &str) -> Result<Option<Offers>> {
+        match self {
+            Self::Nats(q) => Ok(Some(Offers(q.offers(model, worker).await?))),
+            Self::Local(_) => Ok(None),
+        }
+    }
+
+    /// Tells the dialogue-managers that `worker` serves `model`; a worker calls it every two seconds.
+    pub async fn announce(&self, model: &str, worker: &str) -> Result<()> {
+        match self {
+            Self::Nats(q) => q.announce(model, worker).await,
+            Self::Local(_) => Ok(()),
+        }
+    }
+
     /// A consumer of `model`'s jobs, for a worker.
     pub async fn consumer(&self, model: &str) -> Result<JobConsumer> {
         match self {
@@ -113,6 +134,16 @@ impl JobEvents {
     /// Whether dropping these events would cancel the job (it has not ended).
     pub fn cancels_on_drop(&self) -> bool {
         self.cancel_on_drop.is_some()
+    }
+}
+
+/// Jobs offered to one worker; see `JobQueue::offers`.
+pub struct Offers(nats::NatsOffers);
+
+impl Offers {
+    /// The next offer; `None` once the subscription ended.
+    pub async fn next(&mut self) -> Option<Offer> {
+        self.0.next().await
     }
 }
 

@@ -3,6 +3,12 @@
 //! it for the worker that takes the job later. The requester publishes through JetStream (the stream has it
 //! before the publish is acknowledged), and a worker subscribes before it asks the stream, so every cancel reaches
 //! its job one way or the other.
+//!
+//! A job whose conversation prefers a worker (`affinity`: the one that holds its prefix in cache) is first offered
+//! to that worker directly, by core NATS request to `moltbot.offer.<model>.<worker>`. The worker answers
+//! `taken` only with a free slot and nothing waiting in its engine; `busy`, no responder (the worker is gone) or
+//! no answer within a second sends the job to the shared queue instead, under another key, so a late taker of the
+//! offer is cancelled and its events go nowhere.
 
 use std::time::Duration;
 
@@ -10,11 +16,11 @@ use async_nats::jetstream::{self, ErrorCode, consumer::pull, context::PublishErr
 use futures::StreamExt;
 use moltbot_proto::{
     Message,
-    inference::v1::{CancelJob, GenerateEvent, InferenceJob},
+    inference::v1::{CancelJob, GenerateEvent, InferenceJob, generate_event::Event},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, EventSink, JobEvents, ReceivedJob, Result, job_subject, subject_token};
+use crate::{Error, EventSink, JobEvents, ReceivedJob, Result, affinity, job_subject, subject_token};
 
 pub const STREAM: &str = "MOLTBOT_JOBS";
 /// The stream that remembers cancels (`moltbot.cancel.<attempt key>`).
@@ -25,12 +31,26 @@ const CANCEL_MEMORY: Duration = Duration::from_secs(3600);
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long one pull request waits for a job before asking again.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long a preferred worker may take to answer an offer before the job goes to the shared queue.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(1);
+const TAKEN: &[u8] = b"taken";
+const BUSY: &[u8] = b"busy";
+
+/// Where workers announce themselves (`moltbot.workers.<model>`, the worker id as payload).
+const ANNOUNCE_PREFIX: &str = "moltbot.workers.";
+
+/// Where a worker hears offers of jobs meant for it.
+fn offer_subject(model: &str, worker: &str) -> String {
+    format!("moltbot.offer.{}.{}", subject_token(model), subject_token(worker))
+}
 
 #[derive(Clone)]
 pub struct NatsQueue {
     client: async_nats::Client,
     js: jetstream::Context,
     max_pending: i64,
+    /// The workers seen serving jobs, for conversation affinity.
+    workers: affinity::Workers,
     /// Ends the task that remakes the streams on reconnection when the last clone of this queue goes.
     _reconnects: std::sync::Arc<tokio_util::sync::DropGuard>,
 }
@@ -86,7 +106,23 @@ impl NatsQueue {
                 }
             }
         });
-        Ok(Self { client, js, max_pending, _reconnects: std::sync::Arc::new(stop.drop_guard()) })
+        let workers = affinity::Workers::default();
+        let mut announcements = client.subscribe(format!("{ANNOUNCE_PREFIX}>")).await.map_err(|e| connect_err(&e))?;
+        let (heard, stopped) = (workers.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    () = stopped.cancelled() => return,
+                    message = announcements.next() => match message { Some(m) => m, None => return },
+                };
+                if let (Some(model), Ok(worker)) =
+                    (message.subject.strip_prefix(ANNOUNCE_PREFIX), std::str::from_utf8(&message.payload))
+                {
+                    heard.saw(model, worker);
+                }
+            }
+        });
+        Ok(Self { client, js, max_pending, workers, _reconnects: std::sync::Arc::new(stop.drop_guard()) })
     }
 
     /// Whether the cancel stream holds a cancel for the attempt `key`; when it cannot be asked, the job runs.
@@ -119,18 +155,23 @@ impl NatsQueue {
     pub(crate) async fn submit(&self, job: InferenceJob) -> Result<JobEvents> {
         self.connected()?;
         let request = job.request.as_ref().ok_or(Error::Nats("job without a request".into()))?;
-        let request_id = request.request_id.clone();
+        let (request_id, model) = (request.request_id.clone(), subject_token(&request.model));
         let subject = job_subject(&request.model);
+        let conversation = affinity::conversation_key(request);
         // One key per attempt: a retried job's events and cancels never mix with those of an earlier attempt.
         let key = attempt_key(&request_id, job.attempt);
+        // A first attempt goes to the worker its conversation prefers, when that worker takes it now.
+        if job.attempt == 0
+            && let Some(worker) = conversation.and_then(|k| self.workers.preferred(&model, k))
+            && let Some(events) = self.offer(&job, &format!("{key}-o"), &worker, conversation).await?
+        {
+            return Ok(events);
+        }
         let mut job = job;
         job.reply_subject = format!("moltbot.events.{key}");
-        // Subscribe before publishing so that no event can be missed.
         let payload = job.encode_to_vec();
-        let max_payload = self.client.server_info().max_payload;
-        if max_payload > 0 && payload.len() > max_payload {
-            return Err(Error::TooLarge { bytes: payload.len(), max: max_payload });
-        }
+        self.fits(&payload)?;
+        // Subscribe before publishing so that no event can be missed.
         let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
         let publish = jetstream::message::PublishMessage::build().payload(payload.into()).message_id(key.clone());
         let ack = self.js.send_publish(subject, publish).await.map_err(|e| Error::Nats(e.to_string()))?;
@@ -143,25 +184,135 @@ impl NatsQueue {
             }
             _ => Error::Nats(e.to_string()),
         })?;
+        Ok(self.job_events(events, key, request_id, model, conversation))
+    }
+
+    /// Refuses a job larger than the server takes.
+    fn fits(&self, payload: &[u8]) -> Result<()> {
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload > 0 && payload.len() > max_payload {
+            return Err(Error::TooLarge { bytes: payload.len(), max: max_payload });
+        }
+        Ok(())
+    }
+
+    /// Offers `job` to `worker` under `key`; its events when the worker took it, `None` when the job should go
+    /// to the shared queue instead.
+    async fn offer(
+        &self,
+        job: &InferenceJob,
+        key: &str,
+        worker: &str,
+        conversation: Option<u64>,
+    ) -> Result<Option<JobEvents>> {
+        let request = job.request.as_ref().expect("checked by submit");
+        let (request_id, model) = (request.request_id.clone(), subject_token(&request.model));
+        let mut job = job.clone();
+        job.reply_subject = format!("moltbot.events.{key}");
+        let payload = job.encode_to_vec();
+        self.fits(&payload)?;
+        let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let asked = self.client.request(offer_subject(&request.model, worker), payload.into());
+        match tokio::time::timeout(OFFER_TIMEOUT, asked).await {
+            Ok(Ok(answer)) if answer.payload.as_ref() == TAKEN => {
+                tracing::debug!(%request_id, %worker, "the conversation's worker took the job");
+                return Ok(Some(self.job_events(events, key.to_owned(), request_id, model, conversation)));
+            }
+            Ok(Ok(_busy)) => {}
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => self.workers.forget(&model, worker),
+            Ok(Err(error)) => tracing::debug!(%error, %worker, "offer failed; queueing the job"),
+            // The worker may still take it: a cancel under the offer's key stops it there.
+            Err(_) => {
+                tracing::warn!(%worker, %request_id, "a worker did not answer an offer within 1 s; queueing the job");
+                self.cancel(key, &request_id).await;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Publishes a cancel for the attempt `key` (kept by the cancel stream for a worker that takes it later).
+    async fn cancel(&self, key: &str, request_id: &str) {
+        let cancel = CancelJob { request_id: request_id.to_owned() };
+        let published = self.js.publish(format!("moltbot.cancel.{key}"), cancel.encode_to_vec().into()).await;
+        if let Err(e) = match published {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
+        } {
+            tracing::warn!(error = %e, %key, "cannot publish a cancel; the job may run for nobody");
+        }
+    }
+
+    /// The events of the job under `key`, from `events`; dropping them before the job ended cancels it. The
+    /// worker that starts the job is remembered as its conversation's.
+    fn job_events(
+        &self,
+        events: async_nats::Subscriber,
+        key: String,
+        request_id: String,
+        model: String,
+        conversation: Option<u64>,
+    ) -> JobEvents {
         let (cancelled, ended) = (CancellationToken::new(), CancellationToken::new());
-        let (js, token, job_ended) = (self.js.clone(), cancelled.clone(), ended.clone());
+        let (queue, token, job_ended) = (self.clone(), cancelled.clone(), ended.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
                 // The job ended by itself: nothing to cancel, and this task goes.
                 () = job_ended.cancelled() => return,
             }
-            let cancel = CancelJob { request_id: request_id.clone() };
-            let published = js.publish(format!("moltbot.cancel.{key}"), cancel.encode_to_vec().into()).await;
-            if let Err(e) = match published {
-                Ok(ack) => ack.await.map(drop),
-                Err(e) => Err(e),
-            } {
-                tracing::warn!(error = %e, %key, "cannot publish a cancel; the job may run for nobody");
+            queue.cancel(&key, &request_id).await;
+        });
+        let workers = self.workers.clone();
+        let stream = events
+            .map(move |m| {
+                let event = GenerateEvent::decode(m.payload).map_err(Error::from)?;
+                if let Some(Event::Started(started)) = &event.event {
+                    workers.ran(&model, &started.worker_id, conversation);
+                }
+                Ok(event)
+            })
+            .boxed();
+        JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()), ended }
+    }
+
+    /// Tells the dialogue-managers that `worker` serves `model` (every two seconds while it takes jobs).
+    pub(crate) async fn announce(&self, model: &str, worker: &str) -> Result<()> {
+        let subject = format!("{ANNOUNCE_PREFIX}{}", subject_token(model));
+        self.client.publish(subject, worker.to_owned().into()).await.map_err(|e| Error::Nats(e.to_string()))
+    }
+
+    /// The offers of jobs meant for `worker`.
+    pub(crate) async fn offers(&self, model: &str, worker: &str) -> Result<NatsOffers> {
+        let subscriber =
+            self.client.subscribe(offer_subject(model, worker)).await.map_err(|e| Error::Nats(e.to_string()))?;
+        Ok(NatsOffers { queue: self.clone(), subscriber })
+    }
+
+    /// What a worker needs to run a job it took: a watch for its cancel (asked of the cancel stream too, for one
+    /// sent while it waited) and where its events go.
+    async fn receive(&self, job: InferenceJob) -> Result<ReceivedJob> {
+        let request_id = job.request.as_ref().map(|r| r.request_id.clone()).unwrap_or_default();
+        let key = job
+            .reply_subject
+            .strip_prefix("moltbot.events.")
+            .map_or_else(|| attempt_key(&request_id, job.attempt), str::to_owned);
+        let cancelled = CancellationToken::new();
+        let mut cancels =
+            self.client.subscribe(format!("moltbot.cancel.{key}")).await.map_err(|e| Error::Nats(e.to_string()))?;
+        // Cancelled while it waited: the worker ends it before any work.
+        if self.remembers_cancel(&key).await {
+            cancelled.cancel();
+        }
+        // Watches for a cancel while the job runs; the subscription ends with the job (`ReceivedJob` aborts this
+        // task when dropped).
+        let token = cancelled.clone();
+        let watch = tokio::spawn(async move {
+            if cancels.next().await.is_some() {
+                token.cancel();
             }
         });
-        let stream = events.map(|m| GenerateEvent::decode(m.payload).map_err(Error::from)).boxed();
-        Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()), ended })
+        let sink = EventSink::Nats { client: self.client.clone(), subject: job.reply_subject.clone() };
+        Ok(ReceivedJob { job, cancelled, sink, watch: Some(watch.abort_handle()) })
     }
 
     pub(crate) async fn consumer(&self, model: &str) -> Result<NatsConsumer> {
@@ -265,26 +416,58 @@ impl NatsConsumer {
                     continue;
                 }
             };
-            let request_id = job.request.as_ref().map(|r| r.request_id.clone()).unwrap_or_default();
-            let key = attempt_key(&request_id, job.attempt);
-            let cancelled = CancellationToken::new();
-            let client = &self.queue.client;
-            let mut cancels =
-                client.subscribe(format!("moltbot.cancel.{key}")).await.map_err(|e| Error::Nats(e.to_string()))?;
-            // Cancelled while it waited in the queue: the worker ends it before any work.
-            if self.queue.remembers_cancel(&key).await {
-                cancelled.cancel();
+            return self.queue.receive(job).await.map(Some);
+        }
+    }
+}
+
+/// Jobs offered to one worker.
+pub struct NatsOffers {
+    queue: NatsQueue,
+    subscriber: async_nats::Subscriber,
+}
+
+impl NatsOffers {
+    /// The next offer; `None` when the subscription ended.
+    pub(crate) async fn next(&mut self) -> Option<Offer> {
+        loop {
+            let message = self.subscriber.next().await?;
+            let Some(reply) = message.reply else { continue };
+            match InferenceJob::decode(message.payload) {
+                Ok(job) => return Some(Offer { queue: self.queue.clone(), job, reply }),
+                Err(e) => tracing::warn!(error = %e, "dropping a malformed offer"),
             }
-            // Watches for a cancel while the job runs; the subscription ends with the job (`ReceivedJob` aborts
-            // this task when dropped).
-            let token = cancelled.clone();
-            let watch = tokio::spawn(async move {
-                if cancels.next().await.is_some() {
-                    token.cancel();
-                }
-            });
-            let sink = EventSink::Nats { client: client.clone(), subject: job.reply_subject.clone() };
-            return Ok(Some(ReceivedJob { job, cancelled, sink, watch: Some(watch.abort_handle()) }));
+        }
+    }
+}
+
+/// A job offered to this worker; it goes elsewhere unless accepted.
+pub struct Offer {
+    queue: NatsQueue,
+    job: InferenceJob,
+    reply: async_nats::Subject,
+}
+
+impl Offer {
+    /// The conversation the job belongs to (`affinity::conversation_key`).
+    pub fn conversation(&self) -> Option<u64> {
+        self.job.request.as_ref().and_then(affinity::conversation_key)
+    }
+
+    /// Takes the job: its cancel is watched before the requester hears it was taken.
+    pub async fn accept(self) -> Result<ReceivedJob> {
+        let client = self.queue.client.clone();
+        let received = self.queue.receive(self.job).await?;
+        client.publish(self.reply, TAKEN.into()).await.map_err(|e| Error::Nats(e.to_string()))?;
+        client.flush().await.map_err(|e| Error::Nats(e.to_string()))?;
+        Ok(received)
+    }
+
+    /// Leaves the job to the shared queue.
+    pub async fn decline(self) {
+        let client = &self.queue.client;
+        if let Err(error) = client.publish(self.reply, BUSY.into()).await {
+            tracing::debug!(%error, "cannot decline an offer; the requester queues the job after its timeout");
         }
     }
 }

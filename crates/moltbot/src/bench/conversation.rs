@@ -54,6 +54,13 @@ pub(super) async fn stream_chat(
     Ok(Streamed { ttft: ttft.unwrap_or_else(|| sent.elapsed().as_secs_f64()), text, usage, session })
 }
 
+/// An HTTP client that opens a connection per request: some servers (llama-server among them) close kept-alive
+/// connections after a few requests, which a pooled client can hit mid-send; on the loopback a connection costs
+/// nothing next to a turn.
+fn fresh_connections() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("a default HTTP client")
+}
+
 /// How the client keeps the conversation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Keeping {
@@ -73,15 +80,23 @@ struct Turn {
 
 const ANSWER_TOKENS: u32 = 32;
 
+/// The first model `base` serves (`/v1/models`).
+async fn model_name(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let models: Value = client.get(format!("{base}/v1/models")).send().await?.error_for_status()?.json().await?;
+    models["data"][0]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("{base} lists no model"))
+}
+
 /// A conversation of `turns` turns; `topic` makes its first message differ from other runs'.
 async fn conversation(base: &str, turns: usize, keeping: Keeping, topic: &str) -> anyhow::Result<Vec<Turn>> {
-    let client = reqwest::Client::new();
+    let client = fresh_connections();
+    let model = model_name(&client, base).await?;
     let (mut history, mut session, mut figures) = (vec![], None::<String>, vec![]);
     for k in 1..=turns {
-        let message = json!({ "role": "user", "content": format!("{topic} {k}: tell me one short fact about the number {k}.") });
+        let message =
+            json!({ "role": "user", "content": format!("{topic} {k}: tell me one short fact about the number {k}.") });
         history.push(message.clone());
         let messages = if keeping == Keeping::History { history.clone() } else { vec![message] };
-        let body = json!({ "model": "default", "messages": messages, "max_tokens": ANSWER_TOKENS, "temperature": 0 });
+        let body = json!({ "model": model, "messages": messages, "max_tokens": ANSWER_TOKENS, "temperature": 0 });
         let headers: Vec<(&str, &str)> = match (&session, keeping) {
             (Some(id), _) => vec![("x-session-id", id)],
             (None, Keeping::Session) => vec![("x-dialogue-mode", "multi")],
@@ -103,14 +118,15 @@ async fn conversation(base: &str, turns: usize, keeping: Keeping, topic: &str) -
 
 /// `users` chats at once behind one ~600-token system prompt: each one's time to first token and cached tokens.
 async fn shared_prompt(base: &str, users: usize) -> anyhow::Result<Vec<Turn>> {
-    let client = reqwest::Client::new();
+    let client = fresh_connections();
+    let model = model_name(&client, base).await?;
     let system = "You are the assistant of a mountain hut. Guests ask about routes, weather, meals and beds; answer \
                   in one friendly sentence, mention safety when the weather turns, and never invent prices. "
         .repeat(15);
     let chats = (0..users).map(|u| {
         let client = client.clone();
         let body = json!({
-            "model": "default", "max_tokens": ANSWER_TOKENS, "temperature": 0,
+            "model": model, "max_tokens": ANSWER_TOKENS, "temperature": 0,
             "messages": [{ "role": "system", "content": system }, { "role": "user", "content": format!("Guest {u}: is breakfast served early?") }],
         });
         async move {
