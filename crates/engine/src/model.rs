@@ -14,7 +14,7 @@ use rayon::prelude::*;
 pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
 use crate::{
     Error, Result,
-    kernels::{Matrix, Quantized, WeightData, axpy_f16, dot_f16},
+    kernels::{Matrix, Quantized, WeightData, axpy_f16, dot_f16, exp_sum},
 };
 
 /// Model sizes, mirrored from the GGUF `llama.*` metadata.
@@ -305,11 +305,7 @@ impl Llama {
             }
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut total = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
+        let total = exp_sum(&mut scores, max);
         out.fill(0.0);
         for (b, &block) in blocks() {
             let values = pool.block(block, layer, true);

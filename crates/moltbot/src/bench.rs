@@ -244,8 +244,13 @@ async fn mode_overhead(url: &str, turns: usize) -> anyhow::Result<()> {
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
     let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
-    let engine =
-        Engine::load(EngineConfig { max_batch_size: args.concurrency.max(16), ..EngineConfig::new(model_path) })?;
+    // Without the prefix cache: every run computes its whole prompt (`bench conversation` measures the cache).
+    let config = EngineConfig {
+        max_batch_size: args.concurrency.max(16),
+        prefix_caching: false,
+        ..EngineConfig::new(model_path)
+    };
+    let engine = Engine::load(config)?;
     engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?.collect().await?;
     let repeat = args.repeat.max(1);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
