@@ -19,8 +19,6 @@ const MIN_ROWS_PER_TASK: usize = 16;
 const TASKS_PER_THREAD: usize = 4;
 /// Activation rows processed together against one loaded weight block.
 const TILE: usize = 4;
-/// The same on 512-bit registers, where 32 of them leave room for more accumulators.
-const WIDE_TILE: usize = 8;
 
 /// How a weight matrix is stored.
 #[derive(Debug, Clone)]
@@ -76,6 +74,35 @@ impl<'a> Quantized<'a> {
     }
 }
 
+/// Consecutive rows of `Quantized` activations: what a kernel reads.
+pub struct Rows<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    d: &'a [f32],
+    s: &'a [f32],
+    q: &'a [i8],
+    f: &'a [f32],
+}
+
+impl Quantized<'_> {
+    /// Rows `range` of these activations.
+    pub fn window(&self, range: std::ops::Range<usize>) -> Rows<'_> {
+        let blocks = self.cols / QK;
+        let (b, c) = (range.start * blocks..range.end * blocks, range.start * self.cols..range.end * self.cols);
+        Rows {
+            rows: range.len(),
+            cols: self.cols,
+            d: &self.d[b.clone()],
+            s: &self.s[b],
+            q: &self.q[c.clone()],
+            f: &self.f[c],
+        }
+    }
+}
+
+/// Bytes of activations a kernel keeps in L1 while it runs one task's weight rows past them.
+const L1_ACTIVATIONS: usize = 16 << 10;
+
 impl Matrix {
     /// `out[t][n] = Σ_k x[t][k] · w[n][k]` for every activation row `t`; `out` is `x.rows × self.rows`.
     pub fn matmul(&self, x: &Quantized<'_>, out: &mut [f32]) {
@@ -86,10 +113,17 @@ impl Matrix {
         // tasks write disjoint memory; the result is transposed into `out` afterwards.
         let mut transposed = vec![0f32; n_rows * t_rows];
         let per_task = n_rows.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+        // Each task runs its weight rows past a group of activation rows small enough to stay in L1, then the
+        // next group: activations are read from L2 once per group instead of once per weight row.
+        let group = (L1_ACTIVATIONS / self.cols).max(TILE) / TILE * TILE;
         transposed.par_chunks_mut(per_task * t_rows).enumerate().for_each(|(task, chunk)| {
             let first = task * per_task;
-            for (i, row_out) in chunk.chunks_exact_mut(t_rows).enumerate() {
-                self.row_dot(first + i, x, row_out);
+            for g0 in (0..t_rows).step_by(group) {
+                let g1 = (g0 + group).min(t_rows);
+                let window = x.window(g0..g1);
+                for (i, row_out) in chunk.chunks_exact_mut(t_rows).enumerate() {
+                    self.row_dot(first + i, &window, &mut row_out[g0..g1]);
+                }
             }
         });
         for n in 0..n_rows {
@@ -100,7 +134,7 @@ impl Matrix {
     }
 
     /// Dot products of weight row `n` with every activation row.
-    fn row_dot(&self, n: usize, x: &Quantized<'_>, out: &mut [f32]) {
+    fn row_dot(&self, n: usize, x: &Rows<'_>, out: &mut [f32]) {
         let blocks = self.cols / QK;
         match &self.data {
             WeightData::Q4_1(bytes) => {
@@ -168,15 +202,21 @@ pub fn to_f16(src: &[f32], dst: &mut [f16]) {
     dst.convert_from_f32_slice(src);
 }
 
-/// `Σ a[i] · b[i]` for f32 `a` and f16 `b` (a query against a cached key).
-pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+/// Reads f16 values (the KV cache) as floats, exactly, in hardware where the CPU converts.
+pub fn to_f32(src: &[f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+/// `Σ a[i] · b[i]` (a query against a key).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     match simd::level() {
-        // SAFETY: both levels imply AVX2, FMA and F16C, detected at run time.
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time.
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::f16::dot(a, b) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::dot(a, b) },
         #[allow(unreachable_patterns)]
-        _ => scalar::dot_f16(a, b),
+        _ => scalar::dot(a, b),
     }
 }
 
@@ -187,21 +227,21 @@ pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
     match simd::level() {
         // SAFETY: both levels imply AVX2 and FMA, detected at run time.
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::f16::exp_sum(scores, max) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::exp_sum(scores, max) },
         #[allow(unreachable_patterns)]
         _ => scalar::exp_sum(scores, max),
     }
 }
 
-/// `out[i] += w · v[i]` for f16 `v` (a weighted cached value).
-pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+/// `out[i] += w · v[i]` (a weighted value).
+pub fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
     debug_assert_eq!(out.len(), v.len());
     match simd::level() {
-        // SAFETY: both levels imply AVX2, FMA and F16C, detected at run time.
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time.
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::f16::axpy(out, w, v) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::axpy(out, w, v) },
         #[allow(unreachable_patterns)]
-        _ => scalar::axpy_f16(out, w, v),
+        _ => scalar::axpy(out, w, v),
     }
 }
 
@@ -217,7 +257,7 @@ mod scalar {
     fn rows(
         row: &[u8],
         block_bytes: usize,
-        x: &Quantized<'_>,
+        x: &Rows<'_>,
         out: &mut [f32],
         block_dot: impl Fn(&[u8], usize) -> f32,
     ) {
@@ -228,13 +268,13 @@ mod scalar {
     }
 
     /// Eight partial sums, so the compiler vectorizes it.
-    pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; 8];
         let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y.to_f32()).sum();
+        let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
         for (x, y) in ac.zip(bc) {
             for i in 0..8 {
-                acc[i] += x[i] * y[i].to_f32();
+                acc[i] += x[i] * y[i];
             }
         }
         acc.iter().sum::<f32>() + tail
@@ -249,13 +289,13 @@ mod scalar {
         total
     }
 
-    pub fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    pub fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
         for (o, v) in out.iter_mut().zip(v) {
-            *o += w * v.to_f32();
+            *o += w * v;
         }
     }
 
-    pub fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    pub fn q4_1_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
         rows(row, Q4_1_BYTES, x, out, |w, xb| {
             let q = &x.q[xb * QK..][..QK];
             let isum: i32 = (0..16)
@@ -265,7 +305,7 @@ mod scalar {
         })
     }
 
-    pub fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    pub fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
         rows(row, Q8_0_BYTES, x, out, |w, xb| {
             let q = &x.q[xb * QK..][..QK];
             let isum: i32 = (0..QK).map(|j| i32::from(w[2 + j] as i8) * i32::from(q[j])).sum();
@@ -331,20 +371,19 @@ mod simd {
         })
     }
 
-    pub fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    pub fn q4_1_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
         q4_1_row_at(level(), row, x, out)
     }
 
     /// `q4_1_row` on `level`, which must be `level()` or below it.
-    pub fn q4_1_row_at(level: Level, row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    pub fn q4_1_row_at(level: Level, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
         match level {
             // SAFETY: the features each kernel needs were detected at run time.
             #[cfg(target_arch = "x86_64")]
-            // A few rows (decoding) go faster on 256-bit registers, where 512-bit operations are split in two
-            // (AMD Zen 4): measured 1.2-1.4x for one stream there.
-            Level::Avx512Vnni if x.rows < WIDE_TILE / 2 => unsafe { x86::vnni::q4_1_row(row, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni => unsafe { x86::avx512::q4_1_row(row, x, out) },
+            // On 256-bit registers: AMD's Zen 4 splits 512-bit operations in two, and one-stream decoding measured
+            // 1.2-1.4x faster there than with the 512-bit kernel. One kernel for every row count, so a row's result
+            // never depends on how many others share its step.
+            Level::Avx512Vnni => unsafe { x86::vnni::q4_1_row(row, x, out) },
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => unsafe { x86::avx2::q4_1_row(row, x, out) },
             #[cfg(target_arch = "aarch64")]
@@ -353,12 +392,12 @@ mod simd {
         }
     }
 
-    pub fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    pub fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
         q8_0_row_at(level(), row, x, out)
     }
 
     /// `q8_0_row` on `level`, which must be `level()` or below it.
-    pub fn q8_0_row_at(level: Level, row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+    pub fn q8_0_row_at(level: Level, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
         match level {
             // SAFETY: the features each kernel needs were detected at run time.
             #[cfg(target_arch = "x86_64")]
@@ -427,7 +466,7 @@ mod simd {
             };
             (@q4_1, $features:literal, $dot:ident) => {
                 #[target_feature(enable = $features)]
-                pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                pub unsafe fn q4_1_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
                     let blocks = x.cols / QK;
                     let mask = _mm_set1_epi8(0x0f);
                     for t0 in (0..x.rows).step_by(TILE) {
@@ -459,7 +498,7 @@ mod simd {
             };
             (@q8_0, $features:literal, $dot:ident) => {
                 #[target_feature(enable = $features)]
-                pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+                pub unsafe fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
                     let blocks = x.cols / QK;
                     for t0 in (0..x.rows).step_by(TILE) {
                         let tiles = (x.rows - t0).min(TILE);
@@ -488,32 +527,32 @@ mod simd {
             };
         }
 
-        /// Attention on the f16 KV cache: F16C converts eight values per instruction.
-        pub mod f16 {
+        /// Attention's vector helpers: dot product, weighted sum, exponentials.
+        pub mod attention {
             use std::arch::x86_64::*;
-
-            use half::f16;
 
             use super::hsum;
 
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn dot(a: &[f32], b: &[f16]) -> f32 {
+            pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
                 let n = a.len().min(b.len());
                 let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 let mut i = 0;
                 while i + 16 <= n {
                     // SAFETY: i + 16 ≤ n, the length of both slices.
                     unsafe {
-                        let k0 = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i).cast()));
-                        let k1 = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i + 8).cast()));
-                        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), k0, acc0);
-                        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), k1, acc1);
+                        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
+                        acc1 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                            acc1,
+                        );
                     }
                     i += 16;
                 }
                 let mut sum = hsum(_mm256_add_ps(acc0, acc1));
                 for j in i..n {
-                    sum += a[j] * b[j].to_f32();
+                    sum += a[j] * b[j];
                 }
                 sum
             }
@@ -560,105 +599,26 @@ mod simd {
             }
 
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn axpy(out: &mut [f32], w: f32, v: &[f16]) {
+            pub unsafe fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
                 let n = out.len().min(v.len());
                 let wv = _mm256_set1_ps(w);
                 let mut i = 0;
                 while i + 8 <= n {
                     // SAFETY: i + 8 ≤ n, the length of both slices.
                     unsafe {
-                        let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
                         let o = out.as_mut_ptr().add(i);
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(o)));
+                        _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(o)));
                     }
                     i += 8;
                 }
                 for j in i..n {
-                    out[j] += w * v[j].to_f32();
+                    out[j] += w * v[j];
                 }
             }
         }
 
         kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1, q8_0);
-        // Q4_1 has its own 512-bit kernel below.
         kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni, q4_1, q8_0);
-
-        /// Q4_1 on 512-bit registers: two blocks per instruction. The activations of consecutive blocks of a row
-        /// are adjacent, so one load takes both; the weight nibbles of the pair are unpacked once per tile.
-        pub mod avx512 {
-            use std::arch::x86_64::*;
-
-            use super::super::super::*;
-            use super::{f16_pair, hsum};
-
-            #[inline]
-            #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c,avx512dq")]
-            fn hsum512(v: __m512) -> f32 {
-                hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)))
-            }
-
-            /// The 32 weights of a Q4_1 block as bytes 0..16, elements in order, and its `d` and `m`.
-            #[inline]
-            #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c,avx512dq")]
-            fn unpack(w: &[u8]) -> (__m256i, f32, f32) {
-                let (d, m) = f16_pair(w);
-                // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
-                let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
-                let mask = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(packed, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-                (_mm256_set_m128i(hi, lo), d, m)
-            }
-
-            #[target_feature(enable = "avx512f,avx512vnni,avx512vl,avx2,fma,f16c,avx512dq")]
-            pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
-                let blocks = x.cols / QK;
-                let pairs = blocks / 2;
-                // Lane i of a pair's scales comes from block i / 8 of the pair.
-                let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-                for t0 in (0..x.rows).step_by(WIDE_TILE) {
-                    let tiles = (x.rows - t0).min(WIDE_TILE);
-                    let mut acc = [_mm512_setzero_ps(); WIDE_TILE];
-                    let mut offset = [0f32; WIDE_TILE];
-                    for p in 0..pairs {
-                        let (w0, d0, m0) = unpack(&row[2 * p * Q4_1_BYTES..][..Q4_1_BYTES]);
-                        let (w1, d1, m1) = unpack(&row[(2 * p + 1) * Q4_1_BYTES..][..Q4_1_BYTES]);
-                        let weights = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
-                        let wd =
-                            _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1));
-                        for i in 0..tiles {
-                            let xb = (t0 + i) * blocks + 2 * p;
-                            // SAFETY: blocks `xb` and `xb + 1` of the same row are 64 adjacent quantized values,
-                            // and their two scales are adjacent in `d`.
-                            let (q, xd) = unsafe {
-                                let q = _mm512_loadu_si512(x.q.as_ptr().add(xb * QK).cast());
-                                let xd = _mm_castsi128_ps(_mm_loadl_epi64(x.d.as_ptr().add(xb).cast()));
-                                (q, _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(xd)))
-                            };
-                            let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, q));
-                            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(wd, xd), sums, acc[i]);
-                            offset[i] += m0 * x.s[xb] + m1 * x.s[xb + 1];
-                        }
-                    }
-                    if blocks % 2 == 1 {
-                        let b = blocks - 1;
-                        let (w, d, m) = unpack(&row[b * Q4_1_BYTES..][..Q4_1_BYTES]);
-                        for i in 0..tiles {
-                            let xb = (t0 + i) * blocks + b;
-                            // SAFETY: block `xb` has 32 quantized values.
-                            let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                            let sums = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, q));
-                            let part = _mm256_mul_ps(_mm256_set1_ps(d * x.d[xb]), sums);
-                            acc[i] = _mm512_add_ps(acc[i], _mm512_castps256_ps512(part));
-                            offset[i] += m * x.s[xb];
-                        }
-                    }
-                    for i in 0..tiles {
-                        out[t0 + i] = hsum512(acc[i]) + offset[i];
-                    }
-                }
-            }
-        }
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -677,7 +637,7 @@ mod simd {
         }
 
         #[target_feature(enable = "neon")]
-        pub unsafe fn q4_1_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        pub unsafe fn q4_1_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
             let blocks = x.cols / QK;
             for t0 in (0..x.rows).step_by(TILE) {
                 let tiles = (x.rows - t0).min(TILE);
@@ -710,7 +670,7 @@ mod simd {
         }
 
         #[target_feature(enable = "neon")]
-        pub unsafe fn q8_0_row(row: &[u8], x: &Quantized<'_>, out: &mut [f32]) {
+        pub unsafe fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
             let blocks = x.cols / QK;
             for t0 in (0..x.rows).step_by(TILE) {
                 let tiles = (x.rows - t0).min(TILE);
@@ -822,12 +782,12 @@ mod tests {
                 let row = |b: &[u8]| b[nn * rowsz..(nn + 1) * rowsz].to_vec();
                 match &m.data {
                     WeightData::Q4_1(b) => {
-                        scalar::q4_1_row(&row(b), &q, &mut scalar);
-                        simd::q4_1_row_at(level, &row(b), &q, &mut simd);
+                        scalar::q4_1_row(&row(b), &q.window(0..rows), &mut scalar);
+                        simd::q4_1_row_at(level, &row(b), &q.window(0..rows), &mut simd);
                     }
                     WeightData::Q8_0(b) => {
-                        scalar::q8_0_row(&row(b), &q, &mut scalar);
-                        simd::q8_0_row_at(level, &row(b), &q, &mut simd);
+                        scalar::q8_0_row(&row(b), &q.window(0..rows), &mut scalar);
+                        simd::q8_0_row_at(level, &row(b), &q.window(0..rows), &mut simd);
                     }
                     WeightData::F32(_) => return,
                 }
@@ -851,19 +811,23 @@ mod tests {
     }
 
     #[test]
-    fn f16_attention_helpers_match_the_portable_path() {
+    fn attention_helpers_match_the_portable_path() {
         for n in [1, 7, 16, 64, 100] {
             let (a, b) = (noise(n, 4), noise(n, 5));
-            let mut b16 = vec![f16::ZERO; n];
+            let (mut b16, mut back) = (vec![f16::ZERO; n], vec![0f32; n]);
             to_f16(&b, &mut b16);
+            to_f32(&b16, &mut back);
+            for (x, y) in b.iter().zip(&back) {
+                // f16 keeps 11 significant bits.
+                assert!((x - y).abs() <= x.abs() / 2048.0 + 1e-7, "{x} stored as {y}");
+            }
             let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            let (got, portable) = (dot_f16(&a, &b16), scalar::dot_f16(&a, &b16));
-            // f16 keeps 11 significant bits: each product is off by at most |a·b| / 2048.
-            assert!((got - exact).abs() <= 1e-3 * n as f32, "dot {n}: {got} vs {exact}");
+            let (got, portable) = (dot(&a, &b), scalar::dot(&a, &b));
+            assert!((got - exact).abs() <= 1e-5 * n as f32, "dot {n}: {got} vs {exact}");
             assert!((got - portable).abs() <= 1e-5 * n as f32, "dot {n}: {got} vs portable {portable}");
             let (mut out, mut reference) = (a.clone(), a.clone());
-            axpy_f16(&mut out, 0.5, &b16);
-            scalar::axpy_f16(&mut reference, 0.5, &b16);
+            axpy(&mut out, 0.5, &b);
+            scalar::axpy(&mut reference, 0.5, &b);
             for (o, r) in out.iter().zip(&reference) {
                 assert!((o - r).abs() <= 1e-6, "axpy {n}: {o} vs portable {r}");
             }

@@ -14,8 +14,11 @@ use rayon::prelude::*;
 pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
 use crate::{
     Error, Result,
-    kernels::{Matrix, Quantized, WeightData, axpy_f16, dot_f16, exp_sum},
+    kernels::{Matrix, Quantized, WeightData, axpy, dot, exp_sum, to_f32},
 };
+
+/// Query rows of one sequence attended together (see `Llama::attention`).
+const ATTN_ROWS: usize = 4;
 
 /// Model sizes, mirrored from the GGUF `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,13 +239,7 @@ impl Llama {
                 let table = &steps[owner[r]].cache.blocks;
                 pool.write(table[pos[r] / BLOCK_SIZE], pos[r] % BLOCK_SIZE, l, kr, vr);
             }
-            let pool = &*pool;
-            let hd = c.head_dim;
-            attn.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-                let (r, h) = (i / c.n_head, i % c.n_head);
-                let table = &steps[owner[r]].cache.blocks;
-                self.attend(pool, l, table, &q[r * d + h * hd..][..hd], h, pos[r] + 1, out);
-            });
+            self.attention(pool, l, steps, &owner, &pos, &q, &mut attn);
             layer.wo.matmul(&Quantized::new(&attn, rows, d), &mut proj);
             add(&mut x, &proj);
 
@@ -288,32 +285,106 @@ impl Llama {
         }
     }
 
-    /// Causal attention of head `h` of one query row over the first `visible` positions of a sequence's blocks.
+    /// Causal attention for every row of a step. Rows of one sequence go in runs of `ATTN_ROWS`, and each task
+    /// takes a run and one key-value head: every cached block is converted from f16 once for all its rows and
+    /// for every query head that shares the key-value head (grouped-query attention), instead of once per row and
+    /// head. Each (row, head) is computed in the same order whatever else shares its task, so the result does not
+    /// depend on how rows were batched.
     #[allow(clippy::too_many_arguments)]
-    fn attend(&self, pool: &KvPool, layer: usize, table: &[u32], q: &[f32], h: usize, visible: usize, out: &mut [f32]) {
+    fn attention(
+        &self,
+        pool: &KvPool,
+        layer: usize,
+        steps: &[Step<'_>],
+        owner: &[usize],
+        pos: &[usize],
+        q: &[f32],
+        out: &mut [f32],
+    ) {
         let c = &self.config;
-        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
-        let kv = (h / (c.n_head / c.n_kv_head)) * hd;
+        let (d, hd, group) = (c.n_embd, c.head_dim, c.n_head / c.n_kv_head);
+        let mut tasks = vec![];
+        let mut start = 0;
+        while start < owner.len() {
+            let mut end = start + 1;
+            while end < owner.len() && end - start < ATTN_ROWS && owner[end] == owner[start] {
+                end += 1;
+            }
+            tasks.extend((0..c.n_kv_head).map(|g| (start..end, g)));
+            start = end;
+        }
+        let results: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|(rows, g)| self.attend(pool, layer, &steps[owner[rows.start]].cache.blocks, q, rows.clone(), pos, *g))
+            .collect();
+        for ((rows, g), result) in tasks.iter().zip(&results) {
+            for (i, r) in rows.clone().enumerate() {
+                let heads = &mut out[r * d + g * group * hd..][..group * hd];
+                heads.copy_from_slice(&result[i * group * hd..][..group * hd]);
+            }
+        }
+    }
+
+    /// Attention of `rows` (of one sequence, at positions `pos`) for the query heads of key-value head `g` over
+    /// the sequence's blocks; returns row by row, head by head, `head_dim` values each.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        pool: &KvPool,
+        layer: usize,
+        table: &[u32],
+        q: &[f32],
+        rows: std::ops::Range<usize>,
+        pos: &[usize],
+        g: usize,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (d, hd, kv_dim, group) = (c.n_embd, c.head_dim, c.kv_dim(), c.n_head / c.n_kv_head);
+        let kv = g * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let blocks = || table.iter().take(visible.div_ceil(BLOCK_SIZE)).enumerate();
-        let mut scores = vec![0f32; visible];
+        // Query `i * group + k` is row `rows.start + i`, head `g * group + k`; it sees `visible[i]` positions.
+        let visible: Vec<usize> = rows.clone().map(|r| pos[r] + 1).collect();
+        let most = visible.iter().copied().max().unwrap_or(0);
+        let queries = visible.len() * group;
+        let mut scores = vec![0f32; queries * most];
+        let mut cached = vec![0f32; BLOCK_SIZE * hd];
+        let convert = |cached: &mut [f32], block: u32, value: bool, n: usize| {
+            let src = pool.block(block, layer, value);
+            for (j, dst) in cached.chunks_exact_mut(hd).take(n).enumerate() {
+                to_f32(&src[j * kv_dim + kv..][..hd], dst);
+            }
+        };
+        let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate();
         for (b, &block) in blocks() {
-            let keys = pool.block(block, layer, false);
-            let n = (visible - b * BLOCK_SIZE).min(BLOCK_SIZE);
-            for (j, s) in scores[b * BLOCK_SIZE..][..n].iter_mut().enumerate() {
-                *s = dot_f16(q, &keys[j * kv_dim + kv..][..hd]) * scale;
+            convert(&mut cached, block, false, (most - b * BLOCK_SIZE).min(BLOCK_SIZE));
+            for (i, r) in rows.clone().enumerate() {
+                let seen = visible[i].saturating_sub(b * BLOCK_SIZE).min(BLOCK_SIZE);
+                for k in 0..group {
+                    let query = &q[r * d + (g * group + k) * hd..][..hd];
+                    let row = &mut scores[(i * group + k) * most + b * BLOCK_SIZE..][..seen];
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = dot(query, &cached[j * hd..][..hd]) * scale;
+                    }
+                }
             }
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let total = exp_sum(&mut scores, max);
-        out.fill(0.0);
+        let mut totals = vec![0f32; queries];
+        for (n, total) in totals.iter_mut().enumerate() {
+            let row = &mut scores[n * most..][..visible[n / group]];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            *total = exp_sum(row, max);
+        }
+        let mut out = vec![0f32; queries * hd];
         for (b, &block) in blocks() {
-            let values = pool.block(block, layer, true);
-            let n = (visible - b * BLOCK_SIZE).min(BLOCK_SIZE);
-            for (j, s) in scores[b * BLOCK_SIZE..][..n].iter().enumerate() {
-                axpy_f16(out, s / total, &values[j * kv_dim + kv..][..hd]);
+            convert(&mut cached, block, true, (most - b * BLOCK_SIZE).min(BLOCK_SIZE));
+            for (n, o) in out.chunks_exact_mut(hd).enumerate() {
+                let seen = visible[n / group].saturating_sub(b * BLOCK_SIZE).min(BLOCK_SIZE);
+                for (j, s) in scores[n * most + b * BLOCK_SIZE..][..seen].iter().enumerate() {
+                    axpy(o, s / totals[n], &cached[j * hd..][..hd]);
+                }
             }
         }
+        out
     }
 }
 
