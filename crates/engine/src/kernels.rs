@@ -57,22 +57,36 @@ impl<'a> Quantized<'a> {
         assert_eq!(cols % QK, 0, "row length must be a multiple of {QK}");
         let blocks = rows * cols / QK;
         let (mut d, mut s, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0i8; rows * cols]);
-        for (b, (chunk, qb)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+        let quantize_block = |((chunk, qb), (d, s)): ((&[f32], &mut [i8]), (&mut f32, &mut f32))| {
             let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
             for (v, out) in chunk.iter().zip(qb.iter_mut()) {
-                let qv = (v * inv).round() as i32;
+                // Round to nearest (ties to even) by the float trick instead of a call to `roundf`: |v · inv| ≤ 127.
+                let qv = ((v * inv + ROUNDING) - ROUNDING) as i32;
                 *out = qv as i8;
                 sum += qv;
             }
-            d[b] = scale;
-            s[b] = scale * sum as f32;
+            *d = scale;
+            *s = scale * sum as f32;
+        };
+        // Many rows (a prompt) are quantized on every thread; one row (decoding) is not worth the hand-off.
+        if rows >= TILE {
+            x.par_chunks_exact(QK)
+                .zip(q.par_chunks_exact_mut(QK))
+                .zip(d.par_iter_mut().zip(s.par_iter_mut()))
+                .with_min_len(256)
+                .for_each(quantize_block);
+        } else {
+            x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d.iter_mut().zip(s.iter_mut())).for_each(quantize_block);
         }
         Self { rows, cols, d, s, q, f: x }
     }
 }
+
+/// Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 in magnitude to the nearest integer.
+const ROUNDING: f32 = 12_582_912.0;
 
 /// Consecutive rows of `Quantized` activations: what a kernel reads.
 pub struct Rows<'a> {
@@ -126,10 +140,15 @@ impl Matrix {
                 }
             }
         });
-        for n in 0..n_rows {
-            for t in 0..t_rows {
-                out[t * n_rows + n] = transposed[n * t_rows + t];
+        let transpose = |(t, row): (usize, &mut [f32])| {
+            for (n, o) in row.iter_mut().enumerate() {
+                *o = transposed[n * t_rows + t];
             }
+        };
+        if t_rows >= TILE {
+            out.par_chunks_mut(n_rows).enumerate().for_each(transpose);
+        } else {
+            out.chunks_mut(n_rows).enumerate().for_each(transpose);
         }
     }
 
@@ -254,13 +273,7 @@ mod scalar {
     use super::*;
 
     /// Σ over blocks of `block_dot(weight block, activation block index)`, for every activation row.
-    fn rows(
-        row: &[u8],
-        block_bytes: usize,
-        x: &Rows<'_>,
-        out: &mut [f32],
-        block_dot: impl Fn(&[u8], usize) -> f32,
-    ) {
+    fn rows(row: &[u8], block_bytes: usize, x: &Rows<'_>, out: &mut [f32], block_dot: impl Fn(&[u8], usize) -> f32) {
         let blocks = x.cols / QK;
         for (t, o) in out.iter_mut().enumerate() {
             *o = (0..blocks).map(|b| block_dot(&row[b * block_bytes..][..block_bytes], t * blocks + b)).sum();
@@ -541,7 +554,11 @@ mod simd {
                 while i + 16 <= n {
                     // SAFETY: i + 16 ≤ n, the length of both slices.
                     unsafe {
-                        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
+                        acc0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(a.as_ptr().add(i)),
+                            _mm256_loadu_ps(b.as_ptr().add(i)),
+                            acc0,
+                        );
                         acc1 = _mm256_fmadd_ps(
                             _mm256_loadu_ps(a.as_ptr().add(i + 8)),
                             _mm256_loadu_ps(b.as_ptr().add(i + 8)),
@@ -607,7 +624,10 @@ mod simd {
                     // SAFETY: i + 8 ≤ n, the length of both slices.
                     unsafe {
                         let o = out.as_mut_ptr().add(i);
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(o)));
+                        _mm256_storeu_ps(
+                            o,
+                            _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(o)),
+                        );
                     }
                     i += 8;
                 }
