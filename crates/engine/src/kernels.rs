@@ -57,32 +57,35 @@ impl<'a> Quantized<'a> {
         assert_eq!(cols % QK, 0, "row length must be a multiple of {QK}");
         let blocks = rows * cols / QK;
         let (mut d, mut s, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0i8; rows * cols]);
-        let quantize_block = |((chunk, qb), (d, s)): ((&[f32], &mut [i8]), (&mut f32, &mut f32))| {
-            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (v, out) in chunk.iter().zip(qb.iter_mut()) {
-                // Round to nearest (ties to even) by the float trick instead of a call to `roundf`: |v · inv| ≤ 127.
-                let qv = ((v * inv + ROUNDING) - ROUNDING) as i32;
-                *out = qv as i8;
-                sum += qv;
-            }
-            *d = scale;
-            *s = scale * sum as f32;
-        };
         // Many rows (a prompt) are quantized on every thread; one row (decoding) is not worth the hand-off.
         if rows >= TILE {
             x.par_chunks_exact(QK)
                 .zip(q.par_chunks_exact_mut(QK))
                 .zip(d.par_iter_mut().zip(s.par_iter_mut()))
                 .with_min_len(256)
-                .for_each(quantize_block);
+                .for_each(|((x, q), (d, s))| (*d, *s) = quantize_block(x, q));
         } else {
-            x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d.iter_mut().zip(s.iter_mut())).for_each(quantize_block);
+            for ((x, q), (d, s)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d.iter_mut().zip(s.iter_mut())) {
+                (*d, *s) = quantize_block(x, q);
+            }
         }
         Self { rows, cols, d, s, q, f: x }
     }
+}
+
+/// Quantizes one block of 32 floats into `q`; returns its scale `d` and `d · Σq`.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (v, out) in x.iter().zip(q.iter_mut()) {
+        // Round to nearest (ties to even) by the float trick instead of a call to `roundf`: |v · inv| ≤ 127.
+        let qv = ((v * inv + ROUNDING) - ROUNDING) as i32;
+        *out = qv as i8;
+        sum += qv;
+    }
+    (scale, scale * sum as f32)
 }
 
 /// Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 in magnitude to the nearest integer.
