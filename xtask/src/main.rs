@@ -188,6 +188,12 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
                 forwarded.extend(["--url".into(), "http://127.0.0.1:8000".into()]);
             }
             forwarded.extend(args[1..].iter().cloned());
+            // The anchor: llama-server with 16 slots on the same model and threads, when it is built.
+            let anchor = llama_server()?;
+            if let Some(server) = &anchor {
+                forwarded.extend(["--anchor-url".into(), server.url.clone()]);
+            }
+            return status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded));
         }
         Some("sessions") => {
             forwarded.push("--http-only".into());

@@ -43,8 +43,9 @@ pub struct Args {
     /// one long system prompt.
     #[arg(long)]
     conversation: Option<usize>,
-    /// With --conversation: the same conversation (history resent) and users against this OpenAI-compatible
-    /// server, e.g. a llama-server on the same model (`cargo xtask bench conversation` starts one when built).
+    /// With --conversation or --url: the same conversation (history resent) and users, or the same chats,
+    /// against this OpenAI-compatible server, e.g. a llama-server on the same model (`cargo xtask bench
+    /// conversation` and `bench http` start one when it is built).
     #[arg(long)]
     anchor_url: Option<String>,
 }
@@ -61,7 +62,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(turns) = args.mode_overhead {
             mode_overhead(url, turns).await?;
         } else {
-            http(url, &args).await?;
+            http("moltbot", url, &args).await?;
+            if let Some(anchor) = &args.anchor_url {
+                http("anchor", anchor, &args).await?;
+            }
         }
     }
     if let Some(turns) = args.conversation {
@@ -382,32 +386,35 @@ fn peak_rss_mib() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
-async fn http(url: &str, args: &Args) -> anyhow::Result<()> {
+/// Streams chats through `url`'s OpenAI API: four one after the other, then `concurrency` at once; prints
+/// aggregate tokens/s and time to first token for each.
+async fn http(name: &str, url: &str, args: &Args) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
-    let start = Instant::now();
-    let chats = (0..args.concurrency).map(|i| {
-        let client = client.clone();
-        let body = serde_json::json!({
-            "messages": [{ "role": "user", "content": format!("Tell me a story about the number {i}.") }],
-            "max_tokens": args.tokens, "temperature": 0,
-        });
-        async move {
-            let streamed = conversation::stream_chat(&client, url, body, &[]).await?;
-            anyhow::Ok((streamed.ttft, streamed.usage["completion_tokens"].as_u64().unwrap_or(0)))
+    for (concurrency, rounds) in [(1, 4), (args.concurrency, 1)] {
+        let (mut tokens, mut ttfts, start) = (0u64, vec![], Instant::now());
+        for round in 0..rounds {
+            let chats = (0..concurrency).map(|i| {
+                let client = client.clone();
+                let body = serde_json::json!({
+                    "messages": [{ "role": "user", "content": format!("Tell me a story about the number {}.", round * concurrency + i) }],
+                    "max_tokens": args.tokens, "temperature": 0,
+                });
+                async move { conversation::stream_chat(&client, url, body, &[]).await }
+            });
+            for streamed in futures::future::join_all(chats).await {
+                let streamed = streamed?;
+                tokens += streamed.usage["completion_tokens"].as_u64().unwrap_or(streamed.pieces);
+                ttfts.push(streamed.ttft);
+            }
         }
-    });
-    let results = futures::future::join_all(chats).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    let secs = start.elapsed().as_secs_f64();
-    let tokens: u64 = results.iter().map(|r| r.1).sum();
-    let mut ttfts: Vec<f64> = results.iter().map(|r| r.0).collect();
-    ttfts.sort_by(f64::total_cmp);
-    let pick = |q: f64| quantile(&ttfts, q);
-    println!(
-        "http streaming, {} concurrent chats: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate; time to first token p50 {:.3} s, p99 {:.3} s",
-        args.concurrency,
-        tokens as f64 / secs,
-        pick(0.5),
-        pick(0.99)
-    );
+        let secs = start.elapsed().as_secs_f64();
+        ttfts.sort_by(f64::total_cmp);
+        println!(
+            "{name} http streaming, {concurrency} concurrent chat(s) x {rounds}: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate; time to first token p50 {:.3} s, p99 {:.3} s",
+            tokens as f64 / secs,
+            quantile(&ttfts, 0.5),
+            quantile(&ttfts, 0.99)
+        );
+    }
     Ok(())
 }

@@ -19,6 +19,8 @@ pub(super) struct Streamed {
     pub usage: Value,
     /// The `X-Session-Id` response header.
     pub session: Option<String>,
+    /// Chunks that carried content (about one per token), for servers that send no usage.
+    pub pieces: u64,
 }
 
 /// Streams one chat completion from `base`'s `/v1/chat/completions`.
@@ -37,7 +39,7 @@ pub(super) async fn stream_chat(
     let sent = Instant::now();
     let mut response = request.send().await?.error_for_status()?;
     let session = response.headers().get("x-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (mut ttft, mut text, mut usage) = (None, String::new(), Value::Null);
+    let (mut ttft, mut text, mut usage, mut pieces) = (None, String::new(), Value::Null, 0);
     let mut parser = crate::sse::SseParser::default();
     while let Some(chunk) = response.chunk().await? {
         for event in parser.push(&chunk) {
@@ -45,13 +47,14 @@ pub(super) async fn stream_chat(
             if let Some(piece) = value["choices"][0]["delta"]["content"].as_str().filter(|c| !c.is_empty()) {
                 ttft.get_or_insert_with(|| sent.elapsed().as_secs_f64());
                 text.push_str(piece);
+                pieces += 1;
             }
             if value["usage"].is_object() {
                 usage = value["usage"].clone();
             }
         }
     }
-    Ok(Streamed { ttft: ttft.unwrap_or_else(|| sent.elapsed().as_secs_f64()), text, usage, session })
+    Ok(Streamed { ttft: ttft.unwrap_or_else(|| sent.elapsed().as_secs_f64()), text, usage, session, pieces })
 }
 
 /// An HTTP client that opens a connection per request: some servers (llama-server among them) close kept-alive
@@ -151,16 +154,21 @@ async fn start_moltbot(caching: bool) -> anyhow::Result<(crate::Embedded, String
     Ok((moltbot, url))
 }
 
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    sum / n.max(1) as f64
-}
-
-/// Turn `turns`' time to first token against the mean of turns 2–4.
+/// The last turn's time to first token, and the median of the last three, against the median of turns 2–4 (one
+/// turn is noisy on a shared machine).
 fn growth(figures: &[Turn]) -> String {
-    let early = mean(figures.iter().skip(1).take(3).map(|t| t.ttft));
+    let median = |turns: &[Turn]| {
+        let mut v: Vec<f64> = turns.iter().map(|t| t.ttft).collect();
+        v.sort_by(f64::total_cmp);
+        quantile(&v, 0.5)
+    };
+    let (early, late) = (median(&figures[1..4]), median(&figures[figures.len() - 3..]));
     let last = figures.last().map_or(0.0, |t| t.ttft);
-    format!("turn {}: {last:.3} s, turns 2-4: {early:.3} s, ratio {:.2}", figures.len(), last / early.max(1e-9))
+    format!(
+        "turn {}: {last:.3} s; median of the last three {late:.3} s against turns 2-4 {early:.3} s: ratio {:.2}",
+        figures.len(),
+        late / early.max(1e-9)
+    )
 }
 
 fn hit_rate(figures: &[Turn]) -> String {
