@@ -564,7 +564,7 @@ impl Compute {
     /// go first meanwhile.
     fn admit(&mut self, running: &mut Vec<Active>, waiting: &mut VecDeque<Active>) {
         let mut in_flight: HashSet<u64> = if self.pool.caching() {
-            running.iter().flat_map(|a| a.cache.unregistered(&a.tokens)).collect()
+            running.iter().flat_map(|a| a.cache.unregistered(&self.pool, &a.tokens)).collect()
         } else {
             HashSet::new()
         };
@@ -572,7 +572,7 @@ impl Compute {
         while running.len() < self.max_batch_size && i < waiting.len() {
             let w = &mut waiting[i];
             let reused = w.cache.reuse_prefix(&mut self.pool, &w.tokens);
-            if w.cache.next_block(&w.tokens).is_some_and(|hash| in_flight.contains(&hash)) {
+            if w.cache.next_block(&self.pool, &w.tokens).is_some_and(|hash| in_flight.contains(&hash)) {
                 w.cache.release(&mut self.pool);
                 i += 1;
                 continue;
@@ -589,7 +589,7 @@ impl Compute {
                 a.cached_tokens = reused.min(a.prompt_tokens);
             }
             if self.pool.caching() {
-                in_flight.extend(a.cache.unregistered(&a.tokens));
+                in_flight.extend(a.cache.unregistered(&self.pool, &a.tokens));
             }
             a.admitted = std::time::Instant::now();
             running.push(a);

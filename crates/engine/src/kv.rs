@@ -12,8 +12,8 @@
 //! never evicted.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    hash::{Hash, Hasher},
+    collections::{BTreeMap, HashMap, hash_map::RandomState},
+    hash::{BuildHasher, Hash, Hasher},
 };
 
 use half::f16;
@@ -24,7 +24,8 @@ use crate::model::LlamaConfig;
 pub const BLOCK_SIZE: usize = 16;
 
 /// What identifies a registered block: the hash of its prefix, checked against the tokens themselves and the
-/// parent's hash, so that a hash collision cannot hand a sequence someone else's keys.
+/// parent's hash. The hash is SipHash with keys drawn at random for each pool, so prefixes that collide cannot be
+/// searched for from outside; an accidental collision of 64-bit hashes is what is left.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct BlockKey {
     hash: u64,
@@ -33,11 +34,9 @@ struct BlockKey {
 }
 
 impl BlockKey {
-    fn new(parent: u64, tokens: &[u32]) -> Self {
+    fn new(keys: &RandomState, parent: u64, tokens: &[u32]) -> Self {
         let tokens: [u32; BLOCK_SIZE] = tokens.try_into().expect("a whole block of tokens");
-        // SipHash with fixed keys: the same prefix gets the same hash in every run.
-        #[allow(deprecated)]
-        let mut hasher = std::hash::SipHasher::new_with_keys(0x006d_6f6c_7462_6f74, 0x6b76_2d70_7265_6678);
+        let mut hasher = keys.build_hasher();
         parent.hash(&mut hasher);
         tokens.hash(&mut hasher);
         Self { hash: hasher.finish(), parent, tokens }
@@ -76,17 +75,21 @@ pub struct KvPool {
     clock: u64,
     caching: bool,
     counters: CacheCounters,
+    /// The hash keys of this pool's prefixes.
+    keys_hasher: RandomState,
 }
 
 impl KvPool {
     /// A pool of `blocks` blocks for `config`'s model; `caching` keeps finished sequences' blocks for reuse.
     pub fn new(config: &LlamaConfig, blocks: usize, caching: bool) -> Self {
         let kv_dim = config.kv_dim();
-        // Reversed, so blocks are handed out from the start of the pool. The data is zeroed, so the operating
-        // system commits only the pages a block has used.
+        // Reversed, so blocks are handed out from the start of the pool. The data is allocated zeroed (as integers:
+        // the allocator hands out zeroed pages without writing them), so the operating system commits only the
+        // pages a block has used.
+        use half::vec::HalfBitsVecExt;
         let free = (0..blocks as u32).rev().collect();
         Self {
-            data: vec![f16::ZERO; blocks * config.n_layer * 2 * BLOCK_SIZE * kv_dim],
+            data: vec![0u16; blocks * config.n_layer * 2 * BLOCK_SIZE * kv_dim].reinterpret_into(),
             blocks,
             n_layer: config.n_layer,
             kv_dim,
@@ -99,6 +102,7 @@ impl KvPool {
             clock: 0,
             caching,
             counters: CacheCounters::default(),
+            keys_hasher: RandomState::new(),
         }
     }
 
@@ -266,7 +270,7 @@ impl KvCache {
         let whole = tokens.len().saturating_sub(1) / BLOCK_SIZE;
         if pool.caching {
             for chunk in tokens.chunks_exact(BLOCK_SIZE).take(whole) {
-                let key = BlockKey::new(self.last_hash, chunk);
+                let key = BlockKey::new(&pool.keys_hasher, self.last_hash, chunk);
                 let Some(block) = pool.lookup(&key) else { break };
                 pool.share(block);
                 self.blocks.push(block);
@@ -280,19 +284,20 @@ impl KvCache {
 
     /// The prefix hash of the block after those reused: the next whole block of `tokens` that could have come
     /// from the cache (the last token is always computed). `None` when there is none.
-    pub fn next_block(&self, tokens: &[u32]) -> Option<u64> {
+    pub fn next_block(&self, pool: &KvPool, tokens: &[u32]) -> Option<u64> {
         let at = self.hashed * BLOCK_SIZE;
-        (at + BLOCK_SIZE < tokens.len()).then(|| BlockKey::new(self.last_hash, &tokens[at..at + BLOCK_SIZE]).hash)
+        (at + BLOCK_SIZE < tokens.len())
+            .then(|| BlockKey::new(&pool.keys_hasher, self.last_hash, &tokens[at..at + BLOCK_SIZE]).hash)
     }
 
     /// The prefix hashes of the whole blocks of `tokens` that this sequence has yet to compute and register:
     /// what it will add to the cache.
-    pub fn unregistered(&self, tokens: &[u32]) -> Vec<u64> {
+    pub fn unregistered(&self, pool: &KvPool, tokens: &[u32]) -> Vec<u64> {
         let mut hash = self.last_hash;
         tokens[self.hashed * BLOCK_SIZE..]
             .chunks_exact(BLOCK_SIZE)
             .map(|chunk| {
-                hash = BlockKey::new(hash, chunk).hash;
+                hash = BlockKey::new(&pool.keys_hasher, hash, chunk).hash;
                 hash
             })
             .collect()
@@ -302,7 +307,8 @@ impl KvCache {
     /// filled since the last call.
     pub fn register_full(&mut self, pool: &mut KvPool, tokens: &[u32]) {
         while self.hashed < self.len / BLOCK_SIZE {
-            let key = BlockKey::new(self.last_hash, &tokens[self.hashed * BLOCK_SIZE..][..BLOCK_SIZE]);
+            let key =
+                BlockKey::new(&pool.keys_hasher, self.last_hash, &tokens[self.hashed * BLOCK_SIZE..][..BLOCK_SIZE]);
             self.last_hash = key.hash;
             pool.register(self.blocks[self.hashed], key);
             self.hashed += 1;

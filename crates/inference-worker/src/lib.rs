@@ -9,7 +9,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -58,6 +58,8 @@ struct JobCounts {
     completed: AtomicU64,
     cancelled: AtomicU64,
     cancelled_in_queue: AtomicU64,
+    /// Jobs running now.
+    running: AtomicUsize,
     /// Conversations (`affinity::conversation_key`) this worker ran lately, and when.
     conversations: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
 }
@@ -114,7 +116,9 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.engine.max_sequences()));
         tracing::info!(worker_id = %self.id, model = %self.engine.name(), slots = self.engine.max_sequences(), "taking jobs");
         let offers = queue.offers(self.engine.name(), &self.id).await?;
-        let offers = offers.map(|offers| tokio::spawn(self.clone().take_offers(offers, slots.clone())));
+        let no_more_offers = CancellationToken::new();
+        let offers =
+            offers.map(|offers| tokio::spawn(self.clone().take_offers(offers, slots.clone(), no_more_offers.clone())));
         let announcing = tokio::spawn(self.clone().announce(queue.clone()));
         loop {
             let permit = tokio::select! {
@@ -142,8 +146,10 @@ impl Worker {
         // Drain: no more offers, and running jobs finish (their requesters are waiting for them) before the worker
         // goes. An offer cut short goes unanswered; its requester queues the job.
         announcing.abort();
+        no_more_offers.cancel();
         if let Some(offers) = offers {
-            offers.abort();
+            // An offer being answered is seen through; an answered one holds its slot until its job ends.
+            let _ = offers.await;
         }
         tracing::info!(worker_id = %self.id, "stopping: taking no more jobs, finishing the running ones");
         let _ = slots.acquire_many(self.engine.max_sequences() as u32).await;
@@ -165,11 +171,16 @@ impl Worker {
     /// any turn of a conversation it ran lately (it likely holds the prefix), and a new conversation only while
     /// it runs fewer jobs than a quarter of its slots, so that conversations that all prefer it still spread.
     /// Declined offers go to the shared queue.
-    async fn take_offers(self, mut offers: moltbot_queue::Offers, slots: Arc<Semaphore>) {
+    async fn take_offers(self, mut offers: moltbot_queue::Offers, slots: Arc<Semaphore>, stop: CancellationToken) {
         let max = self.engine.max_sequences();
-        while let Some(offer) = offers.next().await {
+        loop {
+            let offer = tokio::select! {
+                () = stop.cancelled() => return,
+                offer = offers.next() => match offer { Some(offer) => offer, None => return },
+            };
             let known = offer.conversation().is_some_and(|key| self.jobs.ran_lately(key));
-            let light = max - slots.available_permits() < max.div_ceil(4);
+            // Jobs running, not slots taken: the pull loop holds a slot while it waits for a job.
+            let light = self.jobs.running.load(Ordering::Relaxed) < max.div_ceil(4);
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) if self.engine.stats().waiting == 0 && (known || light) => permit,
                 _ => {
@@ -197,6 +208,7 @@ impl Worker {
         if let Some(key) = moltbot_queue::affinity::conversation_key(&request) {
             self.jobs.ran(key);
         }
+        self.jobs.running.fetch_add(1, Ordering::Relaxed);
         let cancelled = if received.cancelled.is_cancelled() {
             tracing::info!(request_id = %request.request_id, "dropping a job cancelled while it waited in the queue");
             self.jobs.cancelled_in_queue.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +220,7 @@ impl Worker {
             self.jobs.cancelled.fetch_add(1, Ordering::Relaxed);
         }
         self.jobs.completed.fetch_add(1, Ordering::Relaxed);
+        self.jobs.running.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Generates `request` and publishes its events; returns whether a cancel stopped it.

@@ -220,7 +220,11 @@ impl NatsQueue {
             }
             Ok(Ok(_busy)) => {}
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => self.workers.forget(&model, worker),
-            Ok(Err(error)) => tracing::debug!(%error, %worker, "offer failed; queueing the job"),
+            // The offer may have reached the worker: a cancel under its key stops it there.
+            Ok(Err(error)) => {
+                tracing::debug!(%error, %worker, "offer failed; queueing the job");
+                self.cancel(key, &request_id).await;
+            }
             // The worker may still take it: a cancel under the offer's key stops it there.
             Err(_) => {
                 tracing::warn!(%worker, %request_id, "a worker did not answer an offer within 1 s; queueing the job");
@@ -283,8 +287,12 @@ impl NatsQueue {
 
     /// The offers of jobs meant for `worker`.
     pub(crate) async fn offers(&self, model: &str, worker: &str) -> Result<NatsOffers> {
-        let subscriber =
-            self.client.subscribe(offer_subject(model, worker)).await.map_err(|e| Error::Nats(e.to_string()))?;
+        // A queue group: should two processes share a worker id, each offer still reaches one of them.
+        let subscriber = self
+            .client
+            .queue_subscribe(offer_subject(model, worker), "offers".into())
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
         Ok(NatsOffers { queue: self.clone(), subscriber })
     }
 
@@ -454,12 +462,15 @@ impl Offer {
         self.job.request.as_ref().and_then(affinity::conversation_key)
     }
 
-    /// Takes the job: its cancel is watched before the requester hears it was taken.
+    /// Takes the job: its cancel is watched before the requester hears it was taken. Once the answer is sent the
+    /// job is this worker's, whatever happens to the flush: the requester waits for its events.
     pub async fn accept(self) -> Result<ReceivedJob> {
         let client = self.queue.client.clone();
         let received = self.queue.receive(self.job).await?;
         client.publish(self.reply, TAKEN.into()).await.map_err(|e| Error::Nats(e.to_string()))?;
-        client.flush().await.map_err(|e| Error::Nats(e.to_string()))?;
+        if let Err(error) = client.flush().await {
+            tracing::warn!(%error, "cannot flush the answer to an offer; running the job anyway");
+        }
         Ok(received)
     }
 
