@@ -26,6 +26,15 @@ fn hasher() -> impl Hasher {
     std::hash::SipHasher::new_with_keys(0x6166_6669_6e69_7479, 0x006d_6f6c_7462_6f74)
 }
 
+/// Whether a request continues a conversation (an answer follows its first user message). Only such turns
+/// prefer a worker: a first turn has nothing cached anywhere, and many users open with the same words, so it goes
+/// wherever a slot is free (and where it ran is remembered for the next turn).
+pub fn follows_up(request: &GenerateRequest) -> bool {
+    let Some(Input::Chat(chat)) = &request.input else { return false };
+    let first_user = chat.messages.iter().position(|m| m.role == "user");
+    first_user.is_some_and(|at| chat.messages[at..].iter().any(|m| m.role == "assistant"))
+}
+
 /// What identifies a conversation: its leading system messages and first user message. `None` for a raw text
 /// prompt or a chat without a user message.
 pub fn conversation_key(request: &GenerateRequest) -> Option<u64> {
@@ -137,13 +146,25 @@ mod tests {
 
     #[test]
     fn every_turn_of_a_conversation_has_its_key_and_other_conversations_differ() {
-        let first = chat(&[("system", "Be brief."), ("user", "Hi, I am Ann.")]);
-        let later =
+        let second =
             chat(&[("system", "Be brief."), ("user", "Hi, I am Ann."), ("assistant", "Hello!"), ("user", "Bye")]);
-        let other = chat(&[("system", "Be brief."), ("user", "Hi, I am Bob.")]);
-        assert_eq!(conversation_key(&first), conversation_key(&later));
-        assert_ne!(conversation_key(&first), conversation_key(&other));
+        let third = chat(&[
+            ("system", "Be brief."),
+            ("user", "Hi, I am Ann."),
+            ("assistant", "Hello!"),
+            ("user", "Bye"),
+            ("assistant", "Bye!"),
+            ("user", "?"),
+        ]);
+        let other = chat(&[("system", "Be brief."), ("user", "Hi, I am Bob."), ("assistant", "Hi"), ("user", "Bye")]);
+        let first = chat(&[("system", "Be brief."), ("user", "Hi, I am Ann.")]);
+        assert!(conversation_key(&first).is_some());
+        assert_eq!(conversation_key(&first), conversation_key(&second));
+        assert_eq!(conversation_key(&second), conversation_key(&third));
+        assert_ne!(conversation_key(&second), conversation_key(&other));
         assert_eq!(conversation_key(&chat(&[("system", "no user yet")])), None);
+        // A first turn has no preference: many users open alike, and nothing of it is cached yet.
+        assert!(!follows_up(&first) && follows_up(&second) && follows_up(&third));
     }
 
     #[test]

@@ -162,6 +162,7 @@ impl NatsQueue {
         let key = attempt_key(&request_id, job.attempt);
         // A first attempt goes to the worker its conversation prefers, when that worker takes it now.
         if job.attempt == 0
+            && affinity::follows_up(request)
             && let Some(worker) = conversation.and_then(|k| self.workers.preferred(&model, k))
             && let Some(events) = self.offer(&job, &format!("{key}-o"), &worker, conversation).await?
         {
