@@ -563,6 +563,10 @@ impl Compute {
     /// (sixteen users arriving together behind one long system prompt compute it once); requests behind it may
     /// go first meanwhile.
     fn admit(&mut self, running: &mut Vec<Active>, waiting: &mut VecDeque<Active>) {
+        // Nothing to admit (most steps while streams decode): no prefix hashing on the step loop.
+        if waiting.is_empty() || running.len() >= self.max_batch_size {
+            return;
+        }
         let mut in_flight: HashSet<u64> = if self.pool.caching() {
             running.iter().flat_map(|a| a.cache.unregistered(&self.pool, &a.tokens)).collect()
         } else {

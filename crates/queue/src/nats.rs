@@ -168,12 +168,7 @@ impl NatsQueue {
         {
             return Ok(events);
         }
-        let mut job = job;
-        job.reply_subject = format!("moltbot.events.{key}");
-        let payload = job.encode_to_vec();
-        self.fits(&payload)?;
-        // Subscribe before publishing so that no event can be missed.
-        let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let (payload, events) = self.addressed(job, &key).await?;
         let publish = jetstream::message::PublishMessage::build().payload(payload.into()).message_id(key.clone());
         let ack = self.js.send_publish(subject, publish).await.map_err(|e| Error::Nats(e.to_string()))?;
         ack.await.map_err(|e| match e.kind() {
@@ -188,13 +183,17 @@ impl NatsQueue {
         Ok(self.job_events(events, key, request_id, model, conversation))
     }
 
-    /// Refuses a job larger than the server takes.
-    fn fits(&self, payload: &[u8]) -> Result<()> {
+    /// `job` with its events addressed to the attempt `key`, encoded, and the subscription to those events, made
+    /// before the job is sent so that no event can be missed. A job larger than the server takes is refused.
+    async fn addressed(&self, mut job: InferenceJob, key: &str) -> Result<(Vec<u8>, async_nats::Subscriber)> {
+        job.reply_subject = format!("moltbot.events.{key}");
+        let payload = job.encode_to_vec();
         let max_payload = self.client.server_info().max_payload;
         if max_payload > 0 && payload.len() > max_payload {
             return Err(Error::TooLarge { bytes: payload.len(), max: max_payload });
         }
-        Ok(())
+        let events = self.client.subscribe(job.reply_subject).await.map_err(|e| Error::Nats(e.to_string()))?;
+        Ok((payload, events))
     }
 
     /// Offers `job` to `worker` under `key`; its events when the worker took it, `None` when the job should go
@@ -208,11 +207,7 @@ impl NatsQueue {
     ) -> Result<Option<JobEvents>> {
         let request = job.request.as_ref().expect("checked by submit");
         let (request_id, model) = (request.request_id.clone(), subject_token(&request.model));
-        let mut job = job.clone();
-        job.reply_subject = format!("moltbot.events.{key}");
-        let payload = job.encode_to_vec();
-        self.fits(&payload)?;
-        let events = self.client.subscribe(job.reply_subject.clone()).await.map_err(|e| Error::Nats(e.to_string()))?;
+        let (payload, events) = self.addressed(job.clone(), key).await?;
         let asked = self.client.request(offer_subject(&request.model, worker), payload.into());
         match tokio::time::timeout(OFFER_TIMEOUT, asked).await {
             Ok(Ok(answer)) if answer.payload.as_ref() == TAKEN => {
