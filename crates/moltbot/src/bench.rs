@@ -40,7 +40,7 @@ pub struct Args {
     mode_overhead: Option<usize>,
     /// Start MoltBot in this process (prefix caching on, then off) and time each turn of a conversation of this
     /// many turns, resending the history and with a server-side session; then `concurrency` users at once behind
-    /// one long system prompt.
+    /// one long system prompt. With --url: `concurrency` such conversations at once through that MoltBot.
     #[arg(long)]
     conversation: Option<usize>,
     /// With --conversation or --url: the same conversation (history resent) and users, or the same chats,
@@ -58,7 +58,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.http_only {
         engine(&args).await?;
     }
-    if let Some(url) = &args.url {
+    if let Some(turns) = args.conversation {
+        match &args.url {
+            Some(url) => conversation::through(url, turns, args.concurrency).await?,
+            None => conversation::run(turns, args.concurrency, args.anchor_url.as_deref()).await?,
+        }
+    } else if let Some(url) = &args.url {
         if let Some(turns) = args.mode_overhead {
             mode_overhead(url, turns).await?;
         } else {
@@ -67,9 +72,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 http("anchor", anchor, &args).await?;
             }
         }
-    }
-    if let Some(turns) = args.conversation {
-        conversation::run(turns, args.concurrency, args.anchor_url.as_deref()).await?;
     }
     if let Some(n) = args.gateway_overhead {
         gateway_overhead(n).await?;
@@ -248,6 +250,7 @@ async fn mode_overhead(url: &str, turns: usize) -> anyhow::Result<()> {
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
     let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
+    let model_path = model_path.as_path();
     // Without the prefix cache: every run computes its whole prompt (`bench conversation` measures the cache).
     let config = EngineConfig {
         max_batch_size: args.concurrency.max(16),
@@ -338,6 +341,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         );
     }
     ttft_under_load(&engine, &ids[..64], args).await?;
+    follow_up(model_path, &ids, repeat).await?;
     let stats = engine.stats();
     println!(
         "peak RSS: {} MiB (KV cache: {} blocks of {} positions, {} preemptions)",
@@ -346,6 +350,45 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         moltbot_engine::model::BLOCK_SIZE,
         stats.preemptions
     );
+    Ok(())
+}
+
+/// A conversation's next turn: 32 new prompt tokens after a cached prefix of 64 and of 1024 tokens (the prefix is
+/// read once beforehand; each run's new tokens differ). Median time to the first token of each, and their ratio:
+/// what attending to a long history adds when only the new turn is computed. llama-bench's `pp32 @ d64` and
+/// `pp32 @ d1024` are the anchor.
+async fn follow_up(model_path: &std::path::Path, ids: &[u32], repeat: usize) -> anyhow::Result<()> {
+    let engine = Engine::load(EngineConfig { prefix_caching: true, ..EngineConfig::new(model_path) })?;
+    let others =
+        engine.tokenizer().encode(&"a small red hen finds seven grains of wheat near an old mill ".repeat(40))?;
+    let mut medians = vec![];
+    for depth in [64, 1024] {
+        let prefix = engine.tokenizer().decode(&ids[..depth], false)?;
+        engine
+            .submit(GenerationRequest { prompt: Prompt::Text(prefix.clone()), sampling: greedy(1) })?
+            .collect()
+            .await?;
+        let (mut secs, mut cached) = (vec![], 0);
+        for r in 0..repeat {
+            let new = engine.tokenizer().decode(&others[r * 32..(r + 1) * 32], false)?;
+            let start = Instant::now();
+            let g = engine
+                .submit(GenerationRequest { prompt: Prompt::Text(prefix.clone() + &new), sampling: greedy(1) })?;
+            let (_, _, usage) = g.collect().await?;
+            secs.push(start.elapsed().as_secs_f64());
+            cached = usage.cached_tokens;
+        }
+        secs.sort_by(f64::total_cmp);
+        let median = quantile(&secs, 0.5);
+        println!(
+            "engine follow-up turn, 32 new tokens after {depth} cached ({cached} reused): {:.1} ms (runs from {:.1} to {:.1})",
+            median * 1e3,
+            secs[0] * 1e3,
+            secs[secs.len() - 1] * 1e3
+        );
+        medians.push(median);
+    }
+    println!("engine follow-up turn: after 1024 cached tokens {:.2}x the time after 64", medians[1] / medians[0]);
     Ok(())
 }
 

@@ -90,7 +90,12 @@ async fn model_name(client: &reqwest::Client, base: &str) -> anyhow::Result<Stri
 }
 
 /// A conversation of `turns` turns; `topic` makes its first message differ from other runs'.
-async fn conversation(base: &str, turns: usize, keeping: Keeping, topic: &str) -> anyhow::Result<Vec<Turn>> {
+async fn conversation(
+    base: &str,
+    turns: usize,
+    keeping: Keeping,
+    topic: impl std::fmt::Display,
+) -> anyhow::Result<Vec<Turn>> {
     let client = fresh_connections();
     let model = model_name(&client, base).await?;
     let (mut history, mut session, mut figures) = (vec![], None::<String>, vec![]);
@@ -176,6 +181,36 @@ fn hit_rate(figures: &[Turn]) -> String {
     format!("{cached} of {prompt} prompt tokens from the cache ({:.0} %)", 100.0 * cached as f64 / prompt.max(1) as f64)
 }
 
+/// `conversations` conversations at once through a running MoltBot at `url` (the distributed shape that `cargo
+/// xtask bench conversation --workers 2` starts), first resending their histories, then with server-side sessions:
+/// each turn's median time to first token, and how much of each prompt the cache supplied after the first turn
+/// (every turn that reaches a worker not holding its conversation's blocks computes its whole history again).
+pub async fn through(url: &str, turns: usize, conversations: usize) -> anyhow::Result<()> {
+    let turns = turns.max(4);
+    println!("{conversations} conversations of {turns} turns at once through {url}, {ANSWER_TOKENS}-token answers");
+    for (keeping, name) in [(Keeping::History, "history"), (Keeping::Session, "session")] {
+        let runs = (0..conversations).map(|c| conversation(url, turns, keeping, format!("{name}-{c}")));
+        let runs: Vec<Vec<Turn>> = futures::future::try_join_all(runs).await?;
+        let medians: Vec<Turn> = (0..turns)
+            .map(|k| {
+                let mut ttfts: Vec<f64> = runs.iter().map(|r| r[k].ttft).collect();
+                ttfts.sort_by(f64::total_cmp);
+                let (prompt, cached) =
+                    runs.iter().fold((0, 0), |(p, c), r| (p + r[k].prompt_tokens, c + r[k].cached_tokens));
+                Turn { ttft: quantile(&ttfts, 0.5), prompt_tokens: prompt, cached_tokens: cached }
+            })
+            .collect();
+        println!(
+            "{name}: turn | median time to first token (s) | prompt tokens of all {conversations} | from the cache"
+        );
+        for (k, t) in medians.iter().enumerate() {
+            println!("{:>4} | {:.3} | {} | {}", k + 1, t.ttft, t.prompt_tokens, t.cached_tokens);
+        }
+        println!("{name}: {}; turns 2-{turns}: {}", growth(&medians), hit_rate(&medians[1..]));
+    }
+    Ok(())
+}
+
 pub async fn run(turns: usize, users: usize, anchor: Option<&str>) -> anyhow::Result<()> {
     let turns = turns.max(4);
     let mut columns: Vec<(String, Vec<Turn>)> = vec![];
@@ -194,7 +229,10 @@ pub async fn run(turns: usize, users: usize, anchor: Option<&str>) -> anyhow::Re
         columns.push(("anchor history".into(), conversation(anchor, turns, Keeping::History, "history").await?));
         crowds.push(("anchor".into(), shared_prompt(anchor, users).await?));
     }
-    println!("{turns}-turn conversation, {ANSWER_TOKENS}-token answers: time to first token (s) of each turn");
+    println!(
+        "{turns}-turn conversation, {ANSWER_TOKENS}-token answers: time to first token (s) of each turn (prompt tokens \
+         computed; the anchor reports none)"
+    );
     print!("turn");
     for (name, _) in &columns {
         print!(" | {name}");
@@ -203,7 +241,8 @@ pub async fn run(turns: usize, users: usize, anchor: Option<&str>) -> anyhow::Re
     for k in 0..turns {
         print!("{:>4}", k + 1);
         for (_, figures) in &columns {
-            print!(" | {:.3}", figures[k].ttft);
+            let t = figures[k];
+            print!(" | {:.3} ({})", t.ttft, t.prompt_tokens.saturating_sub(t.cached_tokens));
         }
         println!();
     }
