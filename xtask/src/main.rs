@@ -259,7 +259,7 @@ fn distributed_conversation(args: &[String]) -> anyhow::Result<()> {
     let config = root().join("config/config.example.yaml");
     let ports = shape::Ports::free(workers)?;
     let env = [("MOLTBOT_INFERENCE_WORKER__THREADS", threads.as_str())];
-    let shape = shape::start(&root().join("target/release"), &config, &state, &ports, workers, &env)?;
+    let shape = shape::start(&root().join("target/release"), &config, &state, &ports, workers, &env, "warn")?;
     eprintln!("bench: {workers} workers ({threads} threads each) behind the gateway at {}", shape.gateway);
     // Workers announce themselves every 2 s; the dialogue-manager sends follow-up turns by what it has heard.
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -454,6 +454,7 @@ fn dev() -> anyhow::Result<()> {
         &shape::Ports::fixed(),
         1,
         &[],
+        "info",
     )?;
     eprintln!(
         "dev: Redis :6379, NATS :4222, session-store :50052, worker :50053, dialogue-manager :50051, gateway :8000"

@@ -78,7 +78,7 @@ pub struct Shape {
 
 /// Starts Redis and NATS (state under `state`), then the services from `bin` with `config`: a session-store,
 /// `workers` inference-workers (`worker-1` …, each with `env`), a dialogue-manager and a gateway. Returns once the
-/// gateway lists a model.
+/// gateway lists a model. The services log at `log` (`MOLTBOT_LOG__LEVEL` wins).
 pub fn start(
     bin: &Path,
     config: &Path,
@@ -86,6 +86,7 @@ pub fn start(
     ports: &Ports,
     workers: usize,
     env: &[(&str, &str)],
+    log: &str,
 ) -> anyhow::Result<Shape> {
     std::fs::create_dir_all(state.join("nats"))?;
     let mut children = Children(vec![]);
@@ -106,7 +107,15 @@ pub fn start(
             .spawn()
             .context("cannot start nats-server (apt-get install -y nats-server)")?,
     );
-    std::thread::sleep(Duration::from_secs(1));
+    for (name, port) in [("redis-server", ports.redis), ("nats-server", ports.nats)] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("{name} did not listen on port {port} within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let url = |port: u16| format!("http://127.0.0.1:{port}");
     let common = [
         ("MOLTBOT_SESSION_STORE__SESSION_STORE_TYPE", "redis".to_owned()),
@@ -118,6 +127,7 @@ pub fn start(
         ("MOLTBOT_GATEWAY__LISTEN", format!("127.0.0.1:{}", ports.gateway)),
         ("MOLTBOT_GATEWAY__METRICS_LISTEN", format!("127.0.0.1:{}", ports.metrics)),
         ("MOLTBOT_GATEWAY__DIALOGUE_MANAGER_URL", url(ports.dialogue_manager)),
+        ("MOLTBOT_LOG__LEVEL", std::env::var("MOLTBOT_LOG__LEVEL").unwrap_or_else(|_| log.to_owned())),
     ];
     let mut services: Vec<(&str, Vec<(String, String)>)> = vec![("moltbot-session-store", vec![])];
     for k in 0..workers {
