@@ -513,32 +513,56 @@ mod simd {
             (@q4_1, $features:literal, $dot:ident) => {
                 #[target_feature(enable = $features)]
                 pub unsafe fn q4_1_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                    let mut t0 = 0;
+                    while t0 < x.rows {
+                        let n = (x.rows - t0).min(TILE);
+                        // SAFETY: rows t0..t0 + n exist (the caller's `x` and `out` agree on rows).
+                        unsafe {
+                            match n {
+                                4 => q4_1_tile::<4>(row, x, t0, out),
+                                3 => q4_1_tile::<3>(row, x, t0, out),
+                                2 => q4_1_tile::<2>(row, x, t0, out),
+                                _ => q4_1_tile::<1>(row, x, t0, out),
+                            }
+                        }
+                        t0 += n;
+                    }
+                }
+
+                /// Activation rows `t0..t0 + N` against one weight row. The row loop is unrolled (N is a
+                /// constant), so the accumulators stay in registers; each row's sums are taken in the same order
+                /// whatever N is.
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn q4_1_tile<const N: usize>(row: &[u8], x: &Rows<'_>, t0: usize, out: &mut [f32]) {
+                    const { assert!(N <= TILE) };
                     let blocks = x.cols / QK;
+                    assert!(row.len() >= blocks * Q4_1_BYTES && out.len() >= t0 + N);
+                    assert!(x.q.len() >= (t0 + N) * blocks * QK && x.d.len().min(x.s.len()) >= (t0 + N) * blocks);
                     let mask = _mm_set1_epi8(0x0f);
-                    for t0 in (0..x.rows).step_by(TILE) {
-                        let tiles = (x.rows - t0).min(TILE);
-                        let mut acc = [_mm256_setzero_ps(); TILE];
-                        let mut offset = [0f32; TILE];
-                        for b in 0..blocks {
-                            let w = &row[b * Q4_1_BYTES..][..Q4_1_BYTES];
-                            let (d, m) = f16_pair(w);
-                            // SAFETY: `w` holds 20 bytes; bytes 4..20 are the 16 bytes of nibbles.
-                            let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(4).cast()) };
+                    let mut acc = [_mm256_setzero_ps(); N];
+                    let mut offset = [0f32; N];
+                    let (q, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+                    for b in 0..blocks {
+                        // SAFETY: block b of the row, and of rows t0..t0 + N, are in bounds (asserted above).
+                        unsafe {
+                            let w = row.as_ptr().add(b * Q4_1_BYTES);
+                            let (d, m) = f16_pair(std::slice::from_raw_parts(w, 4));
+                            let packed = _mm_loadu_si128(w.add(4).cast());
                             let lo = _mm_and_si128(packed, mask);
                             let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
                             let nibbles = _mm256_set_m128i(hi, lo);
-                            for i in 0..tiles {
+                            for i in 0..N {
                                 let xb = (t0 + i) * blocks + b;
-                                // SAFETY: block `xb` has 32 quantized values.
-                                let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                                let scale = _mm256_set1_ps(d * x.d[xb]);
-                                acc[i] = _mm256_fmadd_ps(scale, $dot(nibbles, q), acc[i]);
-                                offset[i] += m * x.s[xb];
+                                let qv = _mm256_loadu_si256(q.add(xb * QK).cast());
+                                let scale = _mm256_set1_ps(d * *xd.add(xb));
+                                acc[i] = _mm256_fmadd_ps(scale, $dot(nibbles, qv), acc[i]);
+                                offset[i] += m * *xs.add(xb);
                             }
                         }
-                        for i in 0..tiles {
-                            out[t0 + i] = hsum(acc[i]) + offset[i];
-                        }
+                    }
+                    for i in 0..N {
+                        out[t0 + i] = hsum(acc[i]) + offset[i];
                     }
                 }
             };

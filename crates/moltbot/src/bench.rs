@@ -360,7 +360,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
 async fn follow_up(model_path: &std::path::Path, ids: &[u32], repeat: usize) -> anyhow::Result<()> {
     let engine = Engine::load(EngineConfig { prefix_caching: true, ..EngineConfig::new(model_path) })?;
     let others =
-        engine.tokenizer().encode(&"a small red hen finds seven grains of wheat near an old mill ".repeat(40))?;
+        engine.tokenizer().encode(&"a small red hen finds seven grains of wheat near an old mill ".repeat(200))?;
     let mut medians = vec![];
     for depth in [64, 1024] {
         let prefix = engine.tokenizer().decode(&ids[..depth], false)?;
@@ -369,7 +369,7 @@ async fn follow_up(model_path: &std::path::Path, ids: &[u32], repeat: usize) -> 
             .collect()
             .await?;
         let (mut secs, mut cached) = (vec![], 0);
-        for r in 0..repeat {
+        for r in 0..repeat.min(others.len() / 32) {
             let new = engine.tokenizer().decode(&others[r * 32..(r + 1) * 32], false)?;
             let start = Instant::now();
             let g = engine
