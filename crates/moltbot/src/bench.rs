@@ -432,7 +432,7 @@ fn peak_rss_mib() -> u64 {
 /// Streams chats through `url`'s OpenAI API: four one after the other, then `concurrency` at once; prints
 /// aggregate tokens/s and time to first token for each.
 async fn http(name: &str, url: &str, args: &Args) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let client = conversation::fresh_connections();
     for (concurrency, rounds) in [(1, 4), (args.concurrency, 1)] {
         let (mut tokens, mut ttfts, start) = (0u64, vec![], Instant::now());
         for round in 0..rounds {

@@ -60,7 +60,7 @@ pub(super) async fn stream_chat(
 /// An HTTP client that opens a connection per request: some servers (llama-server among them) close kept-alive
 /// connections after a few requests, which a pooled client can hit mid-send; on the loopback a connection costs
 /// nothing next to a turn.
-fn fresh_connections() -> reqwest::Client {
+pub(super) fn fresh_connections() -> reqwest::Client {
     reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("a default HTTP client")
 }
 
