@@ -546,7 +546,7 @@ impl Compute {
             {
                 tracing::error!(error = %e, "generation step failed");
                 for mut a in running.drain(..) {
-                    a.cache.release(&mut self.pool);
+                    a.cache.release(&mut self.pool, &a.tokens);
                     let _ = a.events.send(GenerationEvent::Failed(e.to_string()));
                 }
             }
@@ -577,13 +577,13 @@ impl Compute {
             let w = &mut waiting[i];
             let reused = w.cache.reuse_prefix(&mut self.pool, &w.tokens);
             if w.cache.next_block(&self.pool, &w.tokens).is_some_and(|hash| in_flight.contains(&hash)) {
-                w.cache.release(&mut self.pool);
+                w.cache.release(&mut self.pool, &w.tokens);
                 i += 1;
                 continue;
             }
             let pending = w.pending();
             if !w.cache.reserve(&mut self.pool, pending) {
-                w.cache.release(&mut self.pool);
+                w.cache.release(&mut self.pool, &w.tokens);
                 break;
             }
             self.pool.record_lookup(w.tokens.len(), reused);
@@ -633,7 +633,7 @@ impl Compute {
 
     /// Frees what a sequence that leaves holds.
     fn retire(&mut self, a: &mut Active) {
-        a.cache.release(&mut self.pool);
+        a.cache.release(&mut self.pool, &a.tokens);
         if std::mem::take(&mut a.queued) {
             self.stats.queued.fetch_sub(1, Relaxed);
         }
@@ -652,7 +652,7 @@ impl Compute {
                 continue;
             }
             let mut victim = running.pop().expect("running is not empty");
-            victim.cache.release(&mut self.pool);
+            victim.cache.release(&mut self.pool, &victim.tokens);
             self.stats.preemptions.fetch_add(1, Relaxed);
             tracing::debug!(arrival = victim.arrival, tokens = victim.tokens.len(), "preempted: KV cache full");
             waiting.push_front(victim);

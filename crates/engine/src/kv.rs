@@ -9,7 +9,10 @@
 //! a new sequence whose prompt starts with the same tokens takes those blocks instead of computing them again
 //! (the keys and values of a position depend only on the tokens up to it, so the result is the same to the bit).
 //! Blocks no sequence uses are evicted least recently used first when the pool needs room; a block in use is
-//! never evicted.
+//! never evicted. A leaving sequence's partly filled last block is kept as well (a *tail*, filed under the prefix
+//! hash of the blocks before it); the next sequence that continues those tokens takes it over, so a
+//! conversation's next turn computes only its new tokens (llama.cpp's slot reuse gets the same by keeping the
+//! whole slot).
 
 use std::{
     collections::{BTreeMap, HashMap, hash_map::RandomState},
@@ -66,6 +69,11 @@ pub struct KvPool {
     refs: Vec<u32>,
     /// The key of each registered block.
     keys: Vec<Option<BlockKey>>,
+    /// Partly filled last blocks of sequences that left ("tails"), by the prefix hash of the whole blocks before
+    /// them, with the tokens they hold: a conversation's next turn continues its last one mid-block.
+    tails: HashMap<u64, (u32, Vec<u32>)>,
+    /// For a block kept as a tail, the prefix hash it is filed under.
+    tail_of: Vec<Option<u64>>,
     /// Registered blocks by hash.
     cached: HashMap<u64, u32>,
     /// Registered blocks no sequence uses, by when they were last let go: the first is evicted first.
@@ -96,6 +104,8 @@ impl KvPool {
             free,
             refs: vec![0; blocks],
             keys: vec![None; blocks],
+            tails: HashMap::new(),
+            tail_of: vec![None; blocks],
             cached: HashMap::new(),
             unused: BTreeMap::new(),
             released_at: vec![0; blocks],
@@ -158,8 +168,11 @@ impl KvPool {
             Some(block) => block,
             None => {
                 let (_, block) = self.unused.pop_first()?;
-                let key = self.keys[block as usize].take().expect("an unused cached block has a key");
-                self.cached.remove(&key.hash);
+                match (self.keys[block as usize].take(), self.tail_of[block as usize].take()) {
+                    (Some(key), _) => drop(self.cached.remove(&key.hash)),
+                    (None, Some(parent)) => drop(self.tails.remove(&parent)),
+                    (None, None) => unreachable!("an unused cached block is registered or a tail"),
+                }
                 self.counters.evictions += 1;
                 block
             }
@@ -191,6 +204,42 @@ impl KvPool {
         } else {
             self.free.push(block);
         }
+    }
+
+    /// Keeps a leaving sequence's partly filled last block as a tail under `parent` (the prefix hash of the whole
+    /// blocks before it), holding `tokens`; it is evicted like an unused cached block. A tail already kept under
+    /// the same prefix is replaced by the longer of the two.
+    fn keep_tail(&mut self, block: u32, parent: u64, tokens: &[u32]) {
+        debug_assert_eq!(self.refs[block as usize], 1, "a partly filled block is never shared");
+        if self.tails.get(&parent).is_some_and(|(_, held)| held.len() >= tokens.len()) {
+            self.put(block);
+            return;
+        }
+        if let Some((old, _)) = self.tails.remove(&parent) {
+            self.unused.remove(&self.released_at[old as usize]);
+            self.tail_of[old as usize] = None;
+            self.free.push(old);
+        }
+        self.refs[block as usize] = 0;
+        self.tails.insert(parent, (block, tokens.to_vec()));
+        self.tail_of[block as usize] = Some(parent);
+        self.clock += 1;
+        self.released_at[block as usize] = self.clock;
+        self.unused.insert(self.clock, block);
+    }
+
+    /// How many of `tokens` the tail kept under `parent` holds (its leading tokens that equal theirs).
+    fn tail_match(&self, parent: u64, tokens: &[u32]) -> usize {
+        self.tails.get(&parent).map_or(0, |(_, held)| held.iter().zip(tokens).take_while(|(a, b)| a == b).count())
+    }
+
+    /// Takes the tail kept under `parent` for a sequence's own (its positions past the match get overwritten).
+    fn claim_tail(&mut self, parent: u64) -> Option<u32> {
+        let (block, _) = self.tails.remove(&parent)?;
+        self.unused.remove(&self.released_at[block as usize]);
+        self.tail_of[block as usize] = None;
+        self.refs[block as usize] = 1;
+        Some(block)
     }
 
     /// Counts an admitted sequence's lookup: `tokens` looked up, `hit` of them found.
@@ -263,8 +312,9 @@ impl KvCache {
         true
     }
 
-    /// For an empty cache: takes every cached block that continues `tokens`' prefix, leaving at least the last
-    /// token to compute (its logits are needed). Returns the positions now in the cache.
+    /// For an empty cache: takes every cached block that continues `tokens`' prefix, then the tail kept after
+    /// them if it starts with the next tokens, leaving at least the last token to compute (its logits are
+    /// needed). Returns the positions now in the cache.
     pub fn reuse_prefix(&mut self, pool: &mut KvPool, tokens: &[u32]) -> usize {
         debug_assert!(self.blocks.is_empty(), "only an empty cache reuses a prefix");
         let whole = tokens.len().saturating_sub(1) / BLOCK_SIZE;
@@ -279,6 +329,15 @@ impl KvCache {
         }
         self.hashed = self.blocks.len();
         self.len = self.hashed * BLOCK_SIZE;
+        if pool.caching {
+            let rest = &tokens[self.len..tokens.len().saturating_sub(1).max(self.len)];
+            let matched = pool.tail_match(self.last_hash, rest).min(BLOCK_SIZE - 1);
+            if matched > 0 {
+                let block = pool.claim_tail(self.last_hash).expect("a tail was matched");
+                self.blocks.push(block);
+                self.len += matched;
+            }
+        }
         self.len
     }
 
@@ -316,10 +375,17 @@ impl KvCache {
     }
 
     /// Gives every block back to the pool and empties the cache. Registered blocks stay cached, the last of a
-    /// sequence evicted first (a prefix is only found from its start).
-    pub fn release(&mut self, pool: &mut KvPool) {
-        for block in self.blocks.drain(..).rev() {
-            pool.put(block);
+    /// sequence evicted first (a prefix is only found from its start). A partly filled last block stays too, as
+    /// a tail holding the first `len` of `tokens` past the whole blocks (`tokens` are the sequence's tokens).
+    pub fn release(&mut self, pool: &mut KvPool, tokens: &[u32]) {
+        let whole = self.len / BLOCK_SIZE;
+        let tail = pool.caching && self.len % BLOCK_SIZE != 0 && self.hashed == whole && self.blocks.len() > whole;
+        for (i, block) in self.blocks.drain(..).enumerate().rev() {
+            if tail && i == whole {
+                pool.keep_tail(block, self.last_hash, &tokens[whole * BLOCK_SIZE..self.len]);
+            } else {
+                pool.put(block);
+            }
         }
         *self = Self::default();
     }
@@ -348,7 +414,7 @@ mod tests {
         let mut cache = KvCache::new();
         cache.reuse_prefix(pool, tokens);
         if !cache.reserve(pool, tokens.len() - cache.len()) {
-            cache.release(pool);
+            cache.release(pool, tokens);
             return None;
         }
         cache.len = tokens.len();
@@ -362,16 +428,29 @@ mod tests {
         let prompt: Vec<u32> = (0..40).collect();
         let mut first = fill(&mut pool, &prompt).unwrap();
         let held: Vec<u32> = first.blocks.clone();
-        first.release(&mut pool);
+        first.release(&mut pool, &prompt);
         assert_eq!(pool.free_blocks(), 8);
-        assert_eq!(pool.cached_blocks(), 2, "two whole blocks stay cached; the partial third is free");
+        assert_eq!(pool.cached_blocks(), 3, "two whole blocks stay cached, and the partly filled third as a tail");
 
         // The same 32 tokens then something else: both whole blocks are reused.
         let mut next: Vec<u32> = (0..32).collect();
         next.extend([99, 98, 97]);
         let mut cache = KvCache::new();
-        assert_eq!(cache.reuse_prefix(&mut pool, &next), 32);
+        assert_eq!(cache.reuse_prefix(&mut pool, &next), 32, "the tail holds 32..40, not 99");
         assert_eq!(cache.blocks, held[..2]);
+        // The conversation's next turn continues the tail: its 8 positions are reused too, in the same block.
+        let mut turn = KvCache::new();
+        let longer: Vec<u32> = (0..45).collect();
+        assert_eq!(turn.reuse_prefix(&mut pool, &longer), 40);
+        assert_eq!(turn.blocks, held);
+        assert_eq!(pool.cached_blocks(), 0, "the tail is the new sequence's own now");
+        // A tail that matches only in part gives its matching positions.
+        turn.len = 45;
+        turn.register_full(&mut pool, &longer);
+        turn.release(&mut pool, &longer);
+        let mut part = KvCache::new();
+        let diverging: Vec<u32> = (0..35).chain([77, 78]).collect();
+        assert_eq!(part.reuse_prefix(&mut pool, &diverging), 35);
         // A different first token shares nothing, though later blocks hold equal tokens.
         let mut other = KvCache::new();
         let shifted: Vec<u32> = std::iter::once(7).chain(1..40).collect();
@@ -388,20 +467,20 @@ mod tests {
         let a: Vec<u32> = (0..33).collect();
         let b: Vec<u32> = (100..133).collect();
         let mut first = fill(&mut pool, &a).unwrap();
-        first.release(&mut pool);
-        // `a`'s two whole blocks are cached; a sequence on the same prefix takes them while `b` needs three.
+        first.release(&mut pool, &a);
+        // `a`'s two whole blocks are cached (and its last token's block as a tail); a sequence on the same prefix takes them while `b` needs three.
         let mut reader = KvCache::new();
         assert_eq!(reader.reuse_prefix(&mut pool, &a), 32);
         assert!(fill(&mut pool, &b).is_none(), "two blocks are free; the two in use cannot be evicted");
         assert_eq!(pool.counters().evictions, 0);
         assert_eq!(reader.blocks(), 2);
-        reader.release(&mut pool);
-        // Now they are unused: `b` evicts them, the deepest first.
+        reader.release(&mut pool, &a);
+        // Now they are unused: `b` evicts them, the deepest first (the tail, then the second whole block).
         let second = fill(&mut pool, &b).unwrap();
-        assert_eq!(pool.counters().evictions, 1, "one more block was needed than the free ones");
+        assert_eq!(pool.counters().evictions, 2, "two more blocks were needed than the free one");
         let mut again = KvCache::new();
         assert_eq!(again.reuse_prefix(&mut pool, &a), 16, "the first block of `a` outlived its second");
-        again.release(&mut pool);
+        again.release(&mut pool, &a);
         drop(second);
     }
 
@@ -409,7 +488,7 @@ mod tests {
     fn without_caching_nothing_is_kept() {
         let mut pool = KvPool::new(&config(), 4, false);
         let tokens: Vec<u32> = (0..40).collect();
-        fill(&mut pool, &tokens).unwrap().release(&mut pool);
+        fill(&mut pool, &tokens).unwrap().release(&mut pool, &tokens);
         assert_eq!(pool.cached_blocks(), 0);
         assert_eq!(KvCache::new().reuse_prefix(&mut pool, &tokens), 0);
     }

@@ -271,16 +271,17 @@ async fn a_prefix_cache_hit_gives_the_same_output_as_no_hit() {
             let turn = messages.len() / 2;
             assert_eq!(uncached(&got), want, "{user}, turn {turn}: a cache hit changed the answer");
             let hit = got.2.cached_tokens;
-            // The last turn's whole blocks are reused (the tokens where its answer joins may differ when the
-            // answer's text is tokenized again); the first turn shares the system prompt with the other user.
-            let expected = if last_prompt > 0 {
-                last_prompt
+            // The last turn's whole prompt is reused, its partly filled last block included (a tail), and so is
+            // its answer as far as the answer's text tokenizes the same again; the first turn shares the system
+            // prompt's whole blocks with the other user.
+            let (expected, slack) = if last_prompt > 0 {
+                (last_prompt, 0)
             } else if user == "Bob" {
-                48
+                (48, 16)
             } else {
-                0
+                (0, 0)
             };
-            assert!(hit as usize + 32 >= expected, "{user}: {hit} tokens reused, expected about {expected}");
+            assert!(hit as usize + slack >= expected, "{user}: {hit} tokens reused, expected at least {expected}");
             last_prompt = got.2.prompt_tokens as usize;
             messages.push(ChatMessage::new("assistant", got.0));
         }
