@@ -379,7 +379,8 @@ impl KvCache {
     /// a tail holding the first `len` of `tokens` past the whole blocks (`tokens` are the sequence's tokens).
     pub fn release(&mut self, pool: &mut KvPool, tokens: &[u32]) {
         let whole = self.len / BLOCK_SIZE;
-        let tail = pool.caching && self.len % BLOCK_SIZE != 0 && self.hashed == whole && self.blocks.len() > whole;
+        let tail =
+            pool.caching && !self.len.is_multiple_of(BLOCK_SIZE) && self.hashed == whole && self.blocks.len() > whole;
         for (i, block) in self.blocks.drain(..).enumerate().rev() {
             if tail && i == whole {
                 pool.keep_tail(block, self.last_hash, &tokens[whole * BLOCK_SIZE..self.len]);
