@@ -603,6 +603,22 @@ mod simd {
 
             use super::hsum;
 
+            /// Calls `$f::<M>` for a chunk of `$m` (1 to 8) registers of eight floats.
+            macro_rules! by_width {
+                ($m:expr, $f:ident($($arg:expr),*)) => {
+                    match $m {
+                        8 => $f::<8>($($arg),*),
+                        7 => $f::<7>($($arg),*),
+                        6 => $f::<6>($($arg),*),
+                        5 => $f::<5>($($arg),*),
+                        4 => $f::<4>($($arg),*),
+                        3 => $f::<3>($($arg),*),
+                        2 => $f::<2>($($arg),*),
+                        _ => $f::<1>($($arg),*),
+                    }
+                };
+            }
+
             /// # Safety
             /// `q.len()` is a multiple of 8 and `keys` holds `out.len()` rows of `q.len()`.
             #[target_feature(enable = "avx2,fma,f16c")]
@@ -613,18 +629,7 @@ mod simd {
                 while c0 < q.len() {
                     let m = ((q.len() - c0) / 8).min(8);
                     // SAFETY: the chunk is within the query and every key row (the caller's bounds).
-                    unsafe {
-                        match m {
-                            8 => dot_chunk::<8>(q, keys, c0, out),
-                            7 => dot_chunk::<7>(q, keys, c0, out),
-                            6 => dot_chunk::<6>(q, keys, c0, out),
-                            5 => dot_chunk::<5>(q, keys, c0, out),
-                            4 => dot_chunk::<4>(q, keys, c0, out),
-                            3 => dot_chunk::<3>(q, keys, c0, out),
-                            2 => dot_chunk::<2>(q, keys, c0, out),
-                            _ => dot_chunk::<1>(q, keys, c0, out),
-                        }
-                    }
+                    unsafe { by_width!(m, dot_chunk(q, keys, c0, out)) }
                     c0 += 8 * m;
                 }
                 for o in out.iter_mut() {
@@ -736,18 +741,7 @@ mod simd {
                 while c0 < out.len() {
                     let m = ((out.len() - c0) / 8).min(8);
                     // SAFETY: the chunk is within `out` and every value row (the caller's bounds).
-                    unsafe {
-                        match m {
-                            8 => axpy_chunk::<8>(out, w, values, c0),
-                            7 => axpy_chunk::<7>(out, w, values, c0),
-                            6 => axpy_chunk::<6>(out, w, values, c0),
-                            5 => axpy_chunk::<5>(out, w, values, c0),
-                            4 => axpy_chunk::<4>(out, w, values, c0),
-                            3 => axpy_chunk::<3>(out, w, values, c0),
-                            2 => axpy_chunk::<2>(out, w, values, c0),
-                            _ => axpy_chunk::<1>(out, w, values, c0),
-                        }
-                    }
+                    unsafe { by_width!(m, axpy_chunk(out, w, values, c0)) }
                     c0 += 8 * m;
                 }
             }
