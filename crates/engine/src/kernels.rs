@@ -19,6 +19,8 @@ const MIN_ROWS_PER_TASK: usize = 16;
 const TASKS_PER_THREAD: usize = 4;
 /// Activation rows processed together against one loaded weight block.
 const TILE: usize = 4;
+/// Output rows a matmul's final transpose writes together.
+const TRANSPOSE_ROWS: usize = 8;
 
 /// How a weight matrix is stored.
 #[derive(Debug, Clone)]
@@ -143,15 +145,21 @@ impl Matrix {
                 }
             }
         });
-        let transpose = |(t, row): (usize, &mut [f32])| {
-            for (n, o) in row.iter_mut().enumerate() {
-                *o = transposed[n * t_rows + t];
+        // Eight output rows at a time, so each weight row's results are read as one run instead of one float
+        // from a distant line per output row.
+        let transpose = |(t8, rows): (usize, &mut [f32])| {
+            let t0 = t8 * TRANSPOSE_ROWS;
+            let count = rows.len() / n_rows;
+            for (n, results) in transposed.chunks_exact(t_rows).enumerate() {
+                for (k, &v) in results[t0..t0 + count].iter().enumerate() {
+                    rows[k * n_rows + n] = v;
+                }
             }
         };
         if t_rows >= TILE {
-            out.par_chunks_mut(n_rows).enumerate().for_each(transpose);
+            out.par_chunks_mut(n_rows * TRANSPOSE_ROWS).enumerate().for_each(transpose);
         } else {
-            out.chunks_mut(n_rows).enumerate().for_each(transpose);
+            out.chunks_mut(n_rows * TRANSPOSE_ROWS).enumerate().for_each(transpose);
         }
     }
 
@@ -230,6 +238,20 @@ pub fn to_f32(src: &[f16], dst: &mut [f32]) {
     src.convert_to_f32_slice(dst);
 }
 
+/// Asks the CPU to bring `rows` rows of `width` f16 values, `stride` apart, into its cache ahead of use: the
+/// next KV block, which lives far from this one in the pool, so no hardware prefetcher guesses it.
+pub fn prefetch(src: &[f16], stride: usize, width: usize, rows: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for j in 0..rows {
+        for line in src[(j * stride).min(src.len())..][..width.min(src.len().saturating_sub(j * stride))].chunks(32) {
+            // SAFETY: a prefetch is a hint; the address is within `src`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, stride, width, rows);
+}
+
 /// Reads `dst.len() / width` rows of `width` f16 values, `stride` apart in `src` (one key-value head's keys or
 /// values of a KV block), into `dst` as floats, exactly: one call per block keeps the conversion in registers
 /// instead of a call per row.
@@ -251,45 +273,62 @@ pub fn gather_f32(src: &[f16], stride: usize, width: usize, dst: &mut [f32]) {
     }
 }
 
-/// `out[j] = scale · Σ_i q[i] · keys[j · q.len() + i]` for every key row `j` of `keys` (one query against a block
-/// of keys). Each row's sum is taken in the same order whatever the number of rows, so a query's scores do not
-/// depend on what else was computed beside it.
-pub fn dot_rows(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-    assert!(keys.len() >= out.len() * q.len(), "fewer keys than scores");
+/// Keys in a block of [`block_scores`] and [`block_values`]: the KV cache's block size (two registers of eight
+/// floats in the SIMD kernel).
+pub const BLOCK_KEYS: usize = crate::kv::BLOCK_SIZE;
+const _: () = assert!(BLOCK_KEYS == 16, "the attention kernels hold a block's keys in two registers");
+
+/// The scores of every query against one block of keys: `out[n · stride + j] = Σ_i queries[n · width + i] ·
+/// keys[i · BLOCK_KEYS + j]` for the `BLOCK_KEYS` keys `j`, which the KV cache stores dimension by dimension
+/// (`keys[i · BLOCK_KEYS + j]` is key `j`'s `i`-th value), so the keys of one dimension fill the lanes of a
+/// register and no sum is reduced across lanes. Each query's scores are summed over `i` in order whatever the
+/// other queries, so batching does not change a query's scores. A block's keys past those written hold stale
+/// but finite values; their scores are computed and left unread.
+pub fn block_scores(queries: &[f32], width: usize, keys: &[f32], out: &mut [f32], stride: usize) {
+    let n = queries.len() / width.max(1);
+    assert!(keys.len() >= width * BLOCK_KEYS, "fewer keys than a block");
+    assert!(stride >= BLOCK_KEYS && (n == 0 || (n - 1) * stride + BLOCK_KEYS <= out.len()), "scores out of bounds");
     match simd::level() {
-        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the keys are in bounds (asserted).
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the keys and scores are in bounds
+        // (asserted).
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 if q.len().is_multiple_of(8) => unsafe {
-            simd::x86::attention::dot_rows(q, keys, scale, out)
+        simd::Level::Avx512Vnni | simd::Level::Avx2 if width > 0 => unsafe {
+            simd::x86::attention::block_scores(queries, width, keys, out, stride)
         },
-        _ => scalar::dot_rows(q, keys, scale, out),
+        _ => scalar::block_scores(queries, width, keys, out, stride),
     }
 }
 
-/// `s = exp(s - max)` for every score, in place; returns their sum (the softmax's denominator). The exponential
-/// is Cephes' polynomial on eight lanes at a time where the CPU has AVX2 (within 2 ulp of `f32::exp`), which
+/// Softmax in place: `s = exp(s - max) / Σ exp(s - max)`. The exponential is Cephes' polynomial on eight lanes
+/// at a time where the CPU has AVX2 (within 2 ulp of `f32::exp`), and so are the maximum and the division, which
 /// attention over a long context spends much of its time on otherwise.
-pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
+pub fn softmax(scores: &mut [f32]) {
     match simd::level() {
         // SAFETY: both levels imply AVX2 and FMA, detected at run time.
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::exp_sum(scores, max) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::softmax(scores) },
         #[allow(unreachable_patterns)]
-        _ => scalar::exp_sum(scores, max),
+        _ => scalar::softmax(scores),
     }
 }
 
-/// `out[i] += Σ_j w[j] · values[j · out.len() + i]` (a query's share of a block of values), summed over `j` in
-/// order.
-pub fn axpy_rows(out: &mut [f32], w: &[f32], values: &[f32]) {
-    assert!(values.len() >= w.len() * out.len(), "fewer values than weights");
+/// Every query's share of one block of values: `out[n · width + i] += Σ_{j < rows} weights[n · stride + j] ·
+/// values[j · width + i]`, summed over `j` in order. A query that sees fewer than `rows` of the block's positions
+/// has zero weights for the rest, which leave its sums exactly as they were: a query's output does not depend on
+/// which other queries share the call.
+pub fn block_values(out: &mut [f32], width: usize, weights: &[f32], stride: usize, rows: usize, values: &[f32]) {
+    let queries = out.len() / width.max(1);
+    assert_eq!(out.len(), queries * width, "whole output rows");
+    assert!(rows <= BLOCK_KEYS && rows <= stride && values.len() >= rows * width, "fewer values than weights");
+    assert!(queries == 0 || (queries - 1) * stride + rows <= weights.len(), "weights out of bounds");
     match simd::level() {
-        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the values are in bounds (asserted).
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the values and weights are in bounds
+        // (asserted).
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 if out.len().is_multiple_of(8) => unsafe {
-            simd::x86::attention::axpy_rows(out, w, values)
+        simd::Level::Avx512Vnni | simd::Level::Avx2 if width > 0 && width.is_multiple_of(8) => unsafe {
+            simd::x86::attention::block_values(out, width, weights, stride, rows, values)
         },
-        _ => scalar::axpy_rows(out, w, values),
+        _ => scalar::block_values(out, width, weights, stride, rows, values),
     }
 }
 
@@ -309,34 +348,36 @@ mod scalar {
         }
     }
 
-    /// Eight partial sums per row, so the compiler vectorizes it.
-    pub fn dot_rows(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len().max(1))) {
-            let mut acc = [0f32; 8];
-            let (qc, kc) = (q.chunks_exact(8), key.chunks_exact(8));
-            let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(x, y)| x * y).sum();
-            for (x, y) in qc.zip(kc) {
-                for i in 0..8 {
-                    acc[i] += x[i] * y[i];
+    /// The keys of one dimension at a time, across the block, so the compiler vectorizes it.
+    pub fn block_scores(queries: &[f32], width: usize, keys: &[f32], out: &mut [f32], stride: usize) {
+        for (n, query) in queries.chunks_exact(width.max(1)).enumerate() {
+            let mut acc = [0f32; BLOCK_KEYS];
+            for (x, k) in query.iter().zip(keys.chunks_exact(BLOCK_KEYS)) {
+                for (a, k) in acc.iter_mut().zip(k) {
+                    *a += x * k;
                 }
             }
-            *o = (acc.iter().sum::<f32>() + tail) * scale;
+            out[n * stride..][..BLOCK_KEYS].copy_from_slice(&acc);
         }
     }
 
-    pub fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
+    pub fn softmax(scores: &mut [f32]) {
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut total = 0.0;
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
             total += *s;
         }
-        total
+        let inverse = 1.0 / total;
+        scores.iter_mut().for_each(|s| *s *= inverse);
     }
 
-    pub fn axpy_rows(out: &mut [f32], w: &[f32], values: &[f32]) {
-        for (w, v) in w.iter().zip(values.chunks_exact(out.len().max(1))) {
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += w * v;
+    pub fn block_values(out: &mut [f32], width: usize, weights: &[f32], stride: usize, rows: usize, values: &[f32]) {
+        for (n, o) in out.chunks_exact_mut(width.max(1)).enumerate() {
+            for (w, v) in weights[n * stride..][..rows].iter().zip(values.chunks_exact(width)) {
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += w * v;
+                }
             }
         }
     }
@@ -603,7 +644,7 @@ mod simd {
 
             use super::hsum;
 
-            /// Calls `$f::<M>` for a chunk of `$m` (1 to 8) registers of eight floats.
+            /// Calls `$f::<M>` with the constant `M` equal to `$m` (1 to 8): a chunk of registers or of queries.
             macro_rules! by_width {
                 ($m:expr, $f:ident($($arg:expr),*)) => {
                     match $m {
@@ -620,54 +661,59 @@ mod simd {
             }
 
             /// # Safety
-            /// `q.len()` is a multiple of 8 and `keys` holds `out.len()` rows of `q.len()`.
+            /// `width > 0`; `keys` holds `width · BLOCK_KEYS` floats and `out` a row of `BLOCK_KEYS` at every
+            /// `stride` for each of the `queries.len() / width` queries.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn dot_rows(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-                out.fill(0.0);
-                // Columns in chunks of up to 64 (eight registers of the query), each row's chunks summed in order.
-                let mut c0 = 0;
-                while c0 < q.len() {
-                    let m = ((q.len() - c0) / 8).min(8);
-                    // SAFETY: the chunk is within the query and every key row (the caller's bounds).
-                    unsafe { by_width!(m, dot_chunk(q, keys, c0, out)) }
-                    c0 += 8 * m;
-                }
-                for o in out.iter_mut() {
-                    *o *= scale;
+            pub unsafe fn block_scores(queries: &[f32], width: usize, keys: &[f32], out: &mut [f32], stride: usize) {
+                let n = queries.len() / width;
+                let mut first = 0;
+                while first < n {
+                    // SAFETY: queries first..first + m exist (the caller's bounds).
+                    let m = match n - first {
+                        6.. => unsafe { scores_tile::<6>(queries, width, keys, out, stride, first) },
+                        5 => unsafe { scores_tile::<5>(queries, width, keys, out, stride, first) },
+                        4 => unsafe { scores_tile::<4>(queries, width, keys, out, stride, first) },
+                        3 => unsafe { scores_tile::<3>(queries, width, keys, out, stride, first) },
+                        2 => unsafe { scores_tile::<2>(queries, width, keys, out, stride, first) },
+                        _ => unsafe { scores_tile::<1>(queries, width, keys, out, stride, first) },
+                    };
+                    first += m;
                 }
             }
 
-            /// Adds columns `c0..c0 + 8M` of every row's dot product to `out`, four rows at a time: each row's
-            /// eight lanes are reduced by the same additions (`hadd` across four rows), a missing row being zero.
+            /// The scores of queries `first..first + M` (returns `M`): for each dimension, its 16 keys in two
+            /// registers times each query's value there, accumulated in two registers per query (six queries
+            /// leave the last of sixteen registers for the query value).
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn dot_chunk<const M: usize>(q: &[f32], keys: &[f32], c0: usize, out: &mut [f32]) {
-                let (width, rows) = (q.len(), out.len());
-                // SAFETY: c0 + 8M ≤ width (the caller's chunking).
-                let qv: [__m256; M] = std::array::from_fn(|c| unsafe { _mm256_loadu_ps(q.as_ptr().add(c0 + 8 * c)) });
-                let row = |j: usize| -> __m256 {
-                    let mut acc = _mm256_setzero_ps();
-                    if j < rows {
-                        // SAFETY: row j < out.len() is within `keys`, and so is its chunk.
-                        let k = unsafe { keys.as_ptr().add(j * width + c0) };
-                        for (c, qc) in qv.iter().enumerate() {
-                            acc = _mm256_fmadd_ps(*qc, unsafe { _mm256_loadu_ps(k.add(8 * c)) }, acc);
+            unsafe fn scores_tile<const M: usize>(
+                queries: &[f32],
+                width: usize,
+                keys: &[f32],
+                out: &mut [f32],
+                stride: usize,
+                first: usize,
+            ) -> usize {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                // SAFETY: query first + M - 1 ends within `queries`, dimension i's keys within `keys`, and each
+                // query's row of scores within `out` (the caller's bounds).
+                unsafe {
+                    let (q, k) = (queries.as_ptr().add(first * width), keys.as_ptr());
+                    for i in 0..width {
+                        let (k0, k1) = (_mm256_loadu_ps(k.add(i * 16)), _mm256_loadu_ps(k.add(i * 16 + 8)));
+                        for (m, a) in acc.iter_mut().enumerate() {
+                            let x = _mm256_broadcast_ss(&*q.add(m * width + i));
+                            a[0] = _mm256_fmadd_ps(x, k0, a[0]);
+                            a[1] = _mm256_fmadd_ps(x, k1, a[1]);
                         }
                     }
-                    acc
-                };
-                let mut j = 0;
-                while j < out.len() {
-                    let h = _mm256_hadd_ps(_mm256_hadd_ps(row(j), row(j + 1)), _mm256_hadd_ps(row(j + 2), row(j + 3)));
-                    let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                    let mut lanes = [0f32; 4];
-                    // SAFETY: four floats into four.
-                    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), sums) };
-                    for (o, s) in out[j..].iter_mut().zip(lanes) {
-                        *o += s;
+                    for (m, a) in acc.iter().enumerate() {
+                        let o = out.as_mut_ptr().add((first + m) * stride);
+                        _mm256_storeu_ps(o, a[0]);
+                        _mm256_storeu_ps(o.add(8), a[1]);
                     }
-                    j += 4;
                 }
+                M
             }
 
             /// e^x on eight lanes (Cephes `expf`: x = n·ln 2 + r, a degree-5 polynomial for e^r, 2^n in the
@@ -692,7 +738,32 @@ mod simd {
             }
 
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
+            pub unsafe fn softmax(scores: &mut [f32]) {
+                let mut chunks = scores.chunks_exact(8);
+                let mut most = _mm256_set1_ps(f32::NEG_INFINITY);
+                for chunk in &mut chunks {
+                    // SAFETY: the chunk holds eight floats.
+                    most = _mm256_max_ps(most, unsafe { _mm256_loadu_ps(chunk.as_ptr()) });
+                }
+                let mut lanes = [0f32; 8];
+                // SAFETY: eight floats into eight.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), most) };
+                let max = lanes.into_iter().chain(chunks.remainder().iter().copied()).fold(f32::NEG_INFINITY, f32::max);
+                // SAFETY: this function's features.
+                let inverse = _mm256_set1_ps(1.0 / unsafe { exp_sum(scores, max) });
+                let mut chunks = scores.chunks_exact_mut(8);
+                for chunk in &mut chunks {
+                    // SAFETY: the chunk holds eight floats.
+                    unsafe {
+                        _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(chunk.as_ptr()), inverse))
+                    };
+                }
+                let inverse = _mm256_cvtss_f32(inverse);
+                chunks.into_remainder().iter_mut().for_each(|s| *s *= inverse);
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn exp_sum(scores: &mut [f32], max: f32) -> f32 {
                 let (m, mut total) = (_mm256_set1_ps(max), _mm256_setzero_ps());
                 let mut chunks = scores.chunks_exact_mut(8);
                 for chunk in &mut chunks {
@@ -734,15 +805,76 @@ mod simd {
             }
 
             /// # Safety
-            /// `out.len()` is a multiple of 8 and `values` holds `w.len()` rows of `out.len()`.
+            /// `width` is a non-zero multiple of 8, `out` holds whole rows of `width`, `values` holds `rows` rows
+            /// of `width` and `weights` holds `rows` floats at `n · stride` for every query `n`.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn axpy_rows(out: &mut [f32], w: &[f32], values: &[f32]) {
-                let mut c0 = 0;
-                while c0 < out.len() {
-                    let m = ((out.len() - c0) / 8).min(8);
-                    // SAFETY: the chunk is within `out` and every value row (the caller's bounds).
-                    unsafe { by_width!(m, axpy_chunk(out, w, values, c0)) }
-                    c0 += 8 * m;
+            pub unsafe fn block_values(
+                out: &mut [f32],
+                width: usize,
+                weights: &[f32],
+                stride: usize,
+                rows: usize,
+                values: &[f32],
+            ) {
+                let (queries, whole) = (out.len() / width, width / 32 * 32);
+                // SAFETY (every call): the queries, columns and rows are within the caller's bounds.
+                let mut first = 0;
+                while first + 2 <= queries {
+                    for c0 in (0..whole).step_by(32) {
+                        unsafe { values_tile::<2>(out, width, weights, stride, rows, values, first, c0) }
+                    }
+                    first += 2;
+                }
+                if first < queries {
+                    for c0 in (0..whole).step_by(32) {
+                        unsafe { values_tile::<1>(out, width, weights, stride, rows, values, first, c0) }
+                    }
+                }
+                // Columns past the last whole 32, one query at a time.
+                if whole < width {
+                    for (n, o) in out.chunks_exact_mut(width).enumerate() {
+                        let w = &weights[n * stride..][..rows];
+                        unsafe { by_width!((width - whole) / 8, axpy_chunk(o, w, values, whole)) }
+                    }
+                }
+            }
+
+            /// Columns `c0..c0 + 32` of queries `first..first + Q`: a row of values is loaded once for the
+            /// queries, which accumulate in registers.
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn values_tile<const Q: usize>(
+                out: &mut [f32],
+                width: usize,
+                weights: &[f32],
+                stride: usize,
+                rows: usize,
+                values: &[f32],
+                first: usize,
+                c0: usize,
+            ) {
+                // SAFETY: queries first..first + Q have rows of `width` in `out` and `rows` weights at their
+                // stride; columns c0..c0 + 32 are within every row of `values` (the caller's bounds).
+                unsafe {
+                    let o = |q: usize| out.as_ptr().add((first + q) * width + c0).cast_mut();
+                    let mut acc: [[__m256; 4]; Q] =
+                        std::array::from_fn(|q| std::array::from_fn(|c| _mm256_loadu_ps(o(q).add(8 * c))));
+                    for j in 0..rows {
+                        let v = values.as_ptr().add(j * width + c0);
+                        let vr: [__m256; 4] = std::array::from_fn(|c| _mm256_loadu_ps(v.add(8 * c)));
+                        for (q, a) in acc.iter_mut().enumerate() {
+                            let w = _mm256_broadcast_ss(&*weights.as_ptr().add((first + q) * stride + j));
+                            for (a, v) in a.iter_mut().zip(vr) {
+                                *a = _mm256_fmadd_ps(w, v, *a);
+                            }
+                        }
+                    }
+                    for (q, a) in acc.iter().enumerate() {
+                        for (c, a) in a.iter().enumerate() {
+                            _mm256_storeu_ps(o(q).add(8 * c), *a);
+                        }
+                    }
                 }
             }
 
@@ -973,30 +1105,56 @@ mod tests {
                 assert!((x - y).abs() <= x.abs() / 2048.0 + 1e-7, "{x} stored as {y}");
             }
         }
-        // A query against `rows` keys, and the weighted sum of `rows` values, for widths on and off the SIMD path.
-        for (width, rows) in [(64, 1), (64, 5), (64, 16), (128, 7), (96, 4), (8, 3), (12, 9), (200, 2)] {
-            let (q, keys, w) = (noise(width, 4), noise(width * rows, 5), noise(rows, 6));
-            let (mut got, mut portable) = (vec![0f32; rows], vec![0f32; rows]);
-            dot_rows(&q, &keys, 0.125, &mut got);
-            scalar::dot_rows(&q, &keys, 0.125, &mut portable);
-            for (j, (g, p)) in got.iter().zip(&portable).enumerate() {
-                let exact: f32 = q.iter().zip(&keys[j * width..]).map(|(x, y)| x * y).sum::<f32>() * 0.125;
-                assert!((g - exact).abs() <= 1e-5 * width as f32, "dot {width}x{rows}[{j}]: {g} vs {exact}");
-                assert!((g - p).abs() <= 1e-5 * width as f32, "dot {width}x{rows}[{j}]: {g} vs portable {p}");
+        // Queries against a block of keys (stored dimension by dimension), and each query's weighted sum of the
+        // first `seen` values, for widths on and off the SIMD path and query counts around the SIMD tile.
+        for (width, queries) in [(64, 1), (64, 5), (64, 16), (128, 7), (96, 4), (8, 3), (12, 9), (200, 2), (3, 13)] {
+            let (q, keys, values) =
+                (noise(width * queries, 4), noise(width * BLOCK_KEYS, 5), noise(width * BLOCK_KEYS, 6));
+            let stride = BLOCK_KEYS + 3;
+            let (mut got, mut portable) = (vec![f32::NAN; queries * stride], vec![f32::NAN; queries * stride]);
+            block_scores(&q, width, &keys, &mut got, stride);
+            scalar::block_scores(&q, width, &keys, &mut portable, stride);
+            for (n, j) in (0..queries).flat_map(|n| (0..BLOCK_KEYS).map(move |j| (n, j))) {
+                let (g, p) = (got[n * stride + j], portable[n * stride + j]);
+                let exact: f32 = (0..width).map(|i| q[n * width + i] * keys[i * BLOCK_KEYS + j]).sum();
+                assert!((g - exact).abs() <= 1e-5 * width as f32, "scores {width}x{queries}[{n}][{j}]: {g} vs {exact}");
+                assert!(
+                    (g - p).abs() <= 1e-5 * width as f32,
+                    "scores {width}x{queries}[{n}][{j}]: {g} vs portable {p}"
+                );
             }
-            // One row's score is the same alone as beside others (batching does not change an answer).
-            let mut alone = [0f32];
-            dot_rows(&q, &keys[(rows - 1) * width..], 0.125, &mut alone);
-            assert_eq!(alone[0].to_bits(), got[rows - 1].to_bits(), "dot {width}x{rows}: the last row alone");
-            let start = noise(width, 7);
+            // The last query's scores are the same alone as beside others (batching does not change an answer).
+            let mut alone = vec![0f32; BLOCK_KEYS];
+            block_scores(&q[(queries - 1) * width..], width, &keys, &mut alone, BLOCK_KEYS);
+            let beside = &got[(queries - 1) * stride..][..BLOCK_KEYS];
+            assert_eq!(
+                alone.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                beside.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            // Each query sees a different number of the block's rows; the weights of the others are zero.
+            let rows = BLOCK_KEYS - 2;
+            let mut weights = noise(queries * stride, 7);
+            let seen: Vec<usize> = (0..queries).map(|n| (n * 5 + 1) % (rows + 1)).collect();
+            for (n, &s) in seen.iter().enumerate() {
+                weights[n * stride + s..(n + 1) * stride].fill(0.0);
+            }
+            let start = noise(width * queries, 8);
             let (mut out, mut reference) = (start.clone(), start.clone());
-            axpy_rows(&mut out, &w, &keys);
-            scalar::axpy_rows(&mut reference, &w, &keys);
-            for (i, (o, r)) in out.iter().zip(&reference).enumerate() {
-                let exact = start[i] + (0..rows).map(|j| w[j] * keys[j * width + i]).sum::<f32>();
-                assert!((o - r).abs() <= 1e-5 * rows as f32, "axpy {width}x{rows}[{i}]: {o} vs portable {r}");
-                assert!((o - exact).abs() <= 1e-5 * rows as f32, "axpy {width}x{rows}[{i}]: {o} vs {exact}");
+            block_values(&mut out, width, &weights, stride, rows, &values);
+            scalar::block_values(&mut reference, width, &weights, stride, rows, &values);
+            for (n, i) in (0..queries).flat_map(|n| (0..width).map(move |i| (n, i))) {
+                let (o, r) = (out[n * width + i], reference[n * width + i]);
+                let exact = start[n * width + i]
+                    + (0..seen[n]).map(|j| weights[n * stride + j] * values[j * width + i]).sum::<f32>();
+                assert!((o - r).abs() <= 1e-5 * rows as f32, "values {width}x{queries}[{n}][{i}]: {o} vs portable {r}");
+                assert!((o - exact).abs() <= 1e-5 * rows as f32, "values {width}x{queries}[{n}][{i}]: {o} vs {exact}");
             }
+            // The last query's output is the same alone, over only the rows it sees, as beside others.
+            let last = queries - 1;
+            let mut alone = start[last * width..].to_vec();
+            block_values(&mut alone, width, &weights[last * stride..], stride, seen[last], &values);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&alone), bits(&out[last * width..]), "values {width}x{queries}: the last query alone");
         }
         // Gathering rows of a KV block from f16.
         let (width, stride, rows) = (64, 192, 16);
@@ -1011,19 +1169,27 @@ mod tests {
     }
 
     #[test]
-    fn the_vector_exponential_matches_the_library_one() {
+    fn the_vector_softmax_matches_the_library_exponential() {
         let mut xs: Vec<f32> = (0..2000).map(|i| -(i as f32) * 0.05).collect(); // 0 down to -100
         xs.extend([1.5, 0.25, -1e-6, f32::NEG_INFINITY]);
-        let max = 2.0;
-        let mut got = xs.clone();
-        let total = exp_sum(&mut got, max);
-        let mut expected = 0.0;
-        for (g, x) in got.iter().zip(&xs) {
+        let max = 1.5;
+        let (mut got, mut portable) = (xs.clone(), xs.clone());
+        softmax(&mut got);
+        scalar::softmax(&mut portable);
+        let total: f64 = xs.iter().map(|x| f64::from(x - max).exp()).sum();
+        // The largest score's weight is 1 / total, so each weight over it is the exponential alone (within the
+        // rounding of one product).
+        let top = got[2000];
+        assert!((f64::from(top) - 1.0 / total).abs() <= 1e-6 / total, "{top} vs {}", 1.0 / total);
+        for ((g, p), x) in got.iter().zip(&portable).zip(&xs) {
             let want = (x - max).exp();
-            expected += want;
-            assert!((g - want).abs() <= 4.0 * f32::EPSILON * want + 1e-37, "exp({}) = {g}, expected {want}", x - max);
+            if x - max > -80.0 {
+                let e = g / top;
+                assert!((e - want).abs() <= 6.0 * f32::EPSILON * want, "exp({}) = {e}, expected {want}", x - max);
+            }
+            assert!((g - p).abs() <= 1e-5 * p + 1e-37, "{g} vs portable {p}");
         }
-        assert!((total - expected).abs() <= 1e-5 * expected, "{total} vs {expected}");
+        assert!((got.iter().map(|&g| f64::from(g)).sum::<f64>() - 1.0).abs() < 1e-5);
     }
 
     #[test]

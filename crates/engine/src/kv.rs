@@ -149,16 +149,23 @@ impl KvPool {
         ((block as usize * self.n_layer + layer) * 2 + usize::from(value)) * BLOCK_SIZE * self.kv_dim
     }
 
-    /// The `BLOCK_SIZE × kv_dim` keys or values of one block and layer.
+    /// The keys or values of one block and layer, `BLOCK_SIZE × kv_dim` of them. Values are stored position by
+    /// position; keys dimension by dimension (key `j`'s `i`-th value at `i · BLOCK_SIZE + j`), so that
+    /// attention scores a block's keys for one dimension in a register ([`crate::kernels::block_scores`]), and a
+    /// key-value head's keys are one contiguous run.
     pub(crate) fn block(&self, block: u32, layer: usize, value: bool) -> &[f16] {
         &self.data[self.offset(block, layer, value)..][..BLOCK_SIZE * self.kv_dim]
     }
 
     /// Stores one position's keys and values.
     pub(crate) fn write(&mut self, block: u32, slot: usize, layer: usize, keys: &[f32], values: &[f32]) {
-        for (value, src) in [(false, keys), (true, values)] {
-            let at = self.offset(block, layer, value) + slot * self.kv_dim;
-            crate::kernels::to_f16(src, &mut self.data[at..at + self.kv_dim]);
+        let at = self.offset(block, layer, true) + slot * self.kv_dim;
+        crate::kernels::to_f16(values, &mut self.data[at..at + self.kv_dim]);
+        let mut converted = vec![f16::ZERO; self.kv_dim];
+        crate::kernels::to_f16(keys, &mut converted);
+        let at = self.offset(block, layer, false) + slot;
+        for (i, k) in converted.into_iter().enumerate() {
+            self.data[at + i * BLOCK_SIZE] = k;
         }
     }
 

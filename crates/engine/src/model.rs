@@ -14,7 +14,7 @@ use rayon::prelude::*;
 pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
 use crate::{
     Error, Result,
-    kernels::{Matrix, Quantized, WeightData, axpy_rows, dot_rows, exp_sum, gather_f32},
+    kernels::{Matrix, Quantized, WeightData, block_scores, block_values, gather_f32, prefetch, softmax},
 };
 
 /// Query rows of one sequence attended together (see `Llama::attention`): at least this many, and at most
@@ -346,41 +346,46 @@ impl Llama {
         let c = &self.config;
         let (d, hd, kv_dim, group) = (c.n_embd, c.head_dim, c.kv_dim(), c.n_head / c.n_kv_head);
         let kv = g * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Query `i * group + k` is row `rows.start + i`, head `g * group + k`; it sees `visible[i]` positions.
+        // Query `i * group + k` is row `rows.start + i`, head `g * group + k`, scaled; it sees `visible[i]`
+        // positions, and its scores are a row of `stride`.
         let visible: Vec<usize> = rows.clone().map(|r| pos[r] + 1).collect();
         let most = visible.iter().copied().max().unwrap_or(0);
-        let queries = visible.len() * group;
-        let mut scores = vec![0f32; queries * most];
+        let (queries, stride) = (visible.len() * group, most.next_multiple_of(BLOCK_SIZE));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut qs = Vec::with_capacity(queries * hd);
+        for r in rows.clone() {
+            qs.extend(q[r * d + g * group * hd..][..group * hd].iter().map(|x| x * scale));
+        }
+        let mut scores = vec![0f32; queries * stride];
         let mut cached = vec![0f32; BLOCK_SIZE * hd];
-        let convert = |cached: &mut [f32], block: u32, value: bool, n: usize| {
-            gather_f32(&pool.block(block, layer, value)[kv..], kv_dim, hd, &mut cached[..n * hd]);
-        };
         let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate();
-        for (b, &block) in blocks() {
-            convert(&mut cached, block, false, (most - b * BLOCK_SIZE).min(BLOCK_SIZE));
-            for (i, r) in rows.clone().enumerate() {
-                let seen = visible[i].saturating_sub(b * BLOCK_SIZE).min(BLOCK_SIZE);
-                for k in 0..group {
-                    let query = &q[r * d + (g * group + k) * hd..][..hd];
-                    let row = &mut scores[(i * group + k) * most + b * BLOCK_SIZE..][..seen];
-                    dot_rows(query, &cached[..seen * hd], scale, row);
+        let ahead = |b: usize, value: bool| {
+            if let Some(&next) = table.get(b + 1).filter(|_| (b + 1) * BLOCK_SIZE < most) {
+                let block = pool.block(next, layer, value);
+                match value {
+                    false => prefetch(&block[kv * BLOCK_SIZE..], 0, hd * BLOCK_SIZE, 1),
+                    true => prefetch(&block[kv..], kv_dim, hd, BLOCK_SIZE),
                 }
             }
+        };
+        for (b, &block) in blocks() {
+            ahead(b, false);
+            let keys = &pool.block(block, layer, false)[kv * BLOCK_SIZE..];
+            gather_f32(keys, hd * BLOCK_SIZE, hd * BLOCK_SIZE, &mut cached);
+            block_scores(&qs, hd, &cached, &mut scores[b * BLOCK_SIZE..], stride);
         }
+        // Softmax over the positions each query sees; those it does not see get weight 0.
         for n in 0..queries {
-            let row = &mut scores[n * most..][..visible[n / group]];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let inverse = 1.0 / exp_sum(row, max);
-            row.iter_mut().for_each(|s| *s *= inverse);
+            let (row, unseen) = scores[n * stride..][..stride].split_at_mut(visible[n / group]);
+            softmax(row);
+            unseen.fill(0.0);
         }
         let mut out = vec![0f32; queries * hd];
         for (b, &block) in blocks() {
-            convert(&mut cached, block, true, (most - b * BLOCK_SIZE).min(BLOCK_SIZE));
-            for (n, o) in out.chunks_exact_mut(hd).enumerate() {
-                let seen = visible[n / group].saturating_sub(b * BLOCK_SIZE).min(BLOCK_SIZE);
-                axpy_rows(o, &scores[n * most + b * BLOCK_SIZE..][..seen], &cached[..seen * hd]);
-            }
+            ahead(b, true);
+            let n = (most - b * BLOCK_SIZE).min(BLOCK_SIZE);
+            gather_f32(&pool.block(block, layer, true)[kv..], kv_dim, hd, &mut cached[..n * hd]);
+            block_values(&mut out, hd, &scores[b * BLOCK_SIZE..], stride, n, &cached[..n * hd]);
         }
         out
     }
