@@ -125,41 +125,65 @@ const L1_ACTIVATIONS: usize = 16 << 10;
 impl Matrix {
     /// `out[t][n] = Σ_k x[t][k] · w[n][k]` for every activation row `t`; `out` is `x.rows × self.rows`.
     pub fn matmul(&self, x: &Quantized<'_>, out: &mut [f32]) {
-        assert_eq!(x.cols, self.cols, "inner dimensions differ");
-        assert_eq!(out.len(), x.rows * self.rows);
-        let (t_rows, n_rows) = (x.rows, self.rows);
-        // Each task owns ROWS_PER_TASK weight rows and writes them for all activation rows (transposed), so
-        // tasks write disjoint memory; the result is transposed into `out` afterwards.
-        let mut transposed = vec![0f32; n_rows * t_rows];
-        let per_task = n_rows.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+        Self::matmul_all(x, &mut [(self, out)]);
+    }
+
+    /// [`Matrix::matmul`] for several matrices on the same activations (a layer's query, key and value
+    /// projections; its gate and up projections) as one parallel job: a decode step's threads meet once instead
+    /// of once per matrix, and those meetings, not the arithmetic, are much of a one-row step's time.
+    pub fn matmul_all(x: &Quantized<'_>, jobs: &mut [(&Matrix, &mut [f32])]) {
+        let t_rows = x.rows;
+        for (m, out) in jobs.iter() {
+            assert_eq!(x.cols, m.cols, "inner dimensions differ");
+            assert_eq!(out.len(), t_rows * m.rows);
+        }
+        // Each task owns `per_task` weight rows of one matrix and writes them for all activation rows
+        // (transposed), so tasks write disjoint memory; the result is transposed into `out` afterwards. One
+        // activation row needs no transpose: the task writes `out` itself.
+        let mut transposed: Vec<Vec<f32>> =
+            jobs.iter().map(|(m, _)| if t_rows == 1 { vec![] } else { vec![0f32; m.rows * t_rows] }).collect();
+        let all_rows: usize = jobs.iter().map(|(m, _)| m.rows).sum();
+        let per_task = all_rows.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
         // Each task runs its weight rows past a group of activation rows small enough to stay in L1, then the
         // next group: activations are read from L2 once per group instead of once per weight row.
-        let group = (L1_ACTIVATIONS / self.cols).max(TILE) / TILE * TILE;
-        transposed.par_chunks_mut(per_task * t_rows).enumerate().for_each(|(task, chunk)| {
-            let first = task * per_task;
+        let group = (L1_ACTIVATIONS / x.cols.max(1)).max(TILE) / TILE * TILE;
+        let mut tasks = vec![];
+        for ((m, out), buffer) in jobs.iter_mut().zip(&mut transposed) {
+            let target = if t_rows == 1 { &mut **out } else { &mut buffer[..] };
+            for (task, chunk) in target.chunks_mut(per_task * t_rows).enumerate() {
+                tasks.push((*m, task * per_task, chunk));
+            }
+        }
+        tasks.into_par_iter().for_each(|(m, first, chunk)| {
             for g0 in (0..t_rows).step_by(group) {
                 let g1 = (g0 + group).min(t_rows);
                 let window = x.window(g0..g1);
                 for (i, row_out) in chunk.chunks_exact_mut(t_rows).enumerate() {
-                    self.row_dot(first + i, &window, &mut row_out[g0..g1]);
+                    m.row_dot(first + i, &window, &mut row_out[g0..g1]);
                 }
             }
         });
-        // Eight output rows at a time, so each weight row's results are read as one run instead of one float
-        // from a distant line per output row.
-        let transpose = |(t8, rows): (usize, &mut [f32])| {
-            let t0 = t8 * TRANSPOSE_ROWS;
-            let count = rows.len() / n_rows;
-            for (n, results) in transposed.chunks_exact(t_rows).enumerate() {
-                for (k, &v) in results[t0..t0 + count].iter().enumerate() {
-                    rows[k * n_rows + n] = v;
+        if t_rows == 1 {
+            return;
+        }
+        for ((m, out), transposed) in jobs.iter_mut().zip(&transposed) {
+            let n_rows = m.rows;
+            // Eight output rows at a time, so each weight row's results are read as one run instead of one
+            // float from a distant line per output row.
+            let transpose = |(t8, rows): (usize, &mut [f32])| {
+                let t0 = t8 * TRANSPOSE_ROWS;
+                let count = rows.len() / n_rows;
+                for (n, results) in transposed.chunks_exact(t_rows).enumerate() {
+                    for (k, &v) in results[t0..t0 + count].iter().enumerate() {
+                        rows[k * n_rows + n] = v;
+                    }
                 }
+            };
+            if t_rows >= TILE {
+                out.par_chunks_mut(n_rows * TRANSPOSE_ROWS).enumerate().for_each(transpose);
+            } else {
+                out.chunks_mut(n_rows * TRANSPOSE_ROWS).enumerate().for_each(transpose);
             }
-        };
-        if t_rows >= TILE {
-            out.par_chunks_mut(n_rows * TRANSPOSE_ROWS).enumerate().for_each(transpose);
-        } else {
-            out.chunks_mut(n_rows * TRANSPOSE_ROWS).enumerate().for_each(transpose);
         }
     }
 
@@ -1089,6 +1113,36 @@ mod tests {
                 [(1, 1, 32), (1, 37, 64), (3, 17, 96), (4, 16, 576), (5, 33, 576), (16, 40, 1536), (64, 8, 64)]
             {
                 check(kind, rows, n, k);
+            }
+        }
+    }
+
+    #[test]
+    fn several_matrices_in_one_job_equal_each_alone() {
+        // Mixed types and sizes on the same activations, one row (written in place) and several (transposed).
+        for rows in [1, 3, 9] {
+            let k = 96;
+            let x = noise(rows * k, 3);
+            let q = Quantized::new(&x, rows, k);
+            let matrices = [
+                Matrix { rows: 40, cols: k, data: WeightData::Q4_1(quantize_q4_1(&noise(40 * k, 4))) },
+                Matrix { rows: 7, cols: k, data: WeightData::Q8_0(quantize_q8_0(&noise(7 * k, 5))) },
+                Matrix { rows: 130, cols: k, data: WeightData::F32(noise(130 * k, 6)) },
+            ];
+            let alone: Vec<Vec<f32>> = matrices
+                .iter()
+                .map(|m| {
+                    let mut out = vec![0f32; rows * m.rows];
+                    m.matmul(&q, &mut out);
+                    out
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![f32::NAN; rows * m.rows]).collect();
+            let [a, b, c] = &mut outs[..] else { unreachable!() };
+            Matrix::matmul_all(&q, &mut [(&matrices[0], a), (&matrices[1], b), (&matrices[2], c)]);
+            for (together, alone) in outs.iter().zip(&alone) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(together), bits(alone), "{rows} rows");
             }
         }
     }

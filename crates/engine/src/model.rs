@@ -228,9 +228,7 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps);
             let hq = Quantized::new(&h, rows, d);
-            layer.wq.matmul(&hq, &mut q);
-            layer.wk.matmul(&hq, &mut k);
-            layer.wv.matmul(&hq, &mut v);
+            Matrix::matmul_all(&hq, &mut [(&layer.wq, &mut q), (&layer.wk, &mut k), (&layer.wv, &mut v)]);
             for r in 0..rows {
                 self.rotate(&mut q[r * d..(r + 1) * d], pos[r]);
                 self.rotate(&mut k[r * kv_dim..(r + 1) * kv_dim], pos[r]);
@@ -247,8 +245,7 @@ impl Llama {
 
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
             let hq = Quantized::new(&h, rows, d);
-            layer.w_gate.matmul(&hq, &mut gate);
-            layer.w_up.matmul(&hq, &mut up);
+            Matrix::matmul_all(&hq, &mut [(&layer.w_gate, &mut gate), (&layer.w_up, &mut up)]);
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
