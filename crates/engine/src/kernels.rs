@@ -286,7 +286,7 @@ pub fn gather_f32(src: &[f16], stride: usize, width: usize, dst: &mut [f32]) {
         // SAFETY: both levels imply AVX2 and F16C, detected at run time; the rows are in bounds (asserted).
         #[cfg(target_arch = "x86_64")]
         simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe {
-            simd::x86::attention::gather_f32(src, stride, width, rows, dst)
+            simd::x86::floats::gather_f32(src, stride, width, rows, dst)
         },
         #[allow(unreachable_patterns)]
         _ => {
@@ -317,7 +317,7 @@ pub fn block_scores(queries: &[f32], width: usize, keys: &[f32], out: &mut [f32]
         // (asserted).
         #[cfg(target_arch = "x86_64")]
         simd::Level::Avx512Vnni | simd::Level::Avx2 if width > 0 => unsafe {
-            simd::x86::attention::block_scores(queries, width, keys, out, stride)
+            simd::x86::floats::block_scores(queries, width, keys, out, stride)
         },
         _ => scalar::block_scores(queries, width, keys, out, stride),
     }
@@ -330,9 +330,22 @@ pub fn softmax(scores: &mut [f32]) {
     match simd::level() {
         // SAFETY: both levels imply AVX2 and FMA, detected at run time.
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::attention::softmax(scores) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::floats::softmax(scores) },
         #[allow(unreachable_patterns)]
         _ => scalar::softmax(scores),
+    }
+}
+
+/// The feed-forward activation in place: `gate = silu(gate) · up = gate / (1 + e^-gate) · up`, with the
+/// exponential eight lanes at a time where the CPU has AVX2.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    match simd::level() {
+        // SAFETY: both levels imply AVX2 and FMA, detected at run time; the lengths are equal (asserted).
+        #[cfg(target_arch = "x86_64")]
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::floats::silu_mul(gate, up) },
+        #[allow(unreachable_patterns)]
+        _ => scalar::silu_mul(gate, up),
     }
 }
 
@@ -350,7 +363,7 @@ pub fn block_values(out: &mut [f32], width: usize, weights: &[f32], stride: usiz
         // (asserted).
         #[cfg(target_arch = "x86_64")]
         simd::Level::Avx512Vnni | simd::Level::Avx2 if width > 0 && width.is_multiple_of(8) => unsafe {
-            simd::x86::attention::block_values(out, width, weights, stride, rows, values)
+            simd::x86::floats::block_values(out, width, weights, stride, rows, values)
         },
         _ => scalar::block_values(out, width, weights, stride, rows, values),
     }
@@ -382,6 +395,12 @@ mod scalar {
                 }
             }
             out[n * stride..][..BLOCK_KEYS].copy_from_slice(&acc);
+        }
+    }
+
+    pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
         }
     }
 
@@ -663,7 +682,8 @@ mod simd {
         }
 
         /// Attention's vector helpers: dot product, weighted sum, exponentials.
-        pub mod attention {
+        /// Float kernels: attention over KV blocks, the softmax and the feed-forward activation.
+        pub mod floats {
             use std::arch::x86_64::*;
 
             use super::hsum;
@@ -741,11 +761,12 @@ mod simd {
             }
 
             /// e^x on eight lanes (Cephes `expf`: x = n·ln 2 + r, a degree-5 polynomial for e^r, 2^n in the
-            /// exponent bits); inputs below -87.3 give about 1e-38 instead of denormals.
+            /// exponent bits); inputs below -87.3 give about 1e-38 instead of denormals, above 88.3 about 2e38 instead of
+            /// infinity.
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
             fn exp8(x: __m256) -> __m256 {
-                let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+                let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.3));
                 let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
                     x,
                     _mm256_set1_ps(std::f32::consts::LOG2_E),
@@ -759,6 +780,27 @@ mod simd {
                 let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
                 let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
                 _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+            }
+
+            /// # Safety
+            /// `up` is as long as `gate`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+                let one = _mm256_set1_ps(1.0);
+                let done = gate.len() / 8 * 8;
+                let mut chunks = gate.chunks_exact_mut(8);
+                for (chunk, u) in (&mut chunks).zip(up.chunks_exact(8)) {
+                    // SAFETY: both chunks hold eight floats.
+                    unsafe {
+                        let g = _mm256_loadu_ps(chunk.as_ptr());
+                        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                        let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                        _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr())));
+                    }
+                }
+                for (g, u) in chunks.into_remainder().iter_mut().zip(&up[done..]) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
             }
 
             #[target_feature(enable = "avx2,fma,f16c")]
@@ -1244,6 +1286,17 @@ mod tests {
             assert!((g - p).abs() <= 1e-5 * p + 1e-37, "{g} vs portable {p}");
         }
         assert!((got.iter().map(|&g| f64::from(g)).sum::<f64>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_vector_activation_matches_the_library_one() {
+        let mut gate: Vec<f32> = (0..2003).map(|i| (i as f32 - 1000.0) * 0.1).collect(); // -100 to 100
+        let up = noise(gate.len(), 9);
+        let want: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        silu_mul(&mut gate, &up);
+        for (i, (g, w)) in gate.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8.0 * f32::EPSILON * w.abs() + 1e-30, "silu [{i}]: {g} vs {w}");
+        }
     }
 
     #[test]

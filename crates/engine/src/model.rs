@@ -14,7 +14,7 @@ use rayon::prelude::*;
 pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
 use crate::{
     Error, Result,
-    kernels::{Matrix, Quantized, WeightData, block_scores, block_values, gather_f32, prefetch, softmax},
+    kernels::{Matrix, Quantized, WeightData, block_scores, block_values, gather_f32, prefetch, silu_mul, softmax},
 };
 
 /// Query rows of one sequence attended together (see `Llama::attention`): at least this many, and at most
@@ -246,9 +246,7 @@ impl Llama {
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
             let hq = Quantized::new(&h, rows, d);
             Matrix::matmul_all(&hq, &mut [(&layer.w_gate, &mut gate), (&layer.w_up, &mut up)]);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            silu_mul(&mut gate, &up);
             layer.w_down.matmul(&Quantized::new(&gate, rows, c.n_ff), &mut proj);
             add(&mut x, &proj);
         }
