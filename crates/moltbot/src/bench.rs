@@ -64,6 +64,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None => conversation::run(turns, args.concurrency, args.anchor_url.as_deref()).await?,
         }
     } else if let Some(url) = &args.url {
+        answering(url).await?;
         if let Some(turns) = args.mode_overhead {
             mode_overhead(url, turns).await?;
         } else {
@@ -431,6 +432,21 @@ fn peak_rss_mib() -> u64 {
 
 /// Streams chats through `url`'s OpenAI API: four one after the other, then `concurrency` at once; prints
 /// aggregate tokens/s and time to first token for each.
+/// Fails with what to do when nothing answers at `url` (the benches that drive a running MoltBot).
+async fn answering(url: &str) -> anyhow::Result<()> {
+    let client = conversation::fresh_connections();
+    match client.get(format!("{url}/v1/models")).send().await {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => {
+            anyhow::bail!("{url}/v1/models answered {}: is a MoltBot gateway listening there?", response.status())
+        }
+        Err(e) => anyhow::bail!(
+            "no MoltBot answers at {url} ({e}): start one in another terminal (`cargo xtask run`, or \
+             `cargo xtask dev` for the distributed shape), or pass --url"
+        ),
+    }
+}
+
 async fn http(name: &str, url: &str, args: &Args) -> anyhow::Result<()> {
     let client = conversation::fresh_connections();
     for (concurrency, rounds) in [(1, 4), (args.concurrency, 1)] {
