@@ -22,6 +22,12 @@ use crate::{
 const ATTN_ROWS: usize = 4;
 const ATTN_ROWS_MAX: usize = 32;
 
+thread_local! {
+    /// Each thread's attention scores, kept from task to task: a long context's are hundreds of KB, which a fresh
+    /// allocation would map and zero page by page in every task of every layer.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Model sizes, mirrored from the GGUF `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -351,38 +357,45 @@ impl Llama {
         for r in rows.clone() {
             qs.extend(q[r * d + g * group * hd..][..group * hd].iter().map(|x| x * scale));
         }
-        let mut scores = vec![0f32; queries * stride];
-        let mut cached = vec![0f32; BLOCK_SIZE * hd];
-        let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate();
-        let ahead = |b: usize, value: bool| {
-            if let Some(&next) = table.get(b + 1).filter(|_| (b + 1) * BLOCK_SIZE < most) {
-                let block = pool.block(next, layer, value);
-                match value {
-                    false => prefetch(&block[kv * BLOCK_SIZE..], 0, hd * BLOCK_SIZE, 1),
-                    true => prefetch(&block[kv..], kv_dim, hd, BLOCK_SIZE),
-                }
+        SCORES.with_borrow_mut(|scores| {
+            if scores.len() < queries * stride {
+                scores.resize(queries * stride, 0.0);
             }
-        };
-        for (b, &block) in blocks() {
-            ahead(b, false);
-            let keys = &pool.block(block, layer, false)[kv * BLOCK_SIZE..];
-            gather_f32(keys, hd * BLOCK_SIZE, hd * BLOCK_SIZE, &mut cached);
-            block_scores(&qs, hd, &cached, &mut scores[b * BLOCK_SIZE..], stride);
-        }
-        // Softmax over the positions each query sees; those it does not see get weight 0.
-        for n in 0..queries {
-            let (row, unseen) = scores[n * stride..][..stride].split_at_mut(visible[n / group]);
-            softmax(row);
-            unseen.fill(0.0);
-        }
-        let mut out = vec![0f32; queries * hd];
-        for (b, &block) in blocks() {
-            ahead(b, true);
-            let n = (most - b * BLOCK_SIZE).min(BLOCK_SIZE);
-            gather_f32(&pool.block(block, layer, true)[kv..], kv_dim, hd, &mut cached[..n * hd]);
-            block_values(&mut out, hd, &scores[b * BLOCK_SIZE..], stride, n, &cached[..n * hd]);
-        }
-        out
+            // Every score a query reads is written first: `block_scores` fills whole blocks, the softmax zeroes
+            // what a query does not see.
+            let scores = &mut scores[..queries * stride];
+            let mut cached = vec![0f32; BLOCK_SIZE * hd];
+            let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate();
+            let ahead = |b: usize, value: bool| {
+                if let Some(&next) = table.get(b + 1).filter(|_| (b + 1) * BLOCK_SIZE < most) {
+                    let block = pool.block(next, layer, value);
+                    match value {
+                        false => prefetch(&block[kv * BLOCK_SIZE..], 0, hd * BLOCK_SIZE, 1),
+                        true => prefetch(&block[kv..], kv_dim, hd, BLOCK_SIZE),
+                    }
+                }
+            };
+            for (b, &block) in blocks() {
+                ahead(b, false);
+                let keys = &pool.block(block, layer, false)[kv * BLOCK_SIZE..];
+                gather_f32(keys, hd * BLOCK_SIZE, hd * BLOCK_SIZE, &mut cached);
+                block_scores(&qs, hd, &cached, &mut scores[b * BLOCK_SIZE..], stride);
+            }
+            // Softmax over the positions each query sees; those it does not see get weight 0.
+            for n in 0..queries {
+                let (row, unseen) = scores[n * stride..][..stride].split_at_mut(visible[n / group]);
+                softmax(row);
+                unseen.fill(0.0);
+            }
+            let mut out = vec![0f32; queries * hd];
+            for (b, &block) in blocks() {
+                ahead(b, true);
+                let n = (most - b * BLOCK_SIZE).min(BLOCK_SIZE);
+                gather_f32(&pool.block(block, layer, true)[kv..], kv_dim, hd, &mut cached[..n * hd]);
+                block_values(&mut out, hd, &scores[b * BLOCK_SIZE..], stride, n, &cached[..n * hd]);
+            }
+            out
+        })
     }
 }
 
