@@ -307,7 +307,7 @@ const _: () = assert!(BLOCK_KEYS == 16, "the attention kernels hold a block's ke
 /// (`keys[i · BLOCK_KEYS + j]` is key `j`'s `i`-th value), so the keys of one dimension fill the lanes of a
 /// register and no sum is reduced across lanes. Each query's scores are summed over `i` in order whatever the
 /// other queries, so batching does not change a query's scores. A block's keys past those written hold stale
-/// but finite values; their scores are computed and left unread.
+/// values; the caller overwrites their scores (attention gives them weight 0).
 pub fn block_scores(queries: &[f32], width: usize, keys: &[f32], out: &mut [f32], stride: usize) {
     let n = queries.len() / width.max(1);
     assert!(keys.len() >= width * BLOCK_KEYS, "fewer keys than a block");
@@ -681,7 +681,6 @@ mod simd {
             };
         }
 
-        /// Attention's vector helpers: dot product, weighted sum, exponentials.
         /// Float kernels: attention over KV blocks, the softmax and the feed-forward activation.
         pub mod floats {
             use std::arch::x86_64::*;
@@ -923,7 +922,8 @@ mod simd {
                 // SAFETY: queries first..first + Q have rows of `width` in `out` and `rows` weights at their
                 // stride; columns c0..c0 + 32 are within every row of `values` (the caller's bounds).
                 unsafe {
-                    let o = |q: usize| out.as_ptr().add((first + q) * width + c0).cast_mut();
+                    let base = out.as_mut_ptr();
+                    let o = |q: usize| base.add((first + q) * width + c0);
                     let mut acc: [[__m256; 4]; Q] =
                         std::array::from_fn(|q| std::array::from_fn(|c| _mm256_loadu_ps(o(q).add(8 * c))));
                     for j in 0..rows {
@@ -1203,7 +1203,9 @@ mod tests {
         }
         // Queries against a block of keys (stored dimension by dimension), and each query's weighted sum of the
         // first `seen` values, for widths on and off the SIMD path and query counts around the SIMD tile.
-        for (width, queries) in [(64, 1), (64, 5), (64, 16), (128, 7), (96, 4), (8, 3), (12, 9), (200, 2), (3, 13)] {
+        for (width, queries) in
+            [(64, 1), (64, 5), (64, 16), (128, 7), (96, 4), (8, 3), (12, 9), (200, 2), (3, 13), (80, 3), (56, 5)]
+        {
             let (q, keys, values) =
                 (noise(width * queries, 4), noise(width * BLOCK_KEYS, 5), noise(width * BLOCK_KEYS, 6));
             let stride = BLOCK_KEYS + 3;

@@ -157,15 +157,19 @@ impl KvPool {
         &self.data[self.offset(block, layer, value)..][..BLOCK_SIZE * self.kv_dim]
     }
 
-    /// Stores one position's keys and values.
+    /// Stores one position's keys and values. Values beyond f16's range are stored as its largest, not as
+    /// infinity: attention multiplies the values a query does not see by a weight of 0, which an infinity would
+    /// turn into NaN.
     pub(crate) fn write(&mut self, block: u32, slot: usize, layer: usize, keys: &[f32], values: &[f32]) {
         let at = self.offset(block, layer, true) + slot * self.kv_dim;
-        crate::kernels::to_f16(values, &mut self.data[at..at + self.kv_dim]);
-        let mut converted = vec![f16::ZERO; self.kv_dim];
-        crate::kernels::to_f16(keys, &mut converted);
+        let stored = &mut self.data[at..at + self.kv_dim];
+        crate::kernels::to_f16(values, stored);
+        for v in stored.iter_mut().filter(|v| v.is_infinite()) {
+            *v = if v.is_sign_negative() { f16::MIN } else { f16::MAX };
+        }
         let at = self.offset(block, layer, false) + slot;
-        for (i, k) in converted.into_iter().enumerate() {
-            self.data[at + i * BLOCK_SIZE] = k;
+        for (i, k) in keys.iter().enumerate() {
+            self.data[at + i * BLOCK_SIZE] = f16::from_f32(*k);
         }
     }
 
@@ -415,6 +419,22 @@ mod tests {
             rope_base: 10_000.0,
             vocab: 100,
         }
+    }
+
+    #[test]
+    fn keys_are_stored_by_dimension_and_values_beyond_f16_saturate() {
+        let c = config();
+        let mut pool = KvPool::new(&c, 2, false);
+        let keys: Vec<f32> = (0..c.kv_dim()).map(|i| i as f32).collect();
+        let mut values = vec![0.5f32; c.kv_dim()];
+        (values[0], values[1]) = (1e6, -1e6);
+        pool.write(1, 3, 1, &keys, &values);
+        let (k, v) = (pool.block(1, 1, false), pool.block(1, 1, true));
+        for (i, &key) in keys.iter().enumerate() {
+            assert_eq!(k[i * BLOCK_SIZE + 3].to_f32(), key, "key dimension {i} of position 3");
+        }
+        assert_eq!((v[3 * c.kv_dim()], v[3 * c.kv_dim() + 1]), (f16::MAX, f16::MIN));
+        assert_eq!(v[3 * c.kv_dim() + 2].to_f32(), 0.5);
     }
 
     /// A sequence that "computes" its tokens: blocks reserved, positions counted, full blocks registered.

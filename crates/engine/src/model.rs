@@ -22,9 +22,13 @@ use crate::{
 const ATTN_ROWS: usize = 4;
 const ATTN_ROWS_MAX: usize = 32;
 
+/// The most attention scores (floats) a thread keeps between tasks: 4 MiB.
+const KEPT_SCORES: usize = 1 << 20;
+
 thread_local! {
-    /// Each thread's attention scores, kept from task to task: a long context's are hundreds of KB, which a fresh
-    /// allocation would map and zero page by page in every task of every layer.
+    /// Each thread's attention scores, kept from task to task up to `KEPT_SCORES`: a task's scores (its queries
+    /// times the context) take hundreds of KB to MBs, which a fresh allocation would map and zero page by page in
+    /// every task of every layer.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -357,7 +361,7 @@ impl Llama {
         for r in rows.clone() {
             qs.extend(q[r * d + g * group * hd..][..group * hd].iter().map(|x| x * scale));
         }
-        SCORES.with_borrow_mut(|scores| {
+        let out = SCORES.with_borrow_mut(|scores| {
             if scores.len() < queries * stride {
                 scores.resize(queries * stride, 0.0);
             }
@@ -395,7 +399,14 @@ impl Llama {
                 block_values(&mut out, hd, &scores[b * BLOCK_SIZE..], stride, n, &cached[..n * hd]);
             }
             out
-        })
+        });
+        // A long prompt's scores are not kept past this task.
+        SCORES.with_borrow_mut(|scores| {
+            if scores.len() > KEPT_SCORES {
+                *scores = Vec::new();
+            }
+        });
+        out
     }
 }
 
