@@ -361,13 +361,20 @@ impl Llama {
         for r in rows.clone() {
             qs.extend(q[r * d + g * group * hd..][..group * hd].iter().map(|x| x * scale));
         }
-        let out = SCORES.with_borrow_mut(|scores| {
-            if scores.len() < queries * stride {
-                scores.resize(queries * stride, 0.0);
-            }
+        SCORES.with_borrow_mut(|kept| {
+            // A long prompt's scores are not kept past this task.
+            let mut fresh = vec![];
+            let scores = if queries * stride > KEPT_SCORES {
+                fresh.resize(queries * stride, 0.0);
+                &mut fresh[..]
+            } else {
+                if kept.len() < queries * stride {
+                    kept.resize(queries * stride, 0.0);
+                }
+                &mut kept[..queries * stride]
+            };
             // Every score a query reads is written first: `block_scores` fills whole blocks, the softmax zeroes
             // what a query does not see.
-            let scores = &mut scores[..queries * stride];
             let mut cached = vec![0f32; BLOCK_SIZE * hd];
             let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate();
             let ahead = |b: usize, value: bool| {
@@ -399,14 +406,7 @@ impl Llama {
                 block_values(&mut out, hd, &scores[b * BLOCK_SIZE..], stride, n, &cached[..n * hd]);
             }
             out
-        });
-        // A long prompt's scores are not kept past this task.
-        SCORES.with_borrow_mut(|scores| {
-            if scores.len() > KEPT_SCORES {
-                *scores = Vec::new();
-            }
-        });
-        out
+        })
     }
 }
 
