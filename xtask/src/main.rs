@@ -268,6 +268,7 @@ fn distributed_conversation(args: &[String]) -> anyhow::Result<()> {
             .args(["run", "--release", "--package", "moltbot", "--", "bench", "--http-only"])
             .args(if rest.iter().any(|a| a == "--conversation") { &[][..] } else { &["--conversation", "20"][..] })
             .args(["--url", &shape.gateway, "--concurrency", &conversations.to_string()])
+            .args(if rest.iter().any(|a| a == "--repeat") { &[][..] } else { &["--repeat", "3"][..] })
             .args(rest),
     );
     drop(shape);

@@ -273,9 +273,7 @@ impl Engine {
             eos,
             context_length,
             max_batch_size: max_sequences,
-            max_batch_tokens: config.max_batch_tokens.max(1),
-            max_step: config.max_step,
-            secs_per_token: None,
+            budget: StepBudget::new(config.max_batch_tokens, config.max_step),
         };
         // The scheduler runs on a worker of the engine's own pool, so each step's parallel work starts on the
         // thread that asks for it instead of being handed across threads.
@@ -507,10 +505,45 @@ struct Compute {
     eos: Vec<u32>,
     context_length: usize,
     max_batch_size: usize,
+    budget: StepBudget,
+}
+
+/// How many tokens a step may take: `max_batch_tokens`, and no more than fit in `max_step` at the measured cost
+/// of a prompt token while sequences are generating (at least a chunk of 16 beside their decode tokens), or in
+/// five times that while only prompts are read: larger chunks read a prompt faster, and a cancelled request still
+/// stops within about a second.
+#[derive(Debug, Clone, Copy)]
+struct StepBudget {
     max_batch_tokens: usize,
     max_step: std::time::Duration,
-    /// What a token of a step has cost lately (a moving average), once measured.
+    /// What a token of a step that mostly read prompts has cost lately (a moving average), once measured.
     secs_per_token: Option<f64>,
+}
+
+impl StepBudget {
+    fn new(max_batch_tokens: usize, max_step: std::time::Duration) -> Self {
+        Self { max_batch_tokens: max_batch_tokens.max(1), max_step, secs_per_token: None }
+    }
+
+    /// The tokens of the next step, with `decoding` sequences generating.
+    fn tokens(&self, decoding: usize) -> usize {
+        let Some(cost) = self.secs_per_token else { return self.max_batch_tokens };
+        let time = if decoding > 0 { self.max_step } else { self.max_step * 5 };
+        let in_time = (time.as_secs_f64() / cost.max(1e-9)) as usize;
+        in_time.max(decoding + 16).min(self.max_batch_tokens.max(decoding))
+    }
+
+    /// A step of `fed` tokens, `decoding` of them one token of a generating sequence, took `secs`. The budget is
+    /// for prompt chunks, so only steps that mostly read prompts tell what a token costs: a decode step pays for
+    /// reading every weight with one token per sequence, several times a prompt token's share, and counting it
+    /// split a follow-up turn that arrived beside a running stream into chunks (each one reading the whole cached
+    /// context again).
+    fn observe(&mut self, fed: usize, decoding: usize, secs: f64) {
+        if fed > 0 && fed >= 2 * decoding {
+            let cost = secs / fed as f64;
+            self.secs_per_token = Some(self.secs_per_token.map_or(cost, |avg| 0.8 * avg + 0.2 * cost));
+        }
+    }
 }
 
 impl Compute {
@@ -659,25 +692,14 @@ impl Compute {
         }
     }
 
-    /// Tokens a step may take: `max_batch_tokens`, and no more than fit in `max_step` at the measured cost per
-    /// token while sequences are generating (at least a chunk of 16 beside their decode tokens), or in five times
-    /// that while only prompts are read: larger chunks read a prompt faster, and a cancelled request still stops
-    /// within about a second.
-    fn step_budget(&self, decoding: usize) -> usize {
-        let Some(cost) = self.secs_per_token else { return self.max_batch_tokens };
-        let time = if decoding > 0 { self.max_step } else { self.max_step * 5 };
-        let in_time = (time.as_secs_f64() / cost.max(1e-9)) as usize;
-        in_time.max(decoding + 16).min(self.max_batch_tokens.max(decoding))
-    }
-
     /// One forward pass and one sampled token for every sequence whose tokens are all in.
     fn step(&mut self, running: &mut Vec<Active>) -> Result<()> {
         // Generating sequences first (one token each), then prompt chunks, the shortest prompt first: a short
         // request is not held behind a long one. But a prompt admitted `STARVING` steps' time ago goes first,
         // oldest first, or a long prompt would never be read while shorter ones keep coming.
         let decoding = running.iter().filter(|a| a.pending() == 1).count();
-        let mut budget = self.step_budget(decoding);
-        let (starving, now) = (self.max_step * STARVING, std::time::Instant::now());
+        let mut budget = self.budget.tokens(decoding);
+        let (starving, now) = (self.budget.max_step * STARVING, std::time::Instant::now());
         let mut order: Vec<usize> = (0..running.len()).collect();
         order.sort_by_key(|&i| {
             let a = &running[i];
@@ -711,8 +733,7 @@ impl Compute {
             let a = &mut running[i];
             a.cache.register_full(&mut self.pool, &a.tokens);
         }
-        let cost = started.elapsed().as_secs_f64() / fed_tokens.max(1) as f64;
-        self.secs_per_token = Some(self.secs_per_token.map_or(cost, |avg| 0.8 * avg + 0.2 * cost));
+        self.budget.observe(fed_tokens, decoding, started.elapsed().as_secs_f64());
         let mut logits = logits.into_iter();
         let mut finished = vec![];
         for (i, wants) in fed {
@@ -764,5 +785,32 @@ impl Compute {
             return Ok(Some(FinishReason::Stop));
         }
         Ok((a.generated() >= a.max_new).then_some(FinishReason::Length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepBudget;
+
+    #[test]
+    fn a_prompt_beside_running_streams_is_read_at_a_prompt_tokens_cost() {
+        let mut budget = StepBudget::new(1024, std::time::Duration::from_millis(200));
+        assert_eq!(budget.tokens(1), 1024, "unmeasured: max_batch_tokens");
+        // A 40-token prompt read alone at 2.5 ms a token, then many steps of one stream decoding at 12 ms.
+        budget.observe(40, 0, 0.1);
+        for _ in 0..50 {
+            budget.observe(1, 1, 0.012);
+        }
+        // A follow-up turn of 32 tokens arriving now is read in one step beside the stream.
+        assert_eq!(budget.tokens(1), 80);
+        // Mostly-prompt steps do move it: at 4 ms a token (the average now), 50 fit beside the stream, and five
+        // times as many when only prompts are read.
+        budget.observe(33, 1, 0.33);
+        assert!((49..=50).contains(&budget.tokens(1)), "{}", budget.tokens(1));
+        assert!((249..=250).contains(&budget.tokens(0)), "{}", budget.tokens(0));
+        // Never less than a chunk of 16 beside the decode tokens, never more than max_batch_tokens.
+        budget.observe(16, 0, 16.0);
+        assert_eq!(budget.tokens(3), 19);
+        assert_eq!(StepBudget::new(8, std::time::Duration::from_secs(1)).tokens(0), 8);
     }
 }

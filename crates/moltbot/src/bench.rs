@@ -24,7 +24,8 @@ pub struct Args {
     /// Skip the engine measurements.
     #[arg(long)]
     http_only: bool,
-    /// Runs of each engine measurement; the median is printed (the machines are shared and noisy).
+    /// Runs of each engine measurement, or rounds of the conversations with --conversation and --url; the median
+    /// is printed (the machines are shared and noisy).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Also measure SessionStore gRPC operations/s through an in-process session-store on this Redis.
@@ -60,7 +61,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(turns) = args.conversation {
         match &args.url {
-            Some(url) => conversation::through(url, turns, args.concurrency).await?,
+            Some(url) => conversation::through(url, turns, args.concurrency, args.repeat).await?,
             None => conversation::run(turns, args.concurrency, args.anchor_url.as_deref()).await?,
         }
     } else if let Some(url) = &args.url {

@@ -185,12 +185,18 @@ fn hit_rate(figures: &[Turn]) -> String {
 /// xtask bench conversation --workers 2` starts), first resending their histories, then with server-side sessions:
 /// each turn's median time to first token, and how much of each prompt the cache supplied after the first turn
 /// (every turn that reaches a worker not holding its conversation's blocks computes its whole history again).
-pub async fn through(url: &str, turns: usize, conversations: usize) -> anyhow::Result<()> {
-    let turns = turns.max(4);
-    println!("{conversations} conversations of {turns} turns at once through {url}, {ANSWER_TOKENS}-token answers");
+pub async fn through(url: &str, turns: usize, conversations: usize, rounds: usize) -> anyhow::Result<()> {
+    let (turns, rounds) = (turns.max(4), rounds.max(1));
+    println!(
+        "{conversations} conversations of {turns} turns at once through {url}, {ANSWER_TOKENS}-token answers; \
+         {rounds} rounds of each (every round's conversations are new), the median of all of them per turn"
+    );
     for (keeping, name) in [(Keeping::History, "history"), (Keeping::Session, "session")] {
-        let runs = (0..conversations).map(|c| conversation(url, turns, keeping, format!("{name}-{c}")));
-        let runs: Vec<Vec<Turn>> = futures::future::try_join_all(runs).await?;
+        let mut runs: Vec<Vec<Turn>> = vec![];
+        for round in 0..rounds {
+            let round = (0..conversations).map(|c| conversation(url, turns, keeping, format!("{name}-{round}-{c}")));
+            runs.extend(futures::future::try_join_all(round).await?);
+        }
         let medians: Vec<Turn> = (0..turns)
             .map(|k| {
                 let mut ttfts: Vec<f64> = runs.iter().map(|r| r[k].ttft).collect();
@@ -201,7 +207,8 @@ pub async fn through(url: &str, turns: usize, conversations: usize) -> anyhow::R
             })
             .collect();
         println!(
-            "{name}: turn | median time to first token (s) | prompt tokens of all {conversations} | from the cache"
+            "{name}: turn | median time to first token (s) | prompt tokens of all {} | from the cache",
+            runs.len()
         );
         for (k, t) in medians.iter().enumerate() {
             println!("{:>4} | {:.3} | {} | {}", k + 1, t.ttft, t.prompt_tokens, t.cached_tokens);
