@@ -9,6 +9,7 @@ const FILES: &[&str] = &[
     "moltbot/session/v1/session.proto",
     "moltbot/inference/v1/inference.proto",
     "moltbot/dialogue/v1/dialogue.proto",
+    "moltbot/plugin/v1/plugin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

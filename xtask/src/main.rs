@@ -137,8 +137,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     status(cargo().args(["test", "--workspace", "--all-targets"]).args(args).env("PYTHONPATH", pythonpath))
 }
 
-/// The official OpenAI Python client for the compatibility test, installed with pip into the cache (no
-/// virtualenv or system packages needed); returns the directory to put on PYTHONPATH.
+/// The official OpenAI Python client for the compatibility test and `grpcio` for the Python plugins' tests,
+/// installed with pip into the cache (no virtualenv or system packages needed); returns the directory to put on
+/// PYTHONPATH.
 fn openai_client() -> anyhow::Result<PathBuf> {
     let dir = moltbot_config::default_model_path()
         .parent()
@@ -146,19 +147,19 @@ fn openai_client() -> anyhow::Result<PathBuf> {
         .context("the cache directory")?
         .join("python");
     let importable = Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", "import openai, grpc"])
         .env("PYTHONPATH", &dir)
         .output()
         .is_ok_and(|o| o.status.success());
     if !importable {
-        eprintln!("tests: installing the openai Python package into {}", dir.display());
+        eprintln!("tests: installing the openai and grpcio Python packages into {}", dir.display());
         status(
             Command::new("python3")
                 .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
                 .arg(&dir)
-                .arg("openai"),
+                .args(["openai", "grpcio"]),
         )
-        .context("pip could not install the openai package; check that python3 and pip work and PyPI is reachable")?;
+        .context("pip could not install openai and grpcio; check that python3 and pip work and PyPI is reachable")?;
     }
     Ok(dir)
 }

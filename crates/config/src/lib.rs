@@ -34,6 +34,90 @@ pub struct Config {
     pub model_provider: ModelProviderConfig,
     pub queue: QueueConfig,
     pub log: LogConfig,
+    pub plugins: PluginsConfig,
+}
+
+/// Plugins (S8): the built-in ones, those in the plugin directory, and the limits every call runs within. The
+/// dialogue-manager loads and runs them.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// The plugin directory: every `*.py` module, Python package folder and `*.yaml` manifest in it is a plugin.
+    /// Empty: no directory.
+    pub dir: PathBuf,
+    /// The interpreter that runs Python plugins; it needs `grpcio` (`python3 -m pip install grpcio`).
+    pub python: String,
+    /// The built-in plugins to offer: `calculator`, `datetime`.
+    pub builtin: Vec<String>,
+    /// Plugins whose failure to load stops start-up; any other is disabled and reported (a manifest may also say
+    /// `required: true`).
+    pub required: Vec<String>,
+    /// Milliseconds a call may take before it fails as a tool error (a manifest may set its own `timeout_ms`).
+    pub timeout_ms: u64,
+    /// Calls of one plugin at once; more wait (within the timeout).
+    pub max_concurrency: usize,
+    /// Bytes of one call's result (as JSON); a larger result is a tool error.
+    pub max_output_bytes: usize,
+    /// Each plugin's own settings, e.g. `settings: { weather: { api_key: "…" } }`, or from the environment:
+    /// `MOLTBOT_PLUGINS__SETTINGS__WEATHER__API_KEY`. A plugin sees only its own; they are never logged.
+    pub settings: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    /// Plugins that call an external HTTP JSON API.
+    pub http_json: Vec<HttpJsonPluginConfig>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            python: "python3".into(),
+            builtin: vec!["calculator".into(), "datetime".into()],
+            required: vec![],
+            timeout_ms: 10_000,
+            max_concurrency: 8,
+            max_output_bytes: 64 << 10,
+            settings: Default::default(),
+            http_json: vec![],
+        }
+    }
+}
+
+impl std::fmt::Debug for PluginsConfig {
+    /// Settings by key only: they hold API keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: std::collections::BTreeMap<_, Vec<_>> =
+            self.settings.iter().map(|(plugin, values)| (plugin, values.keys().collect())).collect();
+        f.debug_struct("PluginsConfig")
+            .field("dir", &self.dir)
+            .field("python", &self.python)
+            .field("builtin", &self.builtin)
+            .field("required", &self.required)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("max_output_bytes", &self.max_output_bytes)
+            .field("settings", &settings)
+            .field("http_json", &self.http_json)
+            .finish()
+    }
+}
+
+/// A plugin that calls one endpoint of an external JSON API. Its key is `plugins.settings.<name>.api_key`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpJsonPluginConfig {
+    pub name: String,
+    pub description: String,
+    /// The URL; `{parameter}` in it is replaced by that argument (URL-encoded).
+    pub url: String,
+    /// `GET` sends the other arguments as query parameters, `POST` as a JSON body.
+    pub method: String,
+    /// The arguments as a JSON Schema object.
+    pub parameters: serde_json::Value,
+    /// The header that carries the API key, and its scheme (`Authorization: Bearer <key>` by default; an empty
+    /// scheme sends the key alone, e.g. `X-Api-Key`).
+    pub auth_header: String,
+    pub auth_scheme: String,
+    /// A JSON pointer (RFC 6901) to the part of the answer to return, e.g. `/current`; empty: all of it.
+    pub result_pointer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -503,6 +587,20 @@ impl Config {
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");
         }
+        if self.plugins.timeout_ms == 0 || self.plugins.max_concurrency == 0 || self.plugins.max_output_bytes == 0 {
+            return bad("plugins.timeout_ms", "timeout_ms, max_concurrency and max_output_bytes must be at least 1");
+        }
+        if let Some(unknown) = self.plugins.builtin.iter().find(|b| !["calculator", "datetime"].contains(&b.as_str())) {
+            return bad("plugins.builtin", &format!("`{unknown}` is not a built-in plugin (calculator, datetime)"));
+        }
+        for api in &self.plugins.http_json {
+            if api.name.is_empty() || !(api.url.starts_with("http://") || api.url.starts_with("https://")) {
+                return bad("plugins.http_json", "every entry needs a name and an http(s) url");
+            }
+            if !matches!(api.method.to_ascii_uppercase().as_str(), "" | "GET" | "POST") {
+                return bad("plugins.http_json.method", "must be GET or POST");
+            }
+        }
         Ok(())
     }
 }
@@ -551,6 +649,7 @@ mod tests {
         assert_eq!(example.gateway, Config::default().gateway);
         assert_eq!(example.inference_worker, Config::default().inference_worker);
         assert_eq!(example.dialogue_manager, Config::default().dialogue_manager);
+        assert_eq!(example.plugins, Config::default().plugins);
     }
 
     #[test]

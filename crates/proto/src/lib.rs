@@ -24,6 +24,12 @@ pub mod dialogue {
     }
 }
 
+pub mod plugin {
+    pub mod v1 {
+        tonic::include_proto!("moltbot.plugin.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every MoltBot proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
 

@@ -13,6 +13,59 @@ pub struct StoredMessage {
     pub created_at_ms: i64,
     #[serde(default)]
     pub tokens: u32,
+    /// An assistant message's tool (plugin) calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<StoredToolCall>,
+    /// A tool message: the call it answers, and the tool that answered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tool_call_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments_json: String,
+}
+
+impl From<moltbot_proto::common::v1::ChatMessage> for StoredMessage {
+    fn from(m: moltbot_proto::common::v1::ChatMessage) -> Self {
+        let tool_calls = m
+            .tool_calls
+            .into_iter()
+            .map(|c| StoredToolCall { id: c.id, name: c.name, arguments_json: c.arguments_json })
+            .collect();
+        Self {
+            role: m.role,
+            content: m.content,
+            created_at_ms: m.created_at_ms,
+            tokens: m.tokens,
+            tool_calls,
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        }
+    }
+}
+
+impl From<StoredMessage> for moltbot_proto::common::v1::ChatMessage {
+    fn from(m: StoredMessage) -> Self {
+        let tool_calls = m
+            .tool_calls
+            .into_iter()
+            .map(|c| moltbot_proto::common::v1::ToolCall { id: c.id, name: c.name, arguments_json: c.arguments_json })
+            .collect();
+        Self {
+            role: m.role,
+            content: m.content,
+            created_at_ms: m.created_at_ms,
+            tokens: m.tokens,
+            tool_calls,
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        }
+    }
 }
 
 /// What a client may set on a session: at creation, and later through an update.

@@ -113,11 +113,7 @@ fn to_proto(r: SessionRecord) -> Session {
         updated_at_ms: r.updated_at_ms,
         expires_at_ms: r.expires_at_ms,
         message_count: r.message_count,
-        messages: r
-            .messages
-            .into_iter()
-            .map(|m| ChatMessage { role: m.role, content: m.content, created_at_ms: m.created_at_ms, tokens: m.tokens })
-            .collect(),
+        messages: r.messages.into_iter().map(ChatMessage::from).collect(),
         metadata: r.settings.metadata.into_iter().collect(),
         system_prompt: r.settings.system_prompt,
         ttl_seconds: r.settings.ttl_seconds,
@@ -210,7 +206,7 @@ impl SessionStore for SessionStoreService {
                     return Err(Error::InvalidArgument(format!("role `{}` is not one of {VALID_ROLES:?}", m.role)));
                 }
                 let created_at_ms = if m.created_at_ms > 0 { m.created_at_ms } else { now };
-                Ok(StoredMessage { role: m.role, content: m.content, created_at_ms, tokens: m.tokens })
+                Ok(StoredMessage { created_at_ms, ..StoredMessage::from(m) })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(to_proto(
