@@ -718,3 +718,52 @@ async fn twice_the_capacity_for_a_minute_is_shed_with_429_and_no_5xx() {
     assert_eq!(timed_chat(http.clone(), body).await.status, 200, "served again after the overload");
     moltbot.stop().await.unwrap();
 }
+
+/// The seed's weather plugin from the example plugin directory, through the gateway: listed, called by a user
+/// in their session (the call and its result are stored there), refused with clear errors, and never in another
+/// user's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_weather_plugin_is_called_through_the_api_and_recorded_in_the_session() {
+    let plugins =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/plugin/python/examples/moltbot_plugins");
+    let (moltbot, http, _dir) = embedded(|c| c.plugins.dir = plugins).await;
+    let (status, listed) = http.get("/api/plugins").await;
+    assert_eq!(status, 200, "{listed}");
+    let names: Vec<&str> = listed["data"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["calculator", "datetime", "weather"], "{listed}");
+    assert!(listed["data"].as_array().unwrap().iter().all(|p| p["state"] == "ready"), "{listed}");
+
+    let alice = [("x-user-id", "alice")];
+    let (status, session) = http.call("POST", "/api/sessions", &alice, None).await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap();
+    let body = serde_json::json!({ "arguments": { "location": "Paris" }, "session_id": id }).to_string();
+    let (status, called) = http.call("POST", "/api/plugins/weather/execute", &alice, Some(&body)).await;
+    assert_eq!(status, 200, "{called}");
+    assert_eq!(called["result"], serde_json::json!({ "location": "Paris", "temperature": 25, "condition": "sunny" }));
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &alice, None).await;
+    let messages = stored["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{stored}");
+    assert_eq!(messages[0]["tool_calls"][0]["function"]["name"], "weather");
+    assert_eq!(messages[0]["tool_calls"][0]["id"], called["call_id"]);
+    assert_eq!((messages[1]["role"].as_str(), messages[1]["name"].as_str()), (Some("tool"), Some("weather")));
+    assert_eq!(messages[1]["tool_call_id"], called["call_id"]);
+    assert!(messages[1]["content"].as_str().unwrap().contains("sunny"), "{stored}");
+
+    // Bad input: unknown plugin, arguments off the schema, a body that is not JSON; another user's session.
+    assert_eq!(http.call("POST", "/api/plugins/nope/execute", &alice, Some("{}")).await.0, 404);
+    let (status, off) = http.call("POST", "/api/plugins/weather/execute", &alice, Some(r#"{"arguments":{}}"#)).await;
+    assert_eq!(status, 400, "{off}");
+    assert!(off["error"]["message"].as_str().unwrap().contains("location"), "{off}");
+    assert_eq!(http.call("POST", "/api/plugins/weather/execute", &alice, Some("{")).await.0, 400);
+    let bob = [("x-user-id", "bob")];
+    assert_eq!(http.call("POST", "/api/plugins/weather/execute", &bob, Some(&body)).await.0, 404);
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &alice, None).await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 2, "nothing else was recorded: {stored}");
+
+    // A built-in, outside any session.
+    let sum = r#"{"arguments":{"expression":"6 * 7"}}"#;
+    let (status, answer) = http.call("POST", "/api/plugins/calculator/execute", &[], Some(sum)).await;
+    assert_eq!((status, answer["result"]["result"].as_f64()), (200, Some(42.0)), "{answer}");
+    moltbot.stop().await.unwrap();
+}

@@ -3,6 +3,7 @@
 //! It never talks to Redis or to a worker directly: only to the session-store (gRPC) and the queue.
 
 mod admission;
+mod plugins;
 mod turn;
 
 use std::{future::Future, time::Duration};
@@ -11,7 +12,8 @@ use moltbot_config::Config;
 use moltbot_proto::{
     Replicas,
     dialogue::v1::{
-        ChatEvent, ChatRequest, ListModelsRequest, ListModelsResponse, ModelCard, dialogue_server::Dialogue,
+        ChatEvent, ChatRequest, ExecutePluginRequest, ExecutePluginResponse, ListModelsRequest, ListModelsResponse,
+        ListPluginsRequest, ListPluginsResponse, ModelCard, dialogue_server::Dialogue,
     },
     session::v1::{
         CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest, ListSessionsRequest,
@@ -61,6 +63,7 @@ pub struct DialogueService {
     session_lock_lease: Duration,
     /// Jobs submitted and not yet started by a worker: their age tells how far behind the workers are.
     waiting: admission::Waiting,
+    plugins: std::sync::Arc<moltbot_plugin::Plugins>,
 }
 
 impl DialogueService {
@@ -80,7 +83,14 @@ impl DialogueService {
             session_lock_wait: Duration::from_secs(config.dialogue_manager.session_lock_wait),
             session_lock_lease: Duration::from_secs(config.dialogue_manager.session_lock_lease),
             waiting: admission::Waiting::new(Duration::from_secs(config.dialogue_manager.max_queue_wait)),
+            plugins: Default::default(),
         }
+    }
+
+    /// The plugins this service runs (none until given; `moltbot_plugin::Plugins::load` loads the configured ones).
+    pub fn with_plugins(mut self, plugins: moltbot_plugin::Plugins) -> Self {
+        self.plugins = std::sync::Arc::new(plugins);
+        self
     }
 }
 
@@ -135,6 +145,19 @@ impl Dialogue for DialogueService {
         let mut r = request.into_inner();
         r.user_id = user_or_anonymous(r.user_id);
         self.sessions.clone().update_session(r).await
+    }
+
+    async fn list_plugins(&self, _: Request<ListPluginsRequest>) -> Result<Response<ListPluginsResponse>, Status> {
+        Ok(Response::new(plugins::list(&self.plugins)))
+    }
+
+    async fn execute_plugin(
+        &self,
+        request: Request<ExecutePluginRequest>,
+    ) -> Result<Response<ExecutePluginResponse>, Status> {
+        let mut r = request.into_inner();
+        r.user_id = user_or_anonymous(r.user_id);
+        Ok(Response::new(plugins::execute(self, r).await?))
     }
 }
 

@@ -20,7 +20,8 @@ async fn main() -> anyhow::Result<()> {
     moltbot_telemetry::init_logging(&config.log);
     let sessions = moltbot_dialogue_manager::connect_session_store(&config.dialogue_manager.session_store_url).await?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
-    let service = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
+    let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
+    let service = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue).with_plugins(plugins);
     let listen = config.dialogue_manager.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

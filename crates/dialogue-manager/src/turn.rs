@@ -377,7 +377,13 @@ impl Turn {
     /// Appends the turn (its messages and `text`, the answer of `tokens` tokens, 0 when not counted) to a multi
     /// turn's session, and returns the answer.
     async fn save(&self, text: String, tokens: u32, message_tokens: &[u32]) -> Result<ChatMessage, Status> {
-        let answer = ChatMessage { role: "assistant".into(), content: text, created_at_ms: now_ms(), tokens };
+        let answer = ChatMessage {
+            role: "assistant".into(),
+            content: text,
+            created_at_ms: now_ms(),
+            tokens,
+            ..Default::default()
+        };
         if self.mode == DialogueMode::Multi {
             // The worker counted every prompt message; this turn's own are the last ones.
             let counts = message_tokens.iter().rev().take(self.new_messages.len()).rev();
@@ -430,7 +436,7 @@ fn queue_status(e: moltbot_queue::Error) -> Status {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

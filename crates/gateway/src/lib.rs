@@ -9,6 +9,7 @@ mod error;
 mod limits;
 mod native;
 mod openai;
+mod plugins;
 mod serve;
 mod sessions;
 mod web;
@@ -62,7 +63,9 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Replicas>) -> Rou
     let mut api: Router<AppState> = Router::new()
         .route("/v1/models", get(openai::models))
         .route("/api/sessions", post(sessions::create).get(sessions::list))
-        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update));
+        .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update))
+        .route("/api/plugins", get(plugins::list))
+        .route("/api/plugins/{name}/execute", post(plugins::execute));
     // Layers run outside in: auth (which names the user), the rate limit (which counts per user), the cache.
     let mut chat: Router<AppState> = Router::new()
         .route("/api/chat", post(native::chat))

@@ -94,7 +94,24 @@ fn session_json(s: Session, with_messages: bool) -> Value {
         body["messages"] = s
             .messages
             .into_iter()
-            .map(|m| json!({ "role": m.role, "content": m.content, "created_at_ms": m.created_at_ms, "tokens": m.tokens }))
+            .map(|m| {
+                let mut shown =
+                    json!({ "role": m.role, "content": m.content, "created_at_ms": m.created_at_ms, "tokens": m.tokens });
+                if !m.tool_calls.is_empty() {
+                    // OpenAI's shape: the arguments stay a JSON string.
+                    let calls: Vec<Value> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments_json } }))
+                        .collect();
+                    shown["tool_calls"] = calls.into();
+                }
+                if !m.tool_call_id.is_empty() {
+                    shown["tool_call_id"] = m.tool_call_id.into();
+                    shown["name"] = m.name.into();
+                }
+                shown
+            })
             .collect();
     }
     body

@@ -71,7 +71,8 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
     tasks.push(tokio::spawn(moltbot_inference_worker::run(listener, worker, queue.clone(), stopped(&shutdown))));
 
     let sessions = moltbot_dialogue_manager::connect_session_store(&session_url).await?;
-    let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
+    let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
+    let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue).with_plugins(plugins);
     let (listener, dialogue_url) = loopback().await?;
     tasks.push(tokio::spawn(moltbot_dialogue_manager::run(listener, dialogue, stopped(&shutdown))));
 
