@@ -765,5 +765,23 @@ async fn the_seeds_weather_plugin_is_called_through_the_api_and_recorded_in_the_
     let sum = r#"{"arguments":{"expression":"6 * 7"}}"#;
     let (status, answer) = http.call("POST", "/api/plugins/calculator/execute", &[], Some(sum)).await;
     assert_eq!((status, answer["result"]["result"].as_f64()), (200, Some(42.0)), "{answer}");
+
+    // In a chat turn: the plugin runs first, and the turn stores the question, the call, its result and the answer.
+    let turn = serde_json::json!({
+        "message": "What is the weather in Rome?", "session_id": id, "max_tokens": 8,
+        "plugin": { "name": "weather", "arguments": { "location": "Rome" } },
+    })
+    .to_string();
+    let (status, answered) = http.call("POST", "/api/chat", &alice, Some(&turn)).await;
+    assert_eq!(status, 200, "{answered}");
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &alice, None).await;
+    let roles: Vec<&str> = stored["messages"].as_array().unwrap().iter().filter_map(|m| m["role"].as_str()).collect();
+    assert_eq!(roles, ["assistant", "tool", "user", "assistant", "tool", "assistant"], "{stored}");
+    assert!(stored["messages"][4]["content"].as_str().unwrap().contains("Rome"), "{stored}");
+    // A turn naming an unknown plugin is refused before anything is stored.
+    let bad = turn.replace("\"weather\"", "\"nope\"");
+    assert_eq!(http.call("POST", "/api/chat", &alice, Some(&bad)).await.0, 404);
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &alice, None).await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 6, "{stored}");
     moltbot.stop().await.unwrap();
 }

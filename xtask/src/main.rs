@@ -175,6 +175,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// `bench conversation`: time to first token of each turn of a 20-turn chat with prefix caching on and off, and
 /// 16 users behind one system prompt, beside llama-server when it is built;
 /// `bench gateway`: what the gateway adds to a request (MoltBot started in-process);
+/// `bench plugins`: p50/p99 of a built-in and of a Python process plugin call, in the host and over HTTP;
 /// `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     model()?;
@@ -219,6 +220,19 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             forwarded.extend(["--http-only".into(), "--conversation".into(), "20".into()]);
             forwarded.extend(args[1..].iter().cloned());
             return status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded));
+        }
+        Some("plugins") => {
+            let dir = root().join("crates/plugin/python/examples/moltbot_plugins");
+            forwarded.extend(["--http-only".into(), "--plugin-calls".into(), "500".into(), "--plugins-dir".into()]);
+            forwarded.push(dir.display().to_string());
+            forwarded.extend(args[1..].iter().cloned());
+            let pythonpath = openai_client()?;
+            return status(
+                cargo()
+                    .args(["run", "--release", "--package", "moltbot", "--", "bench"])
+                    .args(forwarded)
+                    .env("PYTHONPATH", pythonpath),
+            );
         }
         Some("turns") => {
             forwarded.extend(["--http-only".into(), "--mode-overhead".into(), "50".into()]);

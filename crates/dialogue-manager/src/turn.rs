@@ -219,15 +219,21 @@ impl Turn {
         sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens));
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id };
-        let history = within_window(history, &request.messages, service.context_window);
-        let prompt = history.into_iter().chain(request.messages.iter().cloned()).collect();
+        let mut new_messages = request.messages;
+        if let Some(call) = request.plugin {
+            let call = crate::plugins::Call { name: call.name, arguments_json: call.arguments_json };
+            let ran = crate::plugins::run(&service, call, &session_id, &user_id, &request_id).await?;
+            new_messages.extend(ran);
+        }
+        let history = within_window(history, &new_messages, service.context_window);
+        let prompt = history.iter().chain(&new_messages).map(crate::plugins::for_model).collect();
         Ok(Self {
             service,
             request_id,
             user_id,
             session_id,
             mode,
-            new_messages: request.messages,
+            new_messages,
             prompt,
             sampling,
             deadline,

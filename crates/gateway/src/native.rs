@@ -30,8 +30,18 @@ pub struct NativeChat {
     model: Option<String>,
     #[serde(default)]
     stream: bool,
+    /// Run this plugin before the model answers; the call and its result are part of the turn.
+    plugin: Option<PluginField>,
     #[serde(flatten)]
     sampling: SamplingFields,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginField {
+    name: String,
+    #[serde(default)]
+    arguments: serde_json::Map<String, serde_json::Value>,
 }
 
 pub async fn chat(
@@ -55,6 +65,10 @@ pub async fn chat(
         model: body.model.unwrap_or_default(),
         messages,
         sampling: Some(body.sampling.to_proto()?),
+        plugin: body.plugin.map(|p| moltbot_proto::dialogue::v1::PluginCall {
+            name: p.name,
+            arguments_json: serde_json::Value::Object(p.arguments).to_string(),
+        }),
     };
     let mut turn = state.start_turn(request).await?;
     if !body.stream {

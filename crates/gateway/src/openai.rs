@@ -59,6 +59,7 @@ pub async fn chat_completions(
         model: body.model.unwrap_or_default(),
         messages,
         sampling: Some(body.sampling.to_proto()?),
+        plugin: None,
     };
     let mut turn = state.start_turn(request).await?;
     let created = unix_now();

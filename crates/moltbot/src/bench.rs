@@ -35,6 +35,13 @@ pub struct Args {
     /// dialogue-manager (gRPC): what the gateway adds.
     #[arg(long)]
     gateway_overhead: Option<usize>,
+    /// Time this many calls of a built-in plugin (calculator) and of a Python plugin process (the weather plugin
+    /// in --plugins-dir), in the plugin host and through the gateway's `/api/plugins/{name}/execute`.
+    #[arg(long)]
+    plugin_calls: Option<usize>,
+    /// The plugin directory for --plugin-calls (it must hold the `weather` plugin).
+    #[arg(long)]
+    plugins_dir: Option<PathBuf>,
     /// With --url: time this many single-turn and multi-turn turns one after the other and print what the session
     /// (lock, read, save) adds to a turn.
     #[arg(long)]
@@ -75,6 +82,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(n) = args.plugin_calls {
+        let dir = args.plugins_dir.as_deref().ok_or_else(|| anyhow::anyhow!("--plugin-calls needs --plugins-dir"))?;
+        plugin_calls(n, dir).await?;
+    }
     if let Some(n) = args.gateway_overhead {
         gateway_overhead(n).await?;
     }
@@ -87,6 +98,67 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// The value at quantile `q` of sorted `values`.
 fn quantile(values: &[f64], q: f64) -> f64 {
     values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `n` calls, one after the other, of the calculator (built in) and the weather plugin (a Python process over
+/// gRPC): in the plugin host, then through the gateway of an embedded MoltBot; p50 and p99 of each.
+async fn plugin_calls(n: usize, dir: &std::path::Path) -> anyhow::Result<()> {
+    use moltbot_plugin::{CallContext, PluginState, Plugins};
+    let config = moltbot_config::PluginsConfig { dir: dir.to_owned(), ..Default::default() };
+    let plugins = Plugins::load(&config).await?;
+    if let Some(off) =
+        plugins.list().into_iter().find(|p| p.name.starts_with("weather") && p.state != PluginState::Ready)
+    {
+        anyhow::bail!("the weather plugin did not load: {:?}", off.state);
+    }
+    let calls = [
+        ("calculator", serde_json::json!({ "expression": "(2 + 3) * 4" })),
+        ("weather", serde_json::json!({ "location": "Paris" })),
+    ];
+    let summary = |name: &str, place: &str, mut secs: Vec<f64>| {
+        secs.sort_by(f64::total_cmp);
+        println!(
+            "plugin {name} ({place}): p50 {:.3} ms, p99 {:.3} ms over {} calls",
+            quantile(&secs, 0.5) * 1e3,
+            quantile(&secs, 0.99) * 1e3,
+            secs.len()
+        );
+    };
+    let n = n.max(10);
+    for (name, arguments) in &calls {
+        let mut secs = vec![];
+        for k in 0..n + 10 {
+            let t = Instant::now();
+            plugins.execute(name, arguments.clone(), CallContext::default()).await?;
+            if k >= 10 {
+                secs.push(t.elapsed().as_secs_f64());
+            }
+        }
+        summary(name, "plugin host", secs);
+    }
+    drop(plugins);
+    let state = std::env::temp_dir().join(format!("moltbot-bench-{}", std::process::id()));
+    let mut config = moltbot_config::Config::default();
+    config.session_store.session_store_type = moltbot_config::SessionStoreType::Memory;
+    config.session_store.path = state.join("unused.redb");
+    config.plugins.dir = dir.to_owned();
+    let moltbot = crate::start(config, tokio::net::TcpListener::bind("127.0.0.1:0").await?).await?;
+    let http = reqwest::Client::new();
+    for (name, arguments) in &calls {
+        let url = format!("http://{}/api/plugins/{name}/execute", moltbot.gateway_addr);
+        let body = serde_json::json!({ "arguments": arguments });
+        let mut secs = vec![];
+        for k in 0..n + 10 {
+            let t = Instant::now();
+            http.post(&url).json(&body).send().await?.error_for_status()?.bytes().await?;
+            if k >= 10 {
+                secs.push(t.elapsed().as_secs_f64());
+            }
+        }
+        summary(name, "HTTP, gateway → dialogue-manager → plugin", secs);
+    }
+    moltbot.stop().await?;
+    Ok(())
 }
 
 /// Conversations of 20 turns (read the session, save two messages) by `concurrency` clients for 5 s, through

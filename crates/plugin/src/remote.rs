@@ -83,7 +83,7 @@ impl RemotePlugin {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await.map_err(|e| unreachable(source_chain(&e)))?;
+        let channel = endpoint.connect().await.map_err(|e| unreachable(moltbot_proto::error_chain(&e)))?;
         let mut client = PluginClient::new(channel);
         let info = info(&mut client).await.map_err(unreachable)?;
         Ok(Self { info, target: Target::Endpoint(client) })
@@ -266,7 +266,9 @@ async fn start(spec: &ProcessSpec) -> Result<Running, LoadCause> {
             }
         }))
         .await
-        .map_err(|e| failed(format!("its socket {} does not answer: {}", socket.display(), source_chain(&e))))?;
+        .map_err(|e| {
+            failed(format!("its socket {} does not answer: {}", socket.display(), moltbot_proto::error_chain(&e)))
+        })?;
     Ok(Running { child, client: PluginClient::new(channel), _socket_dir: socket_dir })
 }
 
@@ -284,15 +286,4 @@ async fn log_lines(name: String, from: impl AsyncRead + Unpin, tail: Option<toki
     if let Some(tail) = tail.take() {
         let _ = tail.send(kept);
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -45,4 +45,4 @@ pub mod grpc_timeout;
 pub mod replicas;
 pub mod server;
 
-pub use replicas::Replicas;
+pub use replicas::{Replicas, chain as error_chain};

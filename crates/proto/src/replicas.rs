@@ -215,8 +215,8 @@ impl Reached {
     }
 }
 
-/// An error with its sources, for logs.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error with its sources, for logs and messages (a transport error's own text is often just "transport error").
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
