@@ -8,7 +8,7 @@ use moltbot_proto::{
         ExecutePluginRequest, ExecutePluginResponse, ListPluginsResponse, PluginStatus,
         execute_plugin_response::Outcome,
     },
-    session::v1::{AppendMessagesRequest, GetSessionRequest},
+    session::v1::AppendMessagesRequest,
 };
 use tonic::Status;
 
@@ -135,21 +135,18 @@ pub(crate) async fn execute(
     service: &DialogueService,
     r: ExecutePluginRequest,
 ) -> Result<ExecutePluginResponse, Status> {
-    // The session must be the caller's before anything runs: a plugin never acts in another user's session.
-    if !r.session_id.is_empty() {
-        let get = GetSessionRequest {
-            session_id: r.session_id.clone(),
-            user_id: r.user_id.clone(),
-            message_offset: 0,
-            message_limit: 1,
-        };
-        service.sessions.clone().get_session(get).await?;
-    }
+    // The session must be the caller's before anything runs (a plugin never acts in another user's session), and
+    // its turn lock keeps a turn running meanwhile from interleaving with the call's two messages.
+    let lock = match r.session_id.as_str() {
+        "" => None,
+        id => Some(crate::turn::SessionLock::acquire(service, id, &r.user_id).await?),
+    };
     let plugin = Call { name: r.name, arguments_json: r.arguments_json };
     let ran = call(service, plugin, &r.session_id, &r.user_id, &r.request_id).await?;
-    if !r.session_id.is_empty() {
+    if let Some(lock) = lock {
         let append = AppendMessagesRequest { session_id: r.session_id, user_id: r.user_id, messages: ran.messages };
         service.sessions.clone().append_messages(append).await?;
+        lock.release().await;
     }
     let call_id = ran.call_id;
     Ok(match ran.outcome {

@@ -41,7 +41,7 @@ pub struct Turn {
 
 /// A session's turn lock, given back when dropped, whatever ended the turn. Its lease is short and renewed while
 /// the turn runs, so a dialogue-manager that dies mid-turn frees the session within one lease.
-struct SessionLock {
+pub(crate) struct SessionLock {
     sessions: SessionStoreClient<moltbot_proto::Replicas>,
     session_id: String,
     user_id: String,
@@ -50,7 +50,7 @@ struct SessionLock {
 }
 
 impl SessionLock {
-    async fn acquire(service: &DialogueService, session_id: &str, user_id: &str) -> Result<Self, Status> {
+    pub(crate) async fn acquire(service: &DialogueService, session_id: &str, user_id: &str) -> Result<Self, Status> {
         let mut sessions = service.sessions.clone();
         let request = LockSessionRequest {
             session_id: session_id.to_owned(),
@@ -99,7 +99,7 @@ async fn renew(
 
 impl SessionLock {
     /// Gives the lock back now; a failure leaves it to the lease.
-    async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         self.renewal.abort();
         let request = unlock_request(&self.session_id, &self.user_id, &std::mem::take(&mut self.token));
         if let Err(e) = self.sessions.unlock_session(request).await {
