@@ -1,5 +1,6 @@
 """The official OpenAI Python client against MoltBot's /v1: listing models, a plain and a streamed completion
-(the same greedy answer both ways, with usage), and errors raised as the client's own exception types.
+(the same greedy answer both ways, with usage), errors raised as the client's own exception types, and structured
+output (`response_format` with a JSON Schema, and `json_object`).
 Run by tests/tests/openai_client.rs with the gateway's base URL as the only argument."""
 
 import sys
@@ -44,5 +45,33 @@ try:
     raise AssertionError("a bad temperature must fail")
 except openai.BadRequestError as e:
     assert e.body["param"] == "temperature", e.body
+
+# Structured output: the answer is JSON valid against the schema (the engine masks every token that would leave
+# it), and `json_object` gives a JSON object.
+import json
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+structured = client.chat.completions.create(
+    model=MODEL,
+    messages=[{"role": "user", "content": "Invent a person."}],
+    max_tokens=24,
+    temperature=0,
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+)
+person = json.loads(structured.choices[0].message.content)
+assert set(person) == {"name", "age"} and isinstance(person["age"], int) and 0 <= person["age"] <= 120, person
+assert structured.choices[0].finish_reason == "stop", structured
+anything = client.chat.completions.create(
+    model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0, response_format={"type": "json_object"}
+)
+assert anything.choices[0].message.content.lstrip().startswith("{"), anything
 
 print("openai client: ok")

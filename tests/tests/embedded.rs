@@ -433,8 +433,13 @@ async fn nothing_accepted_is_ignored_and_every_refusal_is_clear_json() {
         ),
         (
             "/v1/chat/completions",
-            r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#.into(),
-            "response_format",
+            r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"x"}}}"#.into(),
+            "response_format.json_schema.schema",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"yaml"}}"#.into(),
+            "response_format.type",
         ),
         ("/v1/chat/completions", too_many.to_string(), "messages"),
         ("/api/chat", long_stops.to_string(), "stop"),

@@ -184,6 +184,7 @@ impl Generation {
 struct Job {
     tokens: Vec<u32>,
     sampling: SamplingParams,
+    guide: Option<crate::constraint::Guide>,
     events: UnboundedSender<GenerationEvent>,
 }
 
@@ -206,6 +207,7 @@ struct Inner {
     max_prompt: Option<usize>,
     device: String,
     stats: Arc<SharedStats>,
+    grammars: crate::constraint::Grammars,
 }
 
 impl Engine {
@@ -262,6 +264,7 @@ impl Engine {
             .into_iter()
             .chain(["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"].iter().filter_map(|t| tokenizer.token_id(t)))
             .collect();
+        let grammars = crate::constraint::Grammars::new(&metadata, &tokenizer, &eos, model.config.vocab);
         let (jobs, queue) = mpsc::channel();
         let max_sequences = config.max_batch_size.max(1);
         let compute = Compute {
@@ -310,6 +313,7 @@ impl Engine {
                 max_prompt: config.max_prompt_tokens,
                 device,
                 stats,
+                grammars,
             }),
         })
     }
@@ -442,6 +446,8 @@ impl Engine {
         {
             return Err(Error::PromptOverCap { prompt_tokens: tokens.len(), max_prompt_tokens });
         }
+        // The grammar is compiled here, on the caller's thread: the compute thread only steps it.
+        let guide = request.sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(c)).transpose()?;
         let prompt_tokens = tokens.len() as u32;
         let queued = &self.inner.stats.queued;
         let waiting = queued.fetch_add(1, Relaxed);
@@ -450,7 +456,7 @@ impl Engine {
             return Err(Error::Overloaded { waiting });
         }
         let (events, rx) = unbounded_channel();
-        if self.inner.jobs.send(Job { tokens, sampling: request.sampling, events }).is_err() {
+        if self.inner.jobs.send(Job { tokens, sampling: request.sampling, guide, events }).is_err() {
             queued.fetch_sub(1, Relaxed);
             return Err(Error::Stopped);
         }
@@ -482,6 +488,8 @@ struct Active {
     queued: bool,
     /// Prompt tokens reused from the prefix cache on first admission.
     cached_tokens: usize,
+    /// Keeps the output inside the request's grammar (`SamplingParams::constraint`).
+    guide: Option<crate::constraint::Guide>,
 }
 
 impl Active {
@@ -644,7 +652,7 @@ impl Compute {
     }
 
     fn accept(&mut self, job: Job) -> Active {
-        let Job { tokens, sampling, events } = job;
+        let Job { tokens, sampling, guide, events } = job;
         let prompt_tokens = tokens.len();
         self.arrivals += 1;
         Active {
@@ -661,6 +669,7 @@ impl Compute {
             admitted: std::time::Instant::now(),
             queued: true,
             cached_tokens: 0,
+            guide,
         }
     }
 
@@ -772,7 +781,13 @@ impl Compute {
                 }
             }
         }
+        if let Some(guide) = &mut a.guide {
+            guide.mask(logits)?;
+        }
         let next = a.sampler.sample(logits, &a.tokens)?;
+        if let Some(guide) = a.guide.as_mut().filter(|_| !self.eos.contains(&next)) {
+            guide.advance(next)?;
+        }
         if self.eos.contains(&next) {
             return Ok(Some(FinishReason::Stop));
         }

@@ -3,6 +3,7 @@
 //! batching over its own forward pass and SIMD kernels). It knows nothing about networking: the
 //! inference-worker wraps it.
 
+mod constraint;
 mod engine;
 mod error;
 mod gguf;
@@ -13,6 +14,7 @@ mod sampling;
 mod template;
 mod tokenizer;
 
+pub use constraint::Constraint;
 pub use engine::{
     DeviceChoice, Engine, EngineConfig, EngineStats, Generation, GenerationEvent, GenerationRequest, KvBudget, Prompt,
 };

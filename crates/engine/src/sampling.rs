@@ -23,6 +23,8 @@ pub struct SamplingParams {
     /// End-of-text tokens are held back until this many tokens were generated.
     pub min_tokens: u32,
     pub stop: Vec<String>,
+    /// Output that must follow a grammar (JSON, or JSON valid against a schema).
+    pub constraint: Option<crate::Constraint>,
 }
 
 /// Stop strings a request may give, and the longest one in bytes.
@@ -40,6 +42,7 @@ impl Default for SamplingParams {
             max_tokens: 256,
             min_tokens: 0,
             stop: vec![],
+            constraint: None,
         }
     }
 }

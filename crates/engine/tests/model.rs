@@ -523,3 +523,66 @@ async fn a_long_prompt_is_read_while_shorter_ones_keep_coming() {
         }
     }
 }
+
+/// A JSON Schema constraint: 20 different prompts, each answer parses and validates against the schema, and ends
+/// because the JSON is complete (not at max_tokens). A schema the grammar compiler cannot use is the request's error.
+#[tokio::test]
+async fn a_json_schema_constraint_gives_valid_json_every_time() {
+    let Some(engine) = load() else { return };
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "maxLength": 24 },
+            "age": { "type": "integer", "minimum": 0, "maximum": 150 },
+            "city": { "enum": ["Paris", "Rome", "Oslo", "Lima"] },
+            "tags": { "type": "array", "items": { "type": "string", "maxLength": 12 }, "maxItems": 3 },
+        },
+        "required": ["name", "age", "city"],
+        "additionalProperties": false,
+    });
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let subjects = [
+        "a baker",
+        "a pilot",
+        "a child",
+        "a chess player",
+        "a painter",
+        "a sailor",
+        "a nurse",
+        "a farmer",
+        "a poet",
+        "a judge",
+        "a student",
+        "a cyclist",
+        "a doctor",
+        "a singer",
+        "a miner",
+        "a teacher",
+        "a chef",
+        "a runner",
+        "a diver",
+        "an astronaut",
+    ];
+    let constrained =
+        |n| SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonSchema(schema.clone())), ..greedy(n) };
+    let runs = subjects.iter().map(|who| {
+        let prompt = Prompt::Chat(vec![ChatMessage::new("user", format!("Describe {who} as JSON."))]);
+        engine.submit(GenerationRequest { prompt, sampling: constrained(120) }).unwrap().collect()
+    });
+    for (who, result) in subjects.iter().zip(futures::future::join_all(runs).await) {
+        let (text, reason, _) = result.unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{who}: {e}: {text}"));
+        assert!(validator.is_valid(&value), "{who}: {value}");
+        assert_eq!(reason, FinishReason::Stop, "{who}: {text}");
+    }
+    // Any JSON object, and a schema llguidance refuses.
+    let object = SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonObject), ..greedy(60) };
+    let prompt = || Prompt::Chat(vec![ChatMessage::new("user", "Give me a JSON object about cats.")]);
+    let (text, _, _) =
+        engine.submit(GenerationRequest { prompt: prompt(), sampling: object }).unwrap().collect().await.unwrap();
+    assert!(text.trim_start().starts_with('{'), "{text}");
+    let bad = serde_json::json!({ "type": "object", "properties": { "x": { "type": "frobnicate" } } });
+    let sampling = SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonSchema(bad)), ..greedy(8) };
+    let err = engine.submit(GenerationRequest { prompt: prompt(), sampling }).err().expect("refused");
+    assert!(matches!(err, moltbot_engine::Error::InvalidRequest(_)), "{err}");
+}

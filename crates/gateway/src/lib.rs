@@ -298,8 +298,7 @@ impl SamplingFields {
         check(empty(&self.logit_bias), "logit_bias", "is not supported")?;
         check(self.logprobs != Some(true), "logprobs", "is not supported")?;
         check(empty(&self.top_logprobs), "top_logprobs", "is not supported")?;
-        let text_format = self.response_format.as_ref().is_none_or(|f| f.is_null() || f["type"] == "text");
-        check(text_format, "response_format", "only `{\"type\": \"text\"}` is supported for now")?;
+        let json_schema = response_format(self.response_format.as_ref())?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
             check(m > 0, "max_tokens", "must be at least 1")?;
@@ -326,7 +325,27 @@ impl SamplingFields {
             max_tokens,
             stop,
             min_tokens: self.min_tokens,
+            json_schema,
         })
+    }
+}
+
+/// OpenAI's `response_format`: `text` (the default), `json_object`, or `json_schema` with its `schema`; the JSON
+/// Schema the answer must follow, encoded as JSON.
+fn response_format(format: Option<&serde_json::Value>) -> Result<Option<String>, ApiError> {
+    let Some(format) = format.filter(|f| !f.is_null()) else { return Ok(None) };
+    let bad = |why: &str, param: &str| Err(ApiError::bad_request(why.to_owned(), Some(param)));
+    match format["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(r#"{"type":"object"}"#.into())),
+        Some("json_schema") => match &format["json_schema"]["schema"] {
+            schema @ serde_json::Value::Object(_) => Ok(Some(schema.to_string())),
+            _ => bad(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                "response_format.json_schema.schema",
+            ),
+        },
+        _ => bad("response_format.type must be `text`, `json_object` or `json_schema`", "response_format.type"),
     }
 }
 

@@ -63,6 +63,12 @@ pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<G
     };
     let defaults = SamplingParams::default();
     let s = request.sampling.unwrap_or_default();
+    let constraint = match s.json_schema.as_deref() {
+        None => None,
+        Some(schema) => Some(moltbot_engine::Constraint::JsonSchema(
+            serde_json::from_str(schema).map_err(|e| format!("json_schema is not JSON: {e}"))?,
+        )),
+    };
     let sampling = SamplingParams {
         temperature: s.temperature.unwrap_or(defaults.temperature),
         top_p: s.top_p.unwrap_or(defaults.top_p),
@@ -72,6 +78,7 @@ pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<G
         max_tokens: s.max_tokens.unwrap_or(max_tokens_cap).min(max_tokens_cap),
         min_tokens: s.min_tokens.unwrap_or(0),
         stop: s.stop,
+        constraint,
     };
     Ok(GenerationRequest { prompt, sampling })
 }

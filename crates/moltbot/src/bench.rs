@@ -415,6 +415,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         );
     }
     ttft_under_load(&engine, &ids[..64], args).await?;
+    constrained_decode(&engine, args.tokens, repeat).await?;
     follow_up(model_path, &ids, repeat).await?;
     let stats = engine.stats();
     println!(
@@ -423,6 +424,48 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         stats.kv_blocks_total,
         moltbot_engine::model::BLOCK_SIZE,
         stats.preemptions
+    );
+    Ok(())
+}
+
+/// One stream's decode tokens/s on the same chat prompt without and with a JSON Schema constraint (a list that
+/// cannot end before `tokens`, so both runs generate `tokens` tokens): what computing each token's mask costs.
+async fn constrained_decode(engine: &Engine, tokens: u32, repeat: usize) -> anyhow::Result<()> {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "cities": { "type": "array", "items": { "type": "string" }, "minItems": 200 } },
+        "required": ["cities"],
+    });
+    let mut medians = vec![];
+    for constraint in [None, Some(moltbot_engine::Constraint::JsonSchema(schema))] {
+        let mut rates = vec![];
+        for _ in 0..repeat {
+            let prompt =
+                Prompt::Chat(vec![moltbot_engine::ChatMessage::new("user", "List cities of the world as JSON.")]);
+            let sampling = SamplingParams { constraint: constraint.clone(), ..greedy(tokens) };
+            let mut g = engine.submit(GenerationRequest { prompt, sampling })?;
+            let (mut first, mut count) = (None, 0u32);
+            while let Some(event) = g.next().await {
+                match event {
+                    GenerationEvent::Token { id: Some(_), .. } => {
+                        first.get_or_insert_with(Instant::now);
+                        count += 1;
+                    }
+                    GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
+                    GenerationEvent::Token { .. } => {}
+                }
+            }
+            let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-9);
+            rates.push(f64::from(count.saturating_sub(1)) / secs);
+        }
+        rates.sort_by(f64::total_cmp);
+        medians.push(quantile(&rates, 0.5));
+    }
+    println!(
+        "engine decode, 1 sequence, JSON Schema constraint: {:.1} tok/s against {:.1} unconstrained ({:.2}x)",
+        medians[1],
+        medians[0],
+        medians[1] / medians[0].max(1e-9)
     );
     Ok(())
 }

@@ -1,0 +1,174 @@
+//! Constrained decoding: a per-sequence token mask that keeps the output inside a JSON Schema, computed by
+//! `llguidance` over a token trie of the model's own vocabulary.
+
+use std::sync::{Arc, OnceLock};
+
+use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar, toktrie};
+use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+
+use crate::{Error, ModelMetadata, Result, Tokenizer};
+
+/// What a generation's output must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this schema (`json_schema`, and a tool call's arguments).
+    JsonSchema(serde_json::Value),
+}
+
+/// The whitespace allowed between two JSON tokens.
+const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,12}";
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_UNKNOWN: i32 = 2;
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_BYTE: i32 = 6;
+
+/// The model's vocabulary as bytes, and the grammar compiler over it, built on first use (it costs a fraction of a
+/// second, which a server that never constrains output should not pay at start-up).
+pub(crate) struct Grammars {
+    env: Arc<Vocabulary>,
+    factory: OnceLock<std::result::Result<ParserFactory, String>>,
+}
+
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        self.trie.tokenize_with_greedy_fallback(s, |text| self.tokenizer.encode_text(text).unwrap_or_default())
+    }
+}
+
+impl Grammars {
+    /// `vocab_size`: the model's logits per row (at least the tokenizer's vocabulary).
+    pub(crate) fn new(md: &ModelMetadata, tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Self {
+        let mut words: Vec<Vec<u8>> = md
+            .tokens
+            .iter()
+            .zip(md.token_types.iter().copied().chain(std::iter::repeat(1)))
+            .map(|(token, kind)| token_bytes(&md.tokenizer_model, token, kind))
+            .collect();
+        while words.len() < vocab_size {
+            words.push(special(&format!("<[{}]>", words.len())));
+        }
+        let first_eos = eos.first().copied().unwrap_or(0);
+        let info = TokRxInfo::new(words.len() as u32, first_eos);
+        let mut trie = TokTrie::from(&info, &words);
+        if eos.len() > 1 {
+            trie = trie.with_eos_tokens(eos);
+        }
+        Self { env: Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() }), factory: OnceLock::new() }
+    }
+
+    /// A fresh guide for one sequence; an unusable schema is the request's error.
+    pub(crate) fn guide(&self, constraint: &Constraint) -> Result<Guide> {
+        let factory = self.factory.get_or_init(|| {
+            let env: TokEnv = self.env.clone();
+            let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+            factory.set_stderr_log_level(0);
+            Ok(factory)
+        });
+        let factory = factory.as_ref().map_err(|e| Error::Internal(format!("constrained decoding: {e}")))?;
+        let mut schema = match constraint {
+            Constraint::JsonObject => serde_json::json!({ "type": "object" }),
+            Constraint::JsonSchema(schema) => schema.clone(),
+        };
+        // JSON allows any run of whitespace between tokens, and a small model that has nothing left to say
+        // writes spaces until max_tokens; a bounded run keeps it moving to the end of the document.
+        if let Some(schema) = schema.as_object_mut() {
+            schema.entry("x-guidance").or_insert_with(|| serde_json::json!({ "whitespace_pattern": WHITESPACE }));
+        }
+        let parser = factory
+            .create_parser(TopLevelGrammar::from_json_schema(schema))
+            .map_err(|e| Error::InvalidRequest(format!("the JSON schema cannot be used: {e}")))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(Error::InvalidRequest(format!("the JSON schema cannot be used: {e}")));
+        }
+        Ok(Guide { matcher })
+    }
+}
+
+/// One sequence's place in its grammar.
+pub(crate) struct Guide {
+    matcher: Matcher,
+}
+
+impl Guide {
+    /// Sets every token the grammar does not allow next to −∞; once the output is complete, only end-of-text.
+    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let allowed =
+            self.matcher.compute_mask_or_eos().map_err(|e| Error::Internal(format!("constrained decoding: {e}")))?;
+        for (id, logit) in logits.iter_mut().enumerate() {
+            if !allowed.is_allowed(id as u32) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sampled token, as the grammar's next.
+    pub(crate) fn advance(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(|e| Error::Internal(format!("constrained decoding: {e}")))
+    }
+}
+
+/// A token's bytes: byte-level BPE maps every byte to a printable character (GPT-2's table), SentencePiece writes
+/// spaces as `▁` and unknown bytes as `<0xNN>`; control tokens are special (the trie's marker byte first).
+fn token_bytes(model: &str, token: &str, kind: i32) -> Vec<u8> {
+    if kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_UNKNOWN {
+        return special(token);
+    }
+    if model == "llama" {
+        if kind == TOKEN_TYPE_BYTE
+            && let Some(byte) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+            && let Ok(byte) = u8::from_str_radix(byte, 16)
+        {
+            return vec![byte];
+        }
+        return token.replace('\u{2581}', " ").into_bytes();
+    }
+    let bytes: Option<Vec<u8>> = token.chars().map(byte_of_char).collect();
+    // A user-defined token written as plain text (not in the byte alphabet) is its own text.
+    bytes.unwrap_or_else(|| token.as_bytes().to_vec())
+}
+
+fn special(name: &str) -> Vec<u8> {
+    std::iter::once(TokTrie::SPECIAL_TOKEN_MARKER).chain(name.bytes()).collect()
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: the printable bytes stand for themselves, the other 68 are
+/// moved to U+0100 and up, in order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let code = c as u32;
+    if code < 0x100 {
+        return printable(code).then_some(code as u8);
+    }
+    (0u32..256).filter(|&b| !printable(b)).nth((code - 0x100) as usize).map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back_to_every_byte() {
+        assert_eq!(byte_of_char('A'), Some(b'A'));
+        assert_eq!(byte_of_char('Ġ'), Some(b' '), "U+0120 is the space");
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('\u{100}'), Some(0));
+        assert_eq!(token_bytes("gpt2", "Ġworld", 1), b" world");
+        assert_eq!(token_bytes("llama", "\u{2581}hi", 1), b" hi");
+        assert_eq!(token_bytes("llama", "<0x0A>", TOKEN_TYPE_BYTE), b"\n");
+        assert_eq!(token_bytes("gpt2", "<|im_end|>", TOKEN_TYPE_CONTROL)[0], TokTrie::SPECIAL_TOKEN_MARKER);
+    }
+}
