@@ -773,7 +773,9 @@ impl Compute {
 
     /// Samples the next token of `a`; returns why it finished, if it did.
     fn advance(&self, a: &mut Active, logits: &mut [f32]) -> Result<Option<FinishReason>> {
-        if a.generated() < a.min_new {
+        // A grammar decides when constrained output ends: holding end-of-text back after a complete document would
+        // leave no token to choose.
+        if a.generated() < a.min_new && a.guide.is_none() {
             // Too early to end: the end-of-text tokens cannot be chosen (the row is this step's own).
             for &id in &self.eos {
                 if let Some(l) = logits.get_mut(id as usize) {

@@ -581,6 +581,16 @@ async fn a_json_schema_constraint_gives_valid_json_every_time() {
     let (text, _, _) =
         engine.submit(GenerationRequest { prompt: prompt(), sampling: object }).unwrap().collect().await.unwrap();
     assert!(text.trim_start().starts_with('{'), "{text}");
+    // min_tokens does not hold a complete document open (no token would be left to choose).
+    let short = serde_json::json!({
+        "type": "object", "properties": { "ok": { "type": "boolean" } }, "required": ["ok"], "additionalProperties": false,
+    });
+    let constraint = Some(moltbot_engine::Constraint::JsonSchema(short));
+    let sampling = SamplingParams { constraint, min_tokens: 30, ..greedy(40) };
+    let (text, reason, _) =
+        engine.submit(GenerationRequest { prompt: prompt(), sampling }).unwrap().collect().await.unwrap();
+    assert_eq!(reason, FinishReason::Stop, "{text}");
+    assert!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["ok"].is_boolean(), "{text}");
     let bad = serde_json::json!({ "type": "object", "properties": { "x": { "type": "frobnicate" } } });
     let sampling = SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonSchema(bad)), ..greedy(8) };
     let err = engine.submit(GenerationRequest { prompt: prompt(), sampling }).err().expect("refused");
