@@ -203,16 +203,6 @@ impl Plugins {
         Ok(())
     }
 
-    /// Plugins given as values (a test, an embedding program), with `config`'s limits.
-    pub fn from_plugins(config: &PluginsConfig, plugins: Vec<Arc<dyn Plugin>>) -> Result<Self, PluginLoadError> {
-        let mut all = Self::default();
-        for plugin in plugins {
-            let settings = Settings::new(config.settings.get(&plugin.info().name).cloned().unwrap_or_default());
-            all.add(config, plugin, "builtin".into(), settings, None, None, true)?;
-        }
-        Ok(all)
-    }
-
     /// Every plugin, the ready ones first, each group by name.
     pub fn list(&self) -> Vec<PluginStatus> {
         let ready = self.ready.values().map(|l| PluginStatus {
@@ -224,11 +214,6 @@ impl Plugins {
             state: PluginState::Ready,
         });
         ready.chain(self.disabled.iter().cloned()).collect()
-    }
-
-    /// The ready plugin called `name`.
-    pub fn info(&self, name: &str) -> Option<&PluginInfo> {
-        self.ready.get(name).map(|l| &l.info)
     }
 
     /// Runs `name` with `arguments` (a JSON object, validated against its schema first), within its timeout,

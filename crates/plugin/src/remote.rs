@@ -217,7 +217,7 @@ async fn start(spec: &ProcessSpec) -> Result<Running, LoadCause> {
     let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
     let stderr = child.stderr.take().expect("piped");
     let (tail_tx, tail) = tokio::sync::oneshot::channel();
-    tokio::spawn(log_lines(spec.name.clone(), stderr, Some(tail_tx)));
+    tokio::spawn(log_lines(spec.name.clone(), stderr, tail_tx));
     let first = tokio::time::timeout(READY_WITHIN, stdout.next_line()).await;
     let line = match first {
         Err(_) => return Err(failed(format!("it did not say it was ready within {READY_WITHIN:?}"))),
@@ -272,18 +272,17 @@ async fn start(spec: &ProcessSpec) -> Result<Running, LoadCause> {
     Ok(Running { child, client: PluginClient::new(channel), _socket_dir: socket_dir })
 }
 
-/// Logs a plugin's stderr; the first lines also go to `tail`, for the error when it stops before it is ready.
-async fn log_lines(name: String, from: impl AsyncRead + Unpin, tail: Option<tokio::sync::oneshot::Sender<String>>) {
+/// Logs a plugin's stderr; its first lines also go to `tail` when it closes, for the error when the plugin stops
+/// before it is ready.
+async fn log_lines(name: String, from: impl AsyncRead + Unpin, tail: tokio::sync::oneshot::Sender<String>) {
     let mut lines = BufReader::new(from).lines();
-    let (mut kept, mut tail) = (String::new(), tail);
+    let mut kept = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::warn!(plugin = %name, "{line}");
-        if tail.is_some() && kept.len() < 2000 {
+        if kept.len() < 2000 {
             kept.push_str(&line);
             kept.push('\n');
         }
     }
-    if let Some(tail) = tail.take() {
-        let _ = tail.send(kept);
-    }
+    let _ = tail.send(kept);
 }
