@@ -10,7 +10,7 @@ fuzz_target!(|input: &str| {
     let roles = ["system", "user", "assistant", "tool"];
     let messages: Vec<ChatMessage> =
         input.split('\u{1e}').enumerate().map(|(i, text)| ChatMessage::new(roles[i % 4], text)).collect();
-    let (Ok(rendered), Ok(pieces)) = (template.render(&messages), template.render_pieces(&messages)) else {
+    let (Ok(rendered), Ok(pieces)) = (template.render(&messages), template.render_pieces(&messages, None)) else {
         return;
     };
     let joined: String = pieces

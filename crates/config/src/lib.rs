@@ -58,6 +58,9 @@ pub struct PluginsConfig {
     pub max_concurrency: usize,
     /// Bytes of one call's result (as JSON); a larger result is a tool error.
     pub max_output_bytes: usize,
+    /// Rounds of plugin calls in one turn (the model calls plugins a request offers it, the dialogue-manager runs
+    /// the calls, the model goes on with the results); after the last round the model must answer in text.
+    pub max_rounds: u32,
     /// Each plugin's own settings, e.g. `settings: { weather: { api_key: "…" } }`, or from the environment:
     /// `MOLTBOT_PLUGINS__SETTINGS__WEATHER__API_KEY`. A plugin sees only its own; they are never logged.
     pub settings: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
@@ -75,6 +78,7 @@ impl Default for PluginsConfig {
             timeout_ms: 10_000,
             max_concurrency: 8,
             max_output_bytes: 64 << 10,
+            max_rounds: 3,
             settings: Default::default(),
             http_json: vec![],
         }
@@ -94,6 +98,7 @@ impl std::fmt::Debug for PluginsConfig {
             .field("timeout_ms", &self.timeout_ms)
             .field("max_concurrency", &self.max_concurrency)
             .field("max_output_bytes", &self.max_output_bytes)
+            .field("max_rounds", &self.max_rounds)
             .field("settings", &settings)
             .field("http_json", &self.http_json)
             .finish()
@@ -586,6 +591,9 @@ impl Config {
         }
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");
+        }
+        if !(1..=16).contains(&self.plugins.max_rounds) {
+            return bad("plugins.max_rounds", "must be between 1 and 16");
         }
         if self.plugins.timeout_ms == 0 || self.plugins.max_concurrency == 0 || self.plugins.max_output_bytes == 0 {
             return bad("plugins.timeout_ms", "timeout_ms, max_concurrency and max_output_bytes must be at least 1");

@@ -64,6 +64,8 @@ pub struct DialogueService {
     /// Jobs submitted and not yet started by a worker: their age tells how far behind the workers are.
     waiting: admission::Waiting,
     plugins: std::sync::Arc<moltbot_plugin::Plugins>,
+    /// Generations per turn whose calls of plugins are run (`plugins.max_rounds`).
+    max_rounds: u32,
 }
 
 impl DialogueService {
@@ -84,6 +86,7 @@ impl DialogueService {
             session_lock_lease: Duration::from_secs(config.dialogue_manager.session_lock_lease),
             waiting: admission::Waiting::new(Duration::from_secs(config.dialogue_manager.max_queue_wait)),
             plugins: Default::default(),
+            max_rounds: config.plugins.max_rounds,
         }
     }
 

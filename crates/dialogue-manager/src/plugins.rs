@@ -3,7 +3,7 @@
 
 use moltbot_plugin::{CallContext, PluginError, PluginState, Plugins};
 use moltbot_proto::{
-    common::v1::{ChatMessage, ToolCall},
+    common::v1::{ChatMessage, Tool, ToolCall},
     dialogue::v1::{
         ExecutePluginRequest, ExecutePluginResponse, ListPluginsResponse, PluginStatus,
         execute_plugin_response::Outcome,
@@ -51,6 +51,39 @@ struct Ran {
     messages: Vec<ChatMessage>,
 }
 
+/// A call's arguments: a JSON object, or nothing (none).
+fn arguments(json: &str) -> Result<serde_json::Value, String> {
+    match json.trim() {
+        "" => Ok(serde_json::json!({})),
+        json => serde_json::from_str(json).map_err(|e| format!("arguments: not JSON: {e}")),
+    }
+}
+
+fn context(session_id: &str, user_id: &str, request_id: &str) -> CallContext {
+    CallContext { session_id: session_id.into(), user_id: user_id.into(), request_id: request_id.into() }
+}
+
+/// A new tool call id, in OpenAI's form.
+pub(crate) fn call_id() -> String {
+    format!("call_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The tool message that answers call `id` of plugin `name`: the result, or the error as `{"error", "code"}`.
+fn answer(id: &str, name: &str, outcome: &Result<String, PluginError>) -> ChatMessage {
+    let content = match outcome {
+        Ok(json) => json.clone(),
+        Err(e) => serde_json::json!({ "error": e.to_string(), "code": e.code() }).to_string(),
+    };
+    ChatMessage {
+        role: "tool".into(),
+        content,
+        created_at_ms: crate::turn::now_ms(),
+        tool_call_id: id.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
 /// Runs a plugin for a user. Bad input (an unknown or disabled plugin, arguments off its schema) is the caller's
 /// error; a plugin that fails, crashes or times out is a recorded outcome.
 async fn call(
@@ -60,14 +93,9 @@ async fn call(
     user_id: &str,
     request_id: &str,
 ) -> Result<Ran, Status> {
-    let arguments: serde_json::Value = match call.arguments_json.trim() {
-        "" => serde_json::json!({}),
-        json => {
-            serde_json::from_str(json).map_err(|e| Status::invalid_argument(format!("arguments: not JSON: {e}")))?
-        }
-    };
-    let context = CallContext { session_id: session_id.into(), user_id: user_id.into(), request_id: request_id.into() };
-    let call_id = format!("call_{}", uuid::Uuid::new_v4().simple());
+    let arguments = arguments(&call.arguments_json).map_err(Status::invalid_argument)?;
+    let call_id = call_id();
+    let context = context(session_id, user_id, request_id);
     let outcome = match service.plugins.execute(&call.name, arguments.clone(), context).await {
         Ok(result) => Ok(result.to_string()),
         Err(e @ PluginError::NotFound(_)) => return Err(Status::not_found(e.to_string())),
@@ -78,10 +106,9 @@ async fn call(
             Err(e)
         }
     };
-    let now = crate::turn::now_ms();
     let calling = ChatMessage {
         role: "assistant".into(),
-        created_at_ms: now,
+        created_at_ms: crate::turn::now_ms(),
         tool_calls: vec![ToolCall {
             id: call_id.clone(),
             name: call.name.clone(),
@@ -89,18 +116,7 @@ async fn call(
         }],
         ..Default::default()
     };
-    let content = match &outcome {
-        Ok(json) => json.clone(),
-        Err(e) => serde_json::json!({ "error": e.to_string(), "code": e.code() }).to_string(),
-    };
-    let answered = ChatMessage {
-        role: "tool".into(),
-        content,
-        created_at_ms: now,
-        tool_call_id: call_id.clone(),
-        name: call.name,
-        ..Default::default()
-    };
+    let answered = answer(&call_id, &call.name, &outcome);
     Ok(Ran { call_id, outcome, messages: vec![calling, answered] })
 }
 
@@ -115,19 +131,46 @@ pub(crate) async fn run(
     Ok(call(service, plugin, session_id, user_id, request_id).await?.messages)
 }
 
-/// A message as the model's prompt shows it. A tool call has no text of its own, so the model sees it described
-/// (models whose chat templates render `tool_calls` are the tool-calling work still to come).
-pub(crate) fn for_model(m: &ChatMessage) -> ChatMessage {
-    let mut shown = m.clone();
-    if shown.content.is_empty() && !shown.tool_calls.is_empty() {
-        let calls: Vec<String> = shown
-            .tool_calls
-            .iter()
-            .map(|c| format!("Calling the tool {} with {}.", c.name, c.arguments_json))
-            .collect();
-        shown.content = calls.join(" ");
+/// The plugins a request lets the model call, as tools; each must be loaded and ready.
+pub(crate) fn as_tools(plugins: &Plugins, names: &[String]) -> Result<Vec<Tool>, Status> {
+    let loaded = plugins.list();
+    names
+        .iter()
+        .map(|name| {
+            let plugin = loaded
+                .iter()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| Status::invalid_argument(format!("plugins: no plugin is called `{name}`")))?;
+            if let PluginState::Disabled { reason } = &plugin.state {
+                return Err(Status::failed_precondition(format!("plugins: the plugin `{name}` is disabled: {reason}")));
+            }
+            let parameters_json =
+                if plugin.parameters.is_null() { String::new() } else { plugin.parameters.to_string() };
+            Ok(Tool { name: name.clone(), description: plugin.description.clone(), parameters_json })
+        })
+        .collect()
+}
+
+/// Runs a call the model made of a plugin. Every failure, bad arguments included, is the tool's error, which the
+/// model sees in the returned tool message.
+pub(crate) async fn run_for_model(
+    service: &DialogueService,
+    call: &ToolCall,
+    session_id: &str,
+    user_id: &str,
+    request_id: &str,
+) -> (ChatMessage, bool) {
+    let outcome = match arguments(&call.arguments_json) {
+        Ok(arguments) => {
+            let context = context(session_id, user_id, request_id);
+            service.plugins.execute(&call.name, arguments, context).await.map(|result| result.to_string())
+        }
+        Err(why) => Err(PluginError::InvalidArguments(why)),
+    };
+    if let Err(e) = &outcome {
+        tracing::info!(plugin = %call.name, code = e.code(), "a plugin the model called failed: {e}");
     }
-    shown
+    (answer(&call.id, &call.name, &outcome), outcome.is_err())
 }
 
 /// `ExecutePlugin`: a user's direct call, stored in their session when one is named.

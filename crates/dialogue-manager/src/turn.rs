@@ -1,8 +1,8 @@
 //! One conversation turn: mode → session → job → streamed answer → saved turn.
 
 use moltbot_proto::{
-    common::v1::{ChatMessage, FinishReason, SamplingParams, Usage},
-    dialogue::v1::{ChatEvent, ChatRequest, Delta, DialogueMode, TurnFinished, TurnStarted, chat_event},
+    common::v1::{ChatMessage, FinishReason, SamplingParams, ToolCall, ToolChoice, Tools, Usage, tool_choice::Mode},
+    dialogue::v1::{ChatEvent, ChatRequest, Delta, DialogueMode, ToolResult, TurnFinished, TurnStarted, chat_event},
     inference::v1::{ChatInput, GenerateRequest, InferenceJob, generate_event::Event, generate_request::Input},
     session::v1::{
         AppendMessagesRequest, CreateSessionRequest, GetSessionRequest, LockSessionRequest, RenewSessionLockRequest,
@@ -31,6 +31,10 @@ pub struct Turn {
     /// What the model sees: the stored history and the new messages.
     prompt: Vec<ChatMessage>,
     sampling: SamplingParams,
+    /// The functions the model may call: the client's, then the plugins the request named.
+    tools: Option<Tools>,
+    /// Of those, the plugins: the dialogue-manager runs the model's calls of them.
+    plugins: Vec<String>,
     /// When the turn must be over: the job's timeout, or earlier when the caller's own deadline comes first. A
     /// turn that reaches it fails and saves nothing.
     deadline: tokio::time::Instant,
@@ -226,7 +230,9 @@ impl Turn {
             new_messages.extend(ran);
         }
         let history = within_window(history, &new_messages, service.context_window);
-        let prompt = history.iter().chain(&new_messages).map(crate::plugins::for_model).collect();
+        let prompt = history.into_iter().chain(new_messages.iter().cloned()).collect();
+        let plugins = request.plugins;
+        let tools = tools(&service, request.tools, &plugins)?;
         Ok(Self {
             service,
             request_id,
@@ -236,20 +242,109 @@ impl Turn {
             new_messages,
             prompt,
             sampling,
+            tools,
+            plugins,
             deadline,
             lock: std::sync::Mutex::new(lock),
         })
     }
 
     /// Streams the turn to `out`; a closed `out` (client gone) cancels the job.
-    pub async fn run(self, out: Sender<Result<ChatEvent, Status>>) {
+    pub async fn run(mut self, out: Sender<Result<ChatEvent, Status>>) {
         if let Err(status) = self.generate(&out).await {
             tracing::info!(request_id = %self.request_id, code = ?status.code(), message = status.message(), "turn failed");
             let _ = out.send(Err(status)).await;
         }
     }
 
-    async fn generate(&self, out: &Sender<Result<ChatEvent, Status>>) -> Result<(), Status> {
+    /// Generates the answer. When the model calls plugins, the dialogue-manager runs the calls, adds them and their
+    /// results to the turn, and generates again: at most `plugins.max_rounds` rounds of calls, and then the model
+    /// must answer in text. Calls of the client's functions end the turn.
+    async fn generate(&mut self, out: &Sender<Result<ChatEvent, Status>>) -> Result<(), Status> {
+        let send = |event: chat_event::Event| async {
+            out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
+        };
+        let mut total = Usage::default();
+        let mut round = 0;
+        loop {
+            let tools = self.tools_for(round, round >= self.service.max_rounds);
+            let generated = match self.round(out, tools, round == 0).await? {
+                Round::Done(generated) => generated,
+                Round::Stopped { text, message_tokens } => return self.stopped(text, &message_tokens).await,
+            };
+            let Generated { text, usage, finish_reason, calls, message_tokens } = generated;
+            total.prompt_tokens += usage.prompt_tokens;
+            total.completion_tokens += usage.completion_tokens;
+            total.cached_tokens += usage.cached_tokens;
+            let (mut plugin_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) =
+                calls.into_iter().partition(|c| self.plugins.contains(&c.name));
+            if plugin_calls.is_empty() {
+                return self.finish(text, client_calls, total, &message_tokens, finish_reason, &send).await;
+            }
+            // The model's calls of plugins, and their results, join the turn; it goes on with them in view.
+            for call in &mut plugin_calls {
+                call.id = crate::plugins::call_id();
+            }
+            let calling = ChatMessage {
+                role: "assistant".into(),
+                content: text,
+                created_at_ms: now_ms(),
+                tokens: usage.completion_tokens,
+                tool_calls: plugin_calls.clone(),
+                ..Default::default()
+            };
+            self.add(calling);
+            for call in plugin_calls {
+                let (answer, failed) = crate::plugins::run_for_model(
+                    &self.service,
+                    &call,
+                    &self.session_id,
+                    &self.user_id,
+                    &self.request_id,
+                )
+                .await;
+                let content = answer.content.clone();
+                self.add(answer);
+                let result = ToolResult { call: Some(call), content, failed };
+                if send(chat_event::Event::ToolResult(result)).await.is_err() {
+                    return self.stopped(String::new(), &message_tokens).await;
+                }
+            }
+            if !client_calls.is_empty() {
+                // Calls of the client's own functions end the turn, after the plugins' results.
+                let reason = FinishReason::ToolCalls;
+                return self.finish(String::new(), client_calls, total, &message_tokens, reason, &send).await;
+            }
+            round += 1;
+        }
+    }
+
+    /// A message of the turn, which the model sees from the next generation on and the session keeps.
+    fn add(&mut self, message: ChatMessage) {
+        self.prompt.push(message.clone());
+        self.new_messages.push(message);
+    }
+
+    /// The tools of generation `round`: the request's choice first, then the model's own (`auto`); after the `last`
+    /// round of plugin calls, the model may not call.
+    fn tools_for(&self, round: u32, last: bool) -> Option<Tools> {
+        let mut tools = self.tools.clone()?;
+        if round > 0 {
+            tools.choice = None;
+        }
+        if last && !self.plugins.is_empty() {
+            tools.choice = Some(ToolChoice { mode: Mode::None.into(), function: String::new() });
+        }
+        Some(tools)
+    }
+
+    /// One generation, with retries while no worker has answered.
+    async fn round(
+        &self,
+        out: &Sender<Result<ChatEvent, Status>>,
+        tools: Option<Tools>,
+        announce: bool,
+    ) -> Result<Round, Status> {
         let send = |event: chat_event::Event| async {
             out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
         };
@@ -262,7 +357,7 @@ impl Turn {
                 request: Some(GenerateRequest {
                     request_id: self.request_id.clone(),
                     model: self.service.model.clone(),
-                    input: Some(Input::Chat(ChatInput { messages: self.prompt.clone() })),
+                    input: Some(Input::Chat(ChatInput { messages: self.prompt.clone(), tools: tools.clone() })),
                     sampling: Some(self.sampling.clone()),
                 }),
                 deadline_ms,
@@ -281,7 +376,7 @@ impl Turn {
                 // A client that goes away while the job waits in the queue cancels it there, before any work.
                 let next = tokio::select! {
                     next = events.next_within(wait) => next,
-                    () = out.closed() => return self.stopped(text, &message_tokens).await,
+                    () = out.closed() => return Ok(Round::Stopped { text, message_tokens }),
                 };
                 let Some(event) = next else {
                     if !started {
@@ -302,7 +397,7 @@ impl Turn {
                 let event = event.map_err(|e| Status::unavailable(e.to_string()))?.event;
                 match event {
                     Some(Event::Started(s)) => {
-                        if !started && attempt == 0 {
+                        if !started && attempt == 0 && announce {
                             send(chat_event::Event::Started(TurnStarted {
                                 session_id: self.session_id.clone(),
                                 mode: self.mode.into(),
@@ -324,7 +419,7 @@ impl Turn {
                             continue;
                         }
                         if send(chat_event::Event::Delta(Delta { text: t.text.clone() })).await.is_err() {
-                            return self.stopped(text, &message_tokens).await;
+                            return Ok(Round::Stopped { text, message_tokens });
                         }
                         text.push_str(&t.text);
                     }
@@ -333,8 +428,10 @@ impl Turn {
                         return Err(Status::new(Code::from(e.code), e.message));
                     }
                     Some(Event::Finished(f)) => {
+                        let finish_reason = f.finish_reason();
                         let usage = f.usage.unwrap_or_default();
-                        return self.finish(text, usage, &message_tokens, f.finish_reason(), &send).await;
+                        let calls = f.tool_calls;
+                        return Ok(Round::Done(Generated { text, usage, finish_reason, calls, message_tokens }));
                     }
                 }
             }
@@ -344,6 +441,7 @@ impl Turn {
     async fn finish<F, Fut>(
         &self,
         text: String,
+        calls: Vec<ToolCall>,
         usage: Usage,
         message_tokens: &[u32],
         finish_reason: FinishReason,
@@ -353,7 +451,11 @@ impl Turn {
         F: Fn(chat_event::Event) -> Fut,
         Fut: std::future::Future<Output = Result<(), Status>>,
     {
-        let answer = self.save(text, usage.completion_tokens, message_tokens).await?;
+        let mut calls = calls;
+        for call in &mut calls {
+            call.id = crate::plugins::call_id();
+        }
+        let answer = self.save(text, calls, usage.completion_tokens, message_tokens).await?;
         let lock = self.lock.lock().ok().and_then(|mut held| held.take());
         if let Some(lock) = lock {
             lock.release().await;
@@ -374,20 +476,27 @@ impl Turn {
         if tokio::time::Instant::now() + DEADLINE_MARGIN >= self.deadline {
             return Err(Status::deadline_exceeded("the answer was not finished before the deadline"));
         }
-        if !text.is_empty() {
-            self.save(text, 0, message_tokens).await?;
+        if !text.is_empty() || self.new_messages.iter().any(|m| m.role == "tool") {
+            self.save(text, vec![], 0, message_tokens).await?;
         }
         Err(Status::cancelled("the client went away"))
     }
 
     /// Appends the turn (its messages and `text`, the answer of `tokens` tokens, 0 when not counted) to a multi
     /// turn's session, and returns the answer.
-    async fn save(&self, text: String, tokens: u32, message_tokens: &[u32]) -> Result<ChatMessage, Status> {
+    async fn save(
+        &self,
+        text: String,
+        tool_calls: Vec<ToolCall>,
+        tokens: u32,
+        message_tokens: &[u32],
+    ) -> Result<ChatMessage, Status> {
         let answer = ChatMessage {
             role: "assistant".into(),
             content: text,
             created_at_ms: now_ms(),
             tokens,
+            tool_calls,
             ..Default::default()
         };
         if self.mode == DialogueMode::Multi {
@@ -406,6 +515,51 @@ impl Turn {
         }
         Ok(answer)
     }
+}
+
+/// What one generation came to.
+enum Round {
+    Done(Generated),
+    /// The client went away after `text`.
+    Stopped {
+        text: String,
+        message_tokens: Vec<u32>,
+    },
+}
+
+struct Generated {
+    text: String,
+    usage: Usage,
+    finish_reason: FinishReason,
+    /// The calls the answer made (no ids yet).
+    calls: Vec<ToolCall>,
+    message_tokens: Vec<u32>,
+}
+
+/// The request's tools: the client's functions, then the named plugins (their names must not clash), and a forced
+/// choice naming one of them.
+fn tools(service: &DialogueService, client: Option<Tools>, plugins: &[String]) -> Result<Option<Tools>, Status> {
+    let mut tools = client.unwrap_or_default();
+    for plugin in crate::plugins::as_tools(&service.plugins, plugins)? {
+        if tools.tools.iter().any(|t| t.name == plugin.name) {
+            return Err(Status::invalid_argument(format!(
+                "tools: `{}` is both a function of the request and a plugin; rename the function",
+                plugin.name
+            )));
+        }
+        tools.tools.push(plugin);
+    }
+    let choice = tools.choice.clone().unwrap_or_default();
+    if choice.mode() == Mode::Function && !tools.tools.iter().any(|t| t.name == choice.function) {
+        return Err(Status::invalid_argument(format!(
+            "tool_choice: `{}` is not one of the request's tools or plugins",
+            choice.function
+        )));
+    }
+    if choice.mode() == Mode::Required && tools.tools.is_empty() {
+        return Err(Status::invalid_argument("tool_choice: `required` needs at least one tool"));
+    }
+    Ok((!tools.tools.is_empty()).then_some(tools))
 }
 
 /// The part of a stored `history` that can matter to a model with a `window`-token context: leading system

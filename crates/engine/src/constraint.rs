@@ -13,12 +13,14 @@ use crate::{Error, ModelMetadata, Result, Tokenizer};
 pub enum Constraint {
     /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
     JsonObject,
-    /// JSON valid against this schema (`json_schema`, and a tool call's arguments).
+    /// JSON valid against this schema (`json_schema`).
     JsonSchema(serde_json::Value),
+    /// Text of this Lark grammar in llguidance's dialect (a forced tool call: `crate::tools`).
+    Lark(String),
 }
 
 /// The whitespace allowed between two JSON tokens.
-const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,12}";
+pub(crate) const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,12}";
 
 /// GGUF token types (llama.cpp `llama_token_type`).
 const TOKEN_TYPE_UNKNOWN: i32 = 2;
@@ -77,24 +79,29 @@ impl Grammars {
             Ok(factory)
         });
         let factory = factory.as_ref().map_err(|e| Error::Internal(format!("constrained decoding: {e}")))?;
-        let mut schema = match constraint {
-            Constraint::JsonObject => serde_json::json!({ "type": "object" }),
-            Constraint::JsonSchema(schema) => schema.clone(),
+        let (grammar, what) = match constraint {
+            Constraint::JsonObject => (json_grammar(serde_json::json!({ "type": "object" })), "JSON schema"),
+            Constraint::JsonSchema(schema) => (json_grammar(schema.clone()), "JSON schema"),
+            Constraint::Lark(lark) => (TopLevelGrammar::from_lark(lark.clone()), "tool's parameter schema"),
         };
-        // JSON allows any run of whitespace between tokens, and a small model that has nothing left to say
-        // writes spaces until max_tokens; a bounded run keeps it moving to the end of the document.
-        if let Some(schema) = schema.as_object_mut() {
-            schema.entry("x-guidance").or_insert_with(|| serde_json::json!({ "whitespace_pattern": WHITESPACE }));
-        }
         let parser = factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
-            .map_err(|e| Error::InvalidRequest(format!("the JSON schema cannot be used: {e}")))?;
+            .create_parser(grammar)
+            .map_err(|e| Error::InvalidRequest(format!("the {what} cannot be used: {e}")))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(Error::InvalidRequest(format!("the JSON schema cannot be used: {e}")));
+            return Err(Error::InvalidRequest(format!("the {what} cannot be used: {e}")));
         }
         Ok(Guide { matcher })
     }
+}
+
+/// JSON allows any run of whitespace between tokens, and a small model that has nothing left to say writes spaces
+/// until max_tokens; a bounded run keeps it moving to the end of the document.
+fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
+    if let Some(schema) = schema.as_object_mut() {
+        schema.entry("x-guidance").or_insert_with(|| serde_json::json!({ "whitespace_pattern": WHITESPACE }));
+    }
+    TopLevelGrammar::from_json_schema(schema)
 }
 
 /// One sequence's place in its grammar.

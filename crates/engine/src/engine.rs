@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::{
     ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
-    Tokenizer, Usage,
+    Tokenizer, ToolCall, ToolCallParser, Tools, Usage,
     model::{BLOCK_SIZE, KvCache, KvPool, Llama, Step},
     sampling::Sampler,
 };
@@ -137,6 +137,16 @@ pub enum Prompt {
 pub struct GenerationRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
+    /// Functions the model may call (a chat prompt only): shown to it through its template or the fallback prompt,
+    /// forced by a grammar when the choice says so, and read back from its output as `ToolCalls`.
+    pub tools: Option<Tools>,
+}
+
+impl GenerationRequest {
+    /// A request without tools.
+    pub fn new(prompt: Prompt, sampling: SamplingParams) -> Self {
+        Self { prompt, sampling, tools: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +156,8 @@ pub enum GenerationEvent {
         text: String,
         id: Option<u32>,
     },
+    /// The calls the answer made, just before `Finished` (with `FinishReason::ToolCalls`).
+    ToolCalls(Vec<ToolCall>),
     Finished {
         reason: FinishReason,
         usage: Usage,
@@ -159,21 +171,52 @@ pub struct Generation {
     /// Oldest chat messages left out so the conversation fits the context window.
     pub trimmed_messages: u32,
     events: UnboundedReceiver<GenerationEvent>,
+    /// Reads tool calls out of the answer when the request has tools.
+    calls: Option<ToolCallParser>,
+    /// Events made at the end, to hand out one by one.
+    ending: std::collections::VecDeque<GenerationEvent>,
 }
 
 impl Generation {
     /// The next event; `None` after `Finished` or `Failed`.
     pub async fn next(&mut self) -> Option<GenerationEvent> {
-        self.events.recv().await
+        if let Some(event) = self.ending.pop_front() {
+            return Some(event);
+        }
+        let event = self.events.recv().await?;
+        let Some(parser) = &mut self.calls else { return Some(event) };
+        match event {
+            GenerationEvent::Token { text, id } => Some(GenerationEvent::Token { text: parser.push(&text), id }),
+            GenerationEvent::Finished { reason, usage } => {
+                let (rest, calls) = self.calls.take().map(ToolCallParser::finish).unwrap_or_default();
+                let reason = if calls.is_empty() { reason } else { FinishReason::ToolCalls };
+                if !rest.is_empty() {
+                    self.ending.push_back(GenerationEvent::Token { text: rest, id: None });
+                }
+                if !calls.is_empty() {
+                    self.ending.push_back(GenerationEvent::ToolCalls(calls));
+                }
+                self.ending.push_back(GenerationEvent::Finished { reason, usage });
+                self.ending.pop_front()
+            }
+            other => Some(other),
+        }
     }
 
     /// Collects the whole answer (for tests and benchmarks).
-    pub async fn collect(mut self) -> Result<(String, FinishReason, Usage)> {
+    pub async fn collect(self) -> Result<(String, FinishReason, Usage)> {
+        self.collect_calls().await.map(|(text, _, reason, usage)| (text, reason, usage))
+    }
+
+    /// Collects the whole answer and the tool calls it made.
+    pub async fn collect_calls(mut self) -> Result<(String, Vec<ToolCall>, FinishReason, Usage)> {
         let mut text = String::new();
+        let mut calls = vec![];
         while let Some(event) = self.next().await {
             match event {
                 GenerationEvent::Token { text: piece, .. } => text.push_str(&piece),
-                GenerationEvent::Finished { reason, usage } => return Ok((text, reason, usage)),
+                GenerationEvent::ToolCalls(made) => calls = made,
+                GenerationEvent::Finished { reason, usage } => return Ok((text, calls, reason, usage)),
                 GenerationEvent::Failed(message) => return Err(Error::InvalidRequest(message)),
             }
         }
@@ -368,18 +411,20 @@ impl Engine {
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Text(text) => self.inner.tokenizer.encode(text),
-            Prompt::Chat(messages) => self.tokenize_chat(messages),
+            Prompt::Chat(messages) => self.tokenize_chat(messages, None),
         }
     }
 
-    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    fn tokenize_chat(&self, messages: &[ChatMessage], tools: Option<&Tools>) -> Result<Vec<u32>> {
         let tokenizer = &self.inner.tokenizer;
+        let template = &self.inner.template;
+        let messages = template.with_tools(messages, tools);
         // Messages without special-token text render with their own content, so a template that transforms it
         // (`| trim`, `.split(...)`) does so; only where a message holds such text does it go in as a placeholder.
         if !messages.iter().any(|m| tokenizer.has_special(&m.content)) {
-            return tokenizer.encode(&self.render(messages)?);
+            return tokenizer.encode(&template.render_with(&messages, tools)?);
         }
-        let pieces = self.inner.template.render_pieces(messages)?;
+        let pieces = template.render_pieces(&messages, tools)?;
         let pieces: Vec<_> = pieces.iter().map(crate::template::OwnedPiece::as_piece).collect();
         self.inner.tokenizer.encode_pieces(&pieces)
     }
@@ -389,7 +434,12 @@ impl Engine {
     /// one, so a tool call never loses its result. Leading system messages and the last message always stay;
     /// when they alone do not fit, the prompt is too long. Returns the kept messages' tokens and how many
     /// messages were left out.
-    pub fn fit_chat(&self, messages: &[ChatMessage], max_tokens: u32) -> Result<(Vec<u32>, usize)> {
+    pub fn fit_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Tools>,
+        max_tokens: u32,
+    ) -> Result<(Vec<u32>, usize)> {
         let budget = self.inner.context_length - (max_tokens as usize).clamp(1, self.inner.context_length / 2);
         let budget = budget.min(self.inner.max_prompt.unwrap_or(usize::MAX));
         let system = messages.iter().take_while(|m| m.role == "system").count();
@@ -400,7 +450,7 @@ impl Engine {
             .collect();
         let render = |drop_to: usize| -> Result<Vec<u32>> {
             let kept: Vec<ChatMessage> = messages[..system].iter().chain(&messages[drop_to..]).cloned().collect();
-            self.tokenize_chat(&kept)
+            self.tokenize_chat(&kept, tools)
         };
         let all = render(system)?;
         if all.len() <= budget || cuts.is_empty() {
@@ -427,10 +477,39 @@ impl Engine {
     /// Validates and queues a request. Errors here (bad parameters, prompt too long) are the caller's. A chat
     /// longer than the context window loses its oldest turns first (`fit_chat`).
     pub fn submit(&self, request: GenerationRequest) -> Result<Generation> {
-        request.sampling.validate()?;
-        let (tokens, trimmed_messages) = match &request.prompt {
-            Prompt::Chat(messages) => self.fit_chat(messages, request.sampling.max_tokens)?,
-            Prompt::Text(_) => (self.tokenize(&request.prompt)?, 0),
+        let GenerationRequest { prompt, mut sampling, tools } = request;
+        sampling.validate()?;
+        if let Some(tools) = &tools {
+            tools.validate()?;
+            if matches!(prompt, Prompt::Text(_)) {
+                return Err(Error::InvalidRequest("tools need a chat prompt".into()));
+            }
+            if let Some(grammar) = tools.forced_grammar(crate::constraint::WHITESPACE) {
+                if sampling.constraint.is_some() {
+                    return Err(Error::InvalidRequest(
+                        "a forced tool_choice and a response_format cannot be combined".into(),
+                    ));
+                }
+                sampling.constraint = Some(crate::Constraint::Lark(grammar));
+            }
+        }
+        let calls = tools.as_ref().and_then(ToolCallParser::new);
+        if let Some(tools) = tools.as_ref().filter(|t| t.active()) {
+            // A model that made its call and goes on to imagine the result stops there; without parallel calls, it
+            // stops after its first.
+            let mut ends = vec![crate::tools::OPEN_RESPONSE];
+            if !tools.parallel {
+                ends.push(crate::tools::CLOSE_CALL);
+            }
+            for end in ends {
+                if !sampling.stop.iter().any(|s| s == end) {
+                    sampling.stop.push(end.to_owned());
+                }
+            }
+        }
+        let (tokens, trimmed_messages) = match &prompt {
+            Prompt::Chat(messages) => self.fit_chat(messages, tools.as_ref(), sampling.max_tokens)?,
+            Prompt::Text(_) => (self.tokenize(&prompt)?, 0),
         };
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
@@ -447,7 +526,7 @@ impl Engine {
             return Err(Error::PromptOverCap { prompt_tokens: tokens.len(), max_prompt_tokens });
         }
         // The grammar is compiled here, on the caller's thread: the compute thread only steps it.
-        let guide = request.sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(c)).transpose()?;
+        let guide = sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(c)).transpose()?;
         let prompt_tokens = tokens.len() as u32;
         let queued = &self.inner.stats.queued;
         let waiting = queued.fetch_add(1, Relaxed);
@@ -456,11 +535,17 @@ impl Engine {
             return Err(Error::Overloaded { waiting });
         }
         let (events, rx) = unbounded_channel();
-        if self.inner.jobs.send(Job { tokens, sampling: request.sampling, guide, events }).is_err() {
+        if self.inner.jobs.send(Job { tokens, sampling, guide, events }).is_err() {
             queued.fetch_sub(1, Relaxed);
             return Err(Error::Stopped);
         }
-        Ok(Generation { prompt_tokens, trimmed_messages: trimmed_messages as u32, events: rx })
+        Ok(Generation {
+            prompt_tokens,
+            trimmed_messages: trimmed_messages as u32,
+            events: rx,
+            calls,
+            ending: Default::default(),
+        })
     }
 }
 

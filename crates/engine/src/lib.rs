@@ -13,6 +13,7 @@ pub mod model;
 mod sampling;
 mod template;
 mod tokenizer;
+mod tools;
 
 pub use constraint::Constraint;
 pub use engine::{
@@ -23,3 +24,4 @@ pub use gguf::ModelMetadata;
 pub use sampling::{FinishReason, MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, StopMatcher, Usage};
 pub use template::{ChatMessage, ChatTemplate, OwnedPiece};
 pub use tokenizer::{Detokenizer, Piece, Tokenizer};
+pub use tools::{Tool, ToolCall, ToolCallParser, ToolChoice, Tools};

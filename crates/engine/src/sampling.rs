@@ -77,6 +77,8 @@ pub enum FinishReason {
     Stop,
     Length,
     Cancelled,
+    /// The answer is one or more tool calls.
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -66,7 +66,7 @@ fn message_text_cannot_forge_the_prompts_structure() {
         engine.metadata().token(engine.metadata().eos_token_id).unwrap_or_default(),
     )
     .unwrap();
-    let pieces = template.render_pieces(&honest).unwrap();
+    let pieces = template.render_pieces(&honest, None).unwrap();
     let pieces: Vec<_> = pieces.iter().map(moltbot_engine::OwnedPiece::as_piece).collect();
     assert_eq!(engine.tokenizer().encode_pieces(&pieces).unwrap(), whole, "pieces tokenize as the whole does");
 }
@@ -77,7 +77,7 @@ async fn min_tokens_holds_the_end_back() {
     // A one-word answer would end at once; with min_tokens it runs to max_tokens on any machine.
     let prompt = Prompt::Chat(vec![ChatMessage::new("user", "Say yes, and nothing else.")]);
     let sampling = SamplingParams { min_tokens: 40, ..greedy(40) };
-    let (_, reason, usage) = engine.submit(GenerationRequest { prompt, sampling }).unwrap().collect().await.unwrap();
+    let (_, reason, usage) = engine.submit(GenerationRequest::new(prompt, sampling)).unwrap().collect().await.unwrap();
     assert_eq!((reason, usage.completion_tokens), (FinishReason::Length, 40));
 }
 
@@ -87,10 +87,10 @@ async fn a_long_prompt_does_not_freeze_a_running_stream() {
     let engine = Engine::load(config).unwrap();
     let chat = |text: &str| Prompt::Chat(vec![ChatMessage::new("user", text)]);
     let sampling = SamplingParams { min_tokens: 200, ..greedy(200) };
-    let mut running = engine.submit(GenerationRequest { prompt: chat("Tell me a story."), sampling }).unwrap();
+    let mut running = engine.submit(GenerationRequest::new(chat("Tell me a story."), sampling)).unwrap();
     running.next().await.expect("the stream has begun");
     // About 1500 prompt tokens: two chunks of max_batch_tokens, but many steps of max_step.
-    let long = engine.submit(GenerationRequest { prompt: chat(&"word ".repeat(1500)), sampling: greedy(1) }).unwrap();
+    let long = engine.submit(GenerationRequest::new(chat(&"word ".repeat(1500)), greedy(1))).unwrap();
     let mut long = std::pin::pin!(long.collect());
     let mut tokens_meanwhile = 0;
     loop {
@@ -115,7 +115,7 @@ async fn greedy_chat_is_deterministic_and_on_topic() {
     let prompt = || Prompt::Chat(vec![ChatMessage::new("user", "What is 2+2?")]);
     let rendered = engine.render(&[ChatMessage::new("user", "hi")]).unwrap();
     assert!(rendered.ends_with("<|im_start|>assistant\n"), "{rendered}");
-    let run = || engine.submit(GenerationRequest { prompt: prompt(), sampling: greedy(24) }).unwrap().collect();
+    let run = || engine.submit(GenerationRequest::new(prompt(), greedy(24))).unwrap().collect();
     let (a, _, usage) = run().await.unwrap();
     let (b, _, _) = run().await.unwrap();
     assert_eq!(a, b);
@@ -126,7 +126,7 @@ async fn greedy_chat_is_deterministic_and_on_topic() {
 #[tokio::test]
 async fn max_tokens_and_stop_strings_end_generation() {
     let Some(engine) = load() else { return };
-    let req = |sampling| GenerationRequest { prompt: Prompt::Text("1, 2, 3, 4,".into()), sampling };
+    let req = |sampling| GenerationRequest::new(Prompt::Text("1, 2, 3, 4,".into()), sampling);
     let (_, reason, usage) = engine.submit(req(greedy(5))).unwrap().collect().await.unwrap();
     assert_eq!((reason, usage.completion_tokens), (FinishReason::Length, 5));
     let sampling = SamplingParams { stop: vec!["7".into()], ..greedy(30) };
@@ -139,20 +139,19 @@ async fn max_tokens_and_stop_strings_end_generation() {
 async fn bad_requests_fail_before_queueing() {
     let Some(engine) = load() else { return };
     let long = Prompt::Text("hello ".repeat(10_000));
-    let err = engine.submit(GenerationRequest { prompt: long, sampling: greedy(4) }).err().unwrap();
+    let err = engine.submit(GenerationRequest::new(long, greedy(4))).err().unwrap();
     assert!(err.to_string().contains("context window"), "{err}");
-    let err = engine.submit(GenerationRequest { prompt: Prompt::Chat(vec![]), sampling: greedy(4) }).err().unwrap();
+    let err = engine.submit(GenerationRequest::new(Prompt::Chat(vec![]), greedy(4))).err().unwrap();
     assert!(err.to_string().contains("empty"), "{err}");
 }
 
 #[tokio::test]
 async fn dropping_a_generation_cancels_it_and_frees_the_engine() {
     let Some(engine) = load() else { return };
-    let first =
-        engine.submit(GenerationRequest { prompt: Prompt::Text("Once upon a time".into()), sampling: greedy(2000) });
+    let first = engine.submit(GenerationRequest::new(Prompt::Text("Once upon a time".into()), greedy(2000)));
     drop(first.unwrap());
     let (text, _, _) = engine
-        .submit(GenerationRequest { prompt: Prompt::Text("Hello".into()), sampling: greedy(3) })
+        .submit(GenerationRequest::new(Prompt::Text("Hello".into()), greedy(3)))
         .unwrap()
         .collect()
         .await
@@ -189,7 +188,7 @@ async fn one_at_a_time(sampling: &SamplingParams) -> Vec<Answer> {
             .unwrap();
     let mut answers = vec![];
     for prompt in mixed_prompts() {
-        let g = single.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap();
+        let g = single.submit(GenerationRequest::new(prompt, sampling.clone())).unwrap();
         answers.push(g.collect().await.unwrap());
     }
     answers
@@ -199,7 +198,7 @@ async fn one_at_a_time(sampling: &SamplingParams) -> Vec<Answer> {
 async fn all_at_once(engine: &Engine, sampling: &SamplingParams) -> Vec<Answer> {
     let runs: Vec<_> = mixed_prompts()
         .into_iter()
-        .map(|prompt| engine.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap().collect())
+        .map(|prompt| engine.submit(GenerationRequest::new(prompt, sampling.clone())).unwrap().collect())
         .collect();
     let mut answers = vec![];
     for run in runs {
@@ -251,7 +250,7 @@ async fn preemption_under_a_tiny_kv_budget_finishes_every_sequence_correctly() {
 }
 
 async fn answer(engine: &Engine, prompt: Prompt, sampling: &SamplingParams) -> Answer {
-    engine.submit(GenerationRequest { prompt, sampling: sampling.clone() }).unwrap().collect().await.unwrap()
+    engine.submit(GenerationRequest::new(prompt, sampling.clone())).unwrap().collect().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +303,7 @@ async fn users_arriving_together_behind_one_system_prompt_compute_it_once() {
     let sampling = greedy(8);
     let runs: Vec<_> = users
         .iter()
-        .map(|u| cached.submit(GenerationRequest { prompt: chat(u), sampling: sampling.clone() }).unwrap().collect())
+        .map(|u| cached.submit(GenerationRequest::new(chat(u), sampling.clone())).unwrap().collect())
         .collect();
     let mut reused = vec![];
     for (user, run) in users.iter().zip(runs) {
@@ -333,8 +332,8 @@ async fn a_preempted_sequence_reuses_its_own_cached_blocks() {
     let reference = Engine::load(EngineConfig { prefix_caching: false, ..EngineConfig::new(model_path()) }).unwrap();
     let want = (answer(&reference, older.clone(), &long).await, answer(&reference, newer.clone(), &long).await);
     let runs = (
-        tight.submit(GenerationRequest { prompt: older, sampling: long.clone() }).unwrap().collect(),
-        tight.submit(GenerationRequest { prompt: newer, sampling: long }).unwrap().collect(),
+        tight.submit(GenerationRequest::new(older, long.clone())).unwrap().collect(),
+        tight.submit(GenerationRequest::new(newer, long)).unwrap().collect(),
     );
     let got = (runs.0.await.unwrap(), runs.1.await.unwrap());
     assert_eq!((uncached(&got.0), uncached(&got.1)), want, "preemption and reuse changed an answer");
@@ -364,7 +363,7 @@ async fn until_every_block_is_free(engine: &Engine) -> EngineStats {
 async fn a_full_waiting_queue_is_refused_and_cancelling_frees_kv_blocks() {
     let config = EngineConfig { max_batch_size: 1, max_waiting: 1, ..EngineConfig::new(model_path()) };
     let engine = Engine::load(config).unwrap();
-    let request = || GenerationRequest { prompt: Prompt::Text("Once upon a time".into()), sampling: greedy(2000) };
+    let request = || GenerationRequest::new(Prompt::Text("Once upon a time".into()), greedy(2000));
     let mut running = engine.submit(request()).unwrap();
     assert!(matches!(running.next().await, Some(GenerationEvent::Token { .. })));
     wait_for(&engine, "a running sequence holds blocks", |s| s.kv_blocks_free < s.kv_blocks_total).await;
@@ -443,7 +442,7 @@ async fn a_long_conversation_keeps_its_newest_turns_within_the_window() {
         messages.push(ChatMessage::new("assistant", format!("Answer {k}: {}.", k + 1)));
     }
     messages.push(ChatMessage::new("user", "What is 2+2?"));
-    let (tokens, trimmed) = engine.fit_chat(&messages, 24).unwrap();
+    let (tokens, trimmed) = engine.fit_chat(&messages, None, 24).unwrap();
     assert!(tokens.len() <= 256 - 24, "{} tokens leave no room for the reply", tokens.len());
     assert!(trimmed > 0 && trimmed % 2 == 0, "whole turns are dropped: {trimmed}");
     let text = engine.tokenizer().decode(&tokens, false).unwrap();
@@ -453,15 +452,15 @@ async fn a_long_conversation_keeps_its_newest_turns_within_the_window() {
     assert!(!text.contains(&format!("Question {}:", first_kept - 1)), "an older turn survived a newer one: {text}");
     // One more turn would not have fitted: the fewest turns are dropped.
     let one_more: Vec<ChatMessage> = messages[..1].iter().chain(&messages[trimmed - 1..]).cloned().collect();
-    assert!(engine.fit_chat(&one_more, 24).unwrap().1 > 0);
+    assert!(engine.fit_chat(&one_more, None, 24).unwrap().1 > 0);
 
     let prompt = Prompt::Chat(messages);
-    let g = engine.submit(GenerationRequest { prompt, sampling: greedy(8) }).unwrap();
+    let g = engine.submit(GenerationRequest::new(prompt, greedy(8))).unwrap();
     assert_eq!(g.trimmed_messages as usize, trimmed);
     g.collect().await.unwrap();
     // The system prompt and the new message alone must fit.
     let huge = vec![ChatMessage::new("user", "hello ".repeat(400))];
-    let err = engine.submit(GenerationRequest { prompt: Prompt::Chat(huge), sampling: greedy(8) }).err().unwrap();
+    let err = engine.submit(GenerationRequest::new(Prompt::Chat(huge), greedy(8))).err().unwrap();
     assert!(matches!(err, moltbot_engine::Error::PromptTooLong { .. }), "{err}");
 }
 
@@ -475,11 +474,11 @@ async fn a_prompt_cap_below_the_window_trims_history_and_refuses_a_message_over_
         messages.push(ChatMessage::new("assistant", format!("Answer {k}: {}.", k + 1)));
     }
     messages.push(ChatMessage::new("user", "What is 2+2?"));
-    let (tokens, trimmed) = engine.fit_chat(&messages, 24).unwrap();
+    let (tokens, trimmed) = engine.fit_chat(&messages, None, 24).unwrap();
     assert!(tokens.len() <= 100 && trimmed > 0, "{} tokens kept, {trimmed} messages dropped", tokens.len());
     // The newest message alone over the cap is refused, naming the setting, though the window would hold it.
     let long = vec![ChatMessage::new("user", "hello ".repeat(150))];
-    let err = engine.submit(GenerationRequest { prompt: Prompt::Chat(long), sampling: greedy(8) }).err().unwrap();
+    let err = engine.submit(GenerationRequest::new(Prompt::Chat(long), greedy(8))).err().unwrap();
     assert!(matches!(err, moltbot_engine::Error::PromptOverCap { max_prompt_tokens: 100, .. }), "{err}");
     assert!(err.to_string().contains("inference_worker.max_prompt_tokens"), "{err}");
 }
@@ -497,7 +496,7 @@ async fn a_long_prompt_is_read_while_shorter_ones_keep_coming() {
     let mut next_short = |short: &mut tokio::task::JoinSet<_>| {
         sent += 1;
         let prompt = chat(format!("Question {sent}: {}", "say more ".repeat(8)));
-        let generation = engine.submit(GenerationRequest { prompt, sampling: greedy(2) }).unwrap();
+        let generation = engine.submit(GenerationRequest::new(prompt, greedy(2))).unwrap();
         short.spawn(generation.collect());
         sent
     };
@@ -506,7 +505,7 @@ async fn a_long_prompt_is_read_while_shorter_ones_keep_coming() {
     }
     short.join_next().await.unwrap().unwrap().unwrap();
     next_short(&mut short);
-    let long = engine.submit(GenerationRequest { prompt: chat("word ".repeat(600)), sampling: greedy(1) }).unwrap();
+    let long = engine.submit(GenerationRequest::new(chat("word ".repeat(600)), greedy(1))).unwrap();
     let mut long = std::pin::pin!(long.collect());
     loop {
         tokio::select! {
@@ -567,7 +566,7 @@ async fn a_json_schema_constraint_gives_valid_json_every_time() {
         |n| SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonSchema(schema.clone())), ..greedy(n) };
     let runs = subjects.iter().map(|who| {
         let prompt = Prompt::Chat(vec![ChatMessage::new("user", format!("Describe {who} as JSON."))]);
-        engine.submit(GenerationRequest { prompt, sampling: constrained(120) }).unwrap().collect()
+        engine.submit(GenerationRequest::new(prompt, constrained(120))).unwrap().collect()
     });
     for (who, result) in subjects.iter().zip(futures::future::join_all(runs).await) {
         let (text, reason, _) = result.unwrap();
@@ -578,8 +577,7 @@ async fn a_json_schema_constraint_gives_valid_json_every_time() {
     // Any JSON object, and a schema llguidance refuses.
     let object = SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonObject), ..greedy(60) };
     let prompt = || Prompt::Chat(vec![ChatMessage::new("user", "Give me a JSON object about cats.")]);
-    let (text, _, _) =
-        engine.submit(GenerationRequest { prompt: prompt(), sampling: object }).unwrap().collect().await.unwrap();
+    let (text, _, _) = engine.submit(GenerationRequest::new(prompt(), object)).unwrap().collect().await.unwrap();
     assert!(text.trim_start().starts_with('{'), "{text}");
     // min_tokens does not hold a complete document open (no token would be left to choose).
     let short = serde_json::json!({
@@ -587,12 +585,84 @@ async fn a_json_schema_constraint_gives_valid_json_every_time() {
     });
     let constraint = Some(moltbot_engine::Constraint::JsonSchema(short));
     let sampling = SamplingParams { constraint, min_tokens: 30, ..greedy(40) };
-    let (text, reason, _) =
-        engine.submit(GenerationRequest { prompt: prompt(), sampling }).unwrap().collect().await.unwrap();
+    let (text, reason, _) = engine.submit(GenerationRequest::new(prompt(), sampling)).unwrap().collect().await.unwrap();
     assert_eq!(reason, FinishReason::Stop, "{text}");
     assert!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["ok"].is_boolean(), "{text}");
     let bad = serde_json::json!({ "type": "object", "properties": { "x": { "type": "frobnicate" } } });
     let sampling = SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonSchema(bad)), ..greedy(8) };
-    let err = engine.submit(GenerationRequest { prompt: prompt(), sampling }).err().expect("refused");
+    let err = engine.submit(GenerationRequest::new(prompt(), sampling)).err().expect("refused");
     assert!(matches!(err, moltbot_engine::Error::InvalidRequest(_)), "{err}");
+}
+
+/// `tool_choice` naming a function: 20 different requests, 20 calls of it whose arguments validate against its
+/// schema. Then the call and its result go back in, and the model answers in text.
+#[tokio::test]
+async fn a_forced_tool_call_validates_against_its_schema_every_time() {
+    use moltbot_engine::{Tool, ToolCall, ToolChoice, Tools};
+    let Some(engine) = load() else { return };
+    let parameters = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "location": { "type": "string", "minLength": 1, "maxLength": 40 },
+            "unit": { "type": "string", "enum": ["celsius", "fahrenheit"] },
+            "days": { "type": "integer", "minimum": 1, "maximum": 7 },
+        },
+        "required": ["location", "unit"],
+        "additionalProperties": false,
+    });
+    let validator = jsonschema::validator_for(&parameters).unwrap();
+    let weather = Tool { name: "get_weather".into(), description: "The forecast for a place".into(), parameters };
+    let clock = Tool {
+        name: "get_time".into(),
+        description: "The time in a time zone".into(),
+        parameters: serde_json::Value::Null,
+    };
+    let tools = |choice| Tools { tools: vec![weather.clone(), clock.clone()], choice, parallel: false };
+    let places = [
+        "Paris", "Lagos", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Hanoi", "Dakar", "Seoul", "Bern",
+        "Accra", "Riga", "Doha", "Kyiv", "Nairobi", "Havana", "Dublin", "Manila",
+    ];
+    let runs = places.iter().enumerate().map(|(i, place)| {
+        let question =
+            if i % 2 == 0 { format!("Will it rain in {place} this week?") } else { format!("How warm is {place}?") };
+        let prompt = Prompt::Chat(vec![ChatMessage::new("user", question)]);
+        let request = GenerationRequest {
+            tools: Some(tools(ToolChoice::Function("get_weather".into()))),
+            ..GenerationRequest::new(prompt, greedy(80))
+        };
+        engine.submit(request).unwrap().collect_calls()
+    });
+    for (place, result) in places.iter().zip(futures::future::join_all(runs).await) {
+        let (text, calls, reason, _) = result.unwrap();
+        assert_eq!((calls.len(), reason), (1, FinishReason::ToolCalls), "{place}: {text:?} {calls:?}");
+        assert!(text.is_empty(), "{place}: the call is not text: {text:?}");
+        assert_eq!(calls[0].name, "get_weather");
+        let arguments: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+        assert!(validator.is_valid(&arguments), "{place}: {arguments}");
+    }
+    // `required` with a function of no parameters among the tools: a call of one of them.
+    let prompt = || Prompt::Chat(vec![ChatMessage::new("user", "What time is it in Lima?")]);
+    let request =
+        GenerationRequest { tools: Some(tools(ToolChoice::Required)), ..GenerationRequest::new(prompt(), greedy(80)) };
+    let (_, calls, reason, _) = engine.submit(request).unwrap().collect_calls().await.unwrap();
+    assert_eq!(reason, FinishReason::ToolCalls);
+    assert!(["get_weather", "get_time"].contains(&calls[0].name.as_str()), "{calls:?}");
+    // The call and its result go back in; with the choice `none`, the answer is text.
+    let call = ToolCall { id: "call_1".into(), ..calls[0].clone() };
+    let conversation = vec![
+        ChatMessage::new("user", "What time is it in Lima?"),
+        ChatMessage { tool_calls: vec![call], ..ChatMessage::new("assistant", "") },
+        ChatMessage { tool_call_id: "call_1".into(), ..ChatMessage::new("tool", r#"{"time": "09:41"}"#) },
+    ];
+    let request = GenerationRequest {
+        tools: Some(tools(ToolChoice::None)),
+        ..GenerationRequest::new(Prompt::Chat(conversation), greedy(24))
+    };
+    let (text, calls, reason, _) = engine.submit(request).unwrap().collect_calls().await.unwrap();
+    assert!(calls.is_empty() && reason != FinishReason::ToolCalls && !text.is_empty(), "{text:?} {calls:?}");
+    // A forced call cannot also follow a response_format.
+    let both = SamplingParams { constraint: Some(moltbot_engine::Constraint::JsonObject), ..greedy(8) };
+    let request =
+        GenerationRequest { tools: Some(tools(ToolChoice::Required)), ..GenerationRequest::new(prompt(), both) };
+    assert!(matches!(engine.submit(request).err(), Some(moltbot_engine::Error::InvalidRequest(_))));
 }

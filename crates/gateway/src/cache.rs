@@ -2,7 +2,7 @@
 //! sampling (temperature 0, or a seed) is kept in memory (moka, weighed by body size, with a TTL) and served
 //! again with `X-Cache: HIT`. The key is the route, the request body (canonical JSON), the configured headers
 //! (`Authorization` by default) and the caller's user, so a hit never crosses API keys or users. Streams,
-//! multi-turn requests and sampled answers are never cached.
+//! multi-turn requests, sampled answers and turns that run plugins are never cached.
 
 use std::{sync::Arc, time::Duration};
 
@@ -52,7 +52,10 @@ impl ResponseCache {
             _ => dialogue.session_id.is_empty() && body["session_id"].is_null(),
         };
         let deterministic = body["temperature"].as_f64() == Some(0.0) || body["seed"].is_u64();
-        if !single || !deterministic || body["stream"].as_bool() == Some(true) {
+        // A plugin does something each time it runs (and its answer may change): a turn that runs one is never
+        // served from the cache.
+        let runs_plugins = !body["plugin"].is_null() || body["plugins"].as_array().is_some_and(|p| !p.is_empty());
+        if !single || !deterministic || runs_plugins || body["stream"].as_bool() == Some(true) {
             return None;
         }
         let mut hash = Sha256::new();

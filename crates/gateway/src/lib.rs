@@ -12,6 +12,7 @@ mod openai;
 mod plugins;
 mod serve;
 mod sessions;
+mod tools;
 mod web;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -246,7 +247,6 @@ struct SamplingFields {
     stop: Option<StopField>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
-    tools: Option<Vec<serde_json::Value>>,
     // Accepted by OpenAI and not (yet) by MoltBot: refused by name rather than silently dropped.
     logit_bias: Option<serde_json::Value>,
     logprobs: Option<bool>,
@@ -289,7 +289,6 @@ impl SamplingFields {
                 "is not supported; use repetition_penalty (1.0 = off, 1.1 = mild)",
             )?;
         }
-        check(self.tools.as_ref().is_none_or(Vec::is_empty), "tools", "are not supported yet")?;
         let empty = |v: &Option<serde_json::Value>| match v {
             None | Some(serde_json::Value::Null) => true,
             Some(serde_json::Value::Object(o)) => o.is_empty(),
@@ -349,12 +348,19 @@ fn response_format(format: Option<&serde_json::Value>) -> Result<Option<String>,
     }
 }
 
-/// A chat message as clients send it: `content` is text or OpenAI's list of parts.
-#[derive(Debug, serde::Deserialize)]
+/// A chat message as clients send it: `content` is text or OpenAI's list of parts; an assistant message may carry
+/// `tool_calls`, and a `tool` message answers one (`tool_call_id`).
+#[derive(Debug, Default, serde::Deserialize)]
 struct InMessage {
     role: String,
     #[serde(default)]
     content: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::common::v1::ChatMessage>, ApiError> {
@@ -388,8 +394,29 @@ fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::comm
                     Some(&param),
                 ));
             }
+            let tool_calls = match (&m.tool_calls, m.role.as_str()) {
+                (None, _) => vec![],
+                (Some(calls), "assistant") => tools::calls_from_json(calls, &format!("messages[{i}].tool_calls"))?,
+                (Some(_), _) => {
+                    let param = format!("messages[{i}].tool_calls");
+                    return Err(ApiError::bad_request("only an assistant message has tool_calls", Some(&param)));
+                }
+            };
+            let tool_call_id = m.tool_call_id.unwrap_or_default();
+            if m.role == "tool" && tool_call_id.is_empty() {
+                let param = format!("messages[{i}].tool_call_id");
+                return Err(ApiError::bad_request("a tool message names the call it answers", Some(&param)));
+            }
             let role = if m.role == "developer" { "system".to_owned() } else { m.role };
-            Ok(moltbot_proto::common::v1::ChatMessage { role, content, ..Default::default() })
+            let name = m.name.unwrap_or_default();
+            Ok(moltbot_proto::common::v1::ChatMessage {
+                role,
+                content,
+                tool_calls,
+                tool_call_id,
+                name,
+                ..Default::default()
+            })
         })
         .collect()
 }
@@ -398,18 +425,22 @@ fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::comm
 struct Answer {
     started: moltbot_proto::dialogue::v1::TurnStarted,
     finished: moltbot_proto::dialogue::v1::TurnFinished,
+    /// The plugins the model called within the turn, and their results.
+    tool_results: Vec<moltbot_proto::dialogue::v1::ToolResult>,
 }
 
 impl TurnStream {
     async fn collect(mut self) -> Result<Answer, ApiError> {
         use moltbot_proto::dialogue::v1::chat_event::Event;
         let mut started = None;
+        let mut tool_results = vec![];
         while let Some(event) = self.next().await? {
             match event.event {
                 Some(Event::Started(s)) => started = Some(s),
                 Some(Event::Finished(finished)) => {
-                    return Ok(Answer { started: started.unwrap_or_default(), finished });
+                    return Ok(Answer { started: started.unwrap_or_default(), finished, tool_results });
                 }
+                Some(Event::ToolResult(result)) => tool_results.push(result),
                 Some(Event::Delta(_)) | None => {}
             }
         }
@@ -432,6 +463,7 @@ fn finish_reason(reason: i32) -> &'static str {
     use moltbot_proto::common::v1::FinishReason;
     match FinishReason::try_from(reason).unwrap_or(FinishReason::Unspecified) {
         FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
         _ => "stop",
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::{
     ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, mode_name, to_proto_messages,
+    tools::calls_json,
 };
 
 #[derive(Debug, Deserialize)]
@@ -34,6 +35,8 @@ pub struct NativeChat {
     plugin: Option<PluginField>,
     #[serde(flatten)]
     sampling: SamplingFields,
+    #[serde(flatten)]
+    tools: crate::tools::ToolFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,12 +54,17 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let dh = DialogueHeaders::parse(&headers)?;
     let messages = match (body.message, body.messages) {
-        (Some(text), None) => to_proto_messages(vec![InMessage { role: "user".into(), content: Some(text.into()) }])?,
+        (Some(text), None) => to_proto_messages(vec![InMessage {
+            role: "user".into(),
+            content: Some(text.into()),
+            ..Default::default()
+        }])?,
         (None, Some(messages)) => to_proto_messages(messages)?,
         _ => {
             return Err(ApiError::bad_request("give either `message` or `messages`", Some("message")));
         }
     };
+    let (tools, plugins) = body.tools.to_proto()?;
     let request = ChatRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         user_id: dh.user_id,
@@ -69,11 +77,15 @@ pub async fn chat(
             name: p.name,
             arguments_json: serde_json::Value::Object(p.arguments).to_string(),
         }),
+        tools,
+        plugins,
     };
     let mut turn = state.start_turn(request).await?;
     if !body.stream {
         let answer = turn.collect().await?;
-        return Ok(Json(answer_json(&answer.started, &answer.finished)).into_response());
+        let mut body = answer_json(&answer.started, &answer.finished);
+        body["tool_results"] = answer.tool_results.iter().map(tool_result_json).collect();
+        return Ok(Json(body).into_response());
     }
     let events = sse_from_task(move |tx| async move {
         let mut started = Default::default();
@@ -98,6 +110,9 @@ pub async fn chat(
                 Some(chat_event::Event::Finished(f)) => {
                     Event::default().event("done").json_data(answer_json(&started, &f))
                 }
+                Some(chat_event::Event::ToolResult(r)) => {
+                    Event::default().event("tool").json_data(tool_result_json(&r))
+                }
                 None => continue,
             };
             if tx.send(sse.unwrap_or_default()).await.is_err() {
@@ -118,10 +133,20 @@ fn answer_json(
         "session_id": (!s.session_id.is_empty()).then_some(&s.session_id),
         "mode": mode_name(s.mode),
         "model": s.model,
-        "message": { "role": message.role, "content": message.content },
+        "message": if message.tool_calls.is_empty() {
+            json!({ "role": message.role, "content": message.content })
+        } else {
+            json!({ "role": message.role, "content": message.content, "tool_calls": calls_json(&message.tool_calls, false) })
+        },
         "finish_reason": finish_reason(f.finish_reason),
         "usage": crate::usage_json(&usage),
     })
+}
+
+/// A plugin the model called within the turn: the call in OpenAI's shape, and what it gave back.
+fn tool_result_json(r: &moltbot_proto::dialogue::v1::ToolResult) -> serde_json::Value {
+    let call = r.call.clone().unwrap_or_default();
+    json!({ "tool_call": calls_json(&[call], false)[0], "content": r.content, "failed": r.failed })
 }
 
 /// An SSE response fed by a task. The task is dropped the moment the client goes away (the body, and with it the

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::{
     ApiError, AppState, DialogueHeaders, InMessage, SamplingFields, finish_reason, native::sse_from_task,
-    to_proto_messages,
+    to_proto_messages, tools::calls_json as tool_calls_json,
 };
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +26,8 @@ pub struct CompletionRequest {
     n: Option<u32>,
     #[serde(flatten)]
     sampling: SamplingFields,
+    #[serde(flatten)]
+    tools: crate::tools::ToolFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +52,7 @@ pub async fn chat_completions(
     let messages = to_proto_messages(
         body.messages.ok_or_else(|| ApiError::bad_request("messages is required", Some("messages")))?,
     )?;
+    let (tools, plugins) = body.tools.to_proto()?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = ChatRequest {
         request_id: id.clone(),
@@ -60,6 +63,8 @@ pub async fn chat_completions(
         messages,
         sampling: Some(body.sampling.to_proto()?),
         plugin: None,
+        tools,
+        plugins,
     };
     let mut turn = state.start_turn(request).await?;
     let created = unix_now();
@@ -74,7 +79,7 @@ pub async fn chat_completions(
             "model": answer.started.model,
             "choices": [{
                 "index": 0,
-                "message": { "role": "assistant", "content": message.content },
+                "message": message_json(&message),
                 "finish_reason": finish_reason(answer.finished.finish_reason),
                 "logprobs": null,
             }],
@@ -121,6 +126,12 @@ pub async fn chat_completions(
                     }
                 }
                 Some(chat_event::Event::Finished(f)) => {
+                    let calls = f.message.as_ref().map(|m| m.tool_calls.as_slice()).unwrap_or_default();
+                    if !calls.is_empty()
+                        && !send(chunk(json!({ "tool_calls": tool_calls_json(calls, true) }), None)).await
+                    {
+                        return;
+                    }
                     send(chunk(json!({}), Some(finish_reason(f.finish_reason)))).await;
                     if include_usage {
                         let usage = f.usage.unwrap_or_default();
@@ -131,7 +142,8 @@ pub async fn chat_completions(
                     }
                     break;
                 }
-                Some(chat_event::Event::Started(_)) | None => {}
+                // Plugins the server ran are not the client's calls: OpenAI's shapes have no place for them.
+                Some(chat_event::Event::Started(_) | chat_event::Event::ToolResult(_)) | None => {}
             }
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
@@ -139,6 +151,15 @@ pub async fn chat_completions(
     let mut response = events.into_response();
     session_header(&mut response, &session_id);
     Ok(response)
+}
+
+/// The answer as OpenAI's `message`: `content` is null when the answer is only calls.
+fn message_json(message: &moltbot_proto::common::v1::ChatMessage) -> serde_json::Value {
+    if message.tool_calls.is_empty() {
+        return json!({ "role": "assistant", "content": message.content });
+    }
+    let content = (!message.content.is_empty()).then_some(&message.content);
+    json!({ "role": "assistant", "content": content, "tool_calls": tool_calls_json(&message.tool_calls, false) })
 }
 
 fn session_header(response: &mut Response, session_id: &str) {

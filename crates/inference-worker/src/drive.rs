@@ -54,10 +54,11 @@ fn error(code: ErrorCode, message: impl Into<String>) -> GenerateEvent {
 
 /// Translates a wire request into an engine request, applying the worker's defaults and caps.
 pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<GenerationRequest, String> {
-    let prompt = match request.input {
-        Some(Input::Prompt(text)) => Prompt::Text(text),
+    let (prompt, tools) = match request.input {
+        Some(Input::Prompt(text)) => (Prompt::Text(text), None),
         Some(Input::Chat(chat)) => {
-            Prompt::Chat(chat.messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect())
+            let tools = chat.tools.map(engine_tools).transpose()?;
+            (Prompt::Chat(chat.messages.into_iter().map(engine_message).collect()), tools)
         }
         None => return Err("the request has no input".into()),
     };
@@ -80,7 +81,41 @@ pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<G
         stop: s.stop,
         constraint,
     };
-    Ok(GenerationRequest { prompt, sampling })
+    Ok(GenerationRequest { tools, ..GenerationRequest::new(prompt, sampling) })
+}
+
+fn engine_message(m: moltbot_proto::common::v1::ChatMessage) -> ChatMessage {
+    let tool_calls = m
+        .tool_calls
+        .into_iter()
+        .map(|c| moltbot_engine::ToolCall { id: c.id, name: c.name, arguments: c.arguments_json })
+        .collect();
+    ChatMessage { tool_calls, tool_call_id: m.tool_call_id, name: m.name, ..ChatMessage::new(m.role, m.content) }
+}
+
+fn engine_tools(t: moltbot_proto::common::v1::Tools) -> Result<moltbot_engine::Tools, String> {
+    use moltbot_engine::{Tool, ToolChoice};
+    use moltbot_proto::common::v1::tool_choice::Mode;
+    let tools = t
+        .tools
+        .into_iter()
+        .map(|tool| {
+            let parameters = match tool.parameters_json.trim() {
+                "" => serde_json::Value::Null,
+                json => serde_json::from_str(json)
+                    .map_err(|e| format!("tool `{}`: parameters are not JSON: {e}", tool.name))?,
+            };
+            Ok(Tool { name: tool.name, description: tool.description, parameters })
+        })
+        .collect::<Result<_, String>>()?;
+    let choice = t.choice.unwrap_or_default();
+    let choice = match choice.mode() {
+        Mode::Auto => ToolChoice::Auto,
+        Mode::None => ToolChoice::None,
+        Mode::Required => ToolChoice::Required,
+        Mode::Function => ToolChoice::Function(choice.function),
+    };
+    Ok(moltbot_engine::Tools { tools, choice, parallel: !t.single_call })
 }
 
 /// Generates `request` and sends its events to `out` until it finishes, fails, passes `deadline_ms` (0: none),
@@ -161,22 +196,32 @@ pub async fn drive(
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.tick().await;
+    let mut tool_calls = vec![];
     loop {
         let (next, last) = tokio::select! {
             e = generation.next() => match e {
                 Some(GenerationEvent::Token { text, id }) => (event(Event::Token(Token { text, token_id: id })), false),
+                Some(GenerationEvent::ToolCalls(calls)) => {
+                    tool_calls = calls
+                        .into_iter()
+                        .map(|c| moltbot_proto::common::v1::ToolCall { id: c.id, name: c.name, arguments_json: c.arguments })
+                        .collect();
+                    continue;
+                }
                 Some(GenerationEvent::Finished { reason, usage }) => {
                     let finish_reason = match reason {
                         moltbot_engine::FinishReason::Stop => FinishReason::Stop,
                         moltbot_engine::FinishReason::Length => FinishReason::Length,
                         moltbot_engine::FinishReason::Cancelled => FinishReason::Cancelled,
+                        moltbot_engine::FinishReason::ToolCalls => FinishReason::ToolCalls,
                     };
                     let usage = Usage {
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
                         cached_tokens: usage.cached_tokens,
                     };
-                    (event(Event::Finished(Finished { finish_reason: finish_reason.into(), usage: Some(usage) })), true)
+                    let tool_calls = std::mem::take(&mut tool_calls);
+                    (event(Event::Finished(Finished { finish_reason: finish_reason.into(), usage: Some(usage), tool_calls })), true)
                 }
                 Some(GenerationEvent::Failed(message)) => (error(ErrorCode::Internal, message), true),
                 None => (error(ErrorCode::Internal, "the engine stopped"), true),

@@ -332,7 +332,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         ..EngineConfig::new(model_path)
     };
     let engine = Engine::load(config)?;
-    engine.submit(GenerationRequest { prompt: Prompt::Text("Hi".into()), sampling: greedy(2) })?.collect().await?;
+    engine.submit(GenerationRequest::new(Prompt::Text("Hi".into()), greedy(2)))?.collect().await?;
     let repeat = args.repeat.max(1);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -357,8 +357,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         let mut prompt_tokens = 0;
         for _ in 0..repeat {
             let start = Instant::now();
-            let mut g =
-                engine.submit(GenerationRequest { prompt: Prompt::Text(prompt.clone()), sampling: greedy(1) })?;
+            let mut g = engine.submit(GenerationRequest::new(Prompt::Text(prompt.clone()), greedy(1)))?;
             prompt_tokens = g.prompt_tokens;
             while let Some(event) = g.next().await {
                 if matches!(event, GenerationEvent::Finished { .. } | GenerationEvent::Failed(_)) {
@@ -382,10 +381,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         for _ in 0..repeat {
             let runs: Vec<_> = (0..n)
                 .map(|i| {
-                    let r = GenerationRequest {
-                        prompt: Prompt::Text(format!("Story number {i}:")),
-                        sampling: greedy(args.tokens),
-                    };
+                    let r = GenerationRequest::new(Prompt::Text(format!("Story number {i}:")), greedy(args.tokens));
                     engine.submit(r)
                 })
                 .collect::<Result<_, _>>()?;
@@ -399,7 +395,7 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
                             tokens += 1;
                         }
                         GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
-                        GenerationEvent::Token { .. } => {}
+                        GenerationEvent::Token { .. } | GenerationEvent::ToolCalls(_) => {}
                     }
                 }
             }
@@ -443,7 +439,7 @@ async fn constrained_decode(engine: &Engine, tokens: u32, repeat: usize) -> anyh
             let prompt =
                 Prompt::Chat(vec![moltbot_engine::ChatMessage::new("user", "List cities of the world as JSON.")]);
             let sampling = SamplingParams { constraint: constraint.clone(), ..greedy(tokens) };
-            let mut g = engine.submit(GenerationRequest { prompt, sampling })?;
+            let mut g = engine.submit(GenerationRequest::new(prompt, sampling))?;
             let (mut first, mut count) = (None, 0u32);
             while let Some(event) = g.next().await {
                 match event {
@@ -452,7 +448,7 @@ async fn constrained_decode(engine: &Engine, tokens: u32, repeat: usize) -> anyh
                         count += 1;
                     }
                     GenerationEvent::Finished { .. } | GenerationEvent::Failed(_) => break,
-                    GenerationEvent::Token { .. } => {}
+                    GenerationEvent::Token { .. } | GenerationEvent::ToolCalls(_) => {}
                 }
             }
             let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64()).max(1e-9);
@@ -481,16 +477,12 @@ async fn follow_up(model_path: &std::path::Path, ids: &[u32], repeat: usize) -> 
     let mut medians = vec![];
     for depth in [64, 1024] {
         let prefix = engine.tokenizer().decode(&ids[..depth], false)?;
-        engine
-            .submit(GenerationRequest { prompt: Prompt::Text(prefix.clone()), sampling: greedy(1) })?
-            .collect()
-            .await?;
+        engine.submit(GenerationRequest::new(Prompt::Text(prefix.clone()), greedy(1)))?.collect().await?;
         let (mut secs, mut cached) = (vec![], 0);
         for r in 0..repeat.min(others.len() / 32) {
             let new = engine.tokenizer().decode(&others[r * 32..(r + 1) * 32], false)?;
             let start = Instant::now();
-            let g = engine
-                .submit(GenerationRequest { prompt: Prompt::Text(prefix.clone() + &new), sampling: greedy(1) })?;
+            let g = engine.submit(GenerationRequest::new(Prompt::Text(prefix.clone() + &new), greedy(1)))?;
             let (_, _, usage) = g.collect().await?;
             secs.push(start.elapsed().as_secs_f64());
             cached = usage.cached_tokens;
@@ -515,7 +507,7 @@ async fn ttft_under_load(engine: &Engine, prompt: &[u32], args: &Args) -> anyhow
     let busy = args.concurrency.saturating_sub(1).max(1);
     let mut load: Vec<_> = (0..busy)
         .map(|i| {
-            let r = GenerationRequest { prompt: Prompt::Text(format!("Tale {i}:")), sampling: greedy(args.tokens * 4) };
+            let r = GenerationRequest::new(Prompt::Text(format!("Tale {i}:")), greedy(args.tokens * 4));
             engine.submit(r)
         })
         .collect::<Result<_, _>>()?;
@@ -524,7 +516,7 @@ async fn ttft_under_load(engine: &Engine, prompt: &[u32], args: &Args) -> anyhow
     }
     let prompt = engine.tokenizer().decode(prompt, false)?;
     let start = Instant::now();
-    let mut g = engine.submit(GenerationRequest { prompt: Prompt::Text(prompt), sampling: greedy(1) })?;
+    let mut g = engine.submit(GenerationRequest::new(Prompt::Text(prompt), greedy(1)))?;
     let prompt_tokens = g.prompt_tokens;
     g.next().await;
     let ttft = start.elapsed().as_secs_f64();

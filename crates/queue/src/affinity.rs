@@ -139,6 +139,7 @@ mod tests {
                         ..Default::default()
                     })
                     .collect(),
+                tools: None,
             })),
             ..Default::default()
         }
