@@ -731,7 +731,12 @@ async fn twice_the_capacity_for_a_minute_is_shed_with_429_and_no_5xx() {
 async fn the_seeds_weather_plugin_is_called_through_the_api_and_recorded_in_the_session() {
     let plugins =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/plugin/python/examples/moltbot_plugins");
-    let (moltbot, http, _dir) = embedded(|c| c.plugins.dir = plugins).await;
+    // A tool call takes about 30 tokens.
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.plugins.dir = plugins;
+        c.model_provider.max_tokens = 48;
+    })
+    .await;
     let (status, listed) = http.get("/api/plugins").await;
     assert_eq!(status, 200, "{listed}");
     let names: Vec<&str> = listed["data"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
@@ -788,5 +793,55 @@ async fn the_seeds_weather_plugin_is_called_through_the_api_and_recorded_in_the_
     assert_eq!(http.call("POST", "/api/chat", &alice, Some(&bad)).await.0, 404);
     let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &alice, None).await;
     assert_eq!(stored["messages"].as_array().unwrap().len(), 6, "{stored}");
+
+    // The model calls the plugin itself (`plugins`, and tool_choice naming it): the server runs the call, the model
+    // goes on with the result in view (calling again at most plugins.max_rounds times), and the turn stores the
+    // question, every call with its result, and the answer.
+    let forced = serde_json::json!({
+        "message": "How warm is it in Oslo?", "session_id": id, "max_tokens": 40, "temperature": 0,
+        "plugins": ["weather"], "tool_choice": { "type": "function", "function": { "name": "weather" } },
+    });
+    let (status, answered) = http.call("POST", "/api/chat", &alice, Some(&forced.to_string())).await;
+    assert_eq!(status, 200, "{answered}");
+    let results = answered["tool_results"].as_array().unwrap();
+    assert!((1..=3).contains(&results.len()), "{answered}");
+    let first = &results[0];
+    assert_eq!(
+        (first["tool_call"]["function"]["name"].as_str(), first["failed"].as_bool()),
+        (Some("weather"), Some(false))
+    );
+    let arguments: serde_json::Value =
+        serde_json::from_str(first["tool_call"]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["location"].is_string(), "the forced call follows the plugin's schema: {arguments}");
+    assert!(first["content"].as_str().unwrap().contains("sunny"), "{first}");
+    assert!(answered["message"]["tool_calls"].is_null(), "the turn ends in text: {answered}");
+    let (_, stored) = http.call("GET", &format!("/api/sessions/{id}"), &alice, None).await;
+    let turn: Vec<&serde_json::Value> = stored["messages"].as_array().unwrap()[6..].iter().collect();
+    assert_eq!(turn.len(), 2 + 2 * results.len(), "{stored}");
+    assert_eq!(turn[0]["role"], "user");
+    assert_eq!(turn[1]["tool_calls"][0]["id"], first["tool_call"]["id"], "{stored}");
+    assert_eq!((turn[2]["role"].as_str(), &turn[2]["tool_call_id"]), (Some("tool"), &first["tool_call"]["id"]));
+    assert!(turn.last().unwrap()["tool_calls"].is_null() && turn.last().unwrap()["role"] == "assistant", "{stored}");
+
+    // Streamed, single-turn: the plugin's run is an event of its own before the answer.
+    let mut streamed = forced.clone();
+    streamed["stream"] = true.into();
+    streamed.as_object_mut().unwrap().remove("session_id");
+    let body = http.stream("/api/chat", &streamed.to_string()).await.text().await.unwrap();
+    let tool = body.find("event: tool").unwrap_or_else(|| panic!("{body}"));
+    assert!(body[tool..].contains("event: done") && body[tool..].contains("sunny"), "{body}");
+
+    // Plugins the request cannot offer: an unknown one, and one whose name a client function takes too.
+    let unknown = serde_json::json!({ "message": "hi", "plugins": ["nope"] }).to_string();
+    let (status, refused) = http.call("POST", "/api/chat", &alice, Some(&unknown)).await;
+    assert_eq!(status, 400, "{refused}");
+    let clash = serde_json::json!({
+        "model": "smollm2-135m-instruct", "messages": [{ "role": "user", "content": "hi" }], "plugins": ["weather"],
+        "tools": [{ "type": "function", "function": { "name": "weather" } }],
+    })
+    .to_string();
+    let (status, refused) = http.call("POST", "/v1/chat/completions", &alice, Some(&clash)).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("weather"), "{refused}");
     moltbot.stop().await.unwrap();
 }

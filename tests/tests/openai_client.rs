@@ -6,7 +6,10 @@ use moltbot_tests::{listener, test_config};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_works_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    let moltbot = moltbot::start(test_config(dir.path()), listener().await).await.unwrap();
+    let mut config = test_config(dir.path());
+    // A tool call takes about 30 tokens.
+    config.model_provider.max_tokens = 64;
+    let moltbot = moltbot::start(config, listener().await).await.unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/openai_client.py");
     let url = format!("http://{}", moltbot.gateway_addr);
     let output = tokio::process::Command::new("python3")

@@ -105,6 +105,11 @@ impl Tools {
             };
             if let Some(o) = schema.as_object_mut() {
                 o.entry("x-guidance").or_insert_with(|| json!({ "whitespace_pattern": whitespace }));
+                // Keys the schema does not name are allowed by JSON Schema, and a small model given them invents
+                // keys until max_tokens: a call gives only the named ones unless the schema asks for more.
+                if o.contains_key("properties") {
+                    o.entry("additionalProperties").or_insert(Value::Bool(false));
+                }
             }
             // The name is validated to letters, digits, `_` and `-`: nothing in it needs escaping.
             grammar.push_str(&format!(
