@@ -21,15 +21,15 @@ const LONG_NEXT_ANSWER: &str = "const send = window.fetch;
     };";
 const SYSTEM: &str = "You are a historian who writes at length.";
 
-/// The page's messages as `[role, phase, text]`.
+/// The page's messages as `[role, phase, text]`; an answer's text is its Markdown source.
 const MESSAGES: &str = "return [...document.querySelectorAll('.message')]
-    .map(m => [m.classList.contains('user') ? 'user' : 'assistant', m.dataset.phase, m.textContent])";
+    .map(m => [m.classList.contains('user') ? 'user' : 'assistant', m.dataset.phase, m.dataset.source])";
 
 /// The last answer's text once its phase is `phase`, else null.
 fn last_answer_when(phase: &str) -> String {
     format!(
         "const a = [...document.querySelectorAll('.message.assistant')].pop();
-         return a && a.dataset.phase === '{phase}' ? a.textContent : null"
+         return a && a.dataset.phase === '{phase}' ? a.dataset.source : null"
     )
 }
 
@@ -141,7 +141,7 @@ async fn the_chat_page_asks_for_the_key_streams_stops_remembers_and_deletes_a_co
 fn streaming_text_longer_than(chars: usize) -> String {
     format!(
         "const a = [...document.querySelectorAll('.message.assistant')].pop();
-         return a && a.dataset.phase === 'streaming' && a.textContent.length > {chars} ? a.textContent : null"
+         return a && a.dataset.phase === 'streaming' && a.dataset.source.length > {chars} ? a.dataset.source : null"
     )
 }
 
@@ -174,5 +174,69 @@ async fn the_page_comes_from_the_binary_under_a_strict_policy_and_can_be_turned_
     let moltbot = moltbot::start(config, listener().await).await.unwrap();
     let response = client.get(format!("http://{}/", moltbot.gateway_addr)).send().await.unwrap();
     assert_eq!(response.status(), 404);
+    moltbot.stop().await.unwrap();
+}
+
+/// An answer is Markdown, rendered (a code block is a code block) and sanitized (stored HTML that would run does
+/// not); a plugin call and its result show in the conversation; the ready plugins are offered in the settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_render_as_sanitized_markdown_and_tool_calls_show() {
+    let (moltbot, api, _dir) = embedded(|c| c.gateway.auth.api_keys = vec![KEY.into()]).await;
+    let bearer = format!("Bearer {KEY}");
+    let auth = [("authorization", bearer.as_str())];
+    let (status, session) =
+        api.call("POST", "/api/sessions", &auth, Some(r#"{"metadata":{"title":"Markdown"}}"#)).await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap();
+    // A turn may bring earlier messages of its own: here an answer with a code block and HTML that must not run.
+    let markdown = "Here:\n\n```rust\nfn main() {}\n```\n\n<img src=x onerror=\"window.pwned = 1\"> **bold**";
+    let turn = serde_json::json!({ "session_id": id, "max_tokens": 4, "messages": [
+        { "role": "user", "content": "Show me code." },
+        { "role": "assistant", "content": markdown },
+        { "role": "user", "content": "Thanks." },
+    ]});
+    let (status, answer) = api.call("POST", "/api/chat", &auth, Some(&turn.to_string())).await;
+    assert_eq!(status, 200, "{answer}");
+    let call = serde_json::json!({ "arguments": { "expression": "6 * 7" }, "session_id": id }).to_string();
+    let (status, called) = api.call("POST", "/api/plugins/calculator/execute", &auth, Some(&call)).await;
+    assert_eq!(status, 200, "{called}");
+
+    let browser = Browser::start().await;
+    browser.page.goto(&format!("http://{}/", moltbot.gateway_addr)).await.expect("the page loads");
+    let key = format!("localStorage.setItem('moltbot.api_key', '{KEY}')");
+    browser.page.execute(&key, vec![]).await.unwrap();
+    browser.page.refresh().await.unwrap();
+    browser.until(10, "the conversation list", "return document.querySelector('.conversation .open')").await;
+    browser.page.find(Locator::Css(".conversation .open")).await.unwrap().click().await.unwrap();
+    let code = browser
+        .until(
+            10,
+            "the rendered code block",
+            "return document.querySelector('.message.assistant pre code')?.textContent",
+        )
+        .await;
+    assert_eq!(code, "fn main() {}\n");
+    let page = browser
+        .page
+        .execute(
+            "return { bold: document.querySelector('.message.assistant strong')?.textContent,
+                      handlers: document.querySelectorAll('#messages [onerror]').length,
+                      pwned: window.pwned ?? null,
+                      tool: document.querySelector('.tool')?.dataset.name,
+                      call: document.querySelector('.tool summary')?.textContent,
+                      result: document.querySelector('.tool pre')?.textContent,
+                      plugins: [...document.querySelectorAll('#plugins input')].map(b => b.value) }",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(page["bold"], "bold", "{page}");
+    assert_eq!((page["handlers"].as_u64(), &page["pwned"]), (Some(0), &Value::Null), "sanitized: {page}");
+    assert_eq!(page["tool"], "calculator", "{page}");
+    assert!(page["call"].as_str().unwrap().contains("6 * 7"), "{page}");
+    assert!(page["result"].as_str().unwrap().contains("42"), "{page}");
+    let plugins: Vec<&str> = page["plugins"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(plugins, ["calculator", "datetime"], "{page}");
+    browser.close().await;
     moltbot.stop().await.unwrap();
 }

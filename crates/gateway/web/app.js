@@ -1,17 +1,23 @@
 "use strict";
 // MoltBot's chat page. It is a client of the public API like any other: it lists the caller's sessions
 // (/api/sessions), streams answers from /api/chat over server-sent events, and stops an answer by closing the
-// request, which cancels the generation on the server. Text is only ever set as text, never parsed as HTML.
+// request, which cancels the generation on the server. A user's text is only ever set as text; an answer is
+// Markdown, rendered by marked and then sanitized by DOMPurify (both vendored under /assets) before it becomes HTML.
+// The plugins the user lets the model call (Settings) go with each message; their calls and results show in the
+// conversation.
 
 const $ = (id) => document.getElementById(id);
 const KEY = "moltbot.api_key";
 const SETTINGS = "moltbot.settings";
 const TITLE_CHARS = 60;
 
+marked.setOptions({ gfm: true, breaks: true });
+
 const state = {
   key: localStorage.getItem(KEY) || "",
   session: null, // the open conversation's id; null for a new chat not yet sent
   controller: null, // aborts the answer being streamed
+  plugins: new Set(), // the plugins the model may call
 };
 
 class ApiError extends Error {
@@ -73,6 +79,7 @@ $("key-form").addEventListener("submit", (event) => {
   }
   setStatus("");
   loadConversations();
+  loadPlugins();
 });
 $("key-button").addEventListener("click", () => askForKey());
 
@@ -82,11 +89,39 @@ function restoreSettings() {
   const saved = JSON.parse(localStorage.getItem(SETTINGS) || "{}");
   $("temperature").value = saved.temperature ?? "";
   $("system-prompt").value = saved.systemPrompt ?? "";
+  state.plugins = new Set(saved.plugins ?? []);
 }
 
 function saveSettings() {
-  const settings = { temperature: $("temperature").value, systemPrompt: $("system-prompt").value };
+  const plugins = [...document.querySelectorAll("#plugins input:checked")].map((box) => box.value);
+  state.plugins = new Set(plugins);
+  const settings = { temperature: $("temperature").value, systemPrompt: $("system-prompt").value, plugins };
   localStorage.setItem(SETTINGS, JSON.stringify(settings));
+}
+
+/** The server's ready plugins, each a box: checked ones the model may call. */
+async function loadPlugins() {
+  let list;
+  try {
+    list = await api("GET", "/api/plugins");
+  } catch {
+    return; // the conversation list reports what is wrong (a missing key)
+  }
+  const boxes = list.data
+    .filter((p) => p.state === "ready")
+    .map((p) => {
+      const label = document.createElement("label");
+      label.className = "plugin";
+      label.title = p.description || "";
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.value = p.name;
+      box.checked = state.plugins.has(p.name);
+      box.addEventListener("change", saveSettings);
+      label.append(box, ` ${p.name}`);
+      return label;
+    });
+  $("plugins").replaceChildren(...boxes);
 }
 
 $("temperature").addEventListener("change", saveSettings);
@@ -141,8 +176,11 @@ async function openConversation(id) {
     const session = await api("GET", `/api/sessions/${encodeURIComponent(id)}?limit=1000`);
     state.session = session.id;
     $("messages").replaceChildren();
+    const calls = new Map(); // tool call id → the call's bubble, which its result joins
     for (const m of session.messages) {
-      if (m.role === "user" || m.role === "assistant") addBubble(m.role, m.content, "done");
+      if (m.role === "user" || (m.role === "assistant" && m.content)) addBubble(m.role, m.content, "done");
+      for (const call of m.tool_calls ?? []) calls.set(call.id, addToolCall(call));
+      if (m.role === "tool") showToolResult(calls.get(m.tool_call_id) ?? addToolCall({ function: { name: m.name } }), m.content);
     }
     setStatus("");
     markActive();
@@ -178,10 +216,51 @@ function addBubble(role, text, phase) {
   const bubble = document.createElement("div");
   bubble.className = `message ${role}`;
   bubble.dataset.phase = phase; // streaming | done | stopped | failed
-  bubble.textContent = text;
+  setText(bubble, text);
   $("messages").append(bubble);
   bubble.scrollIntoView({ block: "end" });
   return bubble;
+}
+
+/** Sets a message's text (kept as `data-source`): a user's as text, an answer as sanitized Markdown. */
+function setText(bubble, text) {
+  bubble.dataset.source = text;
+  if (!bubble.classList.contains("assistant")) {
+    bubble.textContent = text;
+    return;
+  }
+  // While an answer streams, it is rendered at most once a frame.
+  if (bubble.dataset.pending) return;
+  bubble.dataset.pending = "1";
+  requestAnimationFrame(() => {
+    delete bubble.dataset.pending;
+    bubble.innerHTML = DOMPurify.sanitize(marked.parse(bubble.dataset.source));
+  });
+}
+
+/** A tool call: the function and its arguments, and (once it is back) its result, folded. */
+function addToolCall(call, before) {
+  const box = document.createElement("details");
+  box.className = "tool";
+  const summary = document.createElement("summary");
+  const name = call.function?.name || "tool";
+  summary.textContent = `Called ${name}(${call.function?.arguments ?? ""})`;
+  box.dataset.name = name;
+  box.append(summary);
+  $("messages").insertBefore(box, before ?? null);
+  return box;
+}
+
+function showToolResult(box, content, failed = false) {
+  const result = document.createElement("pre");
+  let shown = content;
+  try {
+    shown = JSON.stringify(JSON.parse(content), null, 2);
+  } catch {}
+  result.textContent = shown;
+  box.dataset.result = content;
+  box.classList.toggle("failed", failed || /"code":\s*"plugin_|"code":\s*"invalid_arguments"/.test(content));
+  box.append(result);
 }
 
 function setBusy(busy) {
@@ -219,6 +298,7 @@ async function send(text) {
   state.controller = new AbortController();
   const question = addBubble("user", text, "done");
   const answer = addBubble("assistant", "", "streaming");
+  let calledTools = false;
   try {
     if (!state.session) {
       // Cut by code points, never inside a UTF-16 surrogate pair (a lone half is not valid text).
@@ -230,6 +310,7 @@ async function send(text) {
       loadConversations();
     }
     const body = { session_id: state.session, message: text, stream: true };
+    if (state.plugins.size) body.plugins = [...state.plugins];
     // Empty means the server's default; anything else the server checks (and names in a 400 when wrong).
     if ($("temperature").value !== "") body.temperature = Number($("temperature").value);
     const response = await fetch("/api/chat", {
@@ -241,10 +322,15 @@ async function send(text) {
     if (!response.ok) throw await errorOf(response);
     for await (const { event, data } of serverEvents(response)) {
       if (event === "delta") {
-        answer.textContent += data.text;
+        setText(answer, answer.dataset.source + data.text);
         answer.scrollIntoView({ block: "end" });
+      } else if (event === "tool") {
+        // The model called a plugin: the text so far (if any) stays as it was, the call and its result follow.
+        calledTools = true;
+        const call = addToolCall(data.tool_call, answer);
+        showToolResult(call, data.content, data.failed);
       } else if (event === "done") {
-        answer.textContent = data.message.content;
+        setText(answer, data.message.content);
         answer.dataset.phase = "done";
         answer.dataset.finishReason = data.finish_reason;
         if (data.finish_reason === "length") setStatus("The answer reached the length limit.");
@@ -257,7 +343,7 @@ async function send(text) {
     const stopped = error.name === "AbortError";
     answer.dataset.phase = stopped ? "stopped" : "failed";
     // An answer that ends before its first word is not kept by the server either: take the question back.
-    if (!answer.textContent) {
+    if (!answer.dataset.source && !calledTools) {
       question.remove();
       answer.remove();
       $("input").value = text;
@@ -289,4 +375,5 @@ $("new-chat").addEventListener("click", newChat);
 
 restoreSettings();
 loadConversations();
+loadPlugins();
 $("input").focus();
