@@ -16,9 +16,13 @@ pub struct Args {
     /// Continue this session instead of starting one.
     #[arg(long)]
     session: Option<String>,
+    /// Plugins the model may call, separated by commas (also `/use` in the chat); the server runs the calls and
+    /// each is shown with its result.
+    #[arg(long, value_delimiter = ',')]
+    plugins: Vec<String>,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let mut session = args.session.clone();
     // Lines come from a plain thread: a blocked terminal read must not hold up the runtime.
@@ -63,6 +67,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
             "/plugins" => plugins(&client, &args).await,
+            "/use" => {
+                args.plugins = rest.split([',', ' ']).filter(|p| !p.is_empty()).map(str::to_owned).collect();
+                match args.plugins.is_empty() {
+                    true => eprintln!("(the model calls no plugins)"),
+                    false => eprintln!("(the model may call {})", args.plugins.join(", ")),
+                }
+                continue;
+            }
             "/run" => run_plugin(&client, &args, session.as_deref(), rest.trim()).await,
             unknown if unknown.starts_with('/') => {
                 eprintln!(
@@ -87,6 +99,7 @@ const HELP: &str = "\
 /new                  start a new conversation
 /plugins              the plugins and their parameters
 /run NAME {JSON}      run a plugin with these arguments (recorded in the conversation)
+/use NAME,...         let the model call these plugins (/use alone: none)
 /quit                 leave (also Ctrl-D)
 Ctrl-C stops the answer being written; anything else is sent to the model.";
 
@@ -149,7 +162,7 @@ async fn turn(
     message: &str,
 ) -> anyhow::Result<Option<String>> {
     let request = request(client, args, reqwest::Method::POST, "/api/chat")
-        .json(&serde_json::json!({ "message": message.trim(), "stream": true }));
+        .json(&serde_json::json!({ "message": message.trim(), "stream": true, "plugins": args.plugins }));
     let request = match session {
         Some(id) => request.header("x-session-id", id),
         None => request.header("x-dialogue-mode", "multi"),
@@ -180,6 +193,18 @@ async fn turn(
                 "delta" => {
                     write!(out, "{}", value["text"].as_str().unwrap_or_default())?;
                     out.flush()?;
+                }
+                "tool" => {
+                    // A plugin the model called, on a line of its own: the call, then what it gave back.
+                    let function = &value["tool_call"]["function"];
+                    let name = function["name"].as_str().unwrap_or_default();
+                    let arguments = function["arguments"].as_str().unwrap_or_default();
+                    let outcome = if value["failed"] == true { "failed" } else { "returned" };
+                    writeln!(
+                        out,
+                        "\n[{name}({arguments}) {outcome} {}]",
+                        value["content"].as_str().unwrap_or_default()
+                    )?;
                 }
                 "error" => anyhow::bail!("{}", value["error"]["message"].as_str().unwrap_or("the answer failed")),
                 _ => {}

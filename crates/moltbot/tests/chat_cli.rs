@@ -23,7 +23,7 @@ async fn chat_streams_answers_and_keeps_the_conversation() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let input = "/help\nWhat is 2+2?\n/plugins\n/run calculator {\"expression\": \"6*7\"}\n/bogus\nAnd 3+3?\n/quit\n";
+    let input = "/help\nWhat is 2+2?\n/plugins\n/run calculator {\"expression\": \"6*7\"}\n/bogus\nAnd 3+3?\n/use nope\nOne more?\n/quit\n";
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
@@ -31,7 +31,10 @@ async fn chat_streams_answers_and_keeps_the_conversation() {
     let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 3, "two answers and a tool result: {stdout}\n{stderr}");
     assert!(lines.iter().any(|l| l.starts_with("[tool result]") && l.contains("42")), "{stdout}");
-    assert!(!stderr.contains("error"), "{stderr}");
+    // The plugins `/use` names go with the next message: one the server does not have is refused, storing nothing.
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert!(errors.len() == 1 && errors[0].contains("no plugin is called `nope`"), "{stderr}");
+    assert!(stderr.contains("(the model may call nope)"), "{stderr}");
     // The commands were answered here, not sent to the model.
     for shown in ["/run NAME {JSON}", "calculator(expression)", "[tool call] calculator", "/bogus is not a command"] {
         assert!(stderr.contains(shown), "`{shown}` missing: {stderr}");
