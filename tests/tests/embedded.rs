@@ -845,3 +845,59 @@ async fn the_seeds_weather_plugin_is_called_through_the_api_and_recorded_in_the_
     assert!(refused["error"]["message"].as_str().unwrap().contains("weather"), "{refused}");
     moltbot.stop().await.unwrap();
 }
+
+/// Plugins the model calls that crash or hang: each call ends as a tool error the model sees (and the client, as a
+/// failed tool result), the turn still answers, and the crashed plugin is back for the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_the_model_calls_that_crashes_or_hangs_is_a_tool_error_and_the_turn_goes_on() {
+    let plugins = tempfile::tempdir().unwrap();
+    // Each fails on its first call only (a file marks it), so the next call shows it is back.
+    let fragile = |name: &str, action: &str| {
+        format!(
+            r#"import asyncio, os
+from moltbot.core import PluginBase
+
+class Fragile(PluginBase):
+    def get_plugin_info(self):
+        return {{"name": "{name}", "version": "1", "description": "fails the first time",
+                "parameters": {{"type": "object", "properties": {{"do": {{"enum": ["{action}"]}}}}, "required": ["do"]}}}}
+
+    async def execute(self, ctx):
+        marker = os.path.join(os.path.dirname(__file__), "{name}.failed")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            if ctx.get_param("do") == "crash":
+                os._exit(3)
+            await asyncio.sleep(3600)
+        return {{"pid": os.getpid()}}
+"#
+        )
+    };
+    std::fs::write(plugins.path().join("crasher.py"), fragile("crasher", "crash")).unwrap();
+    std::fs::write(plugins.path().join("sleeper.py"), fragile("sleeper", "hang")).unwrap();
+    std::fs::write(plugins.path().join("sleeper.yaml"), "module: sleeper\ntimeout_ms: 1500\n").unwrap();
+    let (moltbot, http, _dir) = embedded(|c| {
+        c.plugins.dir = plugins.path().to_owned();
+        c.plugins.max_rounds = 1;
+        c.model_provider.max_tokens = 48;
+    })
+    .await;
+    for (plugin, action, code) in [("crasher", "crash", "plugin_crashed"), ("sleeper", "hang", "plugin_timeout")] {
+        let turn = serde_json::json!({
+            "message": format!("Use {plugin}."), "max_tokens": 48, "temperature": 0,
+            "plugins": [plugin], "tool_choice": "required",
+        });
+        let (status, answered) = http.call("POST", "/api/chat", &[], Some(&turn.to_string())).await;
+        assert_eq!(status, 200, "{plugin}: the turn answers: {answered}");
+        let failure = &answered["tool_results"][0];
+        assert_eq!(failure["tool_call"]["function"]["name"], plugin, "{answered}");
+        assert_eq!(failure["failed"], true, "{answered}");
+        assert!(failure["content"].as_str().unwrap().contains(code), "{failure}");
+        // Back (restarted, or beside the hung call) for the next call.
+        let call = format!(r#"{{"arguments":{{"do":"{action}"}}}}"#);
+        let (status, again) = http.call("POST", &format!("/api/plugins/{plugin}/execute"), &[], Some(&call)).await;
+        assert_eq!(status, 200, "{plugin}: {again}");
+        assert!(again["result"]["pid"].is_u64(), "{again}");
+    }
+    moltbot.stop().await.unwrap();
+}
