@@ -109,19 +109,31 @@ pub(crate) struct Guide {
     matcher: Matcher,
 }
 
+/// The tokens a grammar allows next.
+pub(crate) struct Mask(toktrie::SimpleVob);
+
 impl Guide {
-    /// Sets every token the grammar does not allow next to −∞; once the output is complete, only end-of-text.
-    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+    /// The tokens the grammar allows next; once the output is complete, only end-of-text. It depends on the
+    /// tokens so far only, so the scheduler computes it while the forward pass computes the logits.
+    pub(crate) fn mask(&mut self) -> Result<Mask> {
         let allowed =
             self.matcher.compute_mask_or_eos().map_err(|e| Error::Internal(format!("constrained decoding: {e}")))?;
+        Ok(Mask(allowed))
+    }
+}
+
+impl Mask {
+    /// Sets every token the mask does not allow to −∞.
+    pub(crate) fn apply(&self, logits: &mut [f32]) {
         for (id, logit) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(id as u32) {
+            if !self.0.is_allowed(id as u32) {
                 *logit = f32::NEG_INFINITY;
             }
         }
-        Ok(())
     }
+}
 
+impl Guide {
     /// The sampled token, as the grammar's next.
     pub(crate) fn advance(&mut self, token: u32) -> Result<()> {
         self.matcher.consume_token(token).map_err(|e| Error::Internal(format!("constrained decoding: {e}")))

@@ -809,6 +809,7 @@ impl Compute {
         let fed_tokens: usize = take.iter().sum();
         let started = std::time::Instant::now();
         let mut fed = vec![];
+        let mut guides = vec![];
         let mut steps: Vec<Step<'_>> = running
             .iter_mut()
             .zip(&take)
@@ -818,10 +819,25 @@ impl Compute {
                 let start = a.cache.len();
                 let logits = start + n == a.tokens.len();
                 fed.push((i, logits));
+                if let Some(guide) = a.guide.as_mut().filter(|_| logits) {
+                    guides.push((i, guide));
+                }
                 Step { tokens: &a.tokens[start..start + n], cache: &mut a.cache, logits }
             })
             .collect();
-        let logits = self.model.forward(&mut self.pool, &mut steps)?;
+        // The grammars' masks (they depend on the tokens so far, not on the logits) are computed on the engine's
+        // pool while the forward pass runs there, each sequence's apart: a constrained sequence does not hold up
+        // the batch by its mask's cost.
+        let model = &self.model;
+        let pool = &mut self.pool;
+        let (logits, masks) = rayon::join(
+            || model.forward(pool, &mut steps),
+            || {
+                use rayon::prelude::*;
+                guides.par_iter_mut().map(|(i, guide)| guide.mask().map(|m| (*i, m))).collect::<Result<Vec<_>>>()
+            },
+        );
+        let (logits, mut masks) = (logits?, masks?);
         drop(steps);
         for &(i, _) in &fed {
             let a = &mut running[i];
@@ -835,7 +851,8 @@ impl Compute {
                 continue;
             }
             let mut row = logits.next().expect("one logits row per sequence that asked");
-            if let Some(reason) = self.advance(&mut running[i], &mut row)? {
+            let mask = masks.iter().position(|(m, _)| *m == i).map(|at| masks.swap_remove(at).1);
+            if let Some(reason) = self.advance(&mut running[i], &mut row, mask)? {
                 finished.push((i, reason));
             }
         }
@@ -856,8 +873,14 @@ impl Compute {
         Ok(())
     }
 
-    /// Samples the next token of `a`; returns why it finished, if it did.
-    fn advance(&self, a: &mut Active, logits: &mut [f32]) -> Result<Option<FinishReason>> {
+    /// Samples the next token of `a` (within its grammar's `mask`, when it has one); returns why it finished, if
+    /// it did.
+    fn advance(
+        &self,
+        a: &mut Active,
+        logits: &mut [f32],
+        mask: Option<crate::constraint::Mask>,
+    ) -> Result<Option<FinishReason>> {
         // A grammar decides when constrained output ends: holding end-of-text back after a complete document would
         // leave no token to choose.
         if a.generated() < a.min_new && a.guide.is_none() {
@@ -868,8 +891,8 @@ impl Compute {
                 }
             }
         }
-        if let Some(guide) = &mut a.guide {
-            guide.mask(logits)?;
+        if let Some(mask) = mask {
+            mask.apply(logits);
         }
         let next = a.sampler.sample(logits, &a.tokens)?;
         if let Some(guide) = a.guide.as_mut().filter(|_| !self.eos.contains(&next)) {
