@@ -145,7 +145,7 @@ impl Turn {
     /// `budget` is the time the caller gives the call (its gRPC deadline), if it said.
     pub async fn prepare(
         service: DialogueService,
-        request: ChatRequest,
+        mut request: ChatRequest,
         budget: Option<std::time::Duration>,
     ) -> Result<Self, Status> {
         // The caller gives up at its deadline: end a little before, so that the caller hears why.
@@ -163,6 +163,10 @@ impl Turn {
                 request.model, service.model
             )));
         }
+        // The tools are checked before anything happens (a session made, a plugin run).
+        let tools = tools(&service, request.tools.take(), &request.plugins)?;
+        // A turn whose model may call plugins adds a call and a result, at least, for each round.
+        let plugin_messages = if request.plugins.is_empty() { 0 } else { 2 * service.max_rounds as usize };
         let mode = resolve_mode(request.mode(), &request.session_id);
         let user_id = crate::user_or_anonymous(request.user_id);
         let mut sessions = service.sessions.clone();
@@ -186,7 +190,7 @@ impl Turn {
                     .await?
                     .into_inner();
                 // A full session refuses the turn now, not after the answer was generated for nothing.
-                let after = session.message_count as usize + request.messages.len() + 1;
+                let after = session.message_count as usize + request.messages.len() + 1 + plugin_messages;
                 if session.message_limit > 0 && after > session.message_limit as usize {
                     return Err(Status::failed_precondition(format!(
                         "session {} is full: this turn would take it to {after} messages, past the {} this server \
@@ -232,7 +236,6 @@ impl Turn {
         let history = within_window(history, &new_messages, service.context_window);
         let prompt = history.into_iter().chain(new_messages.iter().cloned()).collect();
         let plugins = request.plugins;
-        let tools = tools(&service, request.tools, &plugins)?;
         Ok(Self {
             service,
             request_id,
@@ -266,20 +269,25 @@ impl Turn {
         };
         let mut total = Usage::default();
         let mut round = 0;
+        // Every job of the turn has an attempt number of its own: the queue tells jobs apart by request id and
+        // attempt (JetStream drops a repeated one as a duplicate), and later rounds are new jobs.
+        let mut attempt = 0;
         loop {
             let tools = self.tools_for(round, round >= self.service.max_rounds);
-            let generated = match self.round(out, tools, round == 0).await? {
+            let generated = match self.round(out, tools, round == 0, &mut attempt).await? {
                 Round::Done(generated) => generated,
                 Round::Stopped { text, message_tokens } => return self.stopped(text, &message_tokens).await,
             };
-            let Generated { text, usage, finish_reason, calls, message_tokens } = generated;
+            attempt += 1;
+            let Generated { text, usage, finish_reason, calls, mut message_tokens } = generated;
             total.prompt_tokens += usage.prompt_tokens;
             total.completion_tokens += usage.completion_tokens;
             total.cached_tokens += usage.cached_tokens;
             let (mut plugin_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) =
                 calls.into_iter().partition(|c| self.plugins.contains(&c.name));
             if plugin_calls.is_empty() {
-                return self.finish(text, client_calls, total, &message_tokens, finish_reason, &send).await;
+                let answer = Answer { text, calls: client_calls, tokens: usage.completion_tokens };
+                return self.finish(answer, total, &message_tokens, finish_reason, &send).await;
             }
             // The model's calls of plugins, and their results, join the turn; it goes on with them in view.
             for call in &mut plugin_calls {
@@ -293,7 +301,12 @@ impl Turn {
                 tool_calls: plugin_calls.clone(),
                 ..Default::default()
             };
+            // Counts of the messages this round adds, for a turn saved before a next round counts them.
+            message_tokens.push(calling.tokens);
             self.add(calling);
+            // Every call is run and answered even when the client goes away meanwhile, so the session never keeps
+            // a call without its result.
+            let mut gone = false;
             for call in plugin_calls {
                 let (answer, failed) = crate::plugins::run_for_model(
                     &self.service,
@@ -304,16 +317,18 @@ impl Turn {
                 )
                 .await;
                 let content = answer.content.clone();
+                message_tokens.push(0);
                 self.add(answer);
                 let result = ToolResult { call: Some(call), content, failed };
-                if send(chat_event::Event::ToolResult(result)).await.is_err() {
-                    return self.stopped(String::new(), &message_tokens).await;
-                }
+                gone = gone || send(chat_event::Event::ToolResult(result)).await.is_err();
+            }
+            if gone {
+                return self.stopped(String::new(), &message_tokens).await;
             }
             if !client_calls.is_empty() {
                 // Calls of the client's own functions end the turn, after the plugins' results.
-                let reason = FinishReason::ToolCalls;
-                return self.finish(String::new(), client_calls, total, &message_tokens, reason, &send).await;
+                let answer = Answer { text: String::new(), calls: client_calls, tokens: 0 };
+                return self.finish(answer, total, &message_tokens, FinishReason::ToolCalls, &send).await;
             }
             round += 1;
         }
@@ -344,13 +359,14 @@ impl Turn {
         out: &Sender<Result<ChatEvent, Status>>,
         tools: Option<Tools>,
         announce: bool,
+        attempt: &mut u32,
     ) -> Result<Round, Status> {
         let send = |event: chat_event::Event| async {
             out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
         };
         let deadline = self.deadline;
         let deadline_ms = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
-        let mut attempt = 0;
+        let (first, mut retries) = (*attempt, 0);
         let mut text = String::new();
         'attempts: loop {
             let job = InferenceJob {
@@ -361,7 +377,7 @@ impl Turn {
                     sampling: Some(self.sampling.clone()),
                 }),
                 deadline_ms,
-                attempt,
+                attempt: *attempt,
                 reply_subject: String::new(),
             };
             let mut events = self.service.queue.submit(job).await.map_err(queue_status)?;
@@ -385,9 +401,9 @@ impl Turn {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(Status::deadline_exceeded("the answer was not finished before the deadline"));
                     }
-                    if text.is_empty() && attempt < self.service.max_retries {
-                        attempt += 1;
-                        tracing::warn!(request_id = %self.request_id, attempt, "worker went silent before answering; queueing again");
+                    if text.is_empty() && retries < self.service.max_retries {
+                        (retries, *attempt) = (retries + 1, *attempt + 1);
+                        tracing::warn!(request_id = %self.request_id, attempt = *attempt, "worker went silent before answering; queueing again");
                         continue 'attempts;
                     }
                     return Err(Status::unavailable(
@@ -397,7 +413,7 @@ impl Turn {
                 let event = event.map_err(|e| Status::unavailable(e.to_string()))?.event;
                 match event {
                     Some(Event::Started(s)) => {
-                        if !started && attempt == 0 && announce {
+                        if !started && *attempt == first && announce {
                             send(chat_event::Event::Started(TurnStarted {
                                 session_id: self.session_id.clone(),
                                 mode: self.mode.into(),
@@ -440,8 +456,7 @@ impl Turn {
 
     async fn finish<F, Fut>(
         &self,
-        text: String,
-        calls: Vec<ToolCall>,
+        answer: Answer,
         usage: Usage,
         message_tokens: &[u32],
         finish_reason: FinishReason,
@@ -451,11 +466,11 @@ impl Turn {
         F: Fn(chat_event::Event) -> Fut,
         Fut: std::future::Future<Output = Result<(), Status>>,
     {
-        let mut calls = calls;
+        let Answer { text, mut calls, tokens } = answer;
         for call in &mut calls {
             call.id = crate::plugins::call_id();
         }
-        let answer = self.save(text, calls, usage.completion_tokens, message_tokens).await?;
+        let answer = self.save(Some((text, calls, tokens)), message_tokens).await?;
         let lock = self.lock.lock().ok().and_then(|mut held| held.take());
         if let Some(lock) = lock {
             lock.release().await;
@@ -476,24 +491,27 @@ impl Turn {
         if tokio::time::Instant::now() + DEADLINE_MARGIN >= self.deadline {
             return Err(Status::deadline_exceeded("the answer was not finished before the deadline"));
         }
-        if !text.is_empty() || self.new_messages.iter().any(|m| m.role == "tool") {
-            self.save(text, vec![], 0, message_tokens).await?;
+        // Plugins the model called are kept with their results even when no answer followed.
+        if !text.is_empty() {
+            self.save(Some((text, vec![], 0)), message_tokens).await?;
+        } else if self.new_messages.iter().any(|m| m.role == "tool") {
+            self.save(None, message_tokens).await?;
         }
         Err(Status::cancelled("the client went away"))
     }
 
-    /// Appends the turn (its messages and `text`, the answer of `tokens` tokens, 0 when not counted) to a multi
-    /// turn's session, and returns the answer.
+    /// Appends the turn (its messages and the `answer`: text, the calls of the client's functions, and its tokens,
+    /// 0 when not counted) to a multi turn's session, and returns the answer.
     async fn save(
         &self,
-        text: String,
-        tool_calls: Vec<ToolCall>,
-        tokens: u32,
+        answer: Option<(String, Vec<ToolCall>, u32)>,
         message_tokens: &[u32],
     ) -> Result<ChatMessage, Status> {
+        let kept = answer.is_some();
+        let (content, tool_calls, tokens) = answer.unwrap_or_default();
         let answer = ChatMessage {
             role: "assistant".into(),
-            content: text,
+            content,
             created_at_ms: now_ms(),
             tokens,
             tool_calls,
@@ -508,13 +526,20 @@ impl Turn {
                     m.tokens = tokens;
                 }
             }
-            let messages = new_messages.into_iter().chain([answer.clone()]).collect();
+            let messages = new_messages.into_iter().chain(kept.then(|| answer.clone())).collect();
             let request =
                 AppendMessagesRequest { session_id: self.session_id.clone(), user_id: self.user_id.clone(), messages };
             self.service.sessions.clone().append_messages(request).await?;
         }
         Ok(answer)
     }
+}
+
+/// The turn's last message: the answer's text, the calls of the client's functions, and its tokens.
+struct Answer {
+    text: String,
+    calls: Vec<ToolCall>,
+    tokens: u32,
 }
 
 /// What one generation came to.

@@ -83,22 +83,29 @@ impl ChatTemplate {
         if self.native_tools || (active.is_none() && messages.iter().all(plain)) {
             return messages.to_vec();
         }
-        let mut shown: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| {
-                if m.role == "tool" {
-                    return ChatMessage::new("user", format!("{OPEN_RESPONSE}\n{}\n</tool_response>", m.content));
-                }
-                let mut content = m.content.clone();
-                for call in &m.tool_calls {
-                    if !content.is_empty() {
-                        content.push('\n');
+        let mut shown: Vec<ChatMessage> = vec![];
+        for (i, m) in messages.iter().enumerate() {
+            if m.role == "tool" {
+                let response = format!("{OPEN_RESPONSE}\n{}\n</tool_response>", m.content);
+                // The results of one answer's calls go in one user message: templates that want roles to
+                // alternate accept it.
+                match shown.last_mut() {
+                    Some(previous) if i > 0 && messages[i - 1].role == "tool" => {
+                        previous.content = format!("{}\n{response}", previous.content);
                     }
-                    content.push_str(&call.tagged());
+                    _ => shown.push(ChatMessage::new("user", response)),
                 }
-                ChatMessage::new(m.role.clone(), content)
-            })
-            .collect();
+                continue;
+            }
+            let mut content = m.content.clone();
+            for call in &m.tool_calls {
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&call.tagged());
+            }
+            shown.push(ChatMessage::new(m.role.clone(), content));
+        }
         if let Some(tools) = active {
             let instructions = tools.instructions();
             match shown.first_mut() {
@@ -265,17 +272,19 @@ mod tests {
     fn a_template_without_tools_gets_the_fallback_prompt() {
         let t = ChatTemplate::new(None, "", "").unwrap();
         let tools = weather_tools();
-        let shown = t.with_tools(&calling_conversation(), Some(&tools));
-        assert_eq!(shown.len(), 4);
+        let mut conversation = calling_conversation();
+        conversation.push(ChatMessage { tool_call_id: "call_2".into(), ..ChatMessage::new("tool", "{}") });
+        let shown = t.with_tools(&conversation, Some(&tools));
+        assert_eq!(shown.len(), 4, "the results of one answer's calls are one message");
+        assert!(shown[3].content.ends_with("</tool_response>\n<tool_response>\n{}\n</tool_response>"), "{shown:?}");
         assert!(shown[0].content.starts_with("Be brief.\n\nYou can call tools."), "{}", shown[0].content);
         assert!(shown[0].content.contains(r#"{"name":"get_weather","#), "{}", shown[0].content);
         assert_eq!(
             shown[2].content,
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"location\":\"Oslo\"}}\n</tool_call>"
         );
-        assert_eq!(
-            (shown[3].role.as_str(), shown[3].content.as_str()),
-            ("user", "<tool_response>\n{\"c\":3}\n</tool_response>")
+        assert!(
+            shown[3].role == "user" && shown[3].content.starts_with("<tool_response>\n{\"c\":3}\n</tool_response>")
         );
         // Without tools, a conversation that holds calls is still written out, and no instructions are added.
         let shown = t.with_tools(&calling_conversation(), None);

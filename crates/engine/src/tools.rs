@@ -212,9 +212,18 @@ impl ToolCallParser {
             return String::new();
         }
         self.held.push_str(text);
-        if !self.shown && self.held.trim_start().starts_with(['{', '[']) {
-            self.calls = Some(std::mem::take(&mut self.held));
-            return String::new();
+        if !self.shown {
+            // A bare call is a JSON object, or a list of them, as the whole answer; `[` alone may still start a
+            // Markdown link.
+            let start = self.held.trim_start();
+            let list = start.strip_prefix('[').map(str::trim_start);
+            if start.starts_with('{') || list.is_some_and(|rest| rest.starts_with('{')) {
+                self.calls = Some(std::mem::take(&mut self.held));
+                return String::new();
+            }
+            if list.is_some_and(str::is_empty) {
+                return String::new();
+            }
         }
         if let Some(at) = self.held.find(OPEN_CALL) {
             self.calls = Some(self.held.split_off(at));
@@ -253,8 +262,9 @@ impl ToolCallParser {
     }
 }
 
-/// The calls in `text`: tagged calls (the last closing tag may be missing, as a stop string ends it), or one bare
-/// JSON call or a list of them. `None` when anything does not parse or names an unknown tool.
+/// The calls in `text`: tagged calls (the last closing tag may be missing, as a stop string ends it; text between
+/// and after them is dropped, as models write imagined results there), or one bare JSON call or a list of them.
+/// `None` when anything does not parse or names an unknown tool.
 fn parse_calls(text: &str, names: &[String]) -> Option<Vec<ToolCall>> {
     let text = text.trim();
     if !text.starts_with(OPEN_CALL) {
@@ -370,6 +380,8 @@ mod tests {
             "<tool_call>{\"name\": \"launch_rockets\", \"arguments\": {}}</tool_call>",
             "{\"answer\": 42}",
             "[1, 2]",
+            "[a link](https://example.com) first",
+            "[{\"not\": \"a call\"}]",
             "",
         ] {
             for size in [1, 5, 100] {

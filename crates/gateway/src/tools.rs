@@ -16,6 +16,9 @@ pub(crate) struct ToolFields {
     parallel_tool_calls: Option<bool>,
     /// Plugins the model may call; the server runs the calls within the turn.
     plugins: Option<Vec<String>>,
+    // OpenAI's deprecated forms of `tools` and `tool_choice`: refused by name rather than ignored.
+    functions: Option<Value>,
+    function_call: Option<Value>,
 }
 
 fn bad(message: impl Into<String>, param: &str) -> ApiError {
@@ -30,6 +33,11 @@ pub(crate) fn valid_name(name: &str) -> bool {
 impl ToolFields {
     /// The client's tools and the plugins it offers the model, checked.
     pub(crate) fn to_proto(&self) -> Result<(Option<Tools>, Vec<String>), ApiError> {
+        for (given, param) in [(&self.functions, "functions"), (&self.function_call, "function_call")] {
+            if given.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(bad(format!("{param} is not supported; use tools and tool_choice"), param));
+            }
+        }
         let list = self.tools.as_deref().unwrap_or_default();
         if list.len() > MAX_TOOLS {
             return Err(bad(format!("tools takes at most {MAX_TOOLS} functions"), "tools"));
@@ -67,6 +75,9 @@ impl ToolFields {
         if let Some((i, _)) = plugins.iter().enumerate().find(|(_, p)| !valid_name(p)) {
             return Err(bad("a plugin's name is 1 to 64 letters, digits, `_` or `-`", &format!("plugins[{i}]")));
         }
+        if let Some(i) = (1..plugins.len()).find(|&i| plugins[..i].contains(&plugins[i])) {
+            return Err(bad(format!("`{}` is named twice", plugins[i]), &format!("plugins[{i}]")));
+        }
         let offered = |name: &str| tools.iter().any(|t| t.name == name) || plugins.iter().any(|p| p == name);
         let choice = match &self.tool_choice {
             None | Some(Value::Null) => ToolChoice::default(),
@@ -92,7 +103,10 @@ impl ToolFields {
             }
         };
         let single_call = self.parallel_tool_calls == Some(false);
-        let given = !tools.is_empty() || self.tool_choice.is_some();
+        let given = !tools.is_empty()
+            || !plugins.is_empty()
+            || self.tool_choice.is_some()
+            || self.parallel_tool_calls.is_some();
         Ok((given.then_some(Tools { tools, choice: Some(choice), single_call }), plugins))
     }
 }
@@ -182,5 +196,7 @@ mod tests {
         let other = json!({ "type": "function", "function": { "name": "other" } });
         assert_eq!(param(json!({ "tools": [weather()], "tool_choice": other })), "tool_choice");
         assert_eq!(param(json!({ "plugins": ["no spaces please"] })), "plugins[0]");
+        assert_eq!(param(json!({ "plugins": ["a", "b", "a"] })), "plugins[2]");
+        assert_eq!(param(json!({ "functions": [{ "name": "f" }] })), "functions");
     }
 }

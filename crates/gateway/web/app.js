@@ -18,6 +18,7 @@ const state = {
   session: null, // the open conversation's id; null for a new chat not yet sent
   controller: null, // aborts the answer being streamed
   plugins: new Set(), // the plugins the model may call
+  pluginsListed: false, // whether the settings show the server's plugins yet
 };
 
 class ApiError extends Error {
@@ -93,8 +94,11 @@ function restoreSettings() {
 }
 
 function saveSettings() {
-  const plugins = [...document.querySelectorAll("#plugins input:checked")].map((box) => box.value);
-  state.plugins = new Set(plugins);
+  // Until the server's plugins are listed, the saved choice stands.
+  if (state.pluginsListed) {
+    state.plugins = new Set([...document.querySelectorAll("#plugins input:checked")].map((box) => box.value));
+  }
+  const plugins = [...state.plugins];
   const settings = { temperature: $("temperature").value, systemPrompt: $("system-prompt").value, plugins };
   localStorage.setItem(SETTINGS, JSON.stringify(settings));
 }
@@ -122,6 +126,9 @@ async function loadPlugins() {
       return label;
     });
   $("plugins").replaceChildren(...boxes);
+  // A plugin chosen before and gone (or disabled) now is no longer sent: the server would refuse every message.
+  state.pluginsListed = true;
+  saveSettings();
 }
 
 $("temperature").addEventListener("change", saveSettings);
@@ -297,7 +304,7 @@ async function send(text) {
   setBusy(true);
   state.controller = new AbortController();
   const question = addBubble("user", text, "done");
-  const answer = addBubble("assistant", "", "streaming");
+  let answer = addBubble("assistant", "", "streaming");
   let calledTools = false;
   try {
     if (!state.session) {
@@ -325,10 +332,17 @@ async function send(text) {
         setText(answer, answer.dataset.source + data.text);
         answer.scrollIntoView({ block: "end" });
       } else if (event === "tool") {
-        // The model called a plugin: the text so far (if any) stays as it was, the call and its result follow.
+        // The model called a plugin: what it wrote before stays as it was, the call and its result follow, and
+        // the answer goes on below them (as the conversation shows when opened again).
         calledTools = true;
-        const call = addToolCall(data.tool_call, answer);
-        showToolResult(call, data.content, data.failed);
+        if (answer.dataset.source) {
+          answer.dataset.phase = "done";
+          const call = addToolCall(data.tool_call);
+          showToolResult(call, data.content, data.failed);
+          answer = addBubble("assistant", "", "streaming");
+        } else {
+          showToolResult(addToolCall(data.tool_call, answer), data.content, data.failed);
+        }
       } else if (event === "done") {
         setText(answer, data.message.content);
         answer.dataset.phase = "done";
