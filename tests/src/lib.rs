@@ -539,7 +539,9 @@ impl Cluster {
                 let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs)
                     .await
                     .expect("NATS");
-                let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue);
+                let plugins = moltbot_plugin::Plugins::load(&config.plugins).await.expect("the plugins load");
+                let dialogue =
+                    moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue).with_plugins(plugins);
                 tokio::spawn(moltbot_dialogue_manager::run(listener, dialogue, shutdown))
             }
             Role::Gateway => {

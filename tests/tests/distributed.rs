@@ -744,3 +744,37 @@ async fn a_turn_past_its_deadline_is_a_504_and_its_worker_stops_within_a_second(
     assert!(stopped < Duration::from_secs(1), "the worker still ran the job {stopped:?} after the 504");
     cluster.stop().await;
 }
+
+/// Turns whose model calls a plugin run one job per round through JetStream, several turns at once on one worker
+/// with a small batch (so later rounds often wait in the shared queue rather than go straight to a free slot):
+/// every round's job is run — none is taken for a duplicate of the turn's earlier one, which would leave its turn
+/// waiting to its deadline — and every turn answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_rounds_through_nats_each_run_their_own_job() {
+    let cluster = Cluster::start(1, |c| {
+        c.inference_worker.max_batch_size = 2;
+        c.model_provider.max_tokens = 64;
+        c.plugins.max_rounds = 1;
+    })
+    .await;
+    let http = &cluster.http;
+    let turns = (0..6).map(|i| {
+        let body = serde_json::json!({
+            "message": format!("Calculate {i}*7."), "max_tokens": 64, "temperature": 0,
+            "plugins": ["calculator"], "tool_choice": "required",
+        })
+        .to_string();
+        async move { http.post("/api/chat", &[], &body).await }
+    });
+    let mut rounds = 0;
+    for (status, _, answer) in futures::future::join_all(turns).await {
+        assert_eq!(status, 200, "{answer}");
+        // A call the model did not finish within max_tokens ends as text: that turn had one round.
+        let results = answer["tool_results"].as_array().unwrap();
+        rounds += 1 + results.len() as u64;
+    }
+    assert!(rounds > 6, "some turn called the calculator");
+    let jobs = cluster.worker_info().await[0].jobs_completed;
+    assert_eq!(jobs, rounds, "every round's job ran");
+    cluster.stop().await;
+}
