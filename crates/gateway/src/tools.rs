@@ -21,7 +21,10 @@ pub(crate) struct ToolFields {
     function_call: Option<Value>,
 }
 
+/// A 400 naming `param`, in the message too (where it does not already).
 fn bad(message: impl Into<String>, param: &str) -> ApiError {
+    let message = message.into();
+    let message = if message.contains(param) { message } else { format!("{param}: {message}") };
     ApiError::bad_request(message, Some(param))
 }
 
