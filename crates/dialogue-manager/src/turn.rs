@@ -264,9 +264,7 @@ impl Turn {
     /// results to the turn, and generates again: at most `plugins.max_rounds` rounds of calls, and then the model
     /// must answer in text. Calls of the client's functions end the turn.
     async fn generate(&mut self, out: &Sender<Result<ChatEvent, Status>>) -> Result<(), Status> {
-        let send = |event: chat_event::Event| async {
-            out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
-        };
+        let send = |event| emit(out, event);
         let mut total = Usage::default();
         let mut round = 0;
         // Every job of the turn has an attempt number of its own: the queue tells jobs apart by request id and
@@ -361,9 +359,7 @@ impl Turn {
         announce: bool,
         attempt: &mut u32,
     ) -> Result<Round, Status> {
-        let send = |event: chat_event::Event| async {
-            out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
-        };
+        let send = |event| emit(out, event);
         let deadline = self.deadline;
         let deadline_ms = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
         let (first, mut retries) = (*attempt, 0);
@@ -533,6 +529,11 @@ impl Turn {
         }
         Ok(answer)
     }
+}
+
+/// Sends an event of the turn to its caller; a caller gone is a cancelled turn.
+async fn emit(out: &Sender<Result<ChatEvent, Status>>, event: chat_event::Event) -> Result<(), Status> {
+    out.send(Ok(ChatEvent { event: Some(event) })).await.map_err(|_| Status::cancelled("the client went away"))
 }
 
 /// The turn's last message: the answer's text, the calls of the client's functions, and its tokens.

@@ -828,16 +828,20 @@ impl Compute {
         // The grammars' masks (they depend on the tokens so far, not on the logits) are computed on the engine's
         // pool while the forward pass runs there, each sequence's apart: a constrained sequence does not hold up
         // the batch by its mask's cost.
-        let model = &self.model;
-        let pool = &mut self.pool;
-        let (logits, masks) = rayon::join(
-            || model.forward(pool, &mut steps),
-            || {
-                use rayon::prelude::*;
-                guides.par_iter_mut().map(|(i, guide)| guide.mask().map(|m| (*i, m))).collect::<Result<Vec<_>>>()
-            },
-        );
-        let (logits, mut masks) = (logits?, masks?);
+        // A step without constrained sequences (most steps) runs the forward pass alone.
+        let (logits, mut masks) = if guides.is_empty() {
+            (self.model.forward(&mut self.pool, &mut steps)?, vec![])
+        } else {
+            let (model, pool) = (&self.model, &mut self.pool);
+            let (logits, masks) = rayon::join(
+                || model.forward(pool, &mut steps),
+                || {
+                    use rayon::prelude::*;
+                    guides.par_iter_mut().map(|(i, guide)| guide.mask().map(|m| (*i, m))).collect::<Result<Vec<_>>>()
+                },
+            );
+            (logits?, masks?)
+        };
         drop(steps);
         for &(i, _) in &fed {
             let a = &mut running[i];
