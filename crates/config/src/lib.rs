@@ -3,6 +3,9 @@
 //! `model_provider.yaml` beside it (the seed's file, its keys at the top level) → `MOLTBOT_…` environment
 //! variables with `__` between nested keys. Unknown keys and bad values are rejected with their path.
 
+mod models;
+pub use models::{PACKAGED_MODELS, PackagedModel, packaged_model, packaged_model_names};
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -371,7 +374,9 @@ pub struct ModelProviderConfig {
     pub provider_type: Option<ProviderType>,
     /// The name clients put in `model`; every service of a deployment reads the same value.
     pub model_name: String,
-    /// GGUF file; empty means the default model in the user's cache.
+    /// A packaged model by name (`cargo xtask model` lists them and fetches one); empty means the default.
+    pub model: String,
+    /// A GGUF file of your own; it wins over `model`.
     pub model_path: PathBuf,
     /// Most tokens generated for one answer; requests may ask for fewer.
     pub max_tokens: u32,
@@ -392,6 +397,7 @@ impl Default for ModelProviderConfig {
             kind: None,
             provider_type: None,
             model_name: DEFAULT_MODEL_NAME.into(),
+            model: String::new(),
             model_path: PathBuf::new(),
             max_tokens: 2048,
             gpu_layers: 0,
@@ -416,9 +422,12 @@ impl ModelProviderConfig {
         self.kind.or(self.provider_type).unwrap_or(ProviderType::LocalLlm)
     }
 
-    /// The GGUF file to load: `model_path`, or the default model in the user's cache.
+    /// The GGUF file to load: `model_path`, else the packaged `model` in the user's cache, else the default model.
     pub fn resolved_model_path(&self) -> PathBuf {
-        if self.model_path.as_os_str().is_empty() { default_model_path() } else { self.model_path.clone() }
+        if !self.model_path.as_os_str().is_empty() {
+            return self.model_path.clone();
+        }
+        packaged_model(&self.model).map_or_else(default_model_path, PackagedModel::path)
     }
 }
 
@@ -516,6 +525,11 @@ impl Config {
         let config: Config = figment
             .extract()
             .map_err(|e| Error::Invalid(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
+        let mut config = config;
+        // A packaged model is served under its own name unless `model_name` says otherwise.
+        if !config.model_provider.model.is_empty() && config.model_provider.model_name == DEFAULT_MODEL_NAME {
+            config.model_provider.model_name = config.model_provider.model.clone();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -559,6 +573,17 @@ impl Config {
         }
         if self.model_provider.model_name.is_empty() {
             return bad("model_provider.model_name", "must not be empty");
+        }
+        if !self.model_provider.model.is_empty() && packaged_model(&self.model_provider.model).is_none() {
+            return bad(
+                "model_provider.model",
+                &format!(
+                    "`{}` is not a packaged model (packaged: {}); set model_provider.model_path for a GGUF file of \
+                     your own",
+                    self.model_provider.model,
+                    packaged_model_names()
+                ),
+            );
         }
         if self.model_provider.max_tokens == 0 {
             return bad("model_provider.max_tokens", "must be at least 1");

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::{
     ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
     Tokenizer, ToolCall, ToolCallParser, Tools, Usage,
-    model::{BLOCK_SIZE, KvCache, KvPool, Llama, Step},
+    model::{BLOCK_SIZE, KvCache, KvPool, Model, Step},
     sampling::Sampler,
 };
 
@@ -266,7 +266,7 @@ impl Engine {
         let metadata = ModelMetadata::from_gguf(&content)?;
         let tokenizer = Tokenizer::from_metadata(&metadata)?;
         let template = ChatTemplate::new(
-            metadata.chat_template.as_deref(),
+            Some(metadata.chat_template.as_deref().unwrap_or(crate::template::fallback_template(&metadata.tokens))),
             metadata.token(metadata.bos_token_id).unwrap_or_default(),
             metadata.token(metadata.eos_token_id).unwrap_or_default(),
         )?;
@@ -280,7 +280,7 @@ impl Engine {
             .flatten()
             .min()
             .unwrap_or(MAX_CONTEXT);
-        let mut model = Llama::load(&content, &mut file, context_length)?;
+        let mut model = Model::load(&content, &mut file, path, context_length)?;
         let blocks = match config.kv_cache {
             KvBudget::Blocks(n) => n,
             KvBudget::Bytes(bytes) => bytes / KvPool::block_bytes(&model.config),
@@ -293,7 +293,7 @@ impl Engine {
                 "the KV cache cannot hold a whole context window; the window shrinks to fit"
             );
             context_length = blocks * BLOCK_SIZE;
-            model = Llama::load(&content, &mut file, context_length)?;
+            model.set_max_positions(context_length);
         }
         if context_length < 2 {
             return Err(load_err(&"the KV cache is too small for even one block; raise its budget"));
@@ -305,7 +305,11 @@ impl Engine {
         let eos: Vec<u32> = metadata
             .eos_token_id
             .into_iter()
-            .chain(["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"].iter().filter_map(|t| tokenizer.token_id(t)))
+            .chain(
+                ["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>"]
+                    .iter()
+                    .filter_map(|t| tokenizer.token_id(t)),
+            )
             .collect();
         let grammars = crate::constraint::Grammars::new(&metadata, &tokenizer, &eos, model.config.vocab);
         let (jobs, queue) = mpsc::channel();
@@ -590,7 +594,7 @@ impl Active {
 }
 
 struct Compute {
-    model: Llama,
+    model: Model,
     pool: KvPool,
     stats: Arc<SharedStats>,
     arrivals: u64,

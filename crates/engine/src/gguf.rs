@@ -22,6 +22,8 @@ pub struct ModelMetadata {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub add_bos_token: bool,
+    /// SentencePiece: whether a space is put before the text (`tokenizer.ggml.add_space_prefix`, default true).
+    pub add_space_prefix: bool,
     pub chat_template: Option<String>,
 }
 
@@ -29,9 +31,10 @@ impl ModelMetadata {
     pub fn from_gguf(content: &Content) -> Result<Self> {
         let md = &content.metadata;
         let architecture = string(md, "general.architecture").unwrap_or_default();
-        if architecture != "llama" {
+        if !crate::model::ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(Error::UnsupportedModel(format!(
-                "architecture `{architecture}` is not supported; use a Llama-family GGUF (general.architecture = llama)"
+                "architecture `{architecture}` is not supported; this engine runs {} GGUF models",
+                crate::model::ARCHITECTURES.join(", ")
             )));
         }
         let tokens = md
@@ -49,7 +52,10 @@ impl ModelMetadata {
         };
         Ok(Self {
             name: string(md, "general.name").unwrap_or_else(|| "model".into()),
-            context_length: md.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize,
+            context_length: md
+                .get(&format!("{architecture}.context_length"))
+                .and_then(|v| v.to_u32().ok())
+                .unwrap_or(2048) as usize,
             tokenizer_model: string(md, "tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
             pre_tokenizer: string(md, "tokenizer.ggml.pre"),
             tokens,
@@ -67,6 +73,7 @@ impl ModelMetadata {
             bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
             eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
             add_bos_token: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            add_space_prefix: md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true),
             chat_template: string(md, "tokenizer.chat_template"),
             architecture,
         })

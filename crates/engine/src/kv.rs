@@ -21,7 +21,7 @@ use std::{
 
 use half::f16;
 
-use crate::model::LlamaConfig;
+use crate::model::ModelConfig;
 
 /// Positions per KV-cache block.
 pub const BLOCK_SIZE: usize = 16;
@@ -89,7 +89,7 @@ pub struct KvPool {
 
 impl KvPool {
     /// A pool of `blocks` blocks for `config`'s model; `caching` keeps finished sequences' blocks for reuse.
-    pub fn new(config: &LlamaConfig, blocks: usize, caching: bool) -> Self {
+    pub fn new(config: &ModelConfig, blocks: usize, caching: bool) -> Self {
         let kv_dim = config.kv_dim();
         // Reversed, so blocks are handed out from the start of the pool. The data is allocated zeroed (as integers:
         // the allocator hands out zeroed pages without writing them), so the operating system commits only the
@@ -117,7 +117,7 @@ impl KvPool {
     }
 
     /// Bytes one block takes.
-    pub fn block_bytes(config: &LlamaConfig) -> usize {
+    pub fn block_bytes(config: &ModelConfig) -> usize {
         config.n_layer * 2 * BLOCK_SIZE * config.kv_dim() * std::mem::size_of::<f16>()
     }
 
@@ -407,8 +407,9 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    fn config() -> LlamaConfig {
-        LlamaConfig {
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: "llama".into(),
             n_layer: 2,
             n_embd: 64,
             n_head: 2,

@@ -1,4 +1,4 @@
-//! MoltBot's inference engine: loads a GGUF Llama-family model, builds its tokenizer and chat template from the
+//! MoltBot's inference engine: loads a GGUF model (Llama, Qwen2, Gemma 3), builds its tokenizer and chat template from the
 //! GGUF metadata, and generates text for many requests at once on a compute thread of its own (continuous
 //! batching over its own forward pass and SIMD kernels). It knows nothing about networking: the
 //! inference-worker wraps it.

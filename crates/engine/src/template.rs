@@ -8,8 +8,19 @@ use crate::{
     tools::{OPEN_RESPONSE, ToolCall, Tools},
 };
 
-/// Used when a GGUF file carries no `tokenizer.chat_template`.
+/// Used when a GGUF file carries no `tokenizer.chat_template` and its vocabulary has no Gemma turn markers.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Gemma's turns (its own template, without the tool and image parts): a system message opens the first user
+/// turn, the assistant is `model`. Used when a GGUF file carries no template but its vocabulary has
+/// `<start_of_turn>` (Gemma 3 GGUFs converted without one).
+const GEMMA: &str = "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n\\n' %}{% set rest = messages[1:] %}{% else %}{% set prefix = '' %}{% set rest = messages %}{% endif %}{% for message in rest %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' + (prefix if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}";
+
+/// The template for a model whose GGUF file carries none: Gemma's turns where the vocabulary has Gemma's
+/// markers, ChatML otherwise.
+pub fn fallback_template(tokens: &[String]) -> &'static str {
+    if tokens.iter().any(|t| t == "<start_of_turn>") { GEMMA } else { CHATML }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {

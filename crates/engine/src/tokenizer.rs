@@ -2,16 +2,22 @@
 //! SentencePiece vocabularies), and turns generated ids back into text incrementally without splitting UTF-8.
 
 use tokenizers::{
-    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PreTokenizerWrapper,
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
     decoders::{byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse, strip::Strip},
-    models::{bpe::BPE, unigram::Unigram},
+    models::bpe::BPE,
     normalizers::{prepend::Prepend, replace::Replace},
-    pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence},
+    pre_tokenizers::{
+        byte_level::ByteLevel,
+        digits::Digits,
+        sequence::Sequence,
+        split::{Split, SplitPattern},
+    },
 };
 
 use crate::{Error, ModelMetadata, Result};
 
 /// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
@@ -174,6 +180,15 @@ fn gpt2(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level,
         ])),
+        // Qwen2's regex (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`): GPT-4's, with digits one by one.
+        Some("qwen2") => {
+            let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Split(split),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+            ]))
+        }
         _ => byte_level,
     };
     tok.with_pre_tokenizer(Some(pre));
@@ -181,26 +196,55 @@ fn gpt2(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
     Ok(tok)
 }
 
+/// The pre-tokenizer regex of Qwen2's `tokenizer.json`.
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A SentencePiece vocabulary (GGUF `llama`: Llama 2, Gemma) as llama.cpp's SPM tokenizer reads it: starting
+/// from characters, the adjacent pair whose joined text is the best-scoring token is merged first, and
+/// characters outside the vocabulary fall back to `<0xXX>` byte tokens. That is byte-pair encoding whose merges
+/// are every split of every token into two tokens, ranked by the joined token's score (Hugging Face builds
+/// Gemma's and Llama's `tokenizer.json` the same way).
 fn sentencepiece(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
-    let vocab: Vec<(String, f64)> =
-        md.tokens.iter().cloned().zip(md.scores.iter().map(|s| *s as f64).chain(std::iter::repeat(0.0))).collect();
-    let unk = md.tokens.iter().position(|t| t == "<unk>");
-    let unigram = Unigram::from(vocab, unk, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut tok = tokenizers::Tokenizer::new(ModelWrapper::Unigram(unigram));
+    let ids: std::collections::HashMap<&str, u32> = md.tokens.iter().map(String::as_str).zip(0u32..).collect();
+    let score = |id: usize| md.scores.get(id).copied().unwrap_or(0.0);
+    let mut merges: Vec<(f32, u32, String, String)> = vec![];
+    for (id, token) in md.tokens.iter().enumerate() {
+        if md.token_types.get(id).is_some_and(|t| *t != TOKEN_TYPE_NORMAL) {
+            continue;
+        }
+        for (at, _) in token.char_indices().skip(1) {
+            let (a, b) = token.split_at(at);
+            if ids.contains_key(a) && ids.contains_key(b) {
+                merges.push((score(id), id as u32, a.to_owned(), b.to_owned()));
+            }
+        }
+    }
+    // Best score first; among equals, the lower id (llama.cpp's tie-break by position then applies within a word).
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    let vocab: tokenizers::models::bpe::Vocab = md.tokens.iter().cloned().zip(0u32..).collect();
+    let merges = merges.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = md.tokens.iter().find(|t| *t == "<unk>") {
+        builder = builder.unk_token(unk.clone());
+    }
+    let bpe = builder.build().map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(bpe));
     let replace = Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
-    tok.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(vec![
-        NormalizerWrapper::Prepend(Prepend::new("▁".into())),
-        NormalizerWrapper::Replace(replace),
-    ]))));
+    let mut normalizers = vec![NormalizerWrapper::Replace(replace)];
+    if md.add_space_prefix {
+        normalizers.insert(0, NormalizerWrapper::Prepend(Prepend::new("▁".into())));
+    }
+    tok.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(normalizers))));
     let replace_back = tokenizers::decoders::DecoderWrapper::Replace(
         Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?,
     );
-    tok.with_decoder(Some(DecoderWrapper::Sequence(tokenizers::decoders::sequence::Sequence::new(vec![
-        replace_back,
-        DecoderWrapper::ByteFallback(ByteFallback::new()),
-        DecoderWrapper::Fuse(Fuse::new()),
-        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
-    ]))));
+    let mut decoders =
+        vec![replace_back, DecoderWrapper::ByteFallback(ByteFallback::new()), DecoderWrapper::Fuse(Fuse::new())];
+    if md.add_space_prefix {
+        decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    }
+    tok.with_decoder(Some(DecoderWrapper::Sequence(tokenizers::decoders::sequence::Sequence::new(decoders))));
     Ok(tok)
 }
 

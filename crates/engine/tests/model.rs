@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+#[path = "model/architectures.rs"]
+mod architectures;
+
 use moltbot_engine::{
     ChatMessage, Engine, EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvBudget, Prompt,
     SamplingParams,
@@ -183,9 +186,13 @@ type Answer = (String, FinishReason, moltbot_engine::Usage);
 /// Greedy answers to `mixed_prompts`, one request at a time on an unconstrained engine that computes every
 /// prompt in full (no prefix cache).
 async fn one_at_a_time(sampling: &SamplingParams) -> Vec<Answer> {
+    one_at_a_time_on(&model_path(), sampling).await
+}
+
+/// `one_at_a_time` on the model at `path`.
+async fn one_at_a_time_on(path: &std::path::Path, sampling: &SamplingParams) -> Vec<Answer> {
     let single =
-        Engine::load(EngineConfig { max_batch_size: 1, prefix_caching: false, ..EngineConfig::new(model_path()) })
-            .unwrap();
+        Engine::load(EngineConfig { max_batch_size: 1, prefix_caching: false, ..EngineConfig::new(path) }).unwrap();
     let mut answers = vec![];
     for prompt in mixed_prompts() {
         let g = single.submit(GenerationRequest::new(prompt, sampling.clone())).unwrap();
@@ -385,7 +392,7 @@ async fn a_full_waiting_queue_is_refused_and_cancelling_frees_kv_blocks() {
 fn logits_match_candle_quantized_llama() {
     use candle_core::{Device, Tensor, quantized::gguf_file::Content};
     use candle_transformers::models::quantized_llama::ModelWeights;
-    use moltbot_engine::model::{KvCache, KvPool, Llama, Step};
+    use moltbot_engine::model::{KvCache, KvPool, Model, Step};
 
     let path = model_path();
     let engine = Engine::load(EngineConfig::new(&path)).unwrap();
@@ -393,7 +400,7 @@ fn logits_match_candle_quantized_llama() {
 
     let mut file = std::fs::File::open(&path).unwrap();
     let content = Content::read(&mut file).unwrap();
-    let ours = Llama::load(&content, &mut file, 512).unwrap();
+    let ours = Model::load(&content, &mut file, &path, 512).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
 
     let mut pool = KvPool::new(&ours.config, 512 / moltbot_engine::model::BLOCK_SIZE, false);

@@ -1,0 +1,439 @@
+//! The GGUF block formats the kernels multiply without expanding them (ggml's `block_q4_0` … `block_q6_K`), and
+//! one generic kernel for those without a hand-tuned one of their own.
+//!
+//! Every format is read as **units** of 32 weights, one per block of 32 quantized activations: weight `j` of a
+//! unit is `scale[j / 16] · q[j] + offset`, with small integers `q`. A 32-weight format (Q4_0, Q5_0) is one unit
+//! per block; a K-quant super-block of 256 is eight (Q4_K and Q5_K: one sub-block each, with its 6-bit scale and
+//! minimum; Q6_K: two sub-blocks of 16 with their 8-bit scales). So `unit · x = Σ_h scale[h] · d_x · Σ q · q_x +
+//! offset · s_x`, the integer sums in SIMD registers and `s_x = d_x · Σ q_x` from the activations' quantization.
+
+use candle_core::quantized::GgmlDType;
+
+use super::{QK, Rows, f16_at};
+
+/// Elements in a K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// How a quantized weight matrix's rows are stored (ggml's block layouts, byte for byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// f16 d, 16 bytes of nibbles: x = d · (q - 8).
+    Q4_0,
+    /// f16 d, f16 m, 16 bytes of nibbles: x = d · q + m.
+    Q4_1,
+    /// f16 d, 32 high bits, 16 bytes of nibbles: x = d · (q - 16).
+    Q5_0,
+    /// f16 d, 32 signed bytes: x = d · q.
+    Q8_0,
+    /// f16 d, f16 dmin, 12 bytes of 6-bit scales and minimums, 128 bytes of nibbles: x = d · sc · q - dmin · m.
+    Q4K,
+    /// Q4_K with a fifth bit per weight (32 bytes of high bits).
+    Q5K,
+    /// 128 bytes of low nibbles, 64 of high pairs, 16 signed scales, f16 d: x = d · sc · (q - 32).
+    Q6K,
+}
+
+impl Format {
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Weights per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
+            _ => QK,
+        }
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+        }
+    }
+
+    /// Bytes of a row of `cols` weights (`cols` a multiple of `block_elems`).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_elems() * self.block_bytes()
+    }
+
+    /// Where unit `u` of a row starts: its block's bytes and its index within the block.
+    fn block(self, row: &[u8], u: usize) -> (&[u8], usize) {
+        let per_block = self.block_elems() / QK;
+        (&row[u / per_block * self.block_bytes()..][..self.block_bytes()], u % per_block)
+    }
+
+    /// Unit `u` of a row, decoded the plain way: the portable kernel and dequantization.
+    pub fn unit(self, row: &[u8], u: usize) -> Unit {
+        let (b, j) = self.block(row, u);
+        let mut q = [0i8; QK];
+        let nibbles = |q: &mut [i8; QK], qs: &[u8]| {
+            for l in 0..16 {
+                q[l] = (qs[l] & 0x0f) as i8;
+                q[l + 16] = (qs[l] >> 4) as i8;
+            }
+        };
+        match self {
+            Self::Q4_0 => {
+                let d = f16_at(b, 0);
+                nibbles(&mut q, &b[2..18]);
+                Unit { q, scale: [d; 2], offset: -8.0 * d }
+            }
+            Self::Q4_1 => {
+                let d = f16_at(b, 0);
+                nibbles(&mut q, &b[4..20]);
+                Unit { q, scale: [d; 2], offset: f16_at(b, 2) }
+            }
+            Self::Q5_0 => {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                nibbles(&mut q, &b[6..22]);
+                for (l, v) in q.iter_mut().enumerate() {
+                    *v |= (((qh >> l) & 1) << 4) as i8;
+                }
+                Unit { q, scale: [d; 2], offset: -16.0 * d }
+            }
+            Self::Q8_0 => {
+                for (v, &byte) in q.iter_mut().zip(&b[2..34]) {
+                    *v = byte as i8;
+                }
+                Unit { q, scale: [f16_at(b, 0); 2], offset: 0.0 }
+            }
+            Self::Q4K | Self::Q5K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let (sc, m) = scale_min_k4(j, &b[4..16]);
+                let (qh, qs) = if self == Self::Q4K { (None, &b[16..144]) } else { (Some(&b[16..48]), &b[48..176]) };
+                let shift = 4 * (j % 2);
+                for (l, v) in q.iter_mut().enumerate() {
+                    let high = qh.map_or(0, |qh| ((qh[l] >> j) & 1) << 4);
+                    *v = (((qs[32 * (j / 2) + l] >> shift) & 0x0f) | high) as i8;
+                }
+                Unit { q, scale: [d * f32::from(sc); 2], offset: -dmin * f32::from(m) }
+            }
+            Self::Q6K => {
+                let (n, r) = (j / 4, j % 4);
+                let (ql, qh) = (&b[64 * n + 32 * (r & 1)..][..32], &b[128 + 32 * n..][..32]);
+                for (l, v) in q.iter_mut().enumerate() {
+                    let low = (ql[l] >> (4 * (r >> 1))) & 0x0f;
+                    let high = (qh[l] >> (2 * r)) & 3;
+                    *v = (low | (high << 4)) as i8 - 32;
+                }
+                let d = f16_at(b, 208);
+                let sc = |i: usize| d * f32::from(b[192 + 8 * n + 2 * r + i] as i8);
+                Unit { q, scale: [sc(0), sc(1)], offset: 0.0 }
+            }
+        }
+    }
+
+    /// Row `n` of a matrix of `cols` columns in this format, as floats.
+    pub fn dequantize_row(self, bytes: &[u8], n: usize, cols: usize, out: &mut [f32]) {
+        let row = &bytes[n * self.row_bytes(cols)..][..self.row_bytes(cols)];
+        for (u, o) in out.chunks_exact_mut(QK).enumerate() {
+            let unit = self.unit(row, u);
+            for (j, (o, q)) in o.iter_mut().zip(unit.q).enumerate() {
+                *o = unit.scale[j / 16] * f32::from(q) + unit.offset;
+            }
+        }
+    }
+}
+
+/// 32 weights as `scale[j / 16] · q[j] + offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct Unit {
+    pub q: [i8; QK],
+    pub scale: [f32; 2],
+    pub offset: f32,
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum in a Q4_K / Q5_K block's 12 packed bytes (ggml's
+/// `get_scale_min_k4`): the first four in the low six bits of bytes 0..8, the last four split between the
+/// nibbles of bytes 8..12 and the top two bits of bytes 0..8.
+#[inline]
+pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
+}
+
+/// The portable kernel: every unit decoded with [`Format::unit`], its integer sums in order.
+pub(super) fn scalar_row(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+    let units = x.cols / QK;
+    for (t, o) in out.iter_mut().enumerate() {
+        let mut total = 0f32;
+        for u in 0..units {
+            let unit = format.unit(row, u);
+            let xb = t * units + u;
+            let q = &x.q[xb * QK..][..QK];
+            let half =
+                |h: usize| -> i32 { (16 * h..16 * h + 16).map(|j| i32::from(unit.q[j]) * i32::from(q[j])).sum() };
+            total +=
+                x.d[xb] * (unit.scale[0] * half(0) as f32 + unit.scale[1] * half(1) as f32) + unit.offset * x.s[xb];
+        }
+        *o = total;
+    }
+}
+
+/// The SIMD unit decoders (AVX2) and the generic kernel over them, stamped out per instruction set like the
+/// hand-tuned kernels.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::scale_min_k4;
+
+    /// A unit in registers: 32 weights (bytes in element order), the scale of each of the eight 32-bit lanes a
+    /// byte dot product gives (lanes 0..4 sum bytes 0..16), and the offset. `SIGNED` formats' bytes are signed;
+    /// the others' unsigned.
+    pub struct Unit {
+        pub w: __m256i,
+        pub scale: __m256,
+        pub offset: f32,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16x2(lo: u8, hi: u8, lo2: u8, hi2: u8) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([lo, hi, lo2, hi2])));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    }
+
+    /// 16 packed bytes as 32 nibbles: low nibbles are elements 0..16, high nibbles 16..32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn nibbles16(qs: &[u8]) -> __m256i {
+        // SAFETY: `qs` holds 16 bytes.
+        let packed = unsafe { _mm_loadu_si128(qs[..16].as_ptr().cast()) };
+        let mask = _mm_set1_epi8(0x0f);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask))
+    }
+
+    /// 32 bytes, each 0x10 where bit `j` of `bits` is set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn bits_to_16s(bits: u32) -> __m256i {
+        // Byte j of every lane gets byte j / 8 of `bits`, then keeps bit j % 8.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+        );
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load32(bytes: &[u8]) -> __m256i {
+        // SAFETY: `bytes` holds 32 bytes.
+        unsafe { _mm256_loadu_si256(bytes[..32].as_ptr().cast()) }
+    }
+
+    /// Nibble `shift / 4` of each of 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn nibbles32(bytes: &[u8], shift: i32) -> __m256i {
+        _mm256_and_si256(_mm256_srl_epi16(load32(bytes), _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(0x0f))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q4_0(b: &[u8], _: usize) -> Unit {
+        let d = f16x2(b[0], b[1], 0, 0).0;
+        Unit { w: nibbles16(&b[2..18]), scale: _mm256_set1_ps(d), offset: -8.0 * d }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5_0(b: &[u8], _: usize) -> Unit {
+        let d = f16x2(b[0], b[1], 0, 0).0;
+        let high = bits_to_16s(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+        Unit { w: _mm256_or_si256(nibbles16(&b[6..22]), high), scale: _mm256_set1_ps(d), offset: -16.0 * d }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q4_k(b: &[u8], j: usize) -> Unit {
+        let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
+        let (sc, m) = scale_min_k4(j, &b[4..16]);
+        let w = nibbles32(&b[16 + 32 * (j / 2)..], 4 * (j % 2) as i32);
+        Unit { w, scale: _mm256_set1_ps(d * f32::from(sc)), offset: -dmin * f32::from(m) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5_k(b: &[u8], j: usize) -> Unit {
+        let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
+        let (sc, m) = scale_min_k4(j, &b[4..16]);
+        let low = nibbles32(&b[48 + 32 * (j / 2)..], 4 * (j % 2) as i32);
+        // Bit j of each high byte, moved to bit 4 (a 16-bit shift: bit 0 of each byte is its own bit j).
+        let bit =
+            _mm256_and_si256(_mm256_srl_epi16(load32(&b[16..48]), _mm_cvtsi32_si128(j as i32)), _mm256_set1_epi8(1));
+        let w = _mm256_or_si256(low, _mm256_slli_epi16(bit, 4));
+        Unit { w, scale: _mm256_set1_ps(d * f32::from(sc)), offset: -dmin * f32::from(m) }
+    }
+
+    /// Signed: q - 32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q6_k(b: &[u8], j: usize) -> Unit {
+        let (n, r) = (j / 4, j % 4);
+        let low = nibbles32(&b[64 * n + 32 * (r & 1)..], 4 * (r >> 1) as i32);
+        let high = _mm256_and_si256(
+            _mm256_srl_epi16(load32(&b[128 + 32 * n..]), _mm_cvtsi32_si128(2 * r as i32)),
+            _mm256_set1_epi8(3),
+        );
+        let w = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+        let d = f16x2(b[208], b[209], 0, 0).0;
+        let sc = |i: usize| _mm_set1_ps(d * f32::from(b[192 + 8 * n + 2 * r + i] as i8));
+        Unit { w, scale: _mm256_set_m128(sc(1), sc(0)), offset: 0.0 }
+    }
+
+    /// The formats the generic kernel stamps out (a const parameter, so each decoder is inlined).
+    pub const Q4_0: u8 = 0;
+    pub const Q5_0: u8 = 1;
+    pub const Q4_K: u8 = 2;
+    pub const Q5_K: u8 = 3;
+    pub const Q6_K: u8 = 4;
+
+    #[inline(always)]
+    pub fn decode<const F: u8>(block: &[u8], j: usize) -> Unit {
+        // SAFETY: only called from kernels compiled with at least these features, detected at run time.
+        unsafe {
+            match F {
+                Q4_0 => q4_0(block, j),
+                Q5_0 => q5_0(block, j),
+                Q4_K => q4_k(block, j),
+                Q5_K => q5_k(block, j),
+                _ => q6_k(block, j),
+            }
+        }
+    }
+
+    /// The generic kernel for one instruction set: `$dot` is its byte dot product.
+    macro_rules! unit_kernels {
+        ($name:ident, $features:literal, $dot:path) => {
+            pub mod $name {
+                use std::arch::x86_64::*;
+
+                use super::super::{Format, QK};
+                use super::{Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, decode};
+                use crate::kernels::{Rows, TILE};
+
+                /// Dot products of one weight row in `format` with every activation row.
+                ///
+                /// # Safety
+                /// The CPU has the features this kernel is compiled for.
+                #[target_feature(enable = $features)]
+                pub unsafe fn row(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                    assert!(row.len() >= format.row_bytes(x.cols) && out.len() >= x.rows);
+                    assert!(x.q.len() >= x.rows * x.cols && x.d.len().min(x.s.len()) >= x.rows * x.cols / QK);
+                    // SAFETY: bounds asserted above; the features are the caller's promise.
+                    unsafe {
+                        match format {
+                            Format::Q4_0 => tiles::<Q4_0>(format, row, x, out),
+                            Format::Q5_0 => tiles::<Q5_0>(format, row, x, out),
+                            Format::Q4K => tiles::<Q4_K>(format, row, x, out),
+                            Format::Q5K => tiles::<Q5_K>(format, row, x, out),
+                            Format::Q6K => tiles::<Q6_K>(format, row, x, out),
+                            Format::Q4_1 | Format::Q8_0 => unreachable!("{format:?} has a kernel of its own"),
+                        }
+                    }
+                }
+
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn tiles<const F: u8>(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                    let mut t0 = 0;
+                    while t0 < x.rows {
+                        let n = (x.rows - t0).min(TILE);
+                        // SAFETY: rows t0..t0 + n exist.
+                        unsafe {
+                            match n {
+                                4 => tile::<4, F>(format, row, x, t0, out),
+                                3 => tile::<3, F>(format, row, x, t0, out),
+                                2 => tile::<2, F>(format, row, x, t0, out),
+                                _ => tile::<1, F>(format, row, x, t0, out),
+                            }
+                        }
+                        t0 += n;
+                    }
+                }
+
+                /// Activation rows `t0..t0 + N` against one weight row, each unit decoded once for all N. Each
+                /// row's sums are taken in the same order whatever N is. Q6_K's weights are signed (the others'
+                /// unsigned, with an offset).
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn tile<const N: usize, const F: u8>(
+                    format: Format,
+                    row: &[u8],
+                    x: &Rows<'_>,
+                    t0: usize,
+                    out: &mut [f32],
+                ) {
+                    let signed = F == Q6_K;
+                    let units = x.cols / QK;
+                    let (per_block, block_bytes) = (format.block_elems() / QK, format.block_bytes());
+                    let mut acc = [_mm256_setzero_ps(); N];
+                    let mut offset = [0f32; N];
+                    let (q, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+                    for u in 0..units {
+                        // SAFETY: unit u's block, and block u of rows t0..t0 + N, are in bounds (the caller's
+                        // asserts).
+                        unsafe {
+                            let start = row.as_ptr().add(u / per_block * block_bytes);
+                            let unit = decode::<F>(std::slice::from_raw_parts(start, block_bytes), u % per_block);
+                            let w = if signed { _mm256_sign_epi8(unit.w, unit.w) } else { unit.w };
+                            for i in 0..N {
+                                let xb = (t0 + i) * units + u;
+                                let qv = _mm256_loadu_si256(q.add(xb * QK).cast());
+                                // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                let qv = if signed { _mm256_sign_epi8(qv, unit.w) } else { qv };
+                                let scale = _mm256_mul_ps(unit.scale, _mm256_set1_ps(*xd.add(xb)));
+                                acc[i] = _mm256_fmadd_ps(scale, $dot(w, qv), acc[i]);
+                                if !signed {
+                                    offset[i] += unit.offset * *xs.add(xb);
+                                }
+                            }
+                        }
+                    }
+                    for i in 0..N {
+                        out[t0 + i] = crate::kernels::simd::x86::hsum(acc[i]) + offset[i];
+                    }
+                }
+            }
+        };
+    }
+
+    unit_kernels!(avx2, "avx2,fma,f16c", crate::kernels::simd::x86::dot_u8_i8_avx2);
+    unit_kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", crate::kernels::simd::x86::dot_u8_i8_vnni);
+}

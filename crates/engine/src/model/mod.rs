@@ -1,0 +1,676 @@
+//! The decoder-only transformer forward pass over GGUF weights, for a batch of sequences at different positions:
+//! every linear layer runs once over the rows of all sequences in the step, attention runs per sequence against
+//! that sequence's own blocks of the paged KV cache.
+//!
+//! One forward pass serves every supported architecture (candle-transformers keeps a file per model; so do we):
+//! [`llama`], [`qwen2`] and [`gemma3`] each read their sizes and tensors from the GGUF file and say which of the
+//! shared building blocks here their layers use: biases on the projections, norms on the query and key heads,
+//! norms after attention and the feed-forward, a sliding attention window, the rotary embedding's base and pair
+//! layout, the activation, a scaled embedding.
+
+use std::{
+    fs::File,
+    io::{Read, Seek, SeekFrom},
+    path::Path,
+};
+
+use candle_core::quantized::{GgmlDType, gguf_file::Content};
+use rayon::prelude::*;
+
+pub use crate::kv::{BLOCK_SIZE, KvCache, KvPool};
+use crate::{
+    Error, Result,
+    kernels::{
+        Format, Matrix, Quantized, WeightData, block_scores, block_values, gather_f32, gelu_mul, prefetch, silu_mul,
+        softmax,
+    },
+};
+
+mod gemma3;
+mod llama;
+mod qwen2;
+
+/// Query rows of one sequence attended together (see `Model::attention`): at least this many, and at most
+/// `ATTN_ROWS_MAX`, so that a prompt chunk still makes about two tasks per thread.
+const ATTN_ROWS: usize = 4;
+const ATTN_ROWS_MAX: usize = 32;
+
+/// The most attention scores (floats) a thread keeps between tasks: 4 MiB.
+const KEPT_SCORES: usize = 1 << 20;
+
+thread_local! {
+    /// Each thread's attention scores, kept from task to task up to `KEPT_SCORES`: a task's scores (its queries
+    /// times the context) take hundreds of KB to MBs, which a fresh allocation would map and zero page by page in
+    /// every task of every layer.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The GGUF `general.architecture` values this engine runs.
+pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "gemma3"];
+
+/// Model sizes, from the GGUF `{architecture}.*` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    pub vocab: usize,
+}
+
+impl ModelConfig {
+    /// The sizes every architecture shares, under its own key prefix.
+    fn from_gguf(content: &Content, arch: &str) -> Result<Self> {
+        let md = &content.metadata;
+        let get = |key: &str| {
+            md.get(&format!("{arch}.{key}"))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::UnsupportedModel(format!("the GGUF metadata has no `{arch}.{key}`")))
+        };
+        let (n_embd, n_head) = (get("embedding_length")?, get("attention.head_count")?);
+        let n_kv_head = get("attention.head_count_kv").unwrap_or(n_head);
+        let head_dim = get("attention.key_length").unwrap_or(n_embd / n_head.max(1));
+        if get("attention.value_length").unwrap_or(head_dim) != head_dim
+            || get("rope.dimension_count").unwrap_or(head_dim) != head_dim
+            || n_kv_head == 0
+            || n_head % n_kv_head != 0
+        {
+            return Err(Error::UnsupportedModel(
+                "partial rotary embeddings, values of another width than keys, or uneven head groups are not supported"
+                    .into(),
+            ));
+        }
+        let f =
+            |key: &str, default: f32| md.get(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let vocab = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| Error::UnsupportedModel("the GGUF file has no tensor `token_embd.weight`".into()))?;
+        let config = Self {
+            architecture: arch.to_owned(),
+            n_layer: get("block_count")?,
+            n_embd,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_ff: get("feed_forward_length")?,
+            rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base: f("rope.freq_base", 10_000.0),
+            vocab,
+        };
+        if [config.n_embd, config.n_ff, config.q_dim()].iter().any(|n| !n.is_multiple_of(32)) || head_dim % 2 != 0 {
+            return Err(Error::UnsupportedModel("embedding and feed-forward sizes must be multiples of 32".into()));
+        }
+        Ok(config)
+    }
+
+    pub(crate) fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+
+    pub(crate) fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+/// Reads tensors from a GGUF file, each into memory as the file stores it.
+pub(crate) struct Weights<'a> {
+    content: &'a Content,
+    file: &'a mut File,
+    path: &'a Path,
+}
+
+impl Weights<'_> {
+    fn missing(&self, name: &str) -> Error {
+        Error::ModelLoad { path: self.path.to_owned(), message: format!("the file has no tensor `{name}`") }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// A weight matrix: block formats the kernels multiply stay as they are; F16, BF16 and F32 become floats.
+    fn matrix(&mut self, name: &str) -> Result<Matrix> {
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| self.missing(name))?;
+        let dims = info.shape.dims();
+        let (rows, cols) = match dims {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            _ => return Err(self.bad(name, &format!("has shape {dims:?}"))),
+        };
+        let (offset, dtype) = (self.content.tensor_data_offset + info.offset, info.ggml_dtype);
+        let data = match Format::from_ggml(dtype) {
+            Some(format) if cols % format.block_elems() == 0 => {
+                WeightData::Quant(format, self.read(name, offset, rows * format.row_bytes(cols))?)
+            }
+            _ => match dtype {
+                GgmlDType::F32 => WeightData::F32(
+                    self.read(name, offset, rows * cols * 4)?
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                ),
+                GgmlDType::F16 | GgmlDType::BF16 => {
+                    let bytes = self.read(name, offset, rows * cols * 2)?;
+                    let half = |b: &[u8]| match dtype {
+                        GgmlDType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                        _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    };
+                    WeightData::F32(bytes.chunks_exact(2).map(half).collect())
+                }
+                other => {
+                    return Err(self.bad(
+                        name,
+                        &format!(
+                            "is stored as {other:?} in rows of {cols}, which this engine does not multiply (it runs \
+                             F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K)"
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(Matrix { rows, cols, data })
+    }
+
+    fn bad(&self, name: &str, what: &str) -> Error {
+        Error::ModelLoad { path: self.path.to_owned(), message: format!("tensor `{name}` {what}") }
+    }
+
+    fn read(&mut self, name: &str, offset: u64, bytes: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; bytes];
+        self.file.seek(SeekFrom::Start(offset)).and_then(|_| self.file.read_exact(&mut buf)).map_err(|e| {
+            self.bad(name, &format!("cannot be read ({e}): the file is cut short or damaged; download it again"))
+        })?;
+        Ok(buf)
+    }
+
+    /// A vector (a norm's weights, a bias) of `len` floats.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let m = self.matrix(name)?;
+        if m.rows * m.cols != len {
+            return Err(self.bad(name, &format!("has {} values, expected {len}", m.rows * m.cols)));
+        }
+        let mut v = vec![0f32; m.cols];
+        m.row(0, &mut v);
+        Ok(v)
+    }
+
+    /// `blk.{layer}.{name}.weight` as a matrix of `rows × cols`.
+    fn layer_matrix(&mut self, layer: usize, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let full = format!("blk.{layer}.{name}.weight");
+        let m = self.matrix(&full)?;
+        if (m.rows, m.cols) != (rows, cols) {
+            return Err(self.bad(&full, &format!("is {}×{}, expected {rows}×{cols}", m.rows, m.cols)));
+        }
+        Ok(m)
+    }
+
+    fn layer_vector(&mut self, layer: usize, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.vector(&format!("blk.{layer}.{name}"), len)
+    }
+
+    /// The attention and feed-forward weights every architecture has, with the Llama layout's norms.
+    fn block(&mut self, c: &ModelConfig, l: usize) -> Result<Block> {
+        let (d, q, kv) = (c.n_embd, c.q_dim(), c.kv_dim());
+        Ok(Block {
+            attn_norm: self.layer_vector(l, "attn_norm.weight", d)?,
+            attn: Attention {
+                wq: self.layer_matrix(l, "attn_q", q, d)?,
+                wk: self.layer_matrix(l, "attn_k", kv, d)?,
+                wv: self.layer_matrix(l, "attn_v", kv, d)?,
+                wo: self.layer_matrix(l, "attn_output", d, q)?,
+                bias: None,
+                qk_norm: None,
+                rope: 0,
+                window: None,
+            },
+            post_attn_norm: None,
+            ffn_norm: self.layer_vector(l, "ffn_norm.weight", d)?,
+            ffn: FeedForward {
+                gate: self.layer_matrix(l, "ffn_gate", c.n_ff, d)?,
+                up: self.layer_matrix(l, "ffn_up", c.n_ff, d)?,
+                down: self.layer_matrix(l, "ffn_down", d, c.n_ff)?,
+                activation: Activation::Silu,
+            },
+            post_ffn_norm: None,
+        })
+    }
+
+    /// The output projection, or `None` when it is tied to the token embedding.
+    fn output(&mut self, c: &ModelConfig) -> Result<Option<Matrix>> {
+        if !self.has("output.weight") {
+            return Ok(None);
+        }
+        let m = self.matrix("output.weight")?;
+        if (m.rows, m.cols) != (c.vocab, c.n_embd) {
+            return Err(
+                self.bad("output.weight", &format!("is {}×{}, expected {}×{}", m.rows, m.cols, c.vocab, c.n_embd))
+            );
+        }
+        Ok(Some(m))
+    }
+}
+
+/// How the rotary embedding pairs a head's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RopeLayout {
+    /// Adjacent pairs (2i, 2i + 1): llama.cpp's "normal" RoPE, which GGUF Llama weights (permuted at conversion)
+    /// expect.
+    Adjacent,
+    /// Halves (i, i + head_dim / 2): GPT-NeoX's, and Qwen2's and Gemma 3's in GGUF.
+    Halves,
+}
+
+/// A rotary embedding (Su et al., "RoFormer", 2021): cos and sin of every position × frequency.
+struct Rope {
+    base: f32,
+    layout: RopeLayout,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    fn new(base: f32, layout: RopeLayout) -> Self {
+        Self { base, layout, cos: vec![], sin: vec![] }
+    }
+
+    fn fill(&mut self, head_dim: usize, positions: usize) {
+        let half = head_dim / 2;
+        (self.cos, self.sin) = (Vec::with_capacity(positions * half), Vec::with_capacity(positions * half));
+        for pos in 0..positions {
+            for i in 0..half {
+                let angle = pos as f32 * self.base.powf(-((2 * i) as f32) / head_dim as f32);
+                self.cos.push(angle.cos());
+                self.sin.push(angle.sin());
+            }
+        }
+    }
+
+    fn rotate(&self, heads: &mut [f32], head_dim: usize, pos: usize) {
+        let half = head_dim / 2;
+        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        for head in heads.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match self.layout {
+                    RopeLayout::Adjacent => (2 * i, 2 * i + 1),
+                    RopeLayout::Halves => (i, i + half),
+                };
+                let (x, y) = (head[a], head[b]);
+                head[a] = x * cos[i] - y * sin[i];
+                head[b] = x * sin[i] + y * cos[i];
+            }
+        }
+    }
+}
+
+/// A layer's self-attention.
+struct Attention {
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    /// Biases added to the query, key and value projections (Qwen2).
+    bias: Option<[Vec<f32>; 3]>,
+    /// RMS norms over each query and key head before the rotary embedding (Gemma 3).
+    qk_norm: Option<[Vec<f32>; 2]>,
+    /// Which of the model's rotary embeddings this layer uses.
+    rope: usize,
+    /// A sliding window: each position sees only this many positions, itself included (Gemma 3's local
+    /// layers); `None` sees the whole context.
+    window: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    /// SwiGLU's `silu(gate) · up` (Llama, Qwen2).
+    Silu,
+    /// GeGLU's `gelu(gate) · up`, the tanh approximation (Gemma).
+    GeluTanh,
+}
+
+struct FeedForward {
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+    activation: Activation,
+}
+
+/// One transformer layer: `x += post_attn_norm(attn(attn_norm(x)))`, `x += post_ffn_norm(ffn(ffn_norm(x)))`,
+/// the post-norms only where the architecture has them.
+struct Block {
+    attn_norm: Vec<f32>,
+    attn: Attention,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    ffn: FeedForward,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Matrix,
+    /// The embedding is multiplied by this (Gemma: √n_embd).
+    embed_scale: f32,
+    layers: Vec<Block>,
+    norm: Vec<f32>,
+    /// `None`: tied to the embedding, which is not copied.
+    output: Option<Matrix>,
+    ropes: Vec<Rope>,
+    max_positions: usize,
+}
+
+/// One sequence's part of a step: new tokens (a prompt chunk, or one decode token) and its cache.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether to compute logits for the last token (false for a prompt chunk that is not the last).
+    pub logits: bool,
+}
+
+impl Model {
+    /// Loads the architecture `general.architecture` names, for contexts of up to `max_positions` tokens.
+    pub fn load(content: &Content, file: &mut File, path: &Path, max_positions: usize) -> Result<Self> {
+        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        let mut weights = Weights { content, file, path };
+        let mut model = match arch.as_deref() {
+            Some("llama") => llama::load(&mut weights)?,
+            Some("qwen2") => qwen2::load(&mut weights)?,
+            Some("gemma3") => gemma3::load(&mut weights)?,
+            other => return Err(unsupported_architecture(other)),
+        };
+        model.set_max_positions(max_positions);
+        Ok(model)
+    }
+
+    /// The longest context the rotary tables cover.
+    pub fn set_max_positions(&mut self, positions: usize) {
+        for rope in &mut self.ropes {
+            rope.fill(self.config.head_dim, positions);
+        }
+        self.max_positions = positions;
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let block = |b: &Block| {
+            let a = &b.attn;
+            [&a.wq, &a.wk, &a.wv, &a.wo, &b.ffn.gate, &b.ffn.up, &b.ffn.down].iter().map(|m| m.bytes()).sum::<usize>()
+        };
+        self.embed.bytes()
+            + self.output.as_ref().map_or(0, Matrix::bytes)
+            + self.layers.iter().map(block).sum::<usize>()
+    }
+
+    /// Runs one step over every sequence's new tokens; returns the last-token logits of each step that asked.
+    ///
+    /// Each step's cache must hold blocks for its new tokens already (`KvCache::reserve`).
+    pub fn forward(&self, pool: &mut KvPool, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (d, q_dim, kv_dim, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
+        // Row r of the step belongs to sequence `owner[r]` at position `pos[r]`.
+        let (mut owner, mut pos) = (vec![], vec![]);
+        for (s, step) in steps.iter().enumerate() {
+            if step.cache.len + step.tokens.len() > self.max_positions {
+                return Err(Error::PromptTooLong {
+                    prompt_tokens: step.cache.len + step.tokens.len(),
+                    context_length: self.max_positions,
+                });
+            }
+            if step.cache.blocks.len() * BLOCK_SIZE < step.cache.len + step.tokens.len() {
+                return Err(Error::Internal("a sequence was scheduled without KV-cache blocks for its tokens".into()));
+            }
+            for i in 0..step.tokens.len() {
+                owner.push(s);
+                pos.push(step.cache.len + i);
+            }
+        }
+        let rows = owner.len();
+        let mut x = vec![0f32; rows * d];
+        for (row, token) in x.chunks_exact_mut(d).zip(steps.iter().flat_map(|s| s.tokens.iter())) {
+            if *token as usize >= c.vocab {
+                return Err(Error::InvalidRequest(format!("token id {token} is outside the vocabulary")));
+            }
+            self.embed.row(*token as usize, row);
+            if self.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= self.embed_scale);
+            }
+        }
+        let (mut q, mut k, mut v) = (vec![0f32; rows * q_dim], vec![0f32; rows * kv_dim], vec![0f32; rows * kv_dim]);
+        let mut attn = vec![0f32; rows * q_dim];
+        let mut proj = vec![0f32; rows * d];
+        let (mut gate, mut up) = (vec![0f32; rows * c.n_ff], vec![0f32; rows * c.n_ff]);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps);
+            let hq = Quantized::new(&h, rows, d);
+            Matrix::matmul_all(&hq, &mut [(&a.wq, &mut q), (&a.wk, &mut k), (&a.wv, &mut v)]);
+            if let Some([bq, bk, bv]) = &a.bias {
+                add_rows(&mut q, bq);
+                add_rows(&mut k, bk);
+                add_rows(&mut v, bv);
+            }
+            if let Some([q_norm, k_norm]) = &a.qk_norm {
+                q = rms_norm(&q, q_norm, c.rms_eps);
+                k = rms_norm(&k, k_norm, c.rms_eps);
+            }
+            let rope = &self.ropes[a.rope];
+            for r in 0..rows {
+                rope.rotate(&mut q[r * q_dim..(r + 1) * q_dim], hd, pos[r]);
+                rope.rotate(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, pos[r]);
+            }
+            // Write this step's keys and values into the pool, then attend: rows of a prompt chunk see earlier
+            // rows.
+            for (r, (kr, vr)) in k.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim)).enumerate() {
+                let table = &steps[owner[r]].cache.blocks;
+                pool.write(table[pos[r] / BLOCK_SIZE], pos[r] % BLOCK_SIZE, l, kr, vr);
+            }
+            self.attention(pool, l, a.window, steps, &owner, &pos, &q, &mut attn);
+            a.wo.matmul(&Quantized::new(&attn, rows, q_dim), &mut proj);
+            residual(&mut x, &mut proj, layer.post_attn_norm.as_deref(), c.rms_eps);
+
+            let f = &layer.ffn;
+            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
+            let hq = Quantized::new(&h, rows, d);
+            Matrix::matmul_all(&hq, &mut [(&f.gate, &mut gate), (&f.up, &mut up)]);
+            match f.activation {
+                Activation::Silu => silu_mul(&mut gate, &up),
+                Activation::GeluTanh => gelu_mul(&mut gate, &up),
+            }
+            f.down.matmul(&Quantized::new(&gate, rows, c.n_ff), &mut proj);
+            residual(&mut x, &mut proj, layer.post_ffn_norm.as_deref(), c.rms_eps);
+        }
+        let mut last_rows = vec![];
+        let mut end = 0;
+        for step in steps.iter_mut() {
+            end += step.tokens.len();
+            step.cache.len += step.tokens.len();
+            if step.logits {
+                last_rows.extend_from_slice(&x[(end - 1) * d..end * d]);
+            }
+        }
+        let n = last_rows.len() / d;
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let h = rms_norm(&last_rows, &self.norm, c.rms_eps);
+        let mut logits = vec![0f32; n * c.vocab];
+        self.output.as_ref().unwrap_or(&self.embed).matmul(&Quantized::new(&h, n, d), &mut logits);
+        Ok(logits.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Causal attention for every row of a step. Rows of one sequence go in runs (of `ATTN_ROWS` to
+    /// `ATTN_ROWS_MAX`: fewer tasks read the cache fewer times, enough keep every thread busy), and each task
+    /// takes a run and one key-value head: every cached block is converted from f16 once for all its rows and
+    /// for every query head that shares the key-value head (grouped-query attention), instead of once per row and
+    /// head. Each (row, head) is computed in the same order whatever else shares its task, so the result does not
+    /// depend on how rows were batched.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        pool: &KvPool,
+        layer: usize,
+        window: Option<usize>,
+        steps: &[Step<'_>],
+        owner: &[usize],
+        pos: &[usize],
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let (d, hd, group) = (c.q_dim(), c.head_dim, c.n_head / c.n_kv_head);
+        // Each sequence's rows in even runs of `ATTN_ROWS` to `ATTN_ROWS_MAX`, about two tasks per thread.
+        let mut tasks = vec![];
+        let (mut start, threads) = (0, rayon::current_num_threads());
+        while start < owner.len() {
+            let rows = owner[start..].iter().take_while(|&&o| o == owner[start]).count();
+            let run = (rows * c.n_kv_head).div_ceil(2 * threads).clamp(ATTN_ROWS, ATTN_ROWS_MAX);
+            let run = rows.div_ceil(rows.div_ceil(run));
+            for first in (start..start + rows).step_by(run) {
+                tasks.extend((0..c.n_kv_head).map(|g| (first..(first + run).min(start + rows), g)));
+            }
+            start += rows;
+        }
+        let results: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|(rows, g)| {
+                self.attend(pool, layer, window, &steps[owner[rows.start]].cache.blocks, q, rows.clone(), pos, *g)
+            })
+            .collect();
+        for ((rows, g), result) in tasks.iter().zip(&results) {
+            for (i, r) in rows.clone().enumerate() {
+                let heads = &mut out[r * d + g * group * hd..][..group * hd];
+                heads.copy_from_slice(&result[i * group * hd..][..group * hd]);
+            }
+        }
+    }
+
+    /// Attention of `rows` (of one sequence, at positions `pos`) for the query heads of key-value head `g` over
+    /// the sequence's blocks; returns row by row, head by head, `head_dim` values each.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        pool: &KvPool,
+        layer: usize,
+        window: Option<usize>,
+        table: &[u32],
+        q: &[f32],
+        rows: std::ops::Range<usize>,
+        pos: &[usize],
+        g: usize,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (d, hd, kv_dim, group) = (c.q_dim(), c.head_dim, c.kv_dim(), c.n_head / c.n_kv_head);
+        let kv = g * hd;
+        // Query `i * group + k` is row `rows.start + i`, head `g * group + k`, scaled; it sees `visible[i]`
+        // positions, and its scores are a row of `stride`.
+        // positions from `first[i]` on (all of them, or the last `window`).
+        let visible: Vec<usize> = rows.clone().map(|r| pos[r] + 1).collect();
+        let first: Vec<usize> = visible.iter().map(|v| window.map_or(0, |w| v.saturating_sub(w))).collect();
+        let most = visible.iter().copied().max().unwrap_or(0);
+        // Blocks wholly before every row's window are skipped.
+        let skip = first.iter().copied().min().unwrap_or(0) / BLOCK_SIZE;
+        let (queries, stride) = (visible.len() * group, most.next_multiple_of(BLOCK_SIZE));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut qs = Vec::with_capacity(queries * hd);
+        for r in rows.clone() {
+            qs.extend(q[r * d + g * group * hd..][..group * hd].iter().map(|x| x * scale));
+        }
+        SCORES.with_borrow_mut(|kept| {
+            // A long prompt's scores are not kept past this task.
+            let mut fresh = vec![];
+            let scores = if queries * stride > KEPT_SCORES {
+                fresh.resize(queries * stride, 0.0);
+                &mut fresh[..]
+            } else {
+                if kept.len() < queries * stride {
+                    kept.resize(queries * stride, 0.0);
+                }
+                &mut kept[..queries * stride]
+            };
+            // Every score a query reads is written first: `block_scores` fills whole blocks, the softmax zeroes
+            // what a query does not see.
+            let mut cached = vec![0f32; BLOCK_SIZE * hd];
+            let blocks = || table.iter().take(most.div_ceil(BLOCK_SIZE)).enumerate().skip(skip);
+            let ahead = |b: usize, value: bool| {
+                if let Some(&next) = table.get(b + 1).filter(|_| (b + 1) * BLOCK_SIZE < most) {
+                    let block = pool.block(next, layer, value);
+                    match value {
+                        false => prefetch(&block[kv * BLOCK_SIZE..], 0, hd * BLOCK_SIZE, 1),
+                        true => prefetch(&block[kv..], kv_dim, hd, BLOCK_SIZE),
+                    }
+                }
+            };
+            for (b, &block) in blocks() {
+                ahead(b, false);
+                let keys = &pool.block(block, layer, false)[kv * BLOCK_SIZE..];
+                gather_f32(keys, hd * BLOCK_SIZE, hd * BLOCK_SIZE, &mut cached);
+                block_scores(&qs, hd, &cached, &mut scores[b * BLOCK_SIZE..], stride);
+            }
+            // Softmax over the positions each query sees; those it does not see (in the blocks read) get weight 0.
+            for n in 0..queries {
+                let (row, unseen) = scores[n * stride..][..stride].split_at_mut(visible[n / group]);
+                let (before, row) = row.split_at_mut(first[n / group]);
+                softmax(row);
+                before[skip * BLOCK_SIZE..].fill(0.0);
+                unseen.fill(0.0);
+            }
+            let mut out = vec![0f32; queries * hd];
+            for (b, &block) in blocks() {
+                ahead(b, true);
+                let n = (most - b * BLOCK_SIZE).min(BLOCK_SIZE);
+                gather_f32(&pool.block(block, layer, true)[kv..], kv_dim, hd, &mut cached[..n * hd]);
+                block_values(&mut out, hd, &scores[b * BLOCK_SIZE..], stride, n, &cached[..n * hd]);
+            }
+            out
+        })
+    }
+}
+
+/// An unsupported `general.architecture`, with what is supported.
+fn unsupported_architecture(arch: Option<&str>) -> Error {
+    Error::UnsupportedModel(format!(
+        "architecture `{}` is not supported; this engine runs {} GGUF models",
+        arch.unwrap_or("(none: the file has no general.architecture)"),
+        ARCHITECTURES.join(", ")
+    ))
+}
+
+/// RMS norm of each row of `weight.len()` values (a token's embedding, or one attention head).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len();
+    let mut out = vec![0f32; x.len()];
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+    out
+}
+
+/// `x += y`, with `y` normed first where the layer has a post-norm.
+fn residual(x: &mut [f32], y: &mut Vec<f32>, norm: Option<&[f32]>, eps: f32) {
+    if let Some(weight) = norm {
+        *y = rms_norm(y, weight, eps);
+    }
+    for (a, b) in x.iter_mut().zip(y.iter()) {
+        *a += b;
+    }
+}
+
+/// Adds `bias` to every row.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (a, b) in row.iter_mut().zip(bias) {
+            *a += b;
+        }
+    }
+}
