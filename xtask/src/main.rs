@@ -218,7 +218,12 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         Some("engine") => {
             forwarded.extend(args[1..].iter().cloned());
             status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(&forwarded))?;
-            return llama_bench();
+            // The anchor runs the same file.
+            let model = match args.iter().position(|a| a == "--model").and_then(|i| args.get(i + 1)) {
+                None => moltbot_config::default_model_path(),
+                Some(name) => moltbot_config::packaged_model(name).map_or_else(|| PathBuf::from(name), |m| m.path()),
+            };
+            return llama_bench(&model);
         }
         Some("http") => {
             forwarded.push("--http-only".into());
@@ -336,32 +341,34 @@ fn llama_cpp_bin() -> PathBuf {
 /// The anchor for `bench engine`: llama-bench (prompt processing of 64 and 512 tokens, one-stream decode, 32
 /// tokens after 64 and 1024 in the cache) and
 /// llama-batched-bench (1, 4 and 16 streams) on the same model and threads, when built.
-fn llama_bench() -> anyhow::Result<()> {
+fn llama_bench(model: &Path) -> anyhow::Result<()> {
     let bin = llama_cpp_bin();
     if !bin.join("llama-bench").is_file() {
         eprintln!("bench: no llama.cpp in {} (../shared/tools/build_llamacpp.sh builds it); no anchor", bin.display());
         return Ok(());
     }
-    let model = moltbot_config::default_model_path();
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).to_string();
     println!("anchor: llama.cpp ({}), built with {}", bin.display(), llama_cpp_build(&bin));
-    status(
+    // Under GNU time where it is installed, for llama-bench's peak RSS.
+    let mut bench = if Path::new("/usr/bin/time").is_file() {
+        let mut time = Command::new("/usr/bin/time");
+        time.args(["-f", "llama-bench peak RSS: %M KB"]).arg(bin.join("llama-bench"));
+        time
+    } else {
         Command::new(bin.join("llama-bench"))
-            .arg("-m")
-            .arg(&model)
-            .args(["-t", &threads, "-p", "64,512", "-n", "64", "-r", "5"]),
-    )?;
+    };
+    status(bench.arg("-m").arg(model).args(["-t", &threads, "-p", "64,512", "-n", "64", "-r", "5"]))?;
     // A follow-up turn: 32 new tokens after 64 and 1024 tokens already in the KV cache.
     status(
         Command::new(bin.join("llama-bench"))
             .arg("-m")
-            .arg(&model)
+            .arg(model)
             .args(["-t", &threads, "-p", "32", "-n", "0", "-d", "64,1024", "-r", "5"]),
     )?;
     status(
         Command::new(bin.join("llama-batched-bench"))
             .arg("-m")
-            .arg(&model)
+            .arg(model)
             .args(["-t", &threads, "-c", "4096", "-b", "1024", "-ub", "512", "-npp", "8", "-ntg", "64"])
             .args(["-npl", "1,4,16"])
             .stderr(std::process::Stdio::null()),

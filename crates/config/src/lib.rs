@@ -382,7 +382,8 @@ pub struct ModelProviderConfig {
     pub max_tokens: u32,
     /// Layers on the GPU: 0 runs on the CPU, any other value on CUDA device 0 (all layers; needs the `cuda` build).
     pub gpu_layers: u32,
-    /// Only `none` today: GGUF files carry their own quantization.
+    /// `none`: weights as the GGUF file stores them; `8bit` / `4bit`: F32, F16 (and for 4bit Q8_0) weights
+    /// re-quantized at load, for a machine short of memory.
     pub quantization: String,
     /// Caps the context window below the model's own (0: the model's).
     pub context_length: u32,
@@ -596,10 +597,11 @@ impl Config {
         if self.model_provider.provider() == ProviderType::RemoteApi {
             return bad("model_provider.type", "remote_api is not available yet; use local_llm");
         }
-        if !matches!(self.model_provider.quantization.as_str(), "none" | "") {
+        if !matches!(self.model_provider.quantization.as_str(), "none" | "" | "4bit" | "8bit") {
             return bad(
                 "model_provider.quantization",
-                "GGUF models carry their own quantization; pick a quantized GGUF file (e.g. Q4_1) and set `none`",
+                "must be `none` (weights as the GGUF file stores them), `8bit` (F32/F16 weights to Q8_0 at load) or \
+                 `4bit` (F32/F16/Q8_0 weights to Q4_K or Q4_0 at load)",
             );
         }
         if self.inference_worker.max_batch_size == 0 || self.inference_worker.max_batch_tokens == 0 {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::{
     ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
     Tokenizer, ToolCall, ToolCallParser, Tools, Usage,
-    model::{BLOCK_SIZE, KvCache, KvPool, Model, Step},
+    model::{BLOCK_SIZE, KvCache, KvPool, Model, Quantization, Step},
     sampling::Sampler,
 };
 
@@ -62,6 +62,11 @@ pub struct EngineConfig {
     /// Keeps the KV blocks of finished sequences for reuse by later requests that start with the same tokens
     /// (a conversation's next turn, a shared system prompt).
     pub prefix_caching: bool,
+    /// Re-quantizes wide weights at load (`model_provider.quantization`).
+    pub quantization: Quantization,
+    /// Memory the model may take, in bytes; what the machine or container has available when unset. Start-up
+    /// refuses a model, KV cache and working memory that would not fit.
+    pub memory_limit: Option<u64>,
 }
 
 /// How big the KV-cache pool is.
@@ -122,6 +127,8 @@ impl EngineConfig {
             max_waiting: 1024,
             max_prompt_tokens: None,
             prefix_caching: true,
+            quantization: Quantization::None,
+            memory_limit: None,
         }
     }
 }
@@ -244,6 +251,8 @@ struct Inner {
     name: String,
     metadata: ModelMetadata,
     context_length: usize,
+    /// Bytes the model's weights take in memory.
+    weight_bytes: usize,
     max_sequences: usize,
     max_waiting: usize,
     /// Prompt tokens a request may have: the window or the configured cap below it.
@@ -262,7 +271,37 @@ impl Engine {
             return Err(Error::ModelNotFound { path: path.clone() });
         }
         let mut file = File::open(path).map_err(|e| load_err(&e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| load_err(&e))?;
+        let mut magic = [0u8; 4];
+        if std::io::Read::read_exact(&mut file, &mut magic).is_err() || &magic != b"GGUF" {
+            return Err(load_err(&format!(
+                "not a GGUF file (it starts with {magic:02x?}; GGUF files start with `GGUF`): point \
+                 model_provider.model_path at a .gguf file, or set model_provider.model to a packaged model"
+            )));
+        }
+        std::io::Seek::rewind(&mut file).map_err(|e| load_err(&e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            load_err(&format!(
+                "its GGUF header cannot be read ({e}): the file is damaged, or uses a tensor type or GGUF version \
+                 this engine does not know"
+            ))
+        })?;
+        // Every tensor must lie within the file: a download cut short fails here, not halfway through loading.
+        let needed = content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+                content.tensor_data_offset + t.offset + bytes as u64
+            })
+            .max()
+            .unwrap_or(0);
+        let size = file.metadata().map_err(|e| load_err(&e))?.len();
+        if size < needed {
+            return Err(load_err(&format!(
+                "the file is cut short: it has {size} bytes and its tensors need {needed}; download it again \
+                 (`cargo xtask model` checks a packaged model's sha256)"
+            )));
+        }
         let metadata = ModelMetadata::from_gguf(&content)?;
         let tokenizer = Tokenizer::from_metadata(&metadata)?;
         let template = ChatTemplate::new(
@@ -280,11 +319,21 @@ impl Engine {
             .flatten()
             .min()
             .unwrap_or(MAX_CONTEXT);
-        let mut model = Model::load(&content, &mut file, path, context_length)?;
+        let shape = crate::model::ModelConfig::read(&content)?;
         let blocks = match config.kv_cache {
             KvBudget::Blocks(n) => n,
-            KvBudget::Bytes(bytes) => bytes / KvPool::block_bytes(&model.config),
+            KvBudget::Bytes(bytes) => bytes / KvPool::block_bytes(&shape),
         };
+        let plan = crate::memory::MemoryPlan::new(
+            &content,
+            &shape,
+            config.quantization,
+            blocks,
+            config.max_batch_tokens,
+            config.max_batch_size.max(1),
+        );
+        crate::memory::check(&plan, config.memory_limit.or_else(crate::memory::available_memory), path)?;
+        let mut model = Model::load(&content, &mut file, path, context_length, config.quantization)?;
         if blocks * BLOCK_SIZE < context_length {
             // One sequence must always fit whole, or the oldest sequence could not finish.
             tracing::warn!(
@@ -298,6 +347,7 @@ impl Engine {
         if context_length < 2 {
             return Err(load_err(&"the KV cache is too small for even one block; raise its budget"));
         }
+        let weight_bytes = model.weight_bytes();
         let pool = KvPool::new(&model.config, blocks, config.prefix_caching);
         let stats = Arc::new(SharedStats::default());
         stats.kv_blocks_total.store(blocks, Relaxed);
@@ -344,7 +394,7 @@ impl Engine {
         let name = config.name.unwrap_or_else(|| metadata.name.clone());
         tracing::info!(
             model = %name, path = %path.display(), context_length, max_sequences, kv_blocks = blocks, threads,
-            "model loaded"
+            weights_mib = weight_bytes >> 20, "model loaded"
         );
         let max_waiting = config.max_waiting.max(1);
         Ok(Self {
@@ -355,6 +405,7 @@ impl Engine {
                 name,
                 metadata,
                 context_length,
+                weight_bytes,
                 max_sequences,
                 max_waiting,
                 max_prompt: config.max_prompt_tokens,
@@ -375,6 +426,11 @@ impl Engine {
 
     pub fn context_length(&self) -> usize {
         self.inner.context_length
+    }
+
+    /// Bytes the model's weights take in memory (quantized blocks as the file stores them).
+    pub fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes
     }
 
     pub fn device(&self) -> &str {

@@ -14,6 +14,8 @@ pub enum Error {
     ModelLoad { path: PathBuf, message: String },
     #[error("ModelLoadError: {0}")]
     UnsupportedModel(String),
+    #[error("ModelLoadError: not enough memory: {0}")]
+    OutOfMemory(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template error: {0}")]

@@ -9,6 +9,7 @@ mod error;
 mod gguf;
 pub mod kernels;
 pub mod kv;
+pub mod memory;
 pub mod model;
 mod sampling;
 mod template;
@@ -21,6 +22,7 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use gguf::ModelMetadata;
+pub use model::Quantization;
 pub use sampling::{FinishReason, MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams, StopMatcher, Usage};
 pub use template::{ChatMessage, ChatTemplate, OwnedPiece};
 pub use tokenizer::{Detokenizer, Piece, Tokenizer};

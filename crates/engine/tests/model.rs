@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 #[path = "model/architectures.rs"]
 mod architectures;
+#[path = "model/files.rs"]
+mod files;
 
 use moltbot_engine::{
     ChatMessage, Engine, EngineConfig, EngineStats, FinishReason, GenerationEvent, GenerationRequest, KvBudget, Prompt,
@@ -400,7 +402,7 @@ fn logits_match_candle_quantized_llama() {
 
     let mut file = std::fs::File::open(&path).unwrap();
     let content = Content::read(&mut file).unwrap();
-    let ours = Model::load(&content, &mut file, &path, 512).unwrap();
+    let ours = Model::load(&content, &mut file, &path, 512, Default::default()).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
 
     let mut pool = KvPool::new(&ours.config, 512 / moltbot_engine::model::BLOCK_SIZE, false);

@@ -34,7 +34,8 @@ fn code(e: &moltbot_engine::Error) -> ErrorCode {
         | Error::Template(_)
         | Error::ModelNotFound { .. }
         | Error::ModelLoad { .. }
-        | Error::UnsupportedModel(_) => ErrorCode::Internal,
+        | Error::UnsupportedModel(_)
+        | Error::OutOfMemory(_) => ErrorCode::Internal,
     }
 }
 

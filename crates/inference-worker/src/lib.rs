@@ -20,6 +20,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use drive::drive;
+use moltbot_engine::Quantization;
 pub use service::InferenceService;
 
 /// Loads the configured model.
@@ -38,6 +39,11 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
         max_prompt_tokens: (config.inference_worker.max_prompt_tokens > 0)
             .then_some(config.inference_worker.max_prompt_tokens),
         prefix_caching: config.inference_worker.prefix_caching,
+        quantization: match provider.quantization.as_str() {
+            "4bit" => Quantization::Bits4,
+            "8bit" => Quantization::Bits8,
+            _ => Quantization::None,
+        },
         ..EngineConfig::new(provider.resolved_model_path())
     })
 }

@@ -9,9 +9,9 @@ mod conversation;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF model; the default model when unset.
+    /// A packaged model's name (`cargo xtask model --list`) or a GGUF file; the default model when unset.
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Tokens to generate per sequence.
     #[arg(long, default_value_t = 64)]
     tokens: u32,
@@ -323,7 +323,10 @@ async fn mode_overhead(url: &str, turns: usize) -> anyhow::Result<()> {
 }
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
-    let model_path = args.model.clone().unwrap_or_else(moltbot_config::default_model_path);
+    let model_path = match args.model.as_deref() {
+        None => moltbot_config::default_model_path(),
+        Some(name) => moltbot_config::packaged_model(name).map_or_else(|| PathBuf::from(name), |m| m.path()),
+    };
     let model_path = model_path.as_path();
     // Without the prefix cache: every run computes its whole prompt (`bench conversation` measures the cache).
     let config = EngineConfig {
@@ -332,6 +335,14 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         ..EngineConfig::new(model_path)
     };
     let engine = Engine::load(config)?;
+    let file_mib = std::fs::metadata(model_path).map_or(0, |m| m.len() >> 20);
+    println!(
+        "model: {} ({}, {file_mib} MiB file); RSS after loading: {} MiB, weights in memory: {} MiB",
+        model_path.display(),
+        engine.metadata().architecture,
+        rss_mib("VmRSS:"),
+        engine.weight_bytes() >> 20
+    );
     engine.submit(GenerationRequest::new(Prompt::Text("Hi".into()), greedy(2)))?.collect().await?;
     let repeat = args.repeat.max(1);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -528,11 +539,15 @@ async fn ttft_under_load(engine: &Engine, prompt: &[u32], args: &Args) -> anyhow
 
 /// The process's peak resident memory (Linux), 0 elsewhere.
 fn peak_rss_mib() -> u64 {
+    rss_mib("VmHWM:")
+}
+
+/// A memory figure of this process from `/proc/self/status` (`VmRSS:` now, `VmHWM:` the peak), in MiB.
+fn rss_mib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok()))
+            s.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok()))
         })
         .flatten()
         .map_or(0, |kb| kb / 1024)

@@ -64,6 +64,15 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The sizes of the model in a GGUF file, whatever its architecture.
+    pub fn read(content: &Content) -> Result<Self> {
+        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        match arch.as_deref() {
+            Some(arch) if ARCHITECTURES.contains(&arch) => Self::from_gguf(content, arch),
+            other => Err(unsupported_architecture(other)),
+        }
+    }
+
     /// The sizes every architecture shares, under its own key prefix.
     fn from_gguf(content: &Content, arch: &str) -> Result<Self> {
         let md = &content.metadata;
@@ -120,11 +129,41 @@ impl ModelConfig {
     }
 }
 
-/// Reads tensors from a GGUF file, each into memory as the file stores it.
+/// Re-quantization at load (`model_provider.quantization`): for a user short of memory with an F32, F16 or Q8
+/// model file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Quantization {
+    /// Weights as the file stores them (F16, BF16 and F32 widened to f32).
+    #[default]
+    None,
+    /// F32, F16, BF16 and Q8_0 matrices to Q4_K (Q4_0 where rows are not a multiple of 256): about 4.5 bits a
+    /// weight.
+    Bits4,
+    /// F32, F16 and BF16 matrices to Q8_0: 8.5 bits a weight.
+    Bits8,
+}
+
+/// How a tensor of `dtype` with `ndims` dimensions and rows of `cols` sits in memory: a block format the
+/// kernels multiply, or f32 (`None`). Vectors (norms, biases) stay f32.
+pub(crate) fn stored_format(dtype: GgmlDType, ndims: usize, cols: usize, quantization: Quantization) -> Option<Format> {
+    let wide = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    let target = match quantization {
+        _ if ndims < 2 => None,
+        Quantization::Bits4 if wide || dtype == GgmlDType::Q8_0 => {
+            Some(if cols.is_multiple_of(crate::kernels::blocks::QK_K) { Format::Q4K } else { Format::Q4_0 })
+        }
+        Quantization::Bits8 if wide => Some(Format::Q8_0),
+        _ => None,
+    };
+    target.or_else(|| Format::from_ggml(dtype)).filter(|f| cols.is_multiple_of(f.block_elems()))
+}
+
+/// Reads tensors from a GGUF file, each into memory as the file stores it (or re-quantized).
 pub(crate) struct Weights<'a> {
     content: &'a Content,
     file: &'a mut File,
     path: &'a Path,
+    quantization: Quantization,
 }
 
 impl Weights<'_> {
@@ -176,7 +215,11 @@ impl Weights<'_> {
                 }
             },
         };
-        Ok(Matrix { rows, cols, data })
+        let matrix = Matrix { rows, cols, data };
+        match stored_format(dtype, dims.len(), cols, self.quantization) {
+            Some(target) if Format::from_ggml(dtype) != Some(target) => Ok(requantize(&matrix, target)?),
+            _ => Ok(matrix),
+        }
     }
 
     fn bad(&self, name: &str, what: &str) -> Error {
@@ -376,9 +419,15 @@ pub struct Step<'a> {
 
 impl Model {
     /// Loads the architecture `general.architecture` names, for contexts of up to `max_positions` tokens.
-    pub fn load(content: &Content, file: &mut File, path: &Path, max_positions: usize) -> Result<Self> {
+    pub fn load(
+        content: &Content,
+        file: &mut File,
+        path: &Path,
+        max_positions: usize,
+        quantization: Quantization,
+    ) -> Result<Self> {
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        let mut weights = Weights { content, file, path };
+        let mut weights = Weights { content, file, path, quantization };
         let mut model = match arch.as_deref() {
             Some("llama") => llama::load(&mut weights)?,
             Some("qwen2") => qwen2::load(&mut weights)?,
@@ -631,6 +680,24 @@ impl Model {
             out
         })
     }
+}
+
+/// `matrix` in `target`, a few thousand rows at a time (candle's quantizers, on rows read back as floats), so
+/// a large embedding never sits in memory as f32 whole.
+fn requantize(matrix: &Matrix, target: Format) -> Result<Matrix> {
+    let (rows, cols) = (matrix.rows, matrix.cols);
+    let chunk = (1 << 22) / cols.max(1);
+    let mut bytes = Vec::with_capacity(rows * target.row_bytes(cols));
+    let mut floats = vec![0f32; chunk.max(1) * cols];
+    for first in (0..rows).step_by(chunk.max(1)) {
+        let n = chunk.max(1).min(rows - first);
+        for (i, row) in floats[..n * cols].chunks_exact_mut(cols).enumerate() {
+            matrix.row(first + i, row);
+        }
+        let t = candle_core::Tensor::from_slice(&floats[..n * cols], (n, cols), &candle_core::Device::Cpu)?;
+        bytes.extend_from_slice(&candle_core::quantized::QTensor::quantize(&t, target.ggml())?.data()?);
+    }
+    Ok(Matrix { rows, cols, data: WeightData::Quant(target, bytes) })
 }
 
 /// An unsupported `general.architecture`, with what is supported.

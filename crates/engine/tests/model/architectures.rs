@@ -79,7 +79,7 @@ fn compare(step: usize, got: &[f32], want: &[f32]) -> u32 {
 fn against(path: &Path, ids: Vec<u32>, mut reference: impl FnMut(&[u32], usize) -> Vec<f32>) {
     let mut file = std::fs::File::open(path).unwrap();
     let content = Content::read(&mut file).unwrap();
-    let ours = Model::load(&content, &mut file, path, 2048).unwrap();
+    let ours = Model::load(&content, &mut file, path, 2048, Default::default()).unwrap();
     let mut pool = KvPool::new(&ours.config, 2048 / BLOCK_SIZE, false);
     let mut cache = KvCache::new();
     let (mut tokens, mut position) = (ids, 0);
