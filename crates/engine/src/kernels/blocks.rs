@@ -264,47 +264,82 @@ pub(super) mod x86 {
         _mm256_and_si256(_mm256_srl_epi16(load32(bytes), _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(0x0f))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q4_0(b: &[u8], _: usize) -> Unit {
-        let d = f16x2(b[0], b[1], 0, 0).0;
-        Unit { w: nibbles16(&b[2..18]), scale: _mm256_set1_ps(d), offset: -8.0 * d }
+    /// A block's scales and offsets, read once for all its units: `scale[j]` and `offset[j]` of unit `j`
+    /// (Q6_K: `scale[i]` of sub-block `i` of 16).
+    pub struct Head {
+        pub scale: [f32; 16],
+        pub offset: [f32; 8],
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q5_0(b: &[u8], _: usize) -> Unit {
+    pub fn head_32(b: &[u8], zero: f32) -> Head {
         let d = f16x2(b[0], b[1], 0, 0).0;
+        let mut head = Head { scale: [0.0; 16], offset: [0.0; 8] };
+        (head.scale[0], head.offset[0]) = (d, -zero * d);
+        head
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn head_k4(b: &[u8]) -> Head {
+        let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
+        let mut head = Head { scale: [0.0; 16], offset: [0.0; 8] };
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &b[4..16]);
+            head.scale[j] = d * f32::from(sc);
+            head.offset[j] = -dmin * f32::from(m);
+        }
+        head
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn head_q6_k(b: &[u8]) -> Head {
+        let d = f16x2(b[208], b[209], 0, 0).0;
+        let mut head = Head { scale: [0.0; 16], offset: [0.0; 8] };
+        for (scale, &sc) in head.scale.iter_mut().zip(&b[192..208]) {
+            *scale = d * f32::from(sc as i8);
+        }
+        head
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q4_0(b: &[u8], _: usize, head: &Head) -> Unit {
+        Unit { w: nibbles16(&b[2..18]), scale: _mm256_set1_ps(head.scale[0]), offset: head.offset[0] }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5_0(b: &[u8], _: usize, head: &Head) -> Unit {
         let high = bits_to_16s(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
-        Unit { w: _mm256_or_si256(nibbles16(&b[6..22]), high), scale: _mm256_set1_ps(d), offset: -16.0 * d }
+        let w = _mm256_or_si256(nibbles16(&b[6..22]), high);
+        Unit { w, scale: _mm256_set1_ps(head.scale[0]), offset: head.offset[0] }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q4_k(b: &[u8], j: usize) -> Unit {
-        let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
-        let (sc, m) = scale_min_k4(j, &b[4..16]);
+    pub fn q4_k(b: &[u8], j: usize, head: &Head) -> Unit {
         let w = nibbles32(&b[16 + 32 * (j / 2)..], 4 * (j % 2) as i32);
-        Unit { w, scale: _mm256_set1_ps(d * f32::from(sc)), offset: -dmin * f32::from(m) }
+        Unit { w, scale: _mm256_set1_ps(head.scale[j]), offset: head.offset[j] }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q5_k(b: &[u8], j: usize) -> Unit {
-        let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
-        let (sc, m) = scale_min_k4(j, &b[4..16]);
+    pub fn q5_k(b: &[u8], j: usize, head: &Head) -> Unit {
         let low = nibbles32(&b[48 + 32 * (j / 2)..], 4 * (j % 2) as i32);
         // Bit j of each high byte, moved to bit 4 (a 16-bit shift: bit 0 of each byte is its own bit j).
         let bit =
             _mm256_and_si256(_mm256_srl_epi16(load32(&b[16..48]), _mm_cvtsi32_si128(j as i32)), _mm256_set1_epi8(1));
         let w = _mm256_or_si256(low, _mm256_slli_epi16(bit, 4));
-        Unit { w, scale: _mm256_set1_ps(d * f32::from(sc)), offset: -dmin * f32::from(m) }
+        Unit { w, scale: _mm256_set1_ps(head.scale[j]), offset: head.offset[j] }
     }
 
-    /// Signed: q - 32.
+    /// Signed: q - 32; sub-block `2j` scales the first 16 weights, `2j + 1` the rest.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q6_k(b: &[u8], j: usize) -> Unit {
+    pub fn q6_k(b: &[u8], j: usize, head: &Head) -> Unit {
         let (n, r) = (j / 4, j % 4);
         let low = nibbles32(&b[64 * n + 32 * (r & 1)..], 4 * (r >> 1) as i32);
         let high = _mm256_and_si256(
@@ -312,9 +347,8 @@ pub(super) mod x86 {
             _mm256_set1_epi8(3),
         );
         let w = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
-        let d = f16x2(b[208], b[209], 0, 0).0;
-        let sc = |i: usize| _mm_set1_ps(d * f32::from(b[192 + 8 * n + 2 * r + i] as i8));
-        Unit { w, scale: _mm256_set_m128(sc(1), sc(0)), offset: 0.0 }
+        let scale = _mm256_set_m128(_mm_set1_ps(head.scale[2 * j + 1]), _mm_set1_ps(head.scale[2 * j]));
+        Unit { w, scale, offset: 0.0 }
     }
 
     /// The formats the generic kernel stamps out (a const parameter, so each decoder is inlined).
@@ -325,15 +359,28 @@ pub(super) mod x86 {
     pub const Q6_K: u8 = 4;
 
     #[inline(always)]
-    pub fn decode<const F: u8>(block: &[u8], j: usize) -> Unit {
+    pub fn head<const F: u8>(block: &[u8]) -> Head {
         // SAFETY: only called from kernels compiled with at least these features, detected at run time.
         unsafe {
             match F {
-                Q4_0 => q4_0(block, j),
-                Q5_0 => q5_0(block, j),
-                Q4_K => q4_k(block, j),
-                Q5_K => q5_k(block, j),
-                _ => q6_k(block, j),
+                Q4_0 => head_32(block, 8.0),
+                Q5_0 => head_32(block, 16.0),
+                Q4_K | Q5_K => head_k4(block),
+                _ => head_q6_k(block),
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub fn decode<const F: u8>(block: &[u8], j: usize, head: &Head) -> Unit {
+        // SAFETY: as for `head`.
+        unsafe {
+            match F {
+                Q4_0 => q4_0(block, j, head),
+                Q5_0 => q5_0(block, j, head),
+                Q4_K => q4_k(block, j, head),
+                Q5_K => q5_k(block, j, head),
+                _ => q6_k(block, j, head),
             }
         }
     }
@@ -345,7 +392,7 @@ pub(super) mod x86 {
                 use std::arch::x86_64::*;
 
                 use super::super::{Format, QK};
-                use super::{Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, decode};
+                use super::{Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, decode, head};
                 use crate::kernels::{Rows, TILE};
 
                 /// Dot products of one weight row in `format` with every activation row.
@@ -406,22 +453,27 @@ pub(super) mod x86 {
                     let mut acc = [_mm256_setzero_ps(); N];
                     let mut offset = [0f32; N];
                     let (q, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-                    for u in 0..units {
-                        // SAFETY: unit u's block, and block u of rows t0..t0 + N, are in bounds (the caller's
-                        // asserts).
+                    for first in (0..units).step_by(per_block) {
+                        // SAFETY: the block of units first..first + per_block, and block u of rows t0..t0 + N,
+                        // are in bounds (the caller's asserts).
                         unsafe {
-                            let start = row.as_ptr().add(u / per_block * block_bytes);
-                            let unit = decode::<F>(std::slice::from_raw_parts(start, block_bytes), u % per_block);
-                            let w = if signed { _mm256_sign_epi8(unit.w, unit.w) } else { unit.w };
-                            for i in 0..N {
-                                let xb = (t0 + i) * units + u;
-                                let qv = _mm256_loadu_si256(q.add(xb * QK).cast());
-                                // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
-                                let qv = if signed { _mm256_sign_epi8(qv, unit.w) } else { qv };
-                                let scale = _mm256_mul_ps(unit.scale, _mm256_set1_ps(*xd.add(xb)));
-                                acc[i] = _mm256_fmadd_ps(scale, $dot(w, qv), acc[i]);
-                                if !signed {
-                                    offset[i] += unit.offset * *xs.add(xb);
+                            let start = row.as_ptr().add(first / per_block * block_bytes);
+                            let block = std::slice::from_raw_parts(start, block_bytes);
+                            let head = head::<F>(block);
+                            for j in 0..per_block {
+                                let u = first + j;
+                                let unit = decode::<F>(block, j, &head);
+                                let w = if signed { _mm256_sign_epi8(unit.w, unit.w) } else { unit.w };
+                                for i in 0..N {
+                                    let xb = (t0 + i) * units + u;
+                                    let qv = _mm256_loadu_si256(q.add(xb * QK).cast());
+                                    // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                    let qv = if signed { _mm256_sign_epi8(qv, unit.w) } else { qv };
+                                    let scale = _mm256_mul_ps(unit.scale, _mm256_set1_ps(*xd.add(xb)));
+                                    acc[i] = _mm256_fmadd_ps(scale, $dot(w, qv), acc[i]);
+                                    if !signed {
+                                        offset[i] += unit.offset * *xs.add(xb);
+                                    }
                                 }
                             }
                         }
