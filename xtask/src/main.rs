@@ -222,10 +222,11 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             forwarded.extend(args[1..].iter().cloned());
             status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(&forwarded))?;
             // The anchor runs the same file.
-            let model = match args.iter().position(|a| a == "--model").and_then(|i| args.get(i + 1)) {
-                None => moltbot_config::default_model_path(),
-                Some(name) => moltbot_config::packaged_model(name).map_or_else(|| PathBuf::from(name), |m| m.path()),
-            };
+            let model = args
+                .iter()
+                .position(|a| a == "--model")
+                .and_then(|i| args.get(i + 1))
+                .map_or_else(moltbot_config::default_model_path, |name| moltbot_config::model_file(name));
             return llama_bench(&model);
         }
         Some("http") => {

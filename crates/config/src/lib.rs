@@ -4,7 +4,7 @@
 //! variables with `__` between nested keys. Unknown keys and bad values are rejected with their path.
 
 mod models;
-pub use models::{PACKAGED_MODELS, PackagedModel, packaged_model, packaged_model_names};
+pub use models::{PACKAGED_MODELS, PackagedModel, model_file, packaged_model, packaged_model_names};
 
 use std::{
     net::SocketAddr,
@@ -575,6 +575,13 @@ impl Config {
         if self.model_provider.model_name.is_empty() {
             return bad("model_provider.model_name", "must not be empty");
         }
+        if !self.model_provider.model.is_empty() && !self.model_provider.model_path.as_os_str().is_empty() {
+            return bad(
+                "model_provider.model",
+                "is set together with model_provider.model_path; set one of them (a packaged model by name, or a \
+                 GGUF file of your own)",
+            );
+        }
         if !self.model_provider.model.is_empty() && packaged_model(&self.model_provider.model).is_none() {
             return bad(
                 "model_provider.model",
@@ -643,6 +650,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packaged_model_is_served_under_its_name_and_unknown_or_doubled_choices_are_refused() {
+        let load = |yaml: &str| {
+            Config::from_figment(&Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)))
+        };
+        let config = load("model_provider:\n  model: gemma-3-270m\n").unwrap();
+        assert_eq!(config.model_provider.model_name, "gemma-3-270m");
+        assert_eq!(config.model_provider.resolved_model_path(), packaged_model("gemma-3-270m").unwrap().path());
+        let named = load("model_provider:\n  model: gemma-3-270m\n  model_name: g\n").unwrap();
+        assert_eq!(named.model_provider.model_name, "g");
+        let unknown = load("model_provider:\n  model: nope\n").unwrap_err().to_string();
+        assert!(
+            unknown.contains("model_provider.model") && unknown.contains("qwen2.5-coder-0.5b-instruct"),
+            "{unknown}"
+        );
+        let both = load("model_provider:\n  model: gemma-3-270m\n  model_path: /m.gguf\n").unwrap_err().to_string();
+        assert!(both.contains("model_path"), "{both}");
+    }
 
     fn load(yaml: &str) -> Result<Config> {
         Config::from_figment(&Figment::from(Serialized::defaults(Config::default())).merge(Yaml::string(yaml)))

@@ -86,3 +86,8 @@ pub fn packaged_model(name: &str) -> Option<&'static PackagedModel> {
 pub fn packaged_model_names() -> String {
     PACKAGED_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
+
+/// A packaged model's path by its name, or `name_or_path` itself as a file (the `--model` of the bench commands).
+pub fn model_file(name_or_path: &str) -> PathBuf {
+    packaged_model(name_or_path).map_or_else(|| PathBuf::from(name_or_path), PackagedModel::path)
+}

@@ -272,7 +272,10 @@ impl Engine {
         }
         let mut file = File::open(path).map_err(|e| load_err(&e))?;
         let mut magic = [0u8; 4];
-        if std::io::Read::read_exact(&mut file, &mut magic).is_err() || &magic != b"GGUF" {
+        if std::io::Read::read_exact(&mut file, &mut magic).is_err() {
+            return Err(load_err(&"the file is shorter than a GGUF header: download it again"));
+        }
+        if &magic != b"GGUF" {
             return Err(load_err(&format!(
                 "not a GGUF file (it starts with {magic:02x?}; GGUF files start with `GGUF`): point \
                  model_provider.model_path at a .gguf file, or set model_provider.model to a packaged model"
@@ -302,8 +305,10 @@ impl Engine {
                  (`cargo xtask model` checks a packaged model's sha256)"
             )));
         }
-        let metadata = ModelMetadata::from_gguf(&content)?;
+        let mut metadata = ModelMetadata::from_gguf(&content)?;
         let tokenizer = Tokenizer::from_metadata(&metadata)?;
+        // The tokenizer holds the merges now; the scores too.
+        (metadata.merges, metadata.scores) = (Vec::new(), Vec::new());
         let template = ChatTemplate::new(
             Some(metadata.chat_template.as_deref().unwrap_or(crate::template::fallback_template(&metadata.tokens))),
             metadata.token(metadata.bos_token_id).unwrap_or_default(),
@@ -319,6 +324,7 @@ impl Engine {
             .flatten()
             .min()
             .unwrap_or(MAX_CONTEXT);
+        crate::model::check_tensor_types(&content, path)?;
         let shape = crate::model::ModelConfig::read(&content)?;
         let blocks = match config.kv_cache {
             KvBudget::Blocks(n) => n,
@@ -331,6 +337,7 @@ impl Engine {
             blocks,
             config.max_batch_tokens,
             config.max_batch_size.max(1),
+            context_length,
         );
         crate::memory::check(&plan, config.memory_limit.or_else(crate::memory::available_memory), path)?;
         let mut model = Model::load(&content, &mut file, path, context_length, config.quantization)?;

@@ -418,6 +418,7 @@ mod tests {
             n_ff: 64,
             rms_eps: 1e-5,
             rope_base: 10_000.0,
+            rope_scale: 1.0,
             vocab: 100,
         }
     }

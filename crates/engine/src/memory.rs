@@ -6,6 +6,7 @@ use candle_core::quantized::gguf_file::Content;
 
 use crate::{
     Error, Result,
+    kernels::Format,
     model::{ModelConfig, Quantization},
 };
 
@@ -14,7 +15,8 @@ use crate::{
 pub struct MemoryPlan {
     pub weights: u64,
     pub kv_cache: u64,
-    /// A step's activations and logits at the largest batch, plus the tokenizer's and grammars' tables.
+    /// A step's activations and logits at the largest batch, the tokenizer's and grammars' tables and the rotary
+    /// tables; or, if larger, the peak of loading one re-quantized or widened tensor.
     pub working: u64,
 }
 
@@ -31,7 +33,10 @@ impl MemoryPlan {
         kv_blocks: usize,
         batch_tokens: usize,
         batch_sequences: usize,
+        positions: usize,
     ) -> Self {
+        // While loading, a re-quantized or widened tensor is whole in memory as read and as f32 besides the result.
+        let mut loading = 0u64;
         let weights = content
             .tensor_infos
             .values()
@@ -40,6 +45,9 @@ impl MemoryPlan {
                 let cols = *dims.last().unwrap_or(&1);
                 let elems = info.shape.elem_count();
                 let format = crate::model::stored_format(info.ggml_dtype, dims.len(), cols, quantization);
+                if format.is_none() || format != Format::from_ggml(info.ggml_dtype) {
+                    loading = loading.max(elems as u64 * 6);
+                }
                 match format {
                     Some(f) => (elems / f.block_elems() * f.block_bytes()) as u64,
                     None => elems as u64 * 4,
@@ -51,7 +59,11 @@ impl MemoryPlan {
         // embedding and query widths) and the feed-forward's gate and up, in f32, plus their 8-bit copies; the
         // logits of each sequence; and a vocabulary-sized allowance for the tokenizer and constrained decoding.
         let per_token = 4 * (8 * config.n_embd.max(config.q_dim()) + 3 * config.n_ff);
-        let working = (batch_tokens * per_token + batch_sequences * config.vocab * 4 + config.vocab * 512) as u64;
+        // Two rotary tables (cos and sin) of `positions × head_dim / 2` each, at most.
+        let rope = 2 * positions * config.head_dim * 4;
+        let working =
+            (batch_tokens * per_token + batch_sequences * config.vocab * 4 + config.vocab * 512 + rope) as u64;
+        let working = working.max(loading);
         Self { weights, kv_cache, working }
     }
 }

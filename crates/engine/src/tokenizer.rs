@@ -23,9 +23,10 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared by every clone (the engine's, the grammars'): a large vocabulary's tables take tens of MB.
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     /// The same vocabulary, reading special tokens written in text as plain text.
-    text_only: tokenizers::Tokenizer,
+    text_only: std::sync::Arc<tokenizers::Tokenizer>,
     /// The control tokens' text and id, longest first.
     specials: std::sync::Arc<Vec<(String, u32)>>,
     bos: Option<u32>,
@@ -72,8 +73,8 @@ impl Tokenizer {
         let mut text_only = inner.clone();
         text_only.set_encode_special_tokens(true);
         Ok(Self {
-            inner,
-            text_only,
+            inner: std::sync::Arc::new(inner),
+            text_only: std::sync::Arc::new(text_only),
             specials: std::sync::Arc::new(specials),
             bos: md.bos_token_id,
             add_bos: md.add_bos_token,

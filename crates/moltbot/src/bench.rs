@@ -323,10 +323,7 @@ async fn mode_overhead(url: &str, turns: usize) -> anyhow::Result<()> {
 }
 
 async fn engine(args: &Args) -> anyhow::Result<()> {
-    let model_path = match args.model.as_deref() {
-        None => moltbot_config::default_model_path(),
-        Some(name) => moltbot_config::packaged_model(name).map_or_else(|| PathBuf::from(name), |m| m.path()),
-    };
+    let model_path = args.model.as_deref().map_or_else(moltbot_config::default_model_path, moltbot_config::model_file);
     let model_path = model_path.as_path();
     // Without the prefix cache: every run computes its whole prompt (`bench conversation` measures the cache).
     let config = EngineConfig {

@@ -186,6 +186,7 @@ pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 
 /// The portable kernel: every unit decoded with [`Format::unit`], its integer sums in order.
 pub(super) fn scalar_row(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+    assert!(x.cols.is_multiple_of(format.block_elems()), "rows of {} are not whole {format:?} blocks", x.cols);
     let units = x.cols / QK;
     for (t, o) in out.iter_mut().enumerate() {
         let mut total = 0f32;
@@ -401,6 +402,11 @@ pub(super) mod x86 {
                 /// The CPU has the features this kernel is compiled for.
                 #[target_feature(enable = $features)]
                 pub unsafe fn row(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                    assert!(
+                        x.cols.is_multiple_of(format.block_elems()),
+                        "rows of {} are not whole {format:?} blocks",
+                        x.cols
+                    );
                     assert!(row.len() >= format.row_bytes(x.cols) && out.len() >= x.rows);
                     assert!(x.q.len() >= x.rows * x.cols && x.d.len().min(x.s.len()) >= x.rows * x.cols / QK);
                     // SAFETY: bounds asserted above; the features are the caller's promise.

@@ -44,8 +44,14 @@ pub(super) fn load(w: &mut Weights<'_>) -> Result<Model> {
         output: w.output(&config)?,
         norm: w.vector("output_norm.weight", d)?,
         embed_scale: (d as f32).sqrt(),
+        // Gemma 3 27B (62 layers) scales by 1/√(n_embd / n_head) instead of 1/√head_dim, as llama.cpp does.
+        attn_scale: 1.0 / (if config.n_layer == 62 { d / config.n_head } else { hd } as f32).sqrt(),
         layers,
-        ropes: vec![Rope::new(config.rope_base, RopeLayout::Halves), Rope::new(local_base, RopeLayout::Halves)],
+        // Linear RoPE scaling (Gemma 3 4B and up) applies to the global layers only.
+        ropes: vec![
+            Rope { position_scale: 1.0 / config.rope_scale, ..Rope::new(config.rope_base, RopeLayout::Halves) },
+            Rope::new(local_base, RopeLayout::Halves),
+        ],
         max_positions: 0,
         config,
     })

@@ -17,8 +17,9 @@ pub(super) fn plain(w: &mut Weights<'_>, config: ModelConfig, layout: RopeLayout
         output: w.output(&config)?,
         norm: w.vector("output_norm.weight", config.n_embd)?,
         embed_scale: 1.0,
+        attn_scale: 1.0 / (config.head_dim as f32).sqrt(),
         layers,
-        ropes: vec![Rope::new(config.rope_base, layout)],
+        ropes: vec![Rope { position_scale: 1.0 / config.rope_scale, ..Rope::new(config.rope_base, layout) }],
         max_positions: 0,
         config,
     })

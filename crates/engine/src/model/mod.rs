@@ -60,6 +60,8 @@ pub struct ModelConfig {
     pub n_ff: usize,
     pub rms_eps: f32,
     pub rope_base: f32,
+    /// Linear RoPE scaling's factor (`{arch}.rope.scaling.factor`); 1 without scaling.
+    pub rope_scale: f32,
     pub vocab: usize,
 }
 
@@ -112,10 +114,24 @@ impl ModelConfig {
             n_ff: get("feed_forward_length")?,
             rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
             rope_base: f("rope.freq_base", 10_000.0),
+            rope_scale: 1.0,
             vocab,
         };
-        if [config.n_embd, config.n_ff, config.q_dim()].iter().any(|n| !n.is_multiple_of(32)) || head_dim % 2 != 0 {
+        let scaling = md.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
+        let config = match scaling.as_deref() {
+            None | Some("none") => config,
+            Some("linear") => Self { rope_scale: f("rope.scaling.factor", 1.0).max(1e-3), ..config },
+            Some(other) => {
+                return Err(Error::UnsupportedModel(format!(
+                    "RoPE scaling `{other}` ({arch}.rope.scaling.type) is not supported; only linear scaling is"
+                )));
+            }
+        };
+        if [config.n_embd, config.n_ff, config.q_dim()].iter().any(|n| !n.is_multiple_of(32)) {
             return Err(Error::UnsupportedModel("embedding and feed-forward sizes must be multiples of 32".into()));
+        }
+        if head_dim % 2 != 0 {
+            return Err(Error::UnsupportedModel(format!("heads of {head_dim} values cannot be rotated in pairs")));
         }
         Ok(config)
     }
@@ -156,6 +172,38 @@ pub(crate) fn stored_format(dtype: GgmlDType, ndims: usize, cols: usize, quantiz
         _ => None,
     };
     target.or_else(|| Format::from_ggml(dtype)).filter(|f| cols.is_multiple_of(f.block_elems()))
+}
+
+/// Why a matrix of `dtype` in rows of `cols` cannot be multiplied.
+fn unsupported_type(dtype: GgmlDType, cols: usize) -> String {
+    match Format::from_ggml(dtype) {
+        Some(format) => format!(
+            "is stored as {dtype:?} in rows of {cols}, which are not whole blocks of {} (the file is damaged)",
+            format.block_elems()
+        ),
+        None => format!(
+            "is stored as {dtype:?}, which this engine does not multiply (it runs F32, F16, BF16, Q4_0, Q4_1, \
+             Q5_0, Q8_0, Q4_K, Q5_K and Q6_K)"
+        ),
+    }
+}
+
+/// Refuses a file with a matrix this engine cannot multiply, before anything is loaded or counted.
+pub(crate) fn check_tensor_types(content: &Content, path: &Path) -> Result<()> {
+    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(name, _)| name.as_str());
+    for (name, info) in infos {
+        let dims = info.shape.dims();
+        let cols = *dims.last().unwrap_or(&1);
+        let wide = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if !wide && stored_format(info.ggml_dtype, dims.len().max(2), cols, Quantization::None).is_none() {
+            return Err(Error::ModelLoad {
+                path: path.to_owned(),
+                message: format!("tensor `{name}` {}", unsupported_type(info.ggml_dtype, cols)),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads tensors from a GGUF file, each into memory as the file stores it (or re-quantized).
@@ -204,15 +252,7 @@ impl Weights<'_> {
                     };
                     WeightData::F32(bytes.chunks_exact(2).map(half).collect())
                 }
-                other => {
-                    return Err(self.bad(
-                        name,
-                        &format!(
-                            "is stored as {other:?} in rows of {cols}, which this engine does not multiply (it runs \
-                             F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K)"
-                        ),
-                    ));
-                }
+                other => return Err(self.bad(name, &unsupported_type(other, cols))),
             },
         };
         let matrix = Matrix { rows, cols, data };
@@ -315,13 +355,15 @@ pub(crate) enum RopeLayout {
 struct Rope {
     base: f32,
     layout: RopeLayout,
+    /// Positions are multiplied by this (linear RoPE scaling: 1 / factor).
+    position_scale: f32,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
     fn new(base: f32, layout: RopeLayout) -> Self {
-        Self { base, layout, cos: vec![], sin: vec![] }
+        Self { base, layout, position_scale: 1.0, cos: vec![], sin: vec![] }
     }
 
     fn fill(&mut self, head_dim: usize, positions: usize) {
@@ -329,7 +371,7 @@ impl Rope {
         (self.cos, self.sin) = (Vec::with_capacity(positions * half), Vec::with_capacity(positions * half));
         for pos in 0..positions {
             for i in 0..half {
-                let angle = pos as f32 * self.base.powf(-((2 * i) as f32) / head_dim as f32);
+                let angle = pos as f32 * self.position_scale * self.base.powf(-((2 * i) as f32) / head_dim as f32);
                 self.cos.push(angle.cos());
                 self.sin.push(angle.sin());
             }
@@ -401,6 +443,8 @@ pub struct Model {
     embed: Matrix,
     /// The embedding is multiplied by this (Gemma: √n_embd).
     embed_scale: f32,
+    /// Attention scores are `q · k` times this (1/√head_dim; Gemma 3 27B's differs).
+    attn_scale: f32,
     layers: Vec<Block>,
     norm: Vec<f32>,
     /// `None`: tied to the embedding, which is not copied.
@@ -617,16 +661,16 @@ impl Model {
         let c = &self.config;
         let (d, hd, kv_dim, group) = (c.q_dim(), c.head_dim, c.kv_dim(), c.n_head / c.n_kv_head);
         let kv = g * hd;
-        // Query `i * group + k` is row `rows.start + i`, head `g * group + k`, scaled; it sees `visible[i]`
-        // positions, and its scores are a row of `stride`.
-        // positions from `first[i]` on (all of them, or the last `window`).
+        // Query `i * group + k` is row `rows.start + i`, head `g * group + k`, scaled; it sees the positions
+        // before `visible[i]` from `first[i]` on (all of them, or the last `window`), and its scores are a row of
+        // `stride`.
         let visible: Vec<usize> = rows.clone().map(|r| pos[r] + 1).collect();
         let first: Vec<usize> = visible.iter().map(|v| window.map_or(0, |w| v.saturating_sub(w))).collect();
         let most = visible.iter().copied().max().unwrap_or(0);
         // Blocks wholly before every row's window are skipped.
         let skip = first.iter().copied().min().unwrap_or(0) / BLOCK_SIZE;
         let (queries, stride) = (visible.len() * group, most.next_multiple_of(BLOCK_SIZE));
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = self.attn_scale;
         let mut qs = Vec::with_capacity(queries * hd);
         for r in rows.clone() {
             qs.extend(q[r * d + g * group * hd..][..group * hd].iter().map(|x| x * scale));
@@ -682,8 +726,8 @@ impl Model {
     }
 }
 
-/// `matrix` in `target`, a few thousand rows at a time (candle's quantizers, on rows read back as floats), so
-/// a large embedding never sits in memory as f32 whole.
+/// `matrix` in `target`, a few thousand rows at a time (candle's quantizers, on rows read back as floats). The
+/// source matrix is whole in memory meanwhile (f32 for an F16 file): the memory check counts it.
 fn requantize(matrix: &Matrix, target: Format) -> Result<Matrix> {
     let (rows, cols) = (matrix.rows, matrix.cols);
     let chunk = (1 << 22) / cols.max(1);
@@ -738,6 +782,62 @@ fn add_rows(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {
         for (a, b) in row.iter_mut().zip(bias) {
             *a += b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sliding_window_sees_exactly_its_last_positions() {
+        let hd = 32;
+        let config = ModelConfig {
+            architecture: "gemma3".into(),
+            n_layer: 1,
+            n_embd: hd,
+            n_head: 1,
+            n_kv_head: 1,
+            head_dim: hd,
+            n_ff: hd,
+            rms_eps: 1e-6,
+            rope_base: 10_000.0,
+            rope_scale: 1.0,
+            vocab: 1,
+        };
+        // Only what `attend` reads.
+        let model = Model {
+            config: config.clone(),
+            embed: Matrix { rows: 1, cols: hd, data: WeightData::F32(vec![0.0; hd]) },
+            embed_scale: 1.0,
+            attn_scale: 1.0,
+            layers: vec![],
+            norm: vec![],
+            output: None,
+            ropes: vec![],
+            max_positions: 64,
+        };
+        let (mut pool, mut cache, n) = (KvPool::new(&config, 8, false), KvCache::new(), 50);
+        assert!(cache.reserve(&mut pool, n));
+        // Zero keys give every visible position the same weight; position p's values are all p, so a query's
+        // output is the mean of the positions it sees.
+        for p in 0..n {
+            pool.write(cache.blocks[p / BLOCK_SIZE], p % BLOCK_SIZE, 0, &vec![0.0; hd], &vec![p as f32; hd]);
+        }
+        let (pos, q): (Vec<usize>, Vec<f32>) = ((0..n).collect(), vec![0.0; n * hd]);
+        for window in [None, Some(1), Some(7), Some(16), Some(20), Some(49)] {
+            // One task's rows: all of them, a run across a block edge, the last one.
+            for rows in [0..n, 14..19, 30..34, n - 1..n] {
+                let out = model.attend(&pool, 0, window, &cache.blocks, &q, rows.clone(), &pos, 0);
+                for (i, r) in rows.enumerate() {
+                    let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
+                    let want = (first..=r).sum::<usize>() as f32 / (r + 1 - first) as f32;
+                    for v in &out[i * hd..(i + 1) * hd] {
+                        assert!((v - want).abs() <= 1e-4 * want.max(1.0), "window {window:?} row {r}: {v} vs {want}");
+                    }
+                }
+            }
         }
     }
 }
