@@ -32,10 +32,7 @@ impl ModelMetadata {
         let md = &content.metadata;
         let architecture = string(md, "general.architecture").unwrap_or_default();
         if !crate::model::ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(Error::UnsupportedModel(format!(
-                "architecture `{architecture}` is not supported; this engine runs {} GGUF models",
-                crate::model::ARCHITECTURES.join(", ")
-            )));
+            return Err(crate::model::unsupported_architecture((!architecture.is_empty()).then_some(&architecture)));
         }
         let tokens = md
             .get("tokenizer.ggml.tokens")

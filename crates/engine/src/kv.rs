@@ -409,7 +409,6 @@ mod tests {
 
     fn config() -> ModelConfig {
         ModelConfig {
-            architecture: "llama".into(),
             n_layer: 2,
             n_embd: 64,
             n_head: 2,

@@ -51,7 +51,6 @@ pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "gemma3"];
 /// Model sizes, from the GGUF `{architecture}.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    pub architecture: String,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
@@ -105,7 +104,6 @@ impl ModelConfig {
             .map(|t| t.shape.dims()[0])
             .ok_or_else(|| Error::UnsupportedModel("the GGUF file has no tensor `token_embd.weight`".into()))?;
         let config = Self {
-            architecture: arch.to_owned(),
             n_layer: get("block_count")?,
             n_embd,
             n_head,
@@ -381,12 +379,14 @@ impl Rope {
     fn rotate(&self, heads: &mut [f32], head_dim: usize, pos: usize) {
         let half = head_dim / 2;
         let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        // Pair i is (step · i, step · i + apart).
+        let (step, apart) = match self.layout {
+            RopeLayout::Adjacent => (2, 1),
+            RopeLayout::Halves => (1, half),
+        };
         for head in heads.chunks_exact_mut(head_dim) {
             for i in 0..half {
-                let (a, b) = match self.layout {
-                    RopeLayout::Adjacent => (2 * i, 2 * i + 1),
-                    RopeLayout::Halves => (i, i + half),
-                };
+                let (a, b) = (step * i, step * i + apart);
                 let (x, y) = (head[a], head[b]);
                 head[a] = x * cos[i] - y * sin[i];
                 head[b] = x * sin[i] + y * cos[i];
@@ -745,7 +745,7 @@ fn requantize(matrix: &Matrix, target: Format) -> Result<Matrix> {
 }
 
 /// An unsupported `general.architecture`, with what is supported.
-fn unsupported_architecture(arch: Option<&str>) -> Error {
+pub(crate) fn unsupported_architecture(arch: Option<&str>) -> Error {
     Error::UnsupportedModel(format!(
         "architecture `{}` is not supported; this engine runs {} GGUF models",
         arch.unwrap_or("(none: the file has no general.architecture)"),
@@ -794,7 +794,6 @@ mod tests {
     fn a_sliding_window_sees_exactly_its_last_positions() {
         let hd = 32;
         let config = ModelConfig {
-            architecture: "gemma3".into(),
             n_layer: 1,
             n_embd: hd,
             n_head: 1,
