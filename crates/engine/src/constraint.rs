@@ -27,10 +27,13 @@ const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_BYTE: i32 = 6;
 
-/// The model's vocabulary as bytes, and the grammar compiler over it, built on first use (it costs a fraction of a
-/// second, which a server that never constrains output should not pay at start-up).
+/// The model's vocabulary as bytes (a token trie), and the grammar compiler over it, built on first use: they
+/// cost a fraction of a second and, for a large vocabulary, over a hundred megabytes, which a server that never
+/// constrains output should not pay.
 pub(crate) struct Grammars {
-    env: Arc<Vocabulary>,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    vocab_size: usize,
     factory: OnceLock<std::result::Result<ParserFactory, String>>,
 }
 
@@ -49,9 +52,8 @@ impl TokenizerEnv for Vocabulary {
     }
 }
 
-impl Grammars {
-    /// `vocab_size`: the model's logits per row (at least the tokenizer's vocabulary).
-    pub(crate) fn new(md: &ModelMetadata, tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Self {
+impl Vocabulary {
+    fn new(md: &ModelMetadata, tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Self {
         let mut words: Vec<Vec<u8>> = md
             .tokens
             .iter()
@@ -67,13 +69,21 @@ impl Grammars {
         if eos.len() > 1 {
             trie = trie.with_eos_tokens(eos);
         }
-        Self { env: Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() }), factory: OnceLock::new() }
+        Self { trie, tokenizer: tokenizer.clone() }
+    }
+}
+
+impl Grammars {
+    /// `vocab_size`: the model's logits per row (at least the tokenizer's vocabulary).
+    pub(crate) fn new(tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Self {
+        Self { tokenizer: tokenizer.clone(), eos: eos.to_vec(), vocab_size, factory: OnceLock::new() }
     }
 
-    /// A fresh guide for one sequence; an unusable schema is the request's error.
-    pub(crate) fn guide(&self, constraint: &Constraint) -> Result<Guide> {
+    /// A fresh guide for one sequence; an unusable schema is the request's error. `md`: the model's metadata
+    /// (its tokens, for the trie).
+    pub(crate) fn guide(&self, md: &ModelMetadata, constraint: &Constraint) -> Result<Guide> {
         let factory = self.factory.get_or_init(|| {
-            let env: TokEnv = self.env.clone();
+            let env: TokEnv = Arc::new(Vocabulary::new(md, &self.tokenizer, &self.eos, self.vocab_size));
             let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
             factory.set_stderr_log_level(0);
             Ok(factory)

@@ -337,7 +337,6 @@ impl Engine {
             blocks,
             config.max_batch_tokens,
             config.max_batch_size.max(1),
-            context_length,
         );
         crate::memory::check(&plan, config.memory_limit.or_else(crate::memory::available_memory), path)?;
         let mut model = Model::load(&content, &mut file, path, context_length, config.quantization)?;
@@ -368,7 +367,7 @@ impl Engine {
                     .filter_map(|t| tokenizer.token_id(t)),
             )
             .collect();
-        let grammars = crate::constraint::Grammars::new(&metadata, &tokenizer, &eos, model.config.vocab);
+        let grammars = crate::constraint::Grammars::new(&tokenizer, &eos, model.config.vocab);
         let (jobs, queue) = mpsc::channel();
         let max_sequences = config.max_batch_size.max(1);
         let compute = Compute {
@@ -593,7 +592,8 @@ impl Engine {
             return Err(Error::PromptOverCap { prompt_tokens: tokens.len(), max_prompt_tokens });
         }
         // The grammar is compiled here, on the caller's thread: the compute thread only steps it.
-        let guide = sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(c)).transpose()?;
+        let guide =
+            sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(&self.inner.metadata, c)).transpose()?;
         let prompt_tokens = tokens.len() as u32;
         let queued = &self.inner.stats.queued;
         let waiting = queued.fetch_add(1, Relaxed);

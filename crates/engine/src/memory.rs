@@ -16,7 +16,7 @@ pub struct MemoryPlan {
     pub weights: u64,
     pub kv_cache: u64,
     /// A step's activations and logits at the largest batch, the tokenizer's and grammars' tables and the rotary
-    /// tables; or, if larger, the peak of loading one re-quantized or widened tensor.
+    /// angles; or, if larger, the peak of loading one re-quantized or widened tensor.
     pub working: u64,
 }
 
@@ -33,7 +33,6 @@ impl MemoryPlan {
         kv_blocks: usize,
         batch_tokens: usize,
         batch_sequences: usize,
-        positions: usize,
     ) -> Self {
         // While loading, a re-quantized or widened tensor is whole in memory as read and as f32 besides the result.
         let mut loading = 0u64;
@@ -59,8 +58,8 @@ impl MemoryPlan {
         // embedding and query widths) and the feed-forward's gate and up, in f32, plus their 8-bit copies; the
         // logits of each sequence; and a vocabulary-sized allowance for the tokenizer and constrained decoding.
         let per_token = 4 * (8 * config.n_embd.max(config.q_dim()) + 3 * config.n_ff);
-        // Two rotary tables (cos and sin) of `positions × head_dim / 2` each, at most.
-        let rope = 2 * positions * config.head_dim * 4;
+        // A step's rotary angles: cos and sin of `head_dim / 2` per token, for at most two embeddings.
+        let rope = 2 * batch_tokens * config.head_dim * 4;
         let working =
             (batch_tokens * per_token + batch_sequences * config.vocab * 4 + config.vocab * 512 + rope) as u64;
         let working = working.max(loading);

@@ -23,9 +23,9 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 #[derive(Clone)]
 pub struct Tokenizer {
-    /// Shared by every clone (the engine's, the grammars'): a large vocabulary's tables take tens of MB.
-    inner: std::sync::Arc<tokenizers::Tokenizer>,
-    /// The same vocabulary, reading special tokens written in text as plain text.
+    /// The vocabulary, reading special tokens written in text as plain text ([`Tokenizer::first_special`] finds
+    /// them where they count). One copy, shared by every clone (the engine's, the grammars'): a large
+    /// vocabulary's tables take tens of MB.
     text_only: std::sync::Arc<tokenizers::Tokenizer>,
     /// The control tokens' text and id, longest first.
     specials: std::sync::Arc<Vec<(String, u32)>>,
@@ -70,11 +70,9 @@ impl Tokenizer {
             .filter_map(|t| Some((t.content.clone(), inner.token_to_id(&t.content)?)))
             .collect();
         specials.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
-        let mut text_only = inner.clone();
-        text_only.set_encode_special_tokens(true);
+        inner.set_encode_special_tokens(true);
         Ok(Self {
-            inner: std::sync::Arc::new(inner),
-            text_only: std::sync::Arc::new(text_only),
+            text_only: std::sync::Arc::new(inner),
             specials: std::sync::Arc::new(specials),
             bos: md.bos_token_id,
             add_bos: md.add_bos_token,
@@ -140,20 +138,19 @@ impl Tokenizer {
 
     /// Tokenizes text; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(self.with_bos(encoding.get_ids().to_vec()))
+        self.encode_pieces(&[Piece::Template(text)])
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.text_only.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        self.text_only.token_to_id(token)
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.text_only.get_vocab_size(true)
     }
 }
 

@@ -214,10 +214,16 @@ pub(super) mod x86 {
     /// A unit in registers: 32 weights (bytes in element order), the scale of each of the eight 32-bit lanes a
     /// byte dot product gives (lanes 0..4 sum bytes 0..16), and the offset. `SIGNED` formats' bytes are signed;
     /// the others' unsigned.
+    #[derive(Clone, Copy)]
     pub struct Unit {
         pub w: __m256i,
         pub scale: __m256,
         pub offset: f32,
+    }
+
+    impl Unit {
+        // SAFETY: all-zero bits are a valid value of every field.
+        pub const ZERO: Self = unsafe { std::mem::zeroed() };
     }
 
     #[inline]
@@ -267,17 +273,21 @@ pub(super) mod x86 {
 
     /// A block's scales and offsets, read once for all its units: `scale[j]` and `offset[j]` of unit `j`
     /// (Q6_K: `scale[i]` of sub-block `i` of 16).
+    #[derive(Clone, Copy)]
     pub struct Head {
         pub scale: [f32; 16],
         pub offset: [f32; 8],
     }
 
+    impl Head {
+        pub const ZERO: Self = Self { scale: [0.0; 16], offset: [0.0; 8] };
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn head_32(b: &[u8], zero: f32) -> Head {
-        let d = f16x2(b[0], b[1], 0, 0).0;
-        let mut head = Head { scale: [0.0; 16], offset: [0.0; 8] };
-        (head.scale[0], head.offset[0]) = (d, -zero * d);
+    pub fn head_32(b: &[u8]) -> Head {
+        let mut head = Head::ZERO;
+        head.scale[0] = f16x2(b[0], b[1], 0, 0).0;
         head
     }
 
@@ -285,7 +295,7 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn head_k4(b: &[u8]) -> Head {
         let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
-        let mut head = Head { scale: [0.0; 16], offset: [0.0; 8] };
+        let mut head = Head::ZERO;
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &b[4..16]);
             head.scale[j] = d * f32::from(sc);
@@ -298,25 +308,43 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn head_q6_k(b: &[u8]) -> Head {
         let d = f16x2(b[208], b[209], 0, 0).0;
-        let mut head = Head { scale: [0.0; 16], offset: [0.0; 8] };
+        let mut head = Head::ZERO;
         for (scale, &sc) in head.scale.iter_mut().zip(&b[192..208]) {
             *scale = d * f32::from(sc as i8);
         }
         head
     }
 
+    /// Signed: q - 8.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn q4_0(b: &[u8], _: usize, head: &Head) -> Unit {
-        Unit { w: nibbles16(&b[2..18]), scale: _mm256_set1_ps(head.scale[0]), offset: head.offset[0] }
+        let w = _mm256_sub_epi8(nibbles16(&b[2..18]), _mm256_set1_epi8(8));
+        Unit { w, scale: _mm256_set1_ps(head.scale[0]), offset: 0.0 }
+    }
+
+    /// Signed: q - 16. `BW`: the high bits expanded by an AVX-512BW mask move (the caller has AVX-512BW and VL).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5_0<const BW: bool>(b: &[u8], _: usize, head: &Head) -> Unit {
+        let bits = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        // SAFETY: the caller's promise when BW.
+        let high = if BW { unsafe { bits_to_16s_bw(bits) } } else { bits_to_16s(bits) };
+        let w = _mm256_sub_epi8(_mm256_or_si256(nibbles16(&b[6..22]), high), _mm256_set1_epi8(16));
+        Unit { w, scale: _mm256_set1_ps(head.scale[0]), offset: 0.0 }
+    }
+
+    /// `bits_to_16s` in two instructions.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
+    fn bits_to_16s_bw(bits: u32) -> __m256i {
+        _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10))
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q5_0(b: &[u8], _: usize, head: &Head) -> Unit {
-        let high = bits_to_16s(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
-        let w = _mm256_or_si256(nibbles16(&b[6..22]), high);
-        Unit { w, scale: _mm256_set1_ps(head.scale[0]), offset: head.offset[0] }
+    pub fn q8_0(b: &[u8], _: usize, head: &Head) -> Unit {
+        Unit { w: load32(&b[2..34]), scale: _mm256_set1_ps(head.scale[0]), offset: 0.0 }
     }
 
     #[inline]
@@ -358,27 +386,35 @@ pub(super) mod x86 {
     pub const Q4_K: u8 = 2;
     pub const Q5_K: u8 = 3;
     pub const Q6_K: u8 = 4;
+    pub const Q8_0: u8 = 5;
+
+    /// Whether a format's weights are signed bytes (no offset; the kernel's sign trick), or unsigned with an
+    /// offset per unit.
+    pub const fn signed(format: u8) -> bool {
+        format != Q4_K && format != Q5_K
+    }
 
     #[inline(always)]
     pub fn head<const F: u8>(block: &[u8]) -> Head {
         // SAFETY: only called from kernels compiled with at least these features, detected at run time.
         unsafe {
             match F {
-                Q4_0 => head_32(block, 8.0),
-                Q5_0 => head_32(block, 16.0),
+                Q4_0 | Q5_0 | Q8_0 => head_32(block),
                 Q4_K | Q5_K => head_k4(block),
                 _ => head_q6_k(block),
             }
         }
     }
 
+    /// `BW`: the caller has AVX-512BW and VL.
     #[inline(always)]
-    pub fn decode<const F: u8>(block: &[u8], j: usize, head: &Head) -> Unit {
+    pub fn decode<const F: u8, const BW: bool>(block: &[u8], j: usize, head: &Head) -> Unit {
         // SAFETY: as for `head`.
         unsafe {
             match F {
                 Q4_0 => q4_0(block, j, head),
-                Q5_0 => q5_0(block, j, head),
+                Q5_0 => q5_0::<BW>(block, j, head),
+                Q8_0 => q8_0(block, j, head),
                 Q4_K => q4_k(block, j, head),
                 Q5_K => q5_k(block, j, head),
                 _ => q6_k(block, j, head),
@@ -386,112 +422,157 @@ pub(super) mod x86 {
         }
     }
 
-    /// The generic kernel for one instruction set: `$dot` is its byte dot product.
+    /// The generic kernel for one instruction set: `$dot` is its byte dot product, `$bw` whether it has
+    /// AVX-512BW, and `$wide` the most activation rows a tile of signed weights takes (its accumulators must fit
+    /// the registers: 16 on AVX2, 32 with AVX-512VL).
     macro_rules! unit_kernels {
-        ($name:ident, $features:literal, $dot:path) => {
+        ($name:ident, $features:literal, $dot:path, $bw:literal, $wide:literal) => {
             pub mod $name {
                 use std::arch::x86_64::*;
 
                 use super::super::{Format, QK};
-                use super::{Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, decode, head};
-                use crate::kernels::{Rows, TILE};
+                use super::{Head, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, Unit, decode, head, signed};
+                use crate::kernels::Rows;
 
-                /// Dot products of one weight row in `format` with every activation row.
+                /// Dot products of `R` weight rows in `format` with every activation row: `out[r][t]` is row
+                /// `r`'s with activation row `t`.
                 ///
                 /// # Safety
                 /// The CPU has the features this kernel is compiled for.
                 #[target_feature(enable = $features)]
-                pub unsafe fn row(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                pub unsafe fn rows<const R: usize>(
+                    format: Format,
+                    rows: [&[u8]; R],
+                    x: &Rows<'_>,
+                    out: &mut [&mut [f32]; R],
+                ) {
                     assert!(
                         x.cols.is_multiple_of(format.block_elems()),
                         "rows of {} are not whole {format:?} blocks",
                         x.cols
                     );
-                    assert!(row.len() >= format.row_bytes(x.cols) && out.len() >= x.rows);
+                    for (row, out) in rows.iter().zip(out.iter()) {
+                        assert!(row.len() >= format.row_bytes(x.cols) && out.len() >= x.rows);
+                    }
                     assert!(x.q.len() >= x.rows * x.cols && x.d.len().min(x.s.len()) >= x.rows * x.cols / QK);
                     // SAFETY: bounds asserted above; the features are the caller's promise.
                     unsafe {
                         match format {
-                            Format::Q4_0 => tiles::<Q4_0>(format, row, x, out),
-                            Format::Q5_0 => tiles::<Q5_0>(format, row, x, out),
-                            Format::Q4K => tiles::<Q4_K>(format, row, x, out),
-                            Format::Q5K => tiles::<Q5_K>(format, row, x, out),
-                            Format::Q6K => tiles::<Q6_K>(format, row, x, out),
-                            Format::Q4_1 | Format::Q8_0 => unreachable!("{format:?} has a kernel of its own"),
+                            Format::Q4_0 => tiles::<R, Q4_0>(format, &rows, x, out),
+                            Format::Q5_0 => tiles::<R, Q5_0>(format, &rows, x, out),
+                            Format::Q4K => tiles::<R, Q4_K>(format, &rows, x, out),
+                            Format::Q5K => tiles::<R, Q5_K>(format, &rows, x, out),
+                            Format::Q6K => tiles::<R, Q6_K>(format, &rows, x, out),
+                            Format::Q8_0 => tiles::<R, Q8_0>(format, &rows, x, out),
+                            Format::Q4_1 => unreachable!("{format:?} has a kernel of its own"),
                         }
                     }
                 }
 
                 #[inline]
                 #[target_feature(enable = $features)]
-                unsafe fn tiles<const F: u8>(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                unsafe fn tiles<const R: usize, const F: u8>(
+                    format: Format,
+                    rows: &[&[u8]; R],
+                    x: &Rows<'_>,
+                    out: &mut [&mut [f32]; R],
+                ) {
+                    // Unsigned formats keep a scalar offset per accumulator too, so they take fewer rows.
+                    let most = if signed(F) && F != Q6_K { $wide } else { 4 };
                     let mut t0 = 0;
                     while t0 < x.rows {
-                        let n = (x.rows - t0).min(TILE);
+                        let left = x.rows - t0;
                         // SAFETY: rows t0..t0 + n exist.
-                        unsafe {
-                            match n {
-                                4 => tile::<4, F>(format, row, x, t0, out),
-                                3 => tile::<3, F>(format, row, x, t0, out),
-                                2 => tile::<2, F>(format, row, x, t0, out),
-                                _ => tile::<1, F>(format, row, x, t0, out),
+                        let n = unsafe {
+                            if most >= 8 && left >= 8 {
+                                tile::<R, 8, F>(format, rows, x, t0, out)
+                            } else if left >= 4 {
+                                tile::<R, 4, F>(format, rows, x, t0, out)
+                            } else if left >= 2 {
+                                tile::<R, 2, F>(format, rows, x, t0, out)
+                            } else {
+                                tile::<R, 1, F>(format, rows, x, t0, out)
                             }
-                        }
+                        };
                         t0 += n;
                     }
                 }
 
-                /// Activation rows `t0..t0 + N` against one weight row, each unit decoded once for all N. Each
-                /// row's sums are taken in the same order whatever N is. Q6_K's weights are signed (the others'
-                /// unsigned, with an offset).
+                /// Weight rows `0..R` against activation rows `t0..t0 + N`: each unit of each weight row decoded
+                /// once for all N, each activation block loaded once for all R. Every (weight row, activation
+                /// row) pair has its own accumulators, summed in the same order whatever R and N are, so a row's
+                /// result never depends on what shares its step. Q6_K's weights are signed (the others'
+                /// unsigned, with an offset). Returns N.
                 #[inline]
                 #[target_feature(enable = $features)]
-                unsafe fn tile<const N: usize, const F: u8>(
+                unsafe fn tile<const R: usize, const N: usize, const F: u8>(
                     format: Format,
-                    row: &[u8],
+                    rows: &[&[u8]; R],
                     x: &Rows<'_>,
                     t0: usize,
-                    out: &mut [f32],
-                ) {
-                    let signed = F == Q6_K;
+                    out: &mut [&mut [f32]; R],
+                ) -> usize {
+                    let signed = signed(F);
                     let units = x.cols / QK;
                     let (per_block, block_bytes) = (format.block_elems() / QK, format.block_bytes());
-                    let mut acc = [_mm256_setzero_ps(); N];
-                    let mut offset = [0f32; N];
+                    let mut acc = [[_mm256_setzero_ps(); N]; R];
+                    let mut offset = [[0f32; N]; R];
                     let (q, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
                     for first in (0..units).step_by(per_block) {
-                        // SAFETY: the block of units first..first + per_block, and block u of rows t0..t0 + N,
-                        // are in bounds (the caller's asserts).
+                        // SAFETY: the block of units first..first + per_block of every weight row, and block u of
+                        // rows t0..t0 + N, are in bounds (the caller's asserts).
                         unsafe {
-                            let start = row.as_ptr().add(first / per_block * block_bytes);
-                            let block = std::slice::from_raw_parts(start, block_bytes);
-                            let head = head::<F>(block);
+                            // Loops rather than closures, which would not be compiled with this function's
+                            // features.
+                            let mut block = [&[][..]; R];
+                            let mut heads = [Head::ZERO; R];
+                            for r in 0..R {
+                                let start = rows[r].as_ptr().add(first / per_block * block_bytes);
+                                block[r] = std::slice::from_raw_parts(start, block_bytes);
+                                heads[r] = head::<F>(block[r]);
+                            }
                             for j in 0..per_block {
                                 let u = first + j;
-                                let unit = decode::<F>(block, j, &head);
-                                let w = if signed { _mm256_sign_epi8(unit.w, unit.w) } else { unit.w };
+                                let mut unit = [Unit::ZERO; R];
+                                let mut w = [_mm256_setzero_si256(); R];
+                                for r in 0..R {
+                                    unit[r] = decode::<F, $bw>(block[r], j, &heads[r]);
+                                    w[r] = if signed { _mm256_sign_epi8(unit[r].w, unit[r].w) } else { unit[r].w };
+                                }
                                 for i in 0..N {
                                     let xb = (t0 + i) * units + u;
                                     let qv = _mm256_loadu_si256(q.add(xb * QK).cast());
-                                    // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
-                                    let qv = if signed { _mm256_sign_epi8(qv, unit.w) } else { qv };
-                                    let scale = _mm256_mul_ps(unit.scale, _mm256_set1_ps(*xd.add(xb)));
-                                    acc[i] = _mm256_fmadd_ps(scale, $dot(w, qv), acc[i]);
-                                    if !signed {
-                                        offset[i] += unit.offset * *xs.add(xb);
+                                    let (dx, sx) = (_mm256_set1_ps(*xd.add(xb)), *xs.add(xb));
+                                    for r in 0..R {
+                                        // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                        let qv = if signed { _mm256_sign_epi8(qv, unit[r].w) } else { qv };
+                                        let scale = _mm256_mul_ps(unit[r].scale, dx);
+                                        acc[r][i] = _mm256_fmadd_ps(scale, $dot(w[r], qv), acc[r][i]);
+                                        if !signed {
+                                            offset[r][i] += unit[r].offset * sx;
+                                        }
                                     }
                                 }
                             }
                         }
                     }
-                    for i in 0..N {
-                        out[t0 + i] = crate::kernels::simd::x86::hsum(acc[i]) + offset[i];
+                    for r in 0..R {
+                        for i in 0..N {
+                            out[r][t0 + i] = crate::kernels::simd::x86::hsum(acc[r][i]) + offset[r][i];
+                        }
                     }
+                    N
                 }
             }
         };
     }
 
-    unit_kernels!(avx2, "avx2,fma,f16c", crate::kernels::simd::x86::dot_u8_i8_avx2);
-    unit_kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", crate::kernels::simd::x86::dot_u8_i8_vnni);
+    unit_kernels!(avx2, "avx2,fma,f16c", crate::kernels::simd::x86::dot_u8_i8_avx2, false, 4);
+    unit_kernels!(
+        vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw",
+        crate::kernels::simd::x86::dot_u8_i8_vnni,
+        true,
+        8
+    );
 }

@@ -16,6 +16,7 @@ pub use blocks::Format;
 /// Elements per quantization block (all supported formats).
 pub const QK: usize = 32;
 const Q4_1_BYTES: usize = 20; // f16 d, f16 m, 16 bytes of nibbles
+#[cfg(target_arch = "aarch64")]
 const Q8_0_BYTES: usize = 34; // f16 d, 32 i8
 
 /// Fewest weight rows per parallel task; tasks are sized so each thread gets a few of them per matmul.
@@ -161,8 +162,15 @@ impl Matrix {
             for g0 in (0..t_rows).step_by(group) {
                 let g1 = (g0 + group).min(t_rows);
                 let window = x.window(g0..g1);
-                for (i, row_out) in chunk.chunks_exact_mut(t_rows).enumerate() {
-                    m.row_dot(first + i, &window, &mut row_out[g0..g1]);
+                // Weight rows two at a time: each activation block is loaded once for both.
+                for (p, pair) in chunk.chunks_mut(2 * t_rows).enumerate() {
+                    let n = first + 2 * p;
+                    if pair.len() == 2 * t_rows {
+                        let (a, b) = pair.split_at_mut(t_rows);
+                        m.rows_dot(n, &window, &mut [&mut a[g0..g1], &mut b[g0..g1]]);
+                    } else {
+                        m.rows_dot(n, &window, &mut [&mut pair[g0..g1]]);
+                    }
                 }
             }
         });
@@ -190,22 +198,23 @@ impl Matrix {
         }
     }
 
-    /// Dot products of weight row `n` with every activation row.
-    fn row_dot(&self, n: usize, x: &Rows<'_>, out: &mut [f32]) {
+    /// Dot products of weight rows `n..n + R` with every activation row: `out[r][t]` for row `n + r`.
+    fn rows_dot<const R: usize>(&self, n: usize, x: &Rows<'_>, out: &mut [&mut [f32]; R]) {
         match &self.data {
             WeightData::Quant(format, bytes) => {
                 let size = format.row_bytes(self.cols);
-                let row = &bytes[n * size..(n + 1) * size];
+                let rows: [&[u8]; R] = std::array::from_fn(|r| &bytes[(n + r) * size..(n + r + 1) * size]);
                 match format {
-                    Format::Q4_1 => simd::q4_1_row(row, x, out),
-                    Format::Q8_0 => simd::q8_0_row(row, x, out),
-                    _ => simd::unit_row(*format, row, x, out),
+                    Format::Q4_1 => rows.iter().zip(out.iter_mut()).for_each(|(row, out)| simd::q4_1_row(row, x, out)),
+                    _ => simd::unit_rows(*format, rows, x, out),
                 }
             }
             WeightData::F32(w) => {
-                let row = &w[n * self.cols..(n + 1) * self.cols];
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = row.iter().zip(&x.f[t * self.cols..(t + 1) * self.cols]).map(|(a, b)| a * b).sum();
+                for (r, out) in out.iter_mut().enumerate() {
+                    let row = &w[(n + r) * self.cols..(n + r + 1) * self.cols];
+                    for (t, o) in out.iter_mut().enumerate() {
+                        *o = row.iter().zip(&x.f[t * self.cols..(t + 1) * self.cols]).map(|(a, b)| a * b).sum();
+                    }
                 }
             }
         }
@@ -437,14 +446,6 @@ mod scalar {
             f16_at(w, 0) * x.d[xb] * isum as f32 + f16_at(w, 2) * x.s[xb]
         })
     }
-
-    pub fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
-        rows(row, Q8_0_BYTES, x, out, |w, xb| {
-            let q = &x.q[xb * QK..][..QK];
-            let isum: i32 = (0..QK).map(|j| i32::from(w[2 + j] as i8) * i32::from(q[j])).sum();
-            f16_at(w, 0) * x.d[xb] * isum as f32
-        })
-    }
 }
 
 pub(crate) mod simd {
@@ -490,7 +491,8 @@ pub(crate) mod simd {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 let vnni = is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512dq");
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512bw");
                 return if vnni && std::env::var_os("MOLTBOT_ENGINE_NO_AVX512").is_none() {
                     Level::Avx512Vnni
                 } else {
@@ -525,38 +527,38 @@ pub(crate) mod simd {
         }
     }
 
-    pub fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
-        q8_0_row_at(level(), row, x, out)
+    /// The generic kernel for every block format but Q4_1, on `R` weight rows at once (NEON runs the portable
+    /// path but for Q8_0).
+    pub fn unit_rows<const R: usize>(format: Format, rows: [&[u8]; R], x: &Rows<'_>, out: &mut [&mut [f32]; R]) {
+        unit_rows_at(level(), format, rows, x, out)
     }
 
-    /// `q8_0_row` on `level`, which must be `level()` or below it.
-    pub fn q8_0_row_at(level: Level, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+    /// `unit_rows` on `level`, which must be `level()` or below it.
+    pub fn unit_rows_at<const R: usize>(
+        level: Level,
+        format: Format,
+        rows: [&[u8]; R],
+        x: &Rows<'_>,
+        out: &mut [&mut [f32]; R],
+    ) {
         match level {
             // SAFETY: the features each kernel needs were detected at run time.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni => unsafe { x86::vnni::q8_0_row(row, x, out) },
+            Level::Avx512Vnni => unsafe { blocks::x86::vnni::rows(format, rows, x, out) },
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { x86::avx2::q8_0_row(row, x, out) },
+            Level::Avx2 => unsafe { blocks::x86::avx2::rows(format, rows, x, out) },
             #[cfg(target_arch = "aarch64")]
-            Level::Neon => unsafe { arm::q8_0_row(row, x, out) },
-            Level::Scalar => scalar::q8_0_row(row, x, out),
-        }
-    }
-
-    /// The generic kernel for the block formats without one of their own (NEON runs the portable path).
-    pub fn unit_row(format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
-        unit_row_at(level(), format, row, x, out)
-    }
-
-    /// `unit_row` on `level`, which must be `level()` or below it.
-    pub fn unit_row_at(level: Level, format: Format, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
-        match level {
-            // SAFETY: the features each kernel needs were detected at run time.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512Vnni => unsafe { blocks::x86::vnni::row(format, row, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { blocks::x86::avx2::row(format, row, x, out) },
-            _ => blocks::scalar_row(format, row, x, out),
+            Level::Neon if format == Format::Q8_0 => {
+                for (row, out) in rows.iter().zip(out.iter_mut()) {
+                    // SAFETY: every aarch64 CPU has NEON.
+                    unsafe { arm::q8_0_row(row, x, out) };
+                }
+            }
+            _ => {
+                for (row, out) in rows.iter().zip(out.iter_mut()) {
+                    blocks::scalar_row(format, row, x, out);
+                }
+            }
         }
     }
 
@@ -667,35 +669,6 @@ pub(crate) mod simd {
                     }
                     for i in 0..N {
                         out[t0 + i] = hsum(acc[i]) + offset[i];
-                    }
-                }
-            };
-            (@q8_0, $features:literal, $dot:ident) => {
-                #[target_feature(enable = $features)]
-                pub unsafe fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
-                    let blocks = x.cols / QK;
-                    for t0 in (0..x.rows).step_by(TILE) {
-                        let tiles = (x.rows - t0).min(TILE);
-                        let mut acc = [_mm256_setzero_ps(); TILE];
-                        for b in 0..blocks {
-                            let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                            let d = f16_pair(w).0;
-                            // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
-                            let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
-                            let w_abs = _mm256_sign_epi8(wq, wq);
-                            for i in 0..tiles {
-                                let xb = (t0 + i) * blocks + b;
-                                // SAFETY: block `xb` has 32 quantized values.
-                                let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
-                                // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
-                                let q_signed = _mm256_sign_epi8(q, wq);
-                                let scale = _mm256_set1_ps(d * x.d[xb]);
-                                acc[i] = _mm256_fmadd_ps(scale, $dot(w_abs, q_signed), acc[i]);
-                            }
-                        }
-                        for i in 0..tiles {
-                            out[t0 + i] = hsum(acc[i]);
-                        }
                     }
                 }
             };
@@ -935,11 +908,20 @@ pub(crate) mod simd {
                 unsafe {
                     let base = out.as_mut_ptr();
                     let o = |q: usize| base.add((first + q) * width + c0);
-                    let mut acc: [[__m256; C]; Q] =
-                        std::array::from_fn(|q| std::array::from_fn(|c| _mm256_loadu_ps(o(q).add(8 * c))));
+                    // Loops rather than `array::from_fn`, whose closures would not be compiled with this
+                    // function's features.
+                    let mut acc = [[_mm256_setzero_ps(); C]; Q];
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        for (c, a) in a.iter_mut().enumerate() {
+                            *a = _mm256_loadu_ps(o(q).add(8 * c));
+                        }
+                    }
                     for j in 0..rows {
                         let row = values.as_ptr().add(j * width + c0);
-                        let vr: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(row.add(8 * c)));
+                        let mut vr = [_mm256_setzero_ps(); C];
+                        for (c, v) in vr.iter_mut().enumerate() {
+                            *v = _mm256_loadu_ps(row.add(8 * c));
+                        }
                         for (q, a) in acc.iter_mut().enumerate() {
                             let w = _mm256_broadcast_ss(&*weights.as_ptr().add((first + q) * stride + j));
                             for (a, x) in a.iter_mut().zip(vr) {
@@ -956,8 +938,8 @@ pub(crate) mod simd {
             }
         }
 
-        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1, q8_0);
-        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni, q4_1, q8_0);
+        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1);
+        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni, q4_1);
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -1117,6 +1099,7 @@ mod tests {
         let WeightData::Quant(format, bytes) = &m.data else { return };
         let size = format.row_bytes(k);
         let (mut scalar, mut simd) = (vec![0f32; rows], vec![0f32; rows]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for level in simd::levels().into_iter().filter(|l| *l != simd::Level::Scalar) {
             for nn in [0, n / 2, n - 1] {
                 let row = &bytes[nn * size..(nn + 1) * size];
@@ -1126,13 +1109,22 @@ mod tests {
                         scalar::q4_1_row(row, &x, &mut scalar);
                         simd::q4_1_row_at(level, row, &x, &mut simd);
                     }
-                    Format::Q8_0 => {
-                        scalar::q8_0_row(row, &x, &mut scalar);
-                        simd::q8_0_row_at(level, row, &x, &mut simd);
-                    }
                     _ => {
                         blocks::scalar_row(*format, row, &x, &mut scalar);
-                        simd::unit_row_at(level, *format, row, &x, &mut simd);
+                        simd::unit_rows_at(level, *format, [row], &x, &mut [&mut simd]);
+                        // Two rows at once give each row exactly what it gets alone.
+                        let other = &bytes[(n - 1 - nn) * size..(n - nn) * size];
+                        let (mut first, mut second) = (vec![0f32; rows], vec![0f32; rows]);
+                        simd::unit_rows_at(level, *format, [row, other], &x, &mut [&mut first, &mut second]);
+                        assert_eq!(bits(&first), bits(&simd), "{format:?} {level:?}: a row beside another");
+                        simd::unit_rows_at(level, *format, [other], &x, &mut [&mut first]);
+                        assert_eq!(bits(&first), bits(&second), "{format:?} {level:?}: a row beside another");
+                        // And each activation row gets alone what it gets in a tile of many.
+                        for t in 0..rows {
+                            let mut alone = [0f32];
+                            simd::unit_rows_at(level, *format, [row], &q.window(t..t + 1), &mut [&mut alone]);
+                            assert_eq!(alone[0].to_bits(), simd[t].to_bits(), "{format:?} {level:?}: row {t} alone");
+                        }
                     }
                 }
                 for t in 0..rows {

@@ -349,36 +349,46 @@ pub(crate) enum RopeLayout {
     Halves,
 }
 
-/// A rotary embedding (Su et al., "RoFormer", 2021): cos and sin of every position × frequency.
+/// A rotary embedding (Su et al., "RoFormer", 2021). The cos and sin of a step's positions are computed for the
+/// step (a table for every position of a long context would take tens of megabytes; a step's angles cost far
+/// less than its matrix products).
 struct Rope {
     base: f32,
     layout: RopeLayout,
     /// Positions are multiplied by this (linear RoPE scaling: 1 / factor).
     position_scale: f32,
+}
+
+/// The cos and sin of each row of a step, `head_dim / 2` each per row.
+struct Angles {
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
     fn new(base: f32, layout: RopeLayout) -> Self {
-        Self { base, layout, position_scale: 1.0, cos: vec![], sin: vec![] }
+        Self { base, layout, position_scale: 1.0 }
     }
 
-    fn fill(&mut self, head_dim: usize, positions: usize) {
+    fn angles(&self, head_dim: usize, positions: &[usize]) -> Angles {
         let half = head_dim / 2;
-        (self.cos, self.sin) = (Vec::with_capacity(positions * half), Vec::with_capacity(positions * half));
-        for pos in 0..positions {
-            for i in 0..half {
-                let angle = pos as f32 * self.position_scale * self.base.powf(-((2 * i) as f32) / head_dim as f32);
-                self.cos.push(angle.cos());
-                self.sin.push(angle.sin());
+        let frequencies: Vec<f32> = (0..half).map(|i| self.base.powf(-((2 * i) as f32) / head_dim as f32)).collect();
+        let mut angles = Angles { cos: Vec::with_capacity(positions.len() * half), sin: vec![] };
+        angles.sin.reserve(positions.len() * half);
+        for &pos in positions {
+            for &frequency in &frequencies {
+                let angle = pos as f32 * self.position_scale * frequency;
+                angles.cos.push(angle.cos());
+                angles.sin.push(angle.sin());
             }
         }
+        angles
     }
 
-    fn rotate(&self, heads: &mut [f32], head_dim: usize, pos: usize) {
+    /// Rotates the heads of step row `row`.
+    fn rotate(&self, heads: &mut [f32], head_dim: usize, angles: &Angles, row: usize) {
         let half = head_dim / 2;
-        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        let (cos, sin) = (&angles.cos[row * half..(row + 1) * half], &angles.sin[row * half..(row + 1) * half]);
         // Pair i is (step · i, step · i + apart).
         let (step, apart) = match self.layout {
             RopeLayout::Adjacent => (2, 1),
@@ -482,11 +492,8 @@ impl Model {
         Ok(model)
     }
 
-    /// The longest context the rotary tables cover.
+    /// The longest context a sequence may reach.
     pub fn set_max_positions(&mut self, positions: usize) {
-        for rope in &mut self.ropes {
-            rope.fill(self.config.head_dim, positions);
-        }
         self.max_positions = positions;
     }
 
@@ -538,6 +545,7 @@ impl Model {
         let (mut q, mut k, mut v) = (vec![0f32; rows * q_dim], vec![0f32; rows * kv_dim], vec![0f32; rows * kv_dim]);
         let mut attn = vec![0f32; rows * q_dim];
         let mut proj = vec![0f32; rows * d];
+        let angles: Vec<Angles> = self.ropes.iter().map(|rope| rope.angles(hd, &pos)).collect();
         let (mut gate, mut up) = (vec![0f32; rows * c.n_ff], vec![0f32; rows * c.n_ff]);
         for (l, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
@@ -553,10 +561,10 @@ impl Model {
                 q = rms_norm(&q, q_norm, c.rms_eps);
                 k = rms_norm(&k, k_norm, c.rms_eps);
             }
-            let rope = &self.ropes[a.rope];
+            let (rope, angles) = (&self.ropes[a.rope], &angles[a.rope]);
             for r in 0..rows {
-                rope.rotate(&mut q[r * q_dim..(r + 1) * q_dim], hd, pos[r]);
-                rope.rotate(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, pos[r]);
+                rope.rotate(&mut q[r * q_dim..(r + 1) * q_dim], hd, angles, r);
+                rope.rotate(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, angles, r);
             }
             // Write this step's keys and values into the pool, then attend: rows of a prompt chunk see earlier
             // rows.
