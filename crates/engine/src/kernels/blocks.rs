@@ -283,18 +283,20 @@ pub(super) mod x86 {
         pub const ZERO: Self = Self { scale: [0.0; 16], offset: [0.0; 8] };
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    // The heads are always inlined (a call per block and row measured about 1% of a prompt), so they cannot
+    // carry target features themselves; only the kernels, which have F16C, call them.
+    #[inline(always)]
     pub fn head_32(b: &[u8]) -> Head {
         let mut head = Head::ZERO;
-        head.scale[0] = f16x2(b[0], b[1], 0, 0).0;
+        // SAFETY: see above.
+        head.scale[0] = unsafe { f16x2(b[0], b[1], 0, 0).0 };
         head
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     pub fn head_k4(b: &[u8]) -> Head {
-        let (d, dmin) = f16x2(b[0], b[1], b[2], b[3]);
+        // SAFETY: see `head_32`.
+        let (d, dmin) = unsafe { f16x2(b[0], b[1], b[2], b[3]) };
         let mut head = Head::ZERO;
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &b[4..16]);
@@ -304,10 +306,10 @@ pub(super) mod x86 {
         head
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     pub fn head_q6_k(b: &[u8]) -> Head {
-        let d = f16x2(b[208], b[209], 0, 0).0;
+        // SAFETY: see `head_32`.
+        let d = unsafe { f16x2(b[208], b[209], 0, 0).0 };
         let mut head = Head::ZERO;
         for (scale, &sc) in head.scale.iter_mut().zip(&b[192..208]) {
             *scale = d * f32::from(sc as i8);
@@ -396,13 +398,10 @@ pub(super) mod x86 {
 
     #[inline(always)]
     pub fn head<const F: u8>(block: &[u8]) -> Head {
-        // SAFETY: only called from kernels compiled with at least these features, detected at run time.
-        unsafe {
-            match F {
-                Q4_0 | Q5_0 | Q8_0 => head_32(block),
-                Q4_K | Q5_K => head_k4(block),
-                _ => head_q6_k(block),
-            }
+        match F {
+            Q4_0 | Q5_0 | Q8_0 => head_32(block),
+            Q4_K | Q5_K => head_k4(block),
+            _ => head_q6_k(block),
         }
     }
 

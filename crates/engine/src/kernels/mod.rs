@@ -340,25 +340,35 @@ pub fn softmax(scores: &mut [f32]) {
 /// The feed-forward activation in place: `gate = silu(gate) · up = gate / (1 + e^-gate) · up`, with the
 /// exponential eight lanes at a time where the CPU has AVX2.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gated::<false>(gate, up)
+}
+
+/// Elements of an activation one task takes (a prompt's are spread over the cores; each element is on its own,
+/// so the split never changes a result).
+const ACTIVATION_CHUNK: usize = 16 << 10;
+
+/// `silu_mul`, or with `GELU` `gelu_mul`.
+fn gated<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    match simd::level() {
+    let run = |(gate, up): (&mut [f32], &[f32])| match simd::level() {
         // SAFETY: both levels imply AVX2 and FMA, detected at run time; the lengths are equal (asserted).
         #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::floats::silu_mul(gate, up) },
+        simd::Level::Avx512Vnni | simd::Level::Avx2 => unsafe { simd::x86::floats::gated::<GELU>(gate, up) },
         #[allow(unreachable_patterns)]
+        _ if GELU => scalar::gelu_mul(gate, up),
         _ => scalar::silu_mul(gate, up),
+    };
+    if gate.len() >= 4 * ACTIVATION_CHUNK {
+        gate.par_chunks_mut(ACTIVATION_CHUNK).zip(up.par_chunks(ACTIVATION_CHUNK)).for_each(run);
+    } else {
+        run((gate, up));
     }
 }
 
 /// GeGLU's activation in place: `gate = gelu(gate) · up`, with GELU's tanh approximation
 /// (`0.5 · g · (1 + tanh(√(2/π) · (g + 0.044715 · g³)))`, PyTorch's `gelu(approximate="tanh")`).
 pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len());
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    for (g, u) in gate.iter_mut().zip(up) {
-        let x = *g;
-        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh()) * u;
-    }
+    gated::<true>(gate, up)
 }
 
 /// Every query's share of one block of values: `out[n · width + i] += Σ_{j < rows} weights[n · stride + j] ·
@@ -407,6 +417,14 @@ mod scalar {
                 }
             }
             out[n * stride..][..BLOCK_KEYS].copy_from_slice(&acc);
+        }
+    }
+
+    pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        for (g, u) in gate.iter_mut().zip(up) {
+            let x = *g;
+            *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh()) * u;
         }
     }
 
@@ -758,10 +776,14 @@ pub(crate) mod simd {
                 _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
             }
 
+            /// `gate = gate · σ(a) · up`: SiLU's with `a = gate`, or with `GELU` the tanh GELU's, `0.5 · g · (1 +
+            /// tanh(t)) = g · σ(2t)` with `t = √(2/π) · (g + 0.044715 · g³)`.
+            ///
             /// # Safety
             /// `up` is as long as `gate`.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+            pub unsafe fn gated<const GELU: bool>(gate: &mut [f32], up: &[f32]) {
+                const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
                 let one = _mm256_set1_ps(1.0);
                 let done = gate.len() / 8 * 8;
                 let mut chunks = gate.chunks_exact_mut(8);
@@ -769,13 +791,23 @@ pub(crate) mod simd {
                     // SAFETY: both chunks hold eight floats.
                     unsafe {
                         let g = _mm256_loadu_ps(chunk.as_ptr());
-                        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-                        let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
-                        _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr())));
+                        let a = if GELU {
+                            let g2 = _mm256_mul_ps(g, g);
+                            let inner = _mm256_fmadd_ps(_mm256_set1_ps(0.044_715), g2, one);
+                            _mm256_mul_ps(_mm256_mul_ps(g, inner), _mm256_set1_ps(TWO_SQRT_2_OVER_PI))
+                        } else {
+                            g
+                        };
+                        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
+                        let gated = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                        _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_mul_ps(gated, _mm256_loadu_ps(u.as_ptr())));
                     }
                 }
-                for (g, u) in chunks.into_remainder().iter_mut().zip(&up[done..]) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
+                let rest = chunks.into_remainder();
+                if GELU {
+                    super::super::super::scalar::gelu_mul(rest, &up[done..]);
+                } else {
+                    super::super::super::scalar::silu_mul(rest, &up[done..]);
                 }
             }
 
@@ -1302,9 +1334,35 @@ mod tests {
         let mut gate: Vec<f32> = (0..2003).map(|i| (i as f32 - 1000.0) * 0.1).collect(); // -100 to 100
         let up = noise(gate.len(), 9);
         let want: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let mut gelu = gate.clone();
         silu_mul(&mut gate, &up);
         for (i, (g, w)) in gate.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= 8.0 * f32::EPSILON * w.abs() + 1e-30, "silu [{i}]: {g} vs {w}");
         }
+        // GELU against f64, as `g · σ(2t)`: the tanh form `0.5 · g · (1 + tanh(t))` loses every digit to
+        // cancellation for negative inputs (in f32 from about -3, in f64 from about -9).
+        let want: Vec<f64> = gelu
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| {
+                let (g, u) = (f64::from(g), f64::from(u));
+                let t = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044_715 * g * g * g);
+                g / (1.0 + (-2.0 * t).exp()) * u
+            })
+            .collect();
+        gelu_mul(&mut gelu, &up);
+        for (i, (&g, w)) in gelu.iter().zip(&want).enumerate() {
+            let err = (f64::from(g) - w).abs();
+            // σ(2t) far in its tail is e^-2t, whose relative error is that of 2t in f32 times |2t| (up to ~100).
+            assert!(err <= 2e-5 * w.abs() + 1e-30, "gelu [{i}]: {g} vs {w}");
+        }
+        // A prompt's worth, spread over the cores, equals the same on one.
+        let big = noise(5 * ACTIVATION_CHUNK + 3, 10);
+        let (mut spread, mut one) = (big.clone(), big.clone());
+        gelu_mul(&mut spread, &big);
+        for (g, u) in one.chunks_mut(8).zip(big.chunks(8)) {
+            gelu_mul(g, u);
+        }
+        assert_eq!(spread, one);
     }
 }
