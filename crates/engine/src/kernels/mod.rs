@@ -16,7 +16,6 @@ pub use blocks::Format;
 /// Elements per quantization block (all supported formats).
 pub const QK: usize = 32;
 const Q4_1_BYTES: usize = 20; // f16 d, f16 m, 16 bytes of nibbles
-#[cfg(target_arch = "aarch64")]
 const Q8_0_BYTES: usize = 34; // f16 d, 32 i8
 
 /// Fewest weight rows per parallel task; tasks are sized so each thread gets a few of them per matmul.
@@ -206,6 +205,9 @@ impl Matrix {
                 let rows: [&[u8]; R] = std::array::from_fn(|r| &bytes[(n + r) * size..(n + r + 1) * size]);
                 match format {
                     Format::Q4_1 => rows.iter().zip(out.iter_mut()).for_each(|(row, out)| simd::q4_1_row(row, x, out)),
+                    Format::Q8_0 if x.rows < 4 => {
+                        rows.iter().zip(out.iter_mut()).for_each(|(row, out)| simd::q8_0_row(row, x, out))
+                    }
                     _ => simd::unit_rows(*format, rows, x, out),
                 }
             }
@@ -545,6 +547,28 @@ pub(crate) mod simd {
         }
     }
 
+    /// Q8_0 for a step of one to three rows (decoding): the generic kernel gives the same sums, to the bit, but
+    /// ran one-row steps on a large matrix (a tied output projection) at half the speed of this one, which
+    /// streams one weight row at a time.
+    pub fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+        q8_0_row_at(level(), row, x, out)
+    }
+
+    /// `q8_0_row` on `level`, which must be `level()` or below it.
+    pub fn q8_0_row_at(level: Level, row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+        match level {
+            // SAFETY: the features each kernel needs were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => unsafe { x86::vnni::q8_0_row(row, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { x86::avx2::q8_0_row(row, x, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: every aarch64 CPU has NEON.
+            Level::Neon => unsafe { arm::q8_0_row(row, x, out) },
+            _ => blocks::scalar_row(Format::Q8_0, row, x, out),
+        }
+    }
+
     /// The generic kernel for every block format but Q4_1, on `R` weight rows at once (NEON runs the portable
     /// path but for Q8_0).
     pub fn unit_rows<const R: usize>(format: Format, rows: [&[u8]; R], x: &Rows<'_>, out: &mut [&mut [f32]; R]) {
@@ -687,6 +711,35 @@ pub(crate) mod simd {
                     }
                     for i in 0..N {
                         out[t0 + i] = hsum(acc[i]) + offset[i];
+                    }
+                }
+            };
+            (@q8_0, $features:literal, $dot:ident) => {
+                #[target_feature(enable = $features)]
+                pub unsafe fn q8_0_row(row: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+                    let blocks = x.cols / QK;
+                    for t0 in (0..x.rows).step_by(TILE) {
+                        let tiles = (x.rows - t0).min(TILE);
+                        let mut acc = [_mm256_setzero_ps(); TILE];
+                        for b in 0..blocks {
+                            let w = &row[b * Q8_0_BYTES..][..Q8_0_BYTES];
+                            let d = f16_pair(w).0;
+                            // SAFETY: `w` holds 34 bytes; bytes 2..34 are the 32 quantized weights.
+                            let wq = unsafe { _mm256_loadu_si256(w.as_ptr().add(2).cast()) };
+                            let w_abs = _mm256_sign_epi8(wq, wq);
+                            for i in 0..tiles {
+                                let xb = (t0 + i) * blocks + b;
+                                // SAFETY: block `xb` has 32 quantized values.
+                                let q = unsafe { _mm256_loadu_si256(x.q.as_ptr().add(xb * QK).cast()) };
+                                // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                let q_signed = _mm256_sign_epi8(q, wq);
+                                let scale = _mm256_set1_ps(d * x.d[xb]);
+                                acc[i] = _mm256_fmadd_ps(scale, $dot(w_abs, q_signed), acc[i]);
+                            }
+                        }
+                        for i in 0..tiles {
+                            out[t0 + i] = hsum(acc[i]);
+                        }
                     }
                 }
             };
@@ -970,8 +1023,8 @@ pub(crate) mod simd {
             }
         }
 
-        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1);
-        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni, q4_1);
+        kernels!(avx2, "avx2,fma,f16c", dot_u8_i8_avx2, q4_1, q8_0);
+        kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8_i8_vnni, q4_1, q8_0);
     }
 
     #[cfg(target_arch = "aarch64")]
@@ -1151,11 +1204,21 @@ mod tests {
                         assert_eq!(bits(&first), bits(&simd), "{format:?} {level:?}: a row beside another");
                         simd::unit_rows_at(level, *format, [other], &x, &mut [&mut first]);
                         assert_eq!(bits(&first), bits(&second), "{format:?} {level:?}: a row beside another");
-                        // And each activation row gets alone what it gets in a tile of many.
+                        // And each activation row gets alone what it gets in a tile of many (Q8_0 from the
+                        // kernel that takes steps of fewer than four rows).
                         for t in 0..rows {
                             let mut alone = [0f32];
-                            simd::unit_rows_at(level, *format, [row], &q.window(t..t + 1), &mut [&mut alone]);
+                            let x = q.window(t..t + 1);
+                            simd::unit_rows_at(level, *format, [row], &x, &mut [&mut alone]);
                             assert_eq!(alone[0].to_bits(), simd[t].to_bits(), "{format:?} {level:?}: row {t} alone");
+                            if *format == Format::Q8_0 {
+                                simd::q8_0_row_at(level, row, &x, &mut alone);
+                                assert_eq!(
+                                    alone[0].to_bits(),
+                                    simd[t].to_bits(),
+                                    "Q8_0 {level:?}: row {t}, one-row kernel"
+                                );
+                            }
                         }
                     }
                 }
