@@ -272,7 +272,7 @@ pub(super) mod x86 {
     }
 
     /// A block's scales and offsets, read once for all its units: `scale[j]` and `offset[j]` of unit `j`
-    /// (Q6_K: `scale[i]` of sub-block `i` of 16).
+    /// (Q6_K: `scale[0]` is its d).
     #[derive(Clone, Copy)]
     pub struct Head {
         pub scale: [f32; 16],
@@ -311,10 +311,10 @@ pub(super) mod x86 {
     pub fn head_q6_k(b: &[u8]) -> Head {
         // SAFETY: see `head_32`.
         let d = unsafe { f16x2(b[208], b[209], 0, 0).0 };
+        // Only d: the unit multiplies in its two sub-blocks' scales. Sixteen scales written here as one wide
+        // store and read back one by one stalled every unit (a one-row step ran at half speed).
         let mut head = Head::ZERO;
-        for (scale, &sc) in head.scale.iter_mut().zip(&b[192..208]) {
-            *scale = d * f32::from(sc as i8);
-        }
+        head.scale[0] = d;
         head
     }
 
@@ -379,7 +379,8 @@ pub(super) mod x86 {
             _mm256_set1_epi8(3),
         );
         let w = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
-        let scale = _mm256_set_m128(_mm_set1_ps(head.scale[2 * j + 1]), _mm_set1_ps(head.scale[2 * j]));
+        let sc = |i: usize| head.scale[0] * f32::from(b[192 + 2 * j + i] as i8);
+        let scale = _mm256_set_m128(_mm_set1_ps(sc(1)), _mm_set1_ps(sc(0)));
         Unit { w, scale, offset: 0.0 }
     }
 
@@ -427,6 +428,9 @@ pub(super) mod x86 {
         }
     }
 
+    /// How far ahead in a weight row the generic kernel prefetches.
+    pub const PREFETCH_AHEAD: usize = 2048;
+
     /// The generic kernel for one instruction set: `$dot` is its byte dot product, `$bw` whether it has
     /// AVX-512BW, and `$wide` the most activation rows a tile of signed weights takes (its accumulators must fit
     /// the registers: 16 on AVX2, 32 with AVX-512VL).
@@ -436,7 +440,9 @@ pub(super) mod x86 {
                 use std::arch::x86_64::*;
 
                 use super::super::{Format, QK};
-                use super::{Head, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, Unit, decode, head, signed, super_blocks};
+                use super::{
+                    Head, PREFETCH_AHEAD, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, Unit, decode, head, signed, super_blocks,
+                };
                 use crate::kernels::Rows;
 
                 /// Dot products of `R` weight rows in `format` with every activation row: `out[r][t]` is row
@@ -534,6 +540,12 @@ pub(super) mod x86 {
                             for r in 0..R {
                                 let start = rows[r].as_ptr().add(first / per_block * block_bytes);
                                 block[r] = std::slice::from_raw_parts(start, block_bytes);
+                                // Ask for the row's bytes well ahead: a step of few rows streams the weights
+                                // from memory, and the tile's loop is too long for the core to have enough
+                                // loads in flight by itself (one-row steps measured half as fast without).
+                                for line in (0..block_bytes).step_by(64) {
+                                    _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(PREFETCH_AHEAD + line).cast());
+                                }
                                 if super_blocks(F) {
                                     heads[r] = head::<F>(block[r]);
                                 }

@@ -161,14 +161,17 @@ impl Matrix {
             for g0 in (0..t_rows).step_by(group) {
                 let g1 = (g0 + group).min(t_rows);
                 let window = x.window(g0..g1);
-                // Weight rows two at a time: each activation block is loaded once for both.
+                // Weight rows two at a time, each activation block loaded once for both; one at a time for a
+                // step of few rows, which streams the weights from memory and ran faster on one row at a time.
                 for (p, pair) in chunk.chunks_mut(2 * t_rows).enumerate() {
                     let n = first + 2 * p;
-                    if pair.len() == 2 * t_rows {
+                    if pair.len() == 2 * t_rows && t_rows >= TILE {
                         let (a, b) = pair.split_at_mut(t_rows);
                         m.rows_dot(n, &window, &mut [&mut a[g0..g1], &mut b[g0..g1]]);
                     } else {
-                        m.rows_dot(n, &window, &mut [&mut pair[g0..g1]]);
+                        for (i, row) in pair.chunks_exact_mut(t_rows).enumerate() {
+                            m.rows_dot(n + i, &window, &mut [&mut row[g0..g1]]);
+                        }
                     }
                 }
             }
