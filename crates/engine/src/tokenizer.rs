@@ -27,8 +27,9 @@ pub struct Tokenizer {
     /// them where they count). One copy, shared by every clone (the engine's, the grammars'): a large
     /// vocabulary's tables take tens of MB.
     text_only: std::sync::Arc<tokenizers::Tokenizer>,
-    /// The control tokens' text and id, longest first.
-    specials: std::sync::Arc<Vec<(String, u32)>>,
+    /// The control tokens' texts, found in one pass (leftmost, then longest: as the tokenizer's own
+    /// added-vocabulary matcher; Gemma has over 6000 of them, too many to search for one by one), and their ids.
+    specials: std::sync::Arc<(aho_corasick::AhoCorasick, Vec<u32>)>,
     bos: Option<u32>,
     add_bos: bool,
 }
@@ -64,16 +65,19 @@ impl Tokenizer {
             })
             .collect();
         inner.add_special_tokens(&special);
-        let mut specials: Vec<(String, u32)> = special
+        let (texts, ids): (Vec<&str>, Vec<u32>) = special
             .iter()
             .filter(|t| t.special)
-            .filter_map(|t| Some((t.content.clone(), inner.token_to_id(&t.content)?)))
-            .collect();
-        specials.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
+            .filter_map(|t| Some((t.content.as_str(), inner.token_to_id(&t.content)?)))
+            .unzip();
+        let matcher = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(&texts)
+            .map_err(|e| Error::Tokenizer(format!("the special tokens cannot be searched for: {e}")))?;
         inner.set_encode_special_tokens(true);
         Ok(Self {
             text_only: std::sync::Arc::new(inner),
-            specials: std::sync::Arc::new(specials),
+            specials: std::sync::Arc::new((matcher, ids)),
             bos: md.bos_token_id,
             add_bos: md.add_bos_token,
         })
@@ -118,15 +122,13 @@ impl Tokenizer {
 
     /// Whether `text` holds a special token's text (`<|im_start|>`).
     pub fn has_special(&self, text: &str) -> bool {
-        self.first_special(text).is_some()
+        self.specials.0.is_match(text)
     }
 
     /// The first special token in `text`: where it starts, its length, its id (the longest at a tie).
     fn first_special(&self, text: &str) -> Option<(usize, usize, u32)> {
-        self.specials
-            .iter()
-            .filter_map(|(special, id)| text.find(special.as_str()).map(|at| (at, special.len(), *id)))
-            .min_by_key(|&(at, len, _)| (at, std::cmp::Reverse(len)))
+        let (matcher, ids) = &*self.specials;
+        matcher.find(text).map(|m| (m.start(), m.len(), ids[m.pattern().as_usize()]))
     }
 
     fn with_bos(&self, ids: Vec<u32>) -> Vec<u32> {

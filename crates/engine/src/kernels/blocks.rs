@@ -295,8 +295,8 @@ pub(super) mod x86 {
     }
 
     #[inline(always)]
-    pub fn head_k4(b: &[u8]) -> Head {
-        // SAFETY: see `head_32`.
+    fn head_k4(b: &[u8]) -> Head {
+        // SAFETY: see `d32`.
         let (d, dmin) = unsafe { f16x2(b[0], b[1], b[2], b[3]) };
         let mut head = Head::ZERO;
         for j in 0..8 {
@@ -308,8 +308,8 @@ pub(super) mod x86 {
     }
 
     #[inline(always)]
-    pub fn head_q6_k(b: &[u8]) -> Head {
-        // SAFETY: see `head_32`.
+    fn head_q6_k(b: &[u8]) -> Head {
+        // SAFETY: see `d32`.
         let d = unsafe { f16x2(b[208], b[209], 0, 0).0 };
         // Only d: the unit multiplies in its two sub-blocks' scales. Sixteen scales written here as one wide
         // store and read back one by one stalled every unit (a one-row step ran at half speed).
@@ -404,17 +404,23 @@ pub(super) mod x86 {
     }
 
     /// A super-block's head (Q4_K, Q5_K, Q6_K).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
     #[inline(always)]
-    pub fn head<const F: u8>(block: &[u8]) -> Head {
+    pub unsafe fn head<const F: u8>(block: &[u8]) -> Head {
         match F {
             Q4_K | Q5_K => head_k4(block),
             _ => head_q6_k(block),
         }
     }
 
-    /// `BW`: the caller has AVX-512BW and VL.
+    /// Unit `j` of a block.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and with `BW` AVX-512BW and VL.
     #[inline(always)]
-    pub fn decode<const F: u8, const BW: bool>(block: &[u8], j: usize, head: &Head) -> Unit {
+    pub unsafe fn decode<const F: u8, const BW: bool>(block: &[u8], j: usize, head: &Head) -> Unit {
         // SAFETY: as for `head`.
         unsafe {
             match F {
@@ -512,8 +518,8 @@ pub(super) mod x86 {
                 /// Weight rows `0..R` against activation rows `t0..t0 + N`: each unit of each weight row decoded
                 /// once for all N, each activation block loaded once for all R. Every (weight row, activation
                 /// row) pair has its own accumulators, summed in the same order whatever R and N are, so a row's
-                /// result never depends on what shares its step. Q6_K's weights are signed (the others'
-                /// unsigned, with an offset). Returns N.
+                /// result never depends on what shares its step. Q4_0, Q5_0, Q8_0 and Q6_K's weights are
+                /// signed (Q4_K's and Q5_K's unsigned, with an offset). Returns N.
                 #[inline]
                 #[target_feature(enable = $features)]
                 unsafe fn tile<const R: usize, const N: usize, const F: u8>(

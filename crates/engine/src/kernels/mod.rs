@@ -29,8 +29,8 @@ const TRANSPOSE_ROWS: usize = 8;
 /// How a weight matrix is stored.
 #[derive(Debug, Clone)]
 pub enum WeightData {
-    /// Rows of ggml blocks, byte for byte as in the file. Q4_1 and Q8_0 have hand-tuned kernels; the other
-    /// formats go through one generic kernel over [`blocks::Unit`]s.
+    /// Rows of ggml blocks, byte for byte as in the file. Q4_1 has a hand-tuned kernel, and Q8_0 one for steps
+    /// of fewer than four rows; everything else goes through one generic kernel over [`blocks::Unit`]s.
     Quant(Format, Vec<u8>),
     /// Plain floats (and F16/BF16, widened at load time).
     F32(Vec<f32>),
@@ -425,11 +425,14 @@ mod scalar {
         }
     }
 
+    /// As `g · σ(2t)`, which equals `0.5 · g · (1 + tanh(t))` and keeps its digits for negative inputs (the vector
+    /// kernel's form too, so a row's tail computed here agrees with it).
     pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
-        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
         for (g, u) in gate.iter_mut().zip(up) {
             let x = *g;
-            *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh()) * u;
+            let t2 = TWO_SQRT_2_OVER_PI * (x * (1.0 + 0.044_715 * x * x));
+            *g = x / (1.0 + (-t2).exp()) * u;
         }
     }
 
