@@ -6,6 +6,7 @@ use std::{path::PathBuf, time::Instant};
 use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
 
 mod conversation;
+mod kernels;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,6 +25,9 @@ pub struct Args {
     /// Skip the engine measurements.
     #[arg(long)]
     http_only: bool,
+    /// Only time the quantized matrix kernels, per block format, on a feed-forward layer's shape (no model).
+    #[arg(long)]
+    kernels: bool,
     /// Runs of each engine measurement, or rounds of the conversations with --conversation and --url; the median
     /// is printed (the machines are shared and noisy).
     #[arg(long, default_value_t = 5)]
@@ -63,6 +67,9 @@ fn greedy(max_tokens: u32) -> SamplingParams {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.kernels {
+        return kernels::run(args.repeat);
+    }
     if !args.http_only {
         engine(&args).await?;
     }

@@ -318,22 +318,28 @@ pub(super) mod x86 {
         head
     }
 
+    /// `biased` bytes `w + c` as they are (`U`, the VNNI kernel's unsigned operand), or the signed `w`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn unbias<const U: bool>(biased: __m256i, c: i8) -> __m256i {
+        if U { biased } else { _mm256_sub_epi8(biased, _mm256_set1_epi8(c)) }
+    }
+
     /// Signed: q - 8.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q4_0(b: &[u8], _: usize, _: &Head) -> Unit {
-        let w = _mm256_sub_epi8(nibbles16(&b[2..18]), _mm256_set1_epi8(8));
-        Unit { w, scale: _mm256_set1_ps(d32(b)), offset: 0.0 }
+    pub fn q4_0<const U: bool>(b: &[u8], _: usize, _: &Head) -> Unit {
+        Unit { w: unbias::<U>(nibbles16(&b[2..18]), 8), scale: _mm256_set1_ps(d32(b)), offset: 0.0 }
     }
 
     /// Signed: q - 16. `BW`: the high bits expanded by an AVX-512BW mask move (the caller has AVX-512BW and VL).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q5_0<const BW: bool>(b: &[u8], _: usize, _: &Head) -> Unit {
+    pub fn q5_0<const BW: bool, const U: bool>(b: &[u8], _: usize, _: &Head) -> Unit {
         let bits = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         // SAFETY: the caller's promise when BW.
         let high = if BW { unsafe { bits_to_16s_bw(bits) } } else { bits_to_16s(bits) };
-        let w = _mm256_sub_epi8(_mm256_or_si256(nibbles16(&b[6..22]), high), _mm256_set1_epi8(16));
+        let w = unbias::<U>(_mm256_or_si256(nibbles16(&b[6..22]), high), 16);
         Unit { w, scale: _mm256_set1_ps(d32(b)), offset: 0.0 }
     }
 
@@ -346,8 +352,11 @@ pub(super) mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q8_0(b: &[u8], _: usize, _: &Head) -> Unit {
-        Unit { w: load32(&b[2..34]), scale: _mm256_set1_ps(d32(b)), offset: 0.0 }
+    pub fn q8_0<const U: bool>(b: &[u8], _: usize, _: &Head) -> Unit {
+        let w = load32(&b[2..34]);
+        // w + 128 as unsigned bytes: the sign bit flipped.
+        let w = if U { _mm256_xor_si256(w, _mm256_set1_epi8(i8::MIN)) } else { w };
+        Unit { w, scale: _mm256_set1_ps(d32(b)), offset: 0.0 }
     }
 
     #[inline]
@@ -371,14 +380,14 @@ pub(super) mod x86 {
     /// Signed: q - 32; sub-block `2j` scales the first 16 weights, `2j + 1` the rest.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn q6_k(b: &[u8], j: usize, head: &Head) -> Unit {
+    pub fn q6_k<const U: bool>(b: &[u8], j: usize, head: &Head) -> Unit {
         let (n, r) = (j / 4, j % 4);
         let low = nibbles32(&b[64 * n + 32 * (r & 1)..], 4 * (r >> 1) as i32);
         let high = _mm256_and_si256(
             _mm256_srl_epi16(load32(&b[128 + 32 * n..]), _mm_cvtsi32_si128(2 * r as i32)),
             _mm256_set1_epi8(3),
         );
-        let w = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+        let w = unbias::<U>(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), 32);
         let sc = |i: usize| head.scale[0] * f32::from(b[192 + 2 * j + i] as i8);
         let scale = _mm256_set_m128(_mm_set1_ps(sc(1)), _mm_set1_ps(sc(0)));
         Unit { w, scale, offset: 0.0 }
@@ -398,6 +407,17 @@ pub(super) mod x86 {
         format != Q4_K && format != Q5_K
     }
 
+    /// log2 of the `c` a signed format's weights are stored with (`w + c` in bytes 0..2c; 128 for Q8_0's
+    /// flipped sign bit).
+    pub const fn bias_shift(format: u8) -> i32 {
+        match format {
+            Q4_0 => 3,
+            Q5_0 => 4,
+            Q6_K => 5,
+            _ => 7,
+        }
+    }
+
     /// Whether a format's blocks are K-quant super-blocks of eight units with a head of scales.
     pub const fn super_blocks(format: u8) -> bool {
         matches!(format, Q4_K | Q5_K | Q6_K)
@@ -415,21 +435,22 @@ pub(super) mod x86 {
         }
     }
 
-    /// Unit `j` of a block.
+    /// Unit `j` of a block; with `U`, a signed format's weights as the unsigned bytes `w + c` (see
+    /// [`bias_shift`]).
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C, and with `BW` AVX-512BW and VL.
     #[inline(always)]
-    pub unsafe fn decode<const F: u8, const BW: bool>(block: &[u8], j: usize, head: &Head) -> Unit {
+    pub unsafe fn decode<const F: u8, const BW: bool, const U: bool>(block: &[u8], j: usize, head: &Head) -> Unit {
         // SAFETY: as for `head`.
         unsafe {
             match F {
-                Q4_0 => q4_0(block, j, head),
-                Q5_0 => q5_0::<BW>(block, j, head),
-                Q8_0 => q8_0(block, j, head),
+                Q4_0 => q4_0::<U>(block, j, head),
+                Q5_0 => q5_0::<BW, U>(block, j, head),
+                Q8_0 => q8_0::<U>(block, j, head),
                 Q4_K => q4_k(block, j, head),
                 Q5_K => q5_k(block, j, head),
-                _ => q6_k(block, j, head),
+                _ => q6_k::<U>(block, j, head),
             }
         }
     }
@@ -439,15 +460,19 @@ pub(super) mod x86 {
 
     /// The generic kernel for one instruction set: `$dot` is its byte dot product, `$bw` whether it has
     /// AVX-512BW, and `$wide` the most activation rows a tile of signed weights takes (its accumulators must fit
-    /// the registers: 16 on AVX2, 32 with AVX-512VL).
+    /// the registers: 16 on AVX2, 32 with AVX-512VL). `$biased`: signed formats are decoded as unsigned `w + c`
+    /// and each dot product starts from `-c · Σq` (per lane, from the activations) by `$dot_from`, a byte dot product
+    /// added to its first operand that cannot saturate; otherwise by the sign trick, which costs an instruction
+    /// per weight row and activation row where this costs one per activation row.
     macro_rules! unit_kernels {
-        ($name:ident, $features:literal, $dot:path, $bw:literal, $wide:literal) => {
+        ($name:ident, $features:literal, $dot:path, $dot_from:path, $biased:literal, $bw:literal, $wide:literal) => {
             pub mod $name {
                 use std::arch::x86_64::*;
 
                 use super::super::{Format, QK};
                 use super::{
-                    Head, PREFETCH_AHEAD, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, Unit, decode, head, signed, super_blocks,
+                    Head, PREFETCH_AHEAD, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, Unit, bias_shift, decode, head, signed,
+                    super_blocks,
                 };
                 use crate::kernels::Rows;
 
@@ -471,7 +496,8 @@ pub(super) mod x86 {
                     for (row, out) in rows.iter().zip(out.iter()) {
                         assert!(row.len() >= format.row_bytes(x.cols) && out.len() >= x.rows);
                     }
-                    assert!(x.q.len() >= x.rows * x.cols && x.d.len().min(x.s.len()) >= x.rows * x.cols / QK);
+                    let blocks = x.rows * x.cols / QK;
+                    assert!(x.q.len() >= x.rows * x.cols && x.d.len().min(x.s.len()).min(x.lanes.len()) >= blocks);
                     // SAFETY: bounds asserted above; the features are the caller's promise.
                     unsafe {
                         match format {
@@ -530,11 +556,13 @@ pub(super) mod x86 {
                     out: &mut [&mut [f32]; R],
                 ) -> usize {
                     let signed = signed(F);
+                    let biased = $biased && signed;
+                    let shift = _mm_cvtsi32_si128(bias_shift(F));
                     let units = x.cols / QK;
                     let (per_block, block_bytes) = (format.block_elems() / QK, format.block_bytes());
                     let mut acc = [[_mm256_setzero_ps(); N]; R];
                     let mut offset = [[0f32; N]; R];
-                    let (q, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
+                    let (q, xd, xs, lanes) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr(), x.lanes.as_ptr());
                     let mut heads = [Head::ZERO; R];
                     for first in (0..units).step_by(per_block) {
                         // SAFETY: the block of units first..first + per_block of every weight row, and block u of
@@ -561,18 +589,35 @@ pub(super) mod x86 {
                                 let mut unit = [Unit::ZERO; R];
                                 let mut w = [_mm256_setzero_si256(); R];
                                 for r in 0..R {
-                                    unit[r] = decode::<F, $bw>(block[r], j, &heads[r]);
-                                    w[r] = if signed { _mm256_sign_epi8(unit[r].w, unit[r].w) } else { unit[r].w };
+                                    unit[r] = decode::<F, $bw, $biased>(block[r], j, &heads[r]);
+                                    w[r] = if signed && !biased {
+                                        _mm256_sign_epi8(unit[r].w, unit[r].w)
+                                    } else {
+                                        unit[r].w
+                                    };
                                 }
                                 for i in 0..N {
                                     let xb = (t0 + i) * units + u;
                                     let qv = _mm256_loadu_si256(q.add(xb * QK).cast());
                                     let (dx, sx) = (_mm256_set1_ps(*xd.add(xb)), *xs.add(xb));
+                                    // -c · Σq of each lane's four values.
+                                    let bias = if biased {
+                                        _mm256_sll_epi32(_mm256_loadu_si256(lanes.add(xb).cast()), shift)
+                                    } else {
+                                        _mm256_setzero_si256()
+                                    };
                                     for r in 0..R {
-                                        // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
-                                        let qv = if signed { _mm256_sign_epi8(qv, unit[r].w) } else { qv };
                                         let scale = _mm256_mul_ps(unit[r].scale, dx);
-                                        acc[r][i] = _mm256_fmadd_ps(scale, $dot(w[r], qv), acc[r][i]);
+                                        let dot = if biased {
+                                            // (w + c) · q - c · Σq = w · q, exactly.
+                                            _mm256_cvtepi32_ps($dot_from(bias, w[r], qv))
+                                        } else if signed {
+                                            // |w| · (q · sign(w)) = w · q, with the unsigned operand first.
+                                            $dot(w[r], _mm256_sign_epi8(qv, unit[r].w))
+                                        } else {
+                                            $dot(w[r], qv)
+                                        };
+                                        acc[r][i] = _mm256_fmadd_ps(scale, dot, acc[r][i]);
                                         if !signed {
                                             offset[r][i] += unit[r].offset * sx;
                                         }
@@ -595,11 +640,21 @@ pub(super) mod x86 {
         };
     }
 
-    unit_kernels!(avx2, "avx2,fma,f16c", crate::kernels::simd::x86::dot_u8_i8_avx2, false, 4);
+    unit_kernels!(
+        avx2,
+        "avx2,fma,f16c",
+        crate::kernels::simd::x86::dot_u8_i8_avx2,
+        crate::kernels::simd::x86::dot_u8_i8_from_avx2,
+        false,
+        false,
+        4
+    );
     unit_kernels!(
         vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw",
         crate::kernels::simd::x86::dot_u8_i8_vnni,
+        crate::kernels::simd::x86::dot_u8_i8_from_vnni,
+        true,
         true,
         8
     );

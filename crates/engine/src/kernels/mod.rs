@@ -44,12 +44,17 @@ pub struct Matrix {
     pub data: WeightData,
 }
 
-/// Activation rows quantized to 8 bits per block of 32, with the block scale `d` and `s = d · Σq`.
+/// Activation rows quantized to 8 bits per block of 32, with the block scale `d`, `s = d · Σq`, and the negated
+/// sums of each four values (`-Σq₄ₖ..₄ₖ₊₄` in lane `k`, the lane a byte dot product sums them in): the VNNI
+/// kernel reads signed weights as unsigned bytes `w + c` and starts each block's byte dot product from these
+/// lanes times `c`, which takes `c · Σq` back out of every lane exactly, so each lane holds the same integer as
+/// the sign trick's (and every level gives the same bits).
 pub struct Quantized<'a> {
     pub rows: usize,
     pub cols: usize,
     d: Vec<f32>,
     s: Vec<f32>,
+    lanes: Vec<[i32; 8]>,
     q: Vec<i8>,
     /// The original floats, for F32 weights.
     f: &'a [f32],
@@ -62,35 +67,38 @@ impl<'a> Quantized<'a> {
         assert_eq!(cols % QK, 0, "row length must be a multiple of {QK}");
         let blocks = rows * cols / QK;
         let (mut d, mut s, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0i8; rows * cols]);
+        let mut lanes = vec![[0i32; 8]; blocks];
         // Many rows (a prompt) are quantized on every thread; one row (decoding) is not worth the hand-off.
         if rows >= TILE {
             x.par_chunks_exact(QK)
                 .zip(q.par_chunks_exact_mut(QK))
-                .zip(d.par_iter_mut().zip(s.par_iter_mut()))
+                .zip(d.par_iter_mut().zip(s.par_iter_mut()).zip(lanes.par_iter_mut()))
                 .with_min_len(256)
-                .for_each(|((x, q), (d, s))| (*d, *s) = quantize_block(x, q));
+                .for_each(|((x, q), ((d, s), h))| (*d, *s, *h) = quantize_block(x, q));
         } else {
-            for ((x, q), (d, s)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d.iter_mut().zip(s.iter_mut())) {
-                (*d, *s) = quantize_block(x, q);
+            let scales = d.iter_mut().zip(s.iter_mut()).zip(lanes.iter_mut());
+            for ((x, q), ((d, s), h)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(scales) {
+                (*d, *s, *h) = quantize_block(x, q);
             }
         }
-        Self { rows, cols, d, s, q, f: x }
+        Self { rows, cols, d, s, lanes, q, f: x }
     }
 }
 
-/// Quantizes one block of 32 floats into `q`; returns its scale `d` and `d · Σq`.
-fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+/// Quantizes one block of 32 floats into `q`; returns its scale `d`, `d · Σq`, and the negated sums of each
+/// four values (see [`Quantized`]).
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32, [i32; 8]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut sum = 0i32;
-    for (v, out) in x.iter().zip(q.iter_mut()) {
+    let mut lanes = [0i32; 8];
+    for (k, (v, out)) in x.iter().zip(q.iter_mut()).enumerate() {
         // Round to nearest (ties to even) by the float trick instead of a call to `roundf`: |v · inv| ≤ 127.
         let qv = ((v * inv + ROUNDING) - ROUNDING) as i32;
         *out = qv as i8;
-        sum += qv;
+        lanes[k / 4] -= qv;
     }
-    (scale, scale * sum as f32)
+    (scale, -scale * lanes.iter().sum::<i32>() as f32, lanes)
 }
 
 /// Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 in magnitude to the nearest integer.
@@ -102,6 +110,7 @@ pub struct Rows<'a> {
     pub cols: usize,
     d: &'a [f32],
     s: &'a [f32],
+    lanes: &'a [[i32; 8]],
     q: &'a [i8],
     f: &'a [f32],
 }
@@ -115,7 +124,8 @@ impl Quantized<'_> {
             rows: range.len(),
             cols: self.cols,
             d: &self.d[b.clone()],
-            s: &self.s[b],
+            s: &self.s[b.clone()],
+            lanes: &self.lanes[b],
             q: &self.q[c.clone()],
             f: &self.f[c],
         }
@@ -223,6 +233,14 @@ impl Matrix {
                 }
             }
         }
+    }
+
+    /// `rows × cols` floats as a matrix of `format` blocks (candle's quantizers): quantization at load, and the
+    /// kernel benchmark's weights.
+    pub fn quantize(format: Format, floats: &[f32], rows: usize, cols: usize) -> crate::Result<Matrix> {
+        let t = candle_core::Tensor::from_slice(floats, (rows, cols), &candle_core::Device::Cpu)?;
+        let bytes = candle_core::quantized::QTensor::quantize(&t, format.ggml())?.data()?.into_owned();
+        Ok(Matrix { rows, cols, data: WeightData::Quant(format, bytes) })
     }
 
     /// Row `n` as floats (embedding look-up).
@@ -647,6 +665,22 @@ pub(crate) mod simd {
         #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
         pub(crate) fn dot_u8_i8_vnni(a: __m256i, b: __m256i) -> __m256 {
             _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b))
+        }
+
+        /// `from` plus the byte dot products of `a` (unsigned) and `b` (signed), in 32-bit lanes: one VNNI
+        /// instruction, which cannot saturate.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+        pub(crate) fn dot_u8_i8_from_vnni(from: __m256i, a: __m256i, b: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(from, a, b)
+        }
+
+        /// The same on AVX2, where pairs of products saturate at 16 bits: for bytes below 128 only (the generic
+        /// kernel's AVX2 level takes the sign trick instead).
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) fn dot_u8_i8_from_avx2(from: __m256i, a: __m256i, b: __m256i) -> __m256i {
+            _mm256_add_epi32(from, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)))
         }
 
         /// The row kernels, stamped out once per instruction set: `$dot` is the byte dot product and
@@ -1191,8 +1225,9 @@ mod tests {
         let size = format.row_bytes(k);
         let (mut scalar, mut simd) = (vec![0f32; rows], vec![0f32; rows]);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut first_level: Vec<Vec<u32>> = vec![];
         for level in simd::levels().into_iter().filter(|l| *l != simd::Level::Scalar) {
-            for nn in [0, n / 2, n - 1] {
+            for (p, nn) in [0, n / 2, n - 1].into_iter().enumerate() {
                 let row = &bytes[nn * size..(nn + 1) * size];
                 let x = q.window(0..rows);
                 match format {
@@ -1226,6 +1261,14 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+                // Every SIMD level sums the same integers in the same float order (the VNNI level's biased
+                // weights included), so the instruction set a worker runs on never changes a result.
+                if *format != Format::Q4_1 {
+                    match first_level.get(p) {
+                        Some(earlier) => assert_eq!(&bits(&simd), earlier, "{format:?} {level:?}: row {nn}"),
+                        None => first_level.push(bits(&simd)),
                     }
                 }
                 for t in 0..rows {

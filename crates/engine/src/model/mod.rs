@@ -746,8 +746,10 @@ fn requantize(matrix: &Matrix, target: Format) -> Result<Matrix> {
         for (i, row) in floats[..n * cols].chunks_exact_mut(cols).enumerate() {
             matrix.row(first + i, row);
         }
-        let t = candle_core::Tensor::from_slice(&floats[..n * cols], (n, cols), &candle_core::Device::Cpu)?;
-        bytes.extend_from_slice(&candle_core::quantized::QTensor::quantize(&t, target.ggml())?.data()?);
+        let WeightData::Quant(_, chunk) = Matrix::quantize(target, &floats[..n * cols], n, cols)?.data else {
+            unreachable!("quantize gives blocks")
+        };
+        bytes.extend_from_slice(&chunk);
     }
     Ok(Matrix { rows, cols, data: WeightData::Quant(target, bytes) })
 }
