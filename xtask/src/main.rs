@@ -7,7 +7,8 @@
 //! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
 //!   ops/s, the cost of a session per turn (release build); `bench conversation`: each turn's time to first
 //!   token in a 20-turn chat with the prefix cache on and off, and 16 users behind one system prompt, beside
-//!   llama-server when `../shared/tools/build_llamacpp.sh` has built it
+//!   llama-server when `../shared/tools/build_llamacpp.sh` has built it; `bench kernels`: each block format's
+//!   matrix kernel alone
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 //! - `soak [--minutes 30] [--load 0.7]`: MoltBot under 70 % of its measured capacity for half an hour (release)
 //! - `fuzz [target] [seconds]`: one libFuzzer target (`fuzz/`) for a bounded time (60 s), keeping its corpus;
@@ -41,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | http | sessions | turns | gateway | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -213,10 +214,16 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// 16 users behind one system prompt, beside llama-server when it is built;
 /// `bench gateway`: what the gateway adds to a request (MoltBot started in-process);
 /// `bench plugins`: p50/p99 of a built-in and of a Python process plugin call, in the host and over HTTP;
+/// `bench kernels`: each block format's matrix kernel alone, GMAC/s at 1 to 512 activation rows (no model);
 /// `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    model()?;
     let mut forwarded: Vec<String> = vec![];
+    if args.first().map(String::as_str) == Some("kernels") {
+        forwarded.push("--kernels".into());
+        forwarded.extend(args[1..].iter().cloned());
+        return status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded));
+    }
+    model()?;
     match args.first().map(String::as_str) {
         Some("engine") => {
             forwarded.extend(args[1..].iter().cloned());
