@@ -212,8 +212,8 @@ pub(super) mod x86 {
     use super::scale_min_k4;
 
     /// A unit in registers: 32 weights (bytes in element order), the scale of each of the eight 32-bit lanes a
-    /// byte dot product gives (lanes 0..4 sum bytes 0..16), and the offset. `SIGNED` formats' bytes are signed;
-    /// the others' unsigned.
+    /// byte dot product gives (lanes 0..4 sum bytes 0..16), and the offset. A [`signed`] format's bytes are signed,
+    /// or the unsigned `w + c` when decoded for the VNNI kernel (`U`); the others' are unsigned.
     #[derive(Clone, Copy)]
     pub struct Unit {
         pub w: __m256i,
@@ -325,14 +325,14 @@ pub(super) mod x86 {
         if U { biased } else { _mm256_sub_epi8(biased, _mm256_set1_epi8(c)) }
     }
 
-    /// Signed: q - 8.
+    /// Signed: q - 8 (with `U`, q).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn q4_0<const U: bool>(b: &[u8], _: usize, _: &Head) -> Unit {
         Unit { w: unbias::<U>(nibbles16(&b[2..18]), 8), scale: _mm256_set1_ps(d32(b)), offset: 0.0 }
     }
 
-    /// Signed: q - 16. `BW`: the high bits expanded by an AVX-512BW mask move (the caller has AVX-512BW and VL).
+    /// Signed: q - 16 (with `U`, q). `BW`: the high bits expanded by an AVX-512BW mask move (the caller has AVX-512BW and VL).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn q5_0<const BW: bool, const U: bool>(b: &[u8], _: usize, _: &Head) -> Unit {
@@ -377,7 +377,7 @@ pub(super) mod x86 {
         Unit { w, scale: _mm256_set1_ps(head.scale[j]), offset: head.offset[j] }
     }
 
-    /// Signed: q - 32; sub-block `2j` scales the first 16 weights, `2j + 1` the rest.
+    /// Signed: q - 32 (with `U`, q); sub-block `2j` scales the first 16 weights, `2j + 1` the rest.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn q6_k<const U: bool>(b: &[u8], j: usize, head: &Head) -> Unit {
@@ -401,8 +401,8 @@ pub(super) mod x86 {
     pub const Q6_K: u8 = 4;
     pub const Q8_0: u8 = 5;
 
-    /// Whether a format's weights are signed bytes (no offset; the kernel's sign trick), or unsigned with an
-    /// offset per unit.
+    /// Whether a format's weights are signed (no offset: AVX2's sign trick, or the VNNI kernel's bias), or
+    /// unsigned with an offset per unit.
     pub const fn signed(format: u8) -> bool {
         format != Q4_K && format != Q5_K
     }
@@ -414,7 +414,8 @@ pub(super) mod x86 {
             Q4_0 => 3,
             Q5_0 => 4,
             Q6_K => 5,
-            _ => 7,
+            Q8_0 => 7,
+            _ => panic!("only signed formats are biased"),
         }
     }
 
@@ -459,8 +460,8 @@ pub(super) mod x86 {
     pub const PREFETCH_AHEAD: usize = 2048;
 
     /// The generic kernel for one instruction set: `$dot` is its byte dot product, `$bw` whether it has
-    /// AVX-512BW, and `$wide` the most activation rows a tile of signed weights takes (its accumulators must fit
-    /// the registers: 16 on AVX2, 32 with AVX-512VL). `$biased`: signed formats are decoded as unsigned `w + c`
+    /// AVX-512BW, and `$wide` the most activation rows a tile of one or two rows of signed weights takes (its
+    /// accumulators must fit the registers: 16 on AVX2, 32 with AVX-512VL; four weight rows take four). `$biased`: signed formats are decoded as unsigned `w + c`
     /// and each dot product starts from `-c · Σq` (per lane, from the activations) by `$dot_from`, a byte dot product
     /// added to its first operand that cannot saturate; otherwise by the sign trick, which costs an instruction
     /// per weight row and activation row where this costs one per activation row.
@@ -520,8 +521,9 @@ pub(super) mod x86 {
                     x: &Rows<'_>,
                     out: &mut [&mut [f32]; R],
                 ) {
-                    // Unsigned formats keep a scalar offset per accumulator too, so they take fewer rows.
-                    let most = if signed(F) && F != Q6_K { $wide } else { 4 };
+                    // Unsigned formats keep a scalar offset per accumulator too, and four weight rows have four
+                    // times the accumulators, so they take fewer activation rows.
+                    let most = if signed(F) && F != Q6_K && R <= 2 { $wide } else { 4 };
                     let mut t0 = 0;
                     while t0 < x.rows {
                         let left = x.rows - t0;
@@ -557,7 +559,7 @@ pub(super) mod x86 {
                 ) -> usize {
                     let signed = signed(F);
                     let biased = $biased && signed;
-                    let shift = _mm_cvtsi32_si128(bias_shift(F));
+                    let shift = _mm_cvtsi32_si128(if biased { bias_shift(F) } else { 0 });
                     let units = x.cols / QK;
                     let (per_block, block_bytes) = (format.block_elems() / QK, format.block_bytes());
                     let mut acc = [[_mm256_setzero_ps(); N]; R];

@@ -35,12 +35,12 @@ pub fn run(repeat: usize) -> anyhow::Result<()> {
     for format in FORMATS {
         let (rows, cols) = if format.block_elems() == 256 { (896, 4864) } else { (4864, 896) };
         let matrix = Matrix::quantize(format, &values(rows * cols, 1), rows, cols)?;
-        let mut line = format!("{:>5?} {rows:>4} x {cols:<4}", format);
+        let mut line = format!("{:>5} {rows:>4} x {cols:<4}", format!("{format:?}"));
         for t_rows in ACTIVATION_ROWS {
             let x = values(t_rows * cols, 2);
             let x = Quantized::new(&x, t_rows, cols);
             let mut out = vec![0f32; t_rows * rows];
-            // About 0.1 s of work per timing, whatever the row count.
+            // The same work per timing whatever the row count (256 activation rows' worth).
             let reps = (256 / t_rows).max(1);
             matrix.matmul(&x, &mut out);
             let mut secs: Vec<f64> = (0..repeat.max(1))
