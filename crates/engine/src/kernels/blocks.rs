@@ -246,7 +246,7 @@ pub(super) mod x86 {
     /// 32 bytes, each 0x10 where bit `j` of `bits` is set.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn bits_to_16s(bits: u32) -> __m256i {
+    pub(crate) fn bits_to_16s(bits: u32) -> __m256i {
         // Byte j of every lane gets byte j / 8 of `bits`, then keeps bit j % 8.
         let spread = _mm256_shuffle_epi8(
             _mm256_set1_epi32(bits as i32),
@@ -346,7 +346,7 @@ pub(super) mod x86 {
     /// `bits_to_16s` in two instructions.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512bw,avx512vl")]
-    fn bits_to_16s_bw(bits: u32) -> __m256i {
+    pub(crate) fn bits_to_16s_bw(bits: u32) -> __m256i {
         _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10))
     }
 

@@ -11,6 +11,7 @@ use half::f16;
 use rayon::prelude::*;
 
 pub mod blocks;
+pub mod interleaved;
 pub use blocks::Format;
 
 /// Elements per quantization block (all supported formats).
@@ -38,6 +39,9 @@ pub enum WeightData {
     /// Rows of ggml blocks, byte for byte as in the file. Q4_1 has a hand-tuned kernel, and Q8_0 one for steps
     /// of fewer than four rows; everything else goes through one generic kernel over [`blocks::Unit`]s.
     Quant(Format, Vec<u8>),
+    /// The same blocks, eight rows interleaved ([`interleaved`]): what the x86 kernels read for a format that
+    /// has the layout and a matrix of whole groups of eight rows.
+    Interleaved(Format, Vec<u8>),
     /// Plain floats (and F16/BF16, widened at load time).
     F32(Vec<f32>),
 }
@@ -61,6 +65,8 @@ pub struct Quantized<'a> {
     d: Vec<f32>,
     s: Vec<f32>,
     lanes: Vec<[i32; 8]>,
+    /// `-Σq` of each half of each block: the interleaved kernels' start, times `c`.
+    halves: Vec<[i32; 2]>,
     q: Vec<i8>,
     /// The original floats, for F32 weights.
     f: &'a [f32],
@@ -87,7 +93,8 @@ impl<'a> Quantized<'a> {
                 (*d, *s, *h) = quantize_block(x, q);
             }
         }
-        Self { rows, cols, d, s, lanes, q, f: x }
+        let halves = lanes.iter().map(|l| [l[..4].iter().sum(), l[4..].iter().sum()]).collect();
+        Self { rows, cols, d, s, lanes, halves, q, f: x }
     }
 }
 
@@ -117,6 +124,7 @@ pub struct Rows<'a> {
     d: &'a [f32],
     s: &'a [f32],
     lanes: &'a [[i32; 8]],
+    halves: &'a [[i32; 2]],
     q: &'a [i8],
     f: &'a [f32],
 }
@@ -131,7 +139,8 @@ impl Quantized<'_> {
             cols: self.cols,
             d: &self.d[b.clone()],
             s: &self.s[b.clone()],
-            lanes: &self.lanes[b],
+            lanes: &self.lanes[b.clone()],
+            halves: &self.halves[b],
             q: &self.q[c.clone()],
             f: &self.f[c],
         }
@@ -165,7 +174,7 @@ impl Matrix {
         let per_task = all_rows
             .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
             .max(MIN_ROWS_PER_TASK)
-            .next_multiple_of(WEIGHT_TILE);
+            .next_multiple_of(interleaved::ROWS);
         // Each task runs its weight rows past a group of activation rows small enough to stay in L1, then the
         // next group: activations are read from L2 once per group instead of once per weight row.
         let group = (L1_ACTIVATIONS / x.cols.max(1)).max(TILE) / TILE * TILE;
@@ -177,9 +186,25 @@ impl Matrix {
             }
         }
         tasks.into_par_iter().for_each(|(m, first, chunk)| {
+            let mut eights = vec![];
             for g0 in (0..t_rows).step_by(group) {
                 let g1 = (g0 + group).min(t_rows);
                 let window = x.window(g0..g1);
+                if let WeightData::Interleaved(format, bytes) = &m.data {
+                    // Eight weight rows at a time, their results eight to an activation row.
+                    let tiles = interleaved::group_bytes(*format, m.cols);
+                    eights.resize((g1 - g0) * interleaved::ROWS, 0.0);
+                    for (p, rows) in chunk.chunks_mut(interleaved::ROWS * t_rows).enumerate() {
+                        let n = first / interleaved::ROWS + p;
+                        simd::interleaved_rows(*format, &bytes[n * tiles..][..tiles], &window, &mut eights);
+                        for (r, row) in rows.chunks_exact_mut(t_rows).enumerate() {
+                            for (t, o) in row[g0..g1].iter_mut().enumerate() {
+                                *o = eights[t * interleaved::ROWS + r];
+                            }
+                        }
+                    }
+                    continue;
+                }
                 // Weight rows four at a time, each activation block loaded once for all four (K-quants measured
                 // 10-20 % faster than two at a time by `bench --kernels`); one at a time for a step of few rows,
                 // which streams the weights from memory and ran faster on one row at a time.
@@ -236,6 +261,7 @@ impl Matrix {
                     _ => simd::unit_rows(*format, rows, x, out),
                 }
             }
+            WeightData::Interleaved(..) => unreachable!("`matmul_all` multiplies interleaved rows itself"),
             WeightData::F32(w) => {
                 for (r, out) in out.iter_mut().enumerate() {
                     let row = &w[(n + r) * self.cols..(n + r + 1) * self.cols];
@@ -255,10 +281,39 @@ impl Matrix {
         Ok(Matrix { rows, cols, data: WeightData::Quant(format, bytes) })
     }
 
+    /// The layout this CPU's kernels read fastest: on x86 (AVX2 or AVX-512 VNNI), a format with an
+    /// [`interleaved`] layout and rows in whole groups of eight are interleaved, in place; anything else, or
+    /// anything with `MOLTBOT_ENGINE_NO_INTERLEAVE` set (to measure the row-at-a-time kernels), is returned as
+    /// it is.
+    pub fn for_kernels(self) -> Matrix {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(simd::level(), simd::Level::Avx512Vnni | simd::Level::Avx2)
+            && std::env::var_os("MOLTBOT_ENGINE_NO_INTERLEAVE").is_none()
+        {
+            return self.interleaved();
+        }
+        self
+    }
+
+    /// The matrix with its rows interleaved, where its format has the layout and its rows come in whole
+    /// groups of eight (whatever the CPU).
+    pub(crate) fn interleaved(self) -> Matrix {
+        match self.data {
+            WeightData::Quant(format, mut bytes)
+                if interleaved::supports(format) && self.rows.is_multiple_of(interleaved::ROWS) =>
+            {
+                interleaved::interleave(format, &mut bytes, self.cols);
+                Matrix { data: WeightData::Interleaved(format, bytes), ..self }
+            }
+            _ => self,
+        }
+    }
+
     /// Row `n` as floats (embedding look-up).
     pub fn row(&self, n: usize, out: &mut [f32]) {
         match &self.data {
             WeightData::Quant(format, bytes) => format.dequantize_row(bytes, n, self.cols, out),
+            WeightData::Interleaved(format, bytes) => interleaved::dequantize_row(*format, bytes, n, self.cols, out),
             WeightData::F32(w) => out.copy_from_slice(&w[n * self.cols..(n + 1) * self.cols]),
         }
     }
@@ -266,7 +321,7 @@ impl Matrix {
     /// Bytes the weights take in memory.
     pub fn bytes(&self) -> usize {
         match &self.data {
-            WeightData::Quant(_, bytes) => bytes.len(),
+            WeightData::Quant(_, bytes) | WeightData::Interleaved(_, bytes) => bytes.len(),
             WeightData::F32(w) => w.len() * 4,
         }
     }
@@ -601,6 +656,23 @@ pub(crate) mod simd {
             // SAFETY: every aarch64 CPU has NEON.
             Level::Neon => unsafe { arm::q8_0_row(row, x, out) },
             _ => blocks::scalar_row(Format::Q8_0, row, x, out),
+        }
+    }
+
+    /// Eight interleaved weight rows against every activation row: `out[t · 8 + r]`.
+    pub fn interleaved_rows(format: Format, tiles: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+        interleaved_rows_at(level(), format, tiles, x, out)
+    }
+
+    /// `interleaved_rows` on `level`, which must be `level()` or below it.
+    pub fn interleaved_rows_at(level: Level, format: Format, tiles: &[u8], x: &Rows<'_>, out: &mut [f32]) {
+        match level {
+            // SAFETY: the features each kernel needs were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512Vnni => unsafe { interleaved::x86::vnni::rows(format, tiles, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { interleaved::x86::avx2::rows(format, tiles, x, out) },
+            _ => interleaved::scalar_rows(format, tiles, x, out),
         }
     }
 
@@ -1229,6 +1301,9 @@ mod tests {
         for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
             assert!((a - b).abs() < tol, "{format:?} {rows}x{n}x{k} [{i}]: {a} vs {b}");
         }
+        if let Some(f) = format.filter(|f| interleaved::supports(*f) && n.is_multiple_of(interleaved::ROWS)) {
+            check_interleaved(f, &m, &q, &expected, tol);
+        }
         // Every SIMD level this CPU has agrees closely with the portable path (same integer sums, float
         // rounding aside).
         let WeightData::Quant(format, bytes) = &m.data else { return };
@@ -1295,6 +1370,44 @@ mod tests {
         }
     }
 
+    /// The interleaved layout of `m`: the same rows, bit for bit; the product within `tol` of `expected`; and
+    /// every level, the portable one included, giving the same bits for each activation row, alone or in a
+    /// step of many.
+    fn check_interleaved(format: Format, m: &Matrix, q: &Quantized<'_>, expected: &[f32], tol: f32) {
+        let (n, k, rows) = (m.rows, m.cols, q.rows);
+        let im = m.clone().interleaved();
+        let WeightData::Interleaved(_, tiles) = &im.data else { panic!("{format:?} was not interleaved") };
+        let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+        for nn in 0..n {
+            m.row(nn, &mut a);
+            im.row(nn, &mut b);
+            let first = a.iter().zip(&b).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(first, None, "{format:?}: interleaved row {nn} differs");
+        }
+        let mut got = vec![0f32; rows * n];
+        im.matmul(q, &mut got);
+        for (i, (a, b)) in got.iter().zip(expected).enumerate() {
+            assert!((a - b).abs() < tol, "{format:?} interleaved {rows}x{n}x{k} [{i}]: {a} vs {b}");
+        }
+        let size = interleaved::group_bytes(format, k);
+        let x = q.window(0..rows);
+        for level in simd::levels() {
+            for (g, group) in tiles.chunks_exact(size).enumerate() {
+                let mut out = vec![0f32; rows * interleaved::ROWS];
+                simd::interleaved_rows_at(level, format, group, &x, &mut out);
+                for t in 0..rows {
+                    for r in 0..interleaved::ROWS {
+                        let (a, b) = (out[t * interleaved::ROWS + r], got[t * n + g * interleaved::ROWS + r]);
+                        assert_eq!(a.to_bits(), b.to_bits(), "{format:?} {level:?}: row {r} of group {g}, t {t}");
+                    }
+                    let mut alone = [0f32; interleaved::ROWS];
+                    simd::interleaved_rows_at(level, format, group, &q.window(t..t + 1), &mut alone);
+                    assert_eq!(alone[..], out[t * interleaved::ROWS..][..interleaved::ROWS], "{level:?}: t {t} alone");
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_matches_the_naive_reference() {
         for format in FORMATS.map(Some).into_iter().chain([None]) {
@@ -1312,7 +1425,7 @@ mod tests {
     #[test]
     fn q8_0_weights_of_minus_128_are_exact_on_every_level() {
         // candle's quantizer never writes -128, but a file may: the VNNI kernel reads it as 0 + 128.
-        let (n, k, rows) = (3, 64, 5);
+        let (n, k, rows) = (8, 64, 5);
         let mut bytes = vec![];
         for r in 0..n {
             for b in 0..k / QK {
@@ -1352,6 +1465,17 @@ mod tests {
                 levels.push(generic);
             }
             assert!(levels.windows(2).all(|w| w[0] == w[1]), "the levels differ: {levels:?}");
+            // The interleaved layout (eight rows: one group) on every level, the portable one included.
+            let m = Matrix { rows: n, cols: k, data: WeightData::Quant(Format::Q8_0, bytes.clone()) }.interleaved();
+            let WeightData::Interleaved(_, tiles) = &m.data else { panic!("not interleaved") };
+            for level in simd::levels() {
+                let mut out = vec![0f32; rows * interleaved::ROWS];
+                simd::interleaved_rows_at(level, Format::Q8_0, tiles, &window, &mut out);
+                for (t, e) in expected.iter().enumerate() {
+                    let g = out[t * interleaved::ROWS + r];
+                    assert!((f64::from(g) - e).abs() <= 1e-4 * (1.0 + e.abs()), "{level:?} interleaved: {g} vs {e}");
+                }
+            }
         }
     }
 
@@ -1374,6 +1498,13 @@ mod tests {
                     data: WeightData::Quant(Format::Q5_0, quantize(Format::Q5_0, &noise(7 * k, 5), 7, k)),
                 },
                 Matrix { rows: 130, cols: k, data: WeightData::F32(noise(130 * k, 6)) },
+                // Interleaved, 24 rows: three groups of eight, split between tasks in whole groups.
+                Matrix {
+                    rows: 24,
+                    cols: k,
+                    data: WeightData::Quant(Format::Q8_0, quantize(Format::Q8_0, &noise(24 * k, 7), 24, k)),
+                }
+                .interleaved(),
             ];
             let alone: Vec<Vec<f32>> = matrices
                 .iter()
@@ -1384,8 +1515,9 @@ mod tests {
                 })
                 .collect();
             let mut outs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![f32::NAN; rows * m.rows]).collect();
-            let [a, b, c] = &mut outs[..] else { unreachable!() };
-            Matrix::matmul_all(&q, &mut [(&matrices[0], a), (&matrices[1], b), (&matrices[2], c)]);
+            let [a, b, c, d] = &mut outs[..] else { unreachable!() };
+            let m = &matrices;
+            Matrix::matmul_all(&q, &mut [(&m[0], a), (&m[1], b), (&m[2], c), (&m[3], d)]);
             for ((together, alone), m) in outs.iter().zip(&alone).zip(&matrices) {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(together), bits(alone), "{rows} rows");

@@ -254,10 +254,11 @@ impl Weights<'_> {
             },
         };
         let matrix = Matrix { rows, cols, data };
-        match stored_format(dtype, dims.len(), cols, self.quantization) {
-            Some(target) if Format::from_ggml(dtype) != Some(target) => Ok(requantize(&matrix, target)?),
-            _ => Ok(matrix),
-        }
+        let matrix = match stored_format(dtype, dims.len(), cols, self.quantization) {
+            Some(target) if Format::from_ggml(dtype) != Some(target) => requantize(&matrix, target)?,
+            _ => matrix,
+        };
+        Ok(matrix.for_kernels())
     }
 
     fn bad(&self, name: &str, what: &str) -> Error {

@@ -34,7 +34,7 @@ pub fn run(repeat: usize) -> anyhow::Result<()> {
     println!("kernels: {}; {threads} threads; GMAC/s, median of {repeat}", simd_level());
     for format in FORMATS {
         let (rows, cols) = if format.block_elems() == 256 { (896, 4864) } else { (4864, 896) };
-        let matrix = Matrix::quantize(format, &values(rows * cols, 1), rows, cols)?;
+        let matrix = Matrix::quantize(format, &values(rows * cols, 1), rows, cols)?.for_kernels();
         let mut line = format!("{:>5} {rows:>4} x {cols:<4}", format!("{format:?}"));
         for t_rows in ACTIVATION_ROWS {
             let x = values(t_rows * cols, 2);
