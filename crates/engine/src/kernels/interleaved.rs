@@ -1,33 +1,30 @@
 //! Weight rows interleaved eight at a time (like llama.cpp's repacked `block_q4_0x8`, in a layout of our own):
-//! a step of several activation rows then costs one scale multiply, one conversion and one FMA per block for
+//! a step costs one conversion, one scale multiply and one FMA per unit of 32 columns and activation row for
 //! eight weight rows instead of one each per weight row, and no horizontal sums.
 //!
-//! A **tile** holds block `b` of eight consecutive weight rows, in exactly the bytes those eight blocks took:
-//! the eight f16 scales, then the weights in **groups** of four columns, one 32-byte register per group with
-//! row `r`'s four weights at bytes `4r..4r + 4`. A byte dot product of a group with an activation row's four
-//! values broadcast to every lane gives each of the eight rows its share in its own 32-bit lane, so a block's
-//! eight groups add up in eight integer lanes, exactly, one per weight row.
+//! A **tile** holds block `b` of eight consecutive weight rows, in exactly the bytes those eight blocks took: a
+//! head with their scales side by side, then each unit of 32 columns, its weights in **groups** of four
+//! columns, one 32-byte register per group with row `r`'s four weights at bytes `4r..4r + 4`. A byte dot
+//! product of a group with an activation row's four values broadcast to every lane gives each of the eight rows
+//! its share in its own 32-bit lane, so a unit's eight groups add up in eight integer lanes, exactly.
 //!
-//! - **Q4_0** (144 bytes): scales, then four 32-byte chunks; chunk `c`'s low nibbles are group `c`, its high
-//!   nibbles group `c + 4`.
-//! - **Q5_0** (176 bytes): scales, the fifth bits of the eight groups as eight little-endian u32 (bit `4r + p`
-//!   for row `r`, column `p` of the group), then the nibbles as Q4_0's.
-//! - **Q8_0** (272 bytes): scales, then the eight groups' signed bytes.
+//! - **Heads**: eight f16 `d`; then Q4_1's eight `m`; Q4_K's and Q5_K's eight `dmin` and each unit's scales
+//!   and minimums (12 bytes: row `r`'s 6-bit scale and the minimum's low two bits in byte `r`, the minimums'
+//!   high nibbles in a little-endian u32); Q6_K's sixteen sub-block scales, eight rows each.
+//! - **Units**: nibbles in four 32-byte chunks, chunk `c`'s low nibbles group `c`, its high nibbles group
+//!   `c + 4`; Q5_0's and Q5_K's fifth bits first, a little-endian u32 per group (bit `4r + p` for row `r`,
+//!   column `p`); Q6_K's two high bits after the nibbles, in two chunks (chunk `h`, bits `2k..2k + 2`: group
+//!   `h + 2k`); Q8_0's eight groups of signed bytes.
 //!
-//! The kernels read the weights as unsigned bytes `w + c` (Q8_0 with its sign bit flipped) and start each
-//! block's integer sum at `-c · Σq` of the activations, so the sums are the same integers as the row-at-a-time
-//! kernels' and every instruction set gives the same bits (AVX2 takes the sign trick for Q8_0, whose biased
-//! bytes would saturate its 16-bit pairs).
+//! Signed formats are read as unsigned bytes `w + c` (Q8_0 with its sign bit flipped) with each unit's integer
+//! sum (Q6_K: each half's) started at `-c · Σq` of the activations, so the sums are exact and every instruction
+//! set gives the same bits as the portable path (AVX2 takes the sign trick for Q8_0, whose biased bytes would
+//! saturate its 16-bit pairs).
 
 use super::{Format, QK, Rows, blocks::Unit, blocks::scale_min_k4, f16_at};
 
 /// Weight rows a tile interleaves.
 pub const ROWS: usize = 8;
-
-/// Whether a format has an interleaved layout.
-pub fn supports(format: Format) -> bool {
-    format != Format::Q4_1
-}
 
 /// Bytes of a tile: eight rows' blocks.
 pub fn tile_bytes(format: Format) -> usize {
@@ -38,6 +35,7 @@ pub fn tile_bytes(format: Format) -> usize {
 pub fn head_bytes(format: Format) -> usize {
     match format {
         Format::Q4K | Format::Q5K => 4 * ROWS + 12 * 8,
+        Format::Q4_1 => 4 * ROWS,
         Format::Q6K => 2 * ROWS + 16 * ROWS,
         _ => 2 * ROWS,
     }
@@ -46,7 +44,7 @@ pub fn head_bytes(format: Format) -> usize {
 /// Bytes of one unit (32 columns of the eight rows) in a tile.
 pub fn unit_bytes(format: Format) -> usize {
     match format {
-        Format::Q4_0 | Format::Q4K => 128,
+        Format::Q4_0 | Format::Q4_1 | Format::Q4K => 128,
         Format::Q5_0 | Format::Q5K => 32 + 128,
         Format::Q6K => 128 + 64,
         _ => 256,
@@ -61,7 +59,6 @@ pub fn group_bytes(format: Format, cols: usize) -> usize {
 /// Rewrites `bytes`, rows of `format` blocks (`rows` a multiple of [`ROWS`]), as tiles, in place: each group of
 /// eight rows becomes its tiles in the same bytes, so the matrix takes no more memory, then or after.
 pub fn interleave(format: Format, bytes: &mut [u8], cols: usize) {
-    assert!(supports(format), "{format:?} has no interleaved layout");
     let (row_bytes, bb, tb) = (format.row_bytes(cols), format.block_bytes(), tile_bytes(format));
     let (blocks, per_block) = (cols / format.block_elems(), format.block_elems() / QK);
     assert!(bytes.len().is_multiple_of(ROWS * row_bytes), "rows are not a multiple of {ROWS}");
@@ -85,6 +82,10 @@ pub fn interleave(format: Format, bytes: &mut [u8], cols: usize) {
                             tile[at + r] = sc | ((m & 3) << 6);
                             tile[at + 8 + r / 2] |= (m >> 2) << (4 * (r % 2));
                         }
+                    }
+                    Format::Q4_1 => {
+                        tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]);
+                        tile[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block(r)[2..4]);
                     }
                     Format::Q6K => {
                         tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[208..210]);
@@ -165,6 +166,7 @@ fn unit(format: Format, tile: &[u8], r: usize, j: usize) -> Unit {
             Unit { q, scale: [sc(2 * j), sc(2 * j + 1)], offset: 0.0 }
         }
         Format::Q4_0 => Unit { q, scale: [d; 2], offset: -8.0 * d },
+        Format::Q4_1 => Unit { q, scale: [d; 2], offset: f16_at(tile, 16 + 2 * r) },
         Format::Q5_0 => Unit { q, scale: [d; 2], offset: -16.0 * d },
         _ => Unit { q, scale: [d; 2], offset: 0.0 },
     }
@@ -210,7 +212,7 @@ pub(super) fn scalar_rows(format: Format, tiles: &[u8], x: &Rows<'_>, out: &mut 
                 } else {
                     *acc = dot(0..32).mul_add(unit.scale[0] * x.d[xb], *acc);
                 }
-                if matches!(format, Format::Q4K | Format::Q5K) {
+                if matches!(format, Format::Q4_1 | Format::Q4K | Format::Q5K) {
                     *acc = unit.offset.mul_add(x.s[xb], *acc);
                 }
             }
@@ -225,6 +227,9 @@ pub(super) mod x86 {
     /// How far ahead in a matrix's tiles the kernels prefetch.
     pub const PREFETCH_AHEAD: usize = 2048;
 
+    /// Q4_1 beside the generic kernel's formats (which it has a kernel of its own for).
+    pub const Q4_1: u8 = 6;
+
     /// `$dot_from(from, a, b)` adds the byte dot products of `a` (unsigned) and `b` (signed) to `from`'s lanes;
     /// `$vnni` says it cannot saturate (so Q8_0 is biased too) and AVX-512BW is there.
     macro_rules! tile_kernels {
@@ -233,7 +238,7 @@ pub(super) mod x86 {
                 use std::arch::x86_64::*;
 
                 use super::super::{ROWS, head_bytes, tile_bytes, unit_bytes};
-                use super::PREFETCH_AHEAD;
+                use super::{PREFETCH_AHEAD, Q4_1};
                 use crate::kernels::blocks::x86::{
                     Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, bias_shift, bits_to_16s, bits_to_16s_bw,
                 };
@@ -262,7 +267,7 @@ pub(super) mod x86 {
                             Format::Q4K => steps::<Q4_K>(tiles, x, out),
                             Format::Q5K => steps::<Q5_K>(tiles, x, out),
                             Format::Q6K => steps::<Q6_K>(tiles, x, out),
-                            Format::Q4_1 => unreachable!("{format:?} is not interleaved"),
+                            Format::Q4_1 => steps::<Q4_1>(tiles, x, out),
                         }
                     }
                 }
@@ -274,6 +279,7 @@ pub(super) mod x86 {
                         Q8_0 => Format::Q8_0,
                         Q4_K => Format::Q4K,
                         Q5_K => Format::Q5K,
+                        Q4_1 => Format::Q4_1,
                         _ => Format::Q6K,
                     }
                 }
@@ -347,7 +353,10 @@ pub(super) mod x86 {
                     let format = format_of(F);
                     let (tb, hb, ub) = (tile_bytes(format), head_bytes(format), unit_bytes(format));
                     let per_block = format.block_elems() / QK;
-                    let (biased, offsets) = (F != Q4_K && F != Q5_K && ($vnni || F != Q8_0), F == Q4_K || F == Q5_K);
+                    // Q4_1, Q4_K and Q5_K are unsigned, with an offset per unit (Q4_1's added, the K-quants'
+                    // taken away).
+                    let offsets = F == Q4_1 || F == Q4_K || F == Q5_K;
+                    let biased = !offsets && ($vnni || F != Q8_0);
                     let shift = if biased { bias_shift(F) } else { 0 };
                     let units = x.cols / QK;
                     let (q, xd, xs, halves) = (x.q.as_ptr(), x.d.as_ptr(), x.s.as_ptr(), x.halves.as_ptr());
@@ -361,12 +370,15 @@ pub(super) mod x86 {
                                 _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(PREFETCH_AHEAD + line).cast());
                             }
                             let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.cast()));
+                            // The K-quants' dmin, Q4_1's m.
                             let dmin = if offsets { _mm256_cvtph_ps(_mm_loadu_si128(tile.add(16).cast())) } else { d };
                             for j in 0..per_block {
                                 let u = first + j;
                                 let body = tile.add(hb + j * ub);
                                 // The unit's scale (Q6_K: each half's) and offset in each row's lane.
-                                let (scale, scale_b, offset) = if offsets {
+                                let (scale, scale_b, offset) = if F == Q4_1 {
+                                    (d, d, dmin)
+                                } else if offsets {
                                     let s = tile.add(32 + 12 * j);
                                     let bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(s.cast()));
                                     let sc = _mm256_and_si256(bytes, _mm256_set1_epi32(63));
@@ -431,7 +443,9 @@ pub(super) mod x86 {
                                         let half = _mm256_cvtepi32_ps(sum_b[i]);
                                         acc[i] = _mm256_fmadd_ps(half, _mm256_mul_ps(scale_b, dx), acc[i]);
                                     }
-                                    if offsets {
+                                    if F == Q4_1 {
+                                        acc[i] = _mm256_fmadd_ps(offset, _mm256_set1_ps(*xs.add(xb)), acc[i]);
+                                    } else if offsets {
                                         acc[i] = _mm256_fnmadd_ps(offset, _mm256_set1_ps(*xs.add(xb)), acc[i]);
                                     }
                                 }
