@@ -516,9 +516,10 @@ impl Config {
                 figment = figment.merge(Serialized::global("model_provider", value));
             }
         }
-        // The engine's own switches (`MOLTBOT_ENGINE_NO_AVX512`, `MOLTBOT_ENGINE_NO_SIMD`) share the prefix but are
-        // not configuration keys.
-        Ok(figment.merge(Env::prefixed("MOLTBOT_").ignore(&["engine_no_avx512", "engine_no_simd"]).split("__")))
+        // The engine's own switches (`MOLTBOT_ENGINE_NO_AVX512`, `MOLTBOT_ENGINE_NO_SIMD`,
+        // `MOLTBOT_ENGINE_NO_INTERLEAVE`) share the prefix but are not configuration keys.
+        let switches = ["engine_no_avx512", "engine_no_simd", "engine_no_interleave"];
+        Ok(figment.merge(Env::prefixed("MOLTBOT_").ignore(&switches).split("__")))
     }
 
     /// Extracts and validates a configuration from any figment (tests build one from strings).
@@ -721,6 +722,7 @@ mod tests {
             jail.set_env("MOLTBOT_GATEWAY__AUTH__API_KEYS", r#"["k1-0123456789abcdef","k2-0123456789abcdef"]"#);
             // The engine's instruction-set switch is not a configuration key (and used to fail the load).
             jail.set_env("MOLTBOT_ENGINE_NO_AVX512", "1");
+            jail.set_env("MOLTBOT_ENGINE_NO_INTERLEAVE", "1");
             jail.create_file("moltbot.yaml", "gateway:\n  listen: 127.0.0.1:9000\n")?;
             jail.create_file("model_provider.yaml", "provider_type: local_llm\nmax_tokens: 99\n")?;
             let c = Config::load(Some(Path::new("moltbot.yaml"))).unwrap();

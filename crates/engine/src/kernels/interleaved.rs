@@ -1,6 +1,7 @@
 //! Weight rows interleaved eight at a time (like llama.cpp's repacked `block_q4_0x8`, in a layout of our own):
-//! a step costs one conversion, one scale multiply and one FMA per unit of 32 columns and activation row for
-//! eight weight rows instead of one each per weight row, and no horizontal sums.
+//! a step costs one conversion, one scale multiply and one FMA (two of each for Q6_K's halves, and one more FMA
+//! for an offset) per unit of 32 columns and activation row for eight weight rows instead of as many per weight
+//! row, and no horizontal sums.
 //!
 //! A **tile** holds block `b` of eight consecutive weight rows, in exactly the bytes those eight blocks took: a
 //! head with their scales side by side, then each unit of 32 columns, its weights in **groups** of four
@@ -185,8 +186,8 @@ pub fn dequantize_row(format: Format, bytes: &[u8], n: usize, cols: usize, out: 
 }
 
 /// The portable kernel, in the vector kernels' order (each unit's exact integer sum, or each half's for Q6_K,
-/// converted, times the product of the scales, fused into the running sum; then Q4_K's and Q5_K's offset times
-/// the activations' sum, fused), so it gives their bits: `out[t · 8 + r]` is row `r`'s dot product with
+/// converted, times the product of the scales, fused into the running sum; then Q4_1's, Q4_K's and Q5_K's
+/// offset times the activations' sum, fused), so it gives their bits: `out[t · 8 + r]` is row `r`'s dot product with
 /// activation row `t`.
 pub(super) fn scalar_rows(format: Format, tiles: &[u8], x: &Rows<'_>, out: &mut [f32]) {
     let (units, tb, per_block) = (x.cols / QK, tile_bytes(format), format.block_elems() / QK);
@@ -308,8 +309,8 @@ pub(super) mod x86 {
                     }
                 }
 
-                /// Group `g` of a unit's body as bytes `w + c` (signed Q8_0 bytes on AVX2; Q4_K's and Q5_K's
-                /// as they are).
+                /// Group `g` of a unit's body as bytes `w + c` (signed Q8_0 bytes on AVX2; Q4_1's, Q4_K's and
+                /// Q5_K's as they are).
                 #[inline(always)]
                 unsafe fn group<const F: u8>(body: *const u8, g: usize) -> __m256i {
                     // SAFETY: the body holds the format's groups; the caller has the features.

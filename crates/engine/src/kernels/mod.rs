@@ -1,5 +1,5 @@
 //! CPU kernels for the forward pass: matrix multiplication of GGUF-quantized weights (the block formats of
-//! [`Format`], kept as the file stores them; F32 for
+//! [`Format`], kept in the file's bytes, on x86 [`interleaved`] eight rows at a time; F32 for
 //! everything else) by a batch of activation rows quantized to 8 bits, the way llama.cpp does it (ggml's
 //! `vec_dot_q4_1_q8_1`). Each weight block is read once for every row of a step (tiled over rows), rows of the
 //! weight matrix are spread over the machine's cores, and the SIMD path (AVX-512 VNNI, AVX2 + FMA, or NEON) is
@@ -39,8 +39,8 @@ pub enum WeightData {
     /// Rows of ggml blocks, byte for byte as in the file. Q4_1 has a hand-tuned kernel, and Q8_0 one for steps
     /// of fewer than four rows; everything else goes through one generic kernel over [`blocks::Unit`]s.
     Quant(Format, Vec<u8>),
-    /// The same blocks, eight rows interleaved ([`interleaved`]): what the x86 kernels read for a format that
-    /// has the layout and a matrix of whole groups of eight rows.
+    /// The same blocks, eight rows interleaved ([`interleaved`]): what the x86 kernels read for a matrix of
+    /// whole groups of eight rows.
     Interleaved(Format, Vec<u8>),
     /// Plain floats (and F16/BF16, widened at load time).
     F32(Vec<f32>),
@@ -191,7 +191,9 @@ impl Matrix {
                 let g1 = (g0 + group).min(t_rows);
                 let window = x.window(g0..g1);
                 if let WeightData::Interleaved(format, bytes) = &m.data {
-                    // Eight weight rows at a time, their results eight to an activation row.
+                    // Eight weight rows at a time, their results eight to an activation row. Tasks start at a
+                    // whole group: `per_task` is a multiple of eight.
+                    debug_assert!(first.is_multiple_of(interleaved::ROWS));
                     let tiles = interleaved::group_bytes(*format, m.cols);
                     eights.resize((g1 - g0) * interleaved::ROWS, 0.0);
                     for (p, rows) in chunk.chunks_mut(interleaved::ROWS * t_rows).enumerate() {
@@ -756,9 +758,9 @@ pub(crate) mod simd {
             _mm256_dpbusd_epi32(from, a, b)
         }
 
-        /// The same on AVX2, where pairs of products saturate at 16 bits: for bytes below 128 only. The generic
-        /// kernel's AVX2 level takes the sign trick instead (the same instruction count), so this only fills the
-        /// macro's slot there.
+        /// The same on AVX2, where pairs of products saturate at 16 bits: safe for `a` below 128, or up to 128
+        /// with `b` within ±127 (the activations always are). The generic kernel's AVX2 level takes the sign trick
+        /// instead; the interleaved one uses this for weights below 64 and Q8_0's sign trick (|w| up to 128).
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         pub(crate) fn dot_u8_i8_from_avx2(from: __m256i, a: __m256i, b: __m256i) -> __m256i {
@@ -1410,9 +1412,18 @@ mod tests {
     fn matmul_matches_the_naive_reference() {
         for format in FORMATS.map(Some).into_iter().chain([None]) {
             let shapes: &[(usize, usize, usize)] = if format.is_some_and(|f| f.block_elems() == blocks::QK_K) {
-                &[(1, 1, 256), (1, 37, 512), (3, 17, 256), (5, 33, 768), (16, 40, 1536), (64, 8, 256)]
+                &[(1, 1, 256), (1, 37, 512), (3, 17, 256), (3, 8, 256), (5, 33, 768), (16, 40, 1536), (64, 8, 256)]
             } else {
-                &[(1, 1, 32), (1, 37, 64), (3, 17, 96), (4, 16, 576), (5, 33, 576), (16, 40, 1536), (64, 8, 64)]
+                &[
+                    (1, 1, 32),
+                    (1, 37, 64),
+                    (3, 17, 96),
+                    (3, 16, 96),
+                    (4, 16, 576),
+                    (5, 33, 576),
+                    (16, 40, 1536),
+                    (64, 8, 64),
+                ]
             };
             for &(rows, n, k) in shapes {
                 check(format, rows, n, k);
@@ -1435,6 +1446,8 @@ mod tests {
         let q = Quantized::new(&x, rows, k);
         let window = q.window(0..rows);
         let size = Format::Q8_0.row_bytes(k);
+        let interleaved =
+            Matrix { rows: n, cols: k, data: WeightData::Quant(Format::Q8_0, bytes.clone()) }.interleaved();
         for r in 0..n {
             let row = &bytes[r * size..(r + 1) * size];
             // The exact sum, in f64 from the same quantized activations.
@@ -1464,8 +1477,7 @@ mod tests {
             }
             assert!(levels.windows(2).all(|w| w[0] == w[1]), "the levels differ: {levels:?}");
             // The interleaved layout (eight rows: one group) on every level, the portable one included.
-            let m = Matrix { rows: n, cols: k, data: WeightData::Quant(Format::Q8_0, bytes.clone()) }.interleaved();
-            let WeightData::Interleaved(_, tiles) = &m.data else { panic!("not interleaved") };
+            let WeightData::Interleaved(_, tiles) = &interleaved.data else { panic!("not interleaved") };
             for level in simd::levels() {
                 let mut out = vec![0f32; rows * interleaved::ROWS];
                 simd::interleaved_rows_at(level, Format::Q8_0, tiles, &window, &mut out);
@@ -1496,7 +1508,8 @@ mod tests {
                     data: WeightData::Quant(Format::Q5_0, quantize(Format::Q5_0, &noise(7 * k, 5), 7, k)),
                 },
                 Matrix { rows: 130, cols: k, data: WeightData::F32(noise(130 * k, 6)) },
-                // Interleaved, 24 rows: three groups of eight, split between tasks in whole groups.
+                // Interleaved, 24 rows: three groups of eight (split between tasks in whole groups when it is
+                // multiplied alone).
                 Matrix {
                     rows: 24,
                     cols: k,

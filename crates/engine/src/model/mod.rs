@@ -204,7 +204,8 @@ pub(crate) fn check_tensor_types(content: &Content, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads tensors from a GGUF file, each into memory as the file stores it (or re-quantized).
+/// Reads tensors from a GGUF file, each into memory in the file's block format (or re-quantized), laid out
+/// for this CPU's kernels ([`Matrix::for_kernels`]).
 pub(crate) struct Weights<'a> {
     content: &'a Content,
     file: &'a mut File,
@@ -221,7 +222,8 @@ impl Weights<'_> {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// A weight matrix: block formats the kernels multiply stay as they are; F16, BF16 and F32 become floats.
+    /// A weight matrix: block formats stay in their bytes (interleaved for the kernels where the CPU reads them
+    /// so); F16, BF16 and F32 become floats.
     fn matrix(&mut self, name: &str) -> Result<Matrix> {
         let info = self.content.tensor_infos.get(name).ok_or_else(|| self.missing(name))?;
         let dims = info.shape.dims();

@@ -31,7 +31,12 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// `repeat` timings), and for one row the weight bytes read per second.
 pub fn run(repeat: usize) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    println!("kernels: {}; {threads} threads; GMAC/s, median of {repeat}", simd_level());
+    let layout = if std::env::var_os("MOLTBOT_ENGINE_NO_INTERLEAVE").is_some() {
+        "rows as the file stores them (MOLTBOT_ENGINE_NO_INTERLEAVE)"
+    } else {
+        "rows interleaved where the CPU's kernels read them so"
+    };
+    println!("kernels: {}, {layout}; {threads} threads; GMAC/s, median of {repeat}", simd_level());
     for format in FORMATS {
         let (rows, cols) = if format.block_elems() == 256 { (896, 4864) } else { (4864, 896) };
         let matrix = Matrix::quantize(format, &values(rows * cols, 1), rows, cols)?.for_kernels();
