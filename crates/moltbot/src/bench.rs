@@ -427,15 +427,18 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     }
     ttft_under_load(&engine, &ids[..64], args).await?;
     constrained_decode(&engine, args.tokens, repeat).await?;
-    follow_up(model_path, &ids, repeat).await?;
+    // Before the follow-up turns, which load a second engine (with the prefix cache): the peak of one engine
+    // through the runs above, the figure llama-bench's peak RSS is compared with.
     let stats = engine.stats();
     println!(
-        "peak RSS: {} MiB (KV cache: {} blocks of {} positions, {} preemptions)",
+        "peak RSS: {} MiB, one engine through the runs above (KV cache: {} blocks of {} positions, {} preemptions)",
         peak_rss_mib(),
         stats.kv_blocks_total,
         moltbot_engine::model::BLOCK_SIZE,
         stats.preemptions
     );
+    drop(engine);
+    follow_up(model_path, &ids, repeat).await?;
     Ok(())
 }
 

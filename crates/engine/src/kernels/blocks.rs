@@ -400,6 +400,8 @@ pub(super) mod x86 {
     pub const Q5_K: u8 = 3;
     pub const Q6_K: u8 = 4;
     pub const Q8_0: u8 = 5;
+    /// Q4_1, which only the interleaved kernels take this way (the row-at-a-time ones have a kernel of its own).
+    pub const Q4_1: u8 = 6;
 
     /// Whether a format's weights are signed (no offset: AVX2's sign trick, or the VNNI kernel's bias), or
     /// unsigned with an offset per unit.

@@ -22,7 +22,10 @@
 //! set gives the same bits as the portable path (AVX2 takes the sign trick for Q8_0, whose biased bytes would
 //! saturate its 16-bit pairs).
 
-use super::{Format, QK, Rows, blocks::Unit, blocks::scale_min_k4, f16_at};
+use rayon::prelude::*;
+
+use super::blocks::{QK_K, Unit, scale_min_k4};
+use super::{Format, QK, Rows, f16_at};
 
 /// Weight rows a tile interleaves.
 pub const ROWS: usize = 8;
@@ -35,10 +38,10 @@ pub fn tile_bytes(format: Format) -> usize {
 /// Bytes of a tile's head (its scales), before its units.
 pub fn head_bytes(format: Format) -> usize {
     match format {
-        Format::Q4K | Format::Q5K => 4 * ROWS + 12 * 8,
+        Format::Q4K | Format::Q5K => 4 * ROWS + 12 * (QK_K / QK),
         Format::Q4_1 => 4 * ROWS,
         Format::Q6K => 2 * ROWS + 16 * ROWS,
-        _ => 2 * ROWS,
+        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => 2 * ROWS,
     }
 }
 
@@ -48,7 +51,7 @@ pub fn unit_bytes(format: Format) -> usize {
         Format::Q4_0 | Format::Q4_1 | Format::Q4K => 128,
         Format::Q5_0 | Format::Q5K => 32 + 128,
         Format::Q6K => 128 + 64,
-        _ => 256,
+        Format::Q8_0 => 256,
     }
 }
 
@@ -58,75 +61,83 @@ pub fn group_bytes(format: Format, cols: usize) -> usize {
 }
 
 /// Rewrites `bytes`, rows of `format` blocks (`rows` a multiple of [`ROWS`]), as tiles, in place: each group of
-/// eight rows becomes its tiles in the same bytes, so the matrix takes no more memory, then or after.
+/// eight rows becomes its tiles in the same bytes, so the matrix takes no more memory, then or after (groups
+/// on every thread: a model's load spends its time here).
 pub fn interleave(format: Format, bytes: &mut [u8], cols: usize) {
     let (row_bytes, bb, tb) = (format.row_bytes(cols), format.block_bytes(), tile_bytes(format));
     let (blocks, per_block) = (cols / format.block_elems(), format.block_elems() / QK);
     assert!(bytes.len().is_multiple_of(ROWS * row_bytes), "rows are not a multiple of {ROWS}");
-    let mut group = vec![0u8; ROWS * row_bytes];
-    for dst in bytes.chunks_exact_mut(ROWS * row_bytes) {
-        group.copy_from_slice(dst);
-        for b in 0..blocks {
-            let tile = &mut dst[b * tb..][..tb];
-            let row = |r: usize| &group[r * row_bytes..][..row_bytes];
-            let block = |r: usize| &row(r)[b * bb..][..bb];
-            // The head: scales as the rows' blocks have them, eight rows side by side.
-            tile[..head_bytes(format)].fill(0);
-            for r in 0..ROWS {
-                match format {
-                    Format::Q4K | Format::Q5K => {
-                        tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]);
-                        tile[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block(r)[2..4]);
-                        for j in 0..8 {
-                            let (sc, m) = scale_min_k4(j, &block(r)[4..16]);
-                            let at = 32 + 12 * j;
-                            tile[at + r] = sc | ((m & 3) << 6);
-                            tile[at + 8 + r / 2] |= (m >> 2) << (4 * (r % 2));
-                        }
-                    }
-                    Format::Q4_1 => {
-                        tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]);
-                        tile[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block(r)[2..4]);
-                    }
-                    Format::Q6K => {
-                        tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[208..210]);
-                        for s in 0..16 {
-                            tile[16 + 8 * s + r] = block(r)[192 + s];
-                        }
-                    }
-                    _ => tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]),
-                }
-            }
-            for j in 0..per_block {
-                // Each row's weights as stored: unsigned (Q6_K's plus 32), Q8_0's signed bytes as they are.
-                let mut q = [[0u8; QK]; ROWS];
-                for (r, q) in q.iter_mut().enumerate() {
-                    let unit = format.unit(row(r), b * per_block + j);
-                    for (v, u) in q.iter_mut().zip(unit.q) {
-                        *v = if format == Format::Q6K { (u + 32) as u8 } else { u as u8 };
-                    }
-                }
-                let body = &mut tile[head_bytes(format) + j * unit_bytes(format)..][..unit_bytes(format)];
-                body.fill(0);
-                let at = |g: usize, r: usize, p: usize| q[r][4 * g + p];
-                if format == Format::Q8_0 {
-                    for (g, r, p) in cells() {
-                        body[32 * g + 4 * r + p] = at(g, r, p);
-                    }
-                    continue;
-                }
-                let nibbles = if matches!(format, Format::Q5_0 | Format::Q5K) { 32 } else { 0 };
-                for (g, r, p) in cells() {
-                    body[nibbles + 32 * (g % 4) + 4 * r + p] |= (at(g, r, p) & 0x0f) << (4 * (g / 4));
+    let groups = bytes.par_chunks_exact_mut(ROWS * row_bytes);
+    groups.for_each_init(
+        || vec![0u8; ROWS * row_bytes],
+        |group, dst| {
+            group.copy_from_slice(dst);
+            for b in 0..blocks {
+                let tile = &mut dst[b * tb..][..tb];
+                let row = |r: usize| &group[r * row_bytes..][..row_bytes];
+                let block = |r: usize| &row(r)[b * bb..][..bb];
+                // The head: scales as the rows' blocks have them, eight rows side by side.
+                tile[..head_bytes(format)].fill(0);
+                for r in 0..ROWS {
                     match format {
-                        Format::Q5_0 | Format::Q5K => body[4 * g + r / 2] |= (at(g, r, p) >> 4) << (4 * (r % 2) + p),
-                        Format::Q6K => body[128 + 32 * (g % 2) + 4 * r + p] |= (at(g, r, p) >> 4) << (2 * (g / 2)),
-                        _ => {}
+                        Format::Q4K | Format::Q5K => {
+                            tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]);
+                            tile[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block(r)[2..4]);
+                            for j in 0..8 {
+                                let (sc, m) = scale_min_k4(j, &block(r)[4..16]);
+                                let at = 32 + 12 * j;
+                                tile[at + r] = sc | ((m & 3) << 6);
+                                tile[at + 8 + r / 2] |= (m >> 2) << (4 * (r % 2));
+                            }
+                        }
+                        Format::Q4_1 => {
+                            tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]);
+                            tile[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&block(r)[2..4]);
+                        }
+                        Format::Q6K => {
+                            tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[208..210]);
+                            for s in 0..16 {
+                                tile[16 + 8 * s + r] = block(r)[192 + s];
+                            }
+                        }
+                        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
+                            tile[2 * r..2 * r + 2].copy_from_slice(&block(r)[0..2]);
+                        }
+                    }
+                }
+                for j in 0..per_block {
+                    // Each row's weights as stored: unsigned (Q6_K's plus 32), Q8_0's signed bytes as they are.
+                    let mut q = [[0u8; QK]; ROWS];
+                    for (r, q) in q.iter_mut().enumerate() {
+                        let unit = format.unit(row(r), b * per_block + j);
+                        for (v, u) in q.iter_mut().zip(unit.q) {
+                            *v = if format == Format::Q6K { (u + 32) as u8 } else { u as u8 };
+                        }
+                    }
+                    let body = &mut tile[head_bytes(format) + j * unit_bytes(format)..][..unit_bytes(format)];
+                    body.fill(0);
+                    let at = |g: usize, r: usize, p: usize| q[r][4 * g + p];
+                    if format == Format::Q8_0 {
+                        for (g, r, p) in cells() {
+                            body[32 * g + 4 * r + p] = at(g, r, p);
+                        }
+                        continue;
+                    }
+                    let nibbles = if matches!(format, Format::Q5_0 | Format::Q5K) { 32 } else { 0 };
+                    for (g, r, p) in cells() {
+                        body[nibbles + 32 * (g % 4) + 4 * r + p] |= (at(g, r, p) & 0x0f) << (4 * (g / 4));
+                        match format {
+                            Format::Q5_0 | Format::Q5K => {
+                                body[4 * g + r / 2] |= (at(g, r, p) >> 4) << (4 * (r % 2) + p)
+                            }
+                            Format::Q6K => body[128 + 32 * (g % 2) + 4 * r + p] |= (at(g, r, p) >> 4) << (2 * (g / 2)),
+                            _ => {}
+                        }
                     }
                 }
             }
-        }
-    }
+        },
+    );
 }
 
 /// Every (group, row, column of the group) of a unit.
@@ -169,7 +180,7 @@ fn unit(format: Format, tile: &[u8], r: usize, j: usize) -> Unit {
         Format::Q4_0 => Unit { q, scale: [d; 2], offset: -8.0 * d },
         Format::Q4_1 => Unit { q, scale: [d; 2], offset: f16_at(tile, 16 + 2 * r) },
         Format::Q5_0 => Unit { q, scale: [d; 2], offset: -16.0 * d },
-        _ => Unit { q, scale: [d; 2], offset: 0.0 },
+        Format::Q8_0 => Unit { q, scale: [d; 2], offset: 0.0 },
     }
 }
 
@@ -228,9 +239,6 @@ pub(super) mod x86 {
     /// How far ahead in a matrix's tiles the kernels prefetch.
     pub const PREFETCH_AHEAD: usize = 2048;
 
-    /// Q4_1 beside the generic kernel's formats (which it has a kernel of its own for).
-    pub const Q4_1: u8 = 6;
-
     /// `$dot_from(from, a, b)` adds the byte dot products of `a` (unsigned) and `b` (signed) to `from`'s lanes;
     /// `$vnni` says it cannot saturate (so Q8_0 is biased too) and AVX-512BW is there.
     macro_rules! tile_kernels {
@@ -239,9 +247,9 @@ pub(super) mod x86 {
                 use std::arch::x86_64::*;
 
                 use super::super::{ROWS, head_bytes, tile_bytes, unit_bytes};
-                use super::{PREFETCH_AHEAD, Q4_1};
+                use super::PREFETCH_AHEAD;
                 use crate::kernels::blocks::x86::{
-                    Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, bias_shift, bits_to_16s, bits_to_16s_bw,
+                    Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, bias_shift, bits_to_16s, bits_to_16s_bw,
                 };
                 use crate::kernels::{Format, QK, Rows};
 
@@ -281,7 +289,8 @@ pub(super) mod x86 {
                         Q4_K => Format::Q4K,
                         Q5_K => Format::Q5K,
                         Q4_1 => Format::Q4_1,
-                        _ => Format::Q6K,
+                        Q6_K => Format::Q6K,
+                        _ => unreachable!("no format {f}"),
                     }
                 }
 
