@@ -426,17 +426,18 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
         );
     }
     ttft_under_load(&engine, &ids[..64], args).await?;
-    constrained_decode(&engine, args.tokens, repeat).await?;
-    // Before the follow-up turns, which load a second engine (with the prefix cache): the peak of one engine
-    // through the runs above, the figure llama-bench's peak RSS is compared with.
+    // The peak through prompts and decoding (what llama-bench's peak RSS covers), before the constrained run
+    // builds the vocabulary's grammar tables and the follow-up turns load a second engine.
     let stats = engine.stats();
     println!(
-        "peak RSS: {} MiB, one engine through the runs above (KV cache: {} blocks of {} positions, {} preemptions)",
+        "peak RSS: {} MiB through the prompt and decode runs (KV cache: {} blocks of {} positions, {} preemptions)",
         peak_rss_mib(),
         stats.kv_blocks_total,
         moltbot_engine::model::BLOCK_SIZE,
         stats.preemptions
     );
+    constrained_decode(&engine, args.tokens, repeat).await?;
+    println!("peak RSS: {} MiB with the constrained run's grammar tables (built on first use)", peak_rss_mib());
     drop(engine);
     follow_up(model_path, &ids, repeat).await?;
     Ok(())
