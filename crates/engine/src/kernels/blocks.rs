@@ -156,10 +156,7 @@ impl Format {
     pub fn dequantize_row(self, bytes: &[u8], n: usize, cols: usize, out: &mut [f32]) {
         let row = &bytes[n * self.row_bytes(cols)..][..self.row_bytes(cols)];
         for (u, o) in out.chunks_exact_mut(QK).enumerate() {
-            let unit = self.unit(row, u);
-            for (j, (o, q)) in o.iter_mut().zip(unit.q).enumerate() {
-                *o = unit.scale[j / 16] * f32::from(q) + unit.offset;
-            }
+            self.unit(row, u).dequantize(o);
         }
     }
 }
@@ -170,6 +167,15 @@ pub struct Unit {
     pub q: [i8; QK],
     pub scale: [f32; 2],
     pub offset: f32,
+}
+
+impl Unit {
+    /// The unit's 32 weights as floats, into `out`.
+    pub fn dequantize(&self, out: &mut [f32]) {
+        for (j, (o, q)) in out.iter_mut().zip(self.q).enumerate() {
+            *o = self.scale[j / 16] * f32::from(q) + self.offset;
+        }
+    }
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum in a Q4_K / Q5_K block's 12 packed bytes (ggml's

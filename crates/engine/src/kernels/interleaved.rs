@@ -189,10 +189,7 @@ pub fn dequantize_row(format: Format, bytes: &[u8], n: usize, cols: usize, out: 
     let (tb, per_block) = (tile_bytes(format), format.block_elems() / QK);
     let tiles = &bytes[n / ROWS * group_bytes(format, cols)..][..group_bytes(format, cols)];
     for (u, o) in out.chunks_exact_mut(QK).enumerate() {
-        let unit = unit(format, &tiles[u / per_block * tb..][..tb], n % ROWS, u % per_block);
-        for (j, (o, q)) in o.iter_mut().zip(unit.q).enumerate() {
-            *o = unit.scale[j / 16] * f32::from(q) + unit.offset;
-        }
+        unit(format, &tiles[u / per_block * tb..][..tb], n % ROWS, u % per_block).dequantize(o);
     }
 }
 

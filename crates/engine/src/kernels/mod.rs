@@ -283,22 +283,14 @@ impl Matrix {
         Ok(Matrix { rows, cols, data: WeightData::Quant(format, bytes) })
     }
 
-    /// The layout this CPU's kernels read fastest: on x86 (AVX2 or AVX-512 VNNI), a format with an
-    /// [`interleaved`] layout and rows in whole groups of eight are interleaved, in place; anything else, or
-    /// anything with `MOLTBOT_ENGINE_NO_INTERLEAVE` set (to measure the row-at-a-time kernels), is returned as
-    /// it is.
+    /// The layout this CPU's kernels read fastest: where [`interleaving`] is on, block rows in whole groups
+    /// of eight are interleaved, in place; anything else is returned as it is.
     pub fn for_kernels(self) -> Matrix {
-        #[cfg(target_arch = "x86_64")]
-        if matches!(simd::level(), simd::Level::Avx512Vnni | simd::Level::Avx2)
-            && std::env::var_os("MOLTBOT_ENGINE_NO_INTERLEAVE").is_none()
-        {
-            return self.interleaved();
-        }
-        self
+        if interleaving() { self.interleaved() } else { self }
     }
 
-    /// The matrix with its rows interleaved, where its format has the layout and its rows come in whole
-    /// groups of eight (whatever the CPU).
+    /// The matrix with its rows interleaved, where it holds blocks and its rows come in whole groups of eight
+    /// (whatever the CPU).
     pub(crate) fn interleaved(self) -> Matrix {
         match self.data {
             WeightData::Quant(format, mut bytes) if self.rows.is_multiple_of(interleaved::ROWS) => {
@@ -339,6 +331,16 @@ pub fn simd_level() -> &'static str {
         simd::Level::Neon => "NEON",
         simd::Level::Scalar => "portable (no SIMD)",
     }
+}
+
+/// Whether [`Matrix::for_kernels`] interleaves weight rows: on x86 with AVX2 or AVX-512 VNNI, unless
+/// `MOLTBOT_ENGINE_NO_INTERLEAVE` is set (to measure the row-at-a-time kernels).
+pub fn interleaving() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(simd::level(), simd::Level::Avx512Vnni | simd::Level::Avx2) {
+        return std::env::var_os("MOLTBOT_ENGINE_NO_INTERLEAVE").is_none();
+    }
+    false
 }
 
 /// Stores floats as f16 (the KV cache), in hardware where the CPU converts.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use moltbot_engine::kernels::{Format, Matrix, Quantized, simd_level};
+use moltbot_engine::kernels::{Format, Matrix, Quantized, interleaving, simd_level};
 
 /// The formats the packaged models hold, with the shape (rows × columns) their feed-forward layers give them:
 /// Qwen2.5-0.5B's gate and up projections (4864 × 896) for 32-weight blocks, its down projection (896 × 4864)
@@ -31,10 +31,10 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// `repeat` timings), and for one row the weight bytes read per second.
 pub fn run(repeat: usize) -> anyhow::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let layout = if std::env::var_os("MOLTBOT_ENGINE_NO_INTERLEAVE").is_some() {
-        "rows as the file stores them (MOLTBOT_ENGINE_NO_INTERLEAVE)"
+    let layout = if interleaving() {
+        "rows interleaved (MOLTBOT_ENGINE_NO_INTERLEAVE=1 times them as the file stores them)"
     } else {
-        "rows interleaved where the CPU's kernels read them so"
+        "rows as the file stores them"
     };
     println!("kernels: {}, {layout}; {threads} threads; GMAC/s, median of {repeat}", simd_level());
     for format in FORMATS {
