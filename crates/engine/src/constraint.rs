@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar, toktrie};
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 
-use crate::{Error, ModelMetadata, Result, Tokenizer};
+use crate::{Error, Result, Tokenizer, tokenizer::TokenBytes};
 
 /// What a generation's output must be.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,11 +21,6 @@ pub enum Constraint {
 
 /// The whitespace allowed between two JSON tokens.
 pub(crate) const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,12}";
-
-/// GGUF token types (llama.cpp `llama_token_type`).
-const TOKEN_TYPE_UNKNOWN: i32 = 2;
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_BYTE: i32 = 6;
 
 /// The model's vocabulary as bytes (a token trie), and the grammar compiler over it, built on first use: they
 /// cost a fraction of a second and, for a large vocabulary, over a hundred megabytes, which a server that never
@@ -53,12 +48,13 @@ impl TokenizerEnv for Vocabulary {
 }
 
 impl Vocabulary {
-    fn new(md: &ModelMetadata, tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Self {
-        let mut words: Vec<Vec<u8>> = md
-            .tokens
-            .iter()
-            .zip(md.token_types.iter().copied().chain(std::iter::repeat(1)))
-            .map(|(token, kind)| token_bytes(&md.tokenizer_model, token, kind))
+    fn new(tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Self {
+        // A token's bytes: control tokens are special (the trie's marker byte first).
+        let mut words: Vec<Vec<u8>> = (0..tokenizer.vocab_size() as u32)
+            .map(|id| match tokenizer.token_bytes(id) {
+                TokenBytes::Special(name) => special(name),
+                TokenBytes::Text(bytes) => bytes,
+            })
             .collect();
         while words.len() < vocab_size {
             words.push(special(&format!("<[{}]>", words.len())));
@@ -79,11 +75,10 @@ impl Grammars {
         Self { tokenizer: tokenizer.clone(), eos: eos.to_vec(), vocab_size, factory: OnceLock::new() }
     }
 
-    /// A fresh guide for one sequence; an unusable schema is the request's error. `md`: the model's metadata
-    /// (its tokens, for the trie).
-    pub(crate) fn guide(&self, md: &ModelMetadata, constraint: &Constraint) -> Result<Guide> {
+    /// A fresh guide for one sequence; an unusable schema is the request's error.
+    pub(crate) fn guide(&self, constraint: &Constraint) -> Result<Guide> {
         let factory = self.factory.get_or_init(|| {
-            let env: TokEnv = Arc::new(Vocabulary::new(md, &self.tokenizer, &self.eos, self.vocab_size));
+            let env: TokEnv = Arc::new(Vocabulary::new(&self.tokenizer, &self.eos, self.vocab_size));
             let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
             factory.set_stderr_log_level(0);
             Ok(factory)
@@ -150,54 +145,6 @@ impl Guide {
     }
 }
 
-/// A token's bytes: byte-level BPE maps every byte to a printable character (GPT-2's table), SentencePiece writes
-/// spaces as `▁` and unknown bytes as `<0xNN>`; control tokens are special (the trie's marker byte first).
-fn token_bytes(model: &str, token: &str, kind: i32) -> Vec<u8> {
-    if kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_UNKNOWN {
-        return special(token);
-    }
-    if model == "llama" {
-        if kind == TOKEN_TYPE_BYTE
-            && let Some(byte) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
-            && let Ok(byte) = u8::from_str_radix(byte, 16)
-        {
-            return vec![byte];
-        }
-        return token.replace('\u{2581}', " ").into_bytes();
-    }
-    let bytes: Option<Vec<u8>> = token.chars().map(byte_of_char).collect();
-    // A user-defined token written as plain text (not in the byte alphabet) is its own text.
-    bytes.unwrap_or_else(|| token.as_bytes().to_vec())
-}
-
 fn special(name: &str) -> Vec<u8> {
     std::iter::once(TokTrie::SPECIAL_TOKEN_MARKER).chain(name.bytes()).collect()
-}
-
-/// The byte GPT-2's byte-level alphabet writes as `c`: the printable bytes stand for themselves, the other 68 are
-/// moved to U+0100 and up, in order.
-fn byte_of_char(c: char) -> Option<u8> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-    let code = c as u32;
-    if code < 0x100 {
-        return printable(code).then_some(code as u8);
-    }
-    (0u32..256).filter(|&b| !printable(b)).nth((code - 0x100) as usize).map(|b| b as u8)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_byte_level_alphabet_maps_back_to_every_byte() {
-        assert_eq!(byte_of_char('A'), Some(b'A'));
-        assert_eq!(byte_of_char('Ġ'), Some(b' '), "U+0120 is the space");
-        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
-        assert_eq!(byte_of_char('\u{100}'), Some(0));
-        assert_eq!(token_bytes("gpt2", "Ġworld", 1), b" world");
-        assert_eq!(token_bytes("llama", "\u{2581}hi", 1), b" hi");
-        assert_eq!(token_bytes("llama", "<0x0A>", TOKEN_TYPE_BYTE), b"\n");
-        assert_eq!(token_bytes("gpt2", "<|im_end|>", TOKEN_TYPE_CONTROL)[0], TokTrie::SPECIAL_TOKEN_MARKER);
-    }
 }

@@ -307,13 +307,13 @@ impl Engine {
         }
         let mut metadata = ModelMetadata::from_gguf(&content)?;
         let tokenizer = Tokenizer::from_metadata(&metadata)?;
-        // The tokenizer holds the merges now; the scores too.
-        (metadata.merges, metadata.scores) = (Vec::new(), Vec::new());
         let template = ChatTemplate::new(
             Some(metadata.chat_template.as_deref().unwrap_or(crate::template::fallback_template(&metadata.tokens))),
             metadata.token(metadata.bos_token_id).unwrap_or_default(),
             metadata.token(metadata.eos_token_id).unwrap_or_default(),
         )?;
+        // The tokenizer holds the vocabulary now, in a fraction of the memory.
+        metadata.drop_vocabulary();
         if matches!(config.device, DeviceChoice::Cuda(_)) {
             return Err(Error::UnsupportedModel(
                 "the batched engine runs on the CPU only for now; set model_provider.gpu_layers to 0".into(),
@@ -592,8 +592,7 @@ impl Engine {
             return Err(Error::PromptOverCap { prompt_tokens: tokens.len(), max_prompt_tokens });
         }
         // The grammar is compiled here, on the caller's thread: the compute thread only steps it.
-        let guide =
-            sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(&self.inner.metadata, c)).transpose()?;
+        let guide = sampling.constraint.as_ref().map(|c| self.inner.grammars.guide(c)).transpose()?;
         let prompt_tokens = tokens.len() as u32;
         let queued = &self.inner.stats.queued;
         let waiting = queued.fetch_add(1, Relaxed);

@@ -76,6 +76,12 @@ impl ModelMetadata {
         })
     }
 
+    /// Frees the token texts, types, scores and merges once a [`crate::Tokenizer`] holds them (the engine's copy
+    /// has none: ask [`crate::Engine::tokenizer`]).
+    pub fn drop_vocabulary(&mut self) {
+        (self.tokens, self.token_types, self.scores, self.merges) = Default::default();
+    }
+
     pub fn token(&self, id: Option<u32>) -> Option<&str> {
         id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str)
     }

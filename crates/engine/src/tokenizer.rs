@@ -1,35 +1,54 @@
-//! Builds a Hugging Face `tokenizers` tokenizer from GGUF metadata (`gpt2` byte-level BPE and `llama`
-//! SentencePiece vocabularies), and turns generated ids back into text incrementally without splitting UTF-8.
+//! The model's tokenizer, read from GGUF metadata as llama.cpp reads it, and the incremental detokenizer that
+//! turns generated ids back into text without splitting UTF-8.
+//!
+//! Two kinds of vocabulary:
+//! - **SentencePiece** (`tokenizer.ggml.model = llama`: Llama 2, Gemma). Spaces are written `▁`. Starting from
+//!   characters, the adjacent pair whose joined text is the best-scoring token is merged first, until no pair
+//!   joins into a token. A character outside the vocabulary becomes its UTF-8 bytes as `<0xXX>` byte tokens.
+//! - **Byte-level BPE** (`gpt2`: SmolLM2, Qwen2). The model's pre-tokenizer regex cuts the text into words. Each
+//!   word's bytes are merged pair by pair, the pair of lowest merge rank first.
+//!
+//! Before either, the user-defined tokens are cut out of the text: Gemma's runs of spaces, newlines and tabs, or
+//! Qwen's `<tool_call>`. Control tokens (`<|im_start|>`) written in text are plain text. Only
+//! [`Tokenizer::encode_pieces`] reads them, where a chat template wrote them.
+//!
+//! The vocabulary lives in one string, found through a table of ids; merges are keyed by pairs of ids. Gemma's
+//! 262,144 tokens cost about 6 MB this way. A general tokenizer library builds SentencePiece as BPE with one merge
+//! for every split of every token, and that cost about 90 MB.
 
-use tokenizers::{
-    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    decoders::{byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse, strip::Strip},
-    models::bpe::BPE,
-    normalizers::{prepend::Prepend, replace::Replace},
-    pre_tokenizers::{
-        byte_level::ByteLevel,
-        digits::Digits,
-        sequence::Sequence,
-        split::{Split, SplitPattern},
-    },
+use std::{
+    collections::{BinaryHeap, HashMap, hash_map::RandomState},
+    hash::BuildHasher,
+    sync::Arc,
 };
+
+use aho_corasick::AhoCorasick;
+use hashbrown::HashTable;
 
 use crate::{Error, ModelMetadata, Result};
 
 /// GGUF token types (llama.cpp `llama_token_type`).
-const TOKEN_TYPE_NORMAL: i32 = 1;
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+pub(crate) const TOKEN_TYPE_NORMAL: u8 = 1;
+pub(crate) const TOKEN_TYPE_UNKNOWN: u8 = 2;
+pub(crate) const TOKEN_TYPE_CONTROL: u8 = 3;
+pub(crate) const TOKEN_TYPE_USER_DEFINED: u8 = 4;
+
+/// SentencePiece's written space.
+const SPACE: &str = "\u{2581}";
 
 #[derive(Clone)]
 pub struct Tokenizer {
-    /// The vocabulary, reading special tokens written in text as plain text ([`Tokenizer::first_special`] finds
-    /// them where they count). One copy, shared by every clone (the engine's, the grammars'): a large
-    /// vocabulary's tables take tens of MB.
-    text_only: std::sync::Arc<tokenizers::Tokenizer>,
-    /// The control tokens' texts, found in one pass (leftmost, then longest: as the tokenizer's own
-    /// added-vocabulary matcher; Gemma has over 6000 of them, too many to search for one by one), and their ids.
-    specials: std::sync::Arc<(aho_corasick::AhoCorasick, Vec<u32>)>,
+    /// One copy, shared by every clone (the engine's, the grammars').
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    vocab: Vocab,
+    model: Model,
+    /// User-defined tokens, cut out of any text before the model's own algorithm sees it.
+    user_defined: Matcher,
+    /// Control tokens, which count only where a chat template wrote them ([`Tokenizer::encode_pieces`]).
+    control: Matcher,
     bos: Option<u32>,
     add_bos: bool,
 }
@@ -43,43 +62,34 @@ pub enum Piece<'a> {
     Content(&'a str),
 }
 
+/// What a token stands for in the output, for the grammar engine's trie.
+pub(crate) enum TokenBytes<'a> {
+    /// A control or unknown token: no text of its own, only its name.
+    Special(&'a str),
+    Text(Vec<u8>),
+}
+
 impl Tokenizer {
     pub fn from_metadata(md: &ModelMetadata) -> Result<Self> {
-        let mut inner = match md.tokenizer_model.as_str() {
-            "gpt2" => gpt2(md)?,
-            "llama" => sentencepiece(md)?,
+        let vocab = Vocab::new(&md.tokens, &md.token_types);
+        let model = match md.tokenizer_model.as_str() {
+            "gpt2" => Model::BytePairs(BytePairs::new(&vocab, &md.merges, md.pre_tokenizer.as_deref())?),
+            "llama" => Model::SentencePiece(SentencePiece::new(&vocab, &md.scores, md.add_space_prefix)),
             other => {
                 return Err(Error::UnsupportedModel(format!(
                     "tokenizer model `{other}` is not supported (supported: gpt2, llama)"
                 )));
             }
         };
-        let special: Vec<AddedToken> = md
-            .token_types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-            .filter_map(|(id, t)| {
-                let content = md.tokens.get(id)?;
-                (!content.is_empty()).then(|| AddedToken::from(content.clone(), *t == TOKEN_TYPE_CONTROL))
-            })
-            .collect();
-        inner.add_special_tokens(&special);
-        let (texts, ids): (Vec<&str>, Vec<u32>) = special
-            .iter()
-            .filter(|t| t.special)
-            .filter_map(|t| Some((t.content.as_str(), inner.token_to_id(&t.content)?)))
-            .unzip();
-        let matcher = aho_corasick::AhoCorasick::builder()
-            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
-            .build(&texts)
-            .map_err(|e| Error::Tokenizer(format!("the special tokens cannot be searched for: {e}")))?;
-        inner.set_encode_special_tokens(true);
         Ok(Self {
-            text_only: std::sync::Arc::new(inner),
-            specials: std::sync::Arc::new((matcher, ids)),
-            bos: md.bos_token_id,
-            add_bos: md.add_bos_token,
+            inner: Arc::new(Inner {
+                user_defined: Matcher::new(&vocab, TOKEN_TYPE_USER_DEFINED)?,
+                control: Matcher::new(&vocab, TOKEN_TYPE_CONTROL)?,
+                vocab,
+                model,
+                bos: md.bos_token_id,
+                add_bos: md.add_bos_token,
+            }),
         })
     }
 
@@ -90,17 +100,15 @@ impl Tokenizer {
         let mut ids = vec![];
         let mut run = String::new();
         let flush = |run: &mut String, ids: &mut Vec<u32>| -> Result<()> {
-            if !run.is_empty() {
-                ids.extend(self.encode_text(run)?);
-                run.clear();
-            }
+            self.encode_into(run, ids)?;
+            run.clear();
             Ok(())
         };
         for piece in pieces {
             match *piece {
                 Piece::Content(text) => run.push_str(text),
                 Piece::Template(mut text) => {
-                    while let Some((at, len, id)) = self.first_special(text) {
+                    while let Some((at, len, id)) = self.inner.control.first(text) {
                         run.push_str(&text[..at]);
                         flush(&mut run, &mut ids)?;
                         ids.push(id);
@@ -116,23 +124,42 @@ impl Tokenizer {
 
     /// Tokenizes a message's text as a prompt holds it: special tokens written in it are text. No BOS.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.text_only.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        let mut ids = vec![];
+        self.encode_into(text, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Cuts the user-defined tokens out of `text` and hands the rest to the model's algorithm.
+    fn encode_into(&self, mut text: &str, ids: &mut Vec<u32>) -> Result<()> {
+        let inner = &*self.inner;
+        // SentencePiece's space prefix goes before the text and after each token cut out (llama.cpp's rule).
+        let mut after_token = true;
+        while !text.is_empty() {
+            let (fragment, token) = match inner.user_defined.first(text) {
+                Some((at, len, id)) => (&text[..at], Some((at + len, id))),
+                None => (text, None),
+            };
+            if !fragment.is_empty() {
+                match &inner.model {
+                    Model::SentencePiece(spm) => spm.encode(&inner.vocab, fragment, after_token, ids),
+                    Model::BytePairs(bpe) => bpe.encode(fragment, ids)?,
+                }
+            }
+            let Some((end, id)) = token else { break };
+            ids.push(id);
+            after_token = true;
+            text = &text[end..];
+        }
+        Ok(())
     }
 
     /// Whether `text` holds a special token's text (`<|im_start|>`).
     pub fn has_special(&self, text: &str) -> bool {
-        self.specials.0.is_match(text)
-    }
-
-    /// The first special token in `text`: where it starts, its length, its id (the longest at a tie).
-    fn first_special(&self, text: &str) -> Option<(usize, usize, u32)> {
-        let (matcher, ids) = &*self.specials;
-        matcher.find(text).map(|m| (m.start(), m.len(), ids[m.pattern().as_usize()]))
+        self.inner.control.texts.is_match(text)
     }
 
     fn with_bos(&self, ids: Vec<u32>) -> Vec<u32> {
-        match (self.add_bos, self.bos) {
+        match (self.inner.add_bos, self.inner.bos) {
             (true, Some(bos)) if ids.first() != Some(&bos) => std::iter::once(bos).chain(ids).collect(),
             _ => ids,
         }
@@ -143,109 +170,474 @@ impl Tokenizer {
         self.encode_pieces(&[Piece::Template(text)])
     }
 
+    /// The text of `ids`; bytes that do not form whole characters (a character cut between tokens) come out as
+    /// U+FFFD. Ids outside the vocabulary are left out.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.text_only.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+        let inner = &*self.inner;
+        let mut bytes = vec![];
+        for &id in ids {
+            if id as usize >= inner.vocab.len() || (skip_special && inner.vocab.kind(id) == TOKEN_TYPE_CONTROL) {
+                continue;
+            }
+            inner.model.push_bytes(inner.vocab.text(id), &mut bytes);
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        // The space SentencePiece put before the text is not the model's to say.
+        let text = match &inner.model {
+            Model::SentencePiece(spm) if spm.space_prefix => text.strip_prefix(' ').unwrap_or(&text),
+            _ => &text,
+        };
+        Ok(text.to_owned())
     }
 
+    /// The id of the token written `token` in the vocabulary (`<|im_end|>`, `Ġworld`, `▁world`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.text_only.token_to_id(token)
+        self.inner.vocab.find(token)
+    }
+
+    /// A token as the vocabulary writes it.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        ((id as usize) < self.inner.vocab.len()).then(|| self.inner.vocab.text(id))
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.text_only.get_vocab_size(true)
+        self.inner.vocab.len()
+    }
+
+    /// What `id` adds to the output, as the grammar engine's token trie needs it.
+    pub(crate) fn token_bytes(&self, id: u32) -> TokenBytes<'_> {
+        let (vocab, text) = (&self.inner.vocab, self.inner.vocab.text(id));
+        if matches!(vocab.kind(id), TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN) {
+            return TokenBytes::Special(text);
+        }
+        let mut bytes = vec![];
+        self.inner.model.push_bytes(text, &mut bytes);
+        TokenBytes::Text(bytes)
     }
 }
 
-fn gpt2(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
-    let vocab: Vec<(String, u32)> = md.tokens.iter().cloned().zip(0u32..).collect();
-    let merges = md
-        .merges
-        .iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                .ok_or_else(|| Error::Tokenizer(format!("malformed merge `{m}` in tokenizer.ggml.merges")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
-        .build()
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(bpe));
-    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
-    // Pre-tokenizers whose GGUF name llama.cpp maps to a digit-splitting regex (SmolLM, StarCoder) split
-    // digits one by one before the GPT-2 regex.
-    let pre = match md.pre_tokenizer.as_deref() {
-        Some("smollm" | "starcoder" | "refact") => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            byte_level,
-        ])),
-        // Qwen2's regex (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`): GPT-4's, with digits one by one.
-        Some("qwen2") => {
-            let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![
-                PreTokenizerWrapper::Split(split),
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
-            ]))
-        }
-        _ => byte_level,
-    };
-    tok.with_pre_tokenizer(Some(pre));
-    tok.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
-    Ok(tok)
+/// Every token's text in one string, its type, and a table that finds a text's id.
+struct Vocab {
+    text: String,
+    /// Token `i` is `text[ends[i - 1]..ends[i]]` (from 0 for the first).
+    ends: Vec<u32>,
+    kinds: Vec<u8>,
+    /// Ids, by the hash of their text (the first id of a text written twice).
+    index: HashTable<u32>,
+    hasher: RandomState,
 }
 
-/// The pre-tokenizer regex of Qwen2's `tokenizer.json`.
-const QWEN2_PATTERN: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// A SentencePiece vocabulary (GGUF `llama`: Llama 2, Gemma) as llama.cpp's SPM tokenizer reads it: starting
-/// from characters, the adjacent pair whose joined text is the best-scoring token is merged first, and
-/// characters outside the vocabulary fall back to `<0xXX>` byte tokens. That is byte-pair encoding whose merges
-/// are every split of every token into two tokens, ranked by the joined token's score (Hugging Face builds
-/// Gemma's and Llama's `tokenizer.json` the same way).
-fn sentencepiece(md: &ModelMetadata) -> Result<tokenizers::Tokenizer> {
-    let ids: std::collections::HashMap<&str, u32> = md.tokens.iter().map(String::as_str).zip(0u32..).collect();
-    let score = |id: usize| md.scores.get(id).copied().unwrap_or(0.0);
-    let mut merges: Vec<(f32, u32, String, String)> = vec![];
-    for (id, token) in md.tokens.iter().enumerate() {
-        if md.token_types.get(id).is_some_and(|t| *t != TOKEN_TYPE_NORMAL) {
-            continue;
+impl Vocab {
+    fn new(tokens: &[String], types: &[i32]) -> Self {
+        let mut text = String::with_capacity(tokens.iter().map(String::len).sum());
+        let mut ends = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            text.push_str(token);
+            ends.push(u32::try_from(text.len()).expect("a vocabulary under 4 GB"));
         }
-        for (at, _) in token.char_indices().skip(1) {
-            let (a, b) = token.split_at(at);
-            if ids.contains_key(a) && ids.contains_key(b) {
-                merges.push((score(id), id as u32, a.to_owned(), b.to_owned()));
+        let kinds =
+            (0..tokens.len()).map(|i| types.get(i).map_or(TOKEN_TYPE_NORMAL, |&t| t.clamp(0, 255) as u8)).collect();
+        let mut vocab =
+            Self { text, ends, kinds, index: HashTable::with_capacity(tokens.len()), hasher: RandomState::new() };
+        for (id, token) in (0u32..).zip(tokens) {
+            if vocab.find(token).is_none() {
+                let hash = vocab.hasher.hash_one(token.as_str());
+                let Self { index, hasher, text, ends, .. } = &mut vocab;
+                index.insert_unique(hash, id, |&id| hasher.hash_one(token_text(text, ends, id)));
+            }
+        }
+        vocab
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn text(&self, id: u32) -> &str {
+        token_text(&self.text, &self.ends, id)
+    }
+
+    fn kind(&self, id: u32) -> u8 {
+        self.kinds[id as usize]
+    }
+
+    fn find(&self, text: &str) -> Option<u32> {
+        self.index.find(self.hasher.hash_one(text), |&id| self.text(id) == text).copied()
+    }
+
+    /// The id of a normal token written `text` (what merges may make).
+    fn find_normal(&self, text: &str) -> Option<u32> {
+        self.find(text).filter(|&id| self.kind(id) == TOKEN_TYPE_NORMAL)
+    }
+}
+
+fn token_text<'a>(text: &'a str, ends: &[u32], id: u32) -> &'a str {
+    let id = id as usize;
+    let start = if id == 0 { 0 } else { ends[id - 1] as usize };
+    &text[start..ends[id] as usize]
+}
+
+/// Finds one type of token's texts in text: the leftmost, then the longest (as llama.cpp cuts them out). Gemma has
+/// over 6000 control tokens, too many to search for one by one.
+struct Matcher {
+    texts: AhoCorasick,
+    ids: Vec<u32>,
+}
+
+impl Matcher {
+    fn new(vocab: &Vocab, kind: u8) -> Result<Self> {
+        let (texts, ids): (Vec<&str>, Vec<u32>) = (0..vocab.len() as u32)
+            .filter(|&id| vocab.kind(id) == kind && !vocab.text(id).is_empty())
+            .map(|id| (vocab.text(id), id))
+            .unzip();
+        let texts = AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(&texts)
+            .map_err(|e| Error::Tokenizer(format!("the special tokens cannot be searched for: {e}")))?;
+        Ok(Self { texts, ids })
+    }
+
+    /// The first token in `text`: where it starts, its length, its id.
+    fn first(&self, text: &str) -> Option<(usize, usize, u32)> {
+        self.texts.find(text).map(|m| (m.start(), m.len(), self.ids[m.pattern().as_usize()]))
+    }
+}
+
+enum Model {
+    SentencePiece(SentencePiece),
+    BytePairs(BytePairs),
+}
+
+impl Model {
+    /// Appends the bytes a token's text stands for.
+    fn push_bytes(&self, text: &str, out: &mut Vec<u8>) {
+        match self {
+            Self::SentencePiece(_) => match byte_token(text) {
+                Some(byte) => out.push(byte),
+                None => out.extend_from_slice(text.replace(SPACE, " ").as_bytes()),
+            },
+            // Control and user-defined tokens are written as plain text; what is not in the byte alphabet stands
+            // for itself.
+            Self::BytePairs(_) => {
+                for c in text.chars() {
+                    match byte_of_char(c) {
+                        Some(byte) => out.push(byte),
+                        None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
             }
         }
     }
-    // Best score first; among equals, the lower id (llama.cpp's tie-break by position then applies within a word).
-    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-    let vocab: tokenizers::models::bpe::Vocab = md.tokens.iter().cloned().zip(0u32..).collect();
-    let merges = merges.into_iter().map(|(_, _, a, b)| (a, b)).collect();
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
-    if let Some(unk) = md.tokens.iter().find(|t| *t == "<unk>") {
-        builder = builder.unk_token(unk.clone());
+}
+
+/// A byte token's byte (`<0x0A>`).
+fn byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
     }
-    let bpe = builder.build().map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(bpe));
-    let replace = Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let mut normalizers = vec![NormalizerWrapper::Replace(replace)];
-    if md.add_space_prefix {
-        normalizers.insert(0, NormalizerWrapper::Prepend(Prepend::new("▁".into())));
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`).
+struct SentencePiece {
+    scores: Vec<f32>,
+    /// Whether a space goes before the text (`tokenizer.ggml.add_space_prefix`).
+    space_prefix: bool,
+    /// The `<0xXX>` token of each byte, for characters outside the vocabulary.
+    bytes: [Option<u32>; 256],
+    unknown: Option<u32>,
+}
+
+/// A character run of the text being merged: its place in the text and its neighbours (a linked list over the
+/// characters; a run merged into its left neighbour is left empty).
+#[derive(Clone, Copy)]
+struct Run {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+/// Two adjacent runs whose joined text is a token, by that token's score: the best first, then the leftmost.
+struct Candidate {
+    score: f32,
+    left: usize,
+    right: usize,
+    len: usize,
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
     }
-    tok.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(normalizers))));
-    let replace_back = tokenizers::decoders::DecoderWrapper::Replace(
-        Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?,
-    );
-    let mut decoders =
-        vec![replace_back, DecoderWrapper::ByteFallback(ByteFallback::new()), DecoderWrapper::Fuse(Fuse::new())];
-    if md.add_space_prefix {
-        decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+}
+
+impl Eq for Candidate {}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
-    tok.with_decoder(Some(DecoderWrapper::Sequence(tokenizers::decoders::sequence::Sequence::new(decoders))));
-    Ok(tok)
+}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&other.score).then(other.left.cmp(&self.left))
+    }
+}
+
+impl SentencePiece {
+    fn new(vocab: &Vocab, scores: &[f32], space_prefix: bool) -> Self {
+        let scores = (0..vocab.len()).map(|id| scores.get(id).copied().unwrap_or(0.0)).collect();
+        let bytes = std::array::from_fn(|b| vocab.find(&format!("<0x{b:02X}>")));
+        let unknown = (0..vocab.len() as u32).find(|&id| vocab.kind(id) == TOKEN_TYPE_UNKNOWN);
+        Self { scores, space_prefix, bytes, unknown }
+    }
+
+    fn encode(&self, vocab: &Vocab, fragment: &str, after_token: bool, ids: &mut Vec<u32>) {
+        let prefix = if self.space_prefix && after_token { SPACE } else { "" };
+        let text = format!("{prefix}{}", fragment.replace(' ', SPACE));
+        let mut runs: Vec<Run> = text
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, c))| Run { start, len: c.len_utf8(), prev: i.checked_sub(1), next: Some(i + 1) })
+            .collect();
+        if let Some(last) = runs.last_mut() {
+            last.next = None;
+        }
+        let mut queue = BinaryHeap::new();
+        let candidate = |runs: &[Run], left: Option<usize>, right: Option<usize>| {
+            let (left, right) = (left?, right?);
+            let (start, len) = (runs[left].start, runs[left].len + runs[right].len);
+            let id = vocab.find_normal(&text[start..start + len])?;
+            Some(Candidate { score: self.scores[id as usize], left, right, len })
+        };
+        for i in 1..runs.len() {
+            queue.extend(candidate(&runs, Some(i - 1), Some(i)));
+        }
+        while let Some(Candidate { left, right, len, .. }) = queue.pop() {
+            // A candidate whose runs have changed since it was found no longer applies.
+            let (l, r) = (runs[left], runs[right]);
+            if l.len == 0 || r.len == 0 || l.len + r.len != len {
+                continue;
+            }
+            runs[left].len = len;
+            runs[left].next = r.next;
+            runs[right].len = 0;
+            if let Some(next) = r.next {
+                runs[next].prev = Some(left);
+            }
+            queue.extend(candidate(&runs, l.prev, Some(left)));
+            queue.extend(candidate(&runs, Some(left), r.next));
+        }
+        let mut at = (!runs.is_empty()).then_some(0);
+        while let Some(i) = at {
+            let piece = &text[runs[i].start..runs[i].start + runs[i].len];
+            match vocab.find_normal(piece) {
+                Some(id) => ids.push(id),
+                None => ids.extend(piece.bytes().filter_map(|b| self.bytes[b as usize].or(self.unknown))),
+            }
+            at = runs[i].next;
+        }
+    }
+}
+
+/// Byte-level BPE (GPT-2's scheme, as Hugging Face's `tokenizers` and llama.cpp run it).
+struct BytePairs {
+    /// Pairs of ids (left in the high half) that merge: the merge's rank (lower merges first) and the id made.
+    merges: HashMap<u64, (u32, u32)>,
+    /// The token of each single byte, as the byte-level alphabet writes it.
+    bytes: [Option<u32>; 256],
+    split: WordSplit,
+}
+
+/// How the text is cut into words before merging (the GGUF `tokenizer.ggml.pre`).
+struct WordSplit {
+    /// Each digit a word of its own, before the regex (SmolLM, StarCoder).
+    digits: bool,
+    regex: fancy_regex::Regex,
+}
+
+/// GPT-2's pre-tokenizer regex.
+const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer regex of Qwen2's `tokenizer.json` (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_QWEN2`): GPT-4's, with
+/// digits one by one.
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl BytePairs {
+    fn new(vocab: &Vocab, merges: &[String], pre: Option<&str>) -> Result<Self> {
+        let mut table = HashMap::with_capacity(merges.len());
+        let mut unusable = 0;
+        for (rank, merge) in (0u32..).zip(merges) {
+            let (a, b) = merge
+                .split_once(' ')
+                .ok_or_else(|| Error::Tokenizer(format!("malformed merge `{merge}` in tokenizer.ggml.merges")))?;
+            match (vocab.find(a), vocab.find(b), vocab.find(&format!("{a}{b}"))) {
+                (Some(a), Some(b), Some(id)) => {
+                    // The first of a pair listed twice (llama.cpp's rule).
+                    table.entry((u64::from(a) << 32) | u64::from(b)).or_insert((rank, id));
+                }
+                _ => unusable += 1,
+            }
+        }
+        if unusable > 0 {
+            tracing::debug!(unusable, "merges naming tokens outside the vocabulary are ignored");
+        }
+        let (digits, pattern) = match pre {
+            // Pre-tokenizers whose GGUF name llama.cpp maps to a digit-splitting regex split digits one by one
+            // before the GPT-2 regex.
+            Some("smollm" | "starcoder" | "refact") => (true, GPT2_PATTERN),
+            Some("qwen2") => (false, QWEN2_PATTERN),
+            _ => (false, GPT2_PATTERN),
+        };
+        let regex = fancy_regex::Regex::new(pattern).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let bytes = std::array::from_fn(|b| vocab.find(BYTE_CHARS[b].encode_utf8(&mut [0; 4])));
+        Ok(Self { merges: table, bytes, split: WordSplit { digits, regex } })
+    }
+
+    fn encode(&self, fragment: &str, ids: &mut Vec<u32>) -> Result<()> {
+        let mut words = vec![];
+        if self.split.digits {
+            for part in split_digits(fragment) {
+                split_isolated(&self.split.regex, part, &mut words)?;
+            }
+        } else {
+            split_isolated(&self.split.regex, fragment, &mut words)?;
+        }
+        for word in words {
+            self.merge(word.as_bytes(), ids);
+        }
+        Ok(())
+    }
+
+    /// Merges one word's bytes, the pair of lowest rank first (the leftmost among equals).
+    fn merge(&self, word: &[u8], ids: &mut Vec<u32>) {
+        // Each symbol's id, or None once merged into its left neighbour; `next` links the live ones.
+        let mut symbols: Vec<Option<u32>> = word.iter().map(|&b| self.bytes[b as usize]).collect();
+        symbols.retain(Option::is_some);
+        let n = symbols.len();
+        let mut next: Vec<usize> = (1..=n).collect();
+        let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
+        let merge_of = |a: u32, b: u32| self.merges.get(&((u64::from(a) << 32) | u64::from(b))).copied();
+        // (rank, left, left id, right id), smallest first.
+        let mut queue = BinaryHeap::new();
+        for i in 1..n {
+            if let (Some(a), Some(b)) = (symbols[i - 1], symbols[i])
+                && let Some((rank, _)) = merge_of(a, b)
+            {
+                queue.push(std::cmp::Reverse((rank, i - 1, a, b)));
+            }
+        }
+        while let Some(std::cmp::Reverse((_, left, a, b))) = queue.pop() {
+            // A candidate whose symbols have changed since it was found no longer applies (a merged symbol's
+            // token is longer than either part, so an unchanged id means an unchanged symbol).
+            let right = next[left];
+            if symbols[left] != Some(a) || right >= n || symbols[right] != Some(b) {
+                continue;
+            }
+            let Some((_, id)) = merge_of(a, b) else { continue };
+            symbols[left] = Some(id);
+            symbols[right] = None;
+            next[left] = next[right];
+            if next[right] < n {
+                prev[next[right]] = Some(left);
+            }
+            if let Some(p) = prev[left]
+                && let Some(pid) = symbols[p]
+                && let Some((rank, _)) = merge_of(pid, id)
+            {
+                queue.push(std::cmp::Reverse((rank, p, pid, id)));
+            }
+            if next[left] < n
+                && let Some(nid) = symbols[next[left]]
+                && let Some((rank, _)) = merge_of(id, nid)
+            {
+                queue.push(std::cmp::Reverse((rank, left, id, nid)));
+            }
+        }
+        ids.extend(symbols.into_iter().flatten());
+    }
+}
+
+/// Cuts `text` at each match of `regex`, keeping matches and what lies between them (Hugging Face's `Isolated`).
+fn split_isolated<'t>(regex: &fancy_regex::Regex, text: &'t str, words: &mut Vec<&'t str>) -> Result<()> {
+    let mut last = 0;
+    for m in regex.find_iter(text) {
+        let m = m.map_err(|e| Error::Tokenizer(format!("the pre-tokenizer failed on the text: {e}")))?;
+        if m.start() > last {
+            words.push(&text[last..m.start()]);
+        }
+        if !m.as_str().is_empty() {
+            words.push(m.as_str());
+        }
+        last = m.end();
+    }
+    if last < text.len() {
+        words.push(&text[last..]);
+    }
+    Ok(())
+}
+
+/// Cuts `text` into single numeric characters and the runs between them.
+fn split_digits(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let first = rest.chars().next()?;
+        let end = if first.is_numeric() { first.len_utf8() } else { rest.find(char::is_numeric).unwrap_or(rest.len()) };
+        let (word, tail) = rest.split_at(end);
+        rest = tail;
+        Some(word)
+    })
+}
+
+/// GPT-2's byte-level alphabet: the character that writes each byte. Printable bytes stand for themselves; the
+/// other 68 move to U+0100 and up, in order.
+const BYTE_CHARS: [char; 256] = {
+    let mut table = ['\0'; 256];
+    let mut moved = 0x100;
+    let mut b = 0;
+    while b < 256 {
+        let code = if printable(b as u8) {
+            b
+        } else {
+            moved += 1;
+            moved - 1
+        };
+        table[b as usize] = match char::from_u32(code) {
+            Some(c) => c,
+            None => panic!("a valid character"),
+        };
+        b += 1;
+    }
+    table
+};
+
+const fn printable(b: u8) -> bool {
+    matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff)
+}
+
+/// The byte that `c` writes in the byte-level alphabet.
+pub(crate) fn byte_of_char(c: char) -> Option<u8> {
+    const MOVED: [u8; 68] = {
+        let mut table = [0; 68];
+        let (mut b, mut i) = (0, 0);
+        while b < 256 {
+            if !printable(b as u8) {
+                table[i] = b as u8;
+                i += 1;
+            }
+            b += 1;
+        }
+        table
+    };
+    let code = c as u32;
+    match code {
+        0..0x100 => printable(code as u8).then_some(code as u8),
+        _ => MOVED.get((code - 0x100) as usize).copied(),
+    }
 }
 
 /// Turns a stream of generated ids into text pieces, holding back bytes until they form whole characters.
@@ -274,5 +666,114 @@ impl Detokenizer {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back_to_every_byte() {
+        assert_eq!(byte_of_char('A'), Some(b'A'));
+        assert_eq!(byte_of_char('Ġ'), Some(b' '), "U+0120 is the space");
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('\u{100}'), Some(0));
+        assert_eq!(byte_of_char(' '), None, "the space is written Ġ");
+        for b in 0..=255u8 {
+            assert_eq!(byte_of_char(BYTE_CHARS[b as usize]), Some(b));
+        }
+        let distinct: std::collections::HashSet<char> = BYTE_CHARS.into_iter().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+
+    #[test]
+    fn digits_and_regex_words_are_cut_as_hugging_face_cuts_them() {
+        assert_eq!(split_digits("ab12c3").collect::<Vec<_>>(), ["ab", "1", "2", "c", "3"]);
+        assert_eq!(split_digits("").count(), 0);
+        let regex = fancy_regex::Regex::new(GPT2_PATTERN).unwrap();
+        let mut words = vec![];
+        split_isolated(&regex, "Hello  world's end\n", &mut words).unwrap();
+        assert_eq!(words, ["Hello", " ", " world", "'s", " end", "\n"]);
+    }
+
+    fn vocabulary(tokens: &[&str], types: &[i32]) -> ModelMetadata {
+        ModelMetadata {
+            name: "test".into(),
+            architecture: "llama".into(),
+            context_length: 64,
+            tokenizer_model: "llama".into(),
+            pre_tokenizer: None,
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            token_types: types.to_vec(),
+            scores: vec![],
+            merges: vec![],
+            bos_token_id: None,
+            eos_token_id: None,
+            add_bos_token: false,
+            add_space_prefix: false,
+            chat_template: None,
+        }
+    }
+
+    #[test]
+    fn sentencepiece_merges_the_best_scoring_pair_first_and_falls_back_to_bytes() {
+        // "abc": "ab" (score -1) beats "bc" (-2), then "abc" is not a token, so [ab, c].
+        let mut md = vocabulary(
+            &["<unk>", "a", "b", "c", "ab", "bc", "▁", "▁a", "<0xC3>", "<0xA9>", "<ctl>", "  "],
+            &[2, 1, 1, 1, 1, 1, 1, 1, 6, 6, 3, 4],
+        );
+        md.scores = vec![0.0, -5.0, -5.0, -5.0, -1.0, -2.0, -5.0, -0.5, 0.0, 0.0, 0.0, 0.0];
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert_eq!(tok.encode_text("abc").unwrap(), [4, 3]);
+        md.scores[5] = -0.1;
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert_eq!(tok.encode_text("abc").unwrap(), [1, 5], "now bc scores best");
+        // é is outside the vocabulary: its two UTF-8 bytes; a space is ▁, merged with the a after it.
+        assert_eq!(tok.encode_text("é a").unwrap(), [8, 9, 7]);
+        assert_eq!(tok.decode(&[8, 9, 7], false).unwrap(), "é a");
+        // A user-defined token is cut out first; a control token's text is plain text (here unknown: no bytes).
+        assert_eq!(tok.encode_text("a  b").unwrap(), [1, 11, 2]);
+        assert_eq!(tok.encode("<ctl>a").unwrap(), [10, 1]);
+        assert_eq!(tok.decode(&[10, 1], true).unwrap(), "a");
+        assert_eq!(tok.token_id("▁a"), Some(7));
+        assert_eq!(tok.token_id("zz"), None);
+        // With a space prefix, one ▁ goes before the text, and decoding takes it off again.
+        md.add_space_prefix = true;
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert_eq!(tok.encode_text("a").unwrap(), [7]);
+        assert_eq!(tok.decode(&[7], false).unwrap(), "a");
+    }
+
+    #[test]
+    fn byte_pairs_merge_by_rank_and_cut_digits() {
+        // Byte-level: "Ġ" is the space. Merges: "a b" (rank 0), "Ġ a" (1), "Ġa b" (2).
+        let mut md = vocabulary(&["a", "b", "Ġ", "ab", "Ġa", "Ġab", "1", "2", "<|end|>"], &[1, 1, 1, 1, 1, 1, 1, 1, 3]);
+        md.tokenizer_model = "gpt2".into();
+        md.pre_tokenizer = Some("smollm".into());
+        md.merges = vec!["a b".into(), "Ġ a".into(), "Ġa b".into()];
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        // "ab ab": words "ab", " ab"; in " ab", "a b" (rank 0) merges before "Ġ a" (rank 1), leaving [Ġ, ab].
+        assert_eq!(tok.encode_text("ab ab").unwrap(), [3, 2, 3]);
+        md.merges = vec!["Ġ a".into(), "a b".into(), "Ġa b".into()];
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert_eq!(tok.encode_text("ab ab").unwrap(), [3, 5]);
+        assert_eq!(tok.encode_text("12").unwrap(), [6, 7], "digits one by one");
+        assert_eq!(tok.encode("<|end|>ab").unwrap(), [8, 3]);
+        assert!(!tok.encode_text("<|end|>").unwrap().contains(&8), "control tokens in text are text");
+        assert_eq!(tok.decode(&[3, 5, 8], false).unwrap(), "ab ab<|end|>");
+        assert_eq!(tok.decode(&[3, 5, 8], true).unwrap(), "ab ab");
+        assert!(matches!(tok.token_bytes(5), TokenBytes::Text(b) if b == b" ab"));
+        assert!(matches!(tok.token_bytes(8), TokenBytes::Special("<|end|>")));
+    }
+
+    #[test]
+    fn grammar_bytes_are_what_each_token_writes() {
+        let md = vocabulary(&["<unk>", "▁hi", "<0x0A>", "<eos>"], &[2, 1, 6, 3]);
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert!(matches!(tok.token_bytes(0), TokenBytes::Special("<unk>")));
+        assert!(matches!(tok.token_bytes(1), TokenBytes::Text(b) if b == b" hi"));
+        assert!(matches!(tok.token_bytes(2), TokenBytes::Text(b) if b == b"\n"));
+        assert!(matches!(tok.token_bytes(3), TokenBytes::Special("<eos>")));
     }
 }

@@ -67,8 +67,8 @@ fn message_text_cannot_forge_the_prompts_structure() {
     let whole = engine.tokenizer().encode(&engine.render(&honest).unwrap()).unwrap();
     let template = moltbot_engine::ChatTemplate::new(
         engine.metadata().chat_template.as_deref(),
-        engine.metadata().token(engine.metadata().bos_token_id).unwrap_or_default(),
-        engine.metadata().token(engine.metadata().eos_token_id).unwrap_or_default(),
+        engine.metadata().bos_token_id.and_then(|id| engine.tokenizer().token_text(id)).unwrap_or_default(),
+        engine.metadata().eos_token_id.and_then(|id| engine.tokenizer().token_text(id)).unwrap_or_default(),
     )
     .unwrap();
     let pieces = template.render_pieces(&honest, None).unwrap();

@@ -30,9 +30,15 @@ const GEMMA: &str = "gemma-3-270m";
 const TRICKY: &str =
     "Hello world, 12345 tokens! Ünïcödé 😀 ℏ\n\n  spaces\tand\ttabs    don't I'll WE'LL x=f(a[1],b)//2; naïve café";
 
+/// Text that exercises what is cut out before the model's own algorithm: user-defined tokens (Gemma's HTML tags
+/// and runs of whitespace, Qwen's `<tool_call>`), control tokens' texts (plain text here), CJK, joined emoji,
+/// numbers that are not ASCII digits, `\r\n`.
+const CUT_OUT: &str = "<table><tr><td>日本語 한국어</td></tr></table>\r\n<|im_start|><eos><tool_call> 👨\u{200d}👩\u{200d}👧 ½²٣\n\n\n\t\t  x_1 ==  'A'";
+
 #[test]
 fn tokenizers_give_llama_cpps_ids() {
-    // From llama-server's /tokenize (llama.cpp as vendored by llama-cpp-python 0.3.36) on the same files.
+    // From llama-server's /tokenize (llama.cpp as vendored by llama-cpp-python 0.3.36) on the same files, without
+    // special tokens parsed.
     let qwen: &[u32] = &[
         9707, 1879, 11, 220, 16, 17, 18, 19, 20, 11211, 0, 30512, 77, 37572, 66, 2956, 128505, 90316, 28653, 237, 271,
         220, 12621, 52477, 3244, 3435, 262, 1513, 944, 358, 3278, 19677, 6, 4086, 856, 18111, 2877, 58, 16, 1125, 65,
@@ -44,11 +50,34 @@ fn tokenizers_give_llama_cpps_ids() {
         236745, 564, 236789, 859, 19716, 236789, 2182, 1123, 236784, 236760, 236769, 236746, 236840, 236770, 1604,
         236763, 60860, 236778, 236793, 120362, 33443,
     ];
-    for (name, want) in [(QWEN, qwen), (GEMMA, gemma)] {
+    let qwen_cut: &[u32] = &[
+        20993, 1784, 376, 1784, 1296, 29, 101059, 102819, 130092, 31079, 522, 1296, 1472, 376, 1472, 2005, 1433, 27,
+        91, 318, 4906, 91, 1784, 84399, 29, 151657, 61804, 101, 378, 235, 145233, 378, 235, 145665, 220, 26062, 29456,
+        149, 96, 1406, 7847, 856, 62, 16, 621, 220, 364, 32, 6,
+    ];
+    let gemma_cut: &[u32] = &[
+        168, 173, 175, 94951, 50413, 237430, 183, 181, 176, 251, 107, 236820, 236909, 548, 236779, 3041, 236909, 1798,
+        211827, 1798, 13205, 236779, 6639, 236813, 236743, 243874, 237243, 243767, 237243, 244814, 47041, 238131,
+        242044, 109, 255969, 138, 236781, 236779, 236770, 1251, 138, 236789, 236776, 236789,
+    ];
+    let smollm_cut: &[u32] = &[
+        44, 6413, 21198, 8489, 21198, 11474, 46, 23274, 115, 40993, 179, 120, 248, 216, 33085, 246, 181, 130, 251, 183,
+        240, 129, 9617, 11474, 29299, 8489, 29299, 6413, 46, 201, 198, 44, 108, 306, 79, 3738, 108, 21198, 85, 395,
+        21198, 19324, 79, 4350, 46, 15107, 235, 118, 321, 231, 10813, 235, 119, 321, 231, 10813, 235, 117, 216, 16738,
+        19133, 164, 113, 1116, 3558, 216, 1792, 79, 33, 1758, 216, 637, 49, 23,
+    ];
+    let cases = [
+        (QWEN, TRICKY, qwen),
+        (GEMMA, TRICKY, gemma),
+        (QWEN, CUT_OUT, qwen_cut),
+        (GEMMA, CUT_OUT, gemma_cut),
+        (moltbot_config::DEFAULT_MODEL_NAME, CUT_OUT, smollm_cut),
+    ];
+    for (name, text, want) in cases {
         let engine = Engine::load(EngineConfig::new(packaged(name))).unwrap();
-        let got = engine.tokenizer().encode_text(TRICKY).unwrap();
-        assert_eq!(got, want, "{name}");
-        assert_eq!(engine.tokenizer().decode(&got, false).unwrap(), TRICKY, "{name} decodes back");
+        let got = engine.tokenizer().encode_text(text).unwrap();
+        assert_eq!(got, want, "{name}: {text:?}");
+        assert_eq!(engine.tokenizer().decode(&got, false).unwrap(), text, "{name} decodes back");
     }
 }
 
