@@ -155,7 +155,7 @@ fn require(program: &str, package: &str) -> anyhow::Result<()> {
     if !found {
         bail!(
             "{program} is not installed; install it with `apt-get install -y {package}` (the suite needs \
-             redis-server nats-server nginx-light chromium chromium-driver)"
+             redis-server nats-server nginx-light chromium chromium-driver prometheus)"
         );
     }
     Ok(())
@@ -171,6 +171,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     require(if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }, "nginx-light")?;
     require("chromium", "chromium")?;
     require("chromedriver", "chromium-driver")?;
+    require("promtool", "prometheus")?;
     let pythonpath = openai_client()?;
     status(cargo().args(["test", "--workspace", "--all-targets"]).args(args).env("PYTHONPATH", pythonpath))
 }

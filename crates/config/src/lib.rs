@@ -132,6 +132,7 @@ pub struct HttpJsonPluginConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`): the gateway's, and under `moltbot serve` every service's.
     pub metrics_listen: SocketAddr,
     /// gRPC address of the dialogue-manager; replicas' addresses separated by commas.
     pub dialogue_manager_url: String,
@@ -226,6 +227,9 @@ impl Default for GatewayConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DialogueManagerConfig {
     pub listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`) when the service runs on its own (`moltbot serve` shows every
+    /// service's on `gateway.metrics_listen`).
+    pub metrics_listen: SocketAddr,
     /// gRPC address of the session-store; replicas' addresses separated by commas.
     pub session_store_url: String,
     /// Seconds without any event from a running job's worker before it counts as dead.
@@ -246,6 +250,7 @@ impl Default for DialogueManagerConfig {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50051).into(),
+            metrics_listen: ([127, 0, 0, 1], 8002).into(),
             session_store_url: "http://127.0.0.1:50052".into(),
             worker_timeout: 3,
             max_retries: 2,
@@ -268,6 +273,9 @@ pub enum SessionStoreType {
 #[serde(deny_unknown_fields, default)]
 pub struct SessionStoreConfig {
     pub listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`) when the service runs on its own (`moltbot serve` shows every
+    /// service's on `gateway.metrics_listen`).
+    pub metrics_listen: SocketAddr,
     pub session_store_type: SessionStoreType,
     /// Seconds a session lives after its last use (sliding).
     pub session_ttl: u64,
@@ -287,6 +295,7 @@ impl Default for SessionStoreConfig {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50052).into(),
+            metrics_listen: ([127, 0, 0, 1], 8003).into(),
             session_store_type: SessionStoreType::Redis,
             session_ttl: 1800,
             redis: RedisConfig::default(),
@@ -317,6 +326,9 @@ impl Default for RedisConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceWorkerConfig {
     pub listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`) when the service runs on its own (`moltbot serve` shows every
+    /// service's on `gateway.metrics_listen`).
+    pub metrics_listen: SocketAddr,
     /// Names this worker in events and logs; host name and a random suffix when empty.
     pub worker_id: String,
     /// Sequences the engine generates together; the worker takes this many jobs at once.
@@ -344,6 +356,7 @@ impl Default for InferenceWorkerConfig {
     fn default() -> Self {
         Self {
             listen: ([127, 0, 0, 1], 50053).into(),
+            metrics_listen: ([127, 0, 0, 1], 8004).into(),
             worker_id: String::new(),
             max_batch_size: 16,
             max_batch_tokens: 1024,

@@ -18,6 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     moltbot_telemetry::init_logging(&config.log);
+    moltbot_telemetry::metrics::listen(config.dialogue_manager.metrics_listen, "dialogue_manager.metrics_listen")
+        .await?;
     let sessions = moltbot_dialogue_manager::connect_session_store(&config.dialogue_manager.session_store_url).await?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;

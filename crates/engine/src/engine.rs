@@ -94,6 +94,11 @@ pub struct EngineStats {
     pub prefix_hit_tokens: u64,
     /// Cached blocks evicted to make room, since start.
     pub prefix_evictions: u64,
+    /// Forward passes of the batch since start, the sequences and the tokens they fed (their ratios to `steps`:
+    /// the mean batch size and tokens per step).
+    pub steps: u64,
+    pub step_sequences: u64,
+    pub step_tokens: u64,
 }
 
 #[derive(Default)]
@@ -109,6 +114,9 @@ struct SharedStats {
     prefix_evictions: AtomicU64,
     /// Submitted requests not yet admitted to the batch for the first time.
     queued: AtomicUsize,
+    steps: AtomicU64,
+    step_sequences: AtomicU64,
+    step_tokens: AtomicU64,
 }
 
 impl EngineConfig {
@@ -461,6 +469,9 @@ impl Engine {
             prefix_lookup_tokens: s.prefix_lookup_tokens.load(Relaxed),
             prefix_hit_tokens: s.prefix_hit_tokens.load(Relaxed),
             prefix_evictions: s.prefix_evictions.load(Relaxed),
+            steps: s.steps.load(Relaxed),
+            step_sequences: s.step_sequences.load(Relaxed),
+            step_tokens: s.step_tokens.load(Relaxed),
         }
     }
 
@@ -891,6 +902,9 @@ impl Compute {
                 Step { tokens: &a.tokens[start..start + n], cache: &mut a.cache, logits }
             })
             .collect();
+        self.stats.steps.fetch_add(1, Relaxed);
+        self.stats.step_sequences.fetch_add(steps.len() as u64, Relaxed);
+        self.stats.step_tokens.fetch_add(fed_tokens as u64, Relaxed);
         // The grammars' masks (they depend on the tokens so far, not on the logits) are computed on the engine's
         // pool while the forward pass runs there, each sequence's apart: a constrained sequence does not hold up
         // the batch by its mask's cost.

@@ -62,8 +62,10 @@ pub async fn require_key(State(keys): State<Keys>, mut request: Request, next: N
         .and_then(bearer)
         .map(|k| k.as_bytes().to_vec());
     let user = presented.and_then(|k| keys.user(&k)).ok_or_else(ApiError::unauthorized)?;
-    request.headers_mut().insert("x-user-id", user);
-    Ok(next.run(request).await)
+    request.headers_mut().insert("x-user-id", user.clone());
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(crate::observe::AuthenticatedUser(user));
+    Ok(response)
 }
 
 #[cfg(test)]

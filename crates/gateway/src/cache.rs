@@ -92,9 +92,11 @@ pub async fn serve(State(cache): State<ResponseCache>, request: Request, next: N
         return Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await);
     };
     if let Some(hit) = cache.entries.get(&key).await {
+        metrics::counter!("moltbot_response_cache_total", "result" => "hit").increment(1);
         let (content_type, body) = (hit.0.clone(), hit.1.clone());
         return Ok(with_cache_header(([(CONTENT_TYPE, content_type)], body).into_response(), "HIT"));
     }
+    metrics::counter!("moltbot_response_cache_total", "result" => "miss").increment(1);
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     if response.status() != StatusCode::OK {
         return Ok(with_cache_header(response, "MISS"));

@@ -44,6 +44,7 @@ impl ApiError {
     }
 
     pub fn rate_limited(wait: std::time::Duration) -> Self {
+        metrics::counter!("moltbot_http_refusals_total", "reason" => "rate_limit").increment(1);
         let seconds = wait.as_secs_f64().ceil() as u64;
         Self {
             retry_after: Some(seconds),
@@ -53,6 +54,7 @@ impl ApiError {
 
     /// 429: the gateway has `max_concurrent_requests` in flight; come back in `retry_after` seconds.
     pub fn overloaded(retry_after: u64) -> Self {
+        metrics::counter!("moltbot_http_refusals_total", "reason" => "busy").increment(1);
         Self {
             retry_after: Some(retry_after),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, format!("too many requests in flight; retry in {retry_after} s"))

@@ -8,6 +8,7 @@ mod cache;
 mod error;
 mod limits;
 mod native;
+mod observe;
 mod openai;
 mod plugins;
 mod serve;
@@ -95,7 +96,8 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Replicas>) -> Rou
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         // A body must arrive as promptly as headers must: a client that trickles it cannot hold a connection.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(config.header_read_timeout)))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Outermost of the route layers: it sees every answer, refusals included, and names the route.
+        .layer(axum::middleware::from_fn(observe::observe))
         .with_state(state)
 }
 
@@ -182,6 +184,7 @@ struct TurnStream {
 impl Drop for TurnStream {
     fn drop(&mut self) {
         self.turn_times.record(self.started.elapsed());
+        metrics::histogram!("moltbot_chat_duration_seconds").record(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -79,6 +79,7 @@ impl UserSlots {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = in_flight.entry(user.to_owned()).or_default();
         if *count >= self.limit {
+            metrics::counter!("moltbot_http_refusals_total", "reason" => "user_busy").increment(1);
             return Err(ApiError {
                 retry_after: Some(retry_after()),
                 ..ApiError::new(

@@ -66,7 +66,7 @@ pub async fn chat(
     };
     let (tools, plugins) = body.tools.to_proto()?;
     let request = ChatRequest {
-        request_id: uuid::Uuid::new_v4().to_string(),
+        request_id: crate::observe::id_of(&headers),
         user_id: dh.user_id,
         session_id: if dh.session_id.is_empty() { body.session_id.unwrap_or_default() } else { dh.session_id },
         mode: dh.mode.unwrap_or(DialogueMode::Hybrid).into(),
@@ -85,7 +85,9 @@ pub async fn chat(
         let answer = turn.collect().await?;
         let mut body = answer_json(&answer.started, &answer.finished);
         body["tool_results"] = answer.tool_results.iter().map(tool_result_json).collect();
-        return Ok(Json(body).into_response());
+        let mut response = Json(body).into_response();
+        response.extensions_mut().insert(crate::observe::Tokens::of(&answer.finished.usage.unwrap_or_default()));
+        return Ok(response);
     }
     let events = sse_from_task(move |tx| async move {
         let mut started = Default::default();

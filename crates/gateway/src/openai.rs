@@ -55,7 +55,7 @@ pub async fn chat_completions(
     let (tools, plugins) = body.tools.to_proto()?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = ChatRequest {
-        request_id: id.clone(),
+        request_id: crate::observe::id_of(&headers),
         user_id: dh.user_id,
         session_id: dh.session_id,
         mode: dh.mode.unwrap_or(DialogueMode::Hybrid).into(),
@@ -86,6 +86,7 @@ pub async fn chat_completions(
             "usage": crate::usage_json(&usage),
         }))
         .into_response();
+        response.extensions_mut().insert(crate::observe::Tokens::of(&usage));
         session_header(&mut response, &answer.started.session_id);
         return Ok(response);
     }

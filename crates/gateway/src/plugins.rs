@@ -54,7 +54,7 @@ pub async fn execute(
         if body.iter().all(u8::is_ascii_whitespace) { Execution::default() } else { crate::body::parse(&body)? };
     let dialogue = DialogueHeaders::parse(&headers)?;
     let request = ExecutePluginRequest {
-        request_id: uuid::Uuid::new_v4().to_string(),
+        request_id: crate::observe::id_of(&headers),
         user_id: dialogue.user_id,
         session_id: body.session_id,
         name: name.clone(),

@@ -119,6 +119,84 @@ fn engine_tools(t: moltbot_proto::common::v1::Tools) -> Result<moltbot_engine::T
     Ok(moltbot_engine::Tools { tools, choice, parallel: !t.single_call })
 }
 
+/// A model call's metrics, recorded when it ends: its outcome (`moltbot_model_calls_total`), duration, time to the
+/// first token, mean time per output token and token counts. Dropped without an outcome, the call was cancelled
+/// (by the caller, or by its client going away).
+struct CallMetrics {
+    model: String,
+    started: std::time::Instant,
+    first_token: Option<std::time::Instant>,
+    last_token: Option<std::time::Instant>,
+    tokens: u32,
+    outcome: &'static str,
+    usage: Option<Usage>,
+}
+
+impl CallMetrics {
+    fn new(model: &str) -> Self {
+        let started = std::time::Instant::now();
+        Self {
+            model: model.to_owned(),
+            started,
+            first_token: None,
+            last_token: None,
+            tokens: 0,
+            outcome: "cancelled",
+            usage: None,
+        }
+    }
+
+    /// Notes what `event` says about the call, before it is sent.
+    fn observe(&mut self, event: &GenerateEvent) {
+        match &event.event {
+            Some(Event::Token(_)) => {
+                let now = std::time::Instant::now();
+                self.first_token.get_or_insert(now);
+                self.last_token = Some(now);
+                self.tokens += 1;
+            }
+            Some(Event::Finished(f)) => (self.outcome, self.usage) = ("success", f.usage),
+            Some(Event::Error(e)) => {
+                self.outcome = match tonic::Code::from_i32(e.code) {
+                    tonic::Code::InvalidArgument => "invalid_request",
+                    tonic::Code::ResourceExhausted => "overloaded",
+                    tonic::Code::DeadlineExceeded => "deadline_exceeded",
+                    _ => "error",
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for CallMetrics {
+    fn drop(&mut self) {
+        let model = self.model.clone();
+        metrics::counter!("moltbot_model_calls_total", "model" => model.clone(), "outcome" => self.outcome)
+            .increment(1);
+        metrics::histogram!("moltbot_model_call_duration_seconds", "model" => model.clone())
+            .record(self.started.elapsed().as_secs_f64());
+        if let Some(first) = self.first_token {
+            metrics::histogram!("moltbot_time_to_first_token_seconds", "model" => model.clone())
+                .record((first - self.started).as_secs_f64());
+            if let Some(last) = self.last_token.filter(|_| self.tokens > 1) {
+                metrics::histogram!("moltbot_time_per_output_token_seconds", "model" => model.clone())
+                    .record((last - first).as_secs_f64() / f64::from(self.tokens - 1));
+            }
+        }
+        if let Some(usage) = self.usage {
+            metrics::counter!("moltbot_prompt_tokens_total", "model" => model.clone())
+                .increment(u64::from(usage.prompt_tokens));
+            metrics::counter!("moltbot_generation_tokens_total", "model" => model.clone())
+                .increment(u64::from(usage.completion_tokens));
+            metrics::histogram!("moltbot_request_prompt_tokens", "model" => model.clone())
+                .record(f64::from(usage.prompt_tokens));
+            metrics::histogram!("moltbot_request_generation_tokens", "model" => model)
+                .record(f64::from(usage.completion_tokens));
+        }
+    }
+}
+
 /// Generates `request` and sends its events to `out` until it finishes, fails, passes `deadline_ms` (0: none),
 /// `cancelled` fires, or `out` is closed. Returns whether it stopped because of a cancel.
 pub async fn drive(
@@ -129,19 +207,27 @@ pub async fn drive(
     out: Sender<GenerateEvent>,
 ) -> bool {
     let request_id = request.request_id.clone();
+    let mut call = CallMetrics::new(worker.engine.name());
+    // Every event goes out through here, so the metrics see what the caller sees.
+    let send = async |call: &mut CallMetrics, event: GenerateEvent| {
+        call.observe(&event);
+        out.send(event).await
+    };
     let now_ms =
         || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     if deadline_ms > 0 && now_ms() > deadline_ms {
         tracing::info!(%request_id, "dropping a job past its deadline");
-        let _ = out
-            .send(error(ErrorCode::DeadlineExceeded, "the request's deadline passed while it waited in the queue"))
-            .await;
+        let _ = send(
+            &mut call,
+            error(ErrorCode::DeadlineExceeded, "the request's deadline passed while it waited in the queue"),
+        )
+        .await;
         return false;
     }
     if !request.model.is_empty() && request.model != worker.engine.name() {
         let message =
             format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.engine.name());
-        let _ = out.send(error(ErrorCode::InvalidArgument, message)).await;
+        let _ = send(&mut call, error(ErrorCode::InvalidArgument, message)).await;
         return false;
     }
     // Counting, fitting and tokenizing the conversation is CPU work of its own: it runs off the async runtime, and
@@ -175,14 +261,14 @@ pub async fn drive(
             return true;
         }
         () = tokio::time::sleep_until(deadline) => {
-            let _ = out.send(error(ErrorCode::DeadlineExceeded, "the request's deadline passed while its prompt was prepared")).await;
+            let _ = send(&mut call, error(ErrorCode::DeadlineExceeded, "the request's deadline passed while its prompt was prepared")).await;
             return false;
         }
     };
     let (mut generation, message_tokens) = match prepared {
         Ok(prepared) => prepared,
         Err((code, message)) => {
-            let _ = out.send(error(code, message)).await;
+            let _ = send(&mut call, error(code, message)).await;
             return false;
         }
     };
@@ -192,7 +278,7 @@ pub async fn drive(
         trimmed_messages: generation.trimmed_messages,
         message_tokens,
     };
-    if out.send(event(Event::Started(started))).await.is_err() {
+    if send(&mut call, event(Event::Started(started))).await.is_err() {
         return false;
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -236,7 +322,7 @@ pub async fn drive(
                 (error(ErrorCode::DeadlineExceeded, "the request's deadline passed during generation"), true)
             }
         };
-        if out.send(next).await.is_err() {
+        if send(&mut call, next).await.is_err() {
             return true;
         }
         if last {

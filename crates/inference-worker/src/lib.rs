@@ -252,6 +252,33 @@ impl Worker {
 }
 
 /// Serves the worker: the gRPC service on `listener` and the queue consumer, until `shutdown` resolves.
+/// The engine's figures as metrics, read at each scrape (its step loop only bumps atomics).
+fn engine_metrics(engine: Engine) -> moltbot_telemetry::metrics::Collecting {
+    moltbot_telemetry::metrics::install().on_scrape(move || {
+        let s = engine.stats();
+        let model = engine.name().to_owned();
+        let gauge =
+            |name: &'static str, value: usize| metrics::gauge!(name, "model" => model.clone()).set(value as f64);
+        gauge("moltbot_engine_running_sequences", s.running);
+        gauge("moltbot_engine_waiting_sequences", s.waiting);
+        for (state, blocks) in
+            [("used", s.kv_blocks_total - s.kv_blocks_free), ("free", s.kv_blocks_free), ("cached", s.kv_blocks_cached)]
+        {
+            metrics::gauge!("moltbot_engine_kv_blocks", "model" => model.clone(), "state" => state).set(blocks as f64);
+        }
+        let counter =
+            |name: &'static str, value: u64| metrics::counter!(name, "model" => model.clone()).absolute(value);
+        counter("moltbot_engine_preemptions_total", s.preemptions);
+        counter("moltbot_engine_steps_total", s.steps);
+        counter("moltbot_engine_step_sequences_total", s.step_sequences);
+        counter("moltbot_engine_step_tokens_total", s.step_tokens);
+        for (result, tokens) in [("hit", s.prefix_hit_tokens), ("miss", s.prefix_lookup_tokens - s.prefix_hit_tokens)] {
+            metrics::counter!("moltbot_engine_prefix_cache_tokens_total", "model" => model.clone(), "result" => result)
+                .absolute(tokens);
+        }
+    })
+}
+
 pub async fn run(
     listener: TcpListener,
     worker: Worker,
@@ -259,6 +286,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
+    let _engine_metrics = engine_metrics(worker.engine.clone());
     let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
     let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
     let grpc = moltbot_proto::server::serve(listener, service, {

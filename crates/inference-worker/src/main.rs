@@ -18,6 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     moltbot_telemetry::init_logging(&config.log);
+    moltbot_telemetry::metrics::listen(config.inference_worker.metrics_listen, "inference_worker.metrics_listen")
+        .await?;
     let engine = moltbot_inference_worker::load_engine(&config)?;
     let worker =
         moltbot_inference_worker::Worker::new(engine, &config.inference_worker, config.model_provider.max_tokens);

@@ -1,7 +1,13 @@
 //! Serves one MoltBot gRPC service the way every MoltBot server does: with `grpc.health.v1`, server
-//! reflection, and a graceful stop when `shutdown` resolves.
+//! reflection, request metrics, and a graceful stop when `shutdown` resolves.
 
-use std::{convert::Infallible, future::Future};
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
 
 use tokio::net::TcpListener;
 use tonic::{
@@ -41,9 +47,53 @@ where
         s
     });
     Server::builder()
+        .layer(tower::layer::layer_fn(Observed))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Counts each call by service, method and status code (`moltbot_grpc_requests_total`) and times it until the
+/// response head (`moltbot_grpc_request_duration_seconds`). A call that fails before answering has its code in the
+/// head; a stream that fails later has it in the trailers, which this does not wait for (a model call's outcome is
+/// counted by the worker, `moltbot_model_calls_total`).
+#[derive(Clone)]
+struct Observed<S>(S);
+
+impl<S, B> tower_service::Service<Request<B>> for Observed<S>
+where
+    S: tower_service::Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let (service, method) = match request.uri().path().trim_start_matches('/').split_once('/') {
+            Some((service, method)) => (service.to_owned(), method.to_owned()),
+            None => ("unknown".to_owned(), "unknown".to_owned()),
+        };
+        let call = self.0.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            let code = response
+                .headers()
+                .get("grpc-status")
+                .map_or(tonic::Code::Ok, |v| tonic::Code::from_bytes(v.as_bytes()));
+            let code = format!("{code:?}");
+            metrics::counter!("moltbot_grpc_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
+                .increment(1);
+            metrics::histogram!("moltbot_grpc_request_duration_seconds", "service" => service, "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            Ok(response)
+        })
+    }
 }

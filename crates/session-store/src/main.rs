@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     moltbot_telemetry::init_logging(&config.log);
+    moltbot_telemetry::metrics::listen(config.session_store.metrics_listen, "session_store.metrics_listen").await?;
     let backend = moltbot_session_store::open_backend(&config.session_store).await?;
     let listener = tokio::net::TcpListener::bind(config.session_store.listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {}: {e} (set session_store.listen)", config.session_store.listen)

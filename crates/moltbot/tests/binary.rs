@@ -1,0 +1,195 @@
+//! The real `moltbot` binary: `moltbot chat` against a running MoltBot (stdin in, streamed answers out), and
+//! `moltbot serve` as an operator watches it (its metrics port).
+
+use std::{io::Write, process::Stdio};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_answers_and_keeps_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = moltbot_config::Config::default();
+    config.model_provider.max_tokens = 8;
+    config.session_store.session_store_type = moltbot_config::SessionStoreType::Persistent;
+    config.session_store.path = dir.path().join("sessions.redb");
+    let model = moltbot_config::default_model_path();
+    assert!(model.is_file(), "model missing at {}: run `cargo xtask model`", model.display());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let moltbot = moltbot::start(config, listener).await.unwrap();
+    let url = format!("http://{}", moltbot.gateway_addr);
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moltbot"))
+        .args(["chat", "--url", &url])
+        .env_remove("MOLTBOT_API_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = "/help\nWhat is 2+2?\n/plugins\n/run calculator {\"expression\": \"6*7\"}\n/bogus\nAnd 3+3?\n/use nope\nOne more?\n/quit\n";
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 3, "two answers and a tool result: {stdout}\n{stderr}");
+    assert!(lines.iter().any(|l| l.starts_with("[tool result]") && l.contains("42")), "{stdout}");
+    // The plugins `/use` names go with the next message: one the server does not have is refused, storing nothing.
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert!(errors.len() == 1 && errors[0].contains("no plugin is called `nope`"), "{stderr}");
+    assert!(stderr.contains("(the model may call nope)"), "{stderr}");
+    // The commands were answered here, not sent to the model.
+    for shown in ["/run NAME {JSON}", "calculator(expression)", "[tool call] calculator", "/bogus is not a command"] {
+        assert!(stderr.contains(shown), "`{shown}` missing: {stderr}");
+    }
+    // Both turns went into one session, which the CLI names when it leaves.
+    let id = stderr.split("(session ").nth(1).and_then(|s| s.split(')').next()).expect("a session id").to_owned();
+    let session: serde_json::Value =
+        reqwest::get(format!("{url}/api/sessions/{id}")).await.unwrap().json().await.unwrap();
+    assert_eq!(session["message_count"], 6, "{session}");
+    assert_eq!(session["messages"][3]["role"], "tool", "the plugin call is in the conversation: {session}");
+    assert_eq!(session["messages"][4]["content"], "And 3+3?");
+
+    // Ctrl-C at the prompt does not end the program: it says how to leave, and the next line still works.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_moltbot"))
+        .args(["chat", "--url", &url])
+        .env_remove("MOLTBOT_API_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = vec![0u8; 256];
+    let n = tokio::io::AsyncReadExt::read(&mut stderr, &mut seen).await.unwrap();
+    assert!(String::from_utf8_lossy(&seen[..n]).contains("Chatting with"));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"/help\n/quit\n").await.unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().await.unwrap();
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut rest).await.unwrap();
+    assert!(output.status.success(), "Ctrl-C ended the program: {:?} {rest}", output.status);
+    assert!(rest.contains("/quit or Ctrl-D leaves") && rest.contains("/run NAME"), "{rest}");
+    moltbot.stop().await.unwrap();
+}
+
+/// The value of the first series of `name` whose labels include `labels`, in a Prometheus text exposition.
+fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+        let wanted = labels.iter().all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")));
+        (series_name == name && wanted).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exposes_metrics_that_agree_with_the_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, metrics_port) = (free(), free());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_moltbot"))
+        .arg("serve")
+        .env("MOLTBOT_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MOLTBOT_GATEWAY__METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .env("MOLTBOT_SESSION_STORE__PATH", dir.path().join("sessions.redb"))
+        .env("MOLTBOT_MODEL_PROVIDER__MAX_TOKENS", "8")
+        .env("MOLTBOT_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let ready = std::time::Instant::now();
+    while !client.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(ready.elapsed().as_secs() < 120, "moltbot serve did not become ready");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let chat = |body: serde_json::Value| client.post(format!("{base}/v1/chat/completions")).json(&body);
+
+    // A chat the model answers, under the client's request id.
+    let response = chat(serde_json::json!({ "messages": [{ "role": "user", "content": "Say hi" }], "max_tokens": 5 }))
+        .header("x-request-id", "req-metrics-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req-metrics-1", "the client's request id comes back");
+    let answer: serde_json::Value = response.json().await.unwrap();
+    let usage = &answer["usage"];
+    // Malformed JSON: refused by the gateway, no model call; a request id is made for it.
+    let malformed = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    assert!(!malformed.headers()["x-request-id"].is_empty());
+    // A prompt longer than the model's context: the worker refuses the call.
+    let long = chat(serde_json::json!({ "messages": [{ "role": "user", "content": "word ".repeat(20_000) }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 400, "{}", long.text().await.unwrap());
+
+    let exposition = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap();
+    assert!(exposition.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let exposition = exposition.text().await.unwrap();
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        sample(&exposition, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{exposition}"))
+    };
+    let route = ("route", "/v1/chat/completions");
+    assert_eq!(get("moltbot_http_requests_total", &[route, ("status", "200")]), 1.0);
+    assert_eq!(get("moltbot_http_requests_total", &[route, ("status", "400")]), 2.0);
+    assert_eq!(get("moltbot_http_request_duration_seconds_count", &[route, ("method", "POST")]), 3.0);
+    assert_eq!(get("moltbot_model_calls_total", &[("outcome", "success")]), 1.0);
+    assert_eq!(get("moltbot_model_calls_total", &[("outcome", "invalid_request")]), 1.0);
+    assert_eq!(get("moltbot_model_call_duration_seconds_count", &[]), 2.0);
+    assert_eq!(get("moltbot_time_to_first_token_seconds_count", &[]), 1.0);
+    assert_eq!(get("moltbot_generation_tokens_total", &[]), usage["completion_tokens"].as_f64().unwrap());
+    assert_eq!(get("moltbot_prompt_tokens_total", &[]), usage["prompt_tokens"].as_f64().unwrap());
+    assert_eq!(get("moltbot_chat_duration_seconds_count", &[]), 2.0, "both chats that reached the dialogue-manager");
+    assert!(get("moltbot_grpc_requests_total", &[("method", "Chat"), ("code", "Ok")]) >= 2.0);
+    assert!(get("moltbot_engine_kv_blocks", &[("state", "free")]) > 0.0);
+    assert!(get("moltbot_engine_steps_total", &[]) >= 1.0);
+    assert!(get("moltbot_engine_step_tokens_total", &[]) >= usage["prompt_tokens"].as_f64().unwrap());
+    assert!(get("moltbot_process_resident_memory_bytes", &[]) > 0.0);
+    get("moltbot_process_cpu_seconds_total", &[]);
+    assert!(get("moltbot_process_memory_limit_bytes", &[]) > 0.0);
+
+    // The exposition passes Prometheus's own linter.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package: apt-get install -y prometheus)");
+    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // One access-log line per request, with its request id.
+    child.start_kill().unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("req-metrics-1") && l.contains("moltbot::access"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("POST /v1/chat/completions 200"), "{line}");
+    assert!(line.contains(&format!("completion_tokens={}", usage["completion_tokens"])), "{line}");
+}
