@@ -317,8 +317,8 @@ impl Engine {
         let tokenizer = Tokenizer::from_metadata(&metadata)?;
         let template = ChatTemplate::new(
             Some(metadata.chat_template.as_deref().unwrap_or(crate::template::fallback_template(&metadata.tokens))),
-            metadata.token(metadata.bos_token_id).unwrap_or_default(),
-            metadata.token(metadata.eos_token_id).unwrap_or_default(),
+            metadata.bos_token_id.and_then(|id| tokenizer.token_text(id)).unwrap_or_default(),
+            metadata.eos_token_id.and_then(|id| tokenizer.token_text(id)).unwrap_or_default(),
         )?;
         // The tokenizer holds the vocabulary now, in a fraction of the memory.
         metadata.drop_vocabulary();
@@ -434,6 +434,7 @@ impl Engine {
         &self.inner.name
     }
 
+    /// The model's metadata, without its vocabulary (that is in [`Engine::tokenizer`]).
     pub fn metadata(&self) -> &ModelMetadata {
         &self.inner.metadata
     }

@@ -81,10 +81,6 @@ impl ModelMetadata {
     pub fn drop_vocabulary(&mut self) {
         (self.tokens, self.token_types, self.scores, self.merges) = Default::default();
     }
-
-    pub fn token(&self, id: Option<u32>) -> Option<&str> {
-        id.and_then(|id| self.tokens.get(id as usize)).map(String::as_str)
-    }
 }
 
 fn string(md: &HashMap<String, Value>, key: &str) -> Option<String> {

@@ -13,7 +13,7 @@
 //! [`Tokenizer::encode_pieces`] reads them, where a chat template wrote them.
 //!
 //! The vocabulary lives in one string, found through a table of ids; merges are keyed by pairs of ids. Gemma's
-//! 262,144 tokens cost about 6 MB this way. A general tokenizer library builds SentencePiece as BPE with one merge
+//! 262,144 tokens cost about 7 MB this way. A general tokenizer library builds SentencePiece as BPE with one merge
 //! for every split of every token, and that cost about 90 MB.
 
 use std::{
@@ -28,10 +28,18 @@ use hashbrown::HashTable;
 use crate::{Error, ModelMetadata, Result};
 
 /// GGUF token types (llama.cpp `llama_token_type`).
-pub(crate) const TOKEN_TYPE_NORMAL: u8 = 1;
-pub(crate) const TOKEN_TYPE_UNKNOWN: u8 = 2;
-pub(crate) const TOKEN_TYPE_CONTROL: u8 = 3;
-pub(crate) const TOKEN_TYPE_USER_DEFINED: u8 = 4;
+const TOKEN_TYPE_NORMAL: u8 = 1;
+const TOKEN_TYPE_UNKNOWN: u8 = 2;
+const TOKEN_TYPE_CONTROL: u8 = 3;
+const TOKEN_TYPE_USER_DEFINED: u8 = 4;
+const TOKEN_TYPE_UNUSED: u8 = 5;
+const TOKEN_TYPE_BYTE: u8 = 6;
+
+/// Tokens that stand for no text: a model's markers (`<|im_end|>`), its unknown token and unused slots. Left out
+/// of decoded text when asked, and special to the grammar engine.
+fn is_special(kind: u8) -> bool {
+    matches!(kind, TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_UNUSED)
+}
 
 /// SentencePiece's written space.
 const SPACE: &str = "\u{2581}";
@@ -132,8 +140,6 @@ impl Tokenizer {
     /// Cuts the user-defined tokens out of `text` and hands the rest to the model's algorithm.
     fn encode_into(&self, mut text: &str, ids: &mut Vec<u32>) -> Result<()> {
         let inner = &*self.inner;
-        // SentencePiece's space prefix goes before the text and after each token cut out (llama.cpp's rule).
-        let mut after_token = true;
         while !text.is_empty() {
             let (fragment, token) = match inner.user_defined.first(text) {
                 Some((at, len, id)) => (&text[..at], Some((at + len, id))),
@@ -141,13 +147,12 @@ impl Tokenizer {
             };
             if !fragment.is_empty() {
                 match &inner.model {
-                    Model::SentencePiece(spm) => spm.encode(&inner.vocab, fragment, after_token, ids),
+                    Model::SentencePiece(spm) => spm.encode(&inner.vocab, fragment, ids),
                     Model::BytePairs(bpe) => bpe.encode(fragment, ids)?,
                 }
             }
             let Some((end, id)) = token else { break };
             ids.push(id);
-            after_token = true;
             text = &text[end..];
         }
         Ok(())
@@ -176,10 +181,10 @@ impl Tokenizer {
         let inner = &*self.inner;
         let mut bytes = vec![];
         for &id in ids {
-            if id as usize >= inner.vocab.len() || (skip_special && inner.vocab.kind(id) == TOKEN_TYPE_CONTROL) {
+            if id as usize >= inner.vocab.len() || (skip_special && is_special(inner.vocab.kind(id))) {
                 continue;
             }
-            inner.model.push_bytes(inner.vocab.text(id), &mut bytes);
+            inner.model.push_bytes(inner.vocab.text(id), inner.vocab.kind(id), &mut bytes);
         }
         let text = String::from_utf8_lossy(&bytes);
         // The space SentencePiece put before the text is not the model's to say.
@@ -207,11 +212,11 @@ impl Tokenizer {
     /// What `id` adds to the output, as the grammar engine's token trie needs it.
     pub(crate) fn token_bytes(&self, id: u32) -> TokenBytes<'_> {
         let (vocab, text) = (&self.inner.vocab, self.inner.vocab.text(id));
-        if matches!(vocab.kind(id), TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN) {
+        if is_special(vocab.kind(id)) {
             return TokenBytes::Special(text);
         }
         let mut bytes = vec![];
-        self.inner.model.push_bytes(text, &mut bytes);
+        self.inner.model.push_bytes(text, vocab.kind(id), &mut bytes);
         TokenBytes::Text(bytes)
     }
 }
@@ -222,7 +227,7 @@ struct Vocab {
     /// Token `i` is `text[ends[i - 1]..ends[i]]` (from 0 for the first).
     ends: Vec<u32>,
     kinds: Vec<u8>,
-    /// Ids, by the hash of their text (the first id of a text written twice).
+    /// Ids, by the hash of their text (the last id of a text written twice).
     index: HashTable<u32>,
     hasher: RandomState,
 }
@@ -240,10 +245,14 @@ impl Vocab {
         let mut vocab =
             Self { text, ends, kinds, index: HashTable::with_capacity(tokens.len()), hasher: RandomState::new() };
         for (id, token) in (0u32..).zip(tokens) {
-            if vocab.find(token).is_none() {
-                let hash = vocab.hasher.hash_one(token.as_str());
-                let Self { index, hasher, text, ends, .. } = &mut vocab;
-                index.insert_unique(hash, id, |&id| hasher.hash_one(token_text(text, ends, id)));
+            let hash = vocab.hasher.hash_one(token.as_str());
+            let Self { index, hasher, text, ends, .. } = &mut vocab;
+            match index.find_mut(hash, |&other| token_text(text, ends, other) == token) {
+                // A text written twice is the later id's (llama.cpp's `token_to_id`).
+                Some(other) => *other = id,
+                None => {
+                    index.insert_unique(hash, id, |&id| hasher.hash_one(token_text(text, ends, id)));
+                }
             }
         }
         vocab
@@ -277,8 +286,9 @@ fn token_text<'a>(text: &'a str, ends: &[u32], id: u32) -> &'a str {
     &text[start..ends[id] as usize]
 }
 
-/// Finds one type of token's texts in text: the leftmost, then the longest (as llama.cpp cuts them out). Gemma has
-/// over 6000 control tokens, too many to search for one by one.
+/// Finds one type of token's texts in text: the leftmost, then the longest. (llama.cpp cuts the longest tokens out
+/// first, wherever they are; the two orders differ only where two tokens' texts overlap, which in the packaged
+/// vocabularies none do.) Gemma has over 6000 control tokens, too many to search for one by one.
 struct Matcher {
     texts: AhoCorasick,
     ids: Vec<u32>,
@@ -309,15 +319,19 @@ enum Model {
 }
 
 impl Model {
-    /// Appends the bytes a token's text stands for.
-    fn push_bytes(&self, text: &str, out: &mut Vec<u8>) {
+    /// Appends the bytes a token of type `kind` stands for. Only normal and byte tokens are written in the model's
+    /// alphabet; the others (user-defined, control) are plain text (llama.cpp's `token_to_piece`).
+    fn push_bytes(&self, text: &str, kind: u8, out: &mut Vec<u8>) {
+        if !matches!(kind, TOKEN_TYPE_NORMAL | TOKEN_TYPE_BYTE) {
+            out.extend_from_slice(text.as_bytes());
+            return;
+        }
         match self {
             Self::SentencePiece(_) => match byte_token(text) {
                 Some(byte) => out.push(byte),
                 None => out.extend_from_slice(text.replace(SPACE, " ").as_bytes()),
             },
-            // Control and user-defined tokens are written as plain text; what is not in the byte alphabet stands
-            // for itself.
+            // A character outside the byte alphabet stands for itself.
             Self::BytePairs(_) => {
                 for c in text.chars() {
                     match byte_of_char(c) {
@@ -339,7 +353,8 @@ fn byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-/// llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`).
+/// llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`), with one difference: pairs merge only into normal
+/// tokens (llama.cpp takes any), so text in a message can never become a control token.
 struct SentencePiece {
     scores: Vec<f32>,
     /// Whether a space goes before the text (`tokenizer.ggml.add_space_prefix`).
@@ -395,8 +410,10 @@ impl SentencePiece {
         Self { scores, space_prefix, bytes, unknown }
     }
 
-    fn encode(&self, vocab: &Vocab, fragment: &str, after_token: bool, ids: &mut Vec<u32>) {
-        let prefix = if self.space_prefix && after_token { SPACE } else { "" };
+    /// Each fragment starts the text or follows a token cut out of it: llama.cpp puts the space prefix before
+    /// every one.
+    fn encode(&self, vocab: &Vocab, fragment: &str, ids: &mut Vec<u32>) {
+        let prefix = if self.space_prefix { SPACE } else { "" };
         let text = format!("{prefix}{}", fragment.replace(' ', SPACE));
         let mut runs: Vec<Run> = text
             .char_indices()
@@ -515,30 +532,29 @@ impl BytePairs {
 
     /// Merges one word's bytes, the pair of lowest rank first (the leftmost among equals).
     fn merge(&self, word: &[u8], ids: &mut Vec<u32>) {
-        // Each symbol's id, or None once merged into its left neighbour; `next` links the live ones.
+        // Each symbol's id; None for a byte without a token (it merges with nothing, so nothing merges across it,
+        // and it is left out, as llama.cpp does) or once merged into its left neighbour. `next` links the symbols.
         let mut symbols: Vec<Option<u32>> = word.iter().map(|&b| self.bytes[b as usize]).collect();
-        symbols.retain(Option::is_some);
         let n = symbols.len();
         let mut next: Vec<usize> = (1..=n).collect();
         let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
         let merge_of = |a: u32, b: u32| self.merges.get(&((u64::from(a) << 32) | u64::from(b))).copied();
-        // (rank, left, left id, right id), smallest first.
+        // (rank, left, left id, right id, merged id), smallest first.
         let mut queue = BinaryHeap::new();
         for i in 1..n {
             if let (Some(a), Some(b)) = (symbols[i - 1], symbols[i])
-                && let Some((rank, _)) = merge_of(a, b)
+                && let Some((rank, id)) = merge_of(a, b)
             {
-                queue.push(std::cmp::Reverse((rank, i - 1, a, b)));
+                queue.push(std::cmp::Reverse((rank, i - 1, a, b, id)));
             }
         }
-        while let Some(std::cmp::Reverse((_, left, a, b))) = queue.pop() {
+        while let Some(std::cmp::Reverse((_, left, a, b, id))) = queue.pop() {
             // A candidate whose symbols have changed since it was found no longer applies (a merged symbol's
             // token is longer than either part, so an unchanged id means an unchanged symbol).
             let right = next[left];
             if symbols[left] != Some(a) || right >= n || symbols[right] != Some(b) {
                 continue;
             }
-            let Some((_, id)) = merge_of(a, b) else { continue };
             symbols[left] = Some(id);
             symbols[right] = None;
             next[left] = next[right];
@@ -547,15 +563,15 @@ impl BytePairs {
             }
             if let Some(p) = prev[left]
                 && let Some(pid) = symbols[p]
-                && let Some((rank, _)) = merge_of(pid, id)
+                && let Some((rank, merged)) = merge_of(pid, id)
             {
-                queue.push(std::cmp::Reverse((rank, p, pid, id)));
+                queue.push(std::cmp::Reverse((rank, p, pid, id, merged)));
             }
             if next[left] < n
                 && let Some(nid) = symbols[next[left]]
-                && let Some((rank, _)) = merge_of(id, nid)
+                && let Some((rank, merged)) = merge_of(id, nid)
             {
-                queue.push(std::cmp::Reverse((rank, left, id, nid)));
+                queue.push(std::cmp::Reverse((rank, left, id, nid, merged)));
             }
         }
         ids.extend(symbols.into_iter().flatten());
@@ -620,14 +636,15 @@ const fn printable(b: u8) -> bool {
 }
 
 /// The byte that `c` writes in the byte-level alphabet.
-pub(crate) fn byte_of_char(c: char) -> Option<u8> {
+fn byte_of_char(c: char) -> Option<u8> {
+    /// The bytes moved to U+0100 and up, in order: [`BYTE_CHARS`] read backwards.
     const MOVED: [u8; 68] = {
         let mut table = [0; 68];
-        let (mut b, mut i) = (0, 0);
+        let mut b = 0;
         while b < 256 {
-            if !printable(b as u8) {
-                table[i] = b as u8;
-                i += 1;
+            let code = BYTE_CHARS[b] as u32;
+            if code >= 0x100 {
+                table[(code - 0x100) as usize] = b as u8;
             }
             b += 1;
         }
@@ -764,7 +781,19 @@ mod tests {
         assert_eq!(tok.decode(&[3, 5, 8], false).unwrap(), "ab ab<|end|>");
         assert_eq!(tok.decode(&[3, 5, 8], true).unwrap(), "ab ab");
         assert!(matches!(tok.token_bytes(5), TokenBytes::Text(b) if b == b" ab"));
+
         assert!(matches!(tok.token_bytes(8), TokenBytes::Special("<|end|>")));
+    }
+
+    #[test]
+    fn nothing_merges_across_a_byte_without_a_token() {
+        // "!\x01!" is one word; llama.cpp keeps the tokenless byte between the two "!" (and then leaves it out).
+        let mut md = vocabulary(&["!", "!!"], &[1, 1]);
+        md.tokenizer_model = "gpt2".into();
+        md.merges = vec!["! !".into()];
+        let tok = Tokenizer::from_metadata(&md).unwrap();
+        assert_eq!(tok.encode_text("!!").unwrap(), [1]);
+        assert_eq!(tok.encode_text("!\u{1}!").unwrap(), [0, 0]);
     }
 
     #[test]
