@@ -108,6 +108,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let child = Command::new(std::env::current_exe()?)
         .arg("serve")
         .env("MOLTBOT_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        // Any free port: a MoltBot already running here holds 8001.
+        .env("MOLTBOT_GATEWAY__METRICS_LISTEN", "127.0.0.1:0")
         .env("MOLTBOT_GATEWAY__MAX_CONCURRENT_REQUESTS", "1024")
         .env("MOLTBOT_SESSION_STORE__PATH", dir.path().join("sessions.redb"))
         .env("MOLTBOT_LOG__LEVEL", "warn")
