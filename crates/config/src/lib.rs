@@ -37,6 +37,7 @@ pub struct Config {
     pub model_provider: ModelProviderConfig,
     pub queue: QueueConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub plugins: PluginsConfig,
 }
 
@@ -477,6 +478,22 @@ impl Default for LogConfig {
     }
 }
 
+/// Traces (OpenTelemetry). Metrics need no switch: each service's `metrics_listen` serves them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// An OTLP/gRPC collector to send traces to, e.g. `http://localhost:4317`; empty: no traces.
+    pub otlp_endpoint: String,
+    /// The share of new traces kept, 0 to 1 (a client's sampled `traceparent` is always followed).
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), sample_ratio: 1.0 }
+    }
+}
+
 /// Where MoltBot keeps downloaded models: `$XDG_CACHE_HOME/moltbot` or `~/.cache/moltbot`.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -558,6 +575,16 @@ impl Config {
         let bad = |key: &str, why: &str| Err(Error::Invalid(format!("{key}: {why}")));
         if self.gateway.max_concurrent_requests == 0 {
             return bad("gateway.max_concurrent_requests", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return bad("telemetry.sample_ratio", "must be 0 to 1");
+        }
+        let endpoint = &self.telemetry.otlp_endpoint;
+        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return bad(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL (an OTLP/gRPC collector, e.g. http://localhost:4317), or empty",
+            );
         }
         if self.gateway.max_connections == 0 || self.gateway.max_connections > u32::MAX as usize {
             return bad("gateway.max_connections", "must be at least 1");

@@ -24,6 +24,7 @@ use moltbot_queue::JobQueue;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 /// Connects to the session-store (one URL, or replicas separated by commas), failing fast with what to do when
 /// none is there; a replica that is down at start is used once it is up.
@@ -104,9 +105,16 @@ impl Dialogue for DialogueService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         self.waiting.admit()?;
         let budget = moltbot_proto::grpc_timeout::read(request.metadata().as_ref());
-        let turn = turn::Turn::prepare(self.clone(), request.into_inner(), budget).await?;
+        let span = tracing::info_span!(
+            "turn",
+            request_id = %request.get_ref().request_id,
+            session_id = %request.get_ref().session_id,
+            trace_id = tracing::field::Empty
+        );
+        moltbot_telemetry::trace::adopt(&span, &moltbot_telemetry::trace::from_headers(request.metadata().as_ref()));
+        let turn = turn::Turn::prepare(self.clone(), request.into_inner(), budget).instrument(span.clone()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(turn.run(tx));
+        tokio::spawn(turn.run(tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -17,7 +17,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
-    moltbot_telemetry::init_logging(&config.log);
+    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-dialogue-manager")
+        .map_err(anyhow::Error::msg)?;
     moltbot_telemetry::metrics::listen(config.dialogue_manager.metrics_listen, "dialogue_manager.metrics_listen")
         .await?;
     let sessions = moltbot_dialogue_manager::connect_session_store(&config.dialogue_manager.session_store_url).await?;

@@ -371,6 +371,7 @@ impl Turn {
                     model: self.service.model.clone(),
                     input: Some(Input::Chat(ChatInput { messages: self.prompt.clone(), tools: tools.clone() })),
                     sampling: Some(self.sampling.clone()),
+                    trace_context: moltbot_telemetry::trace::current(),
                 }),
                 deadline_ms,
                 attempt: *attempt,

@@ -220,6 +220,13 @@ impl AppState {
         // The dialogue-manager learns the deadline (grpc-timeout) and ends the turn just before it, saving nothing.
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.timeout);
+        // The turn joins this request's trace.
+        for (field, value) in moltbot_telemetry::trace::current() {
+            if let (Ok(field), Ok(value)) = (tonic::metadata::MetadataKey::from_bytes(field.as_bytes()), value.parse())
+            {
+                request.metadata_mut().insert(field, value);
+            }
+        }
         let stream =
             tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
         let turn_times = self.turn_times.clone();

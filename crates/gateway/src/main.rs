@@ -16,7 +16,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
-    moltbot_telemetry::init_logging(&config.log);
+    let _tracing =
+        moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-gateway").map_err(anyhow::Error::msg)?;
     moltbot_telemetry::metrics::listen(config.gateway.metrics_listen, "gateway.metrics_listen").await?;
     let dialogue = moltbot_gateway::dialogue_client(&config.gateway.dialogue_manager_url)?;
     let listen = config.gateway.listen;

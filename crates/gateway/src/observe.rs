@@ -1,6 +1,6 @@
 //! What the gateway tells operators about each request: a request id (the client's `X-Request-Id`, or a new one)
 //! that goes back in the response and on to the dialogue-manager, the job and every service's logs; one access-log
-//! line; and the request metrics (`moltbot_http_requests_total`, `moltbot_http_request_duration_seconds`).
+//! line; the request's span (a child of the client's `traceparent`, when it sends one); and the request metrics (`moltbot_http_requests_total`, `moltbot_http_request_duration_seconds`).
 
 use std::time::Instant;
 
@@ -60,7 +60,15 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     // The route's pattern (`/api/sessions/{id}`), so that ids in paths do not make a series each.
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
     let user = request.headers().get("x-user-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default(), %method, %route);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id.to_str().unwrap_or_default(),
+        %method,
+        %route,
+        trace_id = tracing::field::Empty
+    );
+    // A client's `traceparent` makes this request a span of its trace.
+    moltbot_telemetry::trace::adopt(&span, &moltbot_telemetry::trace::from_headers(request.headers()));
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     response.headers_mut().insert(REQUEST_ID, id);

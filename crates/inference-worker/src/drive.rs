@@ -198,8 +198,30 @@ impl Drop for CallMetrics {
 }
 
 /// Generates `request` and sends its events to `out` until it finishes, fails, passes `deadline_ms` (0: none),
-/// `cancelled` fires, or `out` is closed. Returns whether it stopped because of a cancel.
+/// `cancelled` fires, or `out` is closed. Returns whether it stopped because of a cancel. It runs in a `generate`
+/// span of the turn's trace, with `prefill` (waiting for a place in the batch, then the prompt) and `decode`
+/// spans inside.
 pub async fn drive(
+    worker: Worker,
+    request: GenerateRequest,
+    deadline_ms: i64,
+    cancelled: CancellationToken,
+    out: Sender<GenerateEvent>,
+) -> bool {
+    let span = tracing::info_span!(
+        "generate",
+        request_id = %request.request_id,
+        model = %worker.engine.name(),
+        worker_id = %worker.id,
+        trace_id = tracing::field::Empty,
+        prompt_tokens = tracing::field::Empty,
+        completion_tokens = tracing::field::Empty,
+    );
+    moltbot_telemetry::trace::adopt(&span, &request.trace_context);
+    tracing::Instrument::instrument(generate(worker, request, deadline_ms, cancelled, out), span).await
+}
+
+async fn generate(
     worker: Worker,
     request: GenerateRequest,
     deadline_ms: i64,
@@ -281,6 +303,8 @@ pub async fn drive(
     if send(&mut call, event(Event::Started(started))).await.is_err() {
         return false;
     }
+    let mut phase = Some(tracing::info_span!("prefill", prompt_tokens = generation.prompt_tokens));
+    let mut decoding = false;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.tick().await;
     let mut tool_calls = vec![];
@@ -322,6 +346,18 @@ pub async fn drive(
                 (error(ErrorCode::DeadlineExceeded, "the request's deadline passed during generation"), true)
             }
         };
+        if !decoding && matches!(next.event, Some(Event::Token(_))) {
+            // The first token: the prompt is read; each span ends when dropped.
+            decoding = true;
+            drop(phase.take());
+            phase = Some(tracing::info_span!("decode"));
+        }
+        if let Some(Event::Finished(f)) = &next.event {
+            drop(phase.take());
+            let usage = f.usage.unwrap_or_default();
+            tracing::Span::current().record("prompt_tokens", usage.prompt_tokens);
+            tracing::Span::current().record("completion_tokens", usage.completion_tokens);
+        }
         if send(&mut call, next).await.is_err() {
             return true;
         }

@@ -17,7 +17,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
-    moltbot_telemetry::init_logging(&config.log);
+    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-inference-worker")
+        .map_err(anyhow::Error::msg)?;
     moltbot_telemetry::metrics::listen(config.inference_worker.metrics_listen, "inference_worker.metrics_listen")
         .await?;
     let engine = moltbot_inference_worker::load_engine(&config)?;

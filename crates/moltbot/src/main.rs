@@ -76,7 +76,7 @@ async fn serve(path: Option<PathBuf>, model: Option<String>) -> anyhow::Result<(
         figment = figment.merge(("model_provider.model", model));
     }
     let config = moltbot_config::Config::from_figment(&figment)?;
-    moltbot_telemetry::init_logging(&config.log);
+    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot").map_err(anyhow::Error::msg)?;
     // One process: every service's metrics on the gateway's metrics port.
     moltbot_telemetry::metrics::listen(config.gateway.metrics_listen, "gateway.metrics_listen").await?;
     let listen = config.gateway.listen;

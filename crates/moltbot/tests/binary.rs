@@ -1,5 +1,5 @@
 //! The real `moltbot` binary: `moltbot chat` against a running MoltBot (stdin in, streamed answers out), and
-//! `moltbot serve` as an operator watches it (its metrics port).
+//! `moltbot serve` as an operator watches it (its metrics port, its traces).
 
 use std::{io::Write, process::Stdio};
 
@@ -192,4 +192,103 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
         .unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("POST /v1/chat/completions 200"), "{line}");
     assert!(line.contains(&format!("completion_tokens={}", usage["completion_tokens"])), "{line}");
+}
+
+/// An OTLP/gRPC trace collector for the test (the OpenTelemetry protocol's own service): keeps every span.
+#[derive(Clone, Default)]
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let spans = request.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+        self.0.lock().unwrap().extend(spans);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_is_one_trace_across_every_service_under_the_clients_traceparent() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                    collector.clone(),
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_moltbot"))
+        .arg("serve")
+        .env("MOLTBOT_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MOLTBOT_GATEWAY__METRICS_LISTEN", "127.0.0.1:0")
+        .env("MOLTBOT_SESSION_STORE__PATH", dir.path().join("sessions.redb"))
+        .env("MOLTBOT_TELEMETRY__OTLP_ENDPOINT", &otlp)
+        // Send spans every 100 ms instead of every 5 s.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("MOLTBOT_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let ready = std::time::Instant::now();
+    while !client.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(ready.elapsed().as_secs() < 120, "moltbot serve did not become ready");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace}-{parent}-01"))
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "Say hi" }], "max_tokens": 4 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // The gateway's request, the dialogue-manager's turn and the worker's generation, with its prefill and
+    // decode, arrive at the collector as one trace, each under the one before.
+    let wanted = ["request", "turn", "generate", "prefill", "decode"];
+    let waiting = std::time::Instant::now();
+    let spans = loop {
+        let spans: Vec<_> = collector.0.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == trace).cloned().collect();
+        if wanted.iter().all(|name| spans.iter().any(|s| s.name == *name)) {
+            break spans;
+        }
+        let names: Vec<_> = spans.iter().map(|s| s.name.clone()).collect();
+        assert!(waiting.elapsed().as_secs() < 30, "spans of the trace so far: {names:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let span = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    assert_eq!(hex(&span("request").parent_span_id), parent, "the request is a child of the client's span");
+    assert_eq!(span("turn").parent_span_id, span("request").span_id, "the turn is the request's child");
+    assert_eq!(span("generate").parent_span_id, span("turn").span_id, "the generation is the turn's child");
+    assert_eq!(span("prefill").parent_span_id, span("generate").span_id);
+    assert_eq!(span("decode").parent_span_id, span("generate").span_id);
+    assert!(span("prefill").end_time_unix_nano <= span("decode").start_time_unix_nano);
+
+    // The request's log lines name the trace.
+    child.start_kill().unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.lines().any(|l| l.contains("moltbot::access") && l.contains(&format!("trace_id={trace}"))), "{log}");
 }

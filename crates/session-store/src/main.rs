@@ -16,7 +16,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = moltbot_config::Config::load(args.config.as_deref())?;
-    moltbot_telemetry::init_logging(&config.log);
+    let _tracing =
+        moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-session-store").map_err(anyhow::Error::msg)?;
     moltbot_telemetry::metrics::listen(config.session_store.metrics_listen, "session_store.metrics_listen").await?;
     let backend = moltbot_session_store::open_backend(&config.session_store).await?;
     let listener = tokio::net::TcpListener::bind(config.session_store.listen).await.map_err(|e| {

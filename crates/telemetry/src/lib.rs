@@ -1,18 +1,35 @@
-//! Logging set-up, Prometheus metrics and the shutdown signal shared by MoltBot's services.
+//! Logging set-up, Prometheus metrics, OpenTelemetry traces and the shutdown signal shared by MoltBot's services.
 
 pub mod metrics;
+pub mod trace;
 
-use moltbot_config::LogConfig;
+use moltbot_config::{LogConfig, TelemetryConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Structured logs to stderr: text or JSON lines; `RUST_LOG` overrides the configured level. Each HTTP request's
-/// lines carry its request id (the gateway's `request` span).
+/// lines carry its request id (the gateway's `request` span), and its trace id when traces are on.
 pub fn init_logging(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let _ = init(config, &TelemetryConfig::default(), "moltbot");
+}
+
+/// Logs as [`init_logging`], and traces to `telemetry.otlp_endpoint` as `service` when it is set; keep the
+/// returned guard for the life of the program (dropping it sends the last spans).
+pub fn init(log: &LogConfig, telemetry: &TelemetryConfig, service: &str) -> Result<Option<trace::Tracing>, String> {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     // Colours only for a person at a terminal: a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = if config.json { builder.json().try_init() } else { builder.try_init() };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let fmt = if log.json { fmt.json().boxed() } else { fmt.boxed() };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    if telemetry.otlp_endpoint.is_empty() {
+        let _ = registry.try_init();
+        return Ok(None);
+    }
+    let (layer, tracing) = trace::layer(&telemetry.otlp_endpoint, service, telemetry.sample_ratio)?;
+    let _ = registry.with(layer).try_init();
+    tracing::info!(endpoint = %telemetry.otlp_endpoint, service, "traces go to an OTLP collector");
+    Ok(Some(tracing))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
