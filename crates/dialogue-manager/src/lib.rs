@@ -103,7 +103,9 @@ impl Dialogue for DialogueService {
     type ChatStream = ReceiverStream<Result<ChatEvent, Status>>;
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
-        self.waiting.admit()?;
+        self.waiting.admit().inspect_err(|_| {
+            metrics::counter!("moltbot_turn_refusals_total").increment(1);
+        })?;
         let budget = moltbot_proto::grpc_timeout::read(request.metadata().as_ref());
         let span = tracing::info_span!(
             "turn",
@@ -183,6 +185,22 @@ pub async fn run(
     service: DialogueService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let queue = service.queue.clone();
+    // The queue's depth as a metric, every 5 s while the service runs.
+    let depth = tokio_util::sync::CancellationToken::new();
+    let _stop_depth = depth.clone().drop_guard();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                () = depth.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if let Ok(pending) = queue.pending().await {
+                metrics::gauge!("moltbot_queue_pending_jobs").set(pending as f64);
+            }
+        }
+    });
     let server = moltbot_proto::dialogue::v1::dialogue_server::DialogueServer::new(service);
     Ok(moltbot_proto::server::serve(listener, server, shutdown).await?)
 }

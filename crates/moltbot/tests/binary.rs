@@ -159,6 +159,7 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
     assert_eq!(get("moltbot_chat_duration_seconds_count", &[]), 2.0, "both chats that reached the dialogue-manager");
     assert!(get("moltbot_grpc_requests_total", &[("method", "Chat"), ("code", "Ok")]) >= 2.0);
     assert!(get("moltbot_engine_kv_blocks", &[("state", "free")]) > 0.0);
+    assert_eq!(get("moltbot_queue_pending_jobs", &[]), 0.0);
     assert!(get("moltbot_engine_steps_total", &[]) >= 1.0);
     assert!(get("moltbot_engine_step_tokens_total", &[]) >= usage["prompt_tokens"].as_f64().unwrap());
     assert!(get("moltbot_process_resident_memory_bytes", &[]) > 0.0);

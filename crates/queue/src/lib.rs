@@ -82,6 +82,15 @@ impl JobQueue {
         }
     }
 
+    /// Jobs queued and not yet finished by a worker (NATS: the job stream's messages, which a worker acks when it
+    /// is done; in process: those no worker has taken yet).
+    pub async fn pending(&self) -> Result<u64> {
+        match self {
+            Self::Nats(q) => q.pending().await,
+            Self::Local(q) => Ok(q.pending()),
+        }
+    }
+
     /// The jobs offered to worker `worker` of `model` directly (conversation affinity); `None` in process,
     /// where there is one worker.
     pub async fn offers(&self, model: &str, worker: &str) -> Result<Option<Offers>> {

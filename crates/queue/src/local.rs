@@ -39,6 +39,10 @@ impl LocalQueue {
         Ok(JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()), ended: CancellationToken::new() })
     }
 
+    pub(crate) fn pending(&self) -> u64 {
+        (self.tx.max_capacity() - self.tx.capacity()) as u64
+    }
+
     pub(crate) async fn next_job(&self) -> Result<ReceivedJob> {
         loop {
             let queued = self.rx.lock().await.recv().await.ok_or(Error::Closed)?;

@@ -136,6 +136,9 @@ impl SessionStore for SessionStoreService {
             ttl_seconds: r.ttl_seconds,
         };
         let created = self.backend.create(&stored_id(&r.user_id, &id), &r.user_id, settings).await;
+        if created.is_ok() {
+            metrics::counter!("moltbot_sessions_created_total").increment(1);
+        }
         Ok(Response::new(to_proto(created.map_err(|e| match e {
             Error::AlreadyExists(_) => Error::AlreadyExists(id),
             e => e,

@@ -180,6 +180,19 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
         ("moltbot_response_cache_total", Counter, None, "Response-cache look-ups, by result (hit, miss)"),
         ("moltbot_grpc_requests_total", Counter, None, "gRPC calls answered, by service, method and code"),
         (
+            "moltbot_queue_pending_jobs",
+            Gauge,
+            None,
+            "Generation jobs queued and not yet finished (NATS: the job stream's messages), seen by a dialogue-manager",
+        ),
+        (
+            "moltbot_turn_refusals_total",
+            Counter,
+            None,
+            "Chat turns a dialogue-manager refused because too many waited for a worker",
+        ),
+        ("moltbot_sessions_created_total", Counter, None, "Sessions created in the session store"),
+        (
             "moltbot_grpc_request_duration_seconds",
             Histogram,
             Some(Seconds),
