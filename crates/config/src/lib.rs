@@ -478,10 +478,12 @@ impl Default for LogConfig {
     }
 }
 
-/// Traces (OpenTelemetry). Metrics need no switch: each service's `metrics_listen` serves them.
+/// Metrics (Prometheus) and traces (OpenTelemetry).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
+    /// Prometheus metrics on each service's `metrics_listen`; false: no metrics port, and nothing recorded.
+    pub metrics: bool,
     /// An OTLP/gRPC collector to send traces to, e.g. `http://localhost:4317`; empty: no traces.
     pub otlp_endpoint: String,
     /// The share of new traces kept, 0 to 1 (a client's sampled `traceparent` is always followed).
@@ -490,7 +492,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { otlp_endpoint: String::new(), sample_ratio: 1.0 }
+        Self { metrics: true, otlp_endpoint: String::new(), sample_ratio: 1.0 }
     }
 }
 
@@ -735,6 +737,10 @@ mod tests {
         assert!(err.contains("session_store_type") && err.contains("redis"), "{err}");
         let err = load("gateway:\n  max_concurrent_requests: 0").unwrap_err().to_string();
         assert!(err.contains("gateway.max_concurrent_requests"), "{err}");
+        let err = load("telemetry:\n  otlp_endpoint: localhost:4317").unwrap_err().to_string();
+        assert!(err.contains("telemetry.otlp_endpoint") && err.contains("http://localhost:4317"), "{err}");
+        let err = load("telemetry:\n  sample_ratio: 1.5").unwrap_err().to_string();
+        assert!(err.contains("telemetry.sample_ratio"), "{err}");
     }
 
     #[test]
@@ -752,6 +758,8 @@ mod tests {
         assert_eq!(example.inference_worker, Config::default().inference_worker);
         assert_eq!(example.dialogue_manager, Config::default().dialogue_manager);
         assert_eq!(example.plugins, Config::default().plugins);
+        assert_eq!(example.telemetry, Config::default().telemetry);
+        assert_eq!(example.session_store.metrics_listen, Config::default().session_store.metrics_listen);
     }
 
     #[test]

@@ -19,8 +19,12 @@ async fn main() -> anyhow::Result<()> {
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-dialogue-manager")
         .map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(config.dialogue_manager.metrics_listen, "dialogue_manager.metrics_listen")
-        .await?;
+    moltbot_telemetry::metrics::listen(
+        &config.telemetry,
+        config.dialogue_manager.metrics_listen,
+        "dialogue_manager.metrics_listen",
+    )
+    .await?;
     let sessions = moltbot_dialogue_manager::connect_session_store(&config.dialogue_manager.session_store_url).await?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;

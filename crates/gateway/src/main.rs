@@ -18,7 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     let _tracing =
         moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-gateway").map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(config.gateway.metrics_listen, "gateway.metrics_listen").await?;
+    moltbot_telemetry::metrics::listen(&config.telemetry, config.gateway.metrics_listen, "gateway.metrics_listen")
+        .await?;
     let dialogue = moltbot_gateway::dialogue_client(&config.gateway.dialogue_manager_url)?;
     let listen = config.gateway.listen;
     let listener = tokio::net::TcpListener::bind(listen)

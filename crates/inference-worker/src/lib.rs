@@ -253,8 +253,11 @@ impl Worker {
 
 /// Serves the worker: the gRPC service on `listener` and the queue consumer, until `shutdown` resolves.
 /// The engine's figures as metrics, read at each scrape (its step loop only bumps atomics).
-fn engine_metrics(engine: Engine) -> moltbot_telemetry::metrics::Collecting {
-    moltbot_telemetry::metrics::install().on_scrape(move || {
+fn engine_metrics(
+    metrics: &'static moltbot_telemetry::metrics::Metrics,
+    engine: Engine,
+) -> moltbot_telemetry::metrics::Collecting {
+    metrics.on_scrape(move || {
         let s = engine.stats();
         let model = engine.name().to_owned();
         let gauge =
@@ -286,7 +289,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let _engine_metrics = engine_metrics(worker.engine.clone());
+    let _engine_metrics = moltbot_telemetry::metrics::installed().map(|m| engine_metrics(m, worker.engine.clone()));
     let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
     let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
     let grpc = moltbot_proto::server::serve(listener, service, {

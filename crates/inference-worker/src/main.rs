@@ -19,8 +19,12 @@ async fn main() -> anyhow::Result<()> {
     let config = moltbot_config::Config::load(args.config.as_deref())?;
     let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-inference-worker")
         .map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(config.inference_worker.metrics_listen, "inference_worker.metrics_listen")
-        .await?;
+    moltbot_telemetry::metrics::listen(
+        &config.telemetry,
+        config.inference_worker.metrics_listen,
+        "inference_worker.metrics_listen",
+    )
+    .await?;
     let engine = moltbot_inference_worker::load_engine(&config)?;
     let worker =
         moltbot_inference_worker::Worker::new(engine, &config.inference_worker, config.model_provider.max_tokens);

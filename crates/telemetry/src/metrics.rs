@@ -32,8 +32,13 @@ pub struct Metrics {
 
 static INSTALLED: OnceLock<Metrics> = OnceLock::new();
 
-/// The process's metrics, installing the recorder on first use. Until then, recording costs nothing and goes
-/// nowhere (a library used without a metrics port records nothing).
+/// The process's metrics, if a metrics port installed the recorder ([`listen`]); until then recording costs
+/// nothing and goes nowhere (a library used without a metrics port, as in tests, records nothing).
+pub fn installed() -> Option<&'static Metrics> {
+    INSTALLED.get()
+}
+
+/// The process's metrics, installing the recorder on first use.
 pub fn install() -> &'static Metrics {
     INSTALLED.get_or_init(|| {
         let builder = PrometheusBuilder::new()
@@ -290,9 +295,16 @@ fn describe() {
     }
 }
 
-/// Binds `addr` and serves the metrics there in the background for the life of the process; `key` is the
-/// configuration key to name when the address cannot be bound.
-pub async fn listen(addr: std::net::SocketAddr, key: &str) -> std::io::Result<std::net::SocketAddr> {
+/// Binds `addr` and serves the metrics there in the background for the life of the process, when
+/// `telemetry.metrics` is on; `key` is the configuration key to name when the address cannot be bound.
+pub async fn listen(
+    config: &moltbot_config::TelemetryConfig,
+    addr: std::net::SocketAddr,
+    key: &str,
+) -> std::io::Result<Option<std::net::SocketAddr>> {
+    if !config.metrics {
+        return Ok(None);
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e} (set {key})")))?;
@@ -302,7 +314,7 @@ pub async fn listen(addr: std::net::SocketAddr, key: &str) -> std::io::Result<st
             tracing::error!("the metrics server stopped: {e}");
         }
     });
-    Ok(bound)
+    Ok(Some(bound))
 }
 
 #[cfg(test)]
