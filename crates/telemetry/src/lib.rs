@@ -16,18 +16,19 @@ pub fn init_logging(config: &LogConfig) {
 /// returned guard for the life of the program (dropping it sends the last spans).
 pub fn init(log: &LogConfig, telemetry: &TelemetryConfig, service: &str) -> Result<Option<trace::Tracing>, String> {
     use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     // Colours only for a person at a terminal: a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
-    let fmt = if log.json { fmt.json().boxed() } else { fmt.boxed() };
-    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    // The log level filters the log lines only: quiet logs must not cost the traces their spans.
+    let fmt = if log.json { fmt.json().with_filter(filter()).boxed() } else { fmt.with_filter(filter()).boxed() };
+    let registry = tracing_subscriber::registry().with(fmt);
     if telemetry.otlp_endpoint.is_empty() {
         let _ = registry.try_init();
         return Ok(None);
     }
     let (layer, tracing) = trace::layer(&telemetry.otlp_endpoint, service, telemetry.sample_ratio)?;
-    let _ = registry.with(layer).try_init();
+    let _ = registry.with(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO)).try_init();
     tracing::info!(endpoint = %telemetry.otlp_endpoint, service, "traces go to an OTLP collector");
     Ok(Some(tracing))
 }
