@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | telemetry | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -214,6 +214,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// `bench conversation`: time to first token of each turn of a 20-turn chat with prefix caching on and off, and
 /// 16 users behind one system prompt, beside llama-server when it is built;
 /// `bench gateway`: what the gateway adds to a request (MoltBot started in-process);
+/// `bench telemetry`: chats through `moltbot serve` with metrics off, on, and with traces, medians and ratios;
 /// `bench plugins`: p50/p99 of a built-in and of a Python process plugin call, in the host and over HTTP;
 /// `bench kernels`: each block format's matrix kernel alone, GMAC/s at 1 to 512 activation rows (no model);
 /// `bench [args]`: passes the arguments to `moltbot bench` as they are.
@@ -255,6 +256,10 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             if !args.iter().any(|a| a == "--sessions-redis") {
                 forwarded.extend(["--sessions-redis".into(), "redis://127.0.0.1:6379".into()]);
             }
+            forwarded.extend(args[1..].iter().cloned());
+        }
+        Some("telemetry") => {
+            forwarded.extend(["--http-only".into(), "--telemetry-overhead".into()]);
             forwarded.extend(args[1..].iter().cloned());
         }
         Some("gateway") => {

@@ -7,6 +7,7 @@ use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, P
 
 mod conversation;
 mod kernels;
+mod telemetry;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +26,11 @@ pub struct Args {
     /// Skip the engine measurements.
     #[arg(long)]
     http_only: bool,
+    /// Only time what telemetry costs: `moltbot serve` with metrics off, with metrics on (scraped every second),
+    /// and with metrics and traces (to an OTLP collector in this process), `repeat` rounds of each in turn, each
+    /// driven as `--url` drives one; medians and ratios to "off".
+    #[arg(long)]
+    telemetry_overhead: bool,
     /// Only time the quantized matrix kernels, per block format, on a feed-forward layer's shape (no model).
     #[arg(long)]
     kernels: bool,
@@ -69,6 +75,9 @@ fn greedy(max_tokens: u32) -> SamplingParams {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.kernels {
         return kernels::run(args.repeat);
+    }
+    if args.telemetry_overhead {
+        return telemetry::run(args.concurrency, args.tokens, args.repeat).await;
     }
     if !args.http_only {
         engine(&args).await?;
@@ -578,16 +587,39 @@ async fn answering(url: &str) -> anyhow::Result<()> {
     }
 }
 
+/// One `http_runs` figure: streaming chats at a concurrency.
+struct HttpRun {
+    concurrency: usize,
+    rounds: usize,
+    tokens: u64,
+    secs: f64,
+    ttft_p50: f64,
+    ttft_p99: f64,
+}
+
 async fn http(name: &str, url: &str, args: &Args) -> anyhow::Result<()> {
+    for run in http_runs(url, args.concurrency, args.tokens).await? {
+        let HttpRun { concurrency, rounds, tokens, secs, ttft_p50, ttft_p99 } = run;
+        println!(
+            "{name} http streaming, {concurrency} concurrent chat(s) x {rounds}: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate; time to first token p50 {ttft_p50:.3} s, p99 {ttft_p99:.3} s",
+            tokens as f64 / secs,
+        );
+    }
+    Ok(())
+}
+
+/// Streams chats of `max_tokens` through `url`'s OpenAI API: four one after the other, then `concurrency` at once.
+async fn http_runs(url: &str, concurrency: usize, max_tokens: u32) -> anyhow::Result<Vec<HttpRun>> {
     let client = conversation::fresh_connections();
-    for (concurrency, rounds) in [(1, 4), (args.concurrency, 1)] {
+    let mut runs = vec![];
+    for (concurrency, rounds) in [(1, 4), (concurrency, 1)] {
         let (mut tokens, mut ttfts, start) = (0u64, vec![], Instant::now());
         for round in 0..rounds {
             let chats = (0..concurrency).map(|i| {
                 let client = client.clone();
                 let body = serde_json::json!({
                     "messages": [{ "role": "user", "content": format!("Tell me a story about the number {}.", round * concurrency + i) }],
-                    "max_tokens": args.tokens, "temperature": 0,
+                    "max_tokens": max_tokens, "temperature": 0,
                 });
                 async move { conversation::stream_chat(&client, url, body, &[]).await }
             });
@@ -599,12 +631,14 @@ async fn http(name: &str, url: &str, args: &Args) -> anyhow::Result<()> {
         }
         let secs = start.elapsed().as_secs_f64();
         ttfts.sort_by(f64::total_cmp);
-        println!(
-            "{name} http streaming, {concurrency} concurrent chat(s) x {rounds}: {tokens} tokens in {secs:.3} s = {:.1} tok/s aggregate; time to first token p50 {:.3} s, p99 {:.3} s",
-            tokens as f64 / secs,
-            quantile(&ttfts, 0.5),
-            quantile(&ttfts, 0.99)
-        );
+        runs.push(HttpRun {
+            concurrency,
+            rounds,
+            tokens,
+            secs,
+            ttft_p50: quantile(&ttfts, 0.5),
+            ttft_p99: quantile(&ttfts, 0.99),
+        });
     }
-    Ok(())
+    Ok(runs)
 }

@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 /// The `moltbot serve` child, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -45,6 +45,13 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Stops the server as an operator would (SIGTERM), so it finishes what it holds (and sends its last spans),
+    /// and waits for it.
+    pub(crate) fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+
     fn rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let kib: f64 = status
@@ -102,7 +109,9 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() { f64::NAN } else { sorted[((sorted.len() - 1) as f64 * q).round() as usize] }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// Starts `moltbot serve` (this program) with its own gateway port and store, and `env` on top (metrics on any
+/// free port unless `env` says), and waits until it is ready; returns it and its base URL.
+pub(crate) async fn serve(env: &[(&str, String)]) -> anyhow::Result<(Server, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let dir = tempfile::tempdir()?;
     let child = Command::new(std::env::current_exe()?)
@@ -113,16 +122,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .env("MOLTBOT_GATEWAY__MAX_CONCURRENT_REQUESTS", "1024")
         .env("MOLTBOT_SESSION_STORE__PATH", dir.path().join("sessions.redb"))
         .env("MOLTBOT_LOG__LEVEL", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .spawn()?;
     let server = Server { child, _dir: dir };
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let client = reqwest::Client::new();
     let ready = Instant::now();
     while !client.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
         anyhow::ensure!(ready.elapsed() < Duration::from_secs(60), "moltbot serve did not become ready in 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok((server, base))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (server, base) = serve(&[]).await?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
 
     // Capacity: closed loop, each client its own conversations.
     let measured = Arc::new(Mutex::new(Tally::default()));
