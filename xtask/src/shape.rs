@@ -127,6 +127,10 @@ pub fn start(
         ("MOLTBOT_GATEWAY__LISTEN", format!("127.0.0.1:{}", ports.gateway)),
         ("MOLTBOT_GATEWAY__METRICS_LISTEN", format!("127.0.0.1:{}", ports.metrics)),
         ("MOLTBOT_GATEWAY__DIALOGUE_MANAGER_URL", url(ports.dialogue_manager)),
+        // The other services' metrics on any free port: several workers on one host cannot share 8004.
+        ("MOLTBOT_DIALOGUE_MANAGER__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+        ("MOLTBOT_SESSION_STORE__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+        ("MOLTBOT_INFERENCE_WORKER__METRICS_LISTEN", "127.0.0.1:0".to_owned()),
         ("MOLTBOT_LOG__LEVEL", std::env::var("MOLTBOT_LOG__LEVEL").unwrap_or_else(|_| log.to_owned())),
     ];
     let mut services: Vec<(&str, Vec<(String, String)>)> = vec![("moltbot-session-store", vec![])];

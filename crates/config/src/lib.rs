@@ -484,7 +484,8 @@ impl Default for LogConfig {
 pub struct TelemetryConfig {
     /// Prometheus metrics on each service's `metrics_listen`; false: no metrics port, and nothing recorded.
     pub metrics: bool,
-    /// An OTLP/gRPC collector to send traces to, e.g. `http://localhost:4317`; empty: no traces.
+    /// An OTLP/gRPC collector to send traces to, e.g. `http://localhost:4317` (plain http: for TLS, run a collector
+    /// beside MoltBot that forwards); empty: no traces. Export failures are not logged.
     pub otlp_endpoint: String,
     /// The share of new traces kept, 0 to 1 (a client's sampled `traceparent` is always followed).
     pub sample_ratio: f64,
@@ -582,10 +583,11 @@ impl Config {
             return bad("telemetry.sample_ratio", "must be 0 to 1");
         }
         let endpoint = &self.telemetry.otlp_endpoint;
-        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        if !(endpoint.is_empty() || endpoint.starts_with("http://")) {
             return bad(
                 "telemetry.otlp_endpoint",
-                "must be an http:// or https:// URL (an OTLP/gRPC collector, e.g. http://localhost:4317), or empty",
+                "must be an http:// URL (an OTLP/gRPC collector, e.g. http://localhost:4317; for TLS, a collector \
+                 beside MoltBot that forwards), or empty",
             );
         }
         if self.gateway.max_connections == 0 || self.gateway.max_connections > u32::MAX as usize {

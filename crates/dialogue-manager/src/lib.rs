@@ -196,6 +196,9 @@ pub async fn run(
                 () = depth.cancelled() => return,
                 _ = every.tick() => {}
             }
+            if moltbot_telemetry::metrics::installed().is_none() {
+                continue;
+            }
             if let Ok(pending) = queue.pending().await {
                 metrics::gauge!("moltbot_queue_pending_jobs").set(pending as f64);
             }

@@ -50,6 +50,7 @@ pub struct PluginField {
 pub async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
+    axum::Extension(turn): axum::Extension<crate::observe::TurnId>,
     crate::body::JsonBody(body): crate::body::JsonBody<NativeChat>,
 ) -> Result<Response, ApiError> {
     let dh = DialogueHeaders::parse(&headers)?;
@@ -66,7 +67,7 @@ pub async fn chat(
     };
     let (tools, plugins) = body.tools.to_proto()?;
     let request = ChatRequest {
-        request_id: crate::observe::id_of(&headers),
+        request_id: turn.0,
         user_id: dh.user_id,
         session_id: if dh.session_id.is_empty() { body.session_id.unwrap_or_default() } else { dh.session_id },
         mode: dh.mode.unwrap_or(DialogueMode::Hybrid).into(),

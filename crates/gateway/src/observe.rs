@@ -44,25 +44,42 @@ fn request_id(request: &Request) -> HeaderValue {
         })
 }
 
-/// The request id the gateway gave this request (the middleware sets it before any handler runs).
-pub fn id_of(headers: &axum::http::HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+/// The id the turn and its job go by (an extension of every request, for the handlers): unique, whatever a client sends (it keys the job on the queue, so two
+/// clients sending the same `X-Request-Id` must not meet), and starting with the client's id so logs find it.
+#[derive(Debug, Clone)]
+pub struct TurnId(pub String);
+
+/// Methods as labels: any other a client sends is `other`, so no client can make series without end.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 pub async fn observe(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
+    let given = request.headers().get(REQUEST_ID).cloned();
     let id = request_id(&request);
+    // The client's own id (when kept) goes back as it came; the turn gets a unique one that starts with it.
+    let shown = id.to_str().unwrap_or_default().to_owned();
+    let turn = if given.as_ref() == Some(&id) { format!("{shown}-{}", uuid::Uuid::new_v4().simple()) } else { shown };
     request.headers_mut().insert(REQUEST_ID, id.clone());
-    let method = request.method().as_str().to_owned();
+    request.extensions_mut().insert(TurnId(turn.clone()));
+    let method = method_label(request.method()).to_owned();
     // The route's pattern (`/api/sessions/{id}`), so that ids in paths do not make a series each.
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
     let user = request.headers().get("x-user-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let span = tracing::info_span!(
         "request",
-        request_id = %id.to_str().unwrap_or_default(),
+        request_id = %turn,
         %method,
         %route,
         trace_id = tracing::field::Empty

@@ -43,6 +43,7 @@ fn unix_now() -> u64 {
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
+    axum::Extension(turn): axum::Extension<crate::observe::TurnId>,
     crate::body::JsonBody(body): crate::body::JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let dh = DialogueHeaders::parse(&headers)?;
@@ -55,7 +56,7 @@ pub async fn chat_completions(
     let (tools, plugins) = body.tools.to_proto()?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let request = ChatRequest {
-        request_id: crate::observe::id_of(&headers),
+        request_id: turn.0,
         user_id: dh.user_id,
         session_id: dh.session_id,
         mode: dh.mode.unwrap_or(DialogueMode::Hybrid).into(),

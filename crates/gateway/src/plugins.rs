@@ -47,6 +47,7 @@ pub struct Execution {
 pub async fn execute(
     State(state): State<AppState>,
     headers: HeaderMap,
+    axum::Extension(turn): axum::Extension<crate::observe::TurnId>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -54,7 +55,7 @@ pub async fn execute(
         if body.iter().all(u8::is_ascii_whitespace) { Execution::default() } else { crate::body::parse(&body)? };
     let dialogue = DialogueHeaders::parse(&headers)?;
     let request = ExecutePluginRequest {
-        request_id: crate::observe::id_of(&headers),
+        request_id: turn.0,
         user_id: dialogue.user_id,
         session_id: body.session_id,
         name: name.clone(),

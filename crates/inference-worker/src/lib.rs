@@ -251,7 +251,6 @@ impl Worker {
     }
 }
 
-/// Serves the worker: the gRPC service on `listener` and the queue consumer, until `shutdown` resolves.
 /// The engine's figures as metrics, read at each scrape (its step loop only bumps atomics).
 fn engine_metrics(
     metrics: &'static moltbot_telemetry::metrics::Metrics,
@@ -264,9 +263,11 @@ fn engine_metrics(
             |name: &'static str, value: usize| metrics::gauge!(name, "model" => model.clone()).set(value as f64);
         gauge("moltbot_engine_running_sequences", s.running);
         gauge("moltbot_engine_waiting_sequences", s.waiting);
-        for (state, blocks) in
-            [("used", s.kv_blocks_total - s.kv_blocks_free), ("free", s.kv_blocks_free), ("cached", s.kv_blocks_cached)]
-        {
+        for (state, blocks) in [
+            ("used", s.kv_blocks_total - s.kv_blocks_free),
+            ("free", s.kv_blocks_free.saturating_sub(s.kv_blocks_cached)),
+            ("cached", s.kv_blocks_cached),
+        ] {
             metrics::gauge!("moltbot_engine_kv_blocks", "model" => model.clone(), "state" => state).set(blocks as f64);
         }
         let counter =
@@ -275,13 +276,16 @@ fn engine_metrics(
         counter("moltbot_engine_steps_total", s.steps);
         counter("moltbot_engine_step_sequences_total", s.step_sequences);
         counter("moltbot_engine_step_tokens_total", s.step_tokens);
-        for (result, tokens) in [("hit", s.prefix_hit_tokens), ("miss", s.prefix_lookup_tokens - s.prefix_hit_tokens)] {
+        for (result, tokens) in
+            [("hit", s.prefix_hit_tokens), ("miss", s.prefix_lookup_tokens.saturating_sub(s.prefix_hit_tokens))]
+        {
             metrics::counter!("moltbot_engine_prefix_cache_tokens_total", "model" => model.clone(), "result" => result)
                 .absolute(tokens);
         }
     })
 }
 
+/// Serves the worker: the gRPC service on `listener` and the queue consumer, until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     worker: Worker,

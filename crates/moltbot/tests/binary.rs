@@ -140,6 +140,10 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
         .unwrap();
     assert_eq!(long.status(), 400, "{}", long.text().await.unwrap());
 
+    // A method of the client's own making is not a label value of its own.
+    let odd = reqwest::Method::from_bytes(b"RANDOM123").unwrap();
+    client.request(odd, format!("{base}/health")).send().await.unwrap();
+
     let exposition = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap();
     assert!(exposition.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
     let exposition = exposition.text().await.unwrap();
@@ -150,6 +154,8 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
     assert_eq!(get("moltbot_http_requests_total", &[route, ("status", "200")]), 1.0);
     assert_eq!(get("moltbot_http_requests_total", &[route, ("status", "400")]), 2.0);
     assert_eq!(get("moltbot_http_request_duration_seconds_count", &[route, ("method", "POST")]), 3.0);
+    assert!(!exposition.contains("RANDOM123"));
+    assert_eq!(get("moltbot_http_requests_total", &[("method", "other")]), 1.0);
     assert_eq!(get("moltbot_model_calls_total", &[("outcome", "success")]), 1.0);
     assert_eq!(get("moltbot_model_calls_total", &[("outcome", "invalid_request")]), 1.0);
     assert_eq!(get("moltbot_model_call_duration_seconds_count", &[]), 2.0);

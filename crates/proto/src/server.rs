@@ -88,6 +88,12 @@ where
                 .headers()
                 .get("grpc-status")
                 .map_or(tonic::Code::Ok, |v| tonic::Code::from_bytes(v.as_bytes()));
+            // A path no service has (answered Unimplemented) is not a label value: clients choose paths.
+            let (service, method) = if code == tonic::Code::Unimplemented {
+                ("unknown".to_owned(), "unknown".to_owned())
+            } else {
+                (service, method)
+            };
             let code = format!("{code:?}");
             metrics::counter!("moltbot_grpc_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
                 .increment(1);

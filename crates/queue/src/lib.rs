@@ -82,8 +82,8 @@ impl JobQueue {
         }
     }
 
-    /// Jobs queued and not yet finished by a worker (NATS: the job stream's messages, which a worker acks when it
-    /// is done; in process: those no worker has taken yet).
+    /// Jobs queued and not yet taken by a worker (NATS: the job stream's messages, which a worker acks when it
+    /// takes one; in process: the channel's).
     pub async fn pending(&self) -> Result<u64> {
         match self {
             Self::Nats(q) => q.pending().await,

@@ -59,15 +59,16 @@ pub struct NatsQueue {
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 impl NatsQueue {
-    /// Connects and makes sure the streams exist. Once connected, a lost connection is retried without limit;
-    /// meanwhile `submit` fails at once, and on reconnection the streams are made again should the server have
-    /// lost them (the cancel stream lives in memory).
+    /// The job stream's messages: jobs no worker has taken yet.
     pub(crate) async fn pending(&self) -> Result<u64> {
         let unavailable = |e: &dyn std::fmt::Display| Error::Unavailable(format!("the job stream's state: {e}"));
         let mut stream = self.js.get_stream(STREAM).await.map_err(|e| unavailable(&e))?;
         Ok(stream.info().await.map_err(|e| unavailable(&e))?.state.messages)
     }
 
+    /// Connects and makes sure the streams exist. Once connected, a lost connection is retried without limit;
+    /// meanwhile `submit` fails at once, and on reconnection the streams are made again should the server have
+    /// lost them (the cancel stream lives in memory).
     pub async fn connect(url: &str, max_pending: i64) -> Result<Self> {
         let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: url.into(), message: e.to_string() };
         let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel(1);

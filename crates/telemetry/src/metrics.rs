@@ -50,7 +50,7 @@ pub fn install() -> &'static Metrics {
             Ok(handle) => handle,
             // Another recorder was installed first (only an embedding program can do that): render a private one.
             Err(e) => {
-                tracing::warn!("metrics: {e}; /metrics shows only what MoltBot keeps itself");
+                tracing::warn!("metrics: {e}; MoltBot's metrics go to that recorder, and /metrics shows none");
                 PrometheusBuilder::new().build_recorder().handle()
             }
         };
@@ -119,8 +119,19 @@ pub async fn serve(
             "/metrics",
             axum::routing::get(|| async {
                 // Rendering walks every series: off the async workers.
-                let body = tokio::task::spawn_blocking(|| install().render()).await.unwrap_or_default();
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+                match tokio::task::spawn_blocking(|| install().render()).await {
+                    Ok(body) => (
+                        axum::http::StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        body,
+                    ),
+                    // A failed collector must not pass for an empty, healthy scrape.
+                    Err(e) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("the metrics could not be rendered: {e}"),
+                    ),
+                }
             }),
         )
         .route("/health", axum::routing::get(|| async { "ok" }));
@@ -188,7 +199,7 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
             "moltbot_queue_pending_jobs",
             Gauge,
             None,
-            "Generation jobs queued and not yet finished (NATS: the job stream's messages), seen by a dialogue-manager",
+            "Generation jobs queued and not yet taken by a worker (NATS: the job stream's messages), seen by a dialogue-manager",
         ),
         (
             "moltbot_turn_refusals_total",
@@ -229,7 +240,12 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
         ("moltbot_request_generation_tokens", Histogram, None, "Generated tokens per job"),
         ("moltbot_engine_running_sequences", Gauge, None, "Sequences in the engine's batch"),
         ("moltbot_engine_waiting_sequences", Gauge, None, "Sequences waiting for a place in the engine's batch"),
-        ("moltbot_engine_kv_blocks", Gauge, None, "KV-cache blocks, by state (used, free, cached: free with a prefix)"),
+        (
+            "moltbot_engine_kv_blocks",
+            Gauge,
+            None,
+            "KV-cache blocks, by state (used; free; cached: free to take, holding a prefix until then)",
+        ),
         (
             "moltbot_engine_preemptions_total",
             Counter,
