@@ -601,20 +601,29 @@ impl Cluster {
         out
     }
 
-    /// The first worker's info once `done` holds for it, or after 10 s (the caller's asserts then say what is
-    /// wrong).
+    /// Every worker's info once `done` holds for them, or after 10 s (the caller's asserts then say what is
+    /// wrong). A worker counts a job as completed just after publishing its last event, so a count read the moment
+    /// an answer arrives can be one short.
+    pub async fn workers_when(
+        &self,
+        done: impl Fn(&[moltbot_proto::inference::v1::ModelInfo]) -> bool,
+    ) -> Vec<moltbot_proto::inference::v1::ModelInfo> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let infos = self.worker_info().await;
+            if done(&infos) || Instant::now() > deadline {
+                return infos;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The first worker's info once `done` holds for it, or after 10 s.
     pub async fn first_worker_when(
         &self,
         done: impl Fn(&moltbot_proto::inference::v1::ModelInfo) -> bool,
     ) -> moltbot_proto::inference::v1::ModelInfo {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let info = self.worker_info().await.swap_remove(0);
-            if done(&info) || Instant::now() > deadline {
-                return info;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.workers_when(|infos| done(&infos[0])).await.swap_remove(0)
     }
 
     /// Stops every service gracefully; any service error fails the test.
