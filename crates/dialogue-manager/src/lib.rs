@@ -113,7 +113,8 @@ impl Dialogue for DialogueService {
             session_id = %request.get_ref().session_id,
             trace_id = tracing::field::Empty
         );
-        moltbot_telemetry::trace::adopt(&span, &moltbot_telemetry::trace::from_headers(request.metadata().as_ref()));
+        // A child of the call's span, which joined the caller's trace; the trace id goes into the turn's log lines.
+        moltbot_telemetry::trace::adopt(&span, &Default::default());
         let turn = turn::Turn::prepare(self.clone(), request.into_inner(), budget).instrument(span.clone()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(turn.run(tx).instrument(span));
@@ -206,4 +207,26 @@ pub async fn run(
     });
     let server = moltbot_proto::dialogue::v1::dialogue_server::DialogueServer::new(service);
     Ok(moltbot_proto::server::serve(listener, server, shutdown).await?)
+}
+
+/// The dialogue-manager as its own process (the `moltbot-dialogue-manager` binary, `moltbot run
+/// dialogue-manager`): telemetry, its metrics port, the session-store and NATS, gRPC until SIGTERM.
+pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
+    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-dialogue-manager")
+        .map_err(anyhow::Error::msg)?;
+    moltbot_telemetry::metrics::listen(
+        &config.telemetry,
+        config.dialogue_manager.metrics_listen,
+        "dialogue_manager.metrics_listen",
+    )
+    .await?;
+    let sessions = connect_session_store(&config.dialogue_manager.session_store_url).await?;
+    let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
+    let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
+    let service = DialogueService::new(config, sessions, queue).with_plugins(plugins);
+    let listen = config.dialogue_manager.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set dialogue_manager.listen)"))?;
+    run(listener, service, moltbot_telemetry::shutdown_signal()).await
 }

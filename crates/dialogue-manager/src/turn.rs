@@ -64,7 +64,12 @@ impl SessionLock {
         };
         let token = sessions.lock_session(request).await?.into_inner().token;
         let lease = service.session_lock_lease;
-        let renewal = tokio::spawn(renew(sessions.clone(), unlock_request(session_id, user_id, &token), lease));
+        // Renewals are calls of the turn's trace.
+        let renewal = tokio::spawn(tracing::Instrument::in_current_span(renew(
+            sessions.clone(),
+            unlock_request(session_id, user_id, &token),
+            lease,
+        )));
         Ok(Self { sessions, session_id: session_id.to_owned(), user_id: user_id.to_owned(), token, renewal })
     }
 }
@@ -121,11 +126,11 @@ impl Drop for SessionLock {
         let (mut sessions, request) =
             (self.sessions.clone(), unlock_request(&self.session_id, &self.user_id, &std::mem::take(&mut self.token)));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+            runtime.spawn(tracing::Instrument::in_current_span(async move {
                 if let Err(e) = sessions.unlock_session(request).await {
                     tracing::warn!(error = %e, "could not release a session lock; its lease will");
                 }
-            });
+            }));
         }
     }
 }
@@ -351,7 +356,8 @@ impl Turn {
         Some(tools)
     }
 
-    /// One generation, with retries while no worker has answered.
+    /// One generation, with retries while no worker has answered, counted by its outcome as the turn saw it
+    /// (`moltbot_model_requests_total`: the S9 success rate, including calls no worker ever took).
     async fn round(
         &self,
         out: &Sender<Result<ChatEvent, Status>>,
@@ -359,6 +365,24 @@ impl Turn {
         announce: bool,
         attempt: &mut u32,
     ) -> Result<Round, Status> {
+        let result = self.attempts(out, tools, announce, attempt).await;
+        let outcome = match &result {
+            Ok(Round::Done(_)) => "success",
+            Ok(Round::Stopped { .. }) => "cancelled",
+            Err(failed) => failed.outcome,
+        };
+        let model = self.service.model.clone();
+        metrics::counter!("moltbot_model_requests_total", "model" => model, "outcome" => outcome).increment(1);
+        result.map_err(|failed| failed.status)
+    }
+
+    async fn attempts(
+        &self,
+        out: &Sender<Result<ChatEvent, Status>>,
+        tools: Option<Tools>,
+        announce: bool,
+        attempt: &mut u32,
+    ) -> Result<Round, Failed> {
         let send = |event| emit(out, event);
         let deadline = self.deadline;
         let deadline_ms = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
@@ -377,7 +401,8 @@ impl Turn {
                 attempt: *attempt,
                 reply_subject: String::new(),
             };
-            let mut events = self.service.queue.submit(job).await.map_err(queue_status)?;
+            let mut events = self.service.queue.submit(job).await.map_err(queue_failure)?;
+            let mut submitted = Some(std::time::Instant::now());
             let mut waiting = self.service.waiting.join();
             let mut started = false;
             let mut message_tokens = vec![];
@@ -393,21 +418,29 @@ impl Turn {
                 };
                 let Some(event) = next else {
                     if !started {
-                        return Err(Status::deadline_exceeded("no worker took the request before its deadline"));
+                        let status = Status::deadline_exceeded("no worker took the request before its deadline");
+                        return Err(Failed { outcome: "no_worker", status });
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(Status::deadline_exceeded("the answer was not finished before the deadline"));
+                        return Err(Status::deadline_exceeded("the answer was not finished before the deadline").into());
                     }
                     if text.is_empty() && retries < self.service.max_retries {
                         (retries, *attempt) = (retries + 1, *attempt + 1);
                         tracing::warn!(request_id = %self.request_id, attempt = *attempt, "worker went silent before answering; queueing again");
                         continue 'attempts;
                     }
-                    return Err(Status::unavailable(
-                        "the inference worker stopped responding mid-answer; retry the request",
-                    ));
+                    let status =
+                        Status::unavailable("the inference worker stopped responding mid-answer; retry the request");
+                    return Err(Failed { outcome: "worker_lost", status });
                 };
-                let event = event.map_err(|e| Status::unavailable(e.to_string()))?.event;
+                let event = event
+                    .map_err(|e| Failed { outcome: "queue_unavailable", status: Status::unavailable(e.to_string()) })?
+                    .event;
+                // A worker's first word on the job (it started, or refused it) ends the job's wait in the queue.
+                if let Some(submitted) = submitted.take() {
+                    let model = self.service.model.clone();
+                    metrics::histogram!("moltbot_queue_wait_seconds", "model" => model).record(submitted.elapsed());
+                }
                 match event {
                     Some(Event::Started(s)) => {
                         if !started && *attempt == first && announce {
@@ -438,7 +471,7 @@ impl Turn {
                     }
                     Some(Event::Heartbeat(_)) | None => {}
                     Some(Event::Error(e)) => {
-                        return Err(Status::new(Code::from(e.code), e.message));
+                        return Err(Status::new(Code::from(e.code), e.message).into());
                     }
                     Some(Event::Finished(f)) => {
                         let finish_reason = f.finish_reason();
@@ -615,11 +648,33 @@ fn within_window(history: Vec<ChatMessage>, new: &[ChatMessage], window: usize) 
     history
 }
 
-fn queue_status(e: moltbot_queue::Error) -> Status {
+/// A model call that failed: the caller's status, and the outcome it is counted under.
+struct Failed {
+    outcome: &'static str,
+    status: Status,
+}
+
+/// A worker's error, or the turn's own, counted by its code (as the worker counts its calls).
+impl From<Status> for Failed {
+    fn from(status: Status) -> Self {
+        let outcome = match status.code() {
+            Code::Cancelled => "cancelled",
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => "invalid_request",
+            Code::ResourceExhausted => "overloaded",
+            Code::DeadlineExceeded => "deadline_exceeded",
+            _ => "error",
+        };
+        Self { outcome, status }
+    }
+}
+
+fn queue_failure(e: moltbot_queue::Error) -> Failed {
     match e {
-        moltbot_queue::Error::Full(_) => Status::resource_exhausted(e.to_string()),
-        moltbot_queue::Error::TooLarge { .. } => Status::invalid_argument(e.to_string()),
-        _ => Status::unavailable(e.to_string()),
+        moltbot_queue::Error::Full(_) => {
+            Failed { outcome: "queue_full", status: Status::resource_exhausted(e.to_string()) }
+        }
+        moltbot_queue::Error::TooLarge { .. } => Status::invalid_argument(e.to_string()).into(),
+        _ => Failed { outcome: "queue_unavailable", status: Status::unavailable(e.to_string()) },
     }
 }
 

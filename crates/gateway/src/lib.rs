@@ -220,13 +220,6 @@ impl AppState {
         // The dialogue-manager learns the deadline (grpc-timeout) and ends the turn just before it, saving nothing.
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.timeout);
-        // The turn joins this request's trace.
-        for (field, value) in moltbot_telemetry::trace::current() {
-            if let (Ok(field), Ok(value)) = (tonic::metadata::MetadataKey::from_bytes(field.as_bytes()), value.parse())
-            {
-                request.metadata_mut().insert(field, value);
-            }
-        }
         let stream =
             tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
         let turn_times = self.turn_times.clone();
@@ -484,4 +477,19 @@ fn mode_name(mode: i32) -> &'static str {
         DialogueMode::Single => "single",
         _ => "hybrid",
     }
+}
+
+/// The gateway as its own process (the `moltbot-gateway` binary, `moltbot run gateway`): telemetry, its metrics
+/// port, a (lazy) connection to the dialogue-manager, HTTP on `gateway.listen` until SIGTERM.
+pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
+    let _tracing =
+        moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-gateway").map_err(anyhow::Error::msg)?;
+    moltbot_telemetry::metrics::listen(&config.telemetry, config.gateway.metrics_listen, "gateway.metrics_listen")
+        .await?;
+    let dialogue = dialogue_client(&config.gateway.dialogue_manager_url)?;
+    let listen = config.gateway.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set gateway.listen)"))?;
+    run(listener, &config.gateway, dialogue, moltbot_telemetry::shutdown_signal()).await
 }

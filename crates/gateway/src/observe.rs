@@ -77,13 +77,12 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     // The route's pattern (`/api/sessions/{id}`), so that ids in paths do not make a series each.
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
     let user = request.headers().get("x-user-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %turn,
-        %method,
-        %route,
-        trace_id = tracing::field::Empty
-    );
+    // Probes (every few seconds from a load balancer or the kubelet) start no traces: their span is below info.
+    let span = if matches!(route.as_str(), "/health" | "/ready") {
+        tracing::debug_span!("probe", request_id = %turn, %route, trace_id = tracing::field::Empty)
+    } else {
+        tracing::info_span!("request", request_id = %turn, %method, %route, trace_id = tracing::field::Empty)
+    };
     // A client's `traceparent` makes this request a span of its trace.
     moltbot_telemetry::trace::adopt(&span, &moltbot_telemetry::trace::from_headers(request.headers()));
     let mut response = next.run(request).instrument(span.clone()).await;

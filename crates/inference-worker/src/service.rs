@@ -71,7 +71,12 @@ impl Inference for InferenceService {
         let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(64);
         let worker = self.worker.clone();
         let cancelled = CancellationToken::new();
-        tokio::spawn(drive(worker, request.into_inner(), 0, cancelled.clone(), events_tx));
+        let mut request = request.into_inner();
+        // A direct call's generation joins the call's trace (a queued job carries its turn's).
+        if request.trace_context.is_empty() {
+            request.trace_context = moltbot_telemetry::trace::current();
+        }
+        tokio::spawn(drive(worker, request, 0, cancelled.clone(), events_tx));
         tokio::spawn(async move {
             // Stops the generation when the client goes away.
             let _guard = cancelled.drop_guard();

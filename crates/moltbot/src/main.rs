@@ -23,6 +23,13 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Run one service as its own process, as its own binary does (the distributed shape from one binary).
+    Run {
+        service: Service,
+        /// YAML configuration file (see config/config.example.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Measure the engine alone and (with --url) a running gateway; prints tokens/s.
     Bench(moltbot::bench::Args),
     /// Hold a MoltBot it starts under 70 % of its measured capacity for a long time; prints errors, p99 and memory.
@@ -36,6 +43,14 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Service {
+    Gateway,
+    DialogueManager,
+    SessionStore,
+    InferenceWorker,
+}
+
 #[derive(Subcommand)]
 enum Conformance {
     /// A SessionStore gRPC endpoint, built in or your own (e.g. http://127.0.0.1:50052).
@@ -46,6 +61,15 @@ enum Conformance {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { config, model } => serve(config, model).await,
+        Command::Run { service, config } => {
+            let config = moltbot_config::Config::load(config.as_deref())?;
+            match service {
+                Service::Gateway => moltbot_gateway::serve(&config).await,
+                Service::DialogueManager => moltbot_dialogue_manager::serve(&config).await,
+                Service::SessionStore => moltbot_session_store::serve(&config).await,
+                Service::InferenceWorker => moltbot_inference_worker::serve(&config).await,
+            }
+        }
         Command::Bench(args) => moltbot::bench::run(args).await,
         Command::Chat(args) => moltbot::chat::run(args).await,
         Command::Soak(args) => moltbot::soak::run(args).await,

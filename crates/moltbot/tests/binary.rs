@@ -273,9 +273,9 @@ async fn a_chat_is_one_trace_across_every_service_under_the_clients_traceparent(
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    // The gateway's request, the dialogue-manager's turn and the worker's generation, with its prefill and
-    // decode, arrive at the collector as one trace, each under the one before.
-    let wanted = ["request", "turn", "generate", "prefill", "decode"];
+    // The gateway's request, the dialogue-manager's call and turn, and the worker's generation, with its prefill
+    // and decode, arrive at the collector as one trace, each under the one before.
+    let wanted = ["request", "moltbot.dialogue.v1.Dialogue/Chat", "turn", "generate", "prefill", "decode"];
     let waiting = std::time::Instant::now();
     let spans = loop {
         let spans: Vec<_> = collector.0.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == trace).cloned().collect();
@@ -288,7 +288,9 @@ async fn a_chat_is_one_trace_across_every_service_under_the_clients_traceparent(
     };
     let span = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
     assert_eq!(hex(&span("request").parent_span_id), parent, "the request is a child of the client's span");
-    assert_eq!(span("turn").parent_span_id, span("request").span_id, "the turn is the request's child");
+    let chat = span("moltbot.dialogue.v1.Dialogue/Chat");
+    assert_eq!(chat.parent_span_id, span("request").span_id, "the dialogue-manager's call is the request's child");
+    assert_eq!(span("turn").parent_span_id, chat.span_id, "the turn is the call's child");
     assert_eq!(span("generate").parent_span_id, span("turn").span_id, "the generation is the turn's child");
     assert_eq!(span("prefill").parent_span_id, span("generate").span_id);
     assert_eq!(span("decode").parent_span_id, span("generate").span_id);
@@ -299,4 +301,187 @@ async fn a_chat_is_one_trace_across_every_service_under_the_clients_traceparent(
     let output = child.wait_with_output().await.unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(log.lines().any(|l| l.contains("moltbot::access") && l.contains(&format!("trace_id={trace}"))), "{log}");
+}
+
+/// One MoltBot service run apart by `moltbot run SERVICE`, its log in a file; killed when dropped.
+struct Apart {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Apart {
+    fn start(service: &str, env: &[(String, String)], dir: &std::path::Path) -> Self {
+        let log = dir.join(format!("{service}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_moltbot"))
+            .args(["run", service])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("MOLTBOT_LOG__LEVEL", "warn")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+}
+
+impl Apart {
+    /// Waits until the service accepts connections on `port` (the next one may need it at start-up).
+    fn listening(mut self, port: u16) -> Self {
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = self.child.try_wait().unwrap();
+            assert!(exited.is_none() && started.elapsed().as_secs() < 120, "{} did not start", self.log.display());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self
+    }
+}
+
+impl Drop for Apart {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {}:\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// The distributed shape as an operator runs it: Redis, NATS and each service its own process. After a chat each
+/// service's own metrics port shows its part of it, and the chat is one trace with spans from every service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
+    let (redis, nats) = (moltbot_tests::Server::redis(), moltbot_tests::Server::nats());
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                    collector.clone(),
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let free = moltbot_tests::free_port;
+    let services = ["session-store", "inference-worker", "dialogue-manager", "gateway"];
+    let ports: Vec<(u16, u16)> = services.iter().map(|_| (free(), free())).collect();
+    let [(store, _), _, (manager, _), (gateway, _)] = ports[..] else { unreachable!() };
+    let mut env: Vec<(String, String)> = vec![
+        ("MOLTBOT_SESSION_STORE__SESSION_STORE_TYPE".into(), "redis".into()),
+        ("MOLTBOT_SESSION_STORE__REDIS__URL".into(), redis.redis_url()),
+        ("MOLTBOT_QUEUE__NATS_URL".into(), nats.nats_url()),
+        ("MOLTBOT_DIALOGUE_MANAGER__SESSION_STORE_URL".into(), format!("http://127.0.0.1:{store}")),
+        ("MOLTBOT_GATEWAY__DIALOGUE_MANAGER_URL".into(), format!("http://127.0.0.1:{manager}")),
+        ("MOLTBOT_MODEL_PROVIDER__MAX_TOKENS".into(), "8".into()),
+        ("MOLTBOT_TELEMETRY__OTLP_ENDPOINT".into(), otlp),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    for (service, (port, metrics)) in services.iter().zip(&ports) {
+        let key = service.to_uppercase().replace('-', "_");
+        env.push((format!("MOLTBOT_{key}__LISTEN"), format!("127.0.0.1:{port}")));
+        env.push((format!("MOLTBOT_{key}__METRICS_LISTEN"), format!("127.0.0.1:{metrics}")));
+    }
+    // In order: the dialogue-manager refuses to start without its session-store.
+    let _running: Vec<Apart> =
+        services.iter().zip(&ports).map(|(s, (port, _))| Apart::start(s, &env, dir.path()).listening(*port)).collect();
+
+    let base = format!("http://127.0.0.1:{gateway}");
+    let client = reqwest::Client::new();
+    let ready = std::time::Instant::now();
+    while !client.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(ready.elapsed().as_secs() < 120, "the gateway did not become ready");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A multi-turn chat (a session in Redis) under the client's trace.
+    let (trace, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace}-{parent}-01"))
+        .header("x-dialogue-mode", "multi")
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "Say hi" }], "max_tokens": 5 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    let completion = answer["usage"]["completion_tokens"].as_f64().unwrap();
+    // A prompt longer than the model's context: the worker refuses it, and both sides count the refusal.
+    let long = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "word ".repeat(20_000) }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 400);
+
+    let mut scraped = vec![];
+    for (service, (_, metrics)) in services.iter().zip(&ports) {
+        let text =
+            client.get(format!("http://127.0.0.1:{metrics}/metrics")).send().await.unwrap().text().await.unwrap();
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian's prometheus package)");
+        promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let checked = promtool.wait_with_output().unwrap();
+        assert!(checked.status.success(), "{service}: {}", String::from_utf8_lossy(&checked.stderr));
+        assert!(sample(&text, "moltbot_process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0), "{service}");
+        scraped.push(text);
+    }
+    let [store_m, worker_m, manager_m, gateway_m] = &scraped[..] else { unreachable!() };
+    let get = |text: &str, name: &str, labels: &[(&str, &str)]| {
+        sample(text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+    };
+    // The gateway: HTTP requests and turns; no engine of its own.
+    let route = ("route", "/v1/chat/completions");
+    assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "200")]), 1.0);
+    assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "400")]), 1.0);
+    assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[]), 2.0);
+    assert!(!gateway_m.contains("moltbot_engine_") && !gateway_m.contains("moltbot_model_calls_total"));
+    // The dialogue-manager: both model calls as the turns saw them, and how long each waited for a worker.
+    assert_eq!(get(manager_m, "moltbot_model_requests_total", &[("outcome", "success")]), 1.0);
+    assert_eq!(get(manager_m, "moltbot_model_requests_total", &[("outcome", "invalid_request")]), 1.0);
+    assert_eq!(get(manager_m, "moltbot_queue_wait_seconds_count", &[]), 2.0);
+    assert!(get(manager_m, "moltbot_grpc_requests_total", &[("method", "Chat")]) >= 2.0);
+    get(manager_m, "moltbot_queue_pending_jobs", &[]);
+    // The session-store: the session the multi turn made, and its calls.
+    assert_eq!(get(store_m, "moltbot_sessions_created_total", &[]), 1.0);
+    assert!(get(store_m, "moltbot_grpc_requests_total", &[("method", "AppendMessages"), ("code", "Ok")]) >= 1.0);
+    // The worker: its calls, the tokens the answer's usage names, its engine.
+    assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "success")]), 1.0);
+    assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "invalid_request")]), 1.0);
+    assert_eq!(get(worker_m, "moltbot_generation_tokens_total", &[]), completion);
+    assert!(get(worker_m, "moltbot_engine_kv_blocks", &[("state", "free")]) > 0.0);
+    assert!(!worker_m.contains("moltbot_http_requests_total"));
+
+    // One trace: the gateway's request, the dialogue-manager's call and turn, the session-store's calls, the
+    // worker's generation with its prefill and decode, each from its own process.
+    let waiting = std::time::Instant::now();
+    let spans = loop {
+        let spans: Vec<_> = collector.0.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == trace).cloned().collect();
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+        if ["request", "turn", "generate", "prefill", "decode"].iter().all(|n| names.contains(n))
+            && names.iter().any(|n| n.starts_with("moltbot.session.v1.SessionStore/"))
+        {
+            break spans;
+        }
+        assert!(waiting.elapsed().as_secs() < 30, "spans of the trace so far: {names:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let span = |name: &str| spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no span {name}"));
+    let chat = span("moltbot.dialogue.v1.Dialogue/Chat");
+    assert_eq!(hex(&span("request").parent_span_id), parent);
+    assert_eq!(chat.parent_span_id, span("request").span_id, "the dialogue-manager's call is the request's child");
+    assert_eq!(span("turn").parent_span_id, chat.span_id);
+    assert_eq!(span("generate").parent_span_id, span("turn").span_id, "the job carried the turn's context");
+    let store_calls = spans.iter().filter(|s| s.name.starts_with("moltbot.session.v1.SessionStore/"));
+    assert!(store_calls.clone().all(|s| s.parent_span_id == span("turn").span_id), "the session-store's calls");
+    assert!(store_calls.count() >= 2, "the turn read and saved its session");
 }

@@ -121,7 +121,9 @@ impl Service<Request<Body>> for Replicas {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        // The callee's spans join the caller's trace.
+        moltbot_telemetry::trace::inject(request.headers_mut());
         let replicas = self.clone();
         Box::pin(async move {
             let started = Instant::now();

@@ -55,6 +55,8 @@ where
         .await
 }
 
+/// Runs each call in a span of its own (`grpc`, named `service/method` in traces), a child of the caller's trace
+/// context when the call carries one; health checks and reflection have none, so probes start no traces.
 /// Counts each call by service, method and status code (`moltbot_grpc_requests_total`) and times it until the
 /// response head (`moltbot_grpc_request_duration_seconds`). A call that fails before answering has its code in the
 /// head; a stream that fails later has it in the trailers, which this does not wait for (a model call's outcome is
@@ -81,25 +83,44 @@ where
             Some((service, method)) => (service.to_owned(), method.to_owned()),
             None => ("unknown".to_owned(), "unknown".to_owned()),
         };
-        let call = self.0.call(request);
-        Box::pin(async move {
-            let response = call.await?;
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .map_or(tonic::Code::Ok, |v| tonic::Code::from_bytes(v.as_bytes()));
-            // A path no service has (answered Unimplemented) is not a label value: clients choose paths.
-            let (service, method) = if code == tonic::Code::Unimplemented {
-                ("unknown".to_owned(), "unknown".to_owned())
-            } else {
-                (service, method)
-            };
-            let code = format!("{code:?}");
-            metrics::counter!("moltbot_grpc_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
+        let span = if service.starts_with("grpc.") {
+            tracing::Span::none()
+        } else {
+            let span = tracing::info_span!(
+                "grpc",
+                otel.name = %format_args!("{service}/{method}"),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = %service,
+                rpc.method = %method,
+                trace_id = tracing::field::Empty,
+            );
+            let carrier = moltbot_telemetry::trace::from_headers(request.headers());
+            moltbot_telemetry::trace::adopt(&span, &carrier);
+            span
+        };
+        let call = span.in_scope(|| self.0.call(request));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = call.await?;
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .map_or(tonic::Code::Ok, |v| tonic::Code::from_bytes(v.as_bytes()));
+                // A path no service has (answered Unimplemented) is not a label value: clients choose paths.
+                let (service, method) = if code == tonic::Code::Unimplemented {
+                    ("unknown".to_owned(), "unknown".to_owned())
+                } else {
+                    (service, method)
+                };
+                let code = format!("{code:?}");
+                metrics::counter!("moltbot_grpc_requests_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
                 .increment(1);
-            metrics::histogram!("moltbot_grpc_request_duration_seconds", "service" => service, "method" => method)
-                .record(started.elapsed().as_secs_f64());
-            Ok(response)
-        })
+                metrics::histogram!("moltbot_grpc_request_duration_seconds", "service" => service, "method" => method)
+                    .record(started.elapsed().as_secs_f64());
+                Ok(response)
+            },
+            span,
+        ))
     }
 }

@@ -124,3 +124,21 @@ pub async fn run(
         moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
     Ok(moltbot_proto::server::serve(listener, service, shutdown).await?)
 }
+
+/// The session-store as its own process (the `moltbot-session-store` binary, `moltbot run session-store`):
+/// telemetry, its metrics port, its backend, gRPC until SIGTERM.
+pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
+    let _tracing =
+        moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-session-store").map_err(anyhow::Error::msg)?;
+    moltbot_telemetry::metrics::listen(
+        &config.telemetry,
+        config.session_store.metrics_listen,
+        "session_store.metrics_listen",
+    )
+    .await?;
+    let backend = open_backend(&config.session_store).await?;
+    let listener = tokio::net::TcpListener::bind(config.session_store.listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {}: {e} (set session_store.listen)", config.session_store.listen)
+    })?;
+    run(listener, backend, moltbot_telemetry::shutdown_signal()).await
+}

@@ -6,6 +6,10 @@ pub mod trace;
 use moltbot_config::{LogConfig, TelemetryConfig};
 use tracing_subscriber::EnvFilter;
 
+/// The OpenTelemetry crates' log targets (`opentelemetry`, `opentelemetry_sdk`, `opentelemetry-otlp`) all start
+/// with this.
+const OTEL_TARGET: &str = "opentelemetry";
+
 /// Structured logs to stderr: text or JSON lines; `RUST_LOG` overrides the configured level. Each HTTP request's
 /// lines carry its request id (the gateway's `request` span), and its trace id when traces are on.
 pub fn init_logging(config: &LogConfig) {
@@ -16,7 +20,11 @@ pub fn init_logging(config: &LogConfig) {
 /// returned guard for the life of the program (dropping it sends the last spans).
 pub fn init(log: &LogConfig, telemetry: &TelemetryConfig, service: &str) -> Result<Option<trace::Tracing>, String> {
     use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // The OpenTelemetry SDK's own lines: its warnings and errors (a collector that refuses spans) are worth seeing.
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(format!("{},{OTEL_TARGET}=warn", log.level)))
+    };
     // Colours only for a person at a terminal: a file, a pipe or a log collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
@@ -28,7 +36,11 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig, service: &str) -> Resu
         return Ok(None);
     }
     let (layer, tracing) = trace::layer(&telemetry.otlp_endpoint, service, telemetry.sample_ratio)?;
-    let _ = registry.with(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO)).try_init();
+    // Every info span and event, but the SDK's own (which would feed the exporter its own complaints).
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::INFO)
+        .with_target(OTEL_TARGET, tracing_subscriber::filter::LevelFilter::OFF);
+    let _ = registry.with(layer.with_filter(spans)).try_init();
     tracing::info!(endpoint = %telemetry.otlp_endpoint, service, "traces go to an OTLP collector");
     Ok(Some(tracing))
 }

@@ -207,6 +207,20 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
             None,
             "Chat turns a dialogue-manager refused because too many waited for a worker",
         ),
+        (
+            "moltbot_model_requests_total",
+            Counter,
+            None,
+            "Model calls of chat turns, by model and outcome as the dialogue-manager saw them (success; cancelled; \
+             invalid_request; the rest are failures: queue_full, queue_unavailable, no_worker, worker_lost, \
+             overloaded, deadline_exceeded, error)",
+        ),
+        (
+            "moltbot_queue_wait_seconds",
+            Histogram,
+            Some(Seconds),
+            "From a dialogue-manager queueing a job to a worker starting it",
+        ),
         ("moltbot_sessions_created_total", Counter, None, "Sessions created in the session store"),
         (
             "moltbot_grpc_request_duration_seconds",
@@ -399,7 +413,7 @@ mod tests {
         }
         // The four thresholds operators are told to watch each have a panel.
         for needle in
-            ["moltbot_http_request_duration_seconds_bucket", "moltbot_model_calls_total", "cpu_seconds", "resident"]
+            ["moltbot_http_request_duration_seconds_bucket", "moltbot_model_requests_total", "cpu_seconds", "resident"]
         {
             assert!(text.contains(needle), "{needle}");
         }

@@ -24,6 +24,18 @@ pub fn current() -> HashMap<String, String> {
     carrier
 }
 
+/// Writes the current span's trace context into an outgoing call's `headers` (nothing when tracing is off, or
+/// outside a traced span, so a context set by hand stays).
+pub fn inject(headers: &mut axum::http::HeaderMap) {
+    for (field, value) in current() {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::from_bytes(field.as_bytes()), axum::http::HeaderValue::from_str(&value))
+        {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// Makes `span` a child of the trace in `carrier` (a client's `traceparent`, one carried by a call or a job), and
 /// records the trace id in its `trace_id` field, so every log line inside names it.
 pub fn adopt(span: &tracing::Span, carrier: &HashMap<String, String>) {
