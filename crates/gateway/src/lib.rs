@@ -27,7 +27,9 @@ use axum::{
 use moltbot_config::GatewayConfig;
 use moltbot_proto::{
     Replicas,
-    dialogue::v1::{ChatEvent, ChatRequest, DialogueMode, ListModelsRequest, dialogue_client::DialogueClient},
+    dialogue::v1::{
+        ChatEvent, ChatRequest, DialogueMode, ListModelsRequest, chat_event, dialogue_client::DialogueClient,
+    },
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
@@ -171,9 +173,11 @@ impl DialogueHeaders {
 }
 
 /// A started dialogue turn: the admission slots (the gateway's and the user's) are held until the stream ends,
-/// and how long it took is recorded then.
+/// and how long it took is recorded then, by how it ended (`moltbot_chat_duration_seconds`).
 struct TurnStream {
     stream: tonic::Streaming<ChatEvent>,
+    /// How the turn ended so far: `abandoned` until it finishes or fails (a client that went away mid-answer).
+    outcome: &'static str,
     _slot: tokio::sync::OwnedSemaphorePermit,
     _user_slot: Option<limits::UserSlot>,
     deadline: tokio::time::Instant,
@@ -184,16 +188,27 @@ struct TurnStream {
 impl Drop for TurnStream {
     fn drop(&mut self) {
         self.turn_times.record(self.started.elapsed());
-        metrics::histogram!("moltbot_chat_duration_seconds").record(self.started.elapsed().as_secs_f64());
+        metrics::histogram!("moltbot_chat_duration_seconds", "outcome" => self.outcome)
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 
 impl TurnStream {
     async fn next(&mut self) -> Result<Option<ChatEvent>, ApiError> {
-        match tokio::time::timeout_at(self.deadline, self.stream.message()).await {
-            Ok(message) => Ok(message?),
+        let next = match tokio::time::timeout_at(self.deadline, self.stream.message()).await {
+            Ok(message) => message.map_err(ApiError::from),
             Err(_) => Err(ApiError::timeout()),
+        };
+        match &next {
+            Ok(Some(ChatEvent { event: Some(chat_event::Event::Finished(_)) })) => self.outcome = "completed",
+            // The stream ended without the turn's end.
+            Ok(None) if self.outcome == "abandoned" => self.outcome = "error",
+            Ok(_) => {}
+            Err(e) if e.status.is_client_error() => self.outcome = "refused",
+            Err(e) if e.status == axum::http::StatusCode::GATEWAY_TIMEOUT => self.outcome = "timeout",
+            Err(_) => self.outcome = "error",
         }
+        next
     }
 }
 
@@ -225,6 +240,7 @@ impl AppState {
         let turn_times = self.turn_times.clone();
         Ok(TurnStream {
             stream: stream.into_inner(),
+            outcome: "abandoned",
             _slot: slot,
             _user_slot: user_slot,
             deadline,

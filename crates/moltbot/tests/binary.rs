@@ -96,7 +96,7 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
         .env("MOLTBOT_GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
         .env("MOLTBOT_GATEWAY__METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
         .env("MOLTBOT_SESSION_STORE__PATH", dir.path().join("sessions.redb"))
-        .env("MOLTBOT_MODEL_PROVIDER__MAX_TOKENS", "8")
+        .env("MOLTBOT_MODEL_PROVIDER__MAX_TOKENS", "256")
         .env("MOLTBOT_LOG__LEVEL", "info")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -162,7 +162,9 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
     assert_eq!(get("moltbot_time_to_first_token_seconds_count", &[]), 1.0);
     assert_eq!(get("moltbot_generation_tokens_total", &[]), usage["completion_tokens"].as_f64().unwrap());
     assert_eq!(get("moltbot_prompt_tokens_total", &[]), usage["prompt_tokens"].as_f64().unwrap());
-    assert_eq!(get("moltbot_chat_duration_seconds_count", &[]), 2.0, "both chats that reached the dialogue-manager");
+    // Both chats that reached the dialogue-manager.
+    assert_eq!(get("moltbot_chat_duration_seconds_count", &[("outcome", "completed")]), 1.0);
+    assert_eq!(get("moltbot_chat_duration_seconds_count", &[("outcome", "refused")]), 1.0);
     assert!(get("moltbot_grpc_requests_total", &[("method", "Chat"), ("code", "Ok")]) >= 2.0);
     assert!(get("moltbot_engine_kv_blocks", &[("state", "free")]) > 0.0);
     assert_eq!(get("moltbot_queue_pending_jobs", &[]), 0.0);
@@ -173,6 +175,48 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
     assert!(get("moltbot_process_memory_limit_bytes", &[]) > 0.0);
 
     // The exposition passes Prometheus's own linter.
+    promtool_check_metrics(&exposition);
+
+    // A client that goes away mid-answer: its turn counts as abandoned, its model call as cancelled.
+    let mut streaming = chat(serde_json::json!({
+        "messages": [{ "role": "user", "content": "Count to a hundred" }], "max_tokens": 200, "stream": true,
+    }))
+    .send()
+    .await
+    .unwrap();
+    streaming.chunk().await.unwrap().expect("the answer has begun");
+    drop(streaming);
+    let waiting = std::time::Instant::now();
+    let exposition = loop {
+        let text = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap();
+        let text = text.text().await.unwrap();
+        if sample(&text, "moltbot_model_calls_total", &[("outcome", "cancelled")]).is_some() {
+            break text;
+        }
+        assert!(waiting.elapsed().as_secs() < 20, "no cancelled model call:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        sample(&exposition, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{exposition}"))
+    };
+    assert_eq!(get("moltbot_chat_duration_seconds_count", &[("outcome", "abandoned")]), 1.0);
+    assert_eq!(get("moltbot_model_requests_total", &[("outcome", "cancelled")]), 1.0);
+    assert_eq!(get("moltbot_model_calls_total", &[("outcome", "cancelled")]), 1.0);
+
+    // One access-log line per request, with its request id.
+    child.start_kill().unwrap();
+    let output = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("req-metrics-1") && l.contains("moltbot::access"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("POST /v1/chat/completions 200"), "{line}");
+    assert!(line.contains(&format!("completion_tokens={}", usage["completion_tokens"])), "{line}");
+}
+
+/// Prometheus's own linter passes `exposition`.
+fn promtool_check_metrics(exposition: &str) {
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -188,17 +232,6 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
-
-    // One access-log line per request, with its request id.
-    child.start_kill().unwrap();
-    let output = child.wait_with_output().await.unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    let line = log
-        .lines()
-        .find(|l| l.contains("req-metrics-1") && l.contains("moltbot::access"))
-        .unwrap_or_else(|| panic!("{log}"));
-    assert!(line.contains("POST /v1/chat/completions 200"), "{line}");
-    assert!(line.contains(&format!("completion_tokens={}", usage["completion_tokens"])), "{line}");
 }
 
 /// An OTLP/gRPC trace collector for the test (the OpenTelemetry protocol's own service): keeps every span.
@@ -422,16 +455,7 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
     for (service, (_, metrics)) in services.iter().zip(&ports) {
         let text =
             client.get(format!("http://127.0.0.1:{metrics}/metrics")).send().await.unwrap().text().await.unwrap();
-        let mut promtool = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian's prometheus package)");
-        promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-        let checked = promtool.wait_with_output().unwrap();
-        assert!(checked.status.success(), "{service}: {}", String::from_utf8_lossy(&checked.stderr));
+        promtool_check_metrics(&text);
         assert!(sample(&text, "moltbot_process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0), "{service}");
         scraped.push(text);
     }
@@ -443,7 +467,8 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
     let route = ("route", "/v1/chat/completions");
     assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "200")]), 1.0);
     assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "400")]), 1.0);
-    assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[]), 2.0);
+    assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[("outcome", "completed")]), 1.0);
+    assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[("outcome", "refused")]), 1.0);
     assert!(!gateway_m.contains("moltbot_engine_") && !gateway_m.contains("moltbot_model_calls_total"));
     // The dialogue-manager: both model calls as the turns saw them, and how long each waited for a worker.
     assert_eq!(get(manager_m, "moltbot_model_requests_total", &[("outcome", "success")]), 1.0);
@@ -454,6 +479,17 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
     // The session-store: the session the multi turn made, and its calls.
     assert_eq!(get(store_m, "moltbot_sessions_created_total", &[]), 1.0);
     assert!(get(store_m, "moltbot_grpc_requests_total", &[("method", "AppendMessages"), ("code", "Ok")]) >= 1.0);
+    // The store counts its sessions in use every 10 s.
+    let (store_metrics, counting) = (ports[0].1, std::time::Instant::now());
+    loop {
+        let url = format!("http://127.0.0.1:{store_metrics}/metrics");
+        let text = client.get(url).send().await.unwrap().text().await.unwrap();
+        if sample(&text, "moltbot_sessions_active", &[]) == Some(1.0) {
+            break;
+        }
+        assert!(counting.elapsed().as_secs() < 20, "the session is not counted as active:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     // The worker: its calls, the tokens the answer's usage names, its engine.
     assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "success")]), 1.0);
     assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "invalid_request")]), 1.0);

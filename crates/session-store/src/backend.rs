@@ -178,6 +178,11 @@ impl Backend {
         dispatch!(self, b => b.touch(id, user_id).await)
     }
 
+    /// How many sessions were written or touched (a turn, a read) in the last `window_ms`.
+    pub async fn active(&self, window_ms: i64) -> Result<u64> {
+        dispatch!(self, b => b.active(window_ms).await)
+    }
+
     /// Takes session `id`'s lock for `lease_ms` with `token` unless someone holds it; true when taken.
     pub async fn try_lock(&self, id: &str, token: &str, lease_ms: u64) -> Result<bool> {
         dispatch!(self, b => b.try_lock(id, token, lease_ms).await)

@@ -257,6 +257,26 @@ impl EmbeddedBackend {
     pub async fn touch(&self, id: &str, user_id: &str) -> Result<i64> {
         Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
     }
+
+    /// Live sessions written or touched in the last `window_ms` (reads every record: an embedded store is small).
+    pub async fn active(&self, window_ms: i64) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        struct Times {
+            updated_at_ms: i64,
+            expires_at_ms: i64,
+        }
+        self.blocking(move |db, _| {
+            let (now, tx) = (now_ms(), db.begin_read().map_err(storage)?);
+            let sessions = tx.open_table(SESSIONS).map_err(storage)?;
+            let mut active = 0;
+            for entry in sessions.iter().map_err(storage)? {
+                let times = serde_json::from_slice::<Times>(entry.map_err(storage)?.1.value());
+                active += u64::from(times.is_ok_and(|t| t.updated_at_ms >= now - window_ms && t.expires_at_ms > now));
+            }
+            Ok(active)
+        })
+        .await
+    }
 }
 
 /// How many sessions `user_id`'s index holds (expired ones too, until swept).
@@ -413,5 +433,8 @@ mod tests {
         backend.last_sweep_ms.store(0, std::sync::atomic::Ordering::Relaxed);
         backend.create("next", "carol", SessionSettings::default()).await.unwrap();
         assert_eq!(rows(&backend), (3, 3), "kept, bob's gone, next");
+        assert_eq!(backend.active(60_000).await.unwrap(), 3, "the live sessions used in the last minute");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(backend.active(10).await.unwrap(), 0, "none used in the last 10 ms");
     }
 }

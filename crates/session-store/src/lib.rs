@@ -114,12 +114,37 @@ pub(crate) fn text_bytes<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64
     contents.into_iter().map(|c| c.len() as u64).sum()
 }
 
+/// A session counts as active (`moltbot_sessions_active`) this long after its last turn or read.
+pub const ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Serves the session store on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     backend: Backend,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let backend = std::sync::Arc::new(backend);
+    // The sessions in use as a metric, every 10 s while the store serves (only when a metrics port is up).
+    let counting = tokio_util::sync::CancellationToken::new();
+    let _stop_counting = counting.clone().drop_guard();
+    tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    () = counting.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if moltbot_telemetry::metrics::installed().is_none() {
+                    continue;
+                }
+                if let Ok(active) = backend.active(ACTIVE_WINDOW.as_millis() as i64).await {
+                    metrics::gauge!("moltbot_sessions_active").set(active as f64);
+                }
+            }
+        }
+    });
     let service =
         moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
     Ok(moltbot_proto::server::serve(listener, service, shutdown).await?)

@@ -3,6 +3,8 @@
 //!   prompt, TTL), ttl (the session's lifetime in seconds, for the scripts)
 //! - `p:session:<id>:messages` — list of JSON messages, oldest first
 //! - `p:user:<user_id>:sessions` — sorted set of session ids by updated_at_ms
+//! - `p:sessions:active` — sorted set of every user's session ids by updated_at_ms, pruned of those idle longer
+//!   than `session_ttl` on each append (what `moltbot_sessions_active` counts)
 //!
 //! Every key expires `session_ttl` seconds after the last write or touch. Writes that check the owner run as
 //! Lua scripts, so concurrent appends to one session never interleave half-way or revive an expired one.
@@ -30,6 +32,7 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'user_id', ARGV[2], 'created_at_ms', 
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[2])))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 1";
 
 /// ARGV[5]: the most messages a session may hold (-2 when the append would pass it); ARGV[6]: the most bytes of
@@ -47,6 +50,8 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[4])
 redis.call('EXPIRE', KEYS[3], math.max(tonumber(ttl), redis.call('TTL', KEYS[3])))
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]) * 1000)
 return redis.call('LLEN', KEYS[2])";
 
 /// Replaces the settings and restarts every TTL under the owner check.
@@ -66,6 +71,7 @@ const DELETE: &str = r"
 if redis.call('HGET', KEYS[1], 'user_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
 return 1";
 
 /// How long a Redis command may take before it counts as failed, and how long connecting may take.
@@ -132,6 +138,16 @@ impl RedisBackend {
         format!("{}:user:{user_id}:sessions", self.prefix)
     }
 
+    fn active_key(&self) -> String {
+        format!("{}:sessions:active", self.prefix)
+    }
+
+    /// Sessions written or touched in the last `window_ms`.
+    pub async fn active(&self, window_ms: i64) -> Result<u64> {
+        let since = now_ms() - window_ms;
+        self.conn().await?.zcount(self.active_key(), since, "+inf").await.map_err(storage)
+    }
+
     async fn conn(&self) -> Result<deadpool_redis::Connection> {
         self.pool.get().await.map_err(|e| Error::Storage(format!("redis: {e}")))
     }
@@ -146,6 +162,7 @@ impl RedisBackend {
             Script::new(CREATE)
                 .key(self.session_key(id))
                 .key(self.user_key(user_id))
+                .key(self.active_key())
                 .arg(id)
                 .arg(user_id)
                 .arg(now_ms())
@@ -232,6 +249,7 @@ impl RedisBackend {
         invocation
             .key(self.messages_key(id))
             .key(self.user_key(user_id))
+            .key(self.active_key())
             .arg(user_id)
             .arg(now_ms())
             .arg(self.ttl)
@@ -297,6 +315,7 @@ impl RedisBackend {
             .key(self.session_key(id))
             .key(self.messages_key(id))
             .key(self.user_key(user_id))
+            .key(self.active_key())
             .arg(user_id)
             .arg(id)
             .invoke_async(&mut self.conn().await?)

@@ -48,11 +48,11 @@ const MAX_ID_LEN: usize = 128;
 const VALID_ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
 pub struct SessionStoreService {
-    backend: Backend,
+    backend: std::sync::Arc<Backend>,
 }
 
 impl SessionStoreService {
-    pub fn new(backend: Backend) -> Self {
+    pub fn new(backend: std::sync::Arc<Backend>) -> Self {
         Self { backend }
     }
 }

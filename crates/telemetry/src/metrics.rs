@@ -192,7 +192,13 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
             None,
             "HTTP requests refused before any work, by reason (rate_limit, busy, user_busy)",
         ),
-        ("moltbot_chat_duration_seconds", Histogram, Some(Seconds), "Chat turns end to end at the gateway"),
+        (
+            "moltbot_chat_duration_seconds",
+            Histogram,
+            Some(Seconds),
+            "Chat turns end to end at the gateway, by outcome (completed; abandoned: the client went away \
+             mid-answer; refused; timeout; error)",
+        ),
         ("moltbot_response_cache_total", Counter, None, "Response-cache look-ups, by result (hit, miss)"),
         ("moltbot_grpc_requests_total", Counter, None, "gRPC calls answered, by service, method and code"),
         (
@@ -222,6 +228,12 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
             "From a dialogue-manager queueing a job to a worker starting it",
         ),
         ("moltbot_sessions_created_total", Counter, None, "Sessions created in the session store"),
+        (
+            "moltbot_sessions_active",
+            Gauge,
+            None,
+            "Live sessions with a turn or a read in the last 5 minutes (the whole store's count, every 10 s)",
+        ),
         (
             "moltbot_grpc_request_duration_seconds",
             Histogram,
