@@ -429,19 +429,23 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
         assert!(ready.elapsed().as_secs() < 120, "the gateway did not become ready");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    // A multi-turn chat (a session in Redis) under the client's trace.
+    // A multi-turn chat (a session in Redis) under the client's trace, and at the same time another chat that a
+    // careless client sends with the same X-Request-Id: each is its own job on NATS, and each is answered.
     let (trace, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
-    let response = client
-        .post(format!("{base}/v1/chat/completions"))
-        .header("traceparent", format!("00-{trace}-{parent}-01"))
-        .header("x-dialogue-mode", "multi")
-        .json(&serde_json::json!({ "messages": [{ "role": "user", "content": "Say hi" }], "max_tokens": 5 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let answer: serde_json::Value = response.json().await.unwrap();
-    let completion = answer["usage"]["completion_tokens"].as_f64().unwrap();
+    let chat = |body: serde_json::Value| {
+        client.post(format!("{base}/v1/chat/completions")).header("x-request-id", "same-id").json(&body)
+    };
+    let hi = serde_json::json!({ "messages": [{ "role": "user", "content": "Say hi" }], "max_tokens": 5 });
+    let bye = serde_json::json!({ "messages": [{ "role": "user", "content": "Say bye" }], "max_tokens": 5 });
+    let traced = chat(hi).header("traceparent", format!("00-{trace}-{parent}-01")).header("x-dialogue-mode", "multi");
+    let (first, second) = tokio::join!(traced.send(), chat(bye).send());
+    let mut completion = 0.0;
+    for response in [first.unwrap(), second.unwrap()] {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-request-id"], "same-id");
+        let answer: serde_json::Value = response.json().await.unwrap();
+        completion += answer["usage"]["completion_tokens"].as_f64().unwrap();
+    }
     // A prompt longer than the model's context: the worker refuses it, and both sides count the refusal.
     let long = client
         .post(format!("{base}/v1/chat/completions"))
@@ -465,16 +469,16 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
     };
     // The gateway: HTTP requests and turns; no engine of its own.
     let route = ("route", "/v1/chat/completions");
-    assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "200")]), 1.0);
+    assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "200")]), 2.0);
     assert_eq!(get(gateway_m, "moltbot_http_requests_total", &[route, ("status", "400")]), 1.0);
-    assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[("outcome", "completed")]), 1.0);
+    assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[("outcome", "completed")]), 2.0);
     assert_eq!(get(gateway_m, "moltbot_chat_duration_seconds_count", &[("outcome", "refused")]), 1.0);
     assert!(!gateway_m.contains("moltbot_engine_") && !gateway_m.contains("moltbot_model_calls_total"));
     // The dialogue-manager: both model calls as the turns saw them, and how long each waited for a worker.
-    assert_eq!(get(manager_m, "moltbot_model_requests_total", &[("outcome", "success")]), 1.0);
+    assert_eq!(get(manager_m, "moltbot_model_requests_total", &[("outcome", "success")]), 2.0);
     assert_eq!(get(manager_m, "moltbot_model_requests_total", &[("outcome", "invalid_request")]), 1.0);
-    assert_eq!(get(manager_m, "moltbot_queue_wait_seconds_count", &[]), 2.0);
-    assert!(get(manager_m, "moltbot_grpc_requests_total", &[("method", "Chat")]) >= 2.0);
+    assert_eq!(get(manager_m, "moltbot_queue_wait_seconds_count", &[]), 3.0);
+    assert!(get(manager_m, "moltbot_grpc_requests_total", &[("method", "Chat")]) >= 3.0);
     get(manager_m, "moltbot_queue_pending_jobs", &[]);
     // The session-store: the session the multi turn made, and its calls.
     assert_eq!(get(store_m, "moltbot_sessions_created_total", &[]), 1.0);
@@ -491,7 +495,7 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     // The worker: its calls, the tokens the answer's usage names, its engine.
-    assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "success")]), 1.0);
+    assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "success")]), 2.0);
     assert_eq!(get(worker_m, "moltbot_model_calls_total", &[("outcome", "invalid_request")]), 1.0);
     assert_eq!(get(worker_m, "moltbot_generation_tokens_total", &[]), completion);
     assert!(get(worker_m, "moltbot_engine_kv_blocks", &[("state", "free")]) > 0.0);

@@ -124,30 +124,33 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let backend = std::sync::Arc::new(backend);
-    // The sessions in use as a metric, every 10 s while the store serves (only when a metrics port is up).
     let counting = tokio_util::sync::CancellationToken::new();
+    let counter = tokio::spawn(count_active(backend.clone(), counting.clone()));
     let _stop_counting = counting.clone().drop_guard();
-    tokio::spawn({
-        let backend = backend.clone();
-        async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
-            loop {
-                tokio::select! {
-                    () = counting.cancelled() => return,
-                    _ = every.tick() => {}
-                }
-                if moltbot_telemetry::metrics::installed().is_none() {
-                    continue;
-                }
-                if let Ok(active) = backend.active(ACTIVE_WINDOW.as_millis() as i64).await {
-                    metrics::gauge!("moltbot_sessions_active").set(active as f64);
-                }
-            }
-        }
-    });
     let service =
         moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
-    Ok(moltbot_proto::server::serve(listener, service, shutdown).await?)
+    let served = moltbot_proto::server::serve(listener, service, shutdown).await;
+    // The store is closed when this returns (an embedded one's file may be opened again at once).
+    counting.cancel();
+    let _ = counter.await;
+    Ok(served?)
+}
+
+/// The sessions in use as a metric, every 10 s until `stop` (only while a metrics port is up).
+async fn count_active(backend: std::sync::Arc<Backend>, stop: tokio_util::sync::CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if moltbot_telemetry::metrics::installed().is_none() {
+            continue;
+        }
+        if let Ok(active) = backend.active(ACTIVE_WINDOW.as_millis() as i64).await {
+            metrics::gauge!("moltbot_sessions_active").set(active as f64);
+        }
+    }
 }
 
 /// The session-store as its own process (the `moltbot-session-store` binary, `moltbot run session-store`):
