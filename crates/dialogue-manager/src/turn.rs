@@ -368,12 +368,25 @@ impl Turn {
         let result = self.attempts(out, tools, announce, attempt).await;
         let outcome = match &result {
             Ok(Round::Done(_)) => "success",
+            // A caller gone at its deadline timed out (as `stopped` tells it).
+            Ok(Round::Stopped { .. }) if tokio::time::Instant::now() + DEADLINE_MARGIN >= self.deadline => {
+                "deadline_exceeded"
+            }
             Ok(Round::Stopped { .. }) => "cancelled",
             Err(failed) => failed.outcome,
         };
         let model = self.service.model.clone();
         metrics::counter!("moltbot_model_requests_total", "model" => model, "outcome" => outcome).increment(1);
         result.map_err(|failed| failed.status)
+    }
+
+    /// Records how long a job waited for a worker (`moltbot_queue_wait_seconds`): until a worker's first event, or
+    /// until the turn gave up on it (deadline, client gone), so a stalled queue shows as long waits, not none.
+    fn waited(&self, submitted: &mut Option<std::time::Instant>) {
+        if let Some(submitted) = submitted.take() {
+            let model = self.service.model.clone();
+            metrics::histogram!("moltbot_queue_wait_seconds", "model" => model).record(submitted.elapsed());
+        }
     }
 
     async fn attempts(
@@ -414,11 +427,15 @@ impl Turn {
                 // A client that goes away while the job waits in the queue cancels it there, before any work.
                 let next = tokio::select! {
                     next = events.next_within(wait) => next,
-                    () = out.closed() => return Ok(Round::Stopped { text, message_tokens }),
+                    () = out.closed() => {
+                        self.waited(&mut submitted);
+                        return Ok(Round::Stopped { text, message_tokens });
+                    }
                 };
                 let Some(event) = next else {
                     if !started {
                         let status = Status::deadline_exceeded("no worker took the request before its deadline");
+                        self.waited(&mut submitted);
                         return Err(Failed { outcome: "no_worker", status });
                     }
                     if tokio::time::Instant::now() >= deadline {
@@ -437,10 +454,7 @@ impl Turn {
                     .map_err(|e| Failed { outcome: "queue_unavailable", status: Status::unavailable(e.to_string()) })?
                     .event;
                 // A worker's first word on the job (it started, or refused it) ends the job's wait in the queue.
-                if let Some(submitted) = submitted.take() {
-                    let model = self.service.model.clone();
-                    metrics::histogram!("moltbot_queue_wait_seconds", "model" => model).record(submitted.elapsed());
-                }
+                self.waited(&mut submitted);
                 match event {
                     Some(Event::Started(s)) => {
                         if !started && *attempt == first && announce {
@@ -654,7 +668,7 @@ struct Failed {
     status: Status,
 }
 
-/// A worker's error, or the turn's own, counted by its code (as the worker counts its calls).
+/// A worker's error, or the turn's own, counted by its code.
 impl From<Status> for Failed {
     fn from(status: Status) -> Self {
         let outcome = match status.code() {

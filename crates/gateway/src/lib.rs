@@ -204,11 +204,18 @@ impl TurnStream {
             // The stream ended without the turn's end.
             Ok(None) if self.outcome == "abandoned" => self.outcome = "error",
             Ok(_) => {}
-            Err(e) if e.status.is_client_error() => self.outcome = "refused",
-            Err(e) if e.status == axum::http::StatusCode::GATEWAY_TIMEOUT => self.outcome = "timeout",
-            Err(_) => self.outcome = "error",
+            Err(e) => self.outcome = failed_turn(e),
         }
         next
+    }
+}
+
+/// The outcome label of a turn that failed with `error`.
+fn failed_turn(error: &ApiError) -> &'static str {
+    match error.status {
+        axum::http::StatusCode::GATEWAY_TIMEOUT => "timeout",
+        status if status.is_client_error() => "refused",
+        _ => "error",
     }
 }
 
@@ -235,8 +242,15 @@ impl AppState {
         // The dialogue-manager learns the deadline (grpc-timeout) and ends the turn just before it, saving nothing.
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.timeout);
-        let stream =
-            tokio::time::timeout_at(deadline, dialogue.chat(request)).await.map_err(|_| ApiError::timeout())??;
+        let stream = tokio::time::timeout_at(deadline, dialogue.chat(request))
+            .await
+            .map_err(|_| ApiError::timeout())
+            .and_then(|started| started.map_err(ApiError::from))
+            // Refused by the dialogue-manager before it began (too many waiting, no such session, …): timed too.
+            .inspect_err(|error| {
+                metrics::histogram!("moltbot_chat_duration_seconds", "outcome" => failed_turn(error))
+                    .record(started.elapsed().as_secs_f64());
+            })?;
         let turn_times = self.turn_times.clone();
         Ok(TurnStream {
             stream: stream.into_inner(),

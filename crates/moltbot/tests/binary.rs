@@ -144,9 +144,18 @@ async fn serve_exposes_metrics_that_agree_with_the_requests() {
     let odd = reqwest::Method::from_bytes(b"RANDOM123").unwrap();
     client.request(odd, format!("{base}/health")).send().await.unwrap();
 
-    let exposition = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap();
-    assert!(exposition.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
-    let exposition = exposition.text().await.unwrap();
+    // The worker counts a call just after its last event: scraped again until both calls are in.
+    let waiting = std::time::Instant::now();
+    let exposition = loop {
+        let response = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.unwrap();
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+        let text = response.text().await.unwrap();
+        let calls = sample(&text, "moltbot_model_call_duration_seconds_count", &[]).unwrap_or_default();
+        if calls >= 2.0 || waiting.elapsed().as_secs() > 10 {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     let get = |name: &str, labels: &[(&str, &str)]| {
         sample(&exposition, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{exposition}"))
     };
@@ -360,12 +369,12 @@ impl Apart {
 
 impl Apart {
     /// Waits until the service accepts connections on `port` (the next one may need it at start-up).
-    fn listening(mut self, port: u16) -> Self {
+    async fn listening(mut self, port: u16) -> Self {
         let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             let exited = self.child.try_wait().unwrap();
             assert!(exited.is_none() && started.elapsed().as_secs() < 120, "{} did not start", self.log.display());
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         self
     }
@@ -419,8 +428,10 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
         env.push((format!("MOLTBOT_{key}__METRICS_LISTEN"), format!("127.0.0.1:{metrics}")));
     }
     // In order: the dialogue-manager refuses to start without its session-store.
-    let _running: Vec<Apart> =
-        services.iter().zip(&ports).map(|(s, (port, _))| Apart::start(s, &env, dir.path()).listening(*port)).collect();
+    let mut _running = vec![];
+    for (service, (port, _)) in services.iter().zip(&ports) {
+        _running.push(Apart::start(service, &env, dir.path()).listening(*port).await);
+    }
 
     let base = format!("http://127.0.0.1:{gateway}");
     let client = reqwest::Client::new();
@@ -455,13 +466,27 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
         .unwrap();
     assert_eq!(long.status(), 400);
 
-    let mut scraped = vec![];
-    for (service, (_, metrics)) in services.iter().zip(&ports) {
-        let text =
-            client.get(format!("http://127.0.0.1:{metrics}/metrics")).send().await.unwrap().text().await.unwrap();
-        promtool_check_metrics(&text);
-        assert!(sample(&text, "moltbot_process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0), "{service}");
-        scraped.push(text);
+    // A worker counts a call just after its last event, which may be after the answer arrived: scraped again
+    // until its three calls are in.
+    let waiting = std::time::Instant::now();
+    let scraped = loop {
+        let mut scraped = vec![];
+        for (_, metrics) in &ports {
+            let url = format!("http://127.0.0.1:{metrics}/metrics");
+            scraped.push(client.get(url).send().await.unwrap().text().await.unwrap());
+        }
+        let calls: f64 = ["success", "invalid_request"]
+            .iter()
+            .filter_map(|outcome| sample(&scraped[1], "moltbot_model_calls_total", &[("outcome", outcome)]))
+            .sum();
+        if calls >= 3.0 || waiting.elapsed().as_secs() > 10 {
+            break scraped;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    for (service, text) in services.iter().zip(&scraped) {
+        promtool_check_metrics(text);
+        assert!(sample(text, "moltbot_process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0), "{service}");
     }
     let [store_m, worker_m, manager_m, gateway_m] = &scraped[..] else { unreachable!() };
     let get = |text: &str, name: &str, labels: &[(&str, &str)]| {
@@ -507,8 +532,9 @@ async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
     let spans = loop {
         let spans: Vec<_> = collector.0.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == trace).cloned().collect();
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-        if ["request", "turn", "generate", "prefill", "decode"].iter().all(|n| names.contains(n))
-            && names.iter().any(|n| n.starts_with("moltbot.session.v1.SessionStore/"))
+        let wanted = ["request", "moltbot.dialogue.v1.Dialogue/Chat", "turn", "generate", "prefill", "decode"];
+        if wanted.iter().all(|n| names.contains(n))
+            && names.iter().filter(|n| n.starts_with("moltbot.session.v1.SessionStore/")).count() >= 2
         {
             break spans;
         }

@@ -55,12 +55,12 @@ where
         .await
 }
 
-/// Runs each call in a span of its own (`grpc`, named `service/method` in traces), a child of the caller's trace
-/// context when the call carries one; health checks and reflection have none, so probes start no traces.
+/// Runs each call that carries a trace context in a span of its own (`grpc`, named `service/method` in traces), a
+/// child of the caller's; calls outside a trace (a readiness probe's, a tool's) and health checks start none.
 /// Counts each call by service, method and status code (`moltbot_grpc_requests_total`) and times it until the
 /// response head (`moltbot_grpc_request_duration_seconds`). A call that fails before answering has its code in the
 /// head; a stream that fails later has it in the trailers, which this does not wait for (a model call's outcome is
-/// counted by the worker, `moltbot_model_calls_total`).
+/// counted by the dialogue-manager, `moltbot_model_requests_total`, and the worker, `moltbot_model_calls_total`).
 #[derive(Clone)]
 struct Observed<S>(S);
 
@@ -83,7 +83,8 @@ where
             Some((service, method)) => (service.to_owned(), method.to_owned()),
             None => ("unknown".to_owned(), "unknown".to_owned()),
         };
-        let span = if service.starts_with("grpc.") {
+        let carrier = moltbot_telemetry::trace::from_headers(request.headers());
+        let span = if service.starts_with("grpc.") || carrier.is_empty() {
             tracing::Span::none()
         } else {
             let span = tracing::info_span!(
@@ -95,7 +96,6 @@ where
                 rpc.method = %method,
                 trace_id = tracing::field::Empty,
             );
-            let carrier = moltbot_telemetry::trace::from_headers(request.headers());
             moltbot_telemetry::trace::adopt(&span, &carrier);
             span
         };

@@ -4,7 +4,7 @@
 //! - `p:session:<id>:messages` — list of JSON messages, oldest first
 //! - `p:user:<user_id>:sessions` — sorted set of session ids by updated_at_ms
 //! - `p:sessions:active` — sorted set of every user's session ids by updated_at_ms, pruned of those idle longer
-//!   than `session_ttl` on each append (what `moltbot_sessions_active` counts)
+//!   than `session_ttl` on each create and append (what `moltbot_sessions_active` counts)
 //!
 //! Every key expires `session_ttl` seconds after the last write or touch. Writes that check the owner run as
 //! Lua scripts, so concurrent appends to one session never interleave half-way or revive an expired one.
@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// ARGV[6]: the most sessions a user may hold; their index may still count some that expired (-1: clean it up
-/// and ask again).
+/// and ask again); ARGV[7]: the store's session TTL (the active set forgets sessions idle longer).
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[6]) then return -1 end
@@ -33,6 +33,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[2])))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[7]) * 1000)
 return 1";
 
 /// ARGV[5]: the most messages a session may hold (-2 when the append would pass it); ARGV[6]: the most bytes of
@@ -65,6 +66,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], math.max(tonumber(ARGV[4]), redis.call('TTL', KEYS[3])))
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[5])
 return 1";
 
 const DELETE: &str = r"
@@ -169,6 +171,7 @@ impl RedisBackend {
                 .arg(settings.lifetime_s(self.ttl))
                 .arg(encode_settings(&settings)?)
                 .arg(cap)
+                .arg(self.ttl)
                 .invoke_async::<i64>(&mut self.conn().await?)
                 .await
                 .map_err(storage)
@@ -292,6 +295,7 @@ impl RedisBackend {
                 .key(self.session_key(id))
                 .key(self.messages_key(id))
                 .key(self.user_key(user_id))
+                .key(self.active_key())
                 .arg(user_id)
                 .arg(now_ms())
                 .arg(encode_settings(&settings)?)

@@ -225,14 +225,15 @@ pub const METRICS: &[(&str, Kind, Option<metrics::Unit>, &str)] = {
             "moltbot_queue_wait_seconds",
             Histogram,
             Some(Seconds),
-            "From a dialogue-manager queueing a job to a worker starting it",
+            "From a dialogue-manager queueing a job to a worker's first event on it (or to the turn giving up on \
+             it: its deadline, its client gone)",
         ),
         ("moltbot_sessions_created_total", Counter, None, "Sessions created in the session store"),
         (
             "moltbot_sessions_active",
             Gauge,
             None,
-            "Live sessions with a turn or a read in the last 5 minutes (the whole store's count, every 10 s)",
+            "Sessions created, given a turn or changed in the last 5 minutes (the whole store's count, every 10 s)",
         ),
         (
             "moltbot_grpc_request_duration_seconds",
