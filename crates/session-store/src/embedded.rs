@@ -24,6 +24,9 @@ pub struct EmbeddedBackend {
     locks: Arc<std::sync::Mutex<std::collections::HashMap<String, (String, i64)>>>,
     /// When expired records were last swept away (ms since the epoch).
     last_sweep_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Session id → when it was last created, given a turn or changed (ms), for `active`: one process owns an
+    /// embedded store, so this sees every write, and counting needs no scan of the stored sessions.
+    used: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     limits: Limits,
 }
 
@@ -57,7 +60,14 @@ impl EmbeddedBackend {
         tx.open_table(SESSIONS).map_err(storage)?;
         tx.open_table(BY_USER).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(Self { db: Arc::new(db), ttl_s: ttl, locks: Default::default(), last_sweep_ms: Default::default(), limits })
+        Ok(Self {
+            db: Arc::new(db),
+            ttl_s: ttl,
+            locks: Default::default(),
+            last_sweep_ms: Default::default(),
+            used: Default::default(),
+            limits,
+        })
     }
 
     /// Runs blocking redb work off the async runtime.
@@ -129,6 +139,12 @@ impl EmbeddedBackend {
             Ok(record)
         })
         .await
+        .inspect(|record| self.used(record))
+    }
+
+    /// Notes that `record` was just written.
+    fn used(&self, record: &SessionRecord) {
+        self.used.lock().expect("never poisoned").insert(record.id.clone(), record.updated_at_ms);
     }
 
     pub async fn get(&self, id: &str, user_id: &str) -> Result<SessionRecord> {
@@ -223,9 +239,11 @@ impl EmbeddedBackend {
             Ok(record)
         })
         .await
+        .inspect(|record| self.used(record))
     }
 
     pub async fn delete(&self, id: &str, user_id: &str) -> Result<bool> {
+        let forget = id.to_owned();
         let (id, user_id) = (id.to_owned(), user_id.to_owned());
         self.blocking(move |db, _| {
             let tx = db.begin_write().map_err(storage)?;
@@ -248,6 +266,11 @@ impl EmbeddedBackend {
             Ok(deleted)
         })
         .await
+        .inspect(|&deleted| {
+            if deleted {
+                self.used.lock().expect("never poisoned").remove(&forget);
+            }
+        })
     }
 
     pub fn limits(&self) -> Limits {
@@ -258,24 +281,12 @@ impl EmbeddedBackend {
         Ok(self.append(id, user_id, vec![]).await?.expires_at_ms)
     }
 
-    /// Live sessions written or touched in the last `window_ms` (reads every record: an embedded store is small).
+    /// Sessions created, given a turn or changed in the last `window_ms` (since this process opened the store).
     pub async fn active(&self, window_ms: i64) -> Result<u64> {
-        #[derive(serde::Deserialize)]
-        struct Times {
-            updated_at_ms: i64,
-            expires_at_ms: i64,
-        }
-        self.blocking(move |db, _| {
-            let (now, tx) = (now_ms(), db.begin_read().map_err(storage)?);
-            let sessions = tx.open_table(SESSIONS).map_err(storage)?;
-            let mut active = 0;
-            for entry in sessions.iter().map_err(storage)? {
-                let times = serde_json::from_slice::<Times>(entry.map_err(storage)?.1.value());
-                active += u64::from(times.is_ok_and(|t| t.updated_at_ms >= now - window_ms && t.expires_at_ms > now));
-            }
-            Ok(active)
-        })
-        .await
+        let since = now_ms() - window_ms;
+        let mut used = self.used.lock().expect("never poisoned");
+        used.retain(|_, at| *at >= since);
+        Ok(used.len() as u64)
     }
 }
 
@@ -433,7 +444,9 @@ mod tests {
         backend.last_sweep_ms.store(0, std::sync::atomic::Ordering::Relaxed);
         backend.create("next", "carol", SessionSettings::default()).await.unwrap();
         assert_eq!(rows(&backend), (3, 3), "kept, bob's gone, next");
-        assert_eq!(backend.active(60_000).await.unwrap(), 3, "the live sessions used in the last minute");
+        // Used in the last minute: gone (twice), kept, brief (since expired), next; a deleted one is not.
+        backend.delete("kept", "alice").await.unwrap();
+        assert_eq!(backend.active(60_000).await.unwrap(), 3, "the sessions used in the last minute");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(backend.active(10).await.unwrap(), 0, "none used in the last 10 ms");
     }
