@@ -262,24 +262,27 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
     }
 }
 
+impl Collector {
+    /// A collector serving on a free loopback port, and its endpoint.
+    async fn start() -> (Self, String) {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let collector = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder().add_service(TraceServiceServer::new(collector.clone()));
+        tokio::spawn(server.serve_with_incoming(incoming));
+        (collector, endpoint)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_is_one_trace_across_every_service_under_the_clients_traceparent() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-                    collector.clone(),
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (collector, otlp) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_moltbot"))
@@ -395,18 +398,7 @@ impl Drop for Apart {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_run_apart_each_export_their_metrics_and_join_one_trace() {
     let (redis, nats) = (moltbot_tests::Server::redis(), moltbot_tests::Server::nats());
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-                    collector.clone(),
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (collector, otlp) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let free = moltbot_tests::free_port;
     let services = ["session-store", "inference-worker", "dialogue-manager", "gateway"];
