@@ -15,6 +15,12 @@ MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 
 models = client.models.list()
 assert any(m.id == MODEL for m in models.data), models
+assert client.models.retrieve(MODEL).id == MODEL
+try:
+    client.models.retrieve("gpt-9")
+    raise AssertionError("an unknown model was found")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
 
 plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
 choice = plain.choices[0]

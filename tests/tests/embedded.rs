@@ -16,6 +16,12 @@ async fn two_turns_survive_a_restart_and_bad_input_gets_clear_errors() {
     assert_eq!(http.get("/ready").await.0, 200);
     let (status, models) = http.get("/v1/models").await;
     assert_eq!((status, models["data"][0]["id"].as_str()), (200, Some("smollm2-135m-instruct")));
+    // One model, as the OpenAI clients' models.retrieve asks; an unknown one is OpenAI's model_not_found.
+    let (status, model) = http.get("/v1/models/smollm2-135m-instruct").await;
+    assert_eq!((status, &model), (200, &models["data"][0]));
+    let (status, missing) = http.get("/v1/models/gpt-9").await;
+    assert_eq!((status, missing["error"]["code"].as_str()), (404, Some("model_not_found")), "{missing}");
+    assert_eq!(missing["error"]["param"], "model");
 
     let session = two_turn_conversation(&http).await;
 

@@ -17,11 +17,25 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds for `Retry-After` on 429 and 503 (1 when unset).
     pub retry_after: Option<u64>,
+    /// OpenAI's `error.code` where it names one (`model_not_found`); the HTTP status otherwise.
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None, retry_after: None }
+        Self { status, message: message.into(), param: None, retry_after: None, code: None }
+    }
+
+    /// OpenAI's answer for a model this server does not serve.
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                format!("the model `{}` does not exist here; GET /v1/models lists those served", shown(model)),
+            )
+        }
     }
 
     pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
@@ -83,7 +97,8 @@ impl ApiError {
 
     /// The body, also sent as an SSE event when a stream fails.
     pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "message": self.message, "type": self.kind(), "param": self.param, "code": self.status.as_u16() } })
+        let code = self.code.map_or_else(|| json!(self.status.as_u16()), |code| json!(code));
+        json!({ "error": { "message": self.message, "type": self.kind(), "param": self.param, "code": code } })
     }
 }
 

@@ -66,6 +66,7 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Replicas>) -> Rou
     };
     let mut api: Router<AppState> = Router::new()
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/api/sessions", post(sessions::create).get(sessions::list))
         .route("/api/sessions/{id}", get(sessions::get).delete(sessions::delete).patch(sessions::update))
         .route("/api/plugins", get(plugins::list))

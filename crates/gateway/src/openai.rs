@@ -1,4 +1,4 @@
-//! `POST /v1/chat/completions` and `GET /v1/models`, compatible with the official OpenAI clients. Without
+//! `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{id}`, compatible with the official OpenAI clients. Without
 //! conversation headers a request is single-turn: the client sends the whole conversation, as with OpenAI.
 
 use axum::{
@@ -174,7 +174,21 @@ fn session_header(response: &mut Response, session_id: &str) {
 
 pub async fn models(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let models = state.dialogue.clone().list_models(ListModelsRequest {}).await?.into_inner().models;
-    let data: Vec<_> =
-        models.iter().map(|m| json!({ "id": m.id, "object": "model", "created": 0, "owned_by": "moltbot" })).collect();
+    let data: Vec<_> = models.iter().map(model_json).collect();
     Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// `GET /v1/models/{id}`: one served model (the OpenAI clients' `models.retrieve`), or OpenAI's 404
+/// `model_not_found`.
+pub async fn model(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let models = state.dialogue.clone().list_models(ListModelsRequest {}).await?.into_inner().models;
+    let model = models.iter().find(|m| m.id == id).ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(Json(model_json(model)))
+}
+
+fn model_json(model: &moltbot_proto::dialogue::v1::ModelCard) -> serde_json::Value {
+    json!({ "id": model.id, "object": "model", "created": 0, "owned_by": "moltbot" })
 }
