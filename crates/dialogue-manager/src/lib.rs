@@ -190,21 +190,14 @@ pub async fn run(
     // The queue's depth as a metric, every 5 s while the service runs.
     let depth = tokio_util::sync::CancellationToken::new();
     let _stop_depth = depth.clone().drop_guard();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                () = depth.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            if moltbot_telemetry::metrics::installed().is_none() {
-                continue;
-            }
+    tokio::spawn(moltbot_telemetry::metrics::sample_every(Duration::from_secs(5), depth, move || {
+        let queue = queue.clone();
+        async move {
             if let Ok(pending) = queue.pending().await {
                 metrics::gauge!("moltbot_queue_pending_jobs").set(pending as f64);
             }
         }
-    });
+    }));
     let server = moltbot_proto::dialogue::v1::dialogue_server::DialogueServer::new(service);
     Ok(moltbot_proto::server::serve(listener, server, shutdown).await?)
 }
@@ -212,21 +205,12 @@ pub async fn run(
 /// The dialogue-manager as its own process (the `moltbot-dialogue-manager` binary, `moltbot run
 /// dialogue-manager`): telemetry, its metrics port, the session-store and NATS, gRPC until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
-    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-dialogue-manager")
-        .map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(
-        &config.telemetry,
-        config.dialogue_manager.metrics_listen,
-        "dialogue_manager.metrics_listen",
-    )
-    .await?;
+    let (service, metrics) = ("moltbot-dialogue-manager", config.dialogue_manager.metrics_listen);
+    let _tracing = moltbot_telemetry::start(config, service, metrics, "dialogue_manager.metrics_listen").await?;
     let sessions = connect_session_store(&config.dialogue_manager.session_store_url).await?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
     let service = DialogueService::new(config, sessions, queue).with_plugins(plugins);
-    let listen = config.dialogue_manager.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set dialogue_manager.listen)"))?;
+    let listener = moltbot_telemetry::bind(config.dialogue_manager.listen, "dialogue_manager.listen").await?;
     run(listener, service, moltbot_telemetry::shutdown_signal()).await
 }

@@ -513,14 +513,9 @@ fn mode_name(mode: i32) -> &'static str {
 /// The gateway as its own process (the `moltbot-gateway` binary, `moltbot run gateway`): telemetry, its metrics
 /// port, a (lazy) connection to the dialogue-manager, HTTP on `gateway.listen` until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
-    let _tracing =
-        moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-gateway").map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(&config.telemetry, config.gateway.metrics_listen, "gateway.metrics_listen")
-        .await?;
+    let metrics = config.gateway.metrics_listen;
+    let _tracing = moltbot_telemetry::start(config, "moltbot-gateway", metrics, "gateway.metrics_listen").await?;
     let dialogue = dialogue_client(&config.gateway.dialogue_manager_url)?;
-    let listen = config.gateway.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set gateway.listen)"))?;
+    let listener = moltbot_telemetry::bind(config.gateway.listen, "gateway.listen").await?;
     run(listener, &config.gateway, dialogue, moltbot_telemetry::shutdown_signal()).await
 }

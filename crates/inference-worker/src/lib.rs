@@ -312,20 +312,11 @@ pub async fn run(
 /// An inference worker as its own process (the `moltbot-inference-worker` binary, `moltbot run
 /// inference-worker`): telemetry, its metrics port, the model, NATS, gRPC until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
-    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-inference-worker")
-        .map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(
-        &config.telemetry,
-        config.inference_worker.metrics_listen,
-        "inference_worker.metrics_listen",
-    )
-    .await?;
+    let (service, metrics) = ("moltbot-inference-worker", config.inference_worker.metrics_listen);
+    let _tracing = moltbot_telemetry::start(config, service, metrics, "inference_worker.metrics_listen").await?;
     let engine = load_engine(config)?;
     let worker = Worker::new(engine, &config.inference_worker, config.model_provider.max_tokens);
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
-    let listen = config.inference_worker.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e} (set inference_worker.listen)"))?;
+    let listener = moltbot_telemetry::bind(config.inference_worker.listen, "inference_worker.listen").await?;
     run(listener, worker, queue, moltbot_telemetry::shutdown_signal()).await
 }

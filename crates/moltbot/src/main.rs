@@ -100,10 +100,9 @@ async fn serve(path: Option<PathBuf>, model: Option<String>) -> anyhow::Result<(
         figment = figment.merge(("model_provider.model", model));
     }
     let config = moltbot_config::Config::from_figment(&figment)?;
-    let _tracing = moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot").map_err(anyhow::Error::msg)?;
     // One process: every service's metrics on the gateway's metrics port.
-    moltbot_telemetry::metrics::listen(&config.telemetry, config.gateway.metrics_listen, "gateway.metrics_listen")
-        .await?;
+    let metrics = config.gateway.metrics_listen;
+    let _tracing = moltbot_telemetry::start(&config, "moltbot", metrics, "gateway.metrics_listen").await?;
     let listen = config.gateway.listen;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {listen}: {e} (set gateway.listen or MOLTBOT_GATEWAY__LISTEN)")

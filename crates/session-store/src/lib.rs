@@ -125,7 +125,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let backend = std::sync::Arc::new(backend);
     let counting = tokio_util::sync::CancellationToken::new();
-    let counter = tokio::spawn(count_active(backend.clone(), counting.clone()));
+    // The sessions in use as a metric, every 10 s while the store serves.
+    let counter =
+        tokio::spawn(moltbot_telemetry::metrics::sample_every(std::time::Duration::from_secs(10), counting.clone(), {
+            let backend = backend.clone();
+            move || {
+                let backend = backend.clone();
+                async move {
+                    if let Ok(active) = backend.active(ACTIVE_WINDOW.as_millis() as i64).await {
+                        metrics::gauge!("moltbot_sessions_active").set(active as f64);
+                    }
+                }
+            }
+        }));
     let _stop_counting = counting.clone().drop_guard();
     let service =
         moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
@@ -136,37 +148,12 @@ pub async fn run(
     Ok(served?)
 }
 
-/// The sessions in use as a metric, every 10 s until `stop` (only while a metrics port is up).
-async fn count_active(backend: std::sync::Arc<Backend>, stop: tokio_util::sync::CancellationToken) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        if moltbot_telemetry::metrics::installed().is_none() {
-            continue;
-        }
-        if let Ok(active) = backend.active(ACTIVE_WINDOW.as_millis() as i64).await {
-            metrics::gauge!("moltbot_sessions_active").set(active as f64);
-        }
-    }
-}
-
 /// The session-store as its own process (the `moltbot-session-store` binary, `moltbot run session-store`):
 /// telemetry, its metrics port, its backend, gRPC until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
-    let _tracing =
-        moltbot_telemetry::init(&config.log, &config.telemetry, "moltbot-session-store").map_err(anyhow::Error::msg)?;
-    moltbot_telemetry::metrics::listen(
-        &config.telemetry,
-        config.session_store.metrics_listen,
-        "session_store.metrics_listen",
-    )
-    .await?;
+    let (service, metrics) = ("moltbot-session-store", config.session_store.metrics_listen);
+    let _tracing = moltbot_telemetry::start(config, service, metrics, "session_store.metrics_listen").await?;
     let backend = open_backend(&config.session_store).await?;
-    let listener = tokio::net::TcpListener::bind(config.session_store.listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {}: {e} (set session_store.listen)", config.session_store.listen)
-    })?;
+    let listener = moltbot_telemetry::bind(config.session_store.listen, "session_store.listen").await?;
     run(listener, backend, moltbot_telemetry::shutdown_signal()).await
 }

@@ -45,6 +45,24 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig, service: &str) -> Resu
     Ok(Some(tracing))
 }
 
+/// A service process's start: its logs and traces as `service` (keep the returned guard for the life of the
+/// process), then its metrics port at `metrics_listen` (`key` names that setting in errors).
+pub async fn start(
+    config: &moltbot_config::Config,
+    service: &str,
+    metrics_listen: std::net::SocketAddr,
+    key: &str,
+) -> anyhow::Result<Option<trace::Tracing>> {
+    let tracing = init(&config.log, &config.telemetry, service).map_err(anyhow::Error::msg)?;
+    metrics::listen(&config.telemetry, metrics_listen, key).await?;
+    Ok(tracing)
+}
+
+/// Listens on `addr`; a failure names the address, why, and the setting (`key`) that chooses it.
+pub async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (set {key})"))
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -38,6 +38,25 @@ pub fn installed() -> Option<&'static Metrics> {
     INSTALLED.get()
 }
 
+/// Calls `sample` every `period` until `stop`, while this process's metrics port is up: for gauges that cost a call
+/// to read (a queue's depth, a store's count), kept off the request path.
+pub async fn sample_every<F, Fut>(period: std::time::Duration, stop: tokio_util::sync::CancellationToken, mut sample: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut every = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if installed().is_some() {
+            sample().await;
+        }
+    }
+}
+
 /// The process's metrics, installing the recorder on first use.
 pub fn install() -> &'static Metrics {
     INSTALLED.get_or_init(|| {
