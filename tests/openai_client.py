@@ -2,7 +2,7 @@
 (the same greedy answer both ways, with usage), errors raised as the client's own exception types, and structured
 output (`response_format` with a JSON Schema, and `json_object`), and the whole tool flow, plain and streamed: tools →
 `tool_calls` → a tool message → the final answer.
-Run by tests/tests/openai_client.rs with the gateway's base URL as the only argument."""
+Run by tests/tests/openai_client.rs with the gateway's base URL, and the model to use when it is not the default."""
 
 import sys
 
@@ -10,7 +10,7 @@ import openai
 from openai import OpenAI
 
 client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="not-needed-on-loopback", max_retries=0)
-MODEL = "smollm2-135m-instruct"
+MODEL = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 
 models = client.models.list()

@@ -526,9 +526,8 @@ impl Cluster {
             Role::Worker(id) => {
                 let mut worker_config = config.inference_worker.clone();
                 worker_config.worker_id = id.clone();
-                let engine = moltbot_inference_worker::load_engine(&config).expect("the model loads");
-                let worker =
-                    moltbot_inference_worker::Worker::new(engine, &worker_config, config.model_provider.max_tokens);
+                let worker = moltbot_inference_worker::Worker::load(&config.model_provider, &worker_config)
+                    .expect("the model loads");
                 let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, 64).await.expect("NATS");
                 tokio::spawn(moltbot_inference_worker::run(listener, worker, queue, shutdown))
             }

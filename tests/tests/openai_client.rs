@@ -25,3 +25,6 @@ async fn the_official_openai_python_client_works_unchanged() {
     assert!(output.status.success() && stdout.contains("openai client: ok"), "{stdout}\n{stderr}");
     moltbot.stop().await.unwrap();
 }
+
+/// Remote models behind this MoltBot (one test binary: one link).
+mod providers;

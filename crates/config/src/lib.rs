@@ -35,6 +35,9 @@ pub struct Config {
     pub session_store: SessionStoreConfig,
     pub inference_worker: InferenceWorkerConfig,
     pub model_provider: ModelProviderConfig,
+    /// More models `moltbot serve` hosts beside `model_provider`, each served by a worker of its own (a local GGUF
+    /// model, or a remote API). A deployed inference worker serves `model_provider` only.
+    pub models: Vec<ModelProviderConfig>,
     pub queue: QueueConfig,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
@@ -245,6 +248,10 @@ pub struct DialogueManagerConfig {
     /// Seconds the oldest queued job may have waited for a worker before new turns are refused (429 with
     /// `Retry-After`): overload is shed, not queued; 0: never.
     pub max_queue_wait: u64,
+    /// The model a request without `model` gets; empty: the one served, when only one is.
+    pub default_model: String,
+    /// Other names for served models (`alias: model`), e.g. `gpt-4o-mini: smollm2-135m-instruct`.
+    pub model_aliases: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for DialogueManagerConfig {
@@ -258,6 +265,8 @@ impl Default for DialogueManagerConfig {
             session_lock_wait: 30,
             session_lock_lease: 15,
             max_queue_wait: 20,
+            default_model: String::new(),
+            model_aliases: Default::default(),
         }
     }
 }
@@ -386,7 +395,7 @@ pub struct ModelProviderConfig {
     pub kind: Option<ProviderType>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_type: Option<ProviderType>,
-    /// The name clients put in `model`; every service of a deployment reads the same value.
+    /// The name clients put in `model`; the worker announces it, and the dialogue-managers route by it.
     pub model_name: String,
     /// A packaged model by name (`cargo xtask model` lists them and fetches one); empty means the default.
     pub model: String,
@@ -401,9 +410,38 @@ pub struct ModelProviderConfig {
     pub quantization: String,
     /// Caps the context window below the model's own (0: the model's).
     pub context_length: u32,
-    /// Remote API (not served yet; the keys are accepted so one file serves both).
+    /// `remote_api`: the OpenAI-compatible API's base URL (`…/v1`; `endpoint` is the same key).
+    #[serde(alias = "endpoint")]
     pub endpoint_url: String,
+    /// `remote_api`: `api_key` is sent as `Authorization: Bearer`, `organization` as `OpenAI-Organization`.
     pub auth: ProviderAuth,
+    /// `remote_api`: the remote's name for the model; empty: `model_name`.
+    pub remote_model: String,
+    /// `remote_api`: requests in flight to the remote at once (the worker takes this many jobs).
+    pub max_concurrency: usize,
+    /// `remote_api`: seconds to connect, and seconds the remote may stay silent mid-answer.
+    pub connect_timeout: u64,
+    pub read_timeout: u64,
+    /// `remote_api`: retries of a call refused with 429 or 5xx or not connected, before any of its answer came,
+    /// with exponential backoff and jitter, waiting at least what `Retry-After` asks.
+    pub max_retries: u32,
+    /// `remote_api`: what the remote model accepts (the local engine knows its own).
+    pub capabilities: Capabilities,
+}
+
+/// What a remote model accepts, as the operator declares it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capabilities {
+    pub tools: bool,
+    pub vision: bool,
+    pub json_schema: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self { tools: true, vision: false, json_schema: true }
+    }
 }
 
 impl Default for ModelProviderConfig {
@@ -420,6 +458,12 @@ impl Default for ModelProviderConfig {
             context_length: 0,
             endpoint_url: String::new(),
             auth: ProviderAuth::default(),
+            remote_model: String::new(),
+            max_concurrency: 16,
+            connect_timeout: 5,
+            read_timeout: 60,
+            max_retries: 3,
+            capabilities: Capabilities::default(),
         }
     }
 }
@@ -435,6 +479,65 @@ impl ModelProviderConfig {
     /// `type`, else `provider_type`, else `local_llm`.
     pub fn provider(&self) -> ProviderType {
         self.kind.or(self.provider_type).unwrap_or(ProviderType::LocalLlm)
+    }
+
+    /// The rules of one model provider section (`key`: where it is in the configuration).
+    pub fn validate(&self, key: &str) -> Result<()> {
+        let bad = |field: &str, why: &str| Err(Error::Invalid(format!("{key}.{field}: {why}")));
+        if self.model_name.is_empty() {
+            return bad("model_name", "must not be empty");
+        }
+        if !self.model.is_empty() && !self.model_path.as_os_str().is_empty() {
+            return bad(
+                "model",
+                &format!(
+                    "is set together with {key}.model_path; set one of them (a packaged model by name, or a GGUF file \
+                     of your own)"
+                ),
+            );
+        }
+        if !self.model.is_empty() && packaged_model(&self.model).is_none() {
+            return bad(
+                "model",
+                &format!(
+                    "`{}` is not a packaged model (packaged: {}); set {key}.model_path for a GGUF file of your own",
+                    self.model,
+                    packaged_model_names()
+                ),
+            );
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "must be at least 1");
+        }
+        if let (Some(a), Some(b)) = (self.kind, self.provider_type)
+            && a != b
+        {
+            return bad("type", &format!("disagrees with {key}.provider_type; set one of them"));
+        }
+        if self.provider() == ProviderType::RemoteApi {
+            if !(self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://")) {
+                return bad(
+                    "endpoint_url",
+                    "remote_api needs the OpenAI-compatible API's base URL, e.g. https://api.openai.com/v1",
+                );
+            }
+            if self.max_concurrency == 0 || self.connect_timeout == 0 || self.read_timeout == 0 {
+                return bad("max_concurrency", "max_concurrency, connect_timeout and read_timeout must be at least 1");
+            }
+        }
+        if !matches!(self.quantization.as_str(), "none" | "" | "4bit" | "8bit") {
+            return bad(
+                "quantization",
+                "must be `none` (weights as the GGUF file stores them), `8bit` (F32/F16 weights to Q8_0 at load) or \
+                 `4bit` (F32/F16/Q8_0 weights to Q4_K or Q4_0 at load)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The name the remote API knows the model by.
+    pub fn remote_model(&self) -> &str {
+        if self.remote_model.is_empty() { &self.model_name } else { &self.remote_model }
     }
 
     /// The GGUF file to load: `model_path`, else the packaged `model` in the user's cache, else the default model.
@@ -562,8 +665,10 @@ impl Config {
             .map_err(|e| Error::Invalid(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
         let mut config = config;
         // A packaged model is served under its own name unless `model_name` says otherwise.
-        if !config.model_provider.model.is_empty() && config.model_provider.model_name == DEFAULT_MODEL_NAME {
-            config.model_provider.model_name = config.model_provider.model.clone();
+        for provider in std::iter::once(&mut config.model_provider).chain(&mut config.models) {
+            if !provider.model.is_empty() && provider.model_name == DEFAULT_MODEL_NAME {
+                provider.model_name = provider.model.clone();
+            }
         }
         config.validate()?;
         Ok(config)
@@ -617,44 +722,21 @@ impl Config {
         if self.session_store.session_ttl == 0 {
             return bad("session_store.session_ttl", "must be at least 1 second");
         }
-        if self.model_provider.model_name.is_empty() {
-            return bad("model_provider.model_name", "must not be empty");
+        self.model_provider.validate("model_provider")?;
+        let mut names = std::collections::BTreeSet::from([self.model_provider.model_name.as_str()]);
+        for (i, model) in self.models.iter().enumerate() {
+            model.validate(&format!("models[{i}]"))?;
+            if !names.insert(&model.model_name) {
+                return bad(
+                    &format!("models[{i}].model_name"),
+                    &format!("`{}` is served twice; give each model its own model_name", model.model_name),
+                );
+            }
         }
-        if !self.model_provider.model.is_empty() && !self.model_provider.model_path.as_os_str().is_empty() {
-            return bad(
-                "model_provider.model",
-                "is set together with model_provider.model_path; set one of them (a packaged model by name, or a \
-                 GGUF file of your own)",
-            );
-        }
-        if !self.model_provider.model.is_empty() && packaged_model(&self.model_provider.model).is_none() {
-            return bad(
-                "model_provider.model",
-                &format!(
-                    "`{}` is not a packaged model (packaged: {}); set model_provider.model_path for a GGUF file of \
-                     your own",
-                    self.model_provider.model,
-                    packaged_model_names()
-                ),
-            );
-        }
-        if self.model_provider.max_tokens == 0 {
-            return bad("model_provider.max_tokens", "must be at least 1");
-        }
-        if let (Some(a), Some(b)) = (self.model_provider.kind, self.model_provider.provider_type)
-            && a != b
-        {
-            return bad("model_provider.type", "disagrees with model_provider.provider_type; set one of them");
-        }
-        if self.model_provider.provider() == ProviderType::RemoteApi {
-            return bad("model_provider.type", "remote_api is not available yet; use local_llm");
-        }
-        if !matches!(self.model_provider.quantization.as_str(), "none" | "" | "4bit" | "8bit") {
-            return bad(
-                "model_provider.quantization",
-                "must be `none` (weights as the GGUF file stores them), `8bit` (F32/F16 weights to Q8_0 at load) or \
-                 `4bit` (F32/F16/Q8_0 weights to Q4_K or Q4_0 at load)",
-            );
+        for (alias, model) in &self.dialogue_manager.model_aliases {
+            if alias.is_empty() || model.is_empty() {
+                return bad("dialogue_manager.model_aliases", "an alias and its model must both be named");
+            }
         }
         if self.inference_worker.max_batch_size == 0 || self.inference_worker.max_batch_tokens == 0 {
             return bad("inference_worker.max_batch_size", "max_batch_size and max_batch_tokens must be at least 1");

@@ -13,7 +13,7 @@ use moltbot_proto::{
     Replicas,
     dialogue::v1::{
         ChatEvent, ChatRequest, ExecutePluginRequest, ExecutePluginResponse, ListModelsRequest, ListModelsResponse,
-        ListPluginsRequest, ListPluginsResponse, ModelCard, dialogue_server::Dialogue,
+        ListPluginsRequest, ListPluginsResponse, dialogue_server::Dialogue,
     },
     session::v1::{
         CreateSessionRequest, DeleteSessionRequest, DeleteSessionResponse, GetSessionRequest, ListSessionsRequest,
@@ -44,19 +44,20 @@ pub async fn connect_session_store(urls: &str) -> anyhow::Result<SessionStoreCli
     Ok(SessionStoreClient::new(channel).max_decoding_message_size(moltbot_proto::MAX_MESSAGE_BYTES))
 }
 
-/// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for when the configuration
-/// does not name the model's.
-const LONGEST_CONTEXT: usize = 8192;
+/// How long after its start a dialogue-manager listens for workers (they announce themselves every two seconds)
+/// before it calls a model it has not heard of unknown.
+const FIRST_ANNOUNCEMENTS: Duration = Duration::from_millis(2500);
 
 #[derive(Clone)]
 pub struct DialogueService {
     sessions: SessionStoreClient<Replicas>,
     queue: JobQueue,
-    model: String,
-    max_tokens: u32,
-    /// The model's context window as far as this service knows it (`model_provider.context_length`, or the
-    /// engine's longest), to keep jobs from carrying history no model could see.
-    context_window: usize,
+    /// The model of requests that name none (`dialogue_manager.default_model`); empty: the only one served.
+    default_model: String,
+    /// Other names of served models (`dialogue_manager.model_aliases`).
+    aliases: std::sync::Arc<std::collections::BTreeMap<String, String>>,
+    /// When this service started: until workers had time to announce themselves, an unknown model is waited for.
+    started: tokio::time::Instant,
     job_timeout: Duration,
     worker_timeout: Duration,
     max_retries: u32,
@@ -74,12 +75,9 @@ impl DialogueService {
         Self {
             sessions,
             queue,
-            model: config.model_provider.model_name.clone(),
-            max_tokens: config.model_provider.max_tokens,
-            context_window: match config.model_provider.context_length {
-                0 => LONGEST_CONTEXT,
-                n => n as usize,
-            },
+            default_model: config.dialogue_manager.default_model.clone(),
+            aliases: std::sync::Arc::new(config.dialogue_manager.model_aliases.clone()),
+            started: tokio::time::Instant::now(),
             job_timeout: Duration::from_secs(config.queue.job_timeout),
             worker_timeout: Duration::from_secs(config.dialogue_manager.worker_timeout),
             max_retries: config.dialogue_manager.max_retries,
@@ -96,6 +94,61 @@ impl DialogueService {
         self.plugins = std::sync::Arc::new(plugins);
         self
     }
+
+    /// The model a request's `model` names (an alias, or empty for the default), as its workers announced it.
+    /// An unknown model is `NOT_FOUND` (with `moltbot-error: model_not_found`, which the gateway answers as
+    /// OpenAI does); a model whose workers are all gone is `UNAVAILABLE` at once, not a job no one takes.
+    pub(crate) async fn model(&self, asked: &str) -> Result<moltbot_proto::common::v1::ModelCard, Status> {
+        let resolve = |name: &str| self.aliases.get(name).cloned().unwrap_or_else(|| name.to_owned());
+        loop {
+            let listening = self.started.elapsed() < FIRST_ANNOUNCEMENTS;
+            let name = match (asked, self.default_model.as_str()) {
+                ("", "") => {
+                    let mut served = self.queue.models();
+                    match served.len() {
+                        1 => served.remove(0).id,
+                        0 if listening => String::new(),
+                        0 => return Err(no_worker("no model is being served: no inference worker is live")),
+                        _ => {
+                            let names: Vec<_> = served.iter().map(|m| m.id.as_str()).collect();
+                            return Err(Status::invalid_argument(format!(
+                                "model is required: this server serves {}",
+                                names.join(", ")
+                            )));
+                        }
+                    }
+                }
+                ("", default) => resolve(default),
+                (asked, _) => resolve(asked),
+            };
+            match self.queue.lookup(&name) {
+                moltbot_queue::Lookup::Live(card) => return Ok(card),
+                _ if listening => tokio::time::sleep(Duration::from_millis(100)).await,
+                moltbot_queue::Lookup::Gone(card) => {
+                    return Err(no_worker(&format!(
+                        "no inference worker of model `{}` is live; retry when one is back",
+                        card.id
+                    )));
+                }
+                moltbot_queue::Lookup::Unknown => {
+                    let served: Vec<_> = self.queue.models().into_iter().map(|m| m.id).collect();
+                    let mut status = Status::not_found(format!(
+                        "model `{asked}` does not exist; served: {}",
+                        if served.is_empty() { "none".into() } else { served.join(", ") }
+                    ));
+                    status.metadata_mut().insert("moltbot-error", "model_not_found".parse().expect("ASCII"));
+                    return Err(status);
+                }
+            }
+        }
+    }
+}
+
+/// UNAVAILABLE, retry in a few seconds.
+fn no_worker(message: &str) -> Status {
+    let mut status = Status::unavailable(message);
+    status.metadata_mut().insert("retry-after", "5".parse().expect("ASCII"));
+    status
 }
 
 #[tonic::async_trait]
@@ -122,7 +175,16 @@ impl Dialogue for DialogueService {
     }
 
     async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        Ok(Response::new(ListModelsResponse { models: vec![ModelCard { id: self.model.clone(), context_length: 0 }] }))
+        let mut models = self.queue.models();
+        for card in &mut models {
+            card.aliases =
+                self.aliases.iter().filter(|(_, model)| **model == card.id).map(|(a, _)| a.clone()).collect();
+        }
+        let default_model = match self.default_model.as_str() {
+            "" if models.len() == 1 => models[0].id.clone(),
+            default => self.aliases.get(default).cloned().unwrap_or_else(|| default.to_owned()),
+        };
+        Ok(Response::new(ListModelsResponse { models, default_model }))
     }
 
     async fn create_session(&self, request: Request<CreateSessionRequest>) -> Result<Response<Session>, Status> {

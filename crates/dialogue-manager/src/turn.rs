@@ -15,6 +15,9 @@ use tonic::{Code, Status};
 use crate::DialogueService;
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+/// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for a model whose workers do not
+/// say theirs.
+const LONGEST_CONTEXT: usize = 8192;
 
 /// How long before the caller's deadline a turn gives up, so that its caller hears a deadline rather than a
 /// hang-up, and a turn that times out is never taken for one whose client left.
@@ -22,6 +25,8 @@ const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50
 
 pub struct Turn {
     service: DialogueService,
+    /// The model the request named, as its workers announced it.
+    model: moltbot_proto::common::v1::ModelCard,
     request_id: String,
     user_id: String,
     session_id: String,
@@ -162,14 +167,21 @@ impl Turn {
         if let Some(m) = request.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
             return Err(Status::invalid_argument(format!("messages: role `{}` is not one of {ROLES:?}", m.role)));
         }
-        if !request.model.is_empty() && request.model != service.model {
-            return Err(Status::not_found(format!(
-                "model `{}` does not exist; available: {}",
-                request.model, service.model
-            )));
-        }
+        let model = service.model(&request.model).await?;
         // The tools are checked before anything happens (a session made, a plugin run).
         let tools = tools(&service, request.tools.take(), &request.plugins)?;
+        if tools.as_ref().is_some_and(|t| !t.tools.is_empty()) && !model.tools {
+            return Err(Status::invalid_argument(format!(
+                "tools: model `{}` does not call functions; leave out tools and plugins, or use a model that does",
+                model.id
+            )));
+        }
+        if request.sampling.as_ref().is_some_and(|s| s.json_schema.is_some()) && !model.json_schema {
+            return Err(Status::invalid_argument(format!(
+                "response_format: model `{}` does not follow a JSON schema here",
+                model.id
+            )));
+        }
         // A turn whose model may call plugins adds a call and a result, at least, for each round.
         let plugin_messages = if request.plugins.is_empty() { 0 } else { 2 * service.max_rounds as usize };
         let mode = resolve_mode(request.mode(), &request.session_id);
@@ -223,13 +235,14 @@ impl Turn {
             _ => (String::new(), vec![], None),
         };
         let mut sampling = request.sampling.unwrap_or_default();
-        if let Some(asked) = sampling.max_tokens.filter(|&n| n > service.max_tokens) {
+        let max_tokens = if model.max_output_tokens > 0 { model.max_output_tokens } else { u32::MAX };
+        if let Some(asked) = sampling.max_tokens.filter(|&n| n > max_tokens) {
             return Err(Status::invalid_argument(format!(
-                "max_tokens {asked} is above this server's limit of {} (model_provider.max_tokens)",
-                service.max_tokens
+                "max_tokens {asked} is above model `{}`'s limit of {max_tokens} (model_provider.max_tokens)",
+                model.id
             )));
         }
-        sampling.max_tokens = Some(sampling.max_tokens.unwrap_or(service.max_tokens));
+        sampling.max_tokens = sampling.max_tokens.or((max_tokens < u32::MAX).then_some(max_tokens));
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id };
         let mut new_messages = request.messages;
@@ -238,11 +251,13 @@ impl Turn {
             let ran = crate::plugins::run(&service, call, &session_id, &user_id, &request_id).await?;
             new_messages.extend(ran);
         }
-        let history = within_window(history, &new_messages, service.context_window);
+        let window = if model.context_length > 0 { model.context_length as usize } else { LONGEST_CONTEXT };
+        let history = within_window(history, &new_messages, window);
         let prompt = history.into_iter().chain(new_messages.iter().cloned()).collect();
         let plugins = request.plugins;
         Ok(Self {
             service,
+            model,
             request_id,
             user_id,
             session_id,
@@ -375,7 +390,7 @@ impl Turn {
             Ok(Round::Stopped { .. }) => "cancelled",
             Err(failed) => failed.outcome,
         };
-        let model = self.service.model.clone();
+        let model = self.model.id.clone();
         metrics::counter!("moltbot_model_requests_total", "model" => model, "outcome" => outcome).increment(1);
         result.map_err(|failed| failed.status)
     }
@@ -384,7 +399,7 @@ impl Turn {
     /// until the turn gave up on it (deadline, client gone), so a stalled queue shows as long waits, not none.
     fn waited(&self, submitted: &mut Option<std::time::Instant>) {
         if let Some(submitted) = submitted.take() {
-            let model = self.service.model.clone();
+            let model = self.model.id.clone();
             metrics::histogram!("moltbot_queue_wait_seconds", "model" => model).record(submitted.elapsed());
         }
     }
@@ -405,7 +420,7 @@ impl Turn {
             let job = InferenceJob {
                 request: Some(GenerateRequest {
                     request_id: self.request_id.clone(),
-                    model: self.service.model.clone(),
+                    model: self.model.id.clone(),
                     input: Some(Input::Chat(ChatInput { messages: self.prompt.clone(), tools: tools.clone() })),
                     sampling: Some(self.sampling.clone()),
                     trace_context: moltbot_telemetry::trace::current(),
@@ -461,7 +476,7 @@ impl Turn {
                             send(chat_event::Event::Started(TurnStarted {
                                 session_id: self.session_id.clone(),
                                 mode: self.mode.into(),
-                                model: self.service.model.clone(),
+                                model: self.model.id.clone(),
                                 prompt_tokens: s.prompt_tokens,
                             }))
                             .await?;

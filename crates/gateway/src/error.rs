@@ -137,6 +137,9 @@ impl From<tonic::Status> for ApiError {
             _ => s.message().to_owned(),
         };
         let retry_after = s.metadata().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+        if s.metadata().get("moltbot-error").is_some_and(|v| v == "model_not_found") {
+            return Self { message, ..Self::model_not_found("") };
+        }
         Self { retry_after, ..Self::new(status, message) }
     }
 }

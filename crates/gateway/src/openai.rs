@@ -185,10 +185,23 @@ pub async fn model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let models = state.dialogue.clone().list_models(ListModelsRequest {}).await?.into_inner().models;
-    let model = models.iter().find(|m| m.id == id).ok_or_else(|| ApiError::model_not_found(&id))?;
+    let model =
+        models.iter().find(|m| m.id == id || m.aliases.contains(&id)).ok_or_else(|| ApiError::model_not_found(&id))?;
     Ok(Json(model_json(model)))
 }
 
-fn model_json(model: &moltbot_proto::dialogue::v1::ModelCard) -> serde_json::Value {
-    json!({ "id": model.id, "object": "model", "created": 0, "owned_by": "moltbot" })
+/// OpenAI's model object, with what MoltBot knows beside: the context window, the longest answer, where the model
+/// runs, what a request may use, and its other names.
+fn model_json(model: &moltbot_proto::common::v1::ModelCard) -> serde_json::Value {
+    json!({
+        "id": model.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "moltbot",
+        "context_length": model.context_length,
+        "max_output_tokens": model.max_output_tokens,
+        "provider": model.provider,
+        "capabilities": { "tools": model.tools, "vision": model.vision, "json_schema": model.json_schema },
+        "aliases": model.aliases,
+    })
 }

@@ -1,4 +1,5 @@
-//! Runs one generation request on the engine and turns its progress into `GenerateEvent`s, with heartbeats.
+//! Runs one generation request on the worker's provider (the engine, or a remote API) and turns its progress into
+//! `GenerateEvent`s, with heartbeats.
 
 use std::time::Duration;
 
@@ -211,7 +212,7 @@ pub async fn drive(
     let span = tracing::info_span!(
         "generate",
         request_id = %request.request_id,
-        model = %worker.engine.name(),
+        model = %worker.provider.name(),
         worker_id = %worker.id,
         trace_id = tracing::field::Empty,
         prompt_tokens = tracing::field::Empty,
@@ -229,7 +230,7 @@ async fn generate(
     out: Sender<GenerateEvent>,
 ) -> bool {
     let request_id = request.request_id.clone();
-    let mut call = CallMetrics::new(worker.engine.name());
+    let mut call = CallMetrics::new(worker.provider.name());
     // Every event goes out through here, so the metrics see what the caller sees.
     let send = async |call: &mut CallMetrics, event: GenerateEvent| {
         call.observe(&event);
@@ -246,80 +247,66 @@ async fn generate(
         .await;
         return false;
     }
-    if !request.model.is_empty() && request.model != worker.engine.name() {
+    if !request.model.is_empty() && request.model != worker.provider.name() {
         let message =
-            format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.engine.name());
+            format!("model `{}` is not served by this worker (it serves `{}`)", request.model, worker.provider.name());
         let _ = send(&mut call, error(ErrorCode::InvalidArgument, message)).await;
         return false;
     }
-    // Counting, fitting and tokenizing the conversation is CPU work of its own: it runs off the async runtime, and
-    // a cancel or the deadline ends the wait for it (the engine then drops the request it queued).
-    let engine = worker.engine.clone();
-    let max_tokens = worker.max_tokens;
-    let prepare = tokio::task::spawn_blocking(move || {
-        // Stored history already carries its counts; only new messages are tokenized here.
-        let count = |m: &moltbot_proto::common::v1::ChatMessage| match m.tokens {
-            0 => engine.tokenizer().encode_text(&m.content).map_or(0, |t| t.len() as u32),
-            known => known,
-        };
-        let message_tokens: Vec<u32> = match &request.input {
-            Some(Input::Chat(chat)) => chat.messages.iter().map(count).collect(),
-            _ => vec![],
-        };
-        engine_request(request, max_tokens)
-            .map_err(|message| (ErrorCode::InvalidArgument, message))
-            .and_then(|r| engine.submit(r).map_err(|e| (code(&e), e.to_string())))
-            .map(|generation| (generation, message_tokens))
-    });
     let deadline = if deadline_ms > 0 {
         tokio::time::Instant::now() + Duration::from_millis((deadline_ms - now_ms()).max(0) as u64)
     } else {
         tokio::time::Instant::now() + Duration::from_secs(24 * 3600)
     };
-    let prepared = tokio::select! {
-        prepared = prepare => prepared.unwrap_or_else(|e| Err((ErrorCode::Internal, format!("preparing the prompt failed: {e}")))),
-        () = cancelled.cancelled() => {
-            tracing::info!(%request_id, "cancelled while its prompt was prepared");
-            return true;
+    let (mut source, started) = match &worker.provider {
+        crate::Provider::Local(engine) => {
+            match prepare(engine.clone(), worker.max_tokens, request, &cancelled, deadline).await {
+                Prepared::Ready(generation, message_tokens) => {
+                    let started = Started {
+                        worker_id: worker.id.clone(),
+                        prompt_tokens: generation.prompt_tokens,
+                        trimmed_messages: generation.trimmed_messages,
+                        message_tokens,
+                    };
+                    (Source::Local(generation), started)
+                }
+                Prepared::Failed(code, message) => {
+                    let _ = send(&mut call, error(code, message)).await;
+                    return false;
+                }
+                Prepared::Cancelled => {
+                    tracing::info!(%request_id, "cancelled while its prompt was prepared");
+                    return true;
+                }
+            }
         }
-        () = tokio::time::sleep_until(deadline) => {
-            let _ = send(&mut call, error(ErrorCode::DeadlineExceeded, "the request's deadline passed while its prompt was prepared")).await;
-            return false;
+        // The remote counts the prompt; the usage at the end says how many tokens it had.
+        crate::Provider::Remote(remote) => {
+            let started = Started { worker_id: worker.id.clone(), ..Default::default() };
+            (Source::Remote(remote.generate(request, deadline)), started)
         }
     };
-    let (mut generation, message_tokens) = match prepared {
-        Ok(prepared) => prepared,
-        Err((code, message)) => {
-            let _ = send(&mut call, error(code, message)).await;
-            return false;
-        }
-    };
-    let started = Started {
-        worker_id: worker.id.clone(),
-        prompt_tokens: generation.prompt_tokens,
-        trimmed_messages: generation.trimmed_messages,
-        message_tokens,
-    };
+    let prompt_tokens = started.prompt_tokens;
     if send(&mut call, event(Event::Started(started))).await.is_err() {
         return false;
     }
-    let mut phase = Some(tracing::info_span!("prefill", prompt_tokens = generation.prompt_tokens));
+    let mut phase = Some(tracing::info_span!("prefill", prompt_tokens));
     let mut decoding = false;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.tick().await;
     let mut tool_calls = vec![];
     loop {
         let (next, last) = tokio::select! {
-            e = generation.next() => match e {
-                Some(GenerationEvent::Token { text, id }) => (event(Event::Token(Token { text, token_id: id })), false),
-                Some(GenerationEvent::ToolCalls(calls)) => {
+            e = source.next() => match e {
+                Some(Ok(GenerationEvent::Token { text, id })) => (event(Event::Token(Token { text, token_id: id })), false),
+                Some(Ok(GenerationEvent::ToolCalls(calls))) => {
                     tool_calls = calls
                         .into_iter()
                         .map(|c| moltbot_proto::common::v1::ToolCall { id: c.id, name: c.name, arguments_json: c.arguments })
                         .collect();
                     continue;
                 }
-                Some(GenerationEvent::Finished { reason, usage }) => {
+                Some(Ok(GenerationEvent::Finished { reason, usage })) => {
                     let finish_reason = match reason {
                         moltbot_engine::FinishReason::Stop => FinishReason::Stop,
                         moltbot_engine::FinishReason::Length => FinishReason::Length,
@@ -334,7 +321,8 @@ async fn generate(
                     let tool_calls = std::mem::take(&mut tool_calls);
                     (event(Event::Finished(Finished { finish_reason: finish_reason.into(), usage: Some(usage), tool_calls })), true)
                 }
-                Some(GenerationEvent::Failed(message)) => (error(ErrorCode::Internal, message), true),
+                Some(Ok(GenerationEvent::Failed(message))) => (error(ErrorCode::Internal, message), true),
+                Some(Err(failure)) => (error(failure.code, failure.message), true),
                 None => (error(ErrorCode::Internal, "the engine stopped"), true),
             },
             _ = heartbeat.tick() => (event(Event::Heartbeat(Heartbeat { worker_id: worker.id.clone() })), false),
@@ -364,5 +352,66 @@ async fn generate(
         if last {
             return false;
         }
+    }
+}
+
+/// Where a job's answer comes from.
+enum Source {
+    Local(moltbot_engine::Generation),
+    Remote(tokio::sync::mpsc::Receiver<Result<GenerationEvent, crate::remote::Failure>>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Result<GenerationEvent, crate::remote::Failure>> {
+        match self {
+            Self::Local(generation) => generation.next().await.map(Ok),
+            Self::Remote(events) => events.recv().await,
+        }
+    }
+}
+
+/// A local job made ready for the engine, or why not.
+enum Prepared {
+    Ready(moltbot_engine::Generation, Vec<u32>),
+    Failed(ErrorCode, String),
+    Cancelled,
+}
+
+/// Counts, fits and tokenizes the conversation and queues it in the engine. That is CPU work of its own: it runs
+/// off the async runtime, and a cancel or the deadline ends the wait for it (the engine then drops the request it
+/// queued).
+async fn prepare(
+    engine: moltbot_engine::Engine,
+    max_tokens: u32,
+    request: GenerateRequest,
+    cancelled: &CancellationToken,
+    deadline: tokio::time::Instant,
+) -> Prepared {
+    let prepare = tokio::task::spawn_blocking(move || {
+        // Stored history already carries its counts; only new messages are tokenized here.
+        let count = |m: &moltbot_proto::common::v1::ChatMessage| match m.tokens {
+            0 => engine.tokenizer().encode_text(&m.content).map_or(0, |t| t.len() as u32),
+            known => known,
+        };
+        let message_tokens: Vec<u32> = match &request.input {
+            Some(Input::Chat(chat)) => chat.messages.iter().map(count).collect(),
+            _ => vec![],
+        };
+        engine_request(request, max_tokens)
+            .map_err(|message| (ErrorCode::InvalidArgument, message))
+            .and_then(|r| engine.submit(r).map_err(|e| (code(&e), e.to_string())))
+            .map(|generation| (generation, message_tokens))
+    });
+    tokio::select! {
+        prepared = prepare => match prepared {
+            Ok(Ok((generation, message_tokens))) => Prepared::Ready(generation, message_tokens),
+            Ok(Err((code, message))) => Prepared::Failed(code, message),
+            Err(e) => Prepared::Failed(ErrorCode::Internal, format!("preparing the prompt failed: {e}")),
+        },
+        () = cancelled.cancelled() => Prepared::Cancelled,
+        () = tokio::time::sleep_until(deadline) => Prepared::Failed(
+            ErrorCode::DeadlineExceeded,
+            "the request's deadline passed while its prompt was prepared".into(),
+        ),
     }
 }

@@ -1,8 +1,10 @@
-//! The inference worker: takes generation jobs from the queue only when the engine has a free slot, streams
-//! token events back (with a heartbeat every second), obeys cancels and deadlines, and serves the
+//! The inference worker: serves one model through its provider (MoltBot's engine, or a remote OpenAI-compatible
+//! API), announces it, takes generation jobs from the queue only when it has a free slot, streams token events
+//! back (with a heartbeat every second), obeys cancels and deadlines, and serves the
 //! `moltbot.inference.v1.Inference` gRPC service (model info, tokenize, direct generation).
 
 mod drive;
+pub mod remote;
 mod service;
 
 use std::{
@@ -13,7 +15,7 @@ use std::{
     },
 };
 
-use moltbot_config::{Config, InferenceWorkerConfig};
+use moltbot_config::{InferenceWorkerConfig, ModelProviderConfig, ProviderType};
 use moltbot_engine::{DeviceChoice, Engine, EngineConfig, KvBudget};
 use moltbot_queue::JobQueue;
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -23,22 +25,20 @@ pub use drive::drive;
 use moltbot_engine::Quantization;
 pub use service::InferenceService;
 
-/// Loads the configured model.
-pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
-    let provider = &config.model_provider;
+/// Loads the model `provider` names on the engine, with the worker's settings.
+pub fn load_engine(provider: &ModelProviderConfig, worker: &InferenceWorkerConfig) -> moltbot_engine::Result<Engine> {
     Engine::load(EngineConfig {
-        name: Some(config.model_provider.model_name.clone()),
+        name: Some(provider.model_name.clone()),
         device: if provider.gpu_layers > 0 { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu },
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
-        max_batch_size: config.inference_worker.max_batch_size,
-        max_batch_tokens: config.inference_worker.max_batch_tokens,
-        max_step: std::time::Duration::from_millis(config.inference_worker.max_step_ms.max(1)),
-        kv_cache: KvBudget::Bytes(config.inference_worker.kv_cache_mib << 20),
-        max_waiting: config.inference_worker.max_waiting,
-        threads: (config.inference_worker.threads > 0).then_some(config.inference_worker.threads),
-        max_prompt_tokens: (config.inference_worker.max_prompt_tokens > 0)
-            .then_some(config.inference_worker.max_prompt_tokens),
-        prefix_caching: config.inference_worker.prefix_caching,
+        max_batch_size: worker.max_batch_size,
+        max_batch_tokens: worker.max_batch_tokens,
+        max_step: std::time::Duration::from_millis(worker.max_step_ms.max(1)),
+        kv_cache: KvBudget::Bytes(worker.kv_cache_mib << 20),
+        max_waiting: worker.max_waiting,
+        threads: (worker.threads > 0).then_some(worker.threads),
+        max_prompt_tokens: (worker.max_prompt_tokens > 0).then_some(worker.max_prompt_tokens),
+        prefix_caching: worker.prefix_caching,
         quantization: match provider.quantization.as_str() {
             "4bit" => Quantization::Bits4,
             "8bit" => Quantization::Bits8,
@@ -48,10 +48,84 @@ pub fn load_engine(config: &Config) -> moltbot_engine::Result<Engine> {
     })
 }
 
-/// A worker: one engine, its identity and counters.
+/// What generates a worker's answers.
+#[derive(Clone)]
+pub enum Provider {
+    /// MoltBot's own engine, batching the worker's jobs.
+    Local(Engine),
+    /// An OpenAI-compatible API, called once per job.
+    Remote(remote::Remote),
+}
+
+impl Provider {
+    /// Loads the local model or readies the remote API's client that `config` names.
+    pub fn load(config: &ModelProviderConfig, worker: &InferenceWorkerConfig) -> anyhow::Result<Self> {
+        Ok(match config.provider() {
+            ProviderType::LocalLlm => Self::Local(load_engine(config, worker)?),
+            ProviderType::RemoteApi => Self::Remote(remote::Remote::new(config)?),
+        })
+    }
+
+    /// The name clients use in `model`.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Local(engine) => engine.name(),
+            Self::Remote(remote) => remote.name(),
+        }
+    }
+
+    /// Jobs the worker runs at once.
+    pub fn slots(&self) -> usize {
+        match self {
+            Self::Local(engine) => engine.max_sequences(),
+            Self::Remote(remote) => remote.max_concurrency(),
+        }
+    }
+
+    /// Requests waiting inside the provider for a place (the engine's batch).
+    fn waiting(&self) -> usize {
+        match self {
+            Self::Local(engine) => engine.stats().waiting,
+            Self::Remote(_) => 0,
+        }
+    }
+
+    /// What the worker announces of its model.
+    pub fn card(&self, max_tokens: u32) -> moltbot_proto::common::v1::ModelCard {
+        match self {
+            Self::Local(engine) => moltbot_proto::common::v1::ModelCard {
+                id: engine.name().to_owned(),
+                context_length: engine.context_length() as u32,
+                max_output_tokens: max_tokens,
+                provider: "local_llm".into(),
+                tools: true,
+                vision: false,
+                json_schema: true,
+                aliases: vec![],
+            },
+            Self::Remote(remote) => remote.card(),
+        }
+    }
+
+    /// The engine, for a local model.
+    pub fn engine(&self) -> Option<&Engine> {
+        match self {
+            Self::Local(engine) => Some(engine),
+            Self::Remote(_) => None,
+        }
+    }
+}
+
+impl From<Engine> for Provider {
+    fn from(engine: Engine) -> Self {
+        Self::Local(engine)
+    }
+}
+
+/// A worker: one model's provider, its identity and counters.
 #[derive(Clone)]
 pub struct Worker {
-    pub engine: Engine,
+    pub provider: Provider,
     pub id: String,
     pub max_tokens: u32,
     jobs: Arc<JobCounts>,
@@ -94,14 +168,19 @@ impl JobCounts {
 }
 
 impl Worker {
-    pub fn new(engine: Engine, config: &InferenceWorkerConfig, max_tokens: u32) -> Self {
+    pub fn new(provider: impl Into<Provider>, config: &InferenceWorkerConfig, max_tokens: u32) -> Self {
         let id = if config.worker_id.is_empty() {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
             format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
         } else {
             config.worker_id.clone()
         };
-        Self { engine, id, max_tokens, jobs: Arc::default() }
+        Self { provider: provider.into(), id, max_tokens, jobs: Arc::default() }
+    }
+
+    /// The worker of the model `provider` configures.
+    pub fn load(provider: &ModelProviderConfig, config: &InferenceWorkerConfig) -> anyhow::Result<Self> {
+        Ok(Self::new(Provider::load(provider, config)?, config, provider.max_tokens))
     }
 
     pub fn jobs_completed(&self) -> u64 {
@@ -118,10 +197,11 @@ impl Worker {
 
     /// Takes jobs from the queue until `shutdown` is cancelled, then lets the running jobs finish.
     pub async fn consume(self, queue: JobQueue, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut consumer = queue.consumer(self.engine.name()).await?;
-        let slots = Arc::new(Semaphore::new(self.engine.max_sequences()));
-        tracing::info!(worker_id = %self.id, model = %self.engine.name(), slots = self.engine.max_sequences(), "taking jobs");
-        let offers = queue.offers(self.engine.name(), &self.id).await?;
+        let (model, max) = (self.provider.name().to_owned(), self.provider.slots());
+        let mut consumer = queue.consumer(&model).await?;
+        let slots = Arc::new(Semaphore::new(max));
+        tracing::info!(worker_id = %self.id, %model, slots = max, "taking jobs");
+        let offers = queue.offers(&model, &self.id).await?;
         let no_more_offers = CancellationToken::new();
         let offers =
             offers.map(|offers| tokio::spawn(self.clone().take_offers(offers, slots.clone(), no_more_offers.clone())));
@@ -158,15 +238,17 @@ impl Worker {
             let _ = offers.await;
         }
         tracing::info!(worker_id = %self.id, "stopping: taking no more jobs, finishing the running ones");
-        let _ = slots.acquire_many(self.engine.max_sequences() as u32).await;
+        let _ = slots.acquire_many(max as u32).await;
         tracing::info!(worker_id = %self.id, "stopped");
         Ok(())
     }
 
-    /// Tells the dialogue-managers every two seconds that this worker is alive, so they offer it jobs.
+    /// Tells the dialogue-managers every two seconds that this worker is alive and what it serves, so they route
+    /// and offer it jobs.
     async fn announce(self, queue: JobQueue) {
+        let card = self.provider.card(self.max_tokens);
         loop {
-            if let Err(error) = queue.announce(self.engine.name(), &self.id).await {
+            if let Err(error) = queue.announce(&card, &self.id).await {
                 tracing::debug!(%error, "cannot announce this worker");
             }
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -178,7 +260,7 @@ impl Worker {
     /// it runs fewer jobs than a quarter of its slots, so that conversations that all prefer it still spread.
     /// Declined offers go to the shared queue.
     async fn take_offers(self, mut offers: moltbot_queue::Offers, slots: Arc<Semaphore>, stop: CancellationToken) {
-        let max = self.engine.max_sequences();
+        let max = self.provider.slots();
         loop {
             let offer = tokio::select! {
                 () = stop.cancelled() => return,
@@ -188,7 +270,7 @@ impl Worker {
             // Jobs running, not slots taken: the pull loop holds a slot while it waits for a job.
             let light = self.jobs.running.load(Ordering::Relaxed) < max.div_ceil(4);
             let permit = match slots.clone().try_acquire_owned() {
-                Ok(permit) if self.engine.stats().waiting == 0 && (known || light) => permit,
+                Ok(permit) if self.provider.waiting() == 0 && (known || light) => permit,
                 _ => {
                     offer.decline().await;
                     continue;
@@ -293,7 +375,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let _engine_metrics = moltbot_telemetry::metrics::installed().map(|m| engine_metrics(m, worker.engine.clone()));
+    let engine = worker.provider.engine().cloned();
+    let _engine_metrics =
+        moltbot_telemetry::metrics::installed().zip(engine).map(|(metrics, engine)| engine_metrics(metrics, engine));
     let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
     let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
     let grpc = moltbot_proto::server::serve(listener, service, {
@@ -314,8 +398,7 @@ pub async fn run(
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
     let (service, metrics) = ("moltbot-inference-worker", config.inference_worker.metrics_listen);
     let _tracing = moltbot_telemetry::start(config, service, metrics, "inference_worker.metrics_listen").await?;
-    let engine = load_engine(config)?;
-    let worker = Worker::new(engine, &config.inference_worker, config.model_provider.max_tokens);
+    let worker = Worker::load(&config.model_provider, &config.inference_worker)?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let listener = moltbot_telemetry::bind(config.inference_worker.listen, "inference_worker.listen").await?;
     run(listener, worker, queue, moltbot_telemetry::shutdown_signal()).await

@@ -24,18 +24,34 @@ impl InferenceService {
 #[tonic::async_trait]
 impl Inference for InferenceService {
     async fn get_model_info(&self, _: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
-        let engine = &self.worker.engine;
+        let worker = &self.worker;
+        let counts = ModelInfo {
+            worker_id: worker.id.clone(),
+            jobs_completed: worker.jobs_completed(),
+            jobs_cancelled: worker.jobs_cancelled(),
+            jobs_cancelled_in_queue: worker.jobs_cancelled_in_queue(),
+            max_sequences: worker.provider.slots() as u32,
+            ..Default::default()
+        };
+        let engine = match &worker.provider {
+            crate::Provider::Local(engine) => engine,
+            crate::Provider::Remote(remote) => {
+                let card = remote.card();
+                return Ok(Response::new(ModelInfo {
+                    name: card.id,
+                    architecture: "remote_api".into(),
+                    context_length: card.context_length,
+                    device: remote.url().to_owned(),
+                    ..counts
+                }));
+            }
+        };
         let stats = engine.stats();
         Ok(Response::new(ModelInfo {
             name: engine.name().to_owned(),
             architecture: engine.metadata().architecture.clone(),
             context_length: engine.context_length() as u32,
             vocab_size: engine.tokenizer().vocab_size() as u32,
-            max_sequences: engine.max_sequences() as u32,
-            worker_id: self.worker.id.clone(),
-            jobs_completed: self.worker.jobs_completed(),
-            jobs_cancelled: self.worker.jobs_cancelled(),
-            jobs_cancelled_in_queue: self.worker.jobs_cancelled_in_queue(),
             device: engine.device().to_owned(),
             kv_blocks_total: stats.kv_blocks_total as u64,
             kv_blocks_free: stats.kv_blocks_free as u64,
@@ -46,11 +62,17 @@ impl Inference for InferenceService {
             prefix_lookup_tokens: stats.prefix_lookup_tokens,
             prefix_hit_tokens: stats.prefix_hit_tokens,
             prefix_evictions: stats.prefix_evictions,
+            ..counts
         }))
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
-        let engine = &self.worker.engine;
+        let Some(engine) = self.worker.provider.engine() else {
+            return Err(Status::failed_precondition(format!(
+                "model `{}` is a remote API's: its tokenizer is not here",
+                self.worker.provider.name()
+            )));
+        };
         let (text, prompt) = match request.into_inner().input {
             Some(Input::Text(text)) => (text.clone(), Prompt::Text(text)),
             Some(Input::Chat(chat)) => {

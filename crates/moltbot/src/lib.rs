@@ -19,6 +19,8 @@ pub struct Embedded {
     pub gateway_addr: SocketAddr,
     /// The in-process dialogue-manager's gRPC address (loopback, ephemeral port).
     pub dialogue_url: String,
+    /// Each in-process inference worker's gRPC address: `model_provider`'s, then one per entry of `models`.
+    pub worker_urls: Vec<String>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -60,15 +62,21 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
     let (listener, session_url) = loopback().await?;
     tasks.push(tokio::spawn(moltbot_session_store::run(listener, backend, stopped(&shutdown))));
 
-    let engine = moltbot_inference_worker::load_engine(&config)?;
+    // A worker per model: `model_provider`, and each of `models` beside it.
     let queue = JobQueue::local(config.queue.max_pending_jobs);
-    let mut worker_config = config.inference_worker.clone();
-    if worker_config.worker_id.is_empty() {
-        worker_config.worker_id = "embedded".into();
+    let mut worker_urls = vec![];
+    for (i, provider) in std::iter::once(&config.model_provider).chain(&config.models).enumerate() {
+        let mut worker_config = config.inference_worker.clone();
+        if worker_config.worker_id.is_empty() {
+            worker_config.worker_id = if i == 0 { "embedded".into() } else { format!("embedded-{i}") };
+        } else if i > 0 {
+            worker_config.worker_id = format!("{}-{i}", worker_config.worker_id);
+        }
+        let worker = moltbot_inference_worker::Worker::load(provider, &worker_config)?;
+        let (listener, url) = loopback().await?;
+        worker_urls.push(url);
+        tasks.push(tokio::spawn(moltbot_inference_worker::run(listener, worker, queue.clone(), stopped(&shutdown))));
     }
-    let worker = moltbot_inference_worker::Worker::new(engine, &worker_config, config.model_provider.max_tokens);
-    let (listener, _) = loopback().await?;
-    tasks.push(tokio::spawn(moltbot_inference_worker::run(listener, worker, queue.clone(), stopped(&shutdown))));
 
     let sessions = moltbot_dialogue_manager::connect_session_store(&session_url).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
@@ -82,5 +90,5 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
     let gateway_config = config.gateway.clone();
     let stop = stopped(&shutdown);
     tasks.push(tokio::spawn(async move { moltbot_gateway::run(gateway, &gateway_config, client, stop).await }));
-    Ok(Embedded { gateway_addr, dialogue_url: dm_url, shutdown, tasks })
+    Ok(Embedded { gateway_addr, dialogue_url: dm_url, worker_urls, shutdown, tasks })
 }

@@ -5,6 +5,10 @@
 //! conversation, or a turn that reaches another replica), the live worker that rendezvous hashing (Thaler and
 //! Ravishankar, 1998) picks for it, the same on every replica: different conversations spread evenly, and when a
 //! worker goes only its own conversations move. Workers announce themselves every two seconds.
+//!
+//! The same announcements say which models are served ([`Workers::lookup`]): the dialogue-manager routes a request
+//! by its `model` to that model's jobs, answers an unknown model at once, and refuses a model whose workers are
+//! all gone instead of queueing jobs no one takes.
 
 use std::{
     collections::HashMap,
@@ -13,10 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_proto::inference::v1::{GenerateRequest, generate_request::Input};
+use moltbot_proto::{
+    common::v1::ModelCard,
+    inference::v1::{GenerateRequest, generate_request::Input},
+};
 
-/// A worker neither heard announcing itself nor seen starting a job for this long is gone.
-const FORGET_AFTER: Duration = Duration::from_secs(10);
+/// A worker neither heard announcing itself nor seen starting a job for this long is gone (three announcements
+/// missed).
+const FORGET_AFTER: Duration = Duration::from_secs(7);
 /// Conversations whose last worker is remembered; past this, the memory starts over.
 const REMEMBERED: usize = 100_000;
 
@@ -61,6 +69,19 @@ struct Registry {
     seen: HashMap<String, HashMap<String, Instant>>,
     /// Conversation → the worker that started its last turn.
     last: HashMap<u64, String>,
+    /// Model name → what its workers last announced of it; kept after they are gone.
+    cards: HashMap<String, ModelCard>,
+}
+
+/// What the registry knows of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// At least one live worker serves it.
+    Live(ModelCard),
+    /// Workers served it, and all are gone.
+    Gone(ModelCard),
+    /// No worker ever announced it.
+    Unknown,
 }
 
 impl Workers {
@@ -92,6 +113,40 @@ impl Workers {
         }
     }
 
+    /// `worker` announced that it serves `card`.
+    pub fn announced(&self, card: &ModelCard, worker: &str) {
+        self.saw(&crate::subject_token(&card.id), worker);
+        let mut registry = self.lock();
+        if registry.cards.get(&card.id) != Some(card) {
+            registry.cards.insert(card.id.clone(), card.clone());
+        }
+    }
+
+    /// Whether any worker of model `id` was heard from lately.
+    fn live(registry: &Registry, id: &str) -> bool {
+        let workers = registry.seen.get(&crate::subject_token(id));
+        workers.is_some_and(|w| w.values().any(|at| at.elapsed() < FORGET_AFTER))
+    }
+
+    /// What is known of model `id`.
+    pub fn lookup(&self, id: &str) -> Lookup {
+        let registry = self.lock();
+        match registry.cards.get(id) {
+            Some(card) if Self::live(&registry, id) => Lookup::Live(card.clone()),
+            Some(card) => Lookup::Gone(card.clone()),
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// The models a live worker serves, by name.
+    pub fn models(&self) -> Vec<ModelCard> {
+        let registry = self.lock();
+        let mut cards: Vec<ModelCard> =
+            registry.cards.values().filter(|card| Self::live(&registry, &card.id)).cloned().collect();
+        cards.sort_by(|a, b| a.id.cmp(&b.id));
+        cards
+    }
+
     /// `worker` is gone (nothing listens for its offers).
     pub fn forget(&self, model: &str, worker: &str) {
         if let Some(workers) = self.lock().seen.get_mut(model) {
@@ -103,7 +158,7 @@ impl Workers {
     /// worker with the highest hash of (key, worker).
     pub fn preferred(&self, model: &str, key: u64) -> Option<String> {
         let mut registry = self.lock();
-        let Registry { seen, last } = &mut *registry;
+        let Registry { seen, last, .. } = &mut *registry;
         let workers = seen.get_mut(model)?;
         workers.retain(|_, at| at.elapsed() < FORGET_AFTER);
         if let Some(worker) = last.get(&key).filter(|w| workers.contains_key(*w)) {
@@ -194,5 +249,23 @@ mod tests {
         assert_eq!(workers.preferred("m", 7).unwrap(), elsewhere);
         workers.forget("m", elsewhere);
         assert_ne!(workers.preferred("m", 7).unwrap(), elsewhere);
+    }
+
+    #[test]
+    fn models_are_live_while_a_worker_announces_them_and_gone_after() {
+        let workers = Workers::default();
+        let card = |id: &str| ModelCard { id: id.into(), context_length: 8, ..Default::default() };
+        assert_eq!(workers.lookup("a.b"), Lookup::Unknown);
+        workers.announced(&card("a.b"), "w1");
+        workers.announced(&card("c"), "w2");
+        assert_eq!(workers.lookup("a.b"), Lookup::Live(card("a.b")));
+        assert_eq!(workers.models().iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a.b", "c"]);
+        // The worker's name is a subject token: a name NATS cannot carry still finds its workers.
+        workers.forget("a_b", "w1");
+        assert_eq!(workers.lookup("a.b"), Lookup::Gone(card("a.b")));
+        assert_eq!(workers.models().len(), 1);
+        workers.announced(&card("a.b"), "w3");
+        assert!(matches!(workers.lookup("a.b"), Lookup::Live(_)));
+        assert_eq!(workers.lookup("nope"), Lookup::Unknown);
     }
 }

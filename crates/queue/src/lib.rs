@@ -5,7 +5,10 @@
 //!   bounded, de-duplicated by `Nats-Msg-Id`); workers pull one job per free slot from the durable consumer
 //!   `workers-<model>`; events return on core subject `moltbot.events.<request_id>`; cancels go to
 //!   `moltbot.cancel.<request_id>`.
-//! - **Local**: a bounded in-process channel with the same semantics, for `moltbot serve`.
+//! - **Local**: a bounded in-process channel per model with the same semantics, for `moltbot serve`.
+//!
+//! Workers announce the model they serve every two seconds; the queue keeps what it heard (`affinity::Workers`),
+//! so a requester knows the models being served (`JobQueue::models`, `JobQueue::lookup`).
 //!
 //! A conversation's turns go preferably to the worker that ran its earlier ones, which holds its prefix in cache
 //! (`affinity`): the job is offered to that worker directly first, and queued when it does not take it at once.
@@ -20,9 +23,13 @@ mod nats;
 use std::time::Duration;
 
 use futures::{StreamExt, stream::BoxStream};
-use moltbot_proto::inference::v1::{GenerateEvent, InferenceJob, generate_event::Event};
+use moltbot_proto::{
+    common::v1::ModelCard,
+    inference::v1::{GenerateEvent, InferenceJob, generate_event::Event},
+};
 use tokio_util::sync::CancellationToken;
 
+pub use affinity::Lookup;
 pub use local::LocalQueue;
 pub use nats::{NatsQueue, Offer};
 
@@ -52,7 +59,7 @@ pub fn job_subject(model: &str) -> String {
 }
 
 /// Model names may hold characters NATS subjects cannot (`.`, `*`, `>`, spaces).
-fn subject_token(model: &str) -> String {
+pub(crate) fn subject_token(model: &str) -> String {
     model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
@@ -100,19 +107,39 @@ impl JobQueue {
         }
     }
 
-    /// Tells the dialogue-managers that `worker` serves `model`; a worker calls it every two seconds.
-    pub async fn announce(&self, model: &str, worker: &str) -> Result<()> {
+    /// Tells the requesters that `worker` serves the model `card` describes; a worker calls it every two seconds.
+    pub async fn announce(&self, card: &ModelCard, worker: &str) -> Result<()> {
         match self {
-            Self::Nats(q) => q.announce(model, worker).await,
-            Self::Local(_) => Ok(()),
+            Self::Nats(q) => q.announce(card, worker).await,
+            Self::Local(q) => {
+                q.registry().announced(card, worker);
+                Ok(())
+            }
         }
+    }
+
+    fn registry(&self) -> &affinity::Workers {
+        match self {
+            Self::Nats(q) => q.registry(),
+            Self::Local(q) => q.registry(),
+        }
+    }
+
+    /// What is known of model `id`: served by a live worker, served once, or never heard of.
+    pub fn lookup(&self, id: &str) -> Lookup {
+        self.registry().lookup(id)
+    }
+
+    /// The models a live worker serves, by name.
+    pub fn models(&self) -> Vec<ModelCard> {
+        self.registry().models()
     }
 
     /// A consumer of `model`'s jobs, for a worker.
     pub async fn consumer(&self, model: &str) -> Result<JobConsumer> {
         match self {
             Self::Nats(q) => Ok(JobConsumer::Nats(Box::new(q.consumer(model).await?))),
-            Self::Local(q) => Ok(JobConsumer::Local(q.clone())),
+            Self::Local(q) => Ok(JobConsumer::Local(q.channel(model))),
         }
     }
 }
@@ -159,7 +186,7 @@ impl Offers {
 /// A worker's view of the queue.
 pub enum JobConsumer {
     Nats(Box<nats::NatsConsumer>),
-    Local(LocalQueue),
+    Local(local::Channel),
 }
 
 impl JobConsumer {

@@ -16,7 +16,8 @@ use async_nats::jetstream::{self, ErrorCode, consumer::pull, context::PublishErr
 use futures::StreamExt;
 use moltbot_proto::{
     Message,
-    inference::v1::{CancelJob, GenerateEvent, InferenceJob, generate_event::Event},
+    common::v1::ModelCard,
+    inference::v1::{Announcement, CancelJob, GenerateEvent, InferenceJob, generate_event::Event},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,7 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(1);
 const TAKEN: &[u8] = b"taken";
 const BUSY: &[u8] = b"busy";
 
-/// Where workers announce themselves (`moltbot.workers.<model>`, the worker id as payload).
+/// Where workers announce themselves (`moltbot.workers.<model>`, an `Announcement` as payload).
 const ANNOUNCE_PREFIX: &str = "moltbot.workers.";
 
 /// Where a worker hears offers of jobs meant for it.
@@ -122,10 +123,9 @@ impl NatsQueue {
                     () = stopped.cancelled() => return,
                     message = announcements.next() => match message { Some(m) => m, None => return },
                 };
-                if let (Some(model), Ok(worker)) =
-                    (message.subject.strip_prefix(ANNOUNCE_PREFIX), std::str::from_utf8(&message.payload))
-                {
-                    heard.saw(model, worker);
+                match Announcement::decode(message.payload.as_ref()) {
+                    Ok(Announcement { worker_id, model: Some(card) }) => heard.announced(&card, &worker_id),
+                    _ => tracing::debug!(subject = %message.subject, "ignoring a malformed worker announcement"),
                 }
             }
         });
@@ -282,10 +282,16 @@ impl NatsQueue {
         JobEvents { stream, cancel_on_drop: Some(cancelled.drop_guard()), ended }
     }
 
-    /// Tells the dialogue-managers that `worker` serves `model` (every two seconds while it takes jobs).
-    pub(crate) async fn announce(&self, model: &str, worker: &str) -> Result<()> {
-        let subject = format!("{ANNOUNCE_PREFIX}{}", subject_token(model));
-        self.client.publish(subject, worker.to_owned().into()).await.map_err(|e| Error::Nats(e.to_string()))
+    /// Tells the dialogue-managers that `worker` serves `card` (every two seconds while it takes jobs).
+    pub(crate) async fn announce(&self, card: &ModelCard, worker: &str) -> Result<()> {
+        let subject = format!("{ANNOUNCE_PREFIX}{}", subject_token(&card.id));
+        let announcement = Announcement { worker_id: worker.to_owned(), model: Some(card.clone()) };
+        let payload = announcement.encode_to_vec();
+        self.client.publish(subject, payload.into()).await.map_err(|e| Error::Nats(e.to_string()))
+    }
+
+    pub(crate) fn registry(&self) -> &affinity::Workers {
+        &self.workers
     }
 
     /// The offers of jobs meant for `worker`.

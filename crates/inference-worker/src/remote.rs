@@ -1,0 +1,550 @@
+//! The `remote_api` provider: a model behind an OpenAI-compatible HTTP API (OpenAI, llama.cpp's `llama-server`,
+//! vLLM, another MoltBot). The worker takes jobs from the queue as for its own engine, with `max_concurrency`
+//! calls in flight instead of batch slots, and turns each into one streamed `POST {endpoint_url}/chat/completions`.
+//!
+//! A call refused with 429 or 5xx, or one that cannot connect, is tried again (`max_retries`) before any of its
+//! answer came, after an exponential backoff with jitter and never sooner than the remote's `Retry-After`. The
+//! remote's errors become MoltBot's codes: its 400 is the request's fault; its 401, 403 and 404 are the operator's
+//! (the key or the model name is wrong), logged as such and answered as a server error, never as the user's 401.
+//! Dropping the events of a call (a cancel, the deadline) closes its connection, which ends the remote's stream.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use moltbot_config::ModelProviderConfig;
+use moltbot_engine::{FinishReason, GenerationEvent, ToolCall, Usage};
+use moltbot_proto::{
+    ErrorCode,
+    common::v1::{ChatMessage, ModelCard, tool_choice::Mode},
+    inference::v1::{GenerateRequest, generate_request::Input},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// The longest wait between two tries, whatever `Retry-After` says; a longer one fails the call at once.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The first backoff; it doubles with each try.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Why a remote call failed: the code the requester sees, and what to tell it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// A model served by a remote OpenAI-compatible API; cheap to clone.
+#[derive(Clone)]
+pub struct Remote {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: reqwest::Client,
+    /// `{endpoint_url}/chat/completions`.
+    url: String,
+    /// The name clients use here, and the remote's name for the model.
+    name: String,
+    remote_model: String,
+    api_key: String,
+    organization: String,
+    max_retries: u32,
+    read_timeout: Duration,
+    max_concurrency: usize,
+    card: ModelCard,
+}
+
+impl Remote {
+    pub fn new(config: &ModelProviderConfig) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(config.connect_timeout))
+            .user_agent(concat!("moltbot/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let capabilities = &config.capabilities;
+        let card = ModelCard {
+            id: config.model_name.clone(),
+            context_length: config.context_length,
+            max_output_tokens: config.max_tokens,
+            provider: "remote_api".into(),
+            tools: capabilities.tools,
+            vision: capabilities.vision,
+            json_schema: capabilities.json_schema,
+            aliases: vec![],
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                url: format!("{}/chat/completions", config.endpoint_url.trim_end_matches('/')),
+                name: config.model_name.clone(),
+                remote_model: config.remote_model().to_owned(),
+                api_key: config.auth.api_key.clone(),
+                organization: config.auth.organization.clone(),
+                max_retries: config.max_retries,
+                read_timeout: Duration::from_secs(config.read_timeout),
+                max_concurrency: config.max_concurrency,
+                card,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Calls in flight at once.
+    pub fn max_concurrency(&self) -> usize {
+        self.inner.max_concurrency
+    }
+
+    pub fn card(&self) -> ModelCard {
+        self.inner.card.clone()
+    }
+
+    /// Where the calls go (for the model info).
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// Starts a streamed call of `request` and returns its events; the last is `Finished` or an error. Dropping
+    /// the receiver ends the call and closes its connection.
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+        deadline: tokio::time::Instant,
+    ) -> mpsc::Receiver<Result<GenerationEvent, Failure>> {
+        let (tx, rx) = mpsc::channel(64);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let call = async {
+                let body = match body(&inner.remote_model, request) {
+                    Ok(body) => body,
+                    Err(failure) => return Err(failure),
+                };
+                let response = inner.send(&body, deadline).await?;
+                inner.stream(response, &tx).await
+            };
+            // The requester went away: the call is dropped, and with it the connection.
+            tokio::select! {
+                () = tx.closed() => {}
+                ended = call => if let Err(failure) = ended {
+                    let _ = tx.send(Err(failure)).await;
+                }
+            }
+        });
+        rx
+    }
+}
+
+impl Inner {
+    /// Posts `body` until the remote accepts it, retrying what may pass (429, 5xx, no connection) with backoff.
+    async fn send(&self, body: &Value, deadline: tokio::time::Instant) -> Result<reqwest::Response, Failure> {
+        let mut attempt = 0;
+        loop {
+            let mut post = self.client.post(&self.url).json(body).timeout(self.read_timeout);
+            if !self.api_key.is_empty() {
+                post = post.bearer_auth(&self.api_key);
+            }
+            if !self.organization.is_empty() {
+                post = post.header("OpenAI-Organization", &self.organization);
+            }
+            let (failure, retry_after) = match post.send().await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let retry_after = retry_after(response.headers());
+                    let detail = error_message(response).await;
+                    match status {
+                        429 | 500 | 502 | 503 | 504 => (refused(&self.url, status, &detail), retry_after),
+                        _ => return Err(self.rejected(status, &detail)),
+                    }
+                }
+                Err(e) => (Failure::new(ErrorCode::Unavailable, unreachable(&self.url, &e)), None),
+            };
+            let backoff = backoff(attempt).max(retry_after.unwrap_or_default());
+            if attempt >= self.max_retries || backoff > MAX_BACKOFF || tokio::time::Instant::now() + backoff >= deadline
+            {
+                return Err(failure);
+            }
+            tracing::info!(url = %self.url, attempt, wait_ms = backoff.as_millis() as u64, error = %failure.message, "retrying the remote API");
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+
+    /// A refusal no retry mends: the caller's (400, 413, 422) or the operator's (401, 403, 404, other).
+    fn rejected(&self, status: u16, detail: &str) -> Failure {
+        match status {
+            400 | 413 | 422 => {
+                Failure::new(ErrorCode::InvalidArgument, format!("the model refused the request: {detail}"))
+            }
+            401 | 403 => {
+                tracing::error!(url = %self.url, status, %detail, "the remote API refuses MoltBot's credentials: check model_provider.auth.api_key (and auth.organization)");
+                Failure::new(
+                    ErrorCode::Internal,
+                    format!("model `{}` is misconfigured on this server (its API refused the credentials)", self.name),
+                )
+            }
+            404 => {
+                tracing::error!(url = %self.url, model = %self.remote_model, %detail, "the remote API has no such model or endpoint: check model_provider.remote_model and endpoint_url");
+                Failure::new(
+                    ErrorCode::Internal,
+                    format!("model `{}` is misconfigured on this server (its API does not know it)", self.name),
+                )
+            }
+            _ => Failure::new(ErrorCode::Internal, format!("the remote API answered HTTP {status}: {detail}")),
+        }
+    }
+
+    /// Reads the server-sent events of an accepted call into `tx`.
+    async fn stream(
+        &self,
+        response: reqwest::Response,
+        tx: &mpsc::Sender<Result<GenerationEvent, Failure>>,
+    ) -> Result<(), Failure> {
+        let mut body = response.bytes_stream();
+        let mut buffer = Vec::new();
+        let mut answer = Answer::default();
+        loop {
+            let chunk = match tokio::time::timeout(self.read_timeout, body.next()).await {
+                Err(_) => {
+                    return Err(Failure::new(
+                        ErrorCode::Unavailable,
+                        format!("the remote API went silent for {} s mid-answer", self.read_timeout.as_secs()),
+                    ));
+                }
+                Ok(None) => {
+                    return Err(Failure::new(ErrorCode::Unavailable, "the remote API ended the answer early"));
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(Failure::new(
+                        ErrorCode::Unavailable,
+                        format!("the remote API's answer broke off: {e}"),
+                    ));
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
+                let data = data.trim_start();
+                if data == "[DONE]" {
+                    for event in answer.finish() {
+                        tx.send(Ok(event)).await.map_err(|_| Failure::new(ErrorCode::Cancelled, "cancelled"))?;
+                    }
+                    return Ok(());
+                }
+                let chunk: Value = serde_json::from_str(data).map_err(|e| {
+                    Failure::new(ErrorCode::Internal, format!("the remote API sent an event that is not JSON: {e}"))
+                })?;
+                for event in answer.read(&chunk)? {
+                    tx.send(Ok(event)).await.map_err(|_| Failure::new(ErrorCode::Cancelled, "cancelled"))?;
+                }
+            }
+        }
+    }
+}
+
+/// What an answer's chunks said so far.
+#[derive(Default)]
+struct Answer {
+    /// Calls by index: id, name, arguments as they arrived.
+    calls: Vec<(String, String, String)>,
+    reason: Option<FinishReason>,
+    usage: Usage,
+}
+
+impl Answer {
+    /// The events one `chat.completion.chunk` brings.
+    fn read(&mut self, chunk: &Value) -> Result<Vec<GenerationEvent>, Failure> {
+        if let Some(error) = chunk.get("error") {
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
+            return Err(Failure::new(ErrorCode::Internal, format!("the remote API failed mid-answer: {message}")));
+        }
+        let mut events = vec![];
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            let count = |key: &str| usage.get(key).and_then(Value::as_u64).unwrap_or(0) as u32;
+            let cached = usage.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
+            self.usage = Usage {
+                prompt_tokens: count("prompt_tokens"),
+                completion_tokens: count("completion_tokens"),
+                cached_tokens: cached as u32,
+            };
+        }
+        let Some(choice) = chunk.pointer("/choices/0") else { return Ok(events) };
+        if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+            events.push(GenerationEvent::Token { text: text.to_owned(), id: None });
+        }
+        for call in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
+            let index = call.get("index").and_then(Value::as_u64).unwrap_or(self.calls.len() as u64) as usize;
+            if index > 1024 {
+                return Err(Failure::new(ErrorCode::Internal, "the remote API sent a tool call index past 1024"));
+            }
+            if self.calls.len() <= index {
+                self.calls.resize(index + 1, Default::default());
+            }
+            let (id, name, arguments) = &mut self.calls[index];
+            let text = |pointer: &str| call.pointer(pointer).and_then(Value::as_str).unwrap_or("");
+            id.push_str(text("/id"));
+            name.push_str(text("/function/name"));
+            arguments.push_str(text("/function/arguments"));
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.reason = Some(match reason {
+                "length" => FinishReason::Length,
+                "tool_calls" | "function_call" => FinishReason::ToolCalls,
+                _ => FinishReason::Stop,
+            });
+        }
+        Ok(events)
+    }
+
+    /// The last events: the calls the answer made, then how it finished.
+    fn finish(&mut self) -> Vec<GenerationEvent> {
+        let mut events = vec![];
+        let calls: Vec<ToolCall> = std::mem::take(&mut self.calls)
+            .into_iter()
+            .filter(|(_, name, _)| !name.is_empty())
+            .map(|(id, name, arguments)| ToolCall { id, name, arguments })
+            .collect();
+        let mut reason = self.reason.unwrap_or(FinishReason::Stop);
+        if !calls.is_empty() {
+            reason = FinishReason::ToolCalls;
+            events.push(GenerationEvent::ToolCalls(calls));
+        }
+        events.push(GenerationEvent::Finished { reason, usage: self.usage });
+        events
+    }
+}
+
+/// The request body OpenAI's chat completions take.
+fn body(model: &str, request: GenerateRequest) -> Result<Value, Failure> {
+    let chat = match request.input {
+        Some(Input::Chat(chat)) => chat,
+        Some(Input::Prompt(_)) => {
+            return Err(Failure::new(
+                ErrorCode::InvalidArgument,
+                "a raw text prompt needs a local model; send chat messages to a remote one",
+            ));
+        }
+        None => return Err(Failure::new(ErrorCode::InvalidArgument, "the request has no input")),
+    };
+    let mut body = json!({
+        "model": model,
+        "messages": chat.messages.iter().map(message).collect::<Vec<_>>(),
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    let s = request.sampling.unwrap_or_default();
+    let fields = [
+        ("temperature", s.temperature.map(|t| json!(t))),
+        ("top_p", s.top_p.map(|p| json!(p))),
+        ("seed", s.seed.map(|seed| json!(seed))),
+        ("max_tokens", s.max_tokens.map(|n| json!(n))),
+        ("stop", (!s.stop.is_empty()).then(|| json!(s.stop))),
+    ];
+    for (key, value) in fields {
+        if let Some(value) = value {
+            body[key] = value;
+        }
+    }
+    if let Some(schema) = s.json_schema.as_deref() {
+        let schema: Value = serde_json::from_str(schema)
+            .map_err(|e| Failure::new(ErrorCode::InvalidArgument, format!("json_schema is not JSON: {e}")))?;
+        body["response_format"] =
+            json!({ "type": "json_schema", "json_schema": { "name": "response", "schema": schema } });
+    }
+    if let Some(tools) = chat.tools.filter(|t| !t.tools.is_empty()) {
+        let parameters = |json: &str| serde_json::from_str::<Value>(json).unwrap_or(json!({ "type": "object" }));
+        body["tools"] = tools
+            .tools
+            .iter()
+            .map(|t| {
+                json!({ "type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": parameters(&t.parameters_json),
+                } })
+            })
+            .collect();
+        let choice = tools.choice.unwrap_or_default();
+        body["tool_choice"] = match choice.mode() {
+            Mode::Auto => json!("auto"),
+            Mode::None => json!("none"),
+            Mode::Required => json!("required"),
+            Mode::Function => json!({ "type": "function", "function": { "name": choice.function } }),
+        };
+        if tools.single_call {
+            body["parallel_tool_calls"] = json!(false);
+        }
+    }
+    Ok(body)
+}
+
+/// One message as OpenAI's `messages[]` item.
+fn message(m: &ChatMessage) -> Value {
+    let mut out = json!({ "role": m.role, "content": m.content });
+    if !m.tool_calls.is_empty() {
+        out["tool_calls"] = m
+            .tool_calls
+            .iter()
+            .map(|c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments_json } }))
+            .collect();
+        if m.content.is_empty() {
+            out["content"] = Value::Null;
+        }
+    }
+    if !m.tool_call_id.is_empty() {
+        out["tool_call_id"] = json!(m.tool_call_id);
+    }
+    if !m.name.is_empty() && m.role == "tool" {
+        out["name"] = json!(m.name);
+    }
+    out
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from APIs and read as none).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+/// The wait before try `attempt + 1`: 250 ms doubling, with up to half of it again as jitter so that many workers
+/// refused at once do not come back at once.
+fn backoff(attempt: u32) -> Duration {
+    let base = FIRST_BACKOFF.saturating_mul(1 << attempt.min(8));
+    base + base.mul_f64(rand::random::<f64>() * 0.5)
+}
+
+/// The remote's own words on an error: OpenAI's `error.message`, else the start of the body.
+async fn error_message(response: reqwest::Response) -> String {
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned));
+    let message = message.unwrap_or(text);
+    match message.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+        None => message,
+    }
+}
+
+/// A refusal that may pass: rate limited (429) or failing (5xx).
+fn refused(url: &str, status: u16, detail: &str) -> Failure {
+    if status == 429 {
+        Failure::new(ErrorCode::ResourceExhausted, format!("the remote API is rate limiting this server: {detail}"))
+    } else {
+        Failure::new(ErrorCode::Unavailable, format!("the remote API at {url} failed (HTTP {status}): {detail}"))
+    }
+}
+
+fn unreachable(url: &str, e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() { "did not answer in time" } else { "is not reachable" };
+    let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
+    format!("the remote API at {url} {what}{cause}")
+}
+
+#[cfg(test)]
+mod tests {
+    use moltbot_proto::common::v1::{SamplingParams, Tool, ToolChoice, Tools};
+    use moltbot_proto::inference::v1::ChatInput;
+
+    use super::*;
+
+    #[test]
+    fn a_request_becomes_openais_body_with_only_standard_fields() {
+        let call =
+            moltbot_proto::common::v1::ToolCall { id: "c1".into(), name: "f".into(), arguments_json: "{}".into() };
+        let messages = vec![
+            ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() },
+            ChatMessage { role: "assistant".into(), tool_calls: vec![call], ..Default::default() },
+            ChatMessage {
+                role: "tool".into(),
+                content: "42".into(),
+                tool_call_id: "c1".into(),
+                name: "f".into(),
+                ..Default::default()
+            },
+        ];
+        let tools = Tools {
+            tools: vec![Tool {
+                name: "f".into(),
+                description: "d".into(),
+                parameters_json: "{\"type\":\"object\"}".into(),
+            }],
+            choice: Some(ToolChoice { mode: Mode::Required.into(), function: String::new() }),
+            single_call: true,
+        };
+        let request = GenerateRequest {
+            input: Some(Input::Chat(ChatInput { messages, tools: Some(tools) })),
+            sampling: Some(SamplingParams {
+                temperature: Some(0.0),
+                top_k: Some(5),
+                max_tokens: Some(7),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let body = body("remote-name", request).unwrap();
+        assert_eq!(body["model"], "remote-name");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["max_tokens"], 7);
+        assert!(body.get("top_k").is_none(), "OpenAI refuses fields it does not know");
+        assert_eq!(body["messages"][1]["content"], Value::Null);
+        assert_eq!(body["messages"][1]["tool_calls"][0]["function"]["name"], "f");
+        assert_eq!(body["messages"][2]["tool_call_id"], "c1");
+        assert_eq!(body["tool_choice"], "required");
+        assert_eq!(body["parallel_tool_calls"], false);
+        let prompt = GenerateRequest { input: Some(Input::Prompt("x".into())), ..Default::default() };
+        assert_eq!(body_code(prompt), ErrorCode::InvalidArgument);
+    }
+
+    fn body_code(request: GenerateRequest) -> ErrorCode {
+        body("m", request).unwrap_err().code
+    }
+
+    #[test]
+    fn chunks_become_tokens_calls_and_the_finish_with_usage() {
+        let mut answer = Answer::default();
+        let events = answer.read(&json!({ "choices": [{ "delta": { "content": "Hel" } }] })).unwrap();
+        assert!(matches!(&events[..], [GenerationEvent::Token { text, .. }] if text == "Hel"));
+        let call = |i: u64, id: &str, name: &str, args: &str| {
+            json!({ "choices": [{ "delta": { "tool_calls": [
+                { "index": i, "id": id, "function": { "name": name, "arguments": args } }
+            ] } }] })
+        };
+        answer.read(&call(0, "a", "weather", "{\"ci")).unwrap();
+        answer.read(&call(0, "", "", "ty\":1}")).unwrap();
+        answer.read(&json!({ "choices": [{ "delta": {}, "finish_reason": "tool_calls" }] })).unwrap();
+        answer.read(&json!({ "choices": [], "usage": { "prompt_tokens": 9, "completion_tokens": 4 } })).unwrap();
+        let end = answer.finish();
+        assert!(
+            matches!(&end[0], GenerationEvent::ToolCalls(calls) if calls[0].arguments == "{\"city\":1}" && calls[0].name == "weather")
+        );
+        assert!(matches!(
+            &end[1],
+            GenerationEvent::Finished { reason: FinishReason::ToolCalls, usage } if usage.prompt_tokens == 9 && usage.completion_tokens == 4
+        ));
+        let failed = Answer::default().read(&json!({ "error": { "message": "boom" } })).unwrap_err();
+        assert!(failed.message.contains("boom"));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_retry_after_is_read_in_seconds() {
+        for attempt in 0..4 {
+            let base = FIRST_BACKOFF * (1 << attempt);
+            let wait = backoff(attempt);
+            assert!(wait >= base && wait <= base.mul_f64(1.5), "{wait:?} for try {attempt}");
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+}

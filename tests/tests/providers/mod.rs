@@ -1,0 +1,182 @@
+//! `remote_api` models: a MoltBot in front of another OpenAI-compatible server (a second MoltBot, which speaks the
+//! protocol as OpenAI does, started here), its local model beside them, routed by the `model` each request names.
+
+use std::time::{Duration, Instant};
+
+use moltbot_config::{ModelProviderConfig, ProviderType};
+use moltbot_proto::inference::v1::{GetModelInfoRequest, ModelInfo, inference_client::InferenceClient};
+use moltbot_tests::{Http, embedded, free_port, sse_data};
+use serde_json::{Value, json};
+
+/// A `remote_api` model served here as `name`, called `remote_model` at `endpoint`.
+fn remote(name: &str, endpoint: &str, remote_model: &str, max_tokens: u32) -> ModelProviderConfig {
+    ModelProviderConfig {
+        kind: Some(ProviderType::RemoteApi),
+        model_name: name.into(),
+        endpoint_url: endpoint.into(),
+        remote_model: remote_model.into(),
+        max_tokens,
+        max_retries: 2,
+        connect_timeout: 2,
+        read_timeout: 20,
+        ..Default::default()
+    }
+}
+
+/// A worker's counters, once `done` holds for them or after 10 s.
+async fn worker_when(url: &str, done: impl Fn(&ModelInfo) -> bool) -> ModelInfo {
+    let mut client = InferenceClient::connect(url.to_owned()).await.expect("worker gRPC");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = client.get_model_info(GetModelInfoRequest {}).await.expect("model info").into_inner();
+        if done(&info) || Instant::now() > deadline {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn chat(model: &str, content: &str, max_tokens: u32) -> String {
+    json!({ "model": model, "messages": [{ "role": "user", "content": content }], "max_tokens": max_tokens, "temperature": 0 })
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_models_are_served_beside_the_local_one_each_request_by_the_model_it_named() {
+    let (upstream, upstream_http, _a) = embedded(|c| {
+        c.model_provider.model_name = "upstream".into();
+        c.model_provider.max_tokens = 64;
+    })
+    .await;
+    let endpoint = format!("{}/v1", upstream_http.base);
+    let (front, http, _b) = embedded(|c| {
+        c.models = vec![
+            remote("remote-small", &endpoint, "upstream", 64),
+            remote("remote-misnamed", &endpoint, "no-such-model", 8),
+            remote("remote-down", &format!("http://127.0.0.1:{}/v1", free_port()), "x", 8),
+        ];
+        c.dialogue_manager.model_aliases.insert("gpt-4o-mini".into(), "remote-small".into());
+    })
+    .await;
+    let (local_worker, upstream_worker) = (&front.worker_urls[0], &upstream.worker_urls[0]);
+
+    // Every served model is listed, with where it runs and what it takes.
+    let (status, models) = http.get("/v1/models").await;
+    assert_eq!(status, 200, "{models}");
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["remote-down", "remote-misnamed", "remote-small", "smollm2-135m-instruct"]);
+    let card = |id: &str| models["data"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone();
+    assert_eq!(card("remote-small")["provider"], "remote_api");
+    assert_eq!(card("remote-small")["aliases"], json!(["gpt-4o-mini"]));
+    assert_eq!(card("remote-small")["capabilities"], json!({ "tools": true, "vision": false, "json_schema": true }));
+    assert_eq!(card("smollm2-135m-instruct")["provider"], "local_llm");
+    assert!(card("smollm2-135m-instruct")["context_length"].as_u64().unwrap() >= 2048);
+    let (status, one) = http.get("/v1/models/gpt-4o-mini").await;
+    assert_eq!((status, one["id"].as_str()), (200, Some("remote-small")), "an alias finds its model");
+
+    // Through an alias to the remote: the upstream's worker ran it, the local one did not.
+    let (status, _, answer) = http.post("/v1/chat/completions", &[], &chat("gpt-4o-mini", "What is 2+2?", 6)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["model"], "remote-small");
+    let usage = &answer["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5, "the remote's usage comes back: {usage}");
+    assert!((1..=6).contains(&usage["completion_tokens"].as_u64().unwrap()), "{usage}");
+    assert!(!answer["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{answer}");
+    assert_eq!(worker_when(upstream_worker, |w| w.jobs_completed == 1).await.jobs_completed, 1);
+    // The local model answers its own requests.
+    let (status, _, local) = http.post("/v1/chat/completions", &[], &chat("smollm2-135m-instruct", "Hi", 4)).await;
+    assert_eq!((status, local["model"].as_str()), (200, Some("smollm2-135m-instruct")), "{local}");
+    assert_eq!(worker_when(local_worker, |w| w.jobs_completed == 1).await.jobs_completed, 1);
+    assert_eq!(worker_when(upstream_worker, |_| true).await.jobs_completed, 1, "the local model's turn stayed here");
+
+    // Streamed through the remote: the same greedy answer as the remote gives directly, then the usage.
+    let body = json!({
+        "model": "remote-small", "messages": [{ "role": "user", "content": "Name a color." }], "max_tokens": 8,
+        "temperature": 0, "stream": true, "stream_options": { "include_usage": true },
+    });
+    let streamed = http.stream("/v1/chat/completions", &body.to_string()).await.text().await.unwrap();
+    let events = sse_data(&streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{streamed}");
+    let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(chunks.iter().any(|c| c["usage"]["completion_tokens"].as_u64().is_some_and(|n| n > 0)), "{streamed}");
+    let direct = upstream_http.post("/v1/chat/completions", &[], &chat("upstream", "Name a color.", 8)).await.2;
+    assert_eq!(text, direct["choices"][0]["message"]["content"].as_str().unwrap(), "{streamed}");
+
+    // What goes wrong: an unknown model is OpenAI's 404; a remote that does not know its model is the operator's
+    // error (500, logged), not the user's 404; a remote that is down is a 503 within seconds.
+    let (status, _, unknown) = http.post("/v1/chat/completions", &[], &chat("gpt-9", "Hi", 4)).await;
+    assert_eq!((status, unknown["error"]["code"].as_str()), (404, Some("model_not_found")), "{unknown}");
+    assert_eq!(unknown["error"]["param"], "model");
+    let (status, _, misnamed) = http.post("/v1/chat/completions", &[], &chat("remote-misnamed", "Hi", 4)).await;
+    assert_eq!(status, 500, "{misnamed}");
+    assert!(misnamed["error"]["message"].as_str().unwrap().contains("misconfigured"), "{misnamed}");
+    let started = Instant::now();
+    let (status, _, down) = http.post("/v1/chat/completions", &[], &chat("remote-down", "Hi", 4)).await;
+    assert_eq!(status, 503, "{down}");
+    assert!(down["error"]["message"].as_str().unwrap().contains("not reachable"), "{down}");
+    assert!(started.elapsed() < Duration::from_secs(10), "a remote that is down took {:?}", started.elapsed());
+
+    // A client that goes away mid-answer: the call to the remote is closed, and the remote stops generating.
+    let body = json!({
+        "model": "remote-small", "stream": true, "max_tokens": 64, "temperature": 0,
+        "messages": [{ "role": "user", "content": "Count from one to one hundred in words." }],
+    });
+    let before = worker_when(upstream_worker, |_| true).await;
+    let mut response = http.stream("/v1/chat/completions", &body.to_string()).await;
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 3 {
+        seen.push_str(&String::from_utf8_lossy(&response.chunk().await.unwrap().expect("more of the stream")));
+    }
+    drop(response);
+    let after = worker_when(upstream_worker, |w| w.jobs_cancelled > before.jobs_cancelled && w.running == 0).await;
+    assert_eq!(after.jobs_cancelled, before.jobs_cancelled + 1, "the remote's job was cancelled");
+    assert_eq!(after.running, 0);
+
+    // The official OpenAI Python client, through MoltBot to the remote model: plain, streamed, structured output,
+    // the whole tool flow, and errors as the client's own exceptions.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/openai_client.py");
+    let output = tokio::process::Command::new("python3").args([script, &http.base, "remote-small"]).output().await;
+    let output = output.expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && stdout.contains("openai client: ok"), "{stdout}\n{stderr}");
+
+    front.stop().await.unwrap();
+    upstream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_rate_limits_is_retried_after_its_retry_after() {
+    // The upstream lets one request through per second: a second at once gets 429 with `Retry-After: 1`.
+    let (upstream, upstream_http, _a) = embedded(|c| {
+        c.model_provider.model_name = "upstream".into();
+        c.gateway.rate_limit.requests_per_minute = 60;
+        c.gateway.rate_limit.burst = 1;
+    })
+    .await;
+    let endpoint = format!("{}/v1", upstream_http.base);
+    let (front, http, _b) = embedded(|c| {
+        c.models = vec![
+            remote("patient", &endpoint, "upstream", 8),
+            ModelProviderConfig { max_retries: 0, ..remote("impatient", &endpoint, "upstream", 8) },
+        ];
+    })
+    .await;
+    let ask = async |http: &Http, model: &str| {
+        let started = Instant::now();
+        let (status, _, body) = http.post("/v1/chat/completions", &[], &chat(model, "Hi", 2)).await;
+        (status, body, started.elapsed())
+    };
+    let (status, body, _) = ask(&http, "patient").await;
+    assert_eq!(status, 200, "{body}");
+    // Refused at once: the worker waits what the remote asked (not its own first backoff of 250 ms), then passes.
+    let (status, body, took) = ask(&http, "patient").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(took >= Duration::from_millis(900), "the retry came after {took:?}, before the remote's Retry-After");
+    // Without retries the remote's 429 reaches the client as a 429 with Retry-After.
+    let (status, body, _) = ask(&http, "impatient").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("rate limiting"), "{body}");
+    front.stop().await.unwrap();
+    upstream.stop().await.unwrap();
+}
