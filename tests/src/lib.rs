@@ -31,6 +31,26 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     config
 }
 
+/// A `remote_api` model served as `name`, called `remote_model` at the OpenAI-compatible `endpoint` (…/v1).
+pub fn remote_api(
+    name: &str,
+    endpoint: &str,
+    remote_model: &str,
+    max_tokens: u32,
+) -> moltbot_config::ModelProviderConfig {
+    moltbot_config::ModelProviderConfig {
+        kind: Some(moltbot_config::ProviderType::RemoteApi),
+        model_name: name.into(),
+        endpoint_url: endpoint.into(),
+        remote_model: remote_model.into(),
+        max_tokens,
+        max_retries: 2,
+        connect_timeout: 2,
+        read_timeout: 20,
+        ..Default::default()
+    }
+}
+
 /// The embedded shape (`moltbot serve`) on a free loopback port, with `test_config` changed by `configure`.
 /// The directory holds its store: keep it as long as the service.
 pub async fn embedded(configure: impl FnOnce(&mut Config)) -> (moltbot::Embedded, Http, tempfile::TempDir) {
@@ -442,6 +462,8 @@ pub struct Cluster {
     pub session_store_url: String,
     dialogue_manager_url: String,
     services: Vec<Running>,
+    /// Workers that serve another model than `config.model_provider`'s, by id.
+    providers: std::collections::HashMap<String, moltbot_config::ModelProviderConfig>,
     pub redis: Server,
     pub nats: Server,
     pub nginx: Option<Server>,
@@ -470,6 +492,7 @@ impl Cluster {
             session_store_url: String::new(),
             dialogue_manager_url: String::new(),
             services: vec![],
+            providers: Default::default(),
             redis,
             nats,
             nginx: None,
@@ -526,8 +549,8 @@ impl Cluster {
             Role::Worker(id) => {
                 let mut worker_config = config.inference_worker.clone();
                 worker_config.worker_id = id.clone();
-                let worker = moltbot_inference_worker::Worker::load(&config.model_provider, &worker_config)
-                    .expect("the model loads");
+                let provider = self.providers.get(id).unwrap_or(&config.model_provider);
+                let worker = moltbot_inference_worker::Worker::load(provider, &worker_config).expect("the model loads");
                 let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, 64).await.expect("NATS");
                 tokio::spawn(moltbot_inference_worker::run(listener, worker, queue, shutdown))
             }
@@ -556,6 +579,12 @@ impl Cluster {
         let l = listener().await;
         self.worker_urls.push(format!("http://{}", l.local_addr().unwrap()));
         self.launch(Role::Worker(id.into()), l).await;
+    }
+
+    /// Starts one more inference worker, serving `provider`'s model instead of the cluster's.
+    pub async fn add_worker_serving(&mut self, id: &str, provider: moltbot_config::ModelProviderConfig) {
+        self.providers.insert(id.to_owned(), provider);
+        self.add_worker(id).await;
     }
 
     /// Every running service: its role and address, in start order.

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use moltbot_proto::inference::v1::{GenerateEvent, Started, Token, generate_event::Event};
+use moltbot_proto::inference::v1::{
+    GenerateEvent, GetModelInfoRequest, Started, Token, generate_event::Event, inference_client::InferenceClient,
+};
 use moltbot_queue::{JobQueue, NatsQueue};
 use moltbot_tests::{Cluster, sse_data, two_turn_conversation};
 use redis::AsyncCommands;
@@ -124,6 +126,9 @@ async fn remembered_cancels(cluster: &Cluster) -> u64 {
 /// no more events, no heartbeats.
 async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
     let queue = JobQueue::nats(nats_url, 64).await.unwrap();
+    // It announces itself as workers do, so the dialogue-manager knows the model is served.
+    let card = moltbot_proto::common::v1::ModelCard { id: model.into(), max_output_tokens: 200, ..Default::default() };
+    queue.announce(&card, "doomed").await.unwrap();
     let mut consumer = queue.consumer(model).await.unwrap();
     let running = tokio_util::sync::CancellationToken::new();
     let job = tokio::time::timeout(Duration::from_secs(30), consumer.next_job(&running))
@@ -781,4 +786,61 @@ async fn plugin_rounds_through_nats_each_run_their_own_job() {
     let jobs = cluster.first_worker_when(|w| w.jobs_completed >= rounds).await.jobs_completed;
     assert_eq!(jobs, rounds, "every round's job ran");
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_are_served_at_once_and_one_whose_workers_are_gone_is_a_fast_503() {
+    // The second model is a remote API (a MoltBot of its own) behind a worker of this cluster.
+    let (upstream, upstream_http, _dir) =
+        moltbot_tests::embedded(|c| c.model_provider.model_name = "upstream".into()).await;
+    let mut cluster = Cluster::start(1, |_| {}).await;
+    let endpoint = format!("{}/v1", upstream_http.base);
+    cluster.add_worker_serving("remote-0", moltbot_tests::remote_api("remote", &endpoint, "upstream", 24)).await;
+    let local = cluster.config.model_provider.model_name.clone();
+    // Workers announce themselves every two seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ids = loop {
+        let (_, models) = cluster.http.get("/v1/models").await;
+        let ids: Vec<String> =
+            models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+        if ids.len() == 2 || std::time::Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ids, ["remote", local.as_str()]);
+    let chat = |model: &str| {
+        serde_json::json!({ "model": model, "messages": [{ "role": "user", "content": "Hi" }], "max_tokens": 3 })
+            .to_string()
+    };
+    for model in ["remote", local.as_str(), "remote"] {
+        let (status, _, body) = cluster.http.post("/v1/chat/completions", &[], &chat(model)).await;
+        assert_eq!((status, body["model"].as_str()), (200, Some(model)), "{body}");
+    }
+    // Each model's worker ran its own requests: the local worker one, the remote worker (and the upstream) two.
+    let infos = cluster.workers_when(|w| w[0].jobs_completed == 1 && w[1].jobs_completed == 2).await;
+    assert_eq!((infos[0].jobs_completed, infos[1].jobs_completed), (1, 2));
+    assert_eq!(infos[1].architecture, "remote_api");
+    let mut upstream_worker = InferenceClient::connect(upstream.worker_urls[0].clone()).await.unwrap();
+    let upstream_info = upstream_worker.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(upstream_info.jobs_completed, 2);
+
+    // The remote model's only worker stops. A request that came just after waits in the queue only until the
+    // dialogue-manager misses the worker's announcements (7 s), then is refused (503); later ones at once.
+    let addr = cluster.worker_urls[1].trim_start_matches("http://").parse().unwrap();
+    cluster.stop_service(addr).await;
+    for limit in [Duration::from_secs(15), Duration::from_secs(2)] {
+        let asked = std::time::Instant::now();
+        let (status, headers, body) = cluster.http.post("/v1/chat/completions", &[], &chat("remote")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("no inference worker"), "{body}");
+        assert!(headers.contains_key("retry-after"));
+        assert!(asked.elapsed() < limit, "the refusal took {:?}", asked.elapsed());
+    }
+    let (_, models) = cluster.http.get("/v1/models").await;
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "a model no worker serves is not listed: {models}");
+    let (status, _, body) = cluster.http.post("/v1/chat/completions", &[], &chat(&local)).await;
+    assert_eq!(status, 200, "{body}");
+    cluster.stop().await;
+    upstream.stop().await.unwrap();
 }

@@ -15,6 +15,8 @@ use tonic::{Code, Status};
 use crate::DialogueService;
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+/// How often a queued job's model is checked for live workers while it waits for one.
+const WATCH_WORKERS: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for a model whose workers do not
 /// say theirs.
 const LONGEST_CONTEXT: usize = 8192;
@@ -437,8 +439,10 @@ impl Turn {
             loop {
                 // Before a worker starts the job it may wait in the queue until the deadline; after, the worker
                 // must show signs of life (events or heartbeats) every `worker_timeout`.
+                // While it waits, the model's workers are watched: when all are gone, none will take it.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let wait = if started { self.service.worker_timeout.min(left) } else { left };
+                let wait = if started { self.service.worker_timeout } else { WATCH_WORKERS }.min(left);
+                let asked = tokio::time::Instant::now();
                 // A client that goes away while the job waits in the queue cancels it there, before any work.
                 let next = tokio::select! {
                     next = events.next_within(wait) => next,
@@ -448,6 +452,17 @@ impl Turn {
                     }
                 };
                 let Some(event) = next else {
+                    if !started && tokio::time::Instant::now() < deadline && asked.elapsed() >= wait {
+                        if let moltbot_queue::Lookup::Gone(_) = self.service.queue.lookup(&self.model.id) {
+                            self.waited(&mut submitted);
+                            let status = Status::unavailable(format!(
+                                "no inference worker of model `{}` is live any more; retry when one is back",
+                                self.model.id
+                            ));
+                            return Err(Failed { outcome: "no_worker", status });
+                        }
+                        continue;
+                    }
                     if !started {
                         let status = Status::deadline_exceeded("no worker took the request before its deadline");
                         self.waited(&mut submitted);

@@ -3,25 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use moltbot_config::{ModelProviderConfig, ProviderType};
+use moltbot_config::ModelProviderConfig;
 use moltbot_proto::inference::v1::{GetModelInfoRequest, ModelInfo, inference_client::InferenceClient};
-use moltbot_tests::{Http, embedded, free_port, sse_data};
+use moltbot_tests::{Http, embedded, free_port, remote_api as remote, sse_data};
 use serde_json::{Value, json};
-
-/// A `remote_api` model served here as `name`, called `remote_model` at `endpoint`.
-fn remote(name: &str, endpoint: &str, remote_model: &str, max_tokens: u32) -> ModelProviderConfig {
-    ModelProviderConfig {
-        kind: Some(ProviderType::RemoteApi),
-        model_name: name.into(),
-        endpoint_url: endpoint.into(),
-        remote_model: remote_model.into(),
-        max_tokens,
-        max_retries: 2,
-        connect_timeout: 2,
-        read_timeout: 20,
-        ..Default::default()
-    }
-}
 
 /// A worker's counters, once `done` holds for them or after 10 s.
 async fn worker_when(url: &str, done: impl Fn(&ModelInfo) -> bool) -> ModelInfo {
