@@ -410,9 +410,10 @@ pub struct ModelProviderConfig {
     pub quantization: String,
     /// Caps the context window below the model's own (0: the model's).
     pub context_length: u32,
-    /// `remote_api`: the OpenAI-compatible API's base URL (`…/v1`; `endpoint` is the same key).
-    #[serde(alias = "endpoint")]
+    /// `remote_api`: the OpenAI-compatible API's base URL (`…/v1`); `endpoint` (the seed's name) is the same key.
     pub endpoint_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// `remote_api`: `api_key` is sent as `Authorization: Bearer`, `organization` as `OpenAI-Organization`.
     pub auth: ProviderAuth,
     /// `remote_api`: the remote's name for the model; empty: `model_name`.
@@ -457,6 +458,7 @@ impl Default for ModelProviderConfig {
             quantization: "none".into(),
             context_length: 0,
             endpoint_url: String::new(),
+            endpoint: None,
             auth: ProviderAuth::default(),
             remote_model: String::new(),
             max_concurrency: 16,
@@ -514,8 +516,14 @@ impl ModelProviderConfig {
         {
             return bad("type", &format!("disagrees with {key}.provider_type; set one of them"));
         }
+        if let Some(endpoint) =
+            self.endpoint.as_ref().filter(|e| !self.endpoint_url.is_empty() && **e != self.endpoint_url)
+        {
+            return bad("endpoint", &format!("`{endpoint}` disagrees with {key}.endpoint_url; set one of them"));
+        }
         if self.provider() == ProviderType::RemoteApi {
-            if !(self.endpoint_url.starts_with("http://") || self.endpoint_url.starts_with("https://")) {
+            let endpoint = self.endpoint_url();
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return bad(
                     "endpoint_url",
                     "remote_api needs the OpenAI-compatible API's base URL, e.g. https://api.openai.com/v1",
@@ -533,6 +541,14 @@ impl ModelProviderConfig {
             );
         }
         Ok(())
+    }
+
+    /// The remote API's base URL: `endpoint_url`, else `endpoint`.
+    pub fn endpoint_url(&self) -> &str {
+        match &self.endpoint {
+            Some(endpoint) if self.endpoint_url.is_empty() => endpoint,
+            _ => &self.endpoint_url,
+        }
     }
 
     /// The name the remote API knows the model by.
@@ -834,6 +850,24 @@ mod tests {
     }
 
     #[test]
+    fn remote_models_need_an_endpoint_and_every_model_its_own_name() {
+        let remote = "model_provider:\n  type: remote_api\n  model_name: gpt-4o-mini\n";
+        let missing = load(remote).unwrap_err().to_string();
+        assert!(missing.contains("model_provider.endpoint_url"), "{missing}");
+        let c = load(&format!("{remote}  endpoint: https://api.example.com/v1\n  auth: {{ api_key: k }}\n")).unwrap();
+        assert_eq!(
+            (c.model_provider.endpoint_url(), c.model_provider.remote_model()),
+            ("https://api.example.com/v1", "gpt-4o-mini")
+        );
+        let twice = "models:\n  - model_name: smollm2-135m-instruct\n";
+        assert!(load(twice).unwrap_err().to_string().contains("models[0].model_name"));
+        let bad = "models:\n  - model_name: other\n    type: remote_api\n    endpoint_url: ftp://x\n";
+        assert!(load(bad).unwrap_err().to_string().contains("models[0].endpoint_url"));
+        let aliases = load("dialogue_manager:\n  model_aliases: { gpt-4: smollm2-135m-instruct }\n").unwrap();
+        assert_eq!(aliases.dialogue_manager.model_aliases["gpt-4"], "smollm2-135m-instruct");
+    }
+
+    #[test]
     fn the_example_config_is_every_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/config.example.yaml");
         let figment = Config::figment_over(Config::default(), Some(&path)).unwrap();
@@ -841,6 +875,11 @@ mod tests {
         assert_eq!(example.gateway, Config::default().gateway);
         assert_eq!(example.inference_worker, Config::default().inference_worker);
         assert_eq!(example.dialogue_manager, Config::default().dialogue_manager);
+        // `model_provider.yaml` beside the example says `provider_type: local_llm`.
+        let local = Some(ProviderType::LocalLlm);
+        let provider = ModelProviderConfig { kind: local, provider_type: local, ..Default::default() };
+        assert_eq!(example.model_provider, provider);
+        assert!(example.models.is_empty());
         assert_eq!(example.plugins, Config::default().plugins);
         assert_eq!(example.telemetry, Config::default().telemetry);
         assert_eq!(example.session_store.metrics_listen, Config::default().session_store.metrics_listen);

@@ -80,7 +80,7 @@ impl Remote {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                url: format!("{}/chat/completions", config.endpoint_url.trim_end_matches('/')),
+                url: format!("{}/chat/completions", config.endpoint_url().trim_end_matches('/')),
                 name: config.model_name.clone(),
                 remote_model: config.remote_model().to_owned(),
                 api_key: config.auth.api_key.clone(),
