@@ -146,6 +146,13 @@ pub struct GatewayConfig {
     pub max_concurrent_per_user: usize,
     /// Messages in one chat request; more is a 400.
     pub max_messages: usize,
+    /// Images (`image_url` content parts) in one chat request; more is a 400.
+    pub max_images: usize,
+    /// Bytes of one image (decoded from its `data:` URL); larger is a 400. Images ride in the request body, so
+    /// `max_body_bytes` bounds them too.
+    pub max_image_bytes: usize,
+    /// Accept http(s) image URLs (the vision model's API fetches them); off: only `data:` URLs.
+    pub allow_image_urls: bool,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     /// Open client connections; more wait until one closes.
@@ -215,6 +222,9 @@ impl Default for GatewayConfig {
             max_concurrent_requests: 64,
             max_concurrent_per_user: 16,
             max_messages: 256,
+            max_images: 8,
+            max_image_bytes: 768 * 1024,
+            allow_image_urls: false,
             max_body_bytes: 1024 * 1024,
             max_connections: 1024,
             header_read_timeout: 30,

@@ -15,6 +15,11 @@ use tonic::{Code, Status};
 use crate::DialogueService;
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+/// What the session's byte cap counts of a message: its text and its images' URLs.
+fn message_bytes(m: &ChatMessage) -> u64 {
+    (m.content.len() + m.images.iter().map(|i| i.url.len()).sum::<usize>()) as u64
+}
+
 /// How often a queued job's model is checked for live workers while it waits for one.
 const WATCH_WORKERS: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for a model whose workers do not
@@ -178,6 +183,15 @@ impl Turn {
                 model.id
             )));
         }
+        if !model.vision && request.messages.iter().any(|m| !m.images.is_empty()) {
+            let mut status = Status::invalid_argument(format!(
+                "model `{}` does not take images; send text only, or use a model with vision (GET /v1/models shows \
+                 capabilities)",
+                model.id
+            ));
+            status.metadata_mut().insert("moltbot-param", "messages".parse().expect("ASCII"));
+            return Err(status);
+        }
         if request.sampling.as_ref().is_some_and(|s| s.json_schema.is_some()) && !model.json_schema {
             return Err(Status::invalid_argument(format!(
                 "response_format: model `{}` does not follow a JSON schema here",
@@ -217,7 +231,7 @@ impl Turn {
                         session.id, session.message_limit
                     )));
                 }
-                let bytes: u64 = session.messages.iter().map(|m| m.content.len() as u64).sum();
+                let bytes: u64 = session.messages.iter().map(message_bytes).sum();
                 if session.byte_limit > 0 && bytes >= session.byte_limit {
                     return Err(Status::failed_precondition(format!(
                         "session {} is full: it holds {bytes} bytes of messages, the most this server keeps in one \

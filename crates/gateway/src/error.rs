@@ -140,6 +140,8 @@ impl From<tonic::Status> for ApiError {
         if s.metadata().get("moltbot-error").is_some_and(|v| v == "model_not_found") {
             return Self { message, ..Self::model_not_found("") };
         }
-        Self { retry_after, ..Self::new(status, message) }
+        // The request's field at fault, where the dialogue-manager names one.
+        let param = s.metadata().get("moltbot-param").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Self { retry_after, param, ..Self::new(status, message) }
     }
 }

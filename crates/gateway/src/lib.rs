@@ -6,6 +6,7 @@ mod auth;
 mod body;
 mod cache;
 mod error;
+mod images;
 mod limits;
 mod native;
 mod observe;
@@ -44,6 +45,7 @@ pub struct AppState {
     turn_times: Arc<limits::TurnTimes>,
     timeout: Duration,
     max_messages: usize,
+    images: images::ImageLimits,
 }
 
 /// A client of the dialogue-manager at `urls` (one, or replicas separated by commas: calls take turns, and
@@ -63,6 +65,7 @@ pub fn router(config: &GatewayConfig, dialogue: DialogueClient<Replicas>) -> Rou
         turn_times: Arc::default(),
         timeout: Duration::from_secs(config.request_timeout),
         max_messages: config.max_messages,
+        images: images::ImageLimits::new(config),
     };
     let mut api: Router<AppState> = Router::new()
         .route("/v1/models", get(openai::models))
@@ -234,6 +237,7 @@ impl AppState {
                 Some("messages"),
             ));
         }
+        self.images.check(&request.messages)?;
         let user_slot = self.per_user.acquire(&request.user_id, || self.turn_times.retry_after())?;
         let slot =
             self.slots.clone().try_acquire_owned().map_err(|_| ApiError::overloaded(self.turn_times.retry_after()))?;
@@ -406,21 +410,27 @@ fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::comm
         .enumerate()
         .map(|(i, m)| {
             let param = format!("messages[{i}].content");
+            let mut images = vec![];
             let content = match m.content {
                 None | Some(serde_json::Value::Null) => String::new(),
                 Some(serde_json::Value::String(s)) => s,
-                Some(serde_json::Value::Array(parts)) => parts
-                    .iter()
-                    .map(|p| match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
-                        (Some("text"), Some(text)) => Ok(text.to_owned()),
-                        _ => Err(ApiError::bad_request("only text content parts are supported", Some(&param))),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join("\n"),
+                Some(serde_json::Value::Array(parts)) => {
+                    let mut texts = vec![];
+                    for part in &parts {
+                        match content_part(part).map_err(|why| ApiError::bad_request(why, Some(&param)))? {
+                            Part::Text(text) => texts.push(text),
+                            Part::Image(image) => images.push(image),
+                        }
+                    }
+                    texts.join("\n")
+                }
                 Some(_) => {
                     return Err(ApiError::bad_request("content must be a string or a list of parts", Some(&param)));
                 }
             };
+            if !images.is_empty() && m.role != "user" {
+                return Err(ApiError::bad_request("only a user message shows images", Some(&param)));
+            }
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool" | "developer") {
                 let param = format!("messages[{i}].role");
                 return Err(ApiError::bad_request(
@@ -449,10 +459,32 @@ fn to_proto_messages(messages: Vec<InMessage>) -> Result<Vec<moltbot_proto::comm
                 tool_calls,
                 tool_call_id,
                 name,
+                images,
                 ..Default::default()
             })
         })
         .collect()
+}
+
+/// One of OpenAI's content parts.
+enum Part {
+    Text(String),
+    Image(moltbot_proto::common::v1::Image),
+}
+
+/// A content part: `{"type":"text","text":…}` or `{"type":"image_url","image_url":{"url":…,"detail":…}}` (the
+/// URL alone as `image_url` is taken too).
+fn content_part(part: &serde_json::Value) -> Result<Part, &'static str> {
+    let text = |key: &str| part.pointer(key).and_then(serde_json::Value::as_str);
+    match part.get("type").and_then(serde_json::Value::as_str) {
+        Some("text") => text("/text").map(|t| Part::Text(t.to_owned())).ok_or("a text part has `text`"),
+        Some("image_url") => {
+            let url = text("/image_url/url").or(text("/image_url")).ok_or("an image_url part has `image_url.url`")?;
+            let detail = text("/image_url/detail").unwrap_or_default();
+            Ok(Part::Image(moltbot_proto::common::v1::Image { url: url.to_owned(), detail: detail.to_owned() }))
+        }
+        _ => Err("content parts are `text` or `image_url`"),
+    }
 }
 
 /// A whole answer, for non-streaming responses.

@@ -59,6 +59,11 @@ pub fn engine_request(request: GenerateRequest, max_tokens_cap: u32) -> Result<G
     let (prompt, tools) = match request.input {
         Some(Input::Prompt(text)) => (Prompt::Text(text), None),
         Some(Input::Chat(chat)) => {
+            // The engine has no vision encoder yet: one would turn each message's `images` into embeddings placed
+            // where the template marks them, as the prompt's tokens are.
+            if chat.messages.iter().any(|m| !m.images.is_empty()) {
+                return Err("this model does not take images (it has no vision encoder)".into());
+            }
             let tools = chat.tools.map(engine_tools).transpose()?;
             (Prompt::Chat(chat.messages.into_iter().map(engine_message).collect()), tools)
         }

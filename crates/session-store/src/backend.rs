@@ -21,6 +21,23 @@ pub struct StoredMessage {
     pub tool_call_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// A user message's images: their URLs (`data:` URLs inline, within the gateway's size cap) and `detail`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<StoredImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredImage {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl StoredMessage {
+    /// What the session's byte cap counts of this message: its text and its images' URLs.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.content.as_str()).chain(self.images.iter().map(|i| i.url.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +62,7 @@ impl From<moltbot_proto::common::v1::ChatMessage> for StoredMessage {
             tool_calls,
             tool_call_id: m.tool_call_id,
             name: m.name,
+            images: m.images.into_iter().map(|i| StoredImage { url: i.url, detail: i.detail }).collect(),
         }
     }
 }
@@ -64,6 +82,11 @@ impl From<StoredMessage> for moltbot_proto::common::v1::ChatMessage {
             tool_calls,
             tool_call_id: m.tool_call_id,
             name: m.name,
+            images: m
+                .images
+                .into_iter()
+                .map(|i| moltbot_proto::common::v1::Image { url: i.url, detail: i.detail })
+                .collect(),
         }
     }
 }

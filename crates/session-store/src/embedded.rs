@@ -195,7 +195,7 @@ impl EmbeddedBackend {
             if record.messages.len() + messages.len() > limits.session_messages as usize {
                 return Err(limits.too_many_messages(&record.id));
             }
-            if crate::text_bytes(record.messages.iter().map(|m| m.content.as_str())) >= limits.session_bytes {
+            if crate::text_bytes(record.messages.iter().flat_map(StoredMessage::texts)) >= limits.session_bytes {
                 return Err(limits.too_many_bytes(&record.id));
             }
             record.messages.extend(messages);

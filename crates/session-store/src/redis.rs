@@ -259,7 +259,7 @@ impl RedisBackend {
             .arg(id)
             .arg(self.limits.session_messages)
             .arg(self.limits.session_bytes)
-            .arg(crate::text_bytes(messages.iter().map(|m| m.content.as_str())));
+            .arg(crate::text_bytes(messages.iter().flat_map(crate::backend::StoredMessage::texts)));
         for m in &messages {
             invocation.arg(serde_json::to_string(m).map_err(|e| Error::Storage(e.to_string()))?);
         }

@@ -165,3 +165,99 @@ async fn a_remote_that_rate_limits_is_retried_after_its_retry_after() {
     front.stop().await.unwrap();
     upstream.stop().await.unwrap();
 }
+
+/// A 1×1 PNG.
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
+/// An OpenAI-compatible chat-completions server with vision, standing in for one (no vision model's weights can be
+/// fetched here). It keeps every request body it gets, and streams back how many images it saw.
+async fn vision_api() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    let chat = move |axum::Json(body): axum::Json<Value>| {
+        let kept = kept.clone();
+        async move {
+            let images = body["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["content"].as_array())
+                .flatten()
+                .filter(|part| part["type"] == "image_url")
+                .count();
+            kept.lock().unwrap().push(body);
+            let chunk = |delta: Value, finish: Value| {
+                let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+                format!("data: {}\n\n", json!({ "object": "chat.completion.chunk", "choices": choices }))
+            };
+            let usage = json!({ "choices": [], "usage": { "prompt_tokens": 90, "completion_tokens": 5 } });
+            let sse = [
+                chunk(json!({ "role": "assistant", "content": "I see " }), Value::Null),
+                chunk(json!({ "content": format!("{images} image(s).") }), Value::Null),
+                chunk(json!({}), json!("stop")),
+                format!("data: {usage}\n\ndata: [DONE]\n\n"),
+            ];
+            ([("content-type", "text/event-stream")], sse.concat())
+        }
+    };
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat));
+    let listener = moltbot_tests::listener().await;
+    let endpoint = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (endpoint, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_reach_a_vision_model_intact_stay_with_the_session_and_a_text_model_refuses_them() {
+    let (endpoint, seen) = vision_api().await;
+    let (front, http, _dir) = embedded(|c| {
+        let vision = moltbot_config::Capabilities { vision: true, ..Default::default() };
+        c.models = vec![ModelProviderConfig { capabilities: vision, ..remote("vision", &endpoint, "gpt-4o", 64) }];
+        c.gateway.max_images = 2;
+    })
+    .await;
+    let image = format!("data:image/png;base64,{PNG}");
+    let parts = json!([
+        { "type": "text", "text": "What is this?" },
+        { "type": "image_url", "image_url": { "url": image, "detail": "low" } },
+    ]);
+    let ask = |model: &str, content: &Value| {
+        json!({ "model": model, "messages": [{ "role": "user", "content": content }], "max_tokens": 8 }).to_string()
+    };
+    let multi = [("x-dialogue-mode", "multi")];
+    let (status, headers, answer) = http.post("/v1/chat/completions", &multi, &ask("vision", &parts)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"]["content"], "I see 1 image(s).");
+    assert_eq!(answer["usage"]["prompt_tokens"], 90);
+    // The vision API got the request's parts as they were sent: the text, then the image, byte for byte.
+    let first = seen.lock().unwrap()[0].clone();
+    assert_eq!(first["model"], "gpt-4o");
+    assert_eq!(first["messages"].as_array().unwrap().last().unwrap()["content"], parts);
+
+    // The session keeps the image: the next turn shows it to the model again, and the session API returns it.
+    let session = headers["x-session-id"].to_str().unwrap().to_owned();
+    let next = [("x-session-id", session.as_str())];
+    let (status, _, answer) = http.post("/v1/chat/completions", &next, &ask("vision", &json!("And now?"))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"]["content"], "I see 1 image(s).");
+    let second = seen.lock().unwrap()[1].clone();
+    assert_eq!(second["messages"][0]["content"], parts, "the stored image came back intact: {second}");
+    let (status, stored) = http.get(&format!("/api/sessions/{session}")).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(stored["messages"][0]["content"], parts, "{stored}");
+
+    // A text-only model refuses images, naming the model; the gateway's limits hold.
+    let (status, _, refused) = http.post("/v1/chat/completions", &[], &ask("smollm2-135m-instruct", &parts)).await;
+    assert_eq!((status, refused["error"]["param"].as_str()), (400, Some("messages")), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("`smollm2-135m-instruct` does not take images"));
+    let image_part = json!({ "type": "image_url", "image_url": { "url": image } });
+    let three = json!([image_part, image_part, image_part]);
+    let (status, _, refused) = http.post("/v1/chat/completions", &[], &ask("vision", &three)).await;
+    assert_eq!((status, refused["error"]["param"].as_str()), (400, Some("messages")), "{refused}");
+    let remote_url = json!([{ "type": "image_url", "image_url": { "url": "https://example.com/cat.png" } }]);
+    let (status, _, refused) = http.post("/v1/chat/completions", &[], &ask("vision", &remote_url)).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "messages[0].content.image_url[0]");
+    assert_eq!(seen.lock().unwrap().len(), 2, "no refused request reached the vision API");
+    front.stop().await.unwrap();
+}
