@@ -8,7 +8,7 @@
 //!   ops/s, the cost of a session per turn (release build); `bench conversation`: each turn's time to first
 //!   token in a 20-turn chat with the prefix cache on and off, and 16 users behind one system prompt, beside
 //!   llama-server when `../shared/tools/build_llamacpp.sh` has built it; `bench kernels`: each block format's
-//!   matrix kernel alone
+//!   matrix kernel alone; `bench remote`: what MoltBot adds in front of a remote OpenAI-compatible API
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 //! - `soak [--minutes 30] [--load 0.7]`: MoltBot under 70 % of its measured capacity for half an hour (release)
 //! - `fuzz [target] [seconds]`: one libFuzzer target (`fuzz/`) for a bounded time (60 s), keeping its corpus;
@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | telemetry | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -214,6 +214,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// `bench conversation`: time to first token of each turn of a 20-turn chat with prefix caching on and off, and
 /// 16 users behind one system prompt, beside llama-server when it is built;
 /// `bench gateway`: what the gateway adds to a request (MoltBot started in-process);
+/// `bench remote`: what MoltBot adds in front of a remote OpenAI-compatible API (a second MoltBot, and llama-server
+/// when built), p50/p99;
 /// `bench telemetry`: chats through `moltbot serve` with metrics off, on, and with traces, medians and ratios;
 /// `bench plugins`: p50/p99 of a built-in and of a Python process plugin call, in the host and over HTTP;
 /// `bench kernels`: each block format's matrix kernel alone, GMAC/s at 1 to 512 activation rows (no model);
@@ -265,6 +267,16 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         Some("gateway") => {
             forwarded.extend(["--http-only".into(), "--gateway-overhead".into(), "200".into()]);
             forwarded.extend(args[1..].iter().cloned());
+        }
+        Some("remote") => {
+            // The second upstream: llama-server on the default model, when it is built.
+            let anchor = llama_server()?;
+            if let Some(server) = &anchor {
+                forwarded.extend(["--anchor-url".into(), server.url.clone()]);
+            }
+            forwarded.extend(["--http-only".into(), "--remote-overhead".into(), "200".into()]);
+            forwarded.extend(args[1..].iter().cloned());
+            return status(cargo().args(["run", "--release", "--package", "moltbot", "--", "bench"]).args(forwarded));
         }
         Some("conversation") if args.iter().any(|a| a == "--workers") => return distributed_conversation(&args[1..]),
         Some("conversation") => {

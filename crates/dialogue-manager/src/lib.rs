@@ -176,6 +176,11 @@ impl Dialogue for DialogueService {
 
     async fn list_models(&self, _: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let mut models = self.queue.models();
+        // Just started: the workers have not all been heard yet.
+        while models.is_empty() && self.started.elapsed() < FIRST_ANNOUNCEMENTS {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            models = self.queue.models();
+        }
         for card in &mut models {
             card.aliases =
                 self.aliases.iter().filter(|(_, model)| **model == card.id).map(|(a, _)| a.clone()).collect();

@@ -15,6 +15,7 @@ use std::{
     },
 };
 
+use futures::StreamExt;
 use moltbot_config::{InferenceWorkerConfig, ModelProviderConfig, ProviderType};
 use moltbot_engine::{DeviceChoice, Engine, EngineConfig, KvBudget};
 use moltbot_queue::JobQueue;
@@ -247,11 +248,16 @@ impl Worker {
     /// and offer it jobs.
     async fn announce(self, queue: JobQueue) {
         let card = self.provider.card(self.max_tokens);
+        // A dialogue-manager that just connected asks for an announcement at once.
+        let mut hellos = queue.hellos().await.ok().flatten().unwrap_or_else(|| futures::stream::pending().boxed());
         loop {
             if let Err(error) = queue.announce(&card, &self.id).await {
                 tracing::debug!(%error, "cannot announce this worker");
             }
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                Some(()) = hellos.next() => {}
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, P
 
 mod conversation;
 mod kernels;
+mod remote;
 mod telemetry;
 
 #[derive(clap::Args)]
@@ -52,6 +53,10 @@ pub struct Args {
     /// The plugin directory for --plugin-calls (it must hold the `weather` plugin).
     #[arg(long)]
     plugins_dir: Option<PathBuf>,
+    /// Start a MoltBot in front of a remote API (a second MoltBot, and --anchor-url when given) and time this many
+    /// one-token chats to the remote directly and through MoltBot: what MoltBot adds.
+    #[arg(long)]
+    remote_overhead: Option<usize>,
     /// With --url: time this many single-turn and multi-turn turns one after the other and print what the session
     /// (lock, read, save) adds to a turn.
     #[arg(long)]
@@ -104,6 +109,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(n) = args.gateway_overhead {
         gateway_overhead(n).await?;
+    }
+    if let Some(n) = args.remote_overhead {
+        remote::run(n, args.anchor_url.as_deref()).await?;
     }
     if let Some(redis) = &args.sessions_redis {
         session_store(redis, args.concurrency).await?;

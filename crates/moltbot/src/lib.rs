@@ -73,6 +73,8 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
             worker_config.worker_id = format!("{}-{i}", worker_config.worker_id);
         }
         let worker = moltbot_inference_worker::Worker::load(provider, &worker_config)?;
+        // Known to the dialogue-manager before the first request (the worker goes on announcing itself).
+        queue.announce(&worker.provider.card(worker.max_tokens), &worker.id).await?;
         let (listener, url) = loopback().await?;
         worker_urls.push(url);
         tasks.push(tokio::spawn(moltbot_inference_worker::run(listener, worker, queue.clone(), stopped(&shutdown))));

@@ -118,6 +118,15 @@ impl JobQueue {
         }
     }
 
+    /// A message each time another process connects to the queue and asks the workers to announce themselves;
+    /// `None` in process.
+    pub async fn hellos(&self) -> Result<Option<BoxStream<'static, ()>>> {
+        match self {
+            Self::Nats(q) => Ok(Some(q.hellos().await?)),
+            Self::Local(_) => Ok(None),
+        }
+    }
+
     fn registry(&self) -> &affinity::Workers {
         match self {
             Self::Nats(q) => q.registry(),

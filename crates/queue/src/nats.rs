@@ -37,6 +37,9 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(1);
 const TAKEN: &[u8] = b"taken";
 const BUSY: &[u8] = b"busy";
 
+/// Where a process that connects asks the workers to announce themselves now.
+const HELLO: &str = "moltbot.hello";
+
 /// Where workers announce themselves (`moltbot.workers.<model>`, an `Announcement` as payload).
 const ANNOUNCE_PREFIX: &str = "moltbot.workers.";
 
@@ -129,7 +132,16 @@ impl NatsQueue {
                 }
             }
         });
+        // Workers announce themselves at once when asked, so a process that just connected knows them in
+        // milliseconds rather than at their next announcement.
+        client.publish(HELLO, bytes::Bytes::new()).await.map_err(|e| connect_err(&e))?;
         Ok(Self { client, js, max_pending, workers, _reconnects: std::sync::Arc::new(stop.drop_guard()) })
+    }
+
+    /// A message each time a process connects to the queue (workers then announce themselves).
+    pub(crate) async fn hellos(&self) -> Result<futures::stream::BoxStream<'static, ()>> {
+        let hellos = self.client.subscribe(HELLO).await.map_err(|e| Error::Nats(e.to_string()))?;
+        Ok(hellos.map(|_| ()).boxed())
     }
 
     /// Whether the cancel stream holds a cancel for the attempt `key`; when it cannot be asked, the job runs.
