@@ -223,7 +223,7 @@ impl Default for GatewayConfig {
             max_concurrent_per_user: 16,
             max_messages: 256,
             max_images: 8,
-            max_image_bytes: 768 * 1024,
+            max_image_bytes: 512 * 1024,
             allow_image_urls: false,
             max_body_bytes: 1024 * 1024,
             max_connections: 1024,
@@ -539,8 +539,21 @@ impl ModelProviderConfig {
                     "remote_api needs the OpenAI-compatible API's base URL, e.g. https://api.openai.com/v1",
                 );
             }
-            if self.max_concurrency == 0 || self.connect_timeout == 0 || self.read_timeout == 0 {
-                return bad("max_concurrency", "max_concurrency, connect_timeout and read_timeout must be at least 1");
+            for (field, value) in [
+                ("max_concurrency", self.max_concurrency as u64),
+                ("connect_timeout", self.connect_timeout),
+                ("read_timeout", self.read_timeout),
+            ] {
+                if value == 0 {
+                    return bad(field, "must be at least 1");
+                }
+            }
+            // Sent as HTTP header values.
+            for (field, value) in [("auth.api_key", &self.auth.api_key), ("auth.organization", &self.auth.organization)]
+            {
+                if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                    return bad(field, "holds a control character (a pasted newline?); it is sent as an HTTP header");
+                }
             }
         }
         if !matches!(self.quantization.as_str(), "none" | "" | "4bit" | "8bit") {

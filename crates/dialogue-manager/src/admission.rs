@@ -1,7 +1,8 @@
 //! Admission by queue wait: a turn is refused (429 with `Retry-After`) while the oldest job this
 //! dialogue-manager queued has waited longer than `dialogue_manager.max_queue_wait` for a worker. A count of jobs
 //! says little (a job may take 50 ms or a minute); how long they wait is what a client feels, and the oldest
-//! wait is also a fair guess of when to come back.
+//! wait is also a fair guess of when to come back. Each model is admitted on its own: a remote API that rate
+//! limits, or a model short of workers, does not turn away the requests of the others.
 
 use std::{
     collections::BTreeMap,
@@ -28,6 +29,25 @@ pub(crate) struct Waiting {
 pub(crate) struct Place {
     jobs: Arc<Mutex<BTreeMap<u64, Instant>>>,
     key: Option<u64>,
+}
+
+/// The waiting jobs of each model.
+#[derive(Clone)]
+pub(crate) struct ByModel {
+    models: Arc<Mutex<std::collections::HashMap<String, Waiting>>>,
+    limit: Duration,
+}
+
+impl ByModel {
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self { models: Arc::default(), limit }
+    }
+
+    /// Model `model`'s waiting jobs.
+    pub(crate) fn of(&self, model: &str) -> Waiting {
+        let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        models.entry(model.to_owned()).or_insert_with(|| Waiting::new(self.limit)).clone()
+    }
 }
 
 impl Waiting {

@@ -52,8 +52,10 @@ const FIRST_ANNOUNCEMENTS: Duration = Duration::from_millis(2500);
 pub struct DialogueService {
     sessions: SessionStoreClient<Replicas>,
     queue: JobQueue,
-    /// The model of requests that name none (`dialogue_manager.default_model`); empty: the only one served.
+    /// The model of requests that name none (`dialogue_manager.default_model`); empty: `fallback_model`.
     default_model: String,
+    /// Without a default: `model_provider.model_name` while a live worker serves it, else the only model served.
+    fallback_model: String,
     /// Other names of served models (`dialogue_manager.model_aliases`).
     aliases: std::sync::Arc<std::collections::BTreeMap<String, String>>,
     /// When this service started: until workers had time to announce themselves, an unknown model is waited for.
@@ -64,7 +66,7 @@ pub struct DialogueService {
     session_lock_wait: Duration,
     session_lock_lease: Duration,
     /// Jobs submitted and not yet started by a worker: their age tells how far behind the workers are.
-    waiting: admission::Waiting,
+    waiting: admission::ByModel,
     plugins: std::sync::Arc<moltbot_plugin::Plugins>,
     /// Generations per turn whose calls of plugins are run (`plugins.max_rounds`).
     max_rounds: u32,
@@ -76,6 +78,7 @@ impl DialogueService {
             sessions,
             queue,
             default_model: config.dialogue_manager.default_model.clone(),
+            fallback_model: config.model_provider.model_name.clone(),
             aliases: std::sync::Arc::new(config.dialogue_manager.model_aliases.clone()),
             started: tokio::time::Instant::now(),
             job_timeout: Duration::from_secs(config.queue.job_timeout),
@@ -83,7 +86,7 @@ impl DialogueService {
             max_retries: config.dialogue_manager.max_retries,
             session_lock_wait: Duration::from_secs(config.dialogue_manager.session_lock_wait),
             session_lock_lease: Duration::from_secs(config.dialogue_manager.session_lock_lease),
-            waiting: admission::Waiting::new(Duration::from_secs(config.dialogue_manager.max_queue_wait)),
+            waiting: admission::ByModel::new(Duration::from_secs(config.dialogue_manager.max_queue_wait)),
             plugins: Default::default(),
             max_rounds: config.plugins.max_rounds,
         }
@@ -105,11 +108,14 @@ impl DialogueService {
             let name = match (asked, self.default_model.as_str()) {
                 ("", "") => {
                     let mut served = self.queue.models();
-                    match served.len() {
-                        1 => served.remove(0).id,
-                        0 if listening => String::new(),
-                        0 => return Err(no_worker("no model is being served: no inference worker is live")),
-                        _ => {
+                    match served.iter().position(|m| m.id == self.fallback_model) {
+                        Some(at) => served.remove(at).id,
+                        None if served.len() == 1 => served.remove(0).id,
+                        None if served.is_empty() && listening => String::new(),
+                        None if served.is_empty() => {
+                            return Err(no_worker("no model is being served: no inference worker is live"));
+                        }
+                        None => {
                             let names: Vec<_> = served.iter().map(|m| m.id.as_str()).collect();
                             return Err(Status::invalid_argument(format!(
                                 "model is required: this server serves {}",
@@ -132,8 +138,10 @@ impl DialogueService {
                 }
                 moltbot_queue::Lookup::Unknown => {
                     let served: Vec<_> = self.queue.models().into_iter().map(|m| m.id).collect();
+                    let named = if asked.is_empty() { name.as_str() } else { asked };
                     let mut status = Status::not_found(format!(
-                        "model `{asked}` does not exist; served: {}",
+                        "model `{}` does not exist; served: {}",
+                        shown(named),
                         if served.is_empty() { "none".into() } else { served.join(", ") }
                     ));
                     status.metadata_mut().insert("moltbot-error", "model_not_found".parse().expect("ASCII"));
@@ -144,8 +152,16 @@ impl DialogueService {
     }
 }
 
+/// A name from a request, as an error message shows it: at most 64 characters.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 /// UNAVAILABLE, retry in a few seconds.
-fn no_worker(message: &str) -> Status {
+pub(crate) fn no_worker(message: &str) -> Status {
     let mut status = Status::unavailable(message);
     status.metadata_mut().insert("retry-after", "5".parse().expect("ASCII"));
     status
@@ -156,9 +172,6 @@ impl Dialogue for DialogueService {
     type ChatStream = ReceiverStream<Result<ChatEvent, Status>>;
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
-        self.waiting.admit().inspect_err(|_| {
-            metrics::counter!("moltbot_turn_refusals_total").increment(1);
-        })?;
         let budget = moltbot_proto::grpc_timeout::read(request.metadata().as_ref());
         let span = tracing::info_span!(
             "turn",
@@ -186,6 +199,7 @@ impl Dialogue for DialogueService {
                 self.aliases.iter().filter(|(_, model)| **model == card.id).map(|(a, _)| a.clone()).collect();
         }
         let default_model = match self.default_model.as_str() {
+            "" if models.iter().any(|m| m.id == self.fallback_model) => self.fallback_model.clone(),
             "" if models.len() == 1 => models[0].id.clone(),
             default => self.aliases.get(default).cloned().unwrap_or_else(|| default.to_owned()),
         };

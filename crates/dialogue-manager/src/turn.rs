@@ -20,6 +20,31 @@ fn message_bytes(m: &ChatMessage) -> u64 {
     (m.content.len() + m.images.iter().map(|i| i.url.len()).sum::<usize>()) as u64
 }
 
+/// The history a job for a remote model that does not say its context window carries, counted as for a local one
+/// (tokens where known, else bytes).
+const REMOTE_WINDOW: usize = 128 << 10;
+/// The most bytes of images from earlier turns one job carries (a queue message takes 1 MiB).
+const HISTORY_IMAGE_BYTES: usize = 512 << 10;
+
+/// Keeps the newest images of earlier turns that fit `HISTORY_IMAGE_BYTES` (none for a model without vision); a
+/// message whose images are left out says so in its text, so the model knows something was shown.
+fn fit_history_images(history: &mut [ChatMessage], vision: bool) {
+    let mut budget = if vision { HISTORY_IMAGE_BYTES } else { 0 };
+    for m in history.iter_mut().rev().filter(|m| !m.images.is_empty()) {
+        let bytes: usize = m.images.iter().map(|i| i.url.len()).sum();
+        if bytes <= budget {
+            budget -= bytes;
+            continue;
+        }
+        let note = match m.images.len() {
+            1 => "[an image was shown here]".to_owned(),
+            n => format!("[{n} images were shown here]"),
+        };
+        m.images.clear();
+        m.content = if m.content.is_empty() { note } else { format!("{}\n{note}", m.content) };
+    }
+}
+
 /// How often a queued job's model is checked for live workers while it waits for one.
 const WATCH_WORKERS: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest context a worker's engine keeps (`moltbot_engine::MAX_CONTEXT`), for a model whose workers do not
@@ -175,6 +200,10 @@ impl Turn {
             return Err(Status::invalid_argument(format!("messages: role `{}` is not one of {ROLES:?}", m.role)));
         }
         let model = service.model(&request.model).await?;
+        // Refused while this model's workers are behind.
+        service.waiting.of(&model.id).admit().inspect_err(|_| {
+            metrics::counter!("moltbot_turn_refusals_total").increment(1);
+        })?;
         // The tools are checked before anything happens (a session made, a plugin run).
         let tools = tools(&service, request.tools.take(), &request.plugins)?;
         if tools.as_ref().is_some_and(|t| !t.tools.is_empty()) && !model.tools {
@@ -267,8 +296,13 @@ impl Turn {
             let ran = crate::plugins::run(&service, call, &session_id, &user_id, &request_id).await?;
             new_messages.extend(ran);
         }
-        let window = if model.context_length > 0 { model.context_length as usize } else { LONGEST_CONTEXT };
-        let history = within_window(history, &new_messages, window);
+        let window = match (model.context_length, model.provider.as_str()) {
+            (0, "remote_api") => REMOTE_WINDOW,
+            (0, _) => LONGEST_CONTEXT,
+            (n, _) => n as usize,
+        };
+        let mut history = within_window(history, &new_messages, window);
+        fit_history_images(&mut history, model.vision);
         let prompt = history.into_iter().chain(new_messages.iter().cloned()).collect();
         let plugins = request.plugins;
         Ok(Self {
@@ -447,7 +481,7 @@ impl Turn {
             };
             let mut events = self.service.queue.submit(job).await.map_err(queue_failure)?;
             let mut submitted = Some(std::time::Instant::now());
-            let mut waiting = self.service.waiting.join();
+            let mut waiting = self.service.waiting.of(&self.model.id).join();
             let mut started = false;
             let mut message_tokens = vec![];
             loop {
@@ -469,7 +503,7 @@ impl Turn {
                     if !started && tokio::time::Instant::now() < deadline && asked.elapsed() >= wait {
                         if let moltbot_queue::Lookup::Gone(_) = self.service.queue.lookup(&self.model.id) {
                             self.waited(&mut submitted);
-                            let status = Status::unavailable(format!(
+                            let status = crate::no_worker(&format!(
                                 "no inference worker of model `{}` is live any more; retry when one is back",
                                 self.model.id
                             ));

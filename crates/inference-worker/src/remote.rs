@@ -65,6 +65,8 @@ impl Remote {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(config.connect_timeout))
             .user_agent(concat!("moltbot/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry the API key elsewhere; an API that moved is the operator's to set.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let capabilities = &config.capabilities;
         let card = ModelCard {
@@ -143,28 +145,35 @@ impl Remote {
 
 impl Inner {
     /// Posts `body` until the remote accepts it, retrying what may pass (429, 5xx, no connection) with backoff.
+    /// Each try waits for the response's head at most `read_timeout` (and never past the deadline).
     async fn send(&self, body: &Value, deadline: tokio::time::Instant) -> Result<reqwest::Response, Failure> {
         let mut attempt = 0;
         loop {
-            let mut post = self.client.post(&self.url).json(body).timeout(self.read_timeout);
+            let mut post = self.client.post(&self.url).json(body);
             if !self.api_key.is_empty() {
                 post = post.bearer_auth(&self.api_key);
             }
             if !self.organization.is_empty() {
                 post = post.header("OpenAI-Organization", &self.organization);
             }
-            let (failure, retry_after) = match post.send().await {
-                Ok(response) if response.status().is_success() => return Ok(response),
-                Ok(response) => {
+            let wait = self.read_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let (failure, retry_after) = match tokio::time::timeout(wait, post.send()).await {
+                Ok(Ok(response)) if response.status().is_success() => return Ok(response),
+                Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     let retry_after = retry_after(response.headers());
                     let detail = error_message(response).await;
                     match status {
-                        429 | 500 | 502 | 503 | 504 => (refused(&self.url, status, &detail), retry_after),
+                        429 | 500 | 502 | 503 | 504 => (self.refused(status, &detail), retry_after),
                         _ => return Err(self.rejected(status, &detail)),
                     }
                 }
-                Err(e) => (Failure::new(ErrorCode::Unavailable, unreachable(&self.url, &e)), None),
+                Ok(Err(e)) if e.is_builder() => {
+                    tracing::error!(url = %self.url, error = %e.without_url(), "cannot build a request to the remote API: check model_provider.endpoint_url and auth");
+                    return Err(self.misconfigured("its request cannot be made"));
+                }
+                Ok(Err(e)) => (self.unreachable(&e), None),
+                Err(_) => (self.unreachable_after(wait), None),
             };
             let backoff = backoff(attempt).max(retry_after.unwrap_or_default());
             if attempt >= self.max_retries || backoff > MAX_BACKOFF || tokio::time::Instant::now() + backoff >= deadline
@@ -177,6 +186,11 @@ impl Inner {
         }
     }
 
+    /// The operator's error, as the requester sees it: the model, not the API's address or credentials.
+    fn misconfigured(&self, why: &str) -> Failure {
+        Failure::new(ErrorCode::Internal, format!("model `{}` is misconfigured on this server ({why})", self.name))
+    }
+
     /// A refusal no retry mends: the caller's (400, 413, 422) or the operator's (401, 403, 404, other).
     fn rejected(&self, status: u16, detail: &str) -> Failure {
         match status {
@@ -185,20 +199,49 @@ impl Inner {
             }
             401 | 403 => {
                 tracing::error!(url = %self.url, status, %detail, "the remote API refuses MoltBot's credentials: check model_provider.auth.api_key (and auth.organization)");
-                Failure::new(
-                    ErrorCode::Internal,
-                    format!("model `{}` is misconfigured on this server (its API refused the credentials)", self.name),
-                )
+                self.misconfigured("its API refused the credentials")
             }
             404 => {
                 tracing::error!(url = %self.url, model = %self.remote_model, %detail, "the remote API has no such model or endpoint: check model_provider.remote_model and endpoint_url");
+                self.misconfigured("its API does not know it")
+            }
+            _ => {
+                tracing::warn!(url = %self.url, status, %detail, "the remote API refused a call");
                 Failure::new(
                     ErrorCode::Internal,
-                    format!("model `{}` is misconfigured on this server (its API does not know it)", self.name),
+                    format!("the API of model `{}` answered HTTP {status}: {detail}", self.name),
                 )
             }
-            _ => Failure::new(ErrorCode::Internal, format!("the remote API answered HTTP {status}: {detail}")),
         }
+    }
+
+    /// A refusal that may pass: rate limited (429) or failing (5xx).
+    fn refused(&self, status: u16, detail: &str) -> Failure {
+        tracing::warn!(url = %self.url, status, %detail, "the remote API refused a call");
+        if status == 429 {
+            Failure::new(
+                ErrorCode::ResourceExhausted,
+                format!("the API of model `{}` is rate limiting this server: {detail}", self.name),
+            )
+        } else {
+            Failure::new(
+                ErrorCode::Unavailable,
+                format!("the API of model `{}` failed (HTTP {status}): {detail}", self.name),
+            )
+        }
+    }
+
+    /// A call that got no answer. The address is logged, not told to the requester.
+    fn unreachable(&self, e: &reqwest::Error) -> Failure {
+        let cause = std::error::Error::source(e).map(ToString::to_string).unwrap_or_else(|| e.to_string());
+        tracing::warn!(url = %self.url, error = %cause, "the remote API is not reachable");
+        let what = if e.is_timeout() { "did not answer in time" } else { "is not reachable" };
+        Failure::new(ErrorCode::Unavailable, format!("the API of model `{}` {what}", self.name))
+    }
+
+    fn unreachable_after(&self, wait: Duration) -> Failure {
+        tracing::warn!(url = %self.url, wait_ms = wait.as_millis() as u64, "the remote API did not answer in time");
+        Failure::new(ErrorCode::Unavailable, format!("the API of model `{}` did not answer in time", self.name))
     }
 
     /// Reads the server-sent events of an accepted call into `tx`.
@@ -208,47 +251,94 @@ impl Inner {
         tx: &mpsc::Sender<Result<GenerationEvent, Failure>>,
     ) -> Result<(), Failure> {
         let mut body = response.bytes_stream();
-        let mut buffer = Vec::new();
+        let mut events = Events::default();
         let mut answer = Answer::default();
+        let send = async |answer_events: Vec<GenerationEvent>| {
+            for event in answer_events {
+                tx.send(Ok(event)).await.map_err(|_| Failure::new(ErrorCode::Cancelled, "cancelled"))?;
+            }
+            Ok::<_, Failure>(())
+        };
         loop {
             let chunk = match tokio::time::timeout(self.read_timeout, body.next()).await {
                 Err(_) => {
                     return Err(Failure::new(
                         ErrorCode::Unavailable,
-                        format!("the remote API went silent for {} s mid-answer", self.read_timeout.as_secs()),
+                        format!(
+                            "the API of model `{}` went silent for {} s mid-answer",
+                            self.name,
+                            self.read_timeout.as_secs()
+                        ),
                     ));
                 }
+                // A stream that ends without `[DONE]` after its finish reason still finished.
+                Ok(None) if answer.reason.is_some() => return send(answer.finish()).await,
                 Ok(None) => {
-                    return Err(Failure::new(ErrorCode::Unavailable, "the remote API ended the answer early"));
-                }
-                Ok(Some(Err(e))) => {
                     return Err(Failure::new(
                         ErrorCode::Unavailable,
-                        format!("the remote API's answer broke off: {e}"),
+                        format!("the API of model `{}` ended the answer early", self.name),
+                    ));
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(url = %self.url, error = %e.without_url(), "the remote API's answer broke off");
+                    return Err(Failure::new(
+                        ErrorCode::Unavailable,
+                        format!("the answer of model `{}`'s API broke off", self.name),
                     ));
                 }
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line);
-                let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
-                let data = data.trim_start();
+            for data in events.push(&chunk)? {
                 if data == "[DONE]" {
-                    for event in answer.finish() {
-                        tx.send(Ok(event)).await.map_err(|_| Failure::new(ErrorCode::Cancelled, "cancelled"))?;
-                    }
-                    return Ok(());
+                    return send(answer.finish()).await;
                 }
-                let chunk: Value = serde_json::from_str(data).map_err(|e| {
+                if data.is_empty() {
+                    continue;
+                }
+                let chunk: Value = serde_json::from_str(&data).map_err(|e| {
                     Failure::new(ErrorCode::Internal, format!("the remote API sent an event that is not JSON: {e}"))
                 })?;
-                for event in answer.read(&chunk)? {
-                    tx.send(Ok(event)).await.map_err(|_| Failure::new(ErrorCode::Cancelled, "cancelled"))?;
-                }
+                send(answer.read(&chunk)?).await?;
             }
         }
+    }
+}
+
+/// The most bytes one server-sent event may have.
+const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// Server-sent events out of a byte stream: each event's `data:` lines, joined by newlines, once a blank line
+/// ends it (lines end in `\n` or `\r\n`; other fields and comments are skipped).
+#[derive(Default)]
+struct Events {
+    buffer: Vec<u8>,
+    data: Vec<String>,
+}
+
+impl Events {
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, Failure> {
+        self.buffer.extend_from_slice(bytes);
+        let mut out = vec![];
+        while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    out.push(std::mem::take(&mut self.data).join("\n"));
+                }
+            } else if let Some(value) = line.strip_prefix("data:") {
+                self.data.push(value.strip_prefix(' ').unwrap_or(value).to_owned());
+            }
+        }
+        // `[DONE]` is often the last thing sent, with no blank line after it.
+        if self.data.len() == 1 && self.data[0] == "[DONE]" {
+            out.push(self.data.remove(0));
+        }
+        if self.buffer.len() + self.data.iter().map(String::len).sum::<usize>() > MAX_EVENT_BYTES {
+            return Err(Failure::new(ErrorCode::Internal, "the remote API sent an event over 4 MiB"));
+        }
+        Ok(out)
     }
 }
 
@@ -283,7 +373,9 @@ impl Answer {
             events.push(GenerationEvent::Token { text: text.to_owned(), id: None });
         }
         for call in choice.pointer("/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
-            let index = call.get("index").and_then(Value::as_u64).unwrap_or(self.calls.len() as u64) as usize;
+            // A fragment without an index goes on with the last call.
+            let last = self.calls.len().saturating_sub(1) as u64;
+            let index = call.get("index").and_then(Value::as_u64).unwrap_or(last) as usize;
             if index > 1024 {
                 return Err(Failure::new(ErrorCode::Internal, "the remote API sent a tool call index past 1024"));
             }
@@ -315,7 +407,8 @@ impl Answer {
             .map(|(id, name, arguments)| ToolCall { id, name, arguments })
             .collect();
         let mut reason = self.reason.unwrap_or(FinishReason::Stop);
-        if !calls.is_empty() {
+        // Calls cut off by the length limit are not calls: their arguments are unfinished.
+        if !calls.is_empty() && reason != FinishReason::Length {
             reason = FinishReason::ToolCalls;
             events.push(GenerationEvent::ToolCalls(calls));
         }
@@ -423,7 +516,8 @@ fn message(m: &ChatMessage) -> Value {
 /// `Retry-After` in seconds (the HTTP-date form is rare from APIs and read as none).
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+    let seconds = value.trim().parse::<f64>().ok()?;
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// The wait before try `attempt + 1`: 250 ms doubling, with up to half of it again as jitter so that many workers
@@ -433,32 +527,28 @@ fn backoff(attempt: u32) -> Duration {
     base + base.mul_f64(rand::random::<f64>() * 0.5)
 }
 
-/// The remote's own words on an error: OpenAI's `error.message`, else the start of the body.
-async fn error_message(response: reqwest::Response) -> String {
-    let text = response.text().await.unwrap_or_default();
+/// The remote's own words on an error: OpenAI's `error.message`, else the start of the body (read for at most
+/// 5 s and 64 KiB).
+async fn error_message(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            body.extend_from_slice(&chunk);
+            if body.len() > 64 << 10 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    let text = String::from_utf8_lossy(&body);
     let message = serde_json::from_str::<Value>(&text)
         .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned));
-    let message = message.unwrap_or(text);
+        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| text.into_owned());
     match message.char_indices().nth(300) {
         Some((cut, _)) => format!("{}…", &message[..cut]),
         None => message,
     }
-}
-
-/// A refusal that may pass: rate limited (429) or failing (5xx).
-fn refused(url: &str, status: u16, detail: &str) -> Failure {
-    if status == 429 {
-        Failure::new(ErrorCode::ResourceExhausted, format!("the remote API is rate limiting this server: {detail}"))
-    } else {
-        Failure::new(ErrorCode::Unavailable, format!("the remote API at {url} failed (HTTP {status}): {detail}"))
-    }
-}
-
-fn unreachable(url: &str, e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() { "did not answer in time" } else { "is not reachable" };
-    let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
-    format!("the remote API at {url} {what}{cause}")
 }
 
 #[cfg(test)]
@@ -544,6 +634,27 @@ mod tests {
         ));
         let failed = Answer::default().read(&json!({ "error": { "message": "boom" } })).unwrap_err();
         assert!(failed.message.contains("boom"));
+    }
+
+    #[test]
+    fn events_are_read_across_chunks_and_line_endings() {
+        let mut events = Events::default();
+        assert!(events.push(b"data: {\"a\"").unwrap().is_empty(), "half a line is kept");
+        assert_eq!(events.push(b":1}\r\n\r\n: a comment\n\ndata: x\ndata: y\n\n").unwrap(), ["{\"a\":1}", "x\ny"]);
+        assert!(events.push(b"data:\n\n").unwrap() == [""], "an empty event is an empty string");
+        assert_eq!(events.push(b"data: [DONE]").unwrap(), Vec::<String>::new(), "no newline yet");
+        assert_eq!(events.push(b"\n").unwrap(), ["[DONE]"], "[DONE] needs no blank line after it");
+        let mut endless = Events::default();
+        assert!(endless.push(&vec![b'x'; MAX_EVENT_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn a_bad_retry_after_is_none_not_a_panic() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for value in ["1e20", "-1", "NaN", "inf"] {
+            headers.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+            assert_eq!(retry_after(&headers), None, "{value}");
+        }
     }
 
     #[test]

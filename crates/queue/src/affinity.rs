@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(workers.lookup("a.b"), Lookup::Live(card("a.b")));
         assert_eq!(workers.models().iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a.b", "c"]);
         // The worker's name is a subject token: a name NATS cannot carry still finds its workers.
-        workers.forget("a_b", "w1");
+        workers.forget(&crate::subject_token("a.b"), "w1");
         assert_eq!(workers.lookup("a.b"), Lookup::Gone(card("a.b")));
         assert_eq!(workers.models().len(), 1);
         workers.announced(&card("a.b"), "w3");

@@ -58,9 +58,30 @@ pub fn job_subject(model: &str) -> String {
     format!("moltbot.jobs.{}", subject_token(model))
 }
 
-/// Model names may hold characters NATS subjects cannot (`.`, `*`, `>`, spaces).
+/// A model name as one NATS subject token. Names may hold characters subjects cannot (`.`, `*`, `>`, spaces);
+/// those become `_` and their code in hex, and `_` itself `__`, so two names never share a token (and with it a
+/// queue and a consumer).
 pub(crate) fn subject_token(model: &str) -> String {
-    model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    let mut token = String::with_capacity(model.len());
+    for c in model.chars() {
+        match c {
+            '_' => token.push_str("__"),
+            c if c.is_ascii_alphanumeric() || c == '-' => token.push(c),
+            c => token.push_str(&format!("_{:x}_", c as u32)),
+        }
+    }
+    token
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_that_differ_have_different_subject_tokens() {
+        let names = ["a.b", "a_b", "a_2e_b", "a b", "qwen2.5-coder", "a__b", "a_2e", "a.", "a"];
+        let tokens: std::collections::HashSet<String> = names.iter().map(|n| super::subject_token(n)).collect();
+        assert_eq!(tokens.len(), names.len(), "{tokens:?}");
+        assert!(tokens.iter().all(|t| t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')));
+    }
 }
 
 /// A queue either backend serves; cheap to clone.

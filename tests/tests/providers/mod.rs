@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use moltbot_config::ModelProviderConfig;
 use moltbot_proto::inference::v1::{GetModelInfoRequest, ModelInfo, inference_client::InferenceClient};
-use moltbot_tests::{Http, embedded, free_port, remote_api as remote, sse_data};
+use moltbot_tests::{embedded, free_port, remote_api as remote, sse_data};
 use serde_json::{Value, json};
 
 /// A worker's counters, once `done` holds for them or after 10 s.
@@ -30,13 +30,13 @@ fn chat(model: &str, content: &str, max_tokens: u32) -> String {
 async fn remote_models_are_served_beside_the_local_one_each_request_by_the_model_it_named() {
     let (upstream, upstream_http, _a) = embedded(|c| {
         c.model_provider.model_name = "upstream".into();
-        c.model_provider.max_tokens = 64;
+        c.model_provider.max_tokens = 1000;
     })
     .await;
     let endpoint = format!("{}/v1", upstream_http.base);
     let (front, http, _b) = embedded(|c| {
         c.models = vec![
-            remote("remote-small", &endpoint, "upstream", 64),
+            remote("remote-small", &endpoint, "upstream", 1000),
             remote("remote-misnamed", &endpoint, "no-such-model", 8),
             remote("remote-down", &format!("http://127.0.0.1:{}/v1", free_port()), "x", 8),
         ];
@@ -74,6 +74,11 @@ async fn remote_models_are_served_beside_the_local_one_each_request_by_the_model
     assert_eq!(worker_when(local_worker, |w| w.jobs_completed == 1).await.jobs_completed, 1);
     assert_eq!(worker_when(upstream_worker, |_| true).await.jobs_completed, 1, "the local model's turn stayed here");
 
+    // A request that names no model (the web UI, /api/chat) gets model_provider's, though several are served.
+    let (status, _, plain) = http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(worker_when(local_worker, |w| w.jobs_completed == 2).await.jobs_completed, 2);
+
     // Streamed through the remote: the same greedy answer as the remote gives directly, then the usage.
     let body = json!({
         "model": "remote-small", "messages": [{ "role": "user", "content": "Name a color." }], "max_tokens": 8,
@@ -103,9 +108,10 @@ async fn remote_models_are_served_beside_the_local_one_each_request_by_the_model
     assert!(started.elapsed() < Duration::from_secs(10), "a remote that is down took {:?}", started.elapsed());
 
     // A client that goes away mid-answer: the call to the remote is closed, and the remote stops generating.
+    // A long answer asked for: the client leaves long before it could end.
     let body = json!({
-        "model": "remote-small", "stream": true, "max_tokens": 64, "temperature": 0,
-        "messages": [{ "role": "user", "content": "Count from one to one hundred in words." }],
+        "model": "remote-small", "stream": true, "max_tokens": 1000, "temperature": 0,
+        "messages": [{ "role": "user", "content": "Count from one to one thousand in words." }],
     });
     let before = worker_when(upstream_worker, |_| true).await;
     let mut response = http.stream("/v1/chat/completions", &body.to_string()).await;
@@ -130,40 +136,72 @@ async fn remote_models_are_served_beside_the_local_one_each_request_by_the_model
     upstream.stop().await.unwrap();
 }
 
+/// OpenAI's streamed answer of `text`, with usage, as server-sent events.
+fn sse_answer(text: &str) -> ([(&'static str, &'static str); 1], String) {
+    let chunk = |delta: Value, finish: Value| {
+        let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+        format!("data: {}\n\n", json!({ "object": "chat.completion.chunk", "choices": choices }))
+    };
+    let usage = json!({ "choices": [], "usage": { "prompt_tokens": 90, "completion_tokens": 5 } });
+    let sse = [
+        chunk(json!({ "role": "assistant", "content": "" }), Value::Null),
+        chunk(json!({ "content": text }), Value::Null),
+        chunk(json!({}), json!("stop")),
+        format!("data: {usage}\n\ndata: [DONE]\n\n"),
+    ];
+    ([("content-type", "text/event-stream")], sse.concat())
+}
+
+/// Serves `app` on a free loopback port; its OpenAI base URL.
+async fn serve(app: axum::Router) -> String {
+    let listener = moltbot_tests::listener().await;
+    let endpoint = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    endpoint
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_that_rate_limits_is_retried_after_its_retry_after() {
-    // The upstream lets one request through per second: a second at once gets 429 with `Retry-After: 1`.
-    let (upstream, upstream_http, _a) = embedded(|c| {
-        c.model_provider.model_name = "upstream".into();
-        c.gateway.rate_limit.requests_per_minute = 60;
-        c.gateway.rate_limit.burst = 1;
-    })
-    .await;
-    let endpoint = format!("{}/v1", upstream_http.base);
+    // An API that refuses each model's first call with 429 and `Retry-After: 1`, and every call of `busy`; it
+    // notes when each call came.
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    let noted = calls.clone();
+    let api = move |axum::Json(body): axum::Json<Value>| {
+        let noted = noted.clone();
+        async move {
+            let model = body["model"].as_str().unwrap_or_default().to_owned();
+            let mut calls = noted.lock().unwrap();
+            let first = !calls.iter().any(|(m, _)| *m == model);
+            calls.push((model.clone(), Instant::now()));
+            if first || model == "busy" {
+                let error = json!({ "error": { "message": "slow down", "type": "rate_limit_error" } });
+                let refused = (axum::http::StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], error.to_string());
+                return axum::response::IntoResponse::into_response(refused);
+            }
+            axum::response::IntoResponse::into_response(sse_answer("ok"))
+        }
+    };
+    let endpoint = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(api))).await;
     let (front, http, _b) = embedded(|c| {
         c.models = vec![
-            remote("patient", &endpoint, "upstream", 8),
-            ModelProviderConfig { max_retries: 0, ..remote("impatient", &endpoint, "upstream", 8) },
+            remote("patient", &endpoint, "patient", 8),
+            ModelProviderConfig { max_retries: 0, ..remote("impatient", &endpoint, "busy", 8) },
         ];
     })
     .await;
-    let ask = async |http: &Http, model: &str| {
-        let started = Instant::now();
-        let (status, _, body) = http.post("/v1/chat/completions", &[], &chat(model, "Hi", 2)).await;
-        (status, body, started.elapsed())
-    };
-    let (status, body, _) = ask(&http, "patient").await;
-    assert_eq!(status, 200, "{body}");
-    // Refused at once: the worker waits what the remote asked (not its own first backoff of 250 ms), then passes.
-    let (status, body, took) = ask(&http, "patient").await;
-    assert_eq!(status, 200, "{body}");
-    assert!(took >= Duration::from_millis(900), "the retry came after {took:?}, before the remote's Retry-After");
+    // Refused at first: the worker waits what the remote asked (not its own first backoff of 250 ms), then passes.
+    let (status, _, body) = http.post("/v1/chat/completions", &[], &chat("patient", "Hi", 2)).await;
+    assert_eq!((status, body["choices"][0]["message"]["content"].as_str()), (200, Some("ok")), "{body}");
+    let times: Vec<Instant> = calls.lock().unwrap().iter().map(|(_, at)| *at).collect();
+    assert_eq!(times.len(), 2, "one refusal, one answer");
+    assert!(times[1] - times[0] >= Duration::from_millis(1000), "retried after {:?}", times[1] - times[0]);
     // Without retries the remote's 429 reaches the client as a 429 with Retry-After.
-    let (status, body, _) = ask(&http, "impatient").await;
+    let (status, headers, body) = http.post("/v1/chat/completions", &[], &chat("impatient", "Hi", 2)).await;
     assert_eq!(status, 429, "{body}");
+    assert!(headers.contains_key("retry-after"));
     assert!(body["error"]["message"].as_str().unwrap().contains("rate limiting"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("slow down"), "the remote's own words: {body}");
     front.stop().await.unwrap();
-    upstream.stop().await.unwrap();
 }
 
 /// A 1×1 PNG.
@@ -186,24 +224,10 @@ async fn vision_api() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) 
                 .filter(|part| part["type"] == "image_url")
                 .count();
             kept.lock().unwrap().push(body);
-            let chunk = |delta: Value, finish: Value| {
-                let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
-                format!("data: {}\n\n", json!({ "object": "chat.completion.chunk", "choices": choices }))
-            };
-            let usage = json!({ "choices": [], "usage": { "prompt_tokens": 90, "completion_tokens": 5 } });
-            let sse = [
-                chunk(json!({ "role": "assistant", "content": "I see " }), Value::Null),
-                chunk(json!({ "content": format!("{images} image(s).") }), Value::Null),
-                chunk(json!({}), json!("stop")),
-                format!("data: {usage}\n\ndata: [DONE]\n\n"),
-            ];
-            ([("content-type", "text/event-stream")], sse.concat())
+            sse_answer(&format!("I see {images} image(s)."))
         }
     };
-    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat));
-    let listener = moltbot_tests::listener().await;
-    let endpoint = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let endpoint = serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat))).await;
     (endpoint, seen)
 }
 
@@ -245,6 +269,12 @@ async fn images_reach_a_vision_model_intact_stay_with_the_session_and_a_text_mod
     let (status, stored) = http.get(&format!("/api/sessions/{session}")).await;
     assert_eq!(status, 200, "{stored}");
     assert_eq!(stored["messages"][0]["content"], parts, "{stored}");
+
+    // The same session with a text-only model: it gets a note where the image was, and answers.
+    let local = [("x-session-id", session.as_str())];
+    let (status, _, answer) =
+        http.post("/v1/chat/completions", &local, &ask("smollm2-135m-instruct", &json!("Describe it."))).await;
+    assert_eq!(status, 200, "{answer}");
 
     // A text-only model refuses images, naming the model; the gateway's limits hold.
     let (status, _, refused) = http.post("/v1/chat/completions", &[], &ask("smollm2-135m-instruct", &parts)).await;
