@@ -95,20 +95,10 @@ fn session_json(s: Session, with_messages: bool) -> Value {
             .messages
             .into_iter()
             .map(|m| {
+                // With images, the content is OpenAI's parts: the text, then the images.
+                let content = moltbot_proto::common::content_json(&m);
                 let mut shown =
-                    json!({ "role": m.role, "content": m.content, "created_at_ms": m.created_at_ms, "tokens": m.tokens });
-                if !m.images.is_empty() {
-                    // OpenAI's content parts: the text, then the images.
-                    let text = (!m.content.is_empty()).then(|| json!({ "type": "text", "text": m.content }));
-                    let images = m.images.iter().map(|i| {
-                        let mut url = json!({ "url": i.url });
-                        if !i.detail.is_empty() {
-                            url["detail"] = json!(i.detail);
-                        }
-                        json!({ "type": "image_url", "image_url": url })
-                    });
-                    shown["content"] = text.into_iter().chain(images).collect();
-                }
+                    json!({ "role": m.role, "content": content, "created_at_ms": m.created_at_ms, "tokens": m.tokens });
                 if !m.tool_calls.is_empty() {
                     // OpenAI's shape: the arguments stay a JSON string.
                     let calls: Vec<Value> = m

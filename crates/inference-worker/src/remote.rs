@@ -481,19 +481,7 @@ fn body(model: &str, request: GenerateRequest) -> Result<Value, Failure> {
 
 /// One message as OpenAI's `messages[]` item.
 fn message(m: &ChatMessage) -> Value {
-    let mut out = json!({ "role": m.role, "content": m.content });
-    if !m.images.is_empty() {
-        // OpenAI's content parts: the text, then each image as it came.
-        let text = (!m.content.is_empty()).then(|| json!({ "type": "text", "text": m.content }));
-        let images = m.images.iter().map(|i| {
-            let mut url = json!({ "url": i.url });
-            if !i.detail.is_empty() {
-                url["detail"] = json!(i.detail);
-            }
-            json!({ "type": "image_url", "image_url": url })
-        });
-        out["content"] = text.into_iter().chain(images).collect();
-    }
+    let mut out = json!({ "role": m.role, "content": moltbot_proto::common::content_json(m) });
     if !m.tool_calls.is_empty() {
         out["tool_calls"] = m
             .tool_calls

@@ -1,6 +1,23 @@
 //! MoltBot's contracts: gRPC services and the messages carried over the NATS queue, generated from `proto/`.
 
 pub mod common {
+    /// A message's `content` as OpenAI writes it: its text, or with images the content parts (the text, then each
+    /// image as an `image_url` part).
+    pub fn content_json(m: &v1::ChatMessage) -> serde_json::Value {
+        if m.images.is_empty() {
+            return m.content.clone().into();
+        }
+        let text = (!m.content.is_empty()).then(|| serde_json::json!({ "type": "text", "text": m.content }));
+        let images = m.images.iter().map(|i| {
+            let mut url = serde_json::json!({ "url": i.url });
+            if !i.detail.is_empty() {
+                url["detail"] = i.detail.clone().into();
+            }
+            serde_json::json!({ "type": "image_url", "image_url": url })
+        });
+        text.into_iter().chain(images).collect()
+    }
+
     pub mod v1 {
         tonic::include_proto!("moltbot.common.v1");
     }
