@@ -143,6 +143,12 @@ async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>,
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
+/// Marks a streamed response for proxies: Nginx buffers a response unless it says `X-Accel-Buffering: no` (behind a
+/// default Nginx the first token came after 2.3–2.6 s instead of 0.8 s, in bursts).
+pub(crate) fn unbuffered(response: &mut axum::response::Response) {
+    response.headers_mut().insert("x-accel-buffering", axum::http::HeaderValue::from_static("no"));
+}
+
 /// The conversation headers: `X-Session-Id`, `X-Dialogue-Mode`, `X-User-Id`.
 struct DialogueHeaders {
     session_id: String,

@@ -123,7 +123,9 @@ pub async fn chat(
             }
         }
     });
-    Ok(events.into_response())
+    let mut response = events.into_response();
+    crate::unbuffered(&mut response);
+    Ok(response)
 }
 
 fn answer_json(

@@ -152,6 +152,7 @@ pub async fn chat_completions(
     });
     let mut response = events.into_response();
     session_header(&mut response, &session_id);
+    crate::unbuffered(&mut response);
     Ok(response)
 }
 

@@ -1,5 +1,6 @@
 //! Serves one MoltBot gRPC service the way every MoltBot server does: with `grpc.health.v1`, server
-//! reflection, request metrics, and a graceful stop when `shutdown` resolves.
+//! reflection (v1 and v1alpha, listing this port's services only), request metrics, and a graceful stop when
+//! `shutdown` resolves.
 
 use std::{
     convert::Infallible,
@@ -33,11 +34,20 @@ where
 {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<S>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the descriptor set compiled into this crate is valid");
+    // Reflection in both versions (grpcurl 1.8 and Python's grpcio-reflection speak only v1alpha), listing only what
+    // this port serves.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(S::NAME)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection_v1 = reflection().build_v1().expect("the descriptor set compiled into this crate is valid");
+    let reflection_v1alpha =
+        reflection().build_v1alpha().expect("the descriptor set compiled into this crate is valid");
     tracing::info!(service = S::NAME, addr = ?listener.local_addr().ok(), "gRPC server listening");
     // Small request/response messages must not wait for Nagle's algorithm (40 ms against delayed ACKs).
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
@@ -49,7 +59,8 @@ where
     Server::builder()
         .layer(tower::layer::layer_fn(Observed))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
