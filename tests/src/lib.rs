@@ -544,20 +544,23 @@ impl Cluster {
         let task = match &role {
             Role::SessionStore => {
                 let backend = moltbot_session_store::open_backend(&config.session_store).await.expect("Redis is up");
-                tokio::spawn(moltbot_session_store::run(listener, backend, shutdown))
+                tokio::spawn(moltbot_session_store::run(listener, backend, self.credential(), shutdown))
             }
             Role::Worker(id) => {
                 let mut worker_config = config.inference_worker.clone();
                 worker_config.worker_id = id.clone();
                 let provider = self.providers.get(id).unwrap_or(&config.model_provider);
-                let worker = moltbot_inference_worker::Worker::load(provider, &worker_config).expect("the model loads");
+                let mut worker =
+                    moltbot_inference_worker::Worker::load(provider, &worker_config).expect("the model loads");
+                worker.credential = self.credential();
                 let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, 64).await.expect("NATS");
                 tokio::spawn(moltbot_inference_worker::run(listener, worker, queue, shutdown))
             }
             Role::DialogueManager => {
-                let sessions = moltbot_dialogue_manager::connect_session_store(&self.session_store_url)
-                    .await
-                    .expect("session-store is up");
+                let sessions =
+                    moltbot_dialogue_manager::connect_session_store(&self.session_store_url, &self.credential())
+                        .await
+                        .expect("session-store is up");
                 let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs)
                     .await
                     .expect("NATS");
@@ -567,7 +570,7 @@ impl Cluster {
                 tokio::spawn(moltbot_dialogue_manager::run(listener, dialogue, shutdown))
             }
             Role::Gateway => {
-                let client = moltbot_gateway::dialogue_client(&self.dialogue_manager_url).unwrap();
+                let client = moltbot_gateway::dialogue_client(&self.dialogue_manager_url, &self.credential()).unwrap();
                 tokio::spawn(async move { moltbot_gateway::run(listener, &config.gateway, client, shutdown).await })
             }
         };
@@ -579,6 +582,11 @@ impl Cluster {
         let l = listener().await;
         self.worker_urls.push(format!("http://{}", l.local_addr().unwrap()));
         self.launch(Role::Worker(id.into()), l).await;
+    }
+
+    /// The cluster's service credential (`internal.service_token`; none unless the test set one).
+    pub fn credential(&self) -> moltbot_proto::Credential {
+        moltbot_proto::Credential::new(&self.config.internal.service_token)
     }
 
     /// Starts one more inference worker, serving `provider`'s model instead of the cluster's.
@@ -623,7 +631,8 @@ impl Cluster {
         use moltbot_proto::inference::v1::{GetModelInfoRequest, inference_client::InferenceClient};
         let mut out = vec![];
         for url in &self.worker_urls {
-            let mut client = InferenceClient::connect(url.clone()).await.expect("worker gRPC");
+            let channel = moltbot_proto::Replicas::lazy(url).expect("a worker URL").with_credential(&self.credential());
+            let mut client = InferenceClient::new(channel);
             out.push(client.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner());
         }
         out

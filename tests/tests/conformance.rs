@@ -9,7 +9,12 @@ async fn serve(config: &SessionStoreConfig) -> (String, tokio_util::sync::DropGu
     let l = listener().await;
     let endpoint = format!("http://{}", l.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(moltbot_session_store::run(l, backend, stop.clone().cancelled_owned()));
+    tokio::spawn(moltbot_session_store::run(
+        l,
+        backend,
+        moltbot_proto::Credential::none(),
+        stop.clone().cancelled_owned(),
+    ));
     (endpoint, stop.drop_guard())
 }
 
@@ -56,7 +61,8 @@ async fn caps_hold(mut config: SessionStoreConfig) {
     config.max_session_messages = 4;
     config.max_session_bytes = 100;
     let (endpoint, _serving) = serve(&config).await;
-    let mut store = moltbot_dialogue_manager::connect_session_store(&endpoint).await.unwrap();
+    let mut store =
+        moltbot_dialogue_manager::connect_session_store(&endpoint, &moltbot_proto::Credential::none()).await.unwrap();
     let create = |user: &str| CreateSessionRequest { user_id: user.into(), ..Default::default() };
     let mut first = String::new();
     for i in 0..3 {

@@ -362,7 +362,9 @@ async fn fifty_concurrent_turns_on_one_session_are_serialized_and_none_is_lost()
 
     let info = cluster.first_worker_when(|w| w.jobs_completed >= 50).await;
     assert_eq!(info.jobs_completed, 50);
-    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url, &cluster.credential())
+        .await
+        .unwrap();
     let request = moltbot_proto::session::v1::GetSessionRequest {
         session_id: session,
         user_id: "alice".into(),
@@ -421,7 +423,9 @@ async fn sessions_survive_a_redis_crash_with_aof() {
 
     cluster.redis.crash_and_restart();
     // The session-store's pooled connections died with Redis; the pool replaces them on the next calls.
-    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url, &cluster.credential())
+        .await
+        .unwrap();
     let request = moltbot_proto::session::v1::GetSessionRequest {
         session_id: session.clone(),
         user_id: "alice".into(),
@@ -585,7 +589,9 @@ async fn a_conversation_longer_than_a_queue_message_keeps_answering() {
     let cluster = Cluster::start(1, |_| {}).await;
     let session = alice_starts(&cluster).await;
     // 2.4 MB of stored history, more than twice NATS's 1 MiB message limit: no model could see it all.
-    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url, &cluster.credential())
+        .await
+        .unwrap();
     let long = "many words ".repeat(20_000);
     for _ in 0..12 {
         let message = |role: &str, content: &str, tokens| moltbot_proto::common::v1::ChatMessage {
@@ -709,7 +715,9 @@ async fn a_rolling_restart_of_every_service_under_load_fails_no_request() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.cancel();
-    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url).await.unwrap();
+    let mut store = moltbot_dialogue_manager::connect_session_store(&cluster.session_store_url, &cluster.credential())
+        .await
+        .unwrap();
     let mut total = 0;
     for client in clients {
         let (session, turns, failures) = client.await.unwrap();
@@ -843,4 +851,40 @@ async fn two_models_are_served_at_once_and_one_whose_workers_are_gone_is_a_fast_
     assert_eq!(status, 200, "{body}");
     cluster.stop().await;
     upstream.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_services_take_calls_only_with_the_deployments_credential() {
+    use moltbot_proto::{Credential, Replicas, session::v1::ListSessionsRequest};
+    let secret = "a-long-deployment-secret";
+    let cluster = Cluster::start(1, |c| c.internal.service_token = secret.into()).await;
+    // The services present it to each other: a turn goes through every one of them.
+    let (status, _, body) = cluster.http.post("/api/chat", &[], r#"{"message":"Hi","max_tokens":2}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let list = || ListSessionsRequest { user_id: "alice".into(), ..Default::default() };
+    let store = |credential: Credential| {
+        let url = cluster.session_store_url.clone();
+        async move { moltbot_dialogue_manager::connect_session_store(&url, &credential).await.unwrap() }
+    };
+    assert!(store(Credential::new(secret)).await.list_sessions(list()).await.is_ok());
+    // Anyone else is refused, before the service sees the call: no credential, or a wrong one.
+    for credential in [Credential::none(), Credential::new("a-long-wrong-secret-xx")] {
+        let refused = store(credential.clone()).await.list_sessions(list()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let worker = Replicas::lazy(&cluster.worker_urls[0]).unwrap().with_credential(&credential);
+        let refused = InferenceClient::new(worker).get_model_info(GetModelInfoRequest {}).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    }
+    // Health checks need none: they are what orchestrators probe.
+    let channel = tonic::transport::Endpoint::from_shared(cluster.session_store_url.clone()).unwrap().connect().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.unwrap());
+    let serving = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(serving.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    cluster.stop().await;
+
+    // Beyond loopback without a credential, an internal service does not start, and says what to set.
+    let mut config = moltbot_tests::test_config(std::path::Path::new("/nonexistent"));
+    config.session_store.listen = ([0, 0, 0, 0], moltbot_tests::free_port()).into();
+    let refused = moltbot_session_store::serve(&config).await.unwrap_err().to_string();
+    assert!(refused.contains("internal.service_token") && refused.contains("session_store.listen"), "{refused}");
 }

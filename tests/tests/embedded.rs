@@ -245,7 +245,7 @@ async fn api_keys_guard_everything_but_health_and_each_key_is_its_own_user() {
 #[tokio::test]
 async fn a_gateway_beyond_loopback_without_keys_refuses_to_start() {
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let client = moltbot_gateway::dialogue_client("http://127.0.0.1:1").unwrap();
+    let client = moltbot_gateway::dialogue_client("http://127.0.0.1:1", &moltbot_proto::Credential::none()).unwrap();
     let config = moltbot_config::GatewayConfig::default();
     let err = moltbot_gateway::run(listener, &config, client, std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains("gateway.auth.api_keys") && err.contains("127.0.0.1"), "{err}");

@@ -39,6 +39,8 @@ pub struct Config {
     /// model, or a remote API). A deployed inference worker serves `model_provider` only.
     pub models: Vec<ModelProviderConfig>,
     pub queue: QueueConfig,
+    /// How MoltBot's own services trust each other.
+    pub internal: InternalConfig,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
     pub plugins: PluginsConfig,
@@ -588,6 +590,38 @@ impl ModelProviderConfig {
     }
 }
 
+/// The trust between MoltBot's services.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternalConfig {
+    /// A secret every internal gRPC call presents (`authorization: Bearer`) and every internal service requires;
+    /// set it from a Secret (`MOLTBOT_INTERNAL__SERVICE_TOKEN`). Empty: none, allowed only while the
+    /// dialogue-manager, session-store and inference worker listen on loopback addresses.
+    pub service_token: String,
+}
+
+impl std::fmt::Debug for InternalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = if self.service_token.is_empty() { "" } else { "<set>" };
+        f.debug_struct("InternalConfig").field("service_token", &token).finish()
+    }
+}
+
+impl InternalConfig {
+    /// Refuses an internal service on a non-loopback address (`key`) without a service token: anyone who can reach
+    /// it could read and write every user's sessions.
+    pub fn guard(&self, addr: std::net::SocketAddr, key: &str) -> Result<()> {
+        if self.service_token.is_empty() && !addr.ip().is_loopback() {
+            return Err(Error::Invalid(format!(
+                "{key} is {addr}, beyond loopback, without internal.service_token: any caller that reaches it could \
+                 read and change every user's data. Set internal.service_token (MOLTBOT_INTERNAL__SERVICE_TOKEN, from \
+                 a Secret) to the same secret in every MoltBot service, or listen on 127.0.0.1"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
@@ -782,6 +816,10 @@ impl Config {
         }
         if self.inference_worker.kv_cache_mib == 0 || self.inference_worker.max_waiting == 0 {
             return bad("inference_worker.kv_cache_mib", "kv_cache_mib and max_waiting must be at least 1");
+        }
+        let token = &self.internal.service_token;
+        if !token.is_empty() && (token.len() < 16 || token.bytes().any(|b| !b.is_ascii_graphic())) {
+            return bad("internal.service_token", "must have at least 16 visible ASCII characters (no spaces)");
         }
         if self.gateway.auth.api_keys.iter().any(|k| k.trim().len() < 16) {
             return bad("gateway.auth.api_keys", "every API key must have at least 16 characters");

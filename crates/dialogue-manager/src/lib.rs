@@ -28,8 +28,12 @@ use tracing::Instrument as _;
 
 /// Connects to the session-store (one URL, or replicas separated by commas), failing fast with what to do when
 /// none is there; a replica that is down at start is used once it is up.
-pub async fn connect_session_store(urls: &str) -> anyhow::Result<SessionStoreClient<Replicas>> {
+pub async fn connect_session_store(
+    urls: &str,
+    credential: &moltbot_proto::Credential,
+) -> anyhow::Result<SessionStoreClient<Replicas>> {
     let channel = Replicas::lazy(urls).map_err(|e| anyhow::anyhow!("dialogue_manager.session_store_url: {e}"))?;
+    let channel = channel.with_credential(credential);
     let unreachable = channel.unreachable().await;
     if unreachable.len() == channel.urls().count() {
         anyhow::bail!(
@@ -60,6 +64,8 @@ pub struct DialogueService {
     aliases: std::sync::Arc<std::collections::BTreeMap<String, String>>,
     /// When this service started: until workers had time to announce themselves, an unknown model is waited for.
     started: tokio::time::Instant,
+    /// What callers must present (`internal.service_token`).
+    credential: moltbot_proto::Credential,
     job_timeout: Duration,
     worker_timeout: Duration,
     max_retries: u32,
@@ -81,6 +87,7 @@ impl DialogueService {
             fallback_model: config.model_provider.model_name.clone(),
             aliases: std::sync::Arc::new(config.dialogue_manager.model_aliases.clone()),
             started: tokio::time::Instant::now(),
+            credential: moltbot_proto::Credential::new(&config.internal.service_token),
             job_timeout: Duration::from_secs(config.queue.job_timeout),
             worker_timeout: Duration::from_secs(config.dialogue_manager.worker_timeout),
             max_retries: config.dialogue_manager.max_retries,
@@ -267,7 +274,7 @@ pub async fn run(
     service: DialogueService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let queue = service.queue.clone();
+    let (queue, credential) = (service.queue.clone(), service.credential.clone());
     // The queue's depth as a metric, every 5 s while the service runs.
     let depth = tokio_util::sync::CancellationToken::new();
     let _stop_depth = depth.clone().drop_guard();
@@ -280,15 +287,17 @@ pub async fn run(
         }
     }));
     let server = moltbot_proto::dialogue::v1::dialogue_server::DialogueServer::new(service);
-    Ok(moltbot_proto::server::serve(listener, server, shutdown).await?)
+    Ok(moltbot_proto::server::serve(listener, server, credential, shutdown).await?)
 }
 
 /// The dialogue-manager as its own process (the `moltbot-dialogue-manager` binary, `moltbot run
 /// dialogue-manager`): telemetry, its metrics port, the session-store and NATS, gRPC until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
+    config.internal.guard(config.dialogue_manager.listen, "dialogue_manager.listen")?;
     let (service, metrics) = ("moltbot-dialogue-manager", config.dialogue_manager.metrics_listen);
     let _tracing = moltbot_telemetry::start(config, service, metrics, "dialogue_manager.metrics_listen").await?;
-    let sessions = connect_session_store(&config.dialogue_manager.session_store_url).await?;
+    let credential = moltbot_proto::Credential::new(&config.internal.service_token);
+    let sessions = connect_session_store(&config.dialogue_manager.session_store_url, &credential).await?;
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
     let service = DialogueService::new(config, sessions, queue).with_plugins(plugins);

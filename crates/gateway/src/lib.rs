@@ -51,8 +51,9 @@ pub struct AppState {
 /// A client of the dialogue-manager at `urls` (one, or replicas separated by commas: calls take turns, and
 /// one a replica never took goes to the next); it connects lazily, so the gateway starts before its backend
 /// and `/ready` tells whether it is there.
-pub fn dialogue_client(urls: &str) -> anyhow::Result<DialogueClient<Replicas>> {
+pub fn dialogue_client(urls: &str, credential: &moltbot_proto::Credential) -> anyhow::Result<DialogueClient<Replicas>> {
     let channel = Replicas::lazy(urls).map_err(|e| anyhow::anyhow!("gateway.dialogue_manager_url: {e}"))?;
+    let channel = channel.with_credential(credential);
     // A page of a session's messages may be large (each up to a request body); the limit is set, not inherited.
     Ok(DialogueClient::new(channel).max_decoding_message_size(moltbot_proto::MAX_MESSAGE_BYTES))
 }
@@ -553,7 +554,8 @@ fn mode_name(mode: i32) -> &'static str {
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
     let metrics = config.gateway.metrics_listen;
     let _tracing = moltbot_telemetry::start(config, "moltbot-gateway", metrics, "gateway.metrics_listen").await?;
-    let dialogue = dialogue_client(&config.gateway.dialogue_manager_url)?;
+    let credential = moltbot_proto::Credential::new(&config.internal.service_token);
+    let dialogue = dialogue_client(&config.gateway.dialogue_manager_url, &credential)?;
     let listener = moltbot_telemetry::bind(config.gateway.listen, "gateway.listen").await?;
     run(listener, &config.gateway, dialogue, moltbot_telemetry::shutdown_signal()).await
 }

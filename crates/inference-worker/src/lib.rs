@@ -129,6 +129,8 @@ pub struct Worker {
     pub provider: Provider,
     pub id: String,
     pub max_tokens: u32,
+    /// What callers of its gRPC service must present (`internal.service_token`); none by default.
+    pub credential: moltbot_proto::Credential,
     jobs: Arc<JobCounts>,
 }
 
@@ -176,7 +178,7 @@ impl Worker {
         } else {
             config.worker_id.clone()
         };
-        Self { provider: provider.into(), id, max_tokens, jobs: Arc::default() }
+        Self { provider: provider.into(), id, max_tokens, credential: Default::default(), jobs: Arc::default() }
     }
 
     /// The worker of the model `provider` configures.
@@ -385,8 +387,9 @@ pub async fn run(
     let _engine_metrics =
         moltbot_telemetry::metrics::installed().zip(engine).map(|(metrics, engine)| engine_metrics(metrics, engine));
     let consumer = tokio::spawn(worker.clone().consume(queue, stop.clone()));
+    let worker_credential = worker.credential.clone();
     let service = moltbot_proto::inference::v1::inference_server::InferenceServer::new(InferenceService::new(worker));
-    let grpc = moltbot_proto::server::serve(listener, service, {
+    let grpc = moltbot_proto::server::serve(listener, service, worker_credential, {
         let stop = stop.clone();
         async move {
             shutdown.await;
@@ -402,9 +405,11 @@ pub async fn run(
 /// An inference worker as its own process (the `moltbot-inference-worker` binary, `moltbot run
 /// inference-worker`): telemetry, its metrics port, the model, NATS, gRPC until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
+    config.internal.guard(config.inference_worker.listen, "inference_worker.listen")?;
     let (service, metrics) = ("moltbot-inference-worker", config.inference_worker.metrics_listen);
     let _tracing = moltbot_telemetry::start(config, service, metrics, "inference_worker.metrics_listen").await?;
-    let worker = Worker::load(&config.model_provider, &config.inference_worker)?;
+    let mut worker = Worker::load(&config.model_provider, &config.inference_worker)?;
+    worker.credential = moltbot_proto::Credential::new(&config.internal.service_token);
     let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
     let listener = moltbot_telemetry::bind(config.inference_worker.listen, "inference_worker.listen").await?;
     run(listener, worker, queue, moltbot_telemetry::shutdown_signal()).await

@@ -201,8 +201,10 @@ async fn session_store(redis_url: &str, concurrency: usize) -> anyhow::Result<()
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(moltbot_session_store::run(listener, backend, stop.clone().cancelled_owned()));
-    let client = moltbot_dialogue_manager::connect_session_store(&url).await?;
+    let none = moltbot_proto::Credential::none();
+    let server =
+        tokio::spawn(moltbot_session_store::run(listener, backend, none.clone(), stop.clone().cancelled_owned()));
+    let client = moltbot_dialogue_manager::connect_session_store(&url, &none).await?;
     let until = Instant::now() + std::time::Duration::from_secs(5);
     let workers = (0..concurrency.max(1)).map(|w| {
         let mut client = client.clone();

@@ -60,7 +60,9 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
 
     let backend = moltbot_session_store::open_backend(&config.session_store).await?;
     let (listener, session_url) = loopback().await?;
-    tasks.push(tokio::spawn(moltbot_session_store::run(listener, backend, stopped(&shutdown))));
+    // The deployment's credential, when the configuration sets one (on loopback it needs none).
+    let credential = moltbot_proto::Credential::new(&config.internal.service_token);
+    tasks.push(tokio::spawn(moltbot_session_store::run(listener, backend, credential.clone(), stopped(&shutdown))));
 
     // A worker per model: `model_provider`, and each of `models` beside it.
     let queue = JobQueue::local(config.queue.max_pending_jobs);
@@ -72,7 +74,8 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
         } else if i > 0 {
             worker_config.worker_id = format!("{}-{i}", worker_config.worker_id);
         }
-        let worker = moltbot_inference_worker::Worker::load(provider, &worker_config)?;
+        let mut worker = moltbot_inference_worker::Worker::load(provider, &worker_config)?;
+        worker.credential = credential.clone();
         // Known to the dialogue-manager before the first request (the worker goes on announcing itself).
         queue.announce(&worker.provider.card(worker.max_tokens), &worker.id).await?;
         let (listener, url) = loopback().await?;
@@ -80,14 +83,14 @@ pub async fn start(config: Config, gateway: TcpListener) -> anyhow::Result<Embed
         tasks.push(tokio::spawn(moltbot_inference_worker::run(listener, worker, queue.clone(), stopped(&shutdown))));
     }
 
-    let sessions = moltbot_dialogue_manager::connect_session_store(&session_url).await?;
+    let sessions = moltbot_dialogue_manager::connect_session_store(&session_url, &credential).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
     let dialogue = moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue).with_plugins(plugins);
     let (listener, dialogue_url) = loopback().await?;
     tasks.push(tokio::spawn(moltbot_dialogue_manager::run(listener, dialogue, stopped(&shutdown))));
 
     let gateway_addr = gateway.local_addr()?;
-    let client = moltbot_gateway::dialogue_client(&dialogue_url)?;
+    let client = moltbot_gateway::dialogue_client(&dialogue_url, &credential)?;
     let dm_url = dialogue_url.clone();
     let gateway_config = config.gateway.clone();
     let stop = stopped(&shutdown);

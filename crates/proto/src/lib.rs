@@ -50,6 +50,7 @@ pub mod plugin {
 /// The encoded `FileDescriptorSet` of every MoltBot proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
 
+pub use credential::Credential;
 pub use error::ErrorCode;
 
 /// The largest gRPC message MoltBot's clients and servers take (tonic's default is 4 MiB): a page of stored
@@ -57,6 +58,7 @@ pub use error::ErrorCode;
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub use prost::{DecodeError, Message};
 
+mod credential;
 mod error;
 pub mod grpc_timeout;
 pub mod replicas;

@@ -34,6 +34,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Replicas {
     channels: Arc<[Replica]>,
     next: Arc<AtomicUsize>,
+    /// The deployment's credential, presented on every call (`authorization`).
+    credential: Option<tonic::codegen::http::HeaderValue>,
 }
 
 struct Replica {
@@ -71,6 +73,12 @@ pub struct BadUrl {
 }
 
 impl Replicas {
+    /// Every call presents `credential` (the deployment's `internal.service_token`).
+    pub fn with_credential(mut self, credential: &crate::Credential) -> Self {
+        self.credential = credential.header();
+        self
+    }
+
     /// Channels to `urls`, one URL or several separated by commas; they connect on first use, so a service can
     /// start before what it calls.
     pub fn lazy(urls: &str) -> Result<Self, BadUrl> {
@@ -86,7 +94,7 @@ impl Replicas {
         if channels.is_empty() {
             return Err(BadUrl { url: urls.to_owned(), message: "no URL given".into() });
         }
-        Ok(Self { channels: channels.into(), next: Arc::default() })
+        Ok(Self { channels: channels.into(), next: Arc::default(), credential: None })
     }
 
     /// The replicas' URLs.
@@ -124,6 +132,9 @@ impl Service<Request<Body>> for Replicas {
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         // The callee's spans join the caller's trace.
         moltbot_telemetry::trace::inject(request.headers_mut());
+        if let Some(credential) = &self.credential {
+            request.headers_mut().insert(tonic::codegen::http::header::AUTHORIZATION, credential.clone());
+        }
         let replicas = self.clone();
         Box::pin(async move {
             let started = Instant::now();

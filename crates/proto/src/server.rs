@@ -21,6 +21,7 @@ use tonic::{
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
+    credential: crate::Credential,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error>
 where
@@ -57,7 +58,7 @@ where
         s
     });
     Server::builder()
-        .layer(tower::layer::layer_fn(Observed))
+        .layer(tower::layer::layer_fn(move |inner| Observed(inner, credential.clone())))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -72,8 +73,11 @@ where
 /// response head (`moltbot_grpc_request_duration_seconds`). A call that fails before answering has its code in the
 /// head; a stream that fails later has it in the trailers, which this does not wait for (a model call's outcome is
 /// counted by the dialogue-manager, `moltbot_model_requests_total`, and the worker, `moltbot_model_calls_total`).
+///
+/// A call without the deployment's credential (`Credential`) is refused `UNAUTHENTICATED` here, before any service
+/// sees it; health checks and reflection need none.
 #[derive(Clone)]
-struct Observed<S>(S);
+struct Observed<S>(S, crate::Credential);
 
 impl<S, B> tower_service::Service<Request<B>> for Observed<S>
 where
@@ -110,10 +114,17 @@ where
             moltbot_telemetry::trace::adopt(&span, &carrier);
             span
         };
-        let call = span.in_scope(|| self.0.call(request));
+        let trusted = service.starts_with("grpc.") || self.1.admits(request.headers());
+        let call = trusted.then(|| span.in_scope(|| self.0.call(request)));
         Box::pin(tracing::Instrument::instrument(
             async move {
-                let response = call.await?;
+                let response = match call {
+                    Some(call) => call.await?,
+                    None => tonic::Status::unauthenticated(
+                        "this service takes calls only from its own deployment: present its internal.service_token",
+                    )
+                    .into_http(),
+                };
                 let code = response
                     .headers()
                     .get("grpc-status")

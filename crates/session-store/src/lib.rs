@@ -117,10 +117,11 @@ pub(crate) fn text_bytes<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64
 /// A session counts as active (`moltbot_sessions_active`) this long after its last turn or read.
 pub const ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Serves the session store on `listener` until `shutdown` resolves.
+/// Serves the session store on `listener` until `shutdown` resolves; calls must present `credential`.
 pub async fn run(
     listener: TcpListener,
     backend: Backend,
+    credential: moltbot_proto::Credential,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let backend = std::sync::Arc::new(backend);
@@ -141,7 +142,7 @@ pub async fn run(
     let _stop_counting = counting.clone().drop_guard();
     let service =
         moltbot_proto::session::v1::session_store_server::SessionStoreServer::new(SessionStoreService::new(backend));
-    let served = moltbot_proto::server::serve(listener, service, shutdown).await;
+    let served = moltbot_proto::server::serve(listener, service, credential, shutdown).await;
     // The store is closed when this returns (an embedded one's file may be opened again at once).
     counting.cancel();
     let _ = counter.await;
@@ -151,9 +152,11 @@ pub async fn run(
 /// The session-store as its own process (the `moltbot-session-store` binary, `moltbot run session-store`):
 /// telemetry, its metrics port, its backend, gRPC until SIGTERM.
 pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
+    config.internal.guard(config.session_store.listen, "session_store.listen")?;
     let (service, metrics) = ("moltbot-session-store", config.session_store.metrics_listen);
     let _tracing = moltbot_telemetry::start(config, service, metrics, "session_store.metrics_listen").await?;
     let backend = open_backend(&config.session_store).await?;
     let listener = moltbot_telemetry::bind(config.session_store.listen, "session_store.listen").await?;
-    run(listener, backend, moltbot_telemetry::shutdown_signal()).await
+    let credential = moltbot_proto::Credential::new(&config.internal.service_token);
+    run(listener, backend, credential, moltbot_telemetry::shutdown_signal()).await
 }
