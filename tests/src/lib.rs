@@ -584,6 +584,11 @@ impl Cluster {
         self.launch(Role::Worker(id.into()), l).await;
     }
 
+    /// The dialogue-manager replicas' URLs, comma-separated (what `gateway.dialogue_manager_url` takes).
+    pub fn dialogue_manager_url(&self) -> String {
+        self.dialogue_manager_url.clone()
+    }
+
     /// The cluster's service credential (`internal.service_token`; none unless the test set one).
     pub fn credential(&self) -> moltbot_proto::Credential {
         moltbot_proto::Credential::new(&self.config.internal.service_token)

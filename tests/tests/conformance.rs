@@ -20,7 +20,9 @@ async fn serve(config: &SessionStoreConfig) -> (String, tokio_util::sync::DropGu
 
 async fn passes(config: SessionStoreConfig) {
     let (endpoint, _serving) = serve(&config).await;
-    let results = moltbot_session_store::conformance::run(&endpoint).await.expect("the suite runs");
+    let results = moltbot_session_store::conformance::run(&endpoint, &moltbot_proto::Credential::none())
+        .await
+        .expect("the suite runs");
     let failures: Vec<String> =
         results.iter().filter_map(|r| r.outcome.as_ref().err().map(|why| format!("{}: {why}", r.name))).collect();
     assert!(

@@ -855,7 +855,7 @@ async fn two_models_are_served_at_once_and_one_whose_workers_are_gone_is_a_fast_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_services_take_calls_only_with_the_deployments_credential() {
-    use moltbot_proto::{Credential, Replicas, session::v1::ListSessionsRequest};
+    use moltbot_proto::{Credential, Replicas, dialogue::v1::ListModelsRequest, session::v1::ListSessionsRequest};
     let secret = "a-long-deployment-secret";
     let cluster = Cluster::start(1, |c| c.internal.service_token = secret.into()).await;
     // The services present it to each other: a turn goes through every one of them.
@@ -867,24 +867,52 @@ async fn internal_services_take_calls_only_with_the_deployments_credential() {
         async move { moltbot_dialogue_manager::connect_session_store(&url, &credential).await.unwrap() }
     };
     assert!(store(Credential::new(secret)).await.list_sessions(list()).await.is_ok());
-    // Anyone else is refused, before the service sees the call: no credential, or a wrong one.
-    for credential in [Credential::none(), Credential::new("a-long-wrong-secret-xx")] {
+    // Anyone else is refused, before the service sees the call: no credential, or a wrong one of the same length.
+    for credential in [Credential::none(), Credential::new("a-long-deployment-secreT")] {
         let refused = store(credential.clone()).await.list_sessions(list()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
         let worker = Replicas::lazy(&cluster.worker_urls[0]).unwrap().with_credential(&credential);
         let refused = InferenceClient::new(worker).get_model_info(GetModelInfoRequest {}).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let dialogue = moltbot_gateway::dialogue_client(&cluster.dialogue_manager_url(), &credential).unwrap();
+        let refused = dialogue.clone().list_models(ListModelsRequest {}).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     }
-    // Health checks need none: they are what orchestrators probe.
+    // Health checks and reflection need none: orchestrators and tools like grpcurl use them.
     let channel = tonic::transport::Endpoint::from_shared(cluster.session_store_url.clone()).unwrap().connect().await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.unwrap());
+    let channel = channel.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let serving = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(serving.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+        };
+        let ask = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut reflection = ServerReflectionClient::new(channel);
+        let mut answers = reflection.server_reflection_info(futures::stream::iter([ask])).await.unwrap().into_inner();
+        assert!(answers.message().await.unwrap().is_some(), "reflection answers without the credential");
+    }
     cluster.stop().await;
 
-    // Beyond loopback without a credential, an internal service does not start, and says what to set.
+    // Beyond loopback without a credential, no internal service starts, and each says what to set.
     let mut config = moltbot_tests::test_config(std::path::Path::new("/nonexistent"));
-    config.session_store.listen = ([0, 0, 0, 0], moltbot_tests::free_port()).into();
-    let refused = moltbot_session_store::serve(&config).await.unwrap_err().to_string();
-    assert!(refused.contains("internal.service_token") && refused.contains("session_store.listen"), "{refused}");
+    let beyond = || -> std::net::SocketAddr { ([0, 0, 0, 0], moltbot_tests::free_port()).into() };
+    config.session_store.listen = beyond();
+    config.dialogue_manager.listen = beyond();
+    config.inference_worker.listen = beyond();
+    let within = Duration::from_secs(10);
+    let refusals = [
+        ("session_store.listen", tokio::time::timeout(within, moltbot_session_store::serve(&config)).await),
+        ("dialogue_manager.listen", tokio::time::timeout(within, moltbot_dialogue_manager::serve(&config)).await),
+        ("inference_worker.listen", tokio::time::timeout(within, moltbot_inference_worker::serve(&config)).await),
+    ];
+    for (key, refused) in refusals {
+        let refused = refused.expect("refused at once, not served").unwrap_err().to_string();
+        assert!(refused.contains("internal.service_token") && refused.contains(key), "{refused}");
+    }
 }

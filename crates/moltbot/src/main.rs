@@ -74,7 +74,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Chat(args) => moltbot::chat::run(args).await,
         Command::Soak(args) => moltbot::soak::run(args).await,
         Command::Conformance { target: Conformance::SessionStore { endpoint } } => {
-            let results = moltbot_session_store::conformance::run(&endpoint).await?;
+            // A deployment's session-store takes calls only with its service token.
+            let token = std::env::var("MOLTBOT_INTERNAL__SERVICE_TOKEN").unwrap_or_default();
+            let credential = moltbot_proto::Credential::new(&token);
+            let results = moltbot_session_store::conformance::run(&endpoint, &credential).await?;
             let failed = results.iter().filter(|r| r.outcome.is_err()).count();
             for r in &results {
                 match &r.outcome {

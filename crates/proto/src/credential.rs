@@ -11,7 +11,8 @@ use tonic::codegen::http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
 pub struct Credential(Option<Arc<str>>);
 
 impl Credential {
-    /// The credential `token` makes; an empty token is none.
+    /// The credential `token` makes; an empty token is none. The token is visible ASCII
+    /// (`internal.service_token` is checked so at start); another is never presented.
     pub fn new(token: &str) -> Self {
         Self((!token.is_empty()).then(|| Arc::from(token)))
     }
@@ -24,7 +25,10 @@ impl Credential {
     /// The `authorization` header a call presents.
     pub(crate) fn header(&self) -> Option<HeaderValue> {
         let token = self.0.as_deref()?;
-        HeaderValue::from_str(&format!("Bearer {token}")).ok()
+        // Never indexed by HPACK, never shown by a `Debug` of the headers.
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        value.set_sensitive(true);
+        Some(value)
     }
 
     /// Whether a call with `headers` may pass: it presents the token (compared in constant time), or none is
@@ -34,8 +38,13 @@ impl Credential {
         let presented =
             headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         let Some(presented) = presented else { return false };
-        let (a, b) = (presented.as_bytes(), token.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+        // Every byte of the token is compared, whatever was presented: the time says nothing of how much matched.
+        let (presented, token) = (presented.as_bytes(), token.as_bytes());
+        let mut differ = presented.len() ^ token.len();
+        for (i, t) in token.iter().enumerate() {
+            differ |= usize::from(presented.get(i).copied().unwrap_or(0) ^ t);
+        }
+        std::hint::black_box(differ) == 0
     }
 }
 

@@ -79,6 +79,10 @@ where
 #[derive(Clone)]
 struct Observed<S>(S, crate::Credential);
 
+/// The services any caller may use: health checks (what orchestrators probe) and reflection.
+const OPEN: [&str; 3] =
+    ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+
 impl<S, B> tower_service::Service<Request<B>> for Observed<S>
 where
     S: tower_service::Service<Request<B>, Response = Response<Body>>,
@@ -98,8 +102,12 @@ where
             Some((service, method)) => (service.to_owned(), method.to_owned()),
             None => ("unknown".to_owned(), "unknown".to_owned()),
         };
+        let open = OPEN.contains(&service.as_str());
+        let trusted = open || self.1.admits(request.headers());
+        // A refused call names no labels and starts no span of its own choosing.
+        let (service, method) = if trusted { (service, method) } else { ("unknown".to_owned(), "unknown".to_owned()) };
         let carrier = moltbot_telemetry::trace::from_headers(request.headers());
-        let span = if service.starts_with("grpc.") || carrier.is_empty() {
+        let span = if open || !trusted || carrier.is_empty() {
             tracing::Span::none()
         } else {
             let span = tracing::info_span!(
@@ -114,7 +122,6 @@ where
             moltbot_telemetry::trace::adopt(&span, &carrier);
             span
         };
-        let trusted = service.starts_with("grpc.") || self.1.admits(request.headers());
         let call = trusted.then(|| span.in_scope(|| self.0.call(request)));
         Box::pin(tracing::Instrument::instrument(
             async move {

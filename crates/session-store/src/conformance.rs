@@ -5,6 +5,7 @@
 
 use std::{future::Future, pin::Pin, time::Duration};
 
+use moltbot_proto::{Credential, Replicas};
 use moltbot_proto::{
     common::v1::ChatMessage,
     session::v1::{
@@ -13,9 +14,9 @@ use moltbot_proto::{
         UpdateSessionRequest, session_store_client::SessionStoreClient,
     },
 };
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
-type Client = SessionStoreClient<Channel>;
+type Client = SessionStoreClient<Replicas>;
 type Outcome = Result<(), String>;
 type Check = fn(Ctx) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
@@ -390,13 +391,13 @@ const CHECKS: &[(&str, Check)] = &[
     ("message token counts are kept", |c| Box::pin(message_token_counts_are_kept(c))),
 ];
 
-/// Runs every check against the `SessionStore` at `endpoint` (e.g. `http://127.0.0.1:50052`).
-pub async fn run(endpoint: &str) -> anyhow::Result<Vec<CheckResult>> {
-    let channel = Channel::from_shared(endpoint.to_owned())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("the session-store at {endpoint} is not reachable: {e}"))?;
+/// Runs every check against the `SessionStore` at `endpoint` (e.g. `http://127.0.0.1:50052`), presenting
+/// `credential` (a deployment's `internal.service_token`).
+pub async fn run(endpoint: &str, credential: &Credential) -> anyhow::Result<Vec<CheckResult>> {
+    let channel = Replicas::lazy(endpoint)?.with_credential(credential);
+    if let Some(down) = channel.unreachable().await.first() {
+        anyhow::bail!("the session-store is not reachable: {down}");
+    }
     let client = SessionStoreClient::new(channel);
     let mut results = vec![];
     for (name, check) in CHECKS {
