@@ -51,6 +51,62 @@ pub fn remote_api(
     }
 }
 
+/// The counters of the worker at `url` once `done` holds for them, or after 10 s (the caller's asserts then say
+/// what is wrong). A worker counts a job just after publishing its last event, so a count read the moment an
+/// answer arrives can be one short.
+pub async fn worker_when(
+    url: &str,
+    done: impl Fn(&moltbot_proto::inference::v1::ModelInfo) -> bool,
+) -> moltbot_proto::inference::v1::ModelInfo {
+    worker_with_credential_when(url, &moltbot_proto::Credential::none(), done).await
+}
+
+async fn worker_with_credential_when(
+    url: &str,
+    credential: &moltbot_proto::Credential,
+    done: impl Fn(&moltbot_proto::inference::v1::ModelInfo) -> bool,
+) -> moltbot_proto::inference::v1::ModelInfo {
+    use moltbot_proto::inference::v1::{GetModelInfoRequest, inference_client::InferenceClient};
+    let channel = moltbot_proto::Replicas::lazy(url).expect("a worker URL").with_credential(credential);
+    let mut client = InferenceClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = client.get_model_info(GetModelInfoRequest {}).await.expect("worker gRPC").into_inner();
+        if done(&info) || Instant::now() > deadline {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The services the gRPC port at `$url` lists through server reflection, sorted, asked in reflection version `$v`
+/// (`v1` or `v1alpha`).
+#[macro_export]
+macro_rules! listed_services {
+    ($v:ident, $url:expr) => {{
+        use tonic_reflection::pb::$v::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let channel = tonic::transport::Endpoint::from_shared($url.to_owned()).expect("a URL").connect().await;
+        let mut client = ServerReflectionClient::new(channel.expect("the gRPC port answers"));
+        let ask = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers =
+            client.server_reflection_info(futures::stream::iter([ask])).await.expect("reflection").into_inner();
+        match answers.message().await.expect("an answer").and_then(|a| a.message_response) {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+                names.sort();
+                names
+            }
+            other => panic!("not a list of services: {other:?}"),
+        }
+    }};
+}
+
 /// The embedded shape (`moltbot serve`) on a free loopback port, with `test_config` changed by `configure`.
 /// The directory holds its store: keep it as long as the service.
 pub async fn embedded(configure: impl FnOnce(&mut Config)) -> (moltbot::Embedded, Http, tempfile::TempDir) {
@@ -633,12 +689,9 @@ impl Cluster {
 
     /// Each worker's model info and counters, asked over gRPC.
     pub async fn worker_info(&self) -> Vec<moltbot_proto::inference::v1::ModelInfo> {
-        use moltbot_proto::inference::v1::{GetModelInfoRequest, inference_client::InferenceClient};
         let mut out = vec![];
         for url in &self.worker_urls {
-            let channel = moltbot_proto::Replicas::lazy(url).expect("a worker URL").with_credential(&self.credential());
-            let mut client = InferenceClient::new(channel);
-            out.push(client.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner());
+            out.push(worker_with_credential_when(url, &self.credential(), |_| true).await);
         }
         out
     }

@@ -829,9 +829,7 @@ async fn two_models_are_served_at_once_and_one_whose_workers_are_gone_is_a_fast_
     let infos = cluster.workers_when(|w| w[0].jobs_completed == 1 && w[1].jobs_completed == 2).await;
     assert_eq!((infos[0].jobs_completed, infos[1].jobs_completed), (1, 2));
     assert_eq!(infos[1].architecture, "remote_api");
-    let mut upstream_worker = InferenceClient::connect(upstream.worker_urls[0].clone()).await.unwrap();
-    let upstream_info = upstream_worker.get_model_info(GetModelInfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(upstream_info.jobs_completed, 2);
+    assert_eq!(moltbot_tests::worker_when(&upstream.worker_urls[0], |w| w.jobs_completed == 2).await.jobs_completed, 2);
 
     // The remote model's only worker stops. A request that came just after waits in the queue only until the
     // dialogue-manager misses the worker's announcements (7 s), then is refused (503); later ones at once.
@@ -881,22 +879,14 @@ async fn internal_services_take_calls_only_with_the_deployments_credential() {
     // Health checks and reflection need none: orchestrators and tools like grpcurl use them.
     let channel = tonic::transport::Endpoint::from_shared(cluster.session_store_url.clone()).unwrap().connect().await;
     let channel = channel.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let serving = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(serving.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
-    {
-        use tonic_reflection::pb::v1alpha::{
-            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest,
-        };
-        let ask = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut reflection = ServerReflectionClient::new(channel);
-        let mut answers = reflection.server_reflection_info(futures::stream::iter([ask])).await.unwrap().into_inner();
-        assert!(answers.message().await.unwrap().is_some(), "reflection answers without the credential");
-    }
+    let listed = moltbot_tests::listed_services!(v1alpha, &cluster.session_store_url);
+    assert!(
+        listed.contains(&"moltbot.session.v1.SessionStore".to_owned()),
+        "reflection without the credential: {listed:?}"
+    );
     cluster.stop().await;
 
     // Beyond loopback without a credential, no internal service starts, and each says what to set.

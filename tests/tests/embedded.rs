@@ -908,32 +908,6 @@ class Fragile(PluginBase):
     moltbot.stop().await.unwrap();
 }
 
-/// The services a gRPC port lists through server reflection, asked in reflection version `$v` (v1 or v1alpha).
-macro_rules! listed_services {
-    ($v:ident, $url:expr) => {{
-        use tonic_reflection::pb::$v::{
-            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        };
-        let channel = tonic::transport::Endpoint::from_shared($url.to_owned()).expect("a URL").connect().await;
-        let mut client = ServerReflectionClient::new(channel.expect("the gRPC port answers"));
-        let ask = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut answers =
-            client.server_reflection_info(futures::stream::iter([ask])).await.expect("reflection").into_inner();
-        match answers.message().await.expect("an answer").and_then(|a| a.message_response) {
-            Some(MessageResponse::ListServicesResponse(list)) => {
-                let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-                names.sort();
-                names
-            }
-            other => panic!("not a list of services: {other:?}"),
-        }
-    }};
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_tools_see_each_ports_own_services_and_streams_tell_proxies_not_to_buffer() {
     let (moltbot, http, _dir) = moltbot_tests::embedded(|_| {}).await;
@@ -946,8 +920,8 @@ async fn grpc_tools_see_each_ports_own_services_and_streams_tell_proxies_not_to_
     ] {
         let mut expected: Vec<String> = common.iter().chain([&service]).map(|s| (*s).to_owned()).collect();
         expected.sort();
-        assert_eq!(listed_services!(v1alpha, url), expected, "{url}");
-        assert_eq!(listed_services!(v1, url), expected, "{url}");
+        assert_eq!(moltbot_tests::listed_services!(v1alpha, url), expected, "{url}");
+        assert_eq!(moltbot_tests::listed_services!(v1, url), expected, "{url}");
     }
     // A streamed answer says `X-Accel-Buffering: no`, so a default Nginx passes each token on as it comes.
     for (path, body) in [

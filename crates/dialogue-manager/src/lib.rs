@@ -105,34 +105,50 @@ impl DialogueService {
         self
     }
 
+    /// The model `name` stands for: the one it is an alias of, or itself.
+    fn unaliased(&self, name: &str) -> String {
+        self.aliases.get(name).cloned().unwrap_or_else(|| name.to_owned())
+    }
+
+    /// The model of a request that names none, among the models `served`: `dialogue_manager.default_model`, else
+    /// `model_provider.model_name` while it is served, else the only model served.
+    fn default_name(&self, served: &[moltbot_proto::common::v1::ModelCard]) -> Option<String> {
+        if !self.default_model.is_empty() {
+            return Some(self.unaliased(&self.default_model));
+        }
+        let fallback = served.iter().find(|m| m.id == self.fallback_model);
+        fallback
+            .or(match served {
+                [only] => Some(only),
+                _ => None,
+            })
+            .map(|m| m.id.clone())
+    }
+
     /// The model a request's `model` names (an alias, or empty for the default), as its workers announced it.
     /// An unknown model is `NOT_FOUND` (with `moltbot-error: model_not_found`, which the gateway answers as
     /// OpenAI does); a model whose workers are all gone is `UNAVAILABLE` at once, not a job no one takes.
     pub(crate) async fn model(&self, asked: &str) -> Result<moltbot_proto::common::v1::ModelCard, Status> {
-        let resolve = |name: &str| self.aliases.get(name).cloned().unwrap_or_else(|| name.to_owned());
         loop {
             let listening = self.started.elapsed() < FIRST_ANNOUNCEMENTS;
-            let name = match (asked, self.default_model.as_str()) {
-                ("", "") => {
-                    let mut served = self.queue.models();
-                    match served.iter().position(|m| m.id == self.fallback_model) {
-                        Some(at) => served.remove(at).id,
-                        None if served.len() == 1 => served.remove(0).id,
-                        None if served.is_empty() && listening => String::new(),
-                        None if served.is_empty() => {
-                            return Err(no_worker("no model is being served: no inference worker is live"));
-                        }
-                        None => {
-                            let names: Vec<_> = served.iter().map(|m| m.id.as_str()).collect();
-                            return Err(Status::invalid_argument(format!(
-                                "model is required: this server serves {}",
-                                names.join(", ")
-                            )));
-                        }
+            let name = if asked.is_empty() {
+                let served = self.queue.models();
+                match self.default_name(&served) {
+                    Some(name) => name,
+                    None if served.is_empty() && listening => String::new(),
+                    None if served.is_empty() => {
+                        return Err(no_worker("no model is being served: no inference worker is live"));
+                    }
+                    None => {
+                        let names: Vec<_> = served.iter().map(|m| m.id.as_str()).collect();
+                        return Err(Status::invalid_argument(format!(
+                            "model is required: this server serves {}",
+                            names.join(", ")
+                        )));
                     }
                 }
-                ("", default) => resolve(default),
-                (asked, _) => resolve(asked),
+            } else {
+                self.unaliased(asked)
             };
             match self.queue.lookup(&name) {
                 moltbot_queue::Lookup::Live(card) => return Ok(card),
@@ -148,7 +164,7 @@ impl DialogueService {
                     let named = if asked.is_empty() { name.as_str() } else { asked };
                     let mut status = Status::not_found(format!(
                         "model `{}` does not exist; served: {}",
-                        shown(named),
+                        moltbot_proto::shown(named),
                         if served.is_empty() { "none".into() } else { served.join(", ") }
                     ));
                     status.metadata_mut().insert("moltbot-error", "model_not_found".parse().expect("ASCII"));
@@ -156,14 +172,6 @@ impl DialogueService {
                 }
             }
         }
-    }
-}
-
-/// A name from a request, as an error message shows it: at most 64 characters.
-fn shown(text: &str) -> String {
-    match text.char_indices().nth(64) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
     }
 }
 
@@ -205,11 +213,7 @@ impl Dialogue for DialogueService {
             card.aliases =
                 self.aliases.iter().filter(|(_, model)| **model == card.id).map(|(a, _)| a.clone()).collect();
         }
-        let default_model = match self.default_model.as_str() {
-            "" if models.iter().any(|m| m.id == self.fallback_model) => self.fallback_model.clone(),
-            "" if models.len() == 1 => models[0].id.clone(),
-            default => self.aliases.get(default).cloned().unwrap_or_else(|| default.to_owned()),
-        };
+        let default_model = self.default_name(&models).unwrap_or_default();
         Ok(Response::new(ListModelsResponse { models, default_model }))
     }
 

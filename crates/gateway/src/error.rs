@@ -115,13 +115,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Client text echoed in an error message: at most 64 characters.
-pub fn shown(text: &str) -> String {
-    match text.char_indices().nth(64) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
+pub use moltbot_proto::shown;
 
 impl From<tonic::Status> for ApiError {
     fn from(s: tonic::Status) -> Self {

@@ -124,10 +124,7 @@ impl Remote {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let call = async {
-                let body = match body(&inner.remote_model, request) {
-                    Ok(body) => body,
-                    Err(failure) => return Err(failure),
-                };
+                let body = body(&inner.remote_model, request)?;
                 let response = inner.send(&body, deadline).await?;
                 inner.stream(response, &tx).await
             };

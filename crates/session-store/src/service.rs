@@ -98,11 +98,7 @@ const SCOPE_LEN: usize = 24;
 
 /// An id as an error message shows it: unscoped, and cut to 64 characters.
 pub(crate) fn shown_id(id: &str) -> String {
-    let id = client_id(id);
-    match id.char_indices().nth(64) {
-        Some((cut, _)) => format!("{}…", &id[..cut]),
-        None => id,
-    }
+    moltbot_proto::shown(&client_id(id))
 }
 
 fn to_proto(r: SessionRecord) -> Session {

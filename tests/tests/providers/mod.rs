@@ -4,22 +4,8 @@
 use std::time::{Duration, Instant};
 
 use moltbot_config::ModelProviderConfig;
-use moltbot_proto::inference::v1::{GetModelInfoRequest, ModelInfo, inference_client::InferenceClient};
-use moltbot_tests::{embedded, free_port, remote_api as remote, sse_data};
+use moltbot_tests::{embedded, free_port, remote_api as remote, sse_data, worker_when};
 use serde_json::{Value, json};
-
-/// A worker's counters, once `done` holds for them or after 10 s.
-async fn worker_when(url: &str, done: impl Fn(&ModelInfo) -> bool) -> ModelInfo {
-    let mut client = InferenceClient::connect(url.to_owned()).await.expect("worker gRPC");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = client.get_model_info(GetModelInfoRequest {}).await.expect("model info").into_inner();
-        if done(&info) || Instant::now() > deadline {
-            return info;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn chat(model: &str, content: &str, max_tokens: u32) -> String {
     json!({ "model": model, "messages": [{ "role": "user", "content": content }], "max_tokens": max_tokens, "temperature": 0 })
