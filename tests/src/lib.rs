@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moltbot_config::Config;
+use moltbot_config::{Config, QueueConfig};
 use serde_json::Value;
 
 /// The default model; panics with what to run when it is missing.
@@ -609,7 +609,10 @@ impl Cluster {
                 let mut worker =
                     moltbot_inference_worker::Worker::load(provider, &worker_config).expect("the model loads");
                 worker.credential = self.credential();
-                let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, 64).await.expect("NATS");
+                let queue =
+                    moltbot_queue::JobQueue::nats(&QueueConfig { max_pending_jobs: 64, ..config.queue.clone() })
+                        .await
+                        .expect("NATS");
                 tokio::spawn(moltbot_inference_worker::run(listener, worker, queue, shutdown))
             }
             Role::DialogueManager => {
@@ -617,9 +620,7 @@ impl Cluster {
                     moltbot_dialogue_manager::connect_session_store(&self.session_store_url, &self.credential())
                         .await
                         .expect("session-store is up");
-                let queue = moltbot_queue::JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs)
-                    .await
-                    .expect("NATS");
+                let queue = moltbot_queue::JobQueue::nats(&config.queue).await.expect("NATS");
                 let plugins = moltbot_plugin::Plugins::load(&config.plugins).await.expect("the plugins load");
                 let dialogue =
                     moltbot_dialogue_manager::DialogueService::new(&config, sessions, queue).with_plugins(plugins);

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use moltbot_config::QueueConfig;
 use moltbot_proto::inference::v1::{
     GenerateEvent, GetModelInfoRequest, Started, Token, generate_event::Event, inference_client::InferenceClient,
 };
@@ -125,7 +126,8 @@ async fn remembered_cancels(cluster: &Cluster) -> u64 {
 /// Takes the next job like a worker would, reports it started (and optionally a token), then "dies":
 /// no more events, no heartbeats.
 async fn take_job_and_die(nats_url: &str, model: &str, token: Option<&str>) {
-    let queue = JobQueue::nats(nats_url, 64).await.unwrap();
+    let config = QueueConfig { nats_url: nats_url.into(), max_pending_jobs: 64, ..Default::default() };
+    let queue = JobQueue::nats(&config).await.unwrap();
     // It announces itself as workers do, so the dialogue-manager knows the model is served.
     let card = moltbot_proto::common::v1::ModelCard { id: model.into(), max_output_tokens: 200, ..Default::default() };
     queue.announce(&card, "doomed").await.unwrap();
@@ -314,14 +316,17 @@ async fn a_turn_that_outlasts_its_lock_lease_keeps_the_session_to_itself() {
 
 #[tokio::test]
 async fn unreachable_redis_and_nats_fail_start_up_with_the_fix() {
+    // A deployment's credentials ride in the addresses; the messages name the user, never the password.
     let mut config = moltbot_config::Config::default();
-    config.session_store.redis.url = format!("redis://127.0.0.1:{}", moltbot_tests::free_port());
+    config.session_store.redis.url = format!("redis://moltbot:hunter2@127.0.0.1:{}", moltbot_tests::free_port());
     let err =
         moltbot_session_store::open_backend(&config.session_store).await.err().expect("redis is down").to_string();
     assert!(err.contains("not reachable") && err.contains("redis-server"), "{err}");
-    let url = format!("nats://127.0.0.1:{}", moltbot_tests::free_port());
-    let err = NatsQueue::connect(&url, 8).await.err().expect("nats is down").to_string();
+    assert!(err.contains("moltbot:***@") && !err.contains("hunter2"), "{err}");
+    config.queue.nats_url = format!("nats://worker:hunter2@127.0.0.1:{}", moltbot_tests::free_port());
+    let err = NatsQueue::connect(&config.queue).await.err().expect("nats is down").to_string();
     assert!(err.contains("not reachable") && err.contains("nats-server -js"), "{err}");
+    assert!(err.contains("worker:***@") && !err.contains("hunter2"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

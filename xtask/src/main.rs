@@ -11,6 +11,9 @@
 //!   matrix kernel alone; `bench remote`: what MoltBot adds in front of a remote OpenAI-compatible API
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 //! - `soak [--minutes 30] [--load 0.7]`: MoltBot under 70 % of its measured capacity for half an hour (release)
+//! - `deploy <dev|prod> [--tag T] [--image NAME] [--config FILE] [--dry-run]`: render `deploy/k8s/overlays/<env>`,
+//!   check every object against the Kubernetes API types and the deployment policies, diff, apply server-side,
+//!   wait for the rollouts and report readiness (`--dry-run`: print what it would apply)
 //! - `fuzz [target] [seconds]`: one libFuzzer target (`fuzz/`) for a bounded time (60 s), keeping its corpus;
 //!   without a target, lists them
 
@@ -21,6 +24,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
+mod deploy;
 mod shape;
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         Some("dev") => dev(),
         Some("bench") => bench(rest),
         Some("fuzz") => fuzz(rest),
+        Some("deploy") => deploy::main(rest),
         Some("soak") => {
             model()?;
             status(cargo().args(["run", "--release", "--package", "moltbot", "--", "soak"]).args(rest))
@@ -42,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod> [--tag T] [--config FILE] [--dry-run] | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }

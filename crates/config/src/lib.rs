@@ -625,17 +625,34 @@ impl InternalConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// NATS server; the dialogue-manager and workers use JetStream on it.
+    /// NATS server; the dialogue-manager and workers use JetStream on it. A deployment's NATS user goes in the
+    /// address (`nats://worker:<password>@nats:4222`); error messages show it without the password.
     pub nats_url: String,
     /// Jobs waiting in the queue before new ones are refused (429).
     pub max_pending_jobs: i64,
     /// Seconds a job may wait plus run before it is dropped (504).
     pub job_timeout: u64,
+    /// Copies JetStream keeps of the job and cancel streams (1 to 5; 3 on a cluster of three NATS servers, so a
+    /// server's loss loses no queued job). Applies when the streams are made.
+    pub stream_replicas: usize,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { nats_url: "nats://127.0.0.1:4222".into(), max_pending_jobs: 1024, job_timeout: 300 }
+        Self { nats_url: "nats://127.0.0.1:4222".into(), max_pending_jobs: 1024, job_timeout: 300, stream_replicas: 1 }
+    }
+}
+
+/// `url` fit for logs and error messages: a password in it (`scheme://user:password@host`) becomes `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -827,6 +844,9 @@ impl Config {
         if self.dialogue_manager.session_lock_lease == 0 {
             return bad("dialogue_manager.session_lock_lease", "must be at least 1 second");
         }
+        if !(1..=5).contains(&self.queue.stream_replicas) {
+            return bad("queue.stream_replicas", "must be 1 to 5 (what JetStream allows)");
+        }
         if self.queue.max_pending_jobs < 1 {
             return bad("queue.max_pending_jobs", "must be at least 1");
         }
@@ -854,6 +874,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_in_an_address_never_reaches_a_message() {
+        assert_eq!(redact_url("nats://worker:s3cret@nats:4222"), "nats://worker:***@nats:4222");
+        assert_eq!(redact_url("redis://moltbot:p@ss@redis:6379/0"), "redis://moltbot:***@redis:6379/0");
+        assert_eq!(redact_url("redis://:only-password@redis/0?x=1"), "redis://:***@redis/0?x=1");
+        for plain in ["nats://user@nats:4222", "redis://127.0.0.1:6379", "not a url"] {
+            assert_eq!(redact_url(plain), plain);
+        }
+    }
 
     #[test]
     fn a_packaged_model_is_served_under_its_name_and_unknown_or_doubled_choices_are_refused() {

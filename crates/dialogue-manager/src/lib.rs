@@ -302,7 +302,7 @@ pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
     let _tracing = moltbot_telemetry::start(config, service, metrics, "dialogue_manager.metrics_listen").await?;
     let credential = moltbot_proto::Credential::new(&config.internal.service_token);
     let sessions = connect_session_store(&config.dialogue_manager.session_store_url, &credential).await?;
-    let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
+    let queue = JobQueue::nats(&config.queue).await?;
     let plugins = moltbot_plugin::Plugins::load(&config.plugins).await?;
     let service = DialogueService::new(config, sessions, queue).with_plugins(plugins);
     let listener = moltbot_telemetry::bind(config.dialogue_manager.listen, "dialogue_manager.listen").await?;

@@ -410,7 +410,7 @@ pub async fn serve(config: &moltbot_config::Config) -> anyhow::Result<()> {
     let _tracing = moltbot_telemetry::start(config, service, metrics, "inference_worker.metrics_listen").await?;
     let mut worker = Worker::load(&config.model_provider, &config.inference_worker)?;
     worker.credential = moltbot_proto::Credential::new(&config.internal.service_token);
-    let queue = JobQueue::nats(&config.queue.nats_url, config.queue.max_pending_jobs).await?;
+    let queue = JobQueue::nats(&config.queue).await?;
     let listener = moltbot_telemetry::bind(config.inference_worker.listen, "inference_worker.listen").await?;
     run(listener, worker, queue, moltbot_telemetry::shutdown_signal()).await
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use affinity::Lookup;
 pub use local::LocalQueue;
-pub use nats::{NatsQueue, Offer};
+pub use nats::{NatsQueue, Offer, STREAM};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -61,6 +61,11 @@ pub fn job_subject(model: &str) -> String {
 /// A model name as one NATS subject token. Names may hold characters subjects cannot (`.`, `*`, `>`, spaces);
 /// those become `_` and their code in hex, and `_` itself `__`, so two names never share a token (and with it a
 /// queue and a consumer).
+/// The JetStream consumer that every worker of `model` pulls its jobs from: what a lag-based autoscaler watches.
+pub fn worker_consumer(model: &str) -> String {
+    format!("workers-{}", subject_token(model))
+}
+
 pub(crate) fn subject_token(model: &str) -> String {
     let mut token = String::with_capacity(model.len());
     for c in model.chars() {
@@ -92,9 +97,9 @@ pub enum JobQueue {
 }
 
 impl JobQueue {
-    /// The NATS backend: connects and makes sure the job stream exists.
-    pub async fn nats(url: &str, max_pending_jobs: i64) -> Result<Self> {
-        Ok(Self::Nats(Box::new(NatsQueue::connect(url, max_pending_jobs).await?)))
+    /// The NATS backend at `config.nats_url`: connects and makes sure the job and cancel streams exist.
+    pub async fn nats(config: &moltbot_config::QueueConfig) -> Result<Self> {
+        Ok(Self::Nats(Box::new(NatsQueue::connect(config).await?)))
     }
 
     /// The in-process backend.

@@ -73,8 +73,10 @@ impl NatsQueue {
     /// Connects and makes sure the streams exist. Once connected, a lost connection is retried without limit;
     /// meanwhile `submit` fails at once, and on reconnection the streams are made again should the server have
     /// lost them (the cancel stream lives in memory).
-    pub async fn connect(url: &str, max_pending: i64) -> Result<Self> {
-        let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: url.into(), message: e.to_string() };
+    pub async fn connect(config: &moltbot_config::QueueConfig) -> Result<Self> {
+        let (url, shown) = (config.nats_url.as_str(), moltbot_config::redact_url(&config.nats_url));
+        let streams = Streams { max_pending: config.max_pending_jobs, replicas: config.stream_replicas };
+        let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: shown.clone(), message: e.to_string() };
         let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel(1);
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
@@ -102,7 +104,7 @@ impl NatsQueue {
             .map_err(|_| connect_err(&"no answer within 5 s"))?
             .map_err(|e| connect_err(&e))?;
         let js = jetstream::new(client.clone());
-        ensure_streams(&js, max_pending).await.map_err(|message| Error::Connect { url: url.into(), message })?;
+        ensure_streams(&js, streams).await.map_err(|message| Error::Connect { url: shown.clone(), message })?;
         let (stop, again) = (CancellationToken::new(), js.clone());
         let stopped = stop.clone();
         tokio::spawn(async move {
@@ -112,7 +114,7 @@ impl NatsQueue {
                     event = reconnected.recv() => if event.is_none() { return },
                 }
                 tracing::info!("connected to NATS again");
-                if let Err(message) = ensure_streams(&again, max_pending).await {
+                if let Err(message) = ensure_streams(&again, streams).await {
                     tracing::warn!(%message, "cannot make the streams again after reconnecting");
                 }
             }
@@ -135,7 +137,13 @@ impl NatsQueue {
         // Workers announce themselves at once when asked, so a process that just connected knows them in
         // milliseconds rather than at their next announcement.
         client.publish(HELLO, bytes::Bytes::new()).await.map_err(|e| connect_err(&e))?;
-        Ok(Self { client, js, max_pending, workers, _reconnects: std::sync::Arc::new(stop.drop_guard()) })
+        Ok(Self {
+            client,
+            js,
+            max_pending: config.max_pending_jobs,
+            workers,
+            _reconnects: std::sync::Arc::new(stop.drop_guard()),
+        })
     }
 
     /// A message each time a process connects to the queue (workers then announce themselves).
@@ -351,7 +359,7 @@ impl NatsQueue {
 
     /// The model's durable pull consumer, made unless it exists.
     async fn pull_consumer(&self, model: &str) -> Result<jetstream::consumer::Consumer<pull::Config>> {
-        let name = format!("workers-{}", subject_token(model));
+        let name = crate::worker_consumer(model);
         let stream = self.js.get_stream(STREAM).await.map_err(|e| Error::Nats(e.to_string()))?;
         stream
             .get_or_create_consumer(
@@ -369,13 +377,21 @@ impl NatsQueue {
     }
 }
 
+/// How the streams are made: the job stream's cap and both streams' copies.
+#[derive(Clone, Copy)]
+struct Streams {
+    max_pending: i64,
+    replicas: usize,
+}
+
 /// Makes the job and cancel streams unless they exist.
-async fn ensure_streams(js: &jetstream::Context, max_pending: i64) -> Result<(), String> {
+async fn ensure_streams(js: &jetstream::Context, streams: Streams) -> Result<(), String> {
     js.get_or_create_stream(stream::Config {
         name: STREAM.into(),
         subjects: vec!["moltbot.jobs.>".into()],
         retention: stream::RetentionPolicy::WorkQueue,
-        max_messages: max_pending,
+        max_messages: streams.max_pending,
+        num_replicas: streams.replicas,
         discard: stream::DiscardPolicy::New,
         duplicate_window: DUPLICATE_WINDOW,
         storage: stream::StorageType::File,
@@ -389,6 +405,7 @@ async fn ensure_streams(js: &jetstream::Context, max_pending: i64) -> Result<(),
         max_messages_per_subject: 1,
         max_age: CANCEL_MEMORY,
         storage: stream::StorageType::Memory,
+        num_replicas: streams.replicas,
         ..Default::default()
     })
     .await

@@ -102,7 +102,8 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     pub async fn connect(config: &RedisConfig, ttl: u64, limits: Limits) -> Result<Self> {
-        let unreachable = |message: String| Error::RedisUnreachable { url: config.url.clone(), message };
+        let unreachable =
+            |message: String| Error::RedisUnreachable { url: moltbot_config::redact_url(&config.url), message };
         // The redis client answers "timed out" after 500 ms by default, which a busy machine's scheduler alone can
         // exceed: a reply gets RESPONSE_TIMEOUT, and a dead Redis still fails fast (its socket closes at once).
         let connection = deadpool_redis::redis::AsyncConnectionConfig::new()
