@@ -134,6 +134,7 @@ pub struct Server {
     pub port: u16,
     program: &'static str,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     identify: Identify,
     dir: tempfile::TempDir,
 }
@@ -145,11 +146,14 @@ impl Drop for Server {
     }
 }
 
-fn start(program: &str, args: &[String]) -> Child {
-    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+fn start(program: &str, args: &[String], env: &[(String, String)]) -> Child {
+    let mut command = Command::new(program);
+    command.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdout(Stdio::null()).stderr(Stdio::null());
+    command.spawn().unwrap_or_else(|e| {
         panic!(
             "cannot start {program} ({e}); install it: \
-             apt-get install -y redis-server nats-server nginx-light chromium chromium-driver (.ci/run does)"
+             apt-get install -y redis-server nginx-light chromium chromium-driver; nats-server comes from `cargo xtask test` \
+             (.ci/run does both)"
         )
     })
 }
@@ -190,7 +194,7 @@ impl Server {
 
     /// Starts a killed server again on its port and data directory.
     pub fn start_again(&mut self) {
-        self.child = start(self.program, &self.args);
+        self.child = start(self.program, &self.args, &self.env);
         assert!(self.wait_ready(), "{} did not come back on port {}", self.program, self.port);
     }
 }
@@ -199,10 +203,21 @@ impl Server {
 /// connection and says whether the server on it is ours. A port lost to a race (another server took it, or a probe
 /// connected to itself) makes the child exit or fail `identify`; then it is retried on another port.
 fn spawn(program: &'static str, args: impl Fn(u16, &str) -> Vec<String>, identify: Identify) -> Server {
+    spawn_with_env(program, args, |_| vec![], identify)
+}
+
+/// `spawn` with environment variables that may depend on the temp dir's name (the tag).
+fn spawn_with_env(
+    program: &'static str,
+    args: impl Fn(u16, &str) -> Vec<String>,
+    env: impl Fn(&str) -> Vec<(String, String)>,
+    identify: Identify,
+) -> Server {
     for _ in 0..5 {
         let (port, dir) = (free_port(), tempfile::tempdir().expect("temp dir"));
         let args = args(port, &dir.path().display().to_string());
-        let mut server = Server { child: start(program, &args), port, program, args, identify, dir };
+        let env = env(&dir.path().file_name().expect("a temp dir name").to_string_lossy());
+        let mut server = Server { child: start(program, &args, &env), port, program, args, env, identify, dir };
         if server.wait_ready() {
             return server;
         }
@@ -311,6 +326,97 @@ impl Server {
     pub fn nats_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+
+    /// Redis as `deploy/k8s/base/redis.yaml` runs it: the manifest's own arguments (append-only file, the default
+    /// user off, the ACL user `moltbot` limited to `moltbot:*` keys), on a free port and a temp dir. The password is
+    /// the temp dir's name, so the AUTH that proves the server ours also proves the ACL user works.
+    pub fn redis_as_deployed() -> Self {
+        let manifest = std::fs::read_to_string(repo_root().join("deploy/k8s/base/redis.yaml")).expect("redis.yaml");
+        let statefulset = serde_yaml::Deserializer::from_str(&manifest)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("YAML"))
+            .find(|o| o["kind"] == "StatefulSet")
+            .expect("redis.yaml has the StatefulSet");
+        let args: Vec<String> = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("the container's args")
+            .iter()
+            .map(|a| a.as_str().expect("string args").to_owned())
+            .collect();
+        assert!(args.iter().any(|a| a == ">$(REDIS_PASSWORD)"), "the manifest sets the ACL user's password: {args:?}");
+        let manifest_args: &'static [String] = Box::leak(args.into_boxed_slice());
+        spawn(
+            "redis-server",
+            |port, dir| {
+                let tag = std::path::Path::new(dir).file_name().expect("a temp dir").to_string_lossy().into_owned();
+                // The volume's path (`--dir /data`) becomes the temp dir.
+                let volume = manifest_args.iter().position(|a| a == "--dir").expect("the manifest names its dir");
+                let mut args: Vec<String> = (manifest_args.iter().enumerate())
+                    .filter(|(i, _)| *i != volume && *i != volume + 1)
+                    .map(|(_, a)| a.replace("$(REDIS_PASSWORD)", &tag))
+                    .collect();
+                args.extend(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir", dir].map(Into::into));
+                args
+            },
+            |stream, tag| {
+                use std::io::Write;
+                stream.write_all(format!("AUTH moltbot {tag}\r\n").as_bytes()).is_ok() && reply_contains(stream, "+OK")
+            },
+        )
+    }
+
+    /// NATS as `deploy/k8s/base/nats/` configures it: JetStream, and the users and subject permissions of
+    /// `auth.conf` (copied beside a config of the test's: port, store, log file), their passwords from the
+    /// environment as in the StatefulSet. The users' passwords derive from the temp dir's name.
+    pub fn nats_as_deployed() -> Self {
+        spawn_with_env(
+            "nats-server",
+            |port, dir| {
+                let name =
+                    std::path::Path::new(dir).file_name().expect("a temp dir name").to_string_lossy().into_owned();
+                std::fs::copy(repo_root().join("deploy/k8s/base/nats/auth.conf"), format!("{dir}/auth.conf"))
+                    .expect("copy auth.conf");
+                let conf = format!(
+                    "listen: \"127.0.0.1:{port}\"\nserver_name: \"{name}\"\nlog_file: \"{dir}/nats.log\"\n\
+                     jetstream {{ store_dir: \"{dir}\" }}\ninclude ./auth.conf\n"
+                );
+                std::fs::write(format!("{dir}/nats.conf"), conf).expect("write nats.conf");
+                ["-c", &format!("{dir}/nats.conf")].map(Into::into).into()
+            },
+            |tag| {
+                vec![
+                    ("MOLTBOT_NATS_DIALOGUE_MANAGER_PASSWORD".into(), format!("dm-{tag}")),
+                    ("MOLTBOT_NATS_WORKER_PASSWORD".into(), format!("worker-{tag}")),
+                ]
+            },
+            |stream, tag| reply_contains(stream, &format!("\"server_name\":\"{tag}\"")),
+        )
+    }
+
+    /// The password of a deployed NATS user (`dialogue-manager` or `worker`).
+    pub fn nats_password(&self, user: &str) -> String {
+        let prefix = if user == "dialogue-manager" { "dm" } else { user };
+        format!("{prefix}-{}", self.tag())
+    }
+
+    /// The address with a deployed NATS user's credentials, as a MoltBot service takes it.
+    pub fn nats_url_as(&self, user: &str) -> String {
+        format!("nats://{user}:{}@127.0.0.1:{}", self.nats_password(user), self.port)
+    }
+
+    /// The Redis address with the deployed ACL user's credentials.
+    pub fn redis_url_as_deployed(&self) -> String {
+        format!("redis://moltbot:{}@127.0.0.1:{}", self.tag(), self.port)
+    }
+
+    /// What the server wrote to `log_file` in its temp dir (NATS as deployed).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+/// The repository's root (deploy/ is read from there).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repository").to_path_buf()
 }
 
 /// A headless Chromium driven over WebDriver (`chromedriver` on a free port). Call `close` at the end of a
@@ -522,6 +628,8 @@ pub struct Cluster {
     providers: std::collections::HashMap<String, moltbot_config::ModelProviderConfig>,
     pub redis: Server,
     pub nats: Server,
+    /// With NATS as deployed: each role's own NATS address (dialogue-manager, worker).
+    nats_users: Option<(String, String)>,
     pub nginx: Option<Server>,
     _dir: tempfile::TempDir,
 }
@@ -535,11 +643,42 @@ impl Cluster {
     /// Like `start`, with `replicas` session-stores, dialogue-managers and gateways, and Nginx in front of the
     /// gateways when there is more than one.
     pub async fn start_replicated(replicas: usize, workers: usize, configure: impl FnOnce(&mut Config)) -> Self {
-        let (redis, nats, dir) = (Server::redis_with_aof(), Server::nats(), tempfile::tempdir().expect("temp dir"));
+        let (redis, nats) = (Server::redis_with_aof(), Server::nats());
+        let (redis_url, nats_url) = (redis.redis_url(), nats.nats_url());
+        Self::start_on(redis, nats, None, replicas, workers, |c| {
+            c.session_store.redis.url = redis_url;
+            c.queue.nats_url = nats_url;
+            configure(c);
+        })
+        .await
+    }
+
+    /// Like `start`, on Redis and NATS run as `deploy/k8s` runs them: each service with its own credentials (the
+    /// Redis ACL user; the dialogue-manager's and the workers' NATS users with their subject permissions).
+    pub async fn start_as_deployed(workers: usize, configure: impl FnOnce(&mut Config)) -> Self {
+        let (redis, nats) = (Server::redis_as_deployed(), Server::nats_as_deployed());
+        let redis_url = redis.redis_url_as_deployed();
+        let users = (nats.nats_url_as("dialogue-manager"), nats.nats_url_as("worker"));
+        let dialogue_manager = users.0.clone();
+        Self::start_on(redis, nats, Some(users), 1, workers, |c| {
+            c.session_store.redis.url = redis_url;
+            c.queue.nats_url = dialogue_manager;
+            configure(c);
+        })
+        .await
+    }
+
+    async fn start_on(
+        redis: Server,
+        nats: Server,
+        nats_users: Option<(String, String)>,
+        replicas: usize,
+        workers: usize,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config(dir.path());
         config.session_store.session_store_type = moltbot_config::SessionStoreType::Redis;
-        config.session_store.redis.url = redis.redis_url();
-        config.queue.nats_url = nats.nats_url();
         configure(&mut config);
         let mut cluster = Self {
             http: Http { base: String::new(), client: reqwest::Client::new() },
@@ -551,6 +690,7 @@ impl Cluster {
             providers: Default::default(),
             redis,
             nats,
+            nats_users,
             nginx: None,
             _dir: dir,
         };
@@ -596,7 +736,10 @@ impl Cluster {
         let addr = listener.local_addr().expect("a bound listener");
         let stop = tokio_util::sync::CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
-        let config = self.config.clone();
+        let mut config = self.config.clone();
+        if let Some((dialogue_manager, worker)) = &self.nats_users {
+            config.queue.nats_url = if matches!(role, Role::Worker(_)) { worker } else { dialogue_manager }.clone();
+        }
         let task = match &role {
             Role::SessionStore => {
                 let backend = moltbot_session_store::open_backend(&config.session_store).await.expect("Redis is up");

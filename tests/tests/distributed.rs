@@ -911,3 +911,68 @@ async fn internal_services_take_calls_only_with_the_deployments_credential() {
         assert!(refused.contains("internal.service_token") && refused.contains(key), "{refused}");
     }
 }
+
+/// The data stores as deploy/k8s runs them: Redis with only its ACL user, NATS with the users and subject
+/// permissions of `nats/auth.conf`. MoltBot works within those rights (a conversation, a cancelled stream: the
+/// server logs no violation), and a client without them is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_and_nats_as_deployed_serve_moltbot_and_refuse_clients_without_the_rights() {
+    let cluster = Cluster::start_as_deployed(1, |c| c.model_provider.max_tokens = 3000).await;
+    two_turn_conversation(&cluster.http).await;
+    // A stream the client leaves: the dialogue-manager publishes a cancel, the worker hears it.
+    let body = r#"{"message":"Count from 1 to 1000.","max_tokens":3000,"min_tokens":3000,"stream":true}"#;
+    let mut response = cluster.http.stream("/api/chat", body).await;
+    assert_eq!(response.status(), 200);
+    response.chunk().await.unwrap().expect("the stream starts");
+    drop(response);
+    let worker = cluster.first_worker_when(|w| w.jobs_cancelled == 1 && w.running == 0).await;
+    assert_eq!(worker.jobs_cancelled, 1);
+    let log = cluster.nats.log();
+    assert!(!log.contains("Violation"), "MoltBot needed a right that auth.conf does not give:\n{log}");
+
+    // NATS: a worker's user cannot read answers (other users' conversations) nor queue jobs; no user, no entry.
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let as_user =
+        |user: &str| async_nats::ConnectOptions::with_user_and_password(user.into(), cluster.nats.nats_password(user));
+    let worker = as_user("worker")
+        .event_callback(move |event| {
+            let errors = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = errors.send(e.to_string());
+                }
+            }
+        })
+        .connect(cluster.nats.nats_url())
+        .await
+        .expect("the worker user connects");
+    let mut answers = worker.subscribe("moltbot.events.>").await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), errors.recv()).await.expect("refused in time");
+    let refused = refused.unwrap().to_lowercase();
+    assert!(refused.contains("permissions violation") && refused.contains("moltbot.events.>"), "{refused}");
+    let manager = as_user("dialogue-manager").connect(cluster.nats.nats_url()).await.unwrap();
+    manager.publish("moltbot.events.someone-else", "secret".into()).await.unwrap();
+    manager.flush().await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut answers)).await;
+    assert!(!matches!(heard, Ok(Some(_))), "the worker user read an answer: {heard:?}");
+    worker.publish("moltbot.jobs.smollm2-135m-instruct", "job".into()).await.unwrap();
+    worker.flush().await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), errors.recv()).await.expect("refused in time");
+    assert!(refused.unwrap().to_lowercase().contains("moltbot.jobs"), "publishing a job as a worker");
+    let anonymous = async_nats::connect(cluster.nats.nats_url()).await.expect_err("a client without a user got in");
+    assert_eq!(anonymous.kind(), async_nats::ConnectErrorKind::AuthorizationViolation, "{anonymous}");
+
+    // Redis: no default user; the ACL user reaches only moltbot:* keys and no admin command.
+    let mut anonymous = redis::Client::open(cluster.redis.redis_url()).unwrap();
+    let refused = redis::cmd("GET").arg("moltbot:x").query::<Option<String>>(&mut anonymous).unwrap_err();
+    assert!(refused.to_string().contains("NOAUTH"), "{refused}");
+    let mut moltbot = redis::Client::open(cluster.redis.redis_url_as_deployed()).unwrap().get_connection().unwrap();
+    assert!(redis::cmd("KEYS").arg("moltbot:*").query::<Vec<String>>(&mut moltbot).is_err(), "KEYS is dangerous");
+    let refused = redis::cmd("GET").arg("other:key").query::<Option<String>>(&mut moltbot).unwrap_err();
+    assert!(refused.to_string().to_lowercase().contains("no permissions"), "{refused}");
+    let refused = redis::cmd("CONFIG").arg("GET").arg("dir").query::<Vec<String>>(&mut moltbot).unwrap_err();
+    assert!(refused.to_string().to_lowercase().contains("no permissions"), "{refused}");
+    let sessions: i64 = redis::cmd("ZCARD").arg("moltbot:sessions:active").query(&mut moltbot).unwrap();
+    assert!(sessions >= 1, "the conversations above are stored under the ACL user");
+    cluster.stop().await;
+}

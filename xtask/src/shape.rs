@@ -100,12 +100,12 @@ pub fn start(
             .context("cannot start redis-server (apt-get install -y redis-server)")?,
     );
     children.0.push(
-        Command::new("nats-server")
+        Command::new(crate::nats_server()?)
             .args(["-js", "-a", "127.0.0.1", "-p", &ports.nats.to_string(), "-sd"])
             .arg(state.join("nats"))
             .stderr(quiet())
             .spawn()
-            .context("cannot start nats-server (apt-get install -y nats-server)")?,
+            .context("cannot start nats-server")?,
     );
     for (name, port) in [("redis-server", ports.redis), ("nats-server", ports.nats)] {
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -78,7 +78,15 @@ impl NatsQueue {
         let streams = Streams { max_pending: config.max_pending_jobs, replicas: config.stream_replicas };
         let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: shown.clone(), message: e.to_string() };
         let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel(1);
-        let client = async_nats::ConnectOptions::new()
+        // A user in the address (`nats://worker:<password>@host`) logs in; the client does not read it from there.
+        let address: async_nats::ServerAddr = url.parse().map_err(|e| connect_err(&e))?;
+        let options = match (address.username(), address.password()) {
+            (Some(user), Some(password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            }
+            _ => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
