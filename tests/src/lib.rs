@@ -398,6 +398,98 @@ impl Server {
         format!("{prefix}-{}", self.tag())
     }
 
+    /// Nginx running `deploy/nginx/moltbot.conf` in front of the gateways on `gateways`: the shipped file with only
+    /// what a deployment changes replaced (the gateways, listen addresses, certificate and log paths), and a
+    /// certificate for 127.0.0.1 from a CA of the test's, made with openssl. `port` is its plain-HTTP port; `tls_port` and
+    /// `certificate` reach the HTTPS one.
+    pub fn nginx_as_deployed(gateways: &[u16]) -> Self {
+        let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx/moltbot.conf")).expect("moltbot.conf");
+        let upstreams: String =
+            gateways.iter().map(|p| format!("    server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;\n")).collect();
+        let shipped: &'static str = Box::leak(shipped.into_boxed_str());
+        let upstreams: &'static str = Box::leak(upstreams.into_boxed_str());
+        let program = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
+        spawn(
+            program,
+            move |port, dir| {
+                let tls_port = free_port();
+                std::fs::write(format!("{dir}/tls_port"), tls_port.to_string()).expect("write tls_port");
+                std::fs::create_dir_all(format!("{dir}/tls")).expect("tls dir");
+                // A CA of the test's, and the server's certificate signed by it (a client trusts the CA).
+                let openssl = |subject: &str, out: &str, extra: &[&str]| {
+                    let made = Command::new("openssl")
+                        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                        .args(["-days", "1", "-subj", subject])
+                        .args(["-keyout", &format!("{dir}/tls/{out}.key"), "-out", &format!("{dir}/tls/{out}.crt")])
+                        .args(extra)
+                        .stderr(Stdio::null())
+                        .status()
+                        .expect("openssl runs");
+                    assert!(made.success(), "openssl made no certificate");
+                };
+                openssl("/CN=MoltBot test CA", "ca", &[]);
+                let (ca, ca_key) = (format!("{dir}/tls/ca.crt"), format!("{dir}/tls/ca.key"));
+                let leaf = ["-CA", &ca, "-CAkey", &ca_key, "-addext", "subjectAltName=IP:127.0.0.1"];
+                openssl(
+                    "/CN=127.0.0.1",
+                    "moltbot",
+                    &[&leaf[..], &["-addext", "basicConstraints=critical,CA:FALSE"]].concat(),
+                );
+                let mut conf = shipped.to_owned();
+                let gateways_start = conf.find("    server 10.0.0.11").expect("the shipped gateways");
+                let gateways_end = conf[gateways_start..].find("    # Connections").expect("after the gateways");
+                conf.replace_range(gateways_start..gateways_start + gateways_end, upstreams);
+                for (from, to) in [
+                    ("listen 80;", format!("listen 127.0.0.1:{port};")),
+                    ("listen 443 ssl http2;", format!("listen 127.0.0.1:{tls_port} ssl http2;")),
+                    ("/etc/nginx/tls/", format!("{dir}/tls/")),
+                    ("/var/log/nginx/", format!("{dir}/")),
+                ] {
+                    assert!(conf.contains(from), "deploy/nginx/moltbot.conf no longer has `{from}`");
+                    conf = conf.replace(from, &to);
+                }
+                std::fs::write(format!("{dir}/moltbot.conf"), conf).expect("write moltbot.conf");
+                let main = format!(
+                    "daemon off; master_process off; worker_processes 1; pid {dir}/nginx.pid;
+                     error_log {dir}/error.log warn;
+                     events {{ worker_connections 1024; }}
+                     http {{
+                       client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+                       uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+                       include {dir}/moltbot.conf;
+                     }}"
+                );
+                std::fs::write(format!("{dir}/nginx.conf"), main).expect("write nginx.conf");
+                ["-c", &format!("{dir}/nginx.conf"), "-p", dir, "-e", &format!("{dir}/error.log")]
+                    .map(Into::into)
+                    .into()
+            },
+            // Plain HTTP redirects to HTTPS on the same host: a Host of our tag comes back in the Location (which
+            // nginx writes in lower case).
+            |stream, tag| {
+                use std::io::Write;
+                let probe = format!("GET / HTTP/1.0\r\nHost: {tag}\r\n\r\n");
+                let location = format!("https://{}/", tag.to_lowercase());
+                stream.write_all(probe.as_bytes()).is_ok() && reply_contains(stream, &location)
+            },
+        )
+    }
+
+    /// Nginx as deployed: its HTTPS port.
+    pub fn tls_port(&self) -> u16 {
+        std::fs::read_to_string(self.dir.path().join("tls_port")).expect("tls_port").parse().expect("a port")
+    }
+
+    /// Nginx as deployed: the CA that signed its certificate (PEM), for a client to trust.
+    pub fn certificate(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("tls/ca.crt")).expect("the test CA's certificate")
+    }
+
+    /// A file the server wrote into its temp dir (e.g. Nginx's access log, `moltbot.access.log`).
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
     /// The address with a deployed NATS user's credentials, as a MoltBot service takes it.
     pub fn nats_url_as(&self, user: &str) -> String {
         format!("nats://{user}:{}@127.0.0.1:{}", self.nats_password(user), self.port)

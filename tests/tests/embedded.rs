@@ -935,3 +935,72 @@ async fn grpc_tools_see_each_ports_own_services_and_streams_tell_proxies_not_to_
     }
     moltbot.stop().await.unwrap();
 }
+
+/// `deploy/nginx/moltbot.conf`, the file operators install, in front of two gateways: HTTPS only (plain HTTP is
+/// redirected), answers streamed event by event, the client's request id in the access log, an oversized body
+/// and no reachable gateway refused in the API's JSON error shape, and a stopped gateway passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nginx_config_serves_https_streams_unbuffered_and_refuses_in_json() {
+    let (first, _, _first_dir) = embedded(|c| c.model_provider.max_tokens = 64).await;
+    let (second, _, _second_dir) = embedded(|c| c.model_provider.max_tokens = 64).await;
+    let nginx = moltbot_tests::Server::nginx_as_deployed(&[first.gateway_addr.port(), second.gateway_addr.port()]);
+    let plain = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let redirected = plain.get(format!("http://127.0.0.1:{}/v1/models", nginx.port)).send().await.unwrap();
+    assert_eq!(redirected.status(), 308);
+    assert_eq!(redirected.headers()["location"], "https://127.0.0.1/v1/models");
+    let certificate = reqwest::Certificate::from_pem(&nginx.certificate()).unwrap();
+    let client = reqwest::Client::builder().add_root_certificate(certificate).build().unwrap();
+    let base = format!("https://127.0.0.1:{}", nginx.tls_port());
+
+    // A stream arrives piece by piece: many reads, each event whole, ending in [DONE].
+    let body = r#"{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"Count to fifty."}],"stream":true,"max_tokens":48,"min_tokens":48}"#;
+    let mut response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "nginx-test-1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    if response.status() != 200 {
+        panic!("{}: {}", response.status(), response.text().await.unwrap());
+    }
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers().contains_key("strict-transport-security"));
+    let (mut reads, mut streamed) = (0, String::new());
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        reads += 1;
+        streamed.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events = moltbot_tests::sse_data(&streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(events.len() >= 48, "{} events", events.len());
+    // A buffering proxy hands the 48 tokens over in a few large reads; here each token was its own.
+    assert!(reads >= 24, "{reads} reads for {} events: the stream was buffered", events.len());
+    let log = nginx.file("moltbot.access.log");
+    assert!(log.contains("request_id=nginx-test-1") && log.contains("127.0.0.1 - "), "{log}");
+
+    // Beyond the body limit: nginx refuses before a gateway sees it, in OpenAI's error shape.
+    let huge = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(2 << 20));
+    let refused = client.post(format!("{base}/v1/chat/completions")).body(huge).send().await.unwrap();
+    assert_eq!(refused.status(), 413);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "request_too_large", "{error}");
+    let log = nginx.file("moltbot.access.log");
+    let refusal = log.lines().find(|l| l.contains("\" 413 ")).expect("the refusal is logged");
+    assert!(refusal.contains("upstream=- "), "no gateway was asked: {refusal}");
+
+    // One gateway stopped: every request still answered, by the other.
+    first.stop().await.unwrap();
+    for _ in 0..4 {
+        let models = client.get(format!("{base}/v1/models")).send().await.unwrap();
+        assert_eq!(models.status(), 200);
+    }
+    // None left: a JSON 503 with Retry-After, not nginx's HTML page.
+    second.stop().await.unwrap();
+    let down = client.get(format!("{base}/v1/models")).send().await.unwrap();
+    assert_eq!(down.status(), 503);
+    assert_eq!(down.headers()["retry-after"], "5");
+    let error: serde_json::Value = down.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "service_unavailable", "{error}");
+}
