@@ -11,6 +11,8 @@ use std::{
 use moltbot_config::{Config, QueueConfig};
 use serde_json::Value;
 
+pub mod hosts;
+
 /// The default model; panics with what to run when it is missing.
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("MOLTBOT_MODEL_PROVIDER__MODEL_PATH")
@@ -61,7 +63,7 @@ pub async fn worker_when(
     worker_with_credential_when(url, &moltbot_proto::Credential::none(), done).await
 }
 
-async fn worker_with_credential_when(
+pub async fn worker_with_credential_when(
     url: &str,
     credential: &moltbot_proto::Credential,
     done: impl Fn(&moltbot_proto::inference::v1::ModelInfo) -> bool,
@@ -402,10 +404,10 @@ impl Server {
     /// what a deployment changes replaced (the gateways, listen addresses, certificate and log paths), and a
     /// certificate for 127.0.0.1 from a CA of the test's, made with openssl. `port` is its plain-HTTP port; `tls_port` and
     /// `certificate` reach the HTTPS one.
-    pub fn nginx_as_deployed(gateways: &[u16]) -> Self {
+    pub fn nginx_as_deployed(gateways: &[std::net::SocketAddr]) -> Self {
         let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx/moltbot.conf")).expect("moltbot.conf");
         let upstreams: String =
-            gateways.iter().map(|p| format!("    server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;\n")).collect();
+            gateways.iter().map(|a| format!("    server {a} max_fails=1 fail_timeout=10s;\n")).collect();
         let shipped: &'static str = Box::leak(shipped.into_boxed_str());
         let upstreams: &'static str = Box::leak(upstreams.into_boxed_str());
         let program = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+mod hosts;
+
 use moltbot_config::QueueConfig;
 use moltbot_proto::inference::v1::{
     GenerateEvent, GetModelInfoRequest, Started, Token, generate_event::Event, inference_client::InferenceClient,

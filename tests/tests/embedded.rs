@@ -943,7 +943,7 @@ async fn grpc_tools_see_each_ports_own_services_and_streams_tell_proxies_not_to_
 async fn the_shipped_nginx_config_serves_https_streams_unbuffered_and_refuses_in_json() {
     let (first, _, _first_dir) = embedded(|c| c.model_provider.max_tokens = 64).await;
     let (second, _, _second_dir) = embedded(|c| c.model_provider.max_tokens = 64).await;
-    let nginx = moltbot_tests::Server::nginx_as_deployed(&[first.gateway_addr.port(), second.gateway_addr.port()]);
+    let nginx = moltbot_tests::Server::nginx_as_deployed(&[first.gateway_addr, second.gateway_addr]);
     let plain = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let redirected = plain.get(format!("http://127.0.0.1:{}/v1/models", nginx.port)).send().await.unwrap();
     assert_eq!(redirected.status(), 308);

@@ -1,0 +1,171 @@
+//! MoltBot spread over hosts (S11): Redis and NATS on one host, the session-store, the dialogue-manager and the
+//! gateway each on their own, two worker hosts, and Nginx (deploy/nginx/moltbot.conf) in front, every host a
+//! network namespace of the test's own. A conversation crosses them all; a worker host's link is cut mid-answer.
+
+use std::time::{Duration, Instant};
+
+use moltbot_config::{Config, SessionStoreType};
+use moltbot_tests::{
+    Http, Server,
+    hosts::{Host, Network},
+    sse_data, two_turn_conversation, worker_with_credential_when,
+};
+
+const API_KEY: &str = "a-multi-host-test-api-key";
+const SERVICE_TOKEN: &str = "a-multi-host-deployment-secret";
+/// The entry test below, by its path in this test binary.
+const ENTRY: &str = "hosts::service_host";
+
+/// The entry point of a service host's process (see `moltbot_tests::hosts`); alone it does nothing.
+#[test]
+#[ignore = "an entry point: the multi-host test runs each service's process through it"]
+fn service_host() {
+    moltbot_tests::hosts::service_host();
+}
+
+/// The deployment: which host runs what, and the addresses they find each other at.
+struct Deployment {
+    network: Network,
+    workers: Vec<Host>,
+    http: Http,
+    _nginx: Server,
+}
+
+/// Starts every host; `worker_hosts` worker hosts (1 or 2).
+fn deploy(worker_hosts: u8, configure: impl Fn(&mut Config)) -> Deployment {
+    let mut network = Network::new();
+    let (data, store, manager, gateway) =
+        (network.host("data", 2), network.host("ss", 3), network.host("dm", 4), network.host("gw", 5));
+    let redis_dir = network.data_dir("redis").display().to_string();
+    let nats_dir = network.data_dir("nats").display().to_string();
+    let data_ip = data.address.to_string();
+    let redis_args =
+        ["--port", "6379", "--bind", &data_ip, "--protected-mode", "no", "--appendonly", "yes", "--dir", &redis_dir];
+    network.run(&data, "redis", "redis-server", &redis_args, &[]);
+    network.run(&data, "nats", "nats-server", &["-js", "-a", &data_ip, "-p", "4222", "-sd", &nats_dir], &[]);
+    network.wait_for(data.at(6379));
+    network.wait_for(data.at(4222));
+
+    let mut config = moltbot_tests::test_config(std::path::Path::new("/nonexistent"));
+    config.internal.service_token = SERVICE_TOKEN.into();
+    config.gateway.auth.api_keys = vec![API_KEY.into()];
+    config.gateway.listen = ([0, 0, 0, 0], 8000).into();
+    config.gateway.dialogue_manager_url = format!("http://{}", manager.at(50051));
+    config.dialogue_manager.listen = ([0, 0, 0, 0], 50051).into();
+    config.dialogue_manager.session_store_url = format!("http://{}", store.at(50052));
+    config.session_store.listen = ([0, 0, 0, 0], 50052).into();
+    config.session_store.session_store_type = SessionStoreType::Redis;
+    config.session_store.redis.url = format!("redis://{}", data.at(6379));
+    config.inference_worker.listen = ([0, 0, 0, 0], 50053).into();
+    config.queue.nats_url = format!("nats://{}", data.at(4222));
+    configure(&mut config);
+
+    network.service(&store, "session-store", "session-store", ENTRY, &config);
+    let mut workers = vec![];
+    for i in 1..=worker_hosts {
+        let host = network.host(&format!("w{i}"), 10 + i);
+        let mut worker = config.clone();
+        worker.inference_worker.worker_id = format!("worker-{i}");
+        network.service(&host, &format!("worker-{i}"), "inference-worker", ENTRY, &worker);
+        workers.push(host);
+    }
+    network.service(&manager, "dialogue-manager", "dialogue-manager", ENTRY, &config);
+    network.service(&gateway, "gateway", "gateway", ENTRY, &config);
+    for (host, port) in [(&store, 50052), (&manager, 50051), (&gateway, 8000)] {
+        network.wait_for(host.at(port));
+    }
+    for worker in &workers {
+        network.wait_for(worker.at(50053));
+    }
+
+    let nginx = Server::nginx_as_deployed(&[gateway.at(8000)]);
+    let certificate = reqwest::Certificate::from_pem(&nginx.certificate()).expect("the test CA");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {API_KEY}").parse().expect("a header"));
+    let client = reqwest::Client::builder()
+        .add_root_certificate(certificate)
+        .default_headers(headers)
+        .build()
+        .expect("a client");
+    let http = Http { base: format!("https://127.0.0.1:{}", nginx.tls_port()), client };
+    Deployment { network, workers, http, _nginx: nginx }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_crosses_six_hosts_through_nginx_and_a_worker_host_cut_mid_answer_is_one_clear_error() {
+    let deployment = deploy(2, |c| c.model_provider.max_tokens = 3000);
+    let Deployment { network, workers, http, .. } = &deployment;
+    let ready = Instant::now();
+    while http.get("/ready").await.0 != 200 {
+        assert!(ready.elapsed() < Duration::from_secs(30), "not ready through nginx:\n{}", network.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    two_turn_conversation(http).await;
+
+    // A long answer (3000 tokens by construction) in a session; once it streams, its worker host's link is cut.
+    let (status, session) = http.call("POST", "/api/sessions", &[], None).await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap().to_owned();
+    let question = "Count from 1 to 1000, separated by commas.";
+    let body =
+        format!(r#"{{"session_id":"{id}","message":"{question}","max_tokens":3000,"min_tokens":3000,"stream":true}}"#);
+    let mut response = http.stream("/api/chat", &body).await;
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    while seen.matches("event: delta").count() < 4 {
+        seen.push_str(&String::from_utf8_lossy(&response.chunk().await.unwrap().expect("more of the stream")));
+    }
+    let credential = moltbot_proto::Credential::new(SERVICE_TOKEN);
+    let mut running = None;
+    for host in workers {
+        let url = format!("http://{}", host.at(50053));
+        if worker_with_credential_when(&url, &credential, |_| true).await.running > 0 {
+            running = Some(host);
+        }
+    }
+    let running = running.expect("a worker host runs the answer");
+    network.cut(running);
+    let cut = Instant::now();
+    // The client hears of it within seconds (the dialogue-manager's worker_timeout, 5 s here): an error event
+    // ends the stream, rather than a hang until the job's deadline.
+    let rest = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = response.chunk().await.expect("the stream ends cleanly") {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the stream hung for 30 s after its worker host was cut");
+    let waited = cut.elapsed();
+    let events = sse_data(&seen);
+    let error = events.iter().find(|e| e.contains("\"error\"")).expect("an error event ends the stream");
+    assert!(error.contains("503"), "{error}");
+    assert!(waited < Duration::from_secs(20), "the error came {waited:?} after the cut");
+
+    // The failed turn is all or nothing in the session: the question at most once, and no answer without it —
+    // never half a turn twice. (MoltBot keeps none of a turn its worker failed; the client that got the error
+    // sends it again.)
+    let (status, stored) = http.get(&format!("/api/sessions/{id}")).await;
+    assert_eq!(status, 200, "{stored}");
+    let messages = stored["messages"].as_array().unwrap();
+    let asked = messages.iter().filter(|m| m["content"] == question).count();
+    let answers = messages.iter().filter(|m| m["role"] == "assistant").count();
+    assert!(asked <= 1 && answers <= asked, "{stored}");
+
+    // The conversation goes on with the other worker host.
+    let next = format!(r#"{{"session_id":"{id}","message":"Stop there.","max_tokens":4}}"#);
+    let again = Instant::now();
+    loop {
+        let (status, _, answer) = http.post("/api/chat", &[], &next).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(again.elapsed() < Duration::from_secs(60), "no answer from the other worker host: {answer}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, stored) = http.get(&format!("/api/sessions/{id}")).await;
+    let messages = stored["messages"].as_array().unwrap();
+    assert_eq!(messages.iter().filter(|m| m["content"] == question).count(), asked, "{stored}");
+    let roles: Vec<&str> = messages.iter().filter_map(|m| m["role"].as_str()).collect();
+    assert_eq!(roles[roles.len() - 2..], ["user", "assistant"], "{stored}");
+}
