@@ -53,11 +53,25 @@ pub struct Network {
 }
 
 impl Network {
-    /// A switch, and the test's namespace plugged into it as 10.77.<subnet>.1.
+    /// A switch, and the test's namespace plugged into it as 10.77.<subnet>.1, on a subnet no route of this
+    /// machine uses yet. Needs root.
     pub fn new() -> Self {
-        let pid = std::process::id();
-        let prefix = format!("mb{}", pid % 100_000);
-        let subnet = (pid % 200 + 20) as u8;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let effective_uid = status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().nth(1));
+        assert!(
+            effective_uid == Some("0"),
+            "hosts of network namespaces need root (CAP_NET_ADMIN): run the suite as root, as CI does"
+        );
+        static NETWORKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let (pid, n) = (std::process::id(), NETWORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let prefix = format!("mb{}{n}", pid % 100_000);
+        let subnet = (0..230u32)
+            .map(|i| ((pid + n * 7 + i) % 230 + 20) as u8)
+            .find(|s| {
+                let routes = Command::new("ip").args(["-4", "route", "show", &format!("10.77.{s}.0/24")]).output();
+                routes.is_ok_and(|o| o.stdout.is_empty())
+            })
+            .expect("a free 10.77.x.0/24 subnet");
         let switch = format!("{prefix}-sw");
         let mut network =
             Self { prefix, subnet, namespaces: vec![], processes: vec![], dir: tempfile::tempdir().expect("temp dir") };

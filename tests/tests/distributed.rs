@@ -972,8 +972,10 @@ async fn redis_and_nats_as_deployed_serve_moltbot_and_refuse_clients_without_the
     assert!(redis::cmd("KEYS").arg("moltbot:*").query::<Vec<String>>(&mut moltbot).is_err(), "KEYS is dangerous");
     let refused = redis::cmd("GET").arg("other:key").query::<Option<String>>(&mut moltbot).unwrap_err();
     assert!(refused.to_string().to_lowercase().contains("no permissions"), "{refused}");
-    let refused = redis::cmd("CONFIG").arg("GET").arg("dir").query::<Vec<String>>(&mut moltbot).unwrap_err();
-    assert!(refused.to_string().to_lowercase().contains("no permissions"), "{refused}");
+    for command in [&["CONFIG", "GET", "dir"][..], &["FLUSHALL"], &["SCRIPT", "FLUSH"], &["FUNCTION", "LIST"]] {
+        let refused = redis::cmd(command[0]).arg(&command[1..]).query::<redis::Value>(&mut moltbot).unwrap_err();
+        assert!(refused.to_string().to_lowercase().contains("no permissions"), "{command:?}: {refused}");
+    }
     let sessions: i64 = redis::cmd("ZCARD").arg("moltbot:sessions:active").query(&mut moltbot).unwrap();
     assert!(sessions >= 1, "the conversations above are stored under the ACL user");
     cluster.stop().await;

@@ -975,8 +975,10 @@ async fn the_shipped_nginx_config_serves_https_streams_unbuffered_and_refuses_in
     let events = moltbot_tests::sse_data(&streamed);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert!(events.len() >= 48, "{} events", events.len());
-    // A buffering proxy hands the 48 tokens over in a few large reads; here each token was its own.
-    assert!(reads >= 24, "{reads} reads for {} events: the stream was buffered", events.len());
+    // Streaming intact through the shipped config (its proxy_buffering off and the gateway's X-Accel-Buffering:
+    // no both keep it so): a buffering proxy hands the 48 tokens (~7 KB) over in a read or two; a client that
+    // falls behind on a busy machine may read a few events at once.
+    assert!(reads >= 8, "{reads} reads for {} events: the stream was buffered", events.len());
     let log = nginx.file("moltbot.access.log");
     assert!(log.contains("request_id=nginx-test-1") && log.contains("127.0.0.1 - "), "{log}");
 

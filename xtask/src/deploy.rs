@@ -288,7 +288,28 @@ struct ScaledObjectSpec {
     min_replica_count: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_replica_count: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advanced: Option<Advanced>,
     triggers: Vec<Trigger>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Advanced {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restore_to_original_replica_count: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    horizontal_pod_autoscaler_config: Option<HpaConfig>,
+}
+
+/// What KEDA passes on to the HPA it makes.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HpaConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    behavior: Option<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -667,17 +688,23 @@ impl Kubectl {
             if self.run(&["-n", namespace, "get", "secret", name], None)?.status.success() {
                 continue;
             }
-            let values: Vec<String> = keys
-                .iter()
-                .map(|key| {
-                    let value = if key == "api_keys" { format!("[\"{}\"]", random_hex()) } else { random_hex() };
-                    format!("--from-literal={key}={value}")
-                })
-                .collect();
             if make {
-                let mut args = vec!["-n", namespace, "create", "secret", "generic", name.as_str()];
-                args.extend(values.iter().map(String::as_str));
-                let out = self.run(&args, None)?;
+                // Values start with a letter: NATS reads its passwords as config values, where leading digits
+                // make a number. The Secret goes in on stdin, not in kubectl's arguments.
+                let data: serde_json::Map<String, Value> = keys
+                    .iter()
+                    .map(|key| {
+                        let secret = format!("p{}", random_hex());
+                        let value = if key == "api_keys" { format!("[\"{secret}\"]") } else { secret };
+                        (key.clone(), value.into())
+                    })
+                    .collect();
+                let secret = serde_json::json!({
+                    "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": { "name": name, "namespace": namespace },
+                    "stringData": data,
+                });
+                let out = self.run(&["create", "-f", "-"], Some(&secret.to_string()))?;
                 if !out.status.success() {
                     bail!("cannot make Secret {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
                 }
@@ -692,7 +719,8 @@ impl Kubectl {
         }
         if !missing.is_empty() {
             bail!(
-                "Secrets missing in {namespace}; make them (e.g. values from `openssl rand -hex 32`):\n  {}",
+                "Secrets missing in {namespace}; make them, each value starting with a letter (NATS reads leading \
+                 digits as a number), e.g. p$(openssl rand -hex 32):\n  {}",
                 missing.join("\n  ")
             );
         }
@@ -843,8 +871,44 @@ mod tests {
         assert!(err.contains("no environment `staging`") && err.contains("dev, prod"), "{err}");
     }
 
+    #[test]
+    fn each_overlays_nats_config_is_one_the_deployed_nats_server_accepts() {
+        let nats = crate::nats_server().unwrap();
+        for env in environments().unwrap() {
+            let mut objects = rendered(&env);
+            let files = find(&mut objects, "ConfigMap", "moltbot-nats-config").clone();
+            let server = find(&mut objects, "StatefulSet", "moltbot-nats").clone();
+            let dir = tempfile_dir();
+            for (name, text) in files["data"].as_object().unwrap() {
+                std::fs::write(dir.join(name), text.as_str().unwrap()).unwrap();
+            }
+            let store = server["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "NATS_MAX_FILE_STORE")
+                .and_then(|e| e["value"].as_str())
+                .expect("the StatefulSet sizes JetStream's store")
+                .to_owned();
+            let out = Command::new(&nats)
+                .args(["-c", "nats.conf", "-t", "--server_name", "moltbot-nats-0"])
+                .current_dir(&dir)
+                .env("NATS_MAX_FILE_STORE", &store)
+                .env("MOLTBOT_NATS_DIALOGUE_MANAGER_PASSWORD", format!("p{}", random_hex()))
+                .env("MOLTBOT_NATS_WORKER_PASSWORD", format!("p{}", random_hex()))
+                .output()
+                .unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && said.contains("is valid"), "{env}: {said}");
+        }
+    }
+
+    /// A directory of this test's own (tests run at once).
     fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("xtask-deploy-test-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("xtask-deploy-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -643,6 +643,19 @@ impl Default for QueueConfig {
     }
 }
 
+/// `url` without its credentials, and the user and password it held (`scheme://user:password@host`).
+pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_owned(), None) };
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (format!("{scheme}://{host}{path}"), Some((user.to_owned(), password.to_owned())))
+        }
+        None => (url.to_owned(), None),
+    }
+}
+
 /// `url` fit for logs and error messages: a password in it (`scheme://user:password@host`) becomes `***`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
@@ -883,6 +896,9 @@ mod tests {
         for plain in ["nats://user@nats:4222", "redis://127.0.0.1:6379", "not a url"] {
             assert_eq!(redact_url(plain), plain);
         }
+        let (bare, credentials) = split_credentials("nats://worker:s3:cr@t@nats:4222/x");
+        assert_eq!((bare.as_str(), credentials), ("nats://nats:4222/x", Some(("worker".into(), "s3:cr@t".into()))));
+        assert_eq!(split_credentials("nats://nats:4222"), ("nats://nats:4222".into(), None));
     }
 
     #[test]

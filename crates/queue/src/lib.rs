@@ -58,14 +58,14 @@ pub fn job_subject(model: &str) -> String {
     format!("moltbot.jobs.{}", subject_token(model))
 }
 
-/// A model name as one NATS subject token. Names may hold characters subjects cannot (`.`, `*`, `>`, spaces);
-/// those become `_` and their code in hex, and `_` itself `__`, so two names never share a token (and with it a
-/// queue and a consumer).
 /// The JetStream consumer that every worker of `model` pulls its jobs from: what a lag-based autoscaler watches.
 pub fn worker_consumer(model: &str) -> String {
     format!("workers-{}", subject_token(model))
 }
 
+/// A model name as one NATS subject token. Names may hold characters subjects cannot (`.`, `*`, `>`, spaces);
+/// those become `_` and their code in hex, and `_` itself `__`, so two names never share a token (and with it a
+/// queue and a consumer).
 pub(crate) fn subject_token(model: &str) -> String {
     let mut token = String::with_capacity(model.len());
     for c in model.chars() {

@@ -78,13 +78,12 @@ impl NatsQueue {
         let streams = Streams { max_pending: config.max_pending_jobs, replicas: config.stream_replicas };
         let connect_err = |e: &dyn std::fmt::Display| Error::Connect { url: shown.clone(), message: e.to_string() };
         let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel(1);
-        // A user in the address (`nats://worker:<password>@host`) logs in; the client does not read it from there.
-        let address: async_nats::ServerAddr = url.parse().map_err(|e| connect_err(&e))?;
-        let options = match (address.username(), address.password()) {
-            (Some(user), Some(password)) => {
-                async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-            }
-            _ => async_nats::ConnectOptions::new(),
+        // A user in the address (`nats://worker:<password>@host`) logs in. The client is given the address without
+        // it: it does not log in from there, and it logs the address it connects to.
+        let (bare, credentials) = moltbot_config::split_credentials(url);
+        let options = match credentials {
+            Some((user, password)) => async_nats::ConnectOptions::with_user_and_password(user, password),
+            None => async_nats::ConnectOptions::new(),
         };
         let client = options
             .connection_timeout(Duration::from_secs(5))
@@ -104,7 +103,7 @@ impl NatsQueue {
                     }
                 }
             })
-            .connect(url)
+            .connect(bare.as_str())
             .await
             .map_err(|e| connect_err(&e))?;
         tokio::time::timeout(Duration::from_secs(5), client.flush())
@@ -394,19 +393,31 @@ struct Streams {
 
 /// Makes the job and cancel streams unless they exist.
 async fn ensure_streams(js: &jetstream::Context, streams: Streams) -> Result<(), String> {
-    js.get_or_create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["moltbot.jobs.>".into()],
-        retention: stream::RetentionPolicy::WorkQueue,
-        max_messages: streams.max_pending,
-        num_replicas: streams.replicas,
-        discard: stream::DiscardPolicy::New,
-        duplicate_window: DUPLICATE_WINDOW,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("JetStream is not usable ({e}); run nats-server with -js"))?;
+    let jobs = js
+        .get_or_create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["moltbot.jobs.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages: streams.max_pending,
+            num_replicas: streams.replicas,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: DUPLICATE_WINDOW,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("JetStream is not usable ({e}); run nats-server with -js"))?;
+    // An existing stream keeps the copies it was made with.
+    let kept = jobs.cached_info().config.num_replicas;
+    if kept != streams.replicas {
+        tracing::warn!(
+            stream = STREAM,
+            kept,
+            configured = streams.replicas,
+            "the job stream keeps another number of copies than queue.stream_replicas; change it with \
+             `nats stream edit {STREAM} --replicas N` (the setting applies only when the stream is made)"
+        );
+    }
     js.get_or_create_stream(stream::Config {
         name: CANCELS.into(),
         subjects: vec!["moltbot.cancel.>".into()],

@@ -31,8 +31,8 @@ struct Deployment {
     nginx: Server,
 }
 
-/// Starts every host; `worker_hosts` worker hosts, each on its own CPU when `pinned` (as separate machines would
-/// be; the other services share the rest).
+/// Starts every host; `worker_hosts` worker hosts, each on a CPU of its own when `pinned`, as separate machines
+/// would be (the other services, Nginx and the client are not pinned: they share every CPU, the workers' too).
 fn deploy(worker_hosts: u8, pinned: bool, configure: impl Fn(&mut Config)) -> Deployment {
     let mut network = Network::new();
     let (data, store, manager, gateway) =
@@ -67,7 +67,7 @@ fn deploy(worker_hosts: u8, pinned: bool, configure: impl Fn(&mut Config)) -> De
         let host = network.host(&format!("w{i}"), 10 + i);
         let mut worker = config.clone();
         worker.inference_worker.worker_id = format!("worker-{i}");
-        let cpu = ((i - 1) as usize % std::thread::available_parallelism().map_or(1, usize::from)).to_string();
+        let cpu = allowed_cpus()[(i - 1) as usize % allowed_cpus().len()].to_string();
         let cpus = pinned.then_some(cpu.as_str());
         network.service(&host, &format!("worker-{i}"), "inference-worker", ENTRY, &worker, cpus);
         workers.push(host);
@@ -92,6 +92,18 @@ fn deploy(worker_hosts: u8, pinned: bool, configure: impl Fn(&mut Config)) -> De
         .expect("a client");
     let http = Http { base: format!("https://127.0.0.1:{}", nginx.tls_port()), client };
     Deployment { network, workers, http, nginx }
+}
+
+/// The CPUs this process may run on (`Cpus_allowed_list`, e.g. `0-1` or `2,4-5`).
+fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list").trim();
+    let mut cpus = vec![];
+    for range in list.split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        cpus.extend(first.parse::<usize>().expect("a CPU")..=last.parse::<usize>().expect("a CPU"));
+    }
+    cpus
 }
 
 impl Deployment {
@@ -151,15 +163,12 @@ async fn a_conversation_crosses_six_hosts_through_nginx_and_a_worker_host_cut_mi
     assert!(error.contains("503"), "{error}");
     assert!(waited < Duration::from_secs(20), "the error came {waited:?} after the cut");
 
-    // The failed turn is all or nothing in the session: the question at most once, and no answer without it —
-    // never half a turn twice. (MoltBot keeps none of a turn its worker failed; the client that got the error
-    // sends it again.)
+    // A failed turn saves nothing (ARCHITECTURE.md's invariant): the session holds the first conversation's turns
+    // and none of this one — not half of it, and nothing to repeat when the client sends it again.
     let (status, stored) = http.get(&format!("/api/sessions/{id}")).await;
     assert_eq!(status, 200, "{stored}");
     let messages = stored["messages"].as_array().unwrap();
-    let asked = messages.iter().filter(|m| m["content"] == question).count();
-    let answers = messages.iter().filter(|m| m["role"] == "assistant").count();
-    assert!(asked <= 1 && answers <= asked, "{stored}");
+    assert!(messages.is_empty(), "the failed turn left {stored}");
 
     // The conversation goes on with the other worker host.
     let next = format!(r#"{{"session_id":"{id}","message":"Stop there.","max_tokens":4}}"#);
@@ -174,10 +183,8 @@ async fn a_conversation_crosses_six_hosts_through_nginx_and_a_worker_host_cut_mi
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (_, stored) = http.get(&format!("/api/sessions/{id}")).await;
-    let messages = stored["messages"].as_array().unwrap();
-    assert_eq!(messages.iter().filter(|m| m["content"] == question).count(), asked, "{stored}");
-    let roles: Vec<&str> = messages.iter().filter_map(|m| m["role"].as_str()).collect();
-    assert_eq!(roles[roles.len() - 2..], ["user", "assistant"], "{stored}");
+    let roles: Vec<&str> = stored["messages"].as_array().unwrap().iter().filter_map(|m| m["role"].as_str()).collect();
+    assert_eq!(roles, ["user", "assistant"], "one whole turn: {stored}");
 }
 
 /// `cargo xtask bench hosts`: aggregate tokens/s of streamed chats through Nginx with one worker host and with two,

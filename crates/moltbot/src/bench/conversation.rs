@@ -57,12 +57,12 @@ pub(super) async fn stream_chat(
     Ok(Streamed { ttft: ttft.unwrap_or_else(|| sent.elapsed().as_secs_f64()), text, usage, session, pieces })
 }
 
-/// An HTTP client that opens a connection per request: some servers (llama-server among them) close kept-alive
-/// connections after a few requests, which a pooled client can hit mid-send; on the loopback a connection costs
-/// nothing next to a turn.
 /// The API key every benchmark request presents (`--api-key`), when the gateway wants one.
 pub(super) static API_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// An HTTP client that opens a connection per request: some servers (llama-server among them) close kept-alive
+/// connections after a few requests, which a pooled client can hit mid-send; on the loopback a connection costs
+/// nothing next to a turn.
 pub(super) fn fresh_connections() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(key) = API_KEY.get() {
