@@ -161,7 +161,7 @@ fn require(program: &str, package: &str) -> anyhow::Result<()> {
     if !found {
         bail!(
             "{program} is not installed; install it with `apt-get install -y {package}` (the suite needs \
-             redis-server nginx-light chromium chromium-driver prometheus kubectl)"
+             redis-server nginx-light chromium chromium-driver prometheus kubectl openssl iproute2)"
         );
     }
     Ok(())
@@ -178,6 +178,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     require("chromedriver", "chromium-driver")?;
     require("promtool", "prometheus")?;
     require("kubectl", "kubectl")?;
+    require("openssl", "openssl")?;
+    require(if Path::new("/usr/sbin/ip").exists() { "/usr/sbin/ip" } else { "ip" }, "iproute2")?;
     let pythonpath = openai_client()?;
     status(
         cargo()
