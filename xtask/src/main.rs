@@ -15,6 +15,8 @@
 //! - `deploy <dev|prod> [--tag T] [--image NAME] [--config FILE] [--dry-run]`: render `deploy/k8s/overlays/<env>`,
 //!   check every object against the Kubernetes API types and the deployment policies, diff, apply server-side,
 //!   wait for the rollouts and report readiness (`--dry-run`: print what it would apply)
+//! - `cuda [cargo build args]`: the CUDA toolkit from PyPI into the cache, then MoltBot's CUDA build (`--features
+//!   cuda`, the kernels compiled by nvcc) in `target/cuda`; needs no GPU
 //! - `fuzz [target] [seconds]`: one libFuzzer target (`fuzz/`) for a bounded time (60 s), keeping its corpus;
 //!   without a target, lists them
 
@@ -38,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Some("dev") => dev(),
         Some("bench") => bench(rest),
         Some("fuzz") => fuzz(rest),
+        Some("cuda") => cuda(rest),
         Some("deploy") => deploy::main(rest),
         Some("soak") => {
             model()?;
@@ -48,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | hosts | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod> [--tag T] [--config FILE] [--dry-run] | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | hosts | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod> [--tag T] [--config FILE] [--dry-run] | cuda [cargo build args] | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -188,6 +191,52 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .env("PYTHONPATH", pythonpath)
             .env("PATH", path_with_nats()?),
     )
+}
+
+/// `cargo xtask cuda [cargo build args]`: proves the CUDA build compiles on any machine, GPU or not. Installs the
+/// CUDA 13.4 compiler, headers and runtime from PyPI (nvidia-cuda-nvcc, -crt, -runtime, nvidia-nvvm,
+/// nvidia-cuda-cccl; ~130 MB; 13.4 is the newest cudarc 0.19 knows, and CUDA 12's nvcc wheels carry no nvcc) into
+/// the cache, then builds the `moltbot` library and everything under it with `--features cuda` (candle's CUDA
+/// backend, its kernels compiled to PTX and the quantized ones for `CUDA_COMPUTE_CAP`, 80 unless set) in
+/// `target/cuda` (or CARGO_TARGET_DIR), apart from the CPU build. Linking a CUDA binary needs the driver's
+/// `libcuda.so`, which comes with the NVIDIA driver and no wheel: on a machine with one, pass `--bins`.
+fn cuda(args: &[String]) -> anyhow::Result<()> {
+    const RELEASE: &str = "13.4.92";
+    let dir = moltbot_config::cache_dir().join("cuda-13.4");
+    let toolkit = dir.join("nvidia/cu13");
+    if !toolkit.join("bin/nvcc").is_file() {
+        eprintln!("cuda: installing the CUDA {RELEASE} toolkit pieces from PyPI into {}", dir.display());
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+                .arg(&dir)
+                .args(
+                    ["nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-cuda-runtime", "nvidia-nvvm"]
+                        .map(|p| format!("{p}=={RELEASE}")),
+                )
+                .arg("nvidia-cuda-cccl==13.3.5.0.6"),
+        )
+        .context(
+            "pip could not install the CUDA toolkit wheels; check that python3 and pip work and PyPI is reachable",
+        )?;
+    }
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(toolkit.join("bin")).chain(std::env::split_paths(&rest)))?;
+    let mut build = cargo();
+    build
+        .args(["build", "--package", "moltbot", "--features", "cuda"])
+        .args(if args.iter().any(|a| a == "--bins" || a == "--all-targets") { &[][..] } else { &["--lib"][..] })
+        .args(args)
+        .env("PATH", path)
+        .env("CUDA_HOME", &toolkit)
+        .env("CUDA_PATH", &toolkit);
+    if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
+        build.env("CUDA_COMPUTE_CAP", "80");
+    }
+    if std::env::var_os("CARGO_TARGET_DIR").is_none() {
+        build.env("CARGO_TARGET_DIR", root().join("target/cuda"));
+    }
+    status(&mut build)
 }
 
 /// PATH with the suite's nats-server first.
