@@ -974,7 +974,9 @@ async fn the_shipped_nginx_config_serves_https_streams_unbuffered_and_refuses_in
     }
     let events = moltbot_tests::sse_data(&streamed);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    assert!(events.len() >= 48, "{} events", events.len());
+    // 48 tokens: a delta for each, but for those that end no whole character or are held back while they might
+    // begin a stop string (those come out with a later one).
+    assert!(events.len() >= 24, "{} events", events.len());
     // Streaming intact through the shipped config (its proxy_buffering off and the gateway's X-Accel-Buffering:
     // no both keep it so): a buffering proxy hands the 48 tokens (~7 KB) over in a read or two; a client that
     // falls behind on a busy machine may read a few events at once.
