@@ -345,14 +345,13 @@ impl Server {
             .map(|a| a.as_str().expect("string args").to_owned())
             .collect();
         assert!(args.iter().any(|a| a == ">$(REDIS_PASSWORD)"), "the manifest sets the ACL user's password: {args:?}");
-        let manifest_args: &'static [String] = Box::leak(args.into_boxed_slice());
         spawn(
             "redis-server",
-            |port, dir| {
+            move |port, dir| {
                 let tag = std::path::Path::new(dir).file_name().expect("a temp dir").to_string_lossy().into_owned();
                 // The volume's path (`--dir /data`) becomes the temp dir.
-                let volume = manifest_args.iter().position(|a| a == "--dir").expect("the manifest names its dir");
-                let mut args: Vec<String> = (manifest_args.iter().enumerate())
+                let volume = args.iter().position(|a| a == "--dir").expect("the manifest names its dir");
+                let mut args: Vec<String> = (args.iter().enumerate())
                     .filter(|(i, _)| *i != volume && *i != volume + 1)
                     .map(|(_, a)| a.replace("$(REDIS_PASSWORD)", &tag))
                     .collect();
@@ -408,8 +407,6 @@ impl Server {
         let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx/moltbot.conf")).expect("moltbot.conf");
         let upstreams: String =
             gateways.iter().map(|a| format!("    server {a} max_fails=1 fail_timeout=10s;\n")).collect();
-        let shipped: &'static str = Box::leak(shipped.into_boxed_str());
-        let upstreams: &'static str = Box::leak(upstreams.into_boxed_str());
         let program = if std::path::Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
         spawn(
             program,
@@ -437,10 +434,10 @@ impl Server {
                     "moltbot",
                     &[&leaf[..], &["-addext", "basicConstraints=critical,CA:FALSE"]].concat(),
                 );
-                let mut conf = shipped.to_owned();
+                let mut conf = shipped.clone();
                 let gateways_start = conf.find("    server 10.0.0.11").expect("the shipped gateways");
                 let gateways_end = conf[gateways_start..].find("    # Connections").expect("after the gateways");
-                conf.replace_range(gateways_start..gateways_start + gateways_end, upstreams);
+                conf.replace_range(gateways_start..gateways_start + gateways_end, &upstreams);
                 for (from, to) in [
                     ("listen 80;", format!("listen 127.0.0.1:{port};")),
                     ("listen 443 ssl http2;", format!("listen 127.0.0.1:{tls_port} ssl http2;")),
@@ -487,7 +484,7 @@ impl Server {
         std::fs::read(self.dir.path().join("tls/ca.crt")).expect("the test CA's certificate")
     }
 
-    /// A file the server wrote into its temp dir (e.g. Nginx's access log, `moltbot.access.log`).
+    /// A file the server wrote into its temp dir (Nginx's access log `moltbot.access.log`, NATS's `nats.log`).
     pub fn file(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
@@ -500,11 +497,6 @@ impl Server {
     /// The Redis address with the deployed ACL user's credentials.
     pub fn redis_url_as_deployed(&self) -> String {
         format!("redis://moltbot:{}@127.0.0.1:{}", self.tag(), self.port)
-    }
-
-    /// What the server wrote to `log_file` in its temp dir (NATS as deployed).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 }
 

@@ -929,7 +929,7 @@ async fn redis_and_nats_as_deployed_serve_moltbot_and_refuse_clients_without_the
     drop(response);
     let worker = cluster.first_worker_when(|w| w.jobs_cancelled == 1 && w.running == 0).await;
     assert_eq!(worker.jobs_cancelled, 1);
-    let log = cluster.nats.log();
+    let log = cluster.nats.file("nats.log");
     assert!(!log.contains("Violation"), "MoltBot needed a right that auth.conf does not give:\n{log}");
 
     // NATS: a worker's user cannot read answers (other users' conversations) nor queue jobs; no user, no entry.
