@@ -643,12 +643,18 @@ impl Default for QueueConfig {
     }
 }
 
+/// `url` as (scheme, user info, host, rest) when it holds user info (`scheme://userinfo@host/rest`).
+fn with_userinfo(url: &str) -> Option<(&str, &str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let (userinfo, host) = authority.rsplit_once('@')?;
+    Some((scheme, userinfo, host, path))
+}
+
 /// `url` without its credentials, and the user and password it held (`scheme://user:password@host`).
 pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
-    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_owned(), None) };
-    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
+    match with_userinfo(url) {
+        Some((scheme, userinfo, host, path)) => {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
             (format!("{scheme}://{host}{path}"), Some((user.to_owned(), password.to_owned())))
         }
@@ -658,14 +664,11 @@ pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
 
 /// `url` fit for logs and error messages: a password in it (`scheme://user:password@host`) becomes `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        _ => url.to_owned(),
+    match with_userinfo(url)
+        .and_then(|(scheme, userinfo, host, path)| Some((scheme, userinfo.split_once(':')?.0, host, path)))
+    {
+        Some((scheme, user, host, path)) => format!("{scheme}://{user}:***@{host}{path}"),
+        None => url.to_owned(),
     }
 }
 

@@ -51,6 +51,7 @@ pub mod plugin {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moltbot_descriptor.bin"));
 
 pub use credential::Credential;
+pub use error::ErrorCode;
 
 /// Client text (a name, an id) as an error message echoes it: at most 64 characters.
 pub fn shown(text: &str) -> String {
@@ -59,7 +60,6 @@ pub fn shown(text: &str) -> String {
         None => text.to_owned(),
     }
 }
-pub use error::ErrorCode;
 
 /// The largest gRPC message MoltBot's clients and servers take (tonic's default is 4 MiB): a page of stored
 /// messages, or a session's whole history, may be larger.
