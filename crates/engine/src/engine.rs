@@ -19,20 +19,26 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::{
     ChatMessage, ChatTemplate, Detokenizer, Error, FinishReason, ModelMetadata, Result, SamplingParams, StopMatcher,
     Tokenizer, ToolCall, ToolCallParser, Tools, Usage,
-    model::{BLOCK_SIZE, KvCache, KvPool, Model, Quantization, Step},
+    model::{BLOCK_SIZE, KvCache, KvPool, Model, Quantization, Step, device::DeviceModel},
     sampling::Sampler,
 };
 
 /// The longest context the engine keeps, whatever the model supports.
 pub const MAX_CONTEXT: usize = 8192;
 
+/// Where the model runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DeviceChoice {
-    /// The CPU today (the batched engine has no CUDA path yet).
+    /// The engine's own CPU kernels: the fastest way on a CPU.
     #[default]
-    Auto,
     Cpu,
-    Cuda(usize),
+    /// The device path ([`crate::model::device`]) with the first `layers` layers on CUDA device `ordinal` (every
+    /// layer when `layers` is at least the model's count) and the rest on the CPU (`model_provider.gpu_layers`).
+    /// Needs a build with the `cuda` feature.
+    Cuda { ordinal: usize, layers: usize },
+    /// The device path with every layer on candle's CPU device: what the tests compare with the CPU kernels
+    /// where no GPU is.
+    CandleCpu,
 }
 
 #[derive(Debug, Clone)]
@@ -322,11 +328,6 @@ impl Engine {
         )?;
         // The tokenizer holds the vocabulary now, in a fraction of the memory.
         metadata.drop_vocabulary();
-        if matches!(config.device, DeviceChoice::Cuda(_)) {
-            return Err(Error::UnsupportedModel(
-                "the batched engine runs on the CPU only for now; set model_provider.gpu_layers to 0".into(),
-            ));
-        }
         let mut context_length = [Some(metadata.context_length), Some(MAX_CONTEXT), config.max_context]
             .into_iter()
             .flatten()
@@ -346,8 +347,35 @@ impl Engine {
             config.max_batch_tokens,
             config.max_batch_size.max(1),
         );
+        let placement = Placement::open(config.device, shape.n_layer)?;
+        if let Some((device, layers)) = placement.gpu() {
+            let plan = crate::memory::DevicePlan::new(
+                &content,
+                &shape,
+                config.quantization,
+                blocks,
+                layers,
+                config.max_batch_tokens,
+                config.max_batch_size.max(1),
+                context_length,
+            );
+            crate::memory::check_device(&plan, &device_memory(device)?, path)?;
+        }
         crate::memory::check(&plan, config.memory_limit.or_else(crate::memory::available_memory), path)?;
-        let mut model = Model::load(&content, &mut file, path, context_length, config.quantization)?;
+        let mut model = match &placement {
+            Placement::Kernels => {
+                Backend::Kernels(Model::load(&content, &mut file, path, context_length, config.quantization)?)
+            }
+            Placement::Devices(devices) => Backend::Device(DeviceModel::load(
+                &content,
+                &mut file,
+                path,
+                context_length,
+                config.quantization,
+                devices.clone(),
+                blocks,
+            )?),
+        };
         if blocks * BLOCK_SIZE < context_length {
             // One sequence must always fit whole, or the oldest sequence could not finish.
             tracing::warn!(
@@ -361,8 +389,14 @@ impl Engine {
         if context_length < 2 {
             return Err(load_err(&"the KV cache is too small for even one block; raise its budget"));
         }
-        let weight_bytes = model.weight_bytes();
-        let pool = KvPool::new(&model.config, blocks, config.prefix_caching);
+        let weight_bytes = match &model {
+            Backend::Kernels(m) => m.weight_bytes(),
+            Backend::Device(_) => plan.weights as usize,
+        };
+        let pool = match &model {
+            Backend::Kernels(_) => KvPool::new(model.config(), blocks, config.prefix_caching),
+            Backend::Device(_) => KvPool::without_storage(model.config(), blocks, config.prefix_caching),
+        };
         let stats = Arc::new(SharedStats::default());
         stats.kv_blocks_total.store(blocks, Relaxed);
         stats.kv_blocks_free.store(blocks, Relaxed);
@@ -375,7 +409,7 @@ impl Engine {
                     .filter_map(|t| tokenizer.token_id(t)),
             )
             .collect();
-        let grammars = crate::constraint::Grammars::new(&tokenizer, &eos, model.config.vocab);
+        let grammars = crate::constraint::Grammars::new(&tokenizer, &eos, model.config().vocab);
         let (jobs, queue) = mpsc::channel();
         let max_sequences = config.max_batch_size.max(1);
         let compute = Compute {
@@ -404,11 +438,11 @@ impl Engine {
             .name("moltbot-engine".into())
             .spawn(move || pool.install(move || compute.run(queue)))
             .map_err(|e| load_err(&e))?;
-        let device = "cpu".to_owned();
+        let device = placement.describe();
         let name = config.name.unwrap_or_else(|| metadata.name.clone());
         tracing::info!(
-            model = %name, path = %path.display(), context_length, max_sequences, kv_blocks = blocks, threads,
-            weights_mib = weight_bytes >> 20, "model loaded"
+            model = %name, path = %path.display(), %device, context_length, max_sequences, kv_blocks = blocks,
+            threads, weights_mib = weight_bytes >> 20, "model loaded"
         );
         let max_waiting = config.max_waiting.max(1);
         Ok(Self {
@@ -667,8 +701,119 @@ impl Active {
     }
 }
 
+/// The forward pass a scheduler drives: the CPU kernels, or the device path.
+enum Backend {
+    Kernels(Model),
+    Device(DeviceModel),
+}
+
+impl Backend {
+    fn config(&self) -> &crate::model::ModelConfig {
+        match self {
+            Self::Kernels(m) => &m.config,
+            Self::Device(m) => m.config(),
+        }
+    }
+
+    fn set_max_positions(&mut self, positions: usize) {
+        match self {
+            Self::Kernels(m) => m.set_max_positions(positions),
+            Self::Device(m) => m.set_max_positions(positions),
+        }
+    }
+
+    fn forward(&self, pool: &mut KvPool, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Kernels(m) => m.forward(pool, steps),
+            Self::Device(m) => m.forward(steps),
+        }
+    }
+}
+
+/// Where each layer runs, from [`DeviceChoice`].
+enum Placement {
+    Kernels,
+    /// The device path: each layer's device.
+    Devices(Vec<candle_core::Device>),
+}
+
+impl Placement {
+    /// Opens the devices `choice` names for a model of `n_layer` layers.
+    fn open(choice: DeviceChoice, n_layer: usize) -> Result<Self> {
+        Ok(match choice {
+            DeviceChoice::Cpu => Self::Kernels,
+            DeviceChoice::CandleCpu => Self::Devices(vec![candle_core::Device::Cpu; n_layer]),
+            DeviceChoice::Cuda { ordinal, layers } => {
+                let gpu = open_cuda(ordinal)?;
+                Self::Devices(
+                    (0..n_layer).map(|l| if l < layers { gpu.clone() } else { candle_core::Device::Cpu }).collect(),
+                )
+            }
+        })
+    }
+
+    /// The GPU and how many layers it holds, if any.
+    fn gpu(&self) -> Option<(&candle_core::Device, usize)> {
+        let Self::Devices(devices) = self else { return None };
+        let gpu = devices.first().filter(|d| !d.is_cpu())?;
+        Some((gpu, devices.iter().filter(|d| !d.is_cpu()).count()))
+    }
+
+    /// `cpu`, `cpu (device path)`, or `cuda:0 (24 of 30 layers)`.
+    fn describe(&self) -> String {
+        match (self, self.gpu()) {
+            (Self::Kernels, _) => "cpu".into(),
+            (Self::Devices(_), None) => "cpu (device path)".into(),
+            (Self::Devices(devices), Some((gpu, layers))) => {
+                format!("{} ({layers} of {} layers)", crate::model::device::device_name(gpu), devices.len())
+            }
+        }
+    }
+}
+
+/// CUDA device `ordinal`, or why it cannot be used.
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
+    candle_core::Device::new_cuda(ordinal).map_err(|e| {
+        Error::NoDevice(format!(
+            "CUDA device {ordinal} cannot be opened ({e}): check that `nvidia-smi` lists it, that its driver supports \
+             CUDA 13 (driver 580 or later) and that CUDA_VISIBLE_DEVICES includes it; or set \
+             model_provider.gpu_layers: 0 to run on the CPU"
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> Result<candle_core::Device> {
+    Err(Error::NoDevice(
+        "model_provider.gpu_layers is above 0 but this build has no CUDA support: build with `--features cuda` \
+         (`cargo xtask cuda`, or the GPU image) and run where an NVIDIA driver is, or set \
+         model_provider.gpu_layers: 0 to run on the CPU"
+            .into(),
+    ))
+}
+
+/// The GPU's name and its free and total memory.
+#[cfg(feature = "cuda")]
+fn device_memory(device: &candle_core::Device) -> Result<crate::memory::DeviceMemory> {
+    let context = device.as_cuda_device()?.cuda_stream().context().clone();
+    let failed = |e: &dyn std::fmt::Display| Error::NoDevice(format!("the GPU's memory cannot be read: {e}"));
+    let (free, total) = context.mem_get_info().map_err(|e| failed(&e))?;
+    let name = context.name().map_err(|e| failed(&e))?;
+    Ok(crate::memory::DeviceMemory {
+        name: format!("{name} ({})", crate::model::device::device_name(device)),
+        free: free as u64,
+        total: total as u64,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_memory(_device: &candle_core::Device) -> Result<crate::memory::DeviceMemory> {
+    Err(Error::NoDevice("this build has no CUDA support".into()))
+}
+
 struct Compute {
-    model: Model,
+    model: Backend,
     pool: KvPool,
     stats: Arc<SharedStats>,
     arrivals: u64,

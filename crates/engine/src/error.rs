@@ -16,6 +16,10 @@ pub enum Error {
     UnsupportedModel(String),
     #[error("ModelLoadError: not enough memory: {0}")]
     OutOfMemory(String),
+    #[error("ModelLoadError: CUDA out of memory: {0}")]
+    DeviceOutOfMemory(String),
+    #[error("ModelLoadError: no usable GPU: {0}")]
+    NoDevice(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template error: {0}")]

@@ -90,14 +90,21 @@ pub struct KvPool {
 impl KvPool {
     /// A pool of `blocks` blocks for `config`'s model; `caching` keeps finished sequences' blocks for reuse.
     pub fn new(config: &ModelConfig, blocks: usize, caching: bool) -> Self {
-        let kv_dim = config.kv_dim();
-        // Reversed, so blocks are handed out from the start of the pool. The data is allocated zeroed (as integers:
-        // the allocator hands out zeroed pages without writing them), so the operating system commits only the
-        // pages a block has used.
+        // The data is allocated zeroed (as integers: the allocator hands out zeroed pages without writing them),
+        // so the operating system commits only the pages a block has used.
         use half::vec::HalfBitsVecExt;
+        let data = vec![0u16; blocks * config.n_layer * 2 * BLOCK_SIZE * config.kv_dim()].reinterpret_into();
+        Self { data, ..Self::without_storage(config, blocks, caching) }
+    }
+
+    /// The blocks of a pool whose keys and values live elsewhere: the device path keeps them in tensors of its
+    /// own ([`crate::model::device::DeviceModel`]) and this pool hands out, shares and caches the blocks.
+    pub fn without_storage(config: &ModelConfig, blocks: usize, caching: bool) -> Self {
+        let kv_dim = config.kv_dim();
+        // Reversed, so blocks are handed out from the start of the pool.
         let free = (0..blocks as u32).rev().collect();
         Self {
-            data: vec![0u16; blocks * config.n_layer * 2 * BLOCK_SIZE * kv_dim].reinterpret_into(),
+            data: Vec::new(),
             blocks,
             n_layer: config.n_layer,
             kv_dim,

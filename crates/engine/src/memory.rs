@@ -34,37 +34,148 @@ impl MemoryPlan {
         batch_tokens: usize,
         batch_sequences: usize,
     ) -> Self {
-        // While loading, a re-quantized or widened tensor is whole in memory as read and as f32 besides the result.
-        let mut loading = 0u64;
-        let weights = content
-            .tensor_infos
-            .values()
-            .map(|info| {
-                let dims = info.shape.dims();
-                let cols = *dims.last().unwrap_or(&1);
-                let elems = info.shape.elem_count();
-                let format = crate::model::stored_format(info.ggml_dtype, dims.len(), cols, quantization);
-                if format.is_none() || format != Format::from_ggml(info.ggml_dtype) {
-                    loading = loading.max(elems as u64 * 6);
-                }
-                match format {
-                    Some(f) => (elems / f.block_elems() * f.block_bytes()) as u64,
-                    None => elems as u64 * 4,
-                }
-            })
-            .sum();
+        let (weights, loading) = stored_bytes(content, quantization, |_| true);
         let kv_cache = (kv_blocks * crate::kv::KvPool::block_bytes(config)) as u64;
-        // Per token of a step: the residual, norms, q/k/v, attention and projections (about 8 rows of the
-        // embedding and query widths) and the feed-forward's gate and up, in f32, plus their 8-bit copies; the
-        // logits of each sequence; and a vocabulary-sized allowance for the tokenizer and constrained decoding.
-        let per_token = 4 * (8 * config.n_embd.max(config.q_dim()) + 3 * config.n_ff);
-        // A step's rotary angles: cos and sin of `head_dim / 2` per token, for at most two embeddings.
-        let rope = 2 * batch_tokens * config.head_dim * 4;
-        let working =
-            (batch_tokens * per_token + batch_sequences * config.vocab * 4 + config.vocab * 512 + rope) as u64;
-        let working = working.max(loading);
-        Self { weights, kv_cache, working }
+        let working = step_bytes(config, batch_tokens, batch_sequences) + config.vocab as u64 * 512;
+        Self { weights, kv_cache, working: working.max(loading) }
     }
+}
+
+/// Bytes the tensors `take` picks will take as stored (re-quantized where `quantization` says, widened to f32
+/// where no block format is kept), and the peak of loading one of them: a re-quantized or widened tensor is
+/// whole in memory as read and as f32 besides the result.
+fn stored_bytes(content: &Content, quantization: Quantization, take: impl Fn(&str) -> bool) -> (u64, u64) {
+    let mut loading = 0u64;
+    let weights = content
+        .tensor_infos
+        .iter()
+        .filter(|(name, _)| take(name))
+        .map(|(_, info)| {
+            let dims = info.shape.dims();
+            let cols = *dims.last().unwrap_or(&1);
+            let elems = info.shape.elem_count();
+            let format = crate::model::stored_format(info.ggml_dtype, dims.len(), cols, quantization);
+            if format.is_none() || format != Format::from_ggml(info.ggml_dtype) {
+                loading = loading.max(elems as u64 * 6);
+            }
+            match format {
+                Some(f) => (elems / f.block_elems() * f.block_bytes()) as u64,
+                None => elems as u64 * 4,
+            }
+        })
+        .sum();
+    (weights, loading)
+}
+
+/// A step's working memory: per token, the residual, norms, q/k/v, attention and projections (about 8 rows of
+/// the embedding and query widths) and the feed-forward's gate and up, in f32, plus their 8-bit copies; the
+/// logits of each sequence; and the rotary angles (cos and sin of `head_dim / 2` per token, for at most two
+/// embeddings).
+fn step_bytes(config: &ModelConfig, batch_tokens: usize, batch_sequences: usize) -> u64 {
+    let per_token = 4 * (8 * config.n_embd.max(config.q_dim()) + 3 * config.n_ff);
+    let rope = 2 * batch_tokens * config.head_dim * 4;
+    (batch_tokens * per_token + batch_sequences * config.vocab * 4 + rope) as u64
+}
+
+/// What the layers the device path puts on a GPU take there, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// Layers on the GPU, of `n_layer`.
+    pub layers: usize,
+    pub n_layer: usize,
+    /// Their weights, and the output projection and final norm when every layer is there.
+    pub weights: u64,
+    /// Their share of the KV-cache pool.
+    pub kv_cache: u64,
+    /// A step's activations and logits, the attention of the longest prompt chunk against a whole context, and
+    /// the CUDA context with cuBLAS's workspace (`CUDA_CONTEXT`).
+    pub working: u64,
+    /// The output projection and final norm, on the GPU only when every layer is.
+    pub output: u64,
+}
+
+/// What the CUDA context, cuBLAS's workspace and candle's kernels take on a GPU, about.
+const CUDA_CONTEXT: u64 = 512 << 20;
+
+impl DevicePlan {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        content: &Content,
+        config: &ModelConfig,
+        quantization: Quantization,
+        kv_blocks: usize,
+        layers: usize,
+        batch_tokens: usize,
+        batch_sequences: usize,
+        context: usize,
+    ) -> Self {
+        let (n_layer, layers) = (config.n_layer, layers.min(config.n_layer));
+        let on_gpu = |name: &str| {
+            let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<usize>().ok());
+            layer.is_some_and(|l| l < layers)
+        };
+        let (weights, _) = stored_bytes(content, quantization, on_gpu);
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        let (output, _) = stored_bytes(content, quantization, |name| {
+            name == "output.weight" || name == "output_norm.weight" || (tied && name == "token_embd.weight")
+        });
+        let kv_cache = (kv_blocks * crate::kv::KvPool::block_bytes(config) * layers / n_layer.max(1)) as u64;
+        // Scores and weights of every query head of a chunk against a whole context, in f32, and a context's
+        // keys and values gathered (f16) and widened (f32).
+        let chunk = batch_tokens.min(context);
+        let attention = 2 * 4 * config.n_head * chunk * context + 2 * 6 * context * config.kv_dim();
+        let working = step_bytes(config, batch_tokens, batch_sequences) + attention as u64 + CUDA_CONTEXT;
+        let output = if layers == n_layer { output } else { 0 };
+        Self { layers, n_layer, weights: weights + output, kv_cache, working, output }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.working
+    }
+
+    /// The most layers that fit in `free` bytes (the output projection counted only with all of them).
+    pub fn layers_that_fit(&self, free: u64) -> usize {
+        let per_layer = (self.weights - self.output + self.kv_cache) / self.layers.max(1) as u64;
+        let room = free.saturating_sub(self.working);
+        let fit = (room / per_layer.max(1)) as usize;
+        if fit >= self.n_layer && room < per_layer * self.n_layer as u64 + self.output {
+            self.n_layer - 1
+        } else {
+            fit.min(self.n_layer)
+        }
+    }
+}
+
+/// A GPU's name and memory, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub name: String,
+    pub free: u64,
+    pub total: u64,
+}
+
+/// Refuses a device plan that does not fit in the GPU's free memory, with the figures and the seed's advice.
+pub fn check_device(plan: &DevicePlan, gpu: &DeviceMemory, path: &std::path::Path) -> Result<()> {
+    if plan.total() <= gpu.free {
+        return Ok(());
+    }
+    Err(Error::DeviceOutOfMemory(format!(
+        "{} needs about {} MiB on {} for {} of its {} layers (weights {} MiB, KV cache {} MiB, working memory {} \
+         MiB) but only {} MiB of its {} MiB are free; lower model_provider.max_tokens or context_length (or \
+         inference_worker.kv_cache_mib), set model_provider.quantization to \"4bit\", put fewer layers on the GPU \
+         (model_provider.gpu_layers: {} fits), or update the GPU driver",
+        path.display(),
+        mib(plan.total()),
+        gpu.name,
+        plan.layers,
+        plan.n_layer,
+        mib(plan.weights),
+        mib(plan.kv_cache),
+        mib(plan.working),
+        mib(gpu.free),
+        mib(gpu.total),
+        plan.layers_that_fit(gpu.free),
+    )))
 }
 
 /// Bytes this process may still take: the smaller of the machine's `MemAvailable` and, inside a container, the
@@ -111,4 +222,47 @@ pub fn check(plan: &MemoryPlan, available: Option<u64>, path: &std::path::Path) 
         mib(plan.working),
         mib(available)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_too_small_is_refused_with_the_figures_and_the_layers_that_fit() {
+        const MIB: u64 = 1 << 20;
+        // 30 layers of 100 MiB weights and 10 MiB of KV cache each, a 50 MiB output, 600 MiB working memory.
+        let plan = DevicePlan {
+            layers: 30,
+            n_layer: 30,
+            weights: 3050 * MIB,
+            kv_cache: 300 * MIB,
+            working: 600 * MIB,
+            output: 50 * MIB,
+        };
+        let gpu = |free| DeviceMemory { name: "NVIDIA T4 (cuda:0)".into(), free, total: 16 << 30 };
+        let path = std::path::Path::new("/models/m.gguf");
+        assert!(check_device(&plan, &gpu(4000 * MIB), path).is_ok());
+        let error = check_device(&plan, &gpu(2048 * MIB), path).unwrap_err().to_string();
+        assert!(
+            error.starts_with("ModelLoadError: CUDA out of memory: /models/m.gguf needs about 3950 MiB"),
+            "{error}"
+        );
+        // (2048 − 600) / 110 MiB a layer.
+        for said in [
+            "NVIDIA T4 (cuda:0) for 30 of its 30 layers",
+            "weights 3050 MiB, KV cache 300 MiB, working memory 600 MiB",
+            "only 2048 MiB of its 16384 MiB are free",
+            "max_tokens",
+            "\"4bit\"",
+            "gpu_layers: 13 fits",
+            "driver",
+        ] {
+            assert!(error.contains(said), "`{said}` is not said: {error}");
+        }
+        // Every layer's weights fit but not the output beside them: one layer stays on the CPU.
+        assert_eq!(plan.layers_that_fit(600 * MIB + 30 * 110 * MIB + 10 * MIB), 29);
+        assert_eq!(plan.layers_that_fit(3950 * MIB), 30);
+        assert_eq!(plan.layers_that_fit(100 * MIB), 0);
+    }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 #[path = "model/architectures.rs"]
 mod architectures;
+#[path = "model/device.rs"]
+mod device;
 #[path = "model/files.rs"]
 mod files;
 
@@ -193,8 +195,12 @@ async fn one_at_a_time(sampling: &SamplingParams) -> Vec<Answer> {
 
 /// `one_at_a_time` on the model at `path`.
 async fn one_at_a_time_on(path: &std::path::Path, sampling: &SamplingParams) -> Vec<Answer> {
-    let single =
-        Engine::load(EngineConfig { max_batch_size: 1, prefix_caching: false, ..EngineConfig::new(path) }).unwrap();
+    one_at_a_time_with(EngineConfig::new(path), sampling).await
+}
+
+/// `one_at_a_time` on an engine loaded from `config`, one sequence at a time without the prefix cache.
+async fn one_at_a_time_with(config: EngineConfig, sampling: &SamplingParams) -> Vec<Answer> {
+    let single = Engine::load(EngineConfig { max_batch_size: 1, prefix_caching: false, ..config }).unwrap();
     let mut answers = vec![];
     for prompt in mixed_prompts() {
         let g = single.submit(GenerationRequest::new(prompt, sampling.clone())).unwrap();

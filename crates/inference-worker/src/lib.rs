@@ -30,7 +30,10 @@ pub use service::InferenceService;
 pub fn load_engine(provider: &ModelProviderConfig, worker: &InferenceWorkerConfig) -> moltbot_engine::Result<Engine> {
     Engine::load(EngineConfig {
         name: Some(provider.model_name.clone()),
-        device: if provider.gpu_layers > 0 { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu },
+        device: match provider.gpu_layers {
+            0 => DeviceChoice::Cpu,
+            layers => DeviceChoice::Cuda { ordinal: 0, layers: layers as usize },
+        },
         max_context: (provider.context_length > 0).then_some(provider.context_length as usize),
         max_batch_size: worker.max_batch_size,
         max_batch_tokens: worker.max_batch_tokens,

@@ -5,7 +5,7 @@
 //! (`LLM_FFN_GELU`, SWA pattern 6, local base 10 000) and Hugging Face's `Gemma3ForCausalLM`.
 //! candle-transformers' `quantized_gemma3` is not a reference here: its feed-forward uses SiLU.
 
-use super::{Activation, Model, ModelConfig, Rope, RopeLayout, Weights, llama};
+use super::{Activation, Model, ModelConfig, Rope, RopeLayout, Store};
 use crate::Result;
 
 /// Local layers per global one plus one: layer `l` is global when `(l + 1) % 6 == 0`.
@@ -13,9 +13,9 @@ const PATTERN: usize = 6;
 /// The local layers' rotary base.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
 
-pub(super) fn load(w: &mut Weights<'_>) -> Result<Model> {
-    let config = ModelConfig::from_gguf(w.content, "gemma3")?;
-    let md = &w.content.metadata;
+pub(super) fn load<S: Store>(w: &mut S) -> Result<Model<S::Parts>> {
+    let config = ModelConfig::from_gguf(w.content(), "gemma3")?;
+    let md = &w.content().metadata;
     let window = md.get("gemma3.attention.sliding_window").and_then(|v| v.to_u32().ok()).map(|v| v as usize);
     let pattern = md
         .get("gemma3.attention.sliding_window_pattern")
@@ -40,9 +40,9 @@ pub(super) fn load(w: &mut Weights<'_>) -> Result<Model> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Model {
-        embed: llama::embedding(w, &config)?,
+        embed: w.embedding(&config)?,
         output: w.output(&config)?,
-        norm: w.vector("output_norm.weight", d)?,
+        norm: w.output_norm(d)?,
         embed_scale: (d as f32).sqrt(),
         // Gemma 3 27B (62 layers) scales by 1/√(n_embd / n_head) instead of 1/√head_dim, as llama.cpp does.
         attn_scale: 1.0 / (if config.n_layer == 62 { d / config.n_head } else { hd } as f32).sqrt(),

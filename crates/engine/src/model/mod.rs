@@ -26,6 +26,7 @@ use crate::{
     },
 };
 
+pub mod device;
 mod gemma3;
 mod llama;
 mod qwen2;
@@ -204,6 +205,78 @@ pub(crate) fn check_tensor_types(content: &Content, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a model's layers are made of: the fast CPU kernels' matrices ([`Host`]), or candle tensors on a device
+/// ([`device::Tensors`]).
+pub trait Parts {
+    type Matrix: Send + Sync;
+    type Vector: Send + Sync;
+}
+
+/// The fast CPU kernels' parts: matrices in the file's block formats laid out for this CPU, and f32 vectors.
+pub struct Host;
+
+impl Parts for Host {
+    type Matrix = Matrix;
+    type Vector = Vec<f32>;
+}
+
+type MatrixOf<S> = <<S as Store>::Parts as Parts>::Matrix;
+type VectorOf<S> = <<S as Store>::Parts as Parts>::Vector;
+
+/// Reads a model's tensors from a GGUF file into [`Parts`]. The architectures ([`llama`], [`qwen2`], [`gemma3`])
+/// are written once against it, for the CPU kernels and the device path alike.
+pub(crate) trait Store {
+    type Parts: Parts;
+
+    fn content(&self) -> &Content;
+
+    fn has(&self, name: &str) -> bool {
+        self.content().tensor_infos.contains_key(name)
+    }
+
+    /// `blk.{layer}.{name}.weight` as a matrix of `rows × cols`.
+    fn layer_matrix(&mut self, layer: usize, name: &str, rows: usize, cols: usize) -> Result<MatrixOf<Self>>;
+
+    /// `blk.{layer}.{name}`, a vector (a norm's weights, a bias) of `len` floats.
+    fn layer_vector(&mut self, layer: usize, name: &str, len: usize) -> Result<VectorOf<Self>>;
+
+    /// The final norm, `output_norm.weight`.
+    fn output_norm(&mut self, len: usize) -> Result<VectorOf<Self>>;
+
+    /// The output projection, or `None` when it is tied to the token embedding.
+    fn output(&mut self, c: &ModelConfig) -> Result<Option<MatrixOf<Self>>>;
+
+    /// The token embedding, whose rows are looked up on the host.
+    fn embedding(&mut self, c: &ModelConfig) -> Result<Matrix>;
+
+    /// The attention and feed-forward weights every architecture has, with the Llama layout's norms.
+    fn block(&mut self, c: &ModelConfig, l: usize) -> Result<Block<Self::Parts>> {
+        let (d, q, kv) = (c.n_embd, c.q_dim(), c.kv_dim());
+        Ok(Block {
+            attn_norm: self.layer_vector(l, "attn_norm.weight", d)?,
+            attn: Attention {
+                wq: self.layer_matrix(l, "attn_q", q, d)?,
+                wk: self.layer_matrix(l, "attn_k", kv, d)?,
+                wv: self.layer_matrix(l, "attn_v", kv, d)?,
+                wo: self.layer_matrix(l, "attn_output", d, q)?,
+                bias: None,
+                qk_norm: None,
+                rope: 0,
+                window: None,
+            },
+            post_attn_norm: None,
+            ffn_norm: self.layer_vector(l, "ffn_norm.weight", d)?,
+            ffn: FeedForward {
+                gate: self.layer_matrix(l, "ffn_gate", c.n_ff, d)?,
+                up: self.layer_matrix(l, "ffn_up", c.n_ff, d)?,
+                down: self.layer_matrix(l, "ffn_down", d, c.n_ff)?,
+                activation: Activation::Silu,
+            },
+            post_ffn_norm: None,
+        })
+    }
+}
+
 /// Reads tensors from a GGUF file, each into memory in the file's block format (or re-quantized), laid out
 /// for this CPU's kernels ([`Matrix::for_kernels`]).
 pub(crate) struct Weights<'a> {
@@ -216,10 +289,6 @@ pub(crate) struct Weights<'a> {
 impl Weights<'_> {
     fn missing(&self, name: &str) -> Error {
         Error::ModelLoad { path: self.path.to_owned(), message: format!("the file has no tensor `{name}`") }
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
     }
 
     /// A weight matrix: block formats stay in their bytes (interleaved for the kernels where the CPU reads them
@@ -285,8 +354,15 @@ impl Weights<'_> {
         m.row(0, &mut v);
         Ok(v)
     }
+}
 
-    /// `blk.{layer}.{name}.weight` as a matrix of `rows × cols`.
+impl Store for Weights<'_> {
+    type Parts = Host;
+
+    fn content(&self) -> &Content {
+        self.content
+    }
+
     fn layer_matrix(&mut self, layer: usize, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let full = format!("blk.{layer}.{name}.weight");
         let m = self.matrix(&full)?;
@@ -300,34 +376,10 @@ impl Weights<'_> {
         self.vector(&format!("blk.{layer}.{name}"), len)
     }
 
-    /// The attention and feed-forward weights every architecture has, with the Llama layout's norms.
-    fn block(&mut self, c: &ModelConfig, l: usize) -> Result<Block> {
-        let (d, q, kv) = (c.n_embd, c.q_dim(), c.kv_dim());
-        Ok(Block {
-            attn_norm: self.layer_vector(l, "attn_norm.weight", d)?,
-            attn: Attention {
-                wq: self.layer_matrix(l, "attn_q", q, d)?,
-                wk: self.layer_matrix(l, "attn_k", kv, d)?,
-                wv: self.layer_matrix(l, "attn_v", kv, d)?,
-                wo: self.layer_matrix(l, "attn_output", d, q)?,
-                bias: None,
-                qk_norm: None,
-                rope: 0,
-                window: None,
-            },
-            post_attn_norm: None,
-            ffn_norm: self.layer_vector(l, "ffn_norm.weight", d)?,
-            ffn: FeedForward {
-                gate: self.layer_matrix(l, "ffn_gate", c.n_ff, d)?,
-                up: self.layer_matrix(l, "ffn_up", c.n_ff, d)?,
-                down: self.layer_matrix(l, "ffn_down", d, c.n_ff)?,
-                activation: Activation::Silu,
-            },
-            post_ffn_norm: None,
-        })
+    fn output_norm(&mut self, len: usize) -> Result<Vec<f32>> {
+        self.vector("output_norm.weight", len)
     }
 
-    /// The output projection, or `None` when it is tied to the token embedding.
     fn output(&mut self, c: &ModelConfig) -> Result<Option<Matrix>> {
         if !self.has("output.weight") {
             return Ok(None);
@@ -339,6 +391,14 @@ impl Weights<'_> {
             );
         }
         Ok(Some(m))
+    }
+
+    fn embedding(&mut self, c: &ModelConfig) -> Result<Matrix> {
+        let m = self.matrix("token_embd.weight")?;
+        if m.cols != c.n_embd {
+            return Err(self.bad("token_embd.weight", &format!("has rows of {}, expected {}", m.cols, c.n_embd)));
+        }
+        Ok(m)
     }
 }
 
@@ -409,15 +469,15 @@ impl Rope {
 }
 
 /// A layer's self-attention.
-struct Attention {
-    wq: Matrix,
-    wk: Matrix,
-    wv: Matrix,
-    wo: Matrix,
+pub(crate) struct Attention<P: Parts> {
+    wq: P::Matrix,
+    wk: P::Matrix,
+    wv: P::Matrix,
+    wo: P::Matrix,
     /// Biases added to the query, key and value projections (Qwen2).
-    bias: Option<[Vec<f32>; 3]>,
+    bias: Option<[P::Vector; 3]>,
     /// RMS norms over each query and key head before the rotary embedding (Gemma 3).
-    qk_norm: Option<[Vec<f32>; 2]>,
+    qk_norm: Option<[P::Vector; 2]>,
     /// Which of the model's rotary embeddings this layer uses.
     rope: usize,
     /// A sliding window: each position sees only this many positions, itself included (Gemma 3's local
@@ -433,35 +493,38 @@ enum Activation {
     GeluTanh,
 }
 
-struct FeedForward {
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
+pub(crate) struct FeedForward<P: Parts> {
+    gate: P::Matrix,
+    up: P::Matrix,
+    down: P::Matrix,
     activation: Activation,
 }
 
 /// One transformer layer: `x += post_attn_norm(attn(attn_norm(x)))`, `x += post_ffn_norm(ffn(ffn_norm(x)))`,
 /// the post-norms only where the architecture has them.
-struct Block {
-    attn_norm: Vec<f32>,
-    attn: Attention,
-    post_attn_norm: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
-    ffn: FeedForward,
-    post_ffn_norm: Option<Vec<f32>>,
+pub(crate) struct Block<P: Parts> {
+    attn_norm: P::Vector,
+    attn: Attention<P>,
+    post_attn_norm: Option<P::Vector>,
+    ffn_norm: P::Vector,
+    ffn: FeedForward<P>,
+    post_ffn_norm: Option<P::Vector>,
 }
 
-pub struct Model {
+/// A loaded model: on the fast CPU kernels ([`Host`], the default), or the layers of the device path
+/// ([`device::DeviceModel`]).
+pub struct Model<P: Parts = Host> {
     pub config: ModelConfig,
+    /// The token embedding, looked up on the host.
     embed: Matrix,
     /// The embedding is multiplied by this (Gemma: √n_embd).
     embed_scale: f32,
     /// Attention scores are `q · k` times this (1/√head_dim; Gemma 3 27B's differs).
     attn_scale: f32,
-    layers: Vec<Block>,
-    norm: Vec<f32>,
+    layers: Vec<Block<P>>,
+    norm: P::Vector,
     /// `None`: tied to the embedding, which is not copied.
-    output: Option<Matrix>,
+    output: Option<P::Matrix>,
     ropes: Vec<Rope>,
     max_positions: usize,
 }
@@ -474,21 +537,15 @@ pub struct Step<'a> {
     pub logits: bool,
 }
 
-impl Model {
-    /// Loads the architecture `general.architecture` names, for contexts of up to `max_positions` tokens.
-    pub fn load(
-        content: &Content,
-        file: &mut File,
-        path: &Path,
-        max_positions: usize,
-        quantization: Quantization,
-    ) -> Result<Self> {
+impl<P: Parts> Model<P> {
+    /// The architecture `general.architecture` names, read through `store`.
+    fn read<S: Store<Parts = P>>(store: &mut S, max_positions: usize) -> Result<Self> {
+        let content = store.content();
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        let mut weights = Weights { content, file, path, quantization };
         let mut model = match arch.as_deref() {
-            Some("llama") => llama::load(&mut weights)?,
-            Some("qwen2") => qwen2::load(&mut weights)?,
-            Some("gemma3") => gemma3::load(&mut weights)?,
+            Some("llama") => llama::load(store)?,
+            Some("qwen2") => qwen2::load(store)?,
+            Some("gemma3") => gemma3::load(store)?,
             other => return Err(unsupported_architecture(other)),
         };
         model.set_max_positions(max_positions);
@@ -500,9 +557,62 @@ impl Model {
         self.max_positions = positions;
     }
 
+    /// Row `r` of the step belongs to step `owner[r]` at position `pos[r]`; refuses steps past the context window,
+    /// without blocks for their tokens, or with tokens outside the vocabulary.
+    fn rows(&self, steps: &[Step<'_>]) -> Result<(Vec<usize>, Vec<usize>)> {
+        let (mut owner, mut pos) = (vec![], vec![]);
+        for (s, step) in steps.iter().enumerate() {
+            if step.cache.len + step.tokens.len() > self.max_positions {
+                return Err(Error::PromptTooLong {
+                    prompt_tokens: step.cache.len + step.tokens.len(),
+                    context_length: self.max_positions,
+                });
+            }
+            if step.cache.blocks.len() * BLOCK_SIZE < step.cache.len + step.tokens.len() {
+                return Err(Error::Internal("a sequence was scheduled without KV-cache blocks for its tokens".into()));
+            }
+            if let Some(token) = step.tokens.iter().find(|&&t| t as usize >= self.config.vocab) {
+                return Err(Error::InvalidRequest(format!("token id {token} is outside the vocabulary")));
+            }
+            for i in 0..step.tokens.len() {
+                owner.push(s);
+                pos.push(step.cache.len + i);
+            }
+        }
+        Ok((owner, pos))
+    }
+
+    /// The embedding of every new token of the steps, one row of `n_embd` each, scaled where the model scales it.
+    fn embed(&self, steps: &[Step<'_>]) -> Vec<f32> {
+        let d = self.config.n_embd;
+        let rows: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let mut x = vec![0f32; rows * d];
+        for (row, token) in x.chunks_exact_mut(d).zip(steps.iter().flat_map(|s| s.tokens.iter())) {
+            self.embed.row(*token as usize, row);
+            if self.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= self.embed_scale);
+            }
+        }
+        x
+    }
+}
+
+impl Model {
+    /// Loads the architecture `general.architecture` names onto the fast CPU kernels, for contexts of up to
+    /// `max_positions` tokens.
+    pub fn load(
+        content: &Content,
+        file: &mut File,
+        path: &Path,
+        max_positions: usize,
+        quantization: Quantization,
+    ) -> Result<Self> {
+        Self::read(&mut Weights { content, file, path, quantization }, max_positions)
+    }
+
     /// Bytes the weights take in memory.
     pub fn weight_bytes(&self) -> usize {
-        let block = |b: &Block| {
+        let block = |b: &Block<Host>| {
             let a = &b.attn;
             [&a.wq, &a.wk, &a.wv, &a.wo, &b.ffn.gate, &b.ffn.up, &b.ffn.down].iter().map(|m| m.bytes()).sum::<usize>()
         };
@@ -517,34 +627,9 @@ impl Model {
     pub fn forward(&self, pool: &mut KvPool, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (d, q_dim, kv_dim, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
-        // Row r of the step belongs to sequence `owner[r]` at position `pos[r]`.
-        let (mut owner, mut pos) = (vec![], vec![]);
-        for (s, step) in steps.iter().enumerate() {
-            if step.cache.len + step.tokens.len() > self.max_positions {
-                return Err(Error::PromptTooLong {
-                    prompt_tokens: step.cache.len + step.tokens.len(),
-                    context_length: self.max_positions,
-                });
-            }
-            if step.cache.blocks.len() * BLOCK_SIZE < step.cache.len + step.tokens.len() {
-                return Err(Error::Internal("a sequence was scheduled without KV-cache blocks for its tokens".into()));
-            }
-            for i in 0..step.tokens.len() {
-                owner.push(s);
-                pos.push(step.cache.len + i);
-            }
-        }
+        let (owner, pos) = self.rows(steps)?;
         let rows = owner.len();
-        let mut x = vec![0f32; rows * d];
-        for (row, token) in x.chunks_exact_mut(d).zip(steps.iter().flat_map(|s| s.tokens.iter())) {
-            if *token as usize >= c.vocab {
-                return Err(Error::InvalidRequest(format!("token id {token} is outside the vocabulary")));
-            }
-            self.embed.row(*token as usize, row);
-            if self.embed_scale != 1.0 {
-                row.iter_mut().for_each(|v| *v *= self.embed_scale);
-            }
-        }
+        let mut x = self.embed(steps);
         let (mut q, mut k, mut v) = (vec![0f32; rows * q_dim], vec![0f32; rows * kv_dim], vec![0f32; rows * kv_dim]);
         let mut attn = vec![0f32; rows * q_dim];
         let mut proj = vec![0f32; rows * d];

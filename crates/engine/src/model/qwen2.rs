@@ -2,11 +2,11 @@
 //! and value projections, and the rotary embedding over halves of each head. References: llama.cpp's
 //! `llm_build_qwen2`, candle-transformers' `quantized_qwen2`.
 
-use super::{Model, ModelConfig, RopeLayout, Weights, llama};
+use super::{Model, ModelConfig, RopeLayout, Store, llama};
 use crate::Result;
 
-pub(super) fn load(w: &mut Weights<'_>) -> Result<Model> {
-    let config = ModelConfig::from_gguf(w.content, "qwen2")?;
+pub(super) fn load<S: Store>(w: &mut S) -> Result<Model<S::Parts>> {
+    let config = ModelConfig::from_gguf(w.content(), "qwen2")?;
     let mut model = llama::plain(w, config, RopeLayout::Halves)?;
     let (q, kv) = (model.config.q_dim(), model.config.kv_dim());
     for (l, layer) in model.layers.iter_mut().enumerate() {

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, DType, Device, Tensor, quantized::gguf_file::Content};
 use moltbot_engine::{
     Engine, EngineConfig, Prompt,
-    model::{BLOCK_SIZE, KvCache, KvPool, Model, Step},
+    model::{BLOCK_SIZE, KvCache, KvPool, Model, Step, device::DeviceModel},
 };
 
 use super::{all_at_once, assert_same, greedy, one_at_a_time_on};
 
-fn packaged(name: &str) -> PathBuf {
+pub(super) fn packaged(name: &str) -> PathBuf {
     let model = moltbot_config::packaged_model(name).expect("a packaged model");
     let path = model.path();
     assert!(
@@ -108,24 +108,52 @@ fn compare(step: usize, got: &[f32], want: &[f32]) -> u32 {
 
 /// Our logits for the prompt and three greedy steps after it, each compared with `reference(tokens so far,
 /// position of the first new one)`.
-fn against(path: &Path, ids: Vec<u32>, mut reference: impl FnMut(&[u32], usize) -> Vec<f32>) {
+fn against(path: &Path, ids: Vec<u32>, reference: impl FnMut(&[u32], usize) -> Vec<f32>) {
+    against_on(path, ids, None, reference)
+}
+
+/// `against` on the CPU kernels (`device` `None`), or on the device path with every layer on `device`.
+pub(super) fn against_on(
+    path: &Path,
+    ids: Vec<u32>,
+    device: Option<&Device>,
+    mut reference: impl FnMut(&[u32], usize) -> Vec<f32>,
+) {
     let mut file = std::fs::File::open(path).unwrap();
     let content = Content::read(&mut file).unwrap();
-    let ours = Model::load(&content, &mut file, path, 2048, Default::default()).unwrap();
-    let mut pool = KvPool::new(&ours.config, 2048 / BLOCK_SIZE, false);
+    let config = moltbot_engine::model::ModelConfig::read(&content).unwrap();
+    let blocks = 2048 / BLOCK_SIZE;
+    let (kernels, on_device, mut pool) = match device {
+        None => (
+            Some(Model::load(&content, &mut file, path, 2048, Default::default()).unwrap()),
+            None,
+            KvPool::new(&config, blocks, false),
+        ),
+        Some(device) => {
+            let layers = vec![device.clone(); config.n_layer];
+            let model = DeviceModel::load(&content, &mut file, path, 2048, Default::default(), layers, blocks).unwrap();
+            (None, Some(model), KvPool::without_storage(&config, blocks, false))
+        }
+    };
     let mut cache = KvCache::new();
     let (mut tokens, mut position) = (ids, 0);
     for step in 0..4 {
         let new = tokens[position..].to_vec();
         assert!(cache.reserve(&mut pool, new.len()));
-        let got = ours.forward(&mut pool, &mut [Step { tokens: &new, cache: &mut cache, logits: true }]).unwrap();
+        let mut steps = [Step { tokens: &new, cache: &mut cache, logits: true }];
+        let got = match (&kernels, &on_device) {
+            (Some(kernels), _) => kernels.forward(&mut pool, &mut steps),
+            (_, Some(on_device)) => on_device.forward(&mut steps),
+            _ => unreachable!("one of them is loaded"),
+        }
+        .unwrap();
         let want = reference(&tokens, position);
         position = tokens.len();
         tokens.push(compare(step, &got[0], &want));
     }
 }
 
-fn chat_ids(path: &Path, text: &str) -> Vec<u32> {
+pub(super) fn chat_ids(path: &Path, text: &str) -> Vec<u32> {
     let engine = Engine::load(EngineConfig::new(path)).unwrap();
     engine.tokenize(&Prompt::Chat(vec![moltbot_engine::ChatMessage::new("user", text)])).unwrap()
 }
@@ -147,7 +175,7 @@ fn qwen2_logits_match_candle_quantized_qwen2() {
 /// Gemma 3 written out plainly in f32 on candle tensors from the GGUF file's dequantized weights, after Hugging
 /// Face's `Gemma3ForCausalLM`: the reference for our Gemma 3 (candle-transformers' `quantized_gemma3` runs its
 /// feed-forward with SiLU where Gemma uses GELU, so it cannot be one). Recomputes the whole sequence each call.
-struct GemmaReference {
+pub(super) struct GemmaReference {
     content: Content,
     file: std::fs::File,
     tensors: std::collections::HashMap<String, Tensor>,
@@ -237,7 +265,7 @@ impl GemmaReference {
 }
 
 #[test]
-fn gemma3_logits_match_a_plain_f32_gemma3() {
+fn gemma3_logits_match_a_plain_f32_gemma3_on_the_kernels_and_the_device_path() {
     let path = packaged(GEMMA);
     // Longer than the 512-position sliding window, so local layers see only part of the prompt.
     let long = "Once upon a time, in a small village by the sea, there lived an old fisherman. ".repeat(34);
@@ -246,7 +274,11 @@ fn gemma3_logits_match_a_plain_f32_gemma3() {
     let mut file = std::fs::File::open(&path).unwrap();
     let content = Content::read(&mut file).unwrap();
     let mut reference = GemmaReference { content, file, tensors: Default::default() };
-    against(&path, ids, |tokens, _| reference.logits(tokens));
+    against(&path, ids.clone(), |tokens, _| reference.logits(tokens));
+    // The device path too, its sliding-window masks included, on every device.
+    for (device, _) in super::device::devices() {
+        against_on(&path, ids.clone(), Some(&device), |tokens, _| reference.logits(tokens));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
