@@ -28,6 +28,8 @@ use serde_json::Value;
 const FIELD_MANAGER: &str = "moltbot-xtask";
 /// The MoltBot image's name in the manifests; `--image` and `--tag` replace it.
 const IMAGE: &str = "moltbot";
+/// The CUDA image's (deploy/Dockerfile.cuda), for the GPU workers of `prod-gpu`: `--image` with `-cuda`.
+const CUDA_IMAGE: &str = "moltbot-cuda";
 
 #[derive(Debug)]
 struct Args {
@@ -40,7 +42,7 @@ struct Args {
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
-    let usage = "usage: cargo xtask deploy <dev|prod> [--tag TAG] [--image NAME] [--config FILE] [--dry-run] \
+    let usage = "usage: cargo xtask deploy <dev|prod|prod-gpu> [--tag TAG] [--image NAME] [--config FILE] [--dry-run] \
                  [--timeout SECONDS]";
     let mut parsed = Args {
         env: String::new(),
@@ -149,9 +151,11 @@ pub fn render(env: &str, image: &str, tag: &str, config: Option<&Path>) -> anyho
     // Three levels below the repository, so the overlay is `../../../deploy/...` (kustomize takes no absolute path).
     let dir = crate::root().join("target/xtask-deploy").join(format!("{env}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    let cuda = format!("{image}-cuda");
     let mut kustomization = format!(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../../deploy/k8s/overlays/{env}]\n\
-         images: [{{ name: {IMAGE}, newName: {image:?}, newTag: {tag:?} }}]\n"
+         images: [{{ name: {IMAGE}, newName: {image:?}, newTag: {tag:?} }}, \
+         {{ name: {CUDA_IMAGE}, newName: {cuda:?}, newTag: {tag:?} }}]\n"
     );
     if let Some(config) = config {
         let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
@@ -807,6 +811,19 @@ mod tests {
         }
         let mut dev = rendered("dev");
         assert_eq!(find(&mut dev, "Deployment", "moltbot-inference-worker").pointer("/spec/replicas"), Some(&1.into()));
+        // prod-gpu: prod, with the workers on the CUDA image, a GPU each and every layer on it.
+        let mut gpu = rendered("prod-gpu");
+        assert_eq!(gpu.len(), prod.len());
+        let worker = find(&mut gpu, "Deployment", "moltbot-inference-worker");
+        let container = &worker["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(str_at(container, "/image"), "registry.example.com/moltbot-cuda:1.2.3");
+        assert_eq!(container.pointer("/resources/limits/nvidia.com~1gpu"), Some(&1.into()), "{container:#}");
+        let env = container["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "MOLTBOT_MODEL_PROVIDER__GPU_LAYERS" && e["value"] == "999"));
+        assert_eq!(
+            str_at(find(&mut gpu, "Deployment", "moltbot-gateway"), "/spec/template/spec/containers/0/image"),
+            "registry.example.com/moltbot:1.2.3"
+        );
     }
 
     #[test]
@@ -911,5 +928,43 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xtask-deploy-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn the_cuda_images_entry_point_names_a_missing_driver_and_runs_the_worker_where_one_is() {
+        let dir = std::env::temp_dir().join(format!("moltbot-cuda-entry-{}", std::process::id()));
+        let (lib, bin) = (dir.join("lib"), dir.join("bin"));
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        // A stand-in for the driver (a library named libcuda.so.1) and a worker linked to it, as the CUDA build is.
+        std::fs::write(dir.join("cuda.c"), "int cuInit(unsigned flags) { return (int)flags; }\n").unwrap();
+        let worker = "#include <stdio.h>\nint cuInit(unsigned);\n\
+                      int main(int c, char **v) { for (int i = 1; i < c; i++) puts(v[i]); return cuInit(0); }\n";
+        std::fs::write(dir.join("worker.c"), worker).unwrap();
+        let gcc = |args: &[&str]| {
+            let out = Command::new("cc").args(args).current_dir(&dir).output().expect("cc runs");
+            assert!(out.status.success(), "cc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        gcc(&["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", "lib/libcuda.so.1", "cuda.c"]);
+        std::os::unix::fs::symlink("libcuda.so.1", lib.join("libcuda.so")).unwrap();
+        gcc(&["-o", "bin/moltbot-inference-worker.bin", "worker.c", "-Llib", "-lcuda"]);
+        let entry = bin.join("moltbot-inference-worker");
+        std::fs::copy(crate::root().join("deploy/cuda-worker.sh"), &entry).unwrap();
+        // No driver in the container: a clear error, not the loader's (not where this machine has one).
+        let ldconfig = Command::new("ldconfig").arg("-p").output().map(|o| o.stdout).unwrap_or_default();
+        let driver_here = String::from_utf8_lossy(&ldconfig).contains("libcuda.so.1");
+        let out = Command::new(&entry).args(["--config", "c.yaml"]).env_remove("LD_LIBRARY_PATH").output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(if driver_here { 0 } else { 1 }), "{said}");
+        let named =
+            ["NVIDIA driver (libcuda.so.1) is not in this container", "--gpus all", "nvidia.com/gpu", "gpu_layers: 0"];
+        for what in named.iter().filter(|_| !driver_here) {
+            assert!(said.contains(what), "`{what}` is not said: {said}");
+        }
+        // With the driver: the worker itself, with its arguments.
+        let out = Command::new(&entry).args(["--config", "c.yaml"]).env("LD_LIBRARY_PATH", &lib).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "--config\nc.yaml\n");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -12,7 +12,7 @@
 //!   matrix kernel alone; `bench remote`: what MoltBot adds in front of a remote OpenAI-compatible API
 //! - `conformance session-store <endpoint>`: the SessionStore contract checks against any implementation
 //! - `soak [--minutes 30] [--load 0.7]`: MoltBot under 70 % of its measured capacity for half an hour (release)
-//! - `deploy <dev|prod> [--tag T] [--image NAME] [--config FILE] [--dry-run]`: render `deploy/k8s/overlays/<env>`,
+//! - `deploy <dev|prod|prod-gpu> [--tag T] [--image NAME] [--config FILE] [--dry-run]`: render `deploy/k8s/overlays/<env>`,
 //!   check every object against the Kubernetes API types and the deployment policies, diff, apply server-side,
 //!   wait for the rollouts and report readiness (`--dry-run`: print what it would apply)
 //! - `cuda [cargo build args]`: the CUDA toolkit from PyPI into the cache, then MoltBot's CUDA build (`--features
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | hosts | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod> [--tag T] [--config FILE] [--dry-run] | cuda [cargo build args] | fuzz [target] [seconds] | soak [soak args]>"
+                "usage: cargo xtask <model [NAME | all | --list] | test [cargo test args] | run [serve args] | dev | bench <engine | kernels | http | hosts | sessions | turns | gateway | remote | telemetry | conversation> [bench args] | conformance session-store <endpoint> | deploy <dev|prod|prod-gpu> [--tag T] [--config FILE] [--dry-run] | cuda [cargo build args] | fuzz [target] [seconds] | soak [soak args]>"
             );
             std::process::exit(2);
         }
@@ -222,21 +222,28 @@ fn cuda(args: &[String]) -> anyhow::Result<()> {
     }
     let rest = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(std::iter::once(toolkit.join("bin")).chain(std::env::split_paths(&rest)))?;
+    let with_toolkit = |command: &mut Command| {
+        command.env("PATH", &path).env("CUDA_HOME", &toolkit).env("CUDA_PATH", &toolkit);
+        if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
+            command.env("CUDA_COMPUTE_CAP", "80");
+        }
+        if std::env::var_os("CARGO_TARGET_DIR").is_none() {
+            command.env("CARGO_TARGET_DIR", root().join("target/cuda"));
+        }
+    };
     let mut build = cargo();
     build
         .args(["build", "--package", "moltbot", "--features", "cuda"])
         .args(if args.iter().any(|a| a == "--bins" || a == "--all-targets") { &[][..] } else { &["--lib"][..] })
-        .args(args)
-        .env("PATH", path)
-        .env("CUDA_HOME", &toolkit)
-        .env("CUDA_PATH", &toolkit);
-    if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
-        build.env("CUDA_COMPUTE_CAP", "80");
-    }
-    if std::env::var_os("CARGO_TARGET_DIR").is_none() {
-        build.env("CARGO_TARGET_DIR", root().join("target/cuda"));
-    }
-    status(&mut build)
+        .args(args);
+    with_toolkit(&mut build);
+    status(&mut build)?;
+    // The engine's tests have code of their own for CUDA (every available device): checked, as linking them needs
+    // the driver.
+    let mut check = cargo();
+    check.args(["check", "--package", "moltbot-engine", "--features", "cuda", "--tests"]);
+    with_toolkit(&mut check);
+    status(&mut check)
 }
 
 /// PATH with the suite's nats-server first.

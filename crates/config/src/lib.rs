@@ -415,9 +415,10 @@ pub struct ModelProviderConfig {
     pub model_path: PathBuf,
     /// Most tokens generated for one answer; requests may ask for fewer.
     pub max_tokens: u32,
-    /// Layers on the GPU: 0 runs on the engine's CPU kernels; N puts the first N layers on CUDA device 0 (the one
-    /// `CUDA_VISIBLE_DEVICES` shows first) and the rest on the CPU, and a value at or above the model's layer count
-    /// (999) puts all of them there. Needs the `cuda` build.
+    /// Layers on the GPU: 0 runs on the engine's CPU kernels; N puts the last N layers and the output on CUDA
+    /// device 0 (the one `CUDA_VISIBLE_DEVICES` shows first) and the first ones on the CPU, as llama.cpp's
+    /// `--n-gpu-layers`; a value at or above the model's layer count (999) puts all of them there. Needs the `cuda`
+    /// build.
     pub gpu_layers: u32,
     /// `none`: weights as the GGUF file stores them; `8bit` / `4bit`: F32, F16 (and for 4bit Q8_0) weights
     /// re-quantized at load, for a machine short of memory.

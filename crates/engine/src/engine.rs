@@ -32,12 +32,13 @@ pub enum DeviceChoice {
     /// The engine's own CPU kernels: the fastest way on a CPU.
     #[default]
     Cpu,
-    /// The device path ([`crate::model::device`]) with the first `layers` layers on CUDA device `ordinal` (every
-    /// layer when `layers` is at least the model's count) and the rest on the CPU (`model_provider.gpu_layers`).
-    /// Needs a build with the `cuda` feature.
+    /// The device path ([`crate::model::device`]) with the last `layers` layers and the output projection on CUDA
+    /// device `ordinal` (every layer when `layers` is at least the model's count) and the first ones on candle's
+    /// CPU device, as llama.cpp's `--n-gpu-layers` (`model_provider.gpu_layers`). Needs a build with the `cuda`
+    /// feature.
     Cuda { ordinal: usize, layers: usize },
     /// The device path with every layer on candle's CPU device: what the tests compare with the CPU kernels
-    /// where no GPU is.
+    /// where no GPU is (`moltbot bench --device candle-cpu` times it).
     CandleCpu,
 }
 
@@ -339,7 +340,7 @@ impl Engine {
             KvBudget::Blocks(n) => n,
             KvBudget::Bytes(bytes) => bytes / KvPool::block_bytes(&shape),
         };
-        let plan = crate::memory::MemoryPlan::new(
+        let mut host = crate::memory::MemoryPlan::new(
             &content,
             &shape,
             config.quantization,
@@ -348,8 +349,9 @@ impl Engine {
             config.max_batch_size.max(1),
         );
         let placement = Placement::open(config.device, shape.n_layer)?;
+        let mut weights_on_gpu = 0;
         if let Some((device, layers)) = placement.gpu() {
-            let plan = crate::memory::DevicePlan::new(
+            let gpu = crate::memory::DevicePlan::new(
                 &content,
                 &shape,
                 config.quantization,
@@ -359,9 +361,13 @@ impl Engine {
                 config.max_batch_size.max(1),
                 context_length,
             );
-            crate::memory::check_device(&plan, &device_memory(device)?, path)?;
+            crate::memory::check_device(&gpu, &device_memory(device)?, path)?;
+            // What went to the GPU does not stay in the host's memory.
+            weights_on_gpu = gpu.weights;
+            host.weights = host.weights.saturating_sub(gpu.moved);
+            host.kv_cache = host.kv_cache.saturating_sub(gpu.kv_cache);
         }
-        crate::memory::check(&plan, config.memory_limit.or_else(crate::memory::available_memory), path)?;
+        crate::memory::check(&host, config.memory_limit.or_else(crate::memory::available_memory), path)?;
         let mut model = match &placement {
             Placement::Kernels => {
                 Backend::Kernels(Model::load(&content, &mut file, path, context_length, config.quantization)?)
@@ -391,7 +397,7 @@ impl Engine {
         }
         let weight_bytes = match &model {
             Backend::Kernels(m) => m.weight_bytes(),
-            Backend::Device(_) => plan.weights as usize,
+            Backend::Device(_) => (host.weights + weights_on_gpu) as usize,
         };
         let pool = match &model {
             Backend::Kernels(_) => KvPool::new(model.config(), blocks, config.prefix_caching),
@@ -745,8 +751,9 @@ impl Placement {
             DeviceChoice::CandleCpu => Self::Devices(vec![candle_core::Device::Cpu; n_layer]),
             DeviceChoice::Cuda { ordinal, layers } => {
                 let gpu = open_cuda(ordinal)?;
+                let first = n_layer.saturating_sub(layers);
                 Self::Devices(
-                    (0..n_layer).map(|l| if l < layers { gpu.clone() } else { candle_core::Device::Cpu }).collect(),
+                    (0..n_layer).map(|l| if l >= first { gpu.clone() } else { candle_core::Device::Cpu }).collect(),
                 )
             }
         })
@@ -755,7 +762,7 @@ impl Placement {
     /// The GPU and how many layers it holds, if any.
     fn gpu(&self) -> Option<(&candle_core::Device, usize)> {
         let Self::Devices(devices) = self else { return None };
-        let gpu = devices.first().filter(|d| !d.is_cpu())?;
+        let gpu = devices.iter().find(|d| !d.is_cpu())?;
         Some((gpu, devices.iter().filter(|d| !d.is_cpu()).count()))
     }
 
@@ -771,16 +778,36 @@ impl Placement {
     }
 }
 
-/// CUDA device `ordinal`, or why it cannot be used.
+/// CUDA device `ordinal`, or why it cannot be used: it cannot be opened, or this build's kernels were compiled
+/// for another generation of GPU (`CUDA_COMPUTE_CAP` at build time; candle's kernels are machine code for that
+/// generation, and would fail to launch, or leave their output unwritten, on another).
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
-    candle_core::Device::new_cuda(ordinal).map_err(|e| {
+    let device = candle_core::Device::new_cuda(ordinal).map_err(|e| {
         Error::NoDevice(format!(
             "CUDA device {ordinal} cannot be opened ({e}): check that `nvidia-smi` lists it, that its driver supports \
-             CUDA 13 (driver 580 or later) and that CUDA_VISIBLE_DEVICES includes it; or set \
-             model_provider.gpu_layers: 0 to run on the CPU"
+             the CUDA release MoltBot was built with (CUDA 13.0: driver 580 or later) and that CUDA_VISIBLE_DEVICES \
+             includes it; or set model_provider.gpu_layers: 0 to run on the CPU"
         ))
-    })
+    })?;
+    let (major, minor) = device
+        .as_cuda_device()?
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| Error::NoDevice(format!("CUDA device {ordinal}'s compute capability cannot be read: {e}")))?;
+    if let Some(built) = option_env!("CUDA_COMPUTE_CAP").and_then(|cap| cap.parse::<i32>().ok())
+        && (major != built / 10 || minor < built % 10)
+    {
+        return Err(Error::NoDevice(format!(
+            "CUDA device {ordinal} has compute capability {major}.{minor}, but this build's kernels are for {}.{} \
+             (CUDA_COMPUTE_CAP={built}): rebuild with CUDA_COMPUTE_CAP={major}{minor} (the image: --build-arg), or \
+             set model_provider.gpu_layers: 0 to run on the CPU",
+            built / 10,
+            built % 10
+        )));
+    }
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -26,6 +26,9 @@ use crate::model::ModelConfig;
 /// Positions per KV-cache block.
 pub const BLOCK_SIZE: usize = 16;
 
+/// The largest f16, what a key or value beyond f16's range is stored as.
+pub(crate) const F16_MAX: f32 = 65504.0;
+
 /// What identifies a registered block: the hash of its prefix, checked against the tokens themselves and the
 /// parent's hash. The hash is SipHash with keys drawn at random for each pool, so prefixes that collide cannot be
 /// searched for from outside; an accidental collision of 64-bit hashes is what is left.
@@ -164,9 +167,9 @@ impl KvPool {
         &self.data[self.offset(block, layer, value)..][..BLOCK_SIZE * self.kv_dim]
     }
 
-    /// Stores one position's keys and values. Values beyond f16's range are stored as its largest, not as
-    /// infinity: attention multiplies the values a query does not see by a weight of 0, which an infinity would
-    /// turn into NaN.
+    /// Stores one position's keys and values. Keys and values beyond f16's range are stored as its largest, not
+    /// as infinity: attention multiplies the values a query does not see by a weight of 0, and a masked score adds
+    /// −∞ to a key's, either of which an infinity would turn into NaN.
     pub(crate) fn write(&mut self, block: u32, slot: usize, layer: usize, keys: &[f32], values: &[f32]) {
         let at = self.offset(block, layer, true) + slot * self.kv_dim;
         let stored = &mut self.data[at..at + self.kv_dim];
@@ -176,7 +179,7 @@ impl KvPool {
         }
         let at = self.offset(block, layer, false) + slot;
         for (i, k) in keys.iter().enumerate() {
-            self.data[at + i * BLOCK_SIZE] = f16::from_f32(*k);
+            self.data[at + i * BLOCK_SIZE] = f16::from_f32(k.clamp(-F16_MAX, F16_MAX));
         }
     }
 
@@ -430,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_stored_by_dimension_and_values_beyond_f16_saturate() {
+    fn keys_are_stored_by_dimension_and_keys_and_values_beyond_f16_saturate() {
         let c = config();
         let mut pool = KvPool::new(&c, 2, false);
         let keys: Vec<f32> = (0..c.kv_dim()).map(|i| i as f32).collect();
@@ -443,6 +446,11 @@ mod tests {
         }
         assert_eq!((v[3 * c.kv_dim()], v[3 * c.kv_dim() + 1]), (f16::MAX, f16::MIN));
         assert_eq!(v[3 * c.kv_dim() + 2].to_f32(), 0.5);
+        let mut keys = keys;
+        (keys[0], keys[1]) = (1e6, -1e6);
+        pool.write(1, 4, 1, &keys, &values);
+        let k = pool.block(1, 1, false);
+        assert_eq!((k[4], k[BLOCK_SIZE + 4]), (f16::MAX, f16::MIN), "keys saturate too");
     }
 
     /// A sequence that "computes" its tokens: blocks reserved, positions counted, full blocks registered.

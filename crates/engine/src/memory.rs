@@ -34,17 +34,17 @@ impl MemoryPlan {
         batch_tokens: usize,
         batch_sequences: usize,
     ) -> Self {
-        let (weights, loading) = stored_bytes(content, quantization, |_| true);
+        let (weights, loading) = stored_bytes(content, quantization, 4, |_| true);
         let kv_cache = (kv_blocks * crate::kv::KvPool::block_bytes(config)) as u64;
         let working = step_bytes(config, batch_tokens, batch_sequences) + config.vocab as u64 * 512;
         Self { weights, kv_cache, working: working.max(loading) }
     }
 }
 
-/// Bytes the tensors `take` picks will take as stored (re-quantized where `quantization` says, widened to f32
-/// where no block format is kept), and the peak of loading one of them: a re-quantized or widened tensor is
-/// whole in memory as read and as f32 besides the result.
-fn stored_bytes(content: &Content, quantization: Quantization, take: impl Fn(&str) -> bool) -> (u64, u64) {
+/// Bytes the tensors `take` picks will take as stored (re-quantized where `quantization` says, `wide` bytes a value
+/// where no block format is kept: f32 on the CPU, f16 on a GPU), and the peak of loading one of them: a
+/// re-quantized or widened tensor is whole in memory as read and as f32 besides the result.
+fn stored_bytes(content: &Content, quantization: Quantization, wide: u64, take: impl Fn(&str) -> bool) -> (u64, u64) {
     let mut loading = 0u64;
     let weights = content
         .tensor_infos
@@ -60,7 +60,7 @@ fn stored_bytes(content: &Content, quantization: Quantization, take: impl Fn(&st
             }
             match format {
                 Some(f) => (elems / f.block_elems() * f.block_bytes()) as u64,
-                None => elems as u64 * 4,
+                None => elems as u64 * wide,
             }
         })
         .sum();
@@ -80,22 +80,26 @@ fn step_bytes(config: &ModelConfig, batch_tokens: usize, batch_sequences: usize)
 /// What the layers the device path puts on a GPU take there, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DevicePlan {
-    /// Layers on the GPU, of `n_layer`.
+    /// Layers on the GPU (the last ones), of `n_layer`.
     pub layers: usize,
     pub n_layer: usize,
-    /// Their weights, and the output projection and final norm when every layer is there.
+    /// Their weights, and the output projection and final norm (where the last layer is).
     pub weights: u64,
     /// Their share of the KV-cache pool.
     pub kv_cache: u64,
-    /// A step's activations and logits, the attention of the longest prompt chunk against a whole context, and
-    /// the CUDA context with cuBLAS's workspace (`CUDA_CONTEXT`).
+    /// A step's activations and logits, the attention of the longest prompt chunk against a whole context, the
+    /// peak of loading one tensor, and cuBLAS's workspace and candle's kernels (`CUDA_CONTEXT`).
     pub working: u64,
-    /// The output projection and final norm, on the GPU only when every layer is.
+    /// The output projection and final norm.
     pub output: u64,
+    /// Of `weights`, what leaves the host's memory: all but a tied output's embedding, which the host keeps for
+    /// looking tokens up.
+    pub moved: u64,
 }
 
-/// What the CUDA context, cuBLAS's workspace and candle's kernels take on a GPU, about.
-const CUDA_CONTEXT: u64 = 512 << 20;
+/// What cuBLAS's workspace and candle's kernels take on a GPU, about; the CUDA context itself is made before the
+/// free memory is read.
+const CUDA_CONTEXT: u64 = 256 << 20;
 
 impl DevicePlan {
     #[allow(clippy::too_many_arguments)]
@@ -112,37 +116,34 @@ impl DevicePlan {
         let (n_layer, layers) = (config.n_layer, layers.min(config.n_layer));
         let on_gpu = |name: &str| {
             let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<usize>().ok());
-            layer.is_some_and(|l| l < layers)
+            layer.is_some_and(|l| l >= n_layer - layers)
         };
-        let (weights, _) = stored_bytes(content, quantization, on_gpu);
+        let (weights, loading) = stored_bytes(content, quantization, 2, on_gpu);
         let tied = !content.tensor_infos.contains_key("output.weight");
-        let (output, _) = stored_bytes(content, quantization, |name| {
+        let (output, _) = stored_bytes(content, quantization, 2, |name| {
             name == "output.weight" || name == "output_norm.weight" || (tied && name == "token_embd.weight")
         });
+        let (embedding, _) = stored_bytes(content, quantization, 2, |name| tied && name == "token_embd.weight");
         let kv_cache = (kv_blocks * crate::kv::KvPool::block_bytes(config) * layers / n_layer.max(1)) as u64;
         // Scores and weights of every query head of a chunk against a whole context, in f32, and a context's
-        // keys and values gathered (f16) and widened (f32).
+        // keys and values gathered (f16), widened (f32) and laid out by head (f32).
         let chunk = batch_tokens.min(context);
-        let attention = 2 * 4 * config.n_head * chunk * context + 2 * 6 * context * config.kv_dim();
-        let working = step_bytes(config, batch_tokens, batch_sequences) + attention as u64 + CUDA_CONTEXT;
-        let output = if layers == n_layer { output } else { 0 };
-        Self { layers, n_layer, weights: weights + output, kv_cache, working, output }
+        let attention = 2 * 4 * config.n_head * chunk * context + 2 * 10 * context * config.kv_dim();
+        let working = step_bytes(config, batch_tokens, batch_sequences) + attention as u64 + loading + CUDA_CONTEXT;
+        let (output, embedding) = if layers > 0 { (output, embedding) } else { (0, 0) };
+        let moved = weights + output - embedding;
+        Self { layers, n_layer, weights: weights + output, kv_cache, working, output, moved }
     }
 
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.working
     }
 
-    /// The most layers that fit in `free` bytes (the output projection counted only with all of them).
+    /// The most layers that fit in `free` bytes, the output projection beside them.
     pub fn layers_that_fit(&self, free: u64) -> usize {
         let per_layer = (self.weights - self.output + self.kv_cache) / self.layers.max(1) as u64;
-        let room = free.saturating_sub(self.working);
-        let fit = (room / per_layer.max(1)) as usize;
-        if fit >= self.n_layer && room < per_layer * self.n_layer as u64 + self.output {
-            self.n_layer - 1
-        } else {
-            fit.min(self.n_layer)
-        }
+        let room = free.saturating_sub(self.working + self.output);
+        ((room / per_layer.max(1)) as usize).min(self.n_layer)
     }
 }
 
@@ -239,6 +240,7 @@ mod tests {
             kv_cache: 300 * MIB,
             working: 600 * MIB,
             output: 50 * MIB,
+            moved: 3050 * MIB,
         };
         let gpu = |free| DeviceMemory { name: "NVIDIA T4 (cuda:0)".into(), free, total: 16 << 30 };
         let path = std::path::Path::new("/models/m.gguf");
@@ -248,21 +250,21 @@ mod tests {
             error.starts_with("ModelLoadError: CUDA out of memory: /models/m.gguf needs about 3950 MiB"),
             "{error}"
         );
-        // (2048 − 600) / 110 MiB a layer.
+        // (2048 − 600 − 50) / 110 MiB a layer.
         for said in [
             "NVIDIA T4 (cuda:0) for 30 of its 30 layers",
             "weights 3050 MiB, KV cache 300 MiB, working memory 600 MiB",
             "only 2048 MiB of its 16384 MiB are free",
             "max_tokens",
             "\"4bit\"",
-            "gpu_layers: 13 fits",
+            "gpu_layers: 12 fits",
             "driver",
         ] {
             assert!(error.contains(said), "`{said}` is not said: {error}");
         }
-        // Every layer's weights fit but not the output beside them: one layer stays on the CPU.
-        assert_eq!(plan.layers_that_fit(600 * MIB + 30 * 110 * MIB + 10 * MIB), 29);
+        // The output goes with any layer: without room for it beside every layer, one layer stays on the CPU.
         assert_eq!(plan.layers_that_fit(3950 * MIB), 30);
+        assert_eq!(plan.layers_that_fit(3950 * MIB - 1), 29);
         assert_eq!(plan.layers_that_fit(100 * MIB), 0);
     }
 }

@@ -36,7 +36,9 @@ fn code(e: &moltbot_engine::Error) -> ErrorCode {
         | Error::ModelNotFound { .. }
         | Error::ModelLoad { .. }
         | Error::UnsupportedModel(_)
-        | Error::OutOfMemory(_) => ErrorCode::Internal,
+        | Error::OutOfMemory(_)
+        | Error::DeviceOutOfMemory(_)
+        | Error::NoDevice(_) => ErrorCode::Internal,
     }
 }
 

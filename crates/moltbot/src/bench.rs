@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use moltbot_engine::{Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
+use moltbot_engine::{DeviceChoice, Engine, EngineConfig, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
 
 mod conversation;
 mod kernels;
@@ -21,6 +21,13 @@ pub struct Args {
     /// Concurrent sequences / chats.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Where the engine runs: `cpu` (its own CPU kernels), `cuda` (the device path on CUDA device 0, --gpu-layers
+    /// of its layers; needs the `cuda` build) or `candle-cpu` (the device path on candle's CPU device).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "candle-cpu"])]
+    device: String,
+    /// With `--device cuda`: the layers on the GPU, the rest on the CPU (all by default).
+    #[arg(long, default_value_t = 999)]
+    gpu_layers: usize,
     /// Also stream `concurrency` chats through the gateway at this URL (e.g. http://127.0.0.1:8000).
     #[arg(long)]
     url: Option<String>,
@@ -359,7 +366,13 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     let model_path = args.model.as_deref().map_or_else(moltbot_config::default_model_path, moltbot_config::model_file);
     let model_path = model_path.as_path();
     // Without the prefix cache: every run computes its whole prompt (`bench conversation` measures the cache).
+    let device = match args.device.as_str() {
+        "cuda" => DeviceChoice::Cuda { ordinal: 0, layers: args.gpu_layers },
+        "candle-cpu" => DeviceChoice::CandleCpu,
+        _ => DeviceChoice::Cpu,
+    };
     let config = EngineConfig {
+        device,
         max_batch_size: args.concurrency.max(16),
         prefix_caching: false,
         ..EngineConfig::new(model_path)
@@ -367,9 +380,10 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     let engine = Engine::load(config)?;
     let file_mib = std::fs::metadata(model_path).map_or(0, |m| m.len() >> 20);
     println!(
-        "model: {} ({}, {file_mib} MiB file); RSS after loading: {} MiB, weights in memory: {} MiB",
+        "model: {} ({}, {file_mib} MiB file) on {}; RSS after loading: {} MiB, weights in memory: {} MiB",
         model_path.display(),
         engine.metadata().architecture,
+        engine.device(),
         rss_mib("VmRSS:"),
         engine.weight_bytes() >> 20
     );
@@ -417,7 +431,10 @@ async fn engine(args: &Args) -> anyhow::Result<()> {
     }
 
     // Decode: n sequences together, short prompts, `tokens` each; time from the first token to the last.
-    for n in [1, 4, args.concurrency] {
+    let mut counts = vec![1, 4, 16, args.concurrency];
+    counts.sort_unstable();
+    counts.dedup();
+    for n in counts {
         let mut rates = vec![];
         for _ in 0..repeat {
             let runs: Vec<_> = (0..n)

@@ -9,11 +9,12 @@
 //! - each layer's keys and values are one f16 tensor per kind on its device, a row per position of the pool
 //!   (`block · BLOCK_SIZE + slot`); a step scatters its new rows in, and each sequence gathers its own rows back;
 //! - attention runs per sequence against its own blocks (a sequence's queries of one key-value head attend
-//!   together, so grouped-query attention needs no copy of the keys);
+//!   together, so grouped-query attention does not repeat the keys for each query head);
 //! - the token embedding is looked up on the host, and sampling stays on the host: the step returns logits.
 //!
-//! `model_provider.gpu_layers` places the first N layers on the GPU and the rest on candle's CPU device, as
-//! llama.cpp's `--n-gpu-layers` does; the output projection goes where the last layer is.
+//! `model_provider.gpu_layers` places the last N layers on the GPU, as llama.cpp's `--n-gpu-layers` does, and the
+//! first ones on candle's CPU device (slower than the engine's own kernels: a model that fits is best all on the
+//! GPU); the output projection goes where the last layer is, so it is on the GPU whenever any layer is.
 
 use std::{fs::File, path::Path};
 
@@ -24,9 +25,9 @@ use candle_core::{
 
 use super::{
     Activation, Angles, BLOCK_SIZE, Block, Model, ModelConfig, Parts, Quantization, RopeLayout, Step, Store, Weights,
-    stored_format,
+    requantize_to,
 };
-use crate::{Error, Result, kernels::Format};
+use crate::{Error, Result, kernels::Format, kv::F16_MAX};
 
 /// The device path's parts: `QMatMul`s and f32 tensors on a candle device.
 pub struct Tensors;
@@ -58,15 +59,21 @@ impl DeviceWeights<'_> {
         }
         let dtype = info.ggml_dtype;
         let failed = |e: candle_core::Error| host_error(host.path, name, device, e);
-        let target = stored_format(dtype, 2, cols, host.quantization).filter(|f| Some(*f) != Format::from_ggml(dtype));
-        let tensor = match target {
+        let matrix = match requantize_to(dtype, cols, host.quantization) {
             Some(target) => {
                 let wide = host.content.tensor(host.file, name, &Device::Cpu).and_then(|t| t.dequantize(&Device::Cpu));
-                wide.and_then(|t| QTensor::quantize_onto(&t, target.ggml(), device)).map_err(failed)?
+                wide.and_then(|t| QTensor::quantize_onto(&t, target.ggml(), device)).and_then(QMatMul::from_qtensor)
             }
-            None => host.content.tensor(host.file, name, device).map_err(failed)?,
+            // Wide weights stay f16 on a GPU (its matrix units multiply f16, at half the memory of f32); the CPU
+            // device widens them to f32, as the kernels do.
+            None if Format::from_ggml(dtype).is_none() && !device.is_cpu() => host
+                .content
+                .tensor(host.file, name, device)
+                .and_then(|t| t.dequantize_f16(device))
+                .map(QMatMul::TensorF16),
+            None => host.content.tensor(host.file, name, device).and_then(QMatMul::from_qtensor),
         };
-        QMatMul::from_qtensor(tensor).map_err(|e| host_error(self.host.path, name, device, e))
+        matrix.map_err(failed)
     }
 
     /// A vector of `len` floats on `device`.
@@ -224,16 +231,7 @@ impl DeviceModel {
             let tables = &mut on[at].1;
             x = self.layer(l, layer, x, tables, &spans, steps)?;
         }
-        // The last row of each step that asked for logits.
-        let mut last = vec![];
-        let mut end = 0;
-        for step in steps.iter_mut() {
-            end += step.tokens.len();
-            step.cache.len += step.tokens.len();
-            if step.logits {
-                last.push((end - 1) as u32);
-            }
-        }
+        let last: Vec<u32> = super::advance(steps).into_iter().map(|r| r as u32).collect();
         if last.is_empty() {
             return Ok(vec![]);
         }
@@ -280,9 +278,8 @@ impl DeviceModel {
         // This step's keys and values into the pool first: rows of a prompt chunk see earlier rows of it.
         let [keys, values] = &self.kv[l];
         let k = k.transpose(0, 1)?.contiguous()?.reshape((rows, c.kv_dim()))?;
-        // Values beyond f16's range are stored as its largest, as on the CPU (an infinity times a weight of 0
-        // would be NaN).
-        let v = v.clamp(-65504f32, 65504f32)?;
+        // Keys and values beyond f16's range are stored as its largest, as on the CPU (`KvPool::write`).
+        let (k, v) = (k.clamp(-F16_MAX, F16_MAX)?, v.clamp(-F16_MAX, F16_MAX)?);
         keys.scatter_set(&tables.write, &k.to_dtype(DType::F16)?, 0)?;
         values.scatter_set(&tables.write, &v.to_dtype(DType::F16)?, 0)?;
         let q = (q * f64::from(self.model.attn_scale))?;

@@ -173,6 +173,25 @@ pub(crate) fn stored_format(dtype: GgmlDType, ndims: usize, cols: usize, quantiz
     target.or_else(|| Format::from_ggml(dtype)).filter(|f| cols.is_multiple_of(f.block_elems()))
 }
 
+/// The block format a matrix of `dtype` in rows of `cols` is re-quantized to at load, if it is.
+pub(crate) fn requantize_to(dtype: GgmlDType, cols: usize, quantization: Quantization) -> Option<Format> {
+    stored_format(dtype, 2, cols, quantization).filter(|&target| Format::from_ggml(dtype) != Some(target))
+}
+
+/// Counts a step's new tokens into each sequence's cache; returns the step's row of the last token of each
+/// sequence that asked for logits.
+fn advance(steps: &mut [Step<'_>]) -> Vec<usize> {
+    let (mut last, mut end) = (vec![], 0);
+    for step in steps.iter_mut() {
+        end += step.tokens.len();
+        step.cache.len += step.tokens.len();
+        if step.logits {
+            last.push(end - 1);
+        }
+    }
+    last
+}
+
 /// Why a matrix of `dtype` in rows of `cols` cannot be multiplied.
 fn unsupported_type(dtype: GgmlDType, cols: usize) -> String {
     match Format::from_ggml(dtype) {
@@ -325,9 +344,9 @@ impl Weights<'_> {
             },
         };
         let matrix = Matrix { rows, cols, data };
-        let matrix = match stored_format(dtype, dims.len(), cols, self.quantization) {
-            Some(target) if Format::from_ggml(dtype) != Some(target) => requantize(&matrix, target)?,
-            _ => matrix,
+        let matrix = match requantize_to(dtype, cols, self.quantization) {
+            Some(target) => requantize(&matrix, target)?,
+            None => matrix,
         };
         Ok(matrix.for_kernels())
     }
@@ -675,15 +694,8 @@ impl Model {
             f.down.matmul(&Quantized::new(&gate, rows, c.n_ff), &mut proj);
             residual(&mut x, &mut proj, layer.post_ffn_norm.as_deref(), c.rms_eps);
         }
-        let mut last_rows = vec![];
-        let mut end = 0;
-        for step in steps.iter_mut() {
-            end += step.tokens.len();
-            step.cache.len += step.tokens.len();
-            if step.logits {
-                last_rows.extend_from_slice(&x[(end - 1) * d..end * d]);
-            }
-        }
+        let last_rows: Vec<f32> =
+            advance(steps).into_iter().flat_map(|r| x[r * d..(r + 1) * d].iter().copied()).collect();
         let n = last_rows.len() / d;
         if n == 0 {
             return Ok(vec![]);

@@ -10,7 +10,11 @@ use moltbot_engine::{
     model::{BLOCK_SIZE, KvCache, KvPool, Model, Step, device::DeviceModel},
 };
 
-use super::{all_at_once, architectures::packaged, assert_same, greedy, model_path, one_at_a_time_with};
+use super::{
+    all_at_once,
+    architectures::{chat_ids, packaged},
+    assert_same, greedy, model_path, one_at_a_time_with,
+};
 
 /// The devices to run the device path on, with the engine's name for each.
 pub(super) fn devices() -> Vec<(Device, DeviceChoice)> {
@@ -38,9 +42,7 @@ fn argmax(v: &[f32]) -> u32 {
 /// The prompt and three greedy steps on the CPU kernels and on `device`, every layer there, compared step by step;
 /// the greedy token is the kernels'.
 fn compare_on(path: &Path, device: &Device, prompt: &str) {
-    let engine = Engine::load(EngineConfig::new(path)).unwrap();
-    let ids =
-        engine.tokenize(&moltbot_engine::Prompt::Chat(vec![moltbot_engine::ChatMessage::new("user", prompt)])).unwrap();
+    let ids = chat_ids(path, prompt);
     let mut file = std::fs::File::open(path).unwrap();
     let content = Content::read(&mut file).unwrap();
     let kernels = Model::load(&content, &mut file, path, 1024, Default::default()).unwrap();
