@@ -59,7 +59,7 @@ impl DeviceWeights<'_> {
         }
         let dtype = info.ggml_dtype;
         let failed = |e: candle_core::Error| host_error(host.path, name, device, e);
-        let matrix = match requantize_to(dtype, cols, host.quantization) {
+        let matrix = match requantize_to(dtype, 2, cols, host.quantization) {
             Some(target) => {
                 let wide = host.content.tensor(host.file, name, &Device::Cpu).and_then(|t| t.dequantize(&Device::Cpu));
                 wide.and_then(|t| QTensor::quantize_onto(&t, target.ggml(), device)).and_then(QMatMul::from_qtensor)

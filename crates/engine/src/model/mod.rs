@@ -173,9 +173,10 @@ pub(crate) fn stored_format(dtype: GgmlDType, ndims: usize, cols: usize, quantiz
     target.or_else(|| Format::from_ggml(dtype)).filter(|f| cols.is_multiple_of(f.block_elems()))
 }
 
-/// The block format a matrix of `dtype` in rows of `cols` is re-quantized to at load, if it is.
-pub(crate) fn requantize_to(dtype: GgmlDType, cols: usize, quantization: Quantization) -> Option<Format> {
-    stored_format(dtype, 2, cols, quantization).filter(|&target| Format::from_ggml(dtype) != Some(target))
+/// The block format a tensor of `dtype` with `ndims` dimensions and rows of `cols` is re-quantized to at load, if
+/// it is (vectors never are).
+pub(crate) fn requantize_to(dtype: GgmlDType, ndims: usize, cols: usize, quantization: Quantization) -> Option<Format> {
+    stored_format(dtype, ndims, cols, quantization).filter(|&target| Format::from_ggml(dtype) != Some(target))
 }
 
 /// Counts a step's new tokens into each sequence's cache; returns the step's row of the last token of each
@@ -344,7 +345,7 @@ impl Weights<'_> {
             },
         };
         let matrix = Matrix { rows, cols, data };
-        let matrix = match requantize_to(dtype, cols, self.quantization) {
+        let matrix = match requantize_to(dtype, dims.len(), cols, self.quantization) {
             Some(target) => requantize(&matrix, target)?,
             None => matrix,
         };
