@@ -208,10 +208,8 @@ impl DeviceModel {
                 _ => spans.push(Span { step: s, first_row: r, rows: 1, start: pos[r] }),
             }
         }
-        // Each position's row in the pool.
-        let slot =
-            |s: usize, p: usize| steps[s].cache.blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32;
-        let slots: Vec<u32> = owner.iter().zip(&pos).map(|(&s, &p)| slot(s, p)).collect();
+        // Each row's place in the pool.
+        let slots: Vec<u32> = owner.iter().zip(&pos).map(|(&s, &p)| slot(&steps[s].cache.blocks, p)).collect();
         let angles: Vec<Angles> = m.ropes.iter().map(|rope| rope.angles(c.head_dim, &pos)).collect();
         // What a step needs on a device, made once per device (and per attention window) the layers use.
         let mut on: Vec<(Device, StepTables)> = vec![];
@@ -324,6 +322,11 @@ impl DeviceModel {
     }
 }
 
+/// Position `p`'s row in the pool, for a sequence whose block table is `blocks`.
+fn slot(blocks: &[u32], p: usize) -> u32 {
+    blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32
+}
+
 /// `x + y`, with `y` normed first where the layer has a post-norm.
 fn residual(x: Tensor, y: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     let y = match norm {
@@ -377,8 +380,7 @@ impl StepTables {
         let from = first(0) / BLOCK_SIZE * BLOCK_SIZE;
         let end = span.start + span.rows;
         let positions = end - from;
-        let slots: Vec<u32> =
-            (from..end).map(|p| blocks[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32).collect();
+        let slots: Vec<u32> = (from..end).map(|p| slot(blocks, p)).collect();
         let mut mask = vec![0f32; span.rows * positions];
         let mut masked = false;
         for (i, row) in mask.chunks_exact_mut(positions).enumerate() {
